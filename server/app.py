@@ -1,0 +1,39 @@
+"""The aiohttp application: routes, middlewares, and the database pool as a cleanup context."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from server.config import Settings
+from server.http import admin, inquiry, ops
+from server.http.keys import POOL, SETTINGS
+from server.http.middleware import access_log, errors
+from server.store.pool import create_pool
+
+log = structlog.get_logger("dipc.app")
+
+
+def make_app(settings: Settings, dsn: str) -> web.Application:
+    """The whole service for ``settings``, talking to the database at ``dsn``."""
+    app = web.Application(middlewares=[access_log, errors], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+
+    async def pool_context(app: web.Application) -> AsyncIterator[None]:
+        app[POOL] = await create_pool(
+            dsn,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            connect_timeout=settings.db_connect_timeout_s,
+        )
+        yield
+        await app[POOL].close()
+
+    app.cleanup_ctx.append(pool_context)
+    app[inquiry.INQUIRY_ENDPOINT] = inquiry.endpoint_for(app)
+    app.router.add_post(settings.inquiry_path, inquiry.handle_inquiry, name="inquiry")
+    app.add_routes(ops.routes)
+    app.add_subapp("/v1", admin.admin_app())
+    return app

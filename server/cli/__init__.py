@@ -1,0 +1,68 @@
+"""``dipc``: serve DOKU's direct inquiries, manage payment codes, simulate DOKU, check a deployment.
+
+Exit codes: 0 done, 1 the command failed (the message says why), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from server import __version__
+from server.cli import codes, serve, simulate
+from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, print_error
+from server.config import ConfigError
+from server.core.errors import DipcError
+
+DESCRIPTION = """\
+dipc answers DOKU's Direct Inquiry Payment Code requests (Alfamart, Alfamidi, Lawson, Indomaret …)
+from PostgreSQL and records DOKU's payment notifications exactly once.
+
+Without DATABASE_URL every command uses an embedded PostgreSQL under $DIPC_DATA_DIR (default ./.dipc).
+"""
+
+EPILOG = """\
+first steps:
+  dipc serve --demo                      run with demo credentials and demo codes
+  dipc simulate inquiry --demo 8896512345678123
+                                         ask the running server as DOKU would
+  dipc codes add 8896512345678124 --amount 150000 --invoice INV-1 --name "Budi Santoso"
+  dipc codes import codes.csv            register many codes at once (CSV or NDJSON)
+
+Run `dipc COMMAND --help` for the details of each command. Configuration is read from DIPC_*
+environment variables; see the README.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dipc",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dipc {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    serve.register(commands)
+    codes.register(commands)
+    simulate.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except CommandFailed as failure:
+        print(f"dipc: {failure}", file=sys.stderr)
+        return failure.exit_code
+    except ConfigError as error:
+        print(f"dipc: configuration: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except DipcError as error:
+        print_error(error)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

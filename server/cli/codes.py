@@ -1,0 +1,289 @@
+"""``dipc codes …`` and ``dipc payments …``: the merchant's codes and what was paid, from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from server.cli.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    CommandFailed,
+    Progress,
+    open_database,
+    print_json,
+    print_table,
+)
+from server.config import Settings, load_settings
+from server.core import manage
+from server.core.codes import utcnow
+from server.core.documents import code_document, payment_document
+from server.core.imports import FORMATS, format_for_path, read_rows
+from server.core.registration import parse_timestamp
+
+CODE_COLUMNS = [
+    "payment_code",
+    "status",
+    "amount",
+    "invoice_number",
+    "customer_name",
+    "reusable",
+    "paid_count",
+    "expires_at",
+]
+PAYMENT_COLUMNS = ["id", "payment_code", "invoice_number", "amount", "kind", "reason", "channel", "paid_at"]
+
+
+def _with_db(args: argparse.Namespace, work: Callable[[asyncpg.Pool, Settings], Awaitable[int]]) -> int:
+    settings = load_settings(demo=args.demo)
+
+    async def run() -> int:
+        async with open_database(settings) as pool:
+            return await work(pool, settings)
+
+    return asyncio.run(run())
+
+
+def _show(args: argparse.Namespace, document: dict[str, Any]) -> None:
+    if args.json:
+        print_json(document)
+        return
+    width = max(len(name) for name in document)
+    for name, value in document.items():
+        print(f"{name.ljust(width)}  {'' if value is None else value}")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="print JSON instead of text")
+    json_flag.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the demo client and BINs of `serve --demo` for defaults and checks",
+    )
+
+    codes = commands.add_parser(
+        "codes",
+        help="register, import, show, list and cancel payment codes",
+        description="Manage payment codes in the database (the same rules as the admin API).",
+    )
+    actions = codes.add_subparsers(title="actions", metavar="ACTION", required=True)
+
+    add = actions.add_parser(
+        "add",
+        parents=[json_flag],
+        help="register one payment code",
+        description="Register one payment code. The code must start with a configured BIN (DIPC_BINS).",
+        epilog="example:\n"
+        "  dipc codes add 8896512345678124 --amount 150000 --invoice INV-1 --name 'Budi Santoso'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add.add_argument("payment_code", help="digits only; leading zeros are kept")
+    add.add_argument("--amount", required=True, type=int, help="whole rupiah, greater than 0")
+    add.add_argument(
+        "--invoice", required=True, dest="invoice_number", help="invoice number, [A-Za-z0-9_-/], ≤ 64"
+    )
+    add.add_argument("--name", required=True, dest="customer_name", help="customer name shown at the counter")
+    add.add_argument("--email", dest="customer_email", help="customer email")
+    add.add_argument(
+        "--reusable", action="store_true", help="may be paid many times (a fresh invoice each time)"
+    )
+    add.add_argument("--channel", help="ALFA, INDOMARET or ANY (default: the channel of the code's BIN)")
+    add.add_argument(
+        "--expires-at", dest="expires_at", help="ISO 8601 with offset, e.g. 2026-12-31T23:59:59+07:00"
+    )
+    add.add_argument(
+        "--client-id", dest="client_id", help="DOKU Client-Id (default: the only configured one)"
+    )
+    for index in (1, 2, 3):
+        add.add_argument(f"--info{index}", help="text the store may print on the receipt, ≤ 40 characters")
+    add.set_defaults(run=run_add)
+
+    imp = actions.add_parser(
+        "import",
+        parents=[json_flag],
+        help="register many codes from CSV or NDJSON",
+        description="Register many codes at once. CSV needs a header row naming the columns (payment_code, "
+        "amount, invoice_number, customer_name, and optionally customer_email, reusable, channel, "
+        "expires_at, info1, info2, info3, client_id); NDJSON has one JSON object per line with the same "
+        "names. Valid rows are imported, invalid ones are reported by line number.",
+        epilog="example: dipc codes import codes.csv",
+    )
+    imp.add_argument("file", help="a .csv, .ndjson or .jsonl file, or - for standard input")
+    imp.add_argument("--format", choices=FORMATS, help="the file's format (default: from its extension)")
+    imp.set_defaults(run=run_import)
+
+    show = actions.add_parser("show", parents=[json_flag], help="show one code")
+    show.add_argument("payment_code")
+    show.set_defaults(run=run_show)
+
+    listing = actions.add_parser("list", parents=[json_flag], help="list codes in payment-code order")
+    listing.add_argument("--status", choices=["active", "paid", "cancelled"])
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50, max 1000)")
+    listing.add_argument("--after", help="start after this payment code (the previous page's last)")
+    listing.set_defaults(run=run_list)
+
+    cancel = actions.add_parser("cancel", parents=[json_flag], help="cancel an unpaid code")
+    cancel.add_argument("payment_code")
+    cancel.set_defaults(run=run_cancel)
+
+    payments = commands.add_parser("payments", help="list recorded payments")
+    payment_actions = payments.add_subparsers(title="actions", metavar="ACTION", required=True)
+    plist = payment_actions.add_parser(
+        "list",
+        parents=[json_flag],
+        help="list payments in the order they were recorded",
+        epilog="example: dipc payments list --kind conflict --since 2026-11-01T00:00:00Z",
+    )
+    plist.add_argument("--code", dest="payment_code", help="only this payment code")
+    plist.add_argument("--kind", choices=list(manage.PAYMENT_KINDS), help="only this kind")
+    plist.add_argument("--since", help="only payments recorded at or after this ISO 8601 time")
+    plist.add_argument("--limit", type=int, default=50)
+    plist.add_argument("--after", type=int, help="start after this payment id")
+    plist.set_defaults(run=run_payments)
+
+
+def run_add(args: argparse.Namespace) -> int:
+    raw = {
+        name: getattr(args, name)
+        for name in (
+            "payment_code",
+            "amount",
+            "invoice_number",
+            "customer_name",
+            "customer_email",
+            "channel",
+            "expires_at",
+            "client_id",
+            "info1",
+            "info2",
+            "info3",
+        )
+        if getattr(args, name) is not None
+    }
+    raw["reusable"] = args.reusable
+
+    async def work(pool: asyncpg.Pool, settings: Settings) -> int:
+        code = await manage.create_code(
+            pool, raw, rules=settings.bins, client_ids=settings.client_ids, now=utcnow()
+        )
+        _show(args, code_document(code))
+        return 0
+
+    return _with_db(args, work)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    async def work(pool: asyncpg.Pool, settings: Settings) -> int:
+        _show(args, code_document(await manage.get_code(pool, args.payment_code)))
+        return 0
+
+    return _with_db(args, work)
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    async def work(pool: asyncpg.Pool, settings: Settings) -> int:
+        _show(args, code_document(await manage.cancel_code(pool, args.payment_code)))
+        return 0
+
+    return _with_db(args, work)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    async def work(pool: asyncpg.Pool, settings: Settings) -> int:
+        page = await manage.list_codes(pool, status=args.status, after=args.after, limit=args.limit)
+        documents = [code_document(code) for code in page.items]
+        if args.json:
+            print_json({"items": documents, "next": page.next})
+        else:
+            print_table(documents, CODE_COLUMNS)
+            if page.next:
+                print(f"more: dipc codes list --after {page.next}")
+        return 0
+
+    return _with_db(args, work)
+
+
+def run_payments(args: argparse.Namespace) -> int:
+    try:
+        since = parse_timestamp(args.since) if args.since else None
+    except ValueError as problem:
+        raise CommandFailed(f"--since: {problem}", EXIT_USAGE) from None
+
+    async def work(pool: asyncpg.Pool, settings: Settings) -> int:
+        page = await manage.list_payments(
+            pool,
+            payment_code=args.payment_code,
+            kind=args.kind,
+            since=since,
+            after=args.after,
+            limit=args.limit,
+        )
+        documents = [payment_document(payment) for payment in page.items]
+        if args.json:
+            print_json({"items": documents, "next": page.next})
+        else:
+            print_table(documents, PAYMENT_COLUMNS)
+            if page.next:
+                print(f"more: dipc payments list --after {page.next}")
+        return 0
+
+    return _with_db(args, work)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    stdin = args.file == "-"
+    fmt = args.format or (None if stdin else format_for_path(args.file))
+    if fmt is None:
+        raise CommandFailed(
+            "cannot tell the format from the file name: pass --format csv or --format ndjson", EXIT_USAGE
+        )
+    path = None if stdin else Path(args.file)
+    if path is not None and not path.is_file():
+        raise CommandFailed(f"no such file: {args.file}", EXIT_USAGE)
+    total = path.stat().st_size if path is not None else 0
+    progress = Progress(f"importing {args.file}")
+
+    async def lines() -> AsyncIterator[str]:
+        handle = sys.stdin.buffer if path is None else path.open("rb")
+        done = 0
+        try:
+            for count, raw in enumerate(handle, start=1):
+                done += len(raw)
+                if count % 2000 == 0:
+                    progress.update(done / total if total else 0.0, f"{count:,} lines")
+                    await asyncio.sleep(0)  # let COPY batches go out while we read
+                yield raw.decode("utf-8")
+        finally:
+            if path is not None:
+                handle.close()
+
+    async def work(pool: asyncpg.Pool, settings: Settings) -> int:
+        result = await manage.import_codes(
+            pool, read_rows(lines(), fmt), rules=settings.bins, client_ids=settings.client_ids, now=utcnow()
+        )
+        progress.update(1.0, "done", final=True)
+        if args.json:
+            print_json(result.document())
+        else:
+            for rejection in result.rejected:
+                print(f"line {rejection.line}: {rejection.error}", file=sys.stderr)
+            if result.rejected_count > len(result.rejected):
+                print(
+                    f"… and {result.rejected_count - len(result.rejected)} more rejected lines",
+                    file=sys.stderr,
+                )
+            rate = result.imported / result.seconds if result.seconds else 0.0
+            print(
+                f"imported {result.imported:,} codes, rejected {result.rejected_count:,} lines "
+                f"in {result.seconds:.2f} s ({rate:,.0f} codes/s)"
+            )
+        return 0 if result.rejected_count == 0 else EXIT_FAILURE
+
+    return _with_db(args, work)

@@ -1,0 +1,120 @@
+"""What every command shares: settings, the database (embedded or external), output, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TextIO
+
+import asyncpg
+import orjson
+
+from server.config import ConfigError, Settings
+from server.core.errors import DipcError
+from server.embedded import EmbeddedError, EmbeddedPostgres
+from server.store import migrate
+from server.store.pool import UNAVAILABLE_ERRORS, create_pool
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CommandFailed(Exception):
+    """A command could not do its job; the message is for the person at the terminal."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fail_on_config(error: ConfigError) -> CommandFailed:
+    return CommandFailed(f"configuration: {error}", EXIT_USAGE)
+
+
+@asynccontextmanager
+async def open_database(
+    settings: Settings, *, require_current: bool = True, pool_max: int = 4
+) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on DATABASE_URL, or on the embedded server (started if nobody runs it, stopped after).
+
+    An embedded database is brought to the current schema; an external one must be migrated with
+    ``dipc migrate`` (a CLI should not change a production schema as a side effect).
+    """
+    embedded = None
+    dsn = settings.database_url
+    try:
+        if dsn is None:
+            embedded = EmbeddedPostgres(settings.data_dir)
+            dsn = await asyncio.to_thread(embedded.start)
+        try:
+            pool = await create_pool(
+                dsn, min_size=1, max_size=pool_max, connect_timeout=settings.db_connect_timeout_s
+            )
+        except UNAVAILABLE_ERRORS as error:
+            raise CommandFailed(
+                f"database unreachable: {type(error).__name__}: {error}", EXIT_USAGE
+            ) from None
+        try:
+            async with pool.acquire() as conn:
+                if embedded is not None:
+                    await migrate.migrate(conn)
+                state = await migrate.state(conn)
+            if state.pending and require_current:
+                raise CommandFailed(
+                    f"the database needs migrations {', '.join(state.pending)}: run `dipc migrate`"
+                )
+            yield pool
+        finally:
+            await pool.close()
+    except EmbeddedError as error:
+        raise CommandFailed(f"embedded PostgreSQL: {error}", EXIT_USAGE) from None
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+def print_json(document: Any, stream: TextIO | None = None) -> None:
+    (stream or sys.stdout).write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def print_error(error: DipcError) -> None:
+    print(f"error: {error.code}: {error.message}", file=sys.stderr)
+    for name, problem in (error.fields or {}).items():
+        print(f"  {name}: {problem}", file=sys.stderr)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for line in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal (or when forced)."""
+
+    def __init__(self, label: str, *, stream: TextIO | None = None, force: bool = False) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.enabled = force or self.stream.isatty()
+        self._last = 0.0
+
+    def update(self, fraction: float, detail: str, *, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not final and now - self._last < 0.1):
+            return
+        self._last = now
+        fraction = min(max(fraction, 0.0), 1.0)
+        filled = int(fraction * 30)
+        self.stream.write(f"\r{self.label} [{'#' * filled}{'-' * (30 - filled)}] {fraction:6.1%} {detail}")
+        if final:
+            self.stream.write("\n")
+        self.stream.flush()

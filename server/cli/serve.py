@@ -1,0 +1,171 @@
+"""``dipc serve`` and ``dipc migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+
+import structlog
+from aiohttp import web
+
+from server import demo
+from server.app import make_app
+from server.cli.common import EXIT_USAGE, CommandFailed, open_database
+from server.config import DEMO_ADMIN_TOKEN, DEMO_CLIENT_ID, DEMO_SECRET_KEY, Settings, load_settings
+from server.core.codes import utcnow
+from server.embedded import EmbeddedError, EmbeddedPostgres
+from server.ops.logging import configure_logging
+from server.store import migrate
+from server.store.pool import UNAVAILABLE_ERRORS, create_pool
+
+log = structlog.get_logger("dipc.serve")
+
+SERVE_HELP = """\
+Run the server: DOKU's inquiry endpoint, the admin API under /v1, /healthz and /readyz.
+
+Without DATABASE_URL, an embedded PostgreSQL is started under $DIPC_DATA_DIR and stopped on exit.
+Pending migrations are applied at start. Stop with Ctrl+C or SIGTERM: in-flight requests finish first.
+"""
+
+SERVE_EPILOG = """\
+examples:
+  dipc serve --demo
+  DIPC_CLIENT_ID=MCH-0001 DIPC_SECRET_KEY=SK-... DIPC_BINS=ALFA:88965 dipc serve --port 8080
+"""
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the server",
+        description=SERVE_HELP,
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="use fixed demo credentials (printed at start) and seed demo codes; never in production",
+    )
+    serve.add_argument("--host", help="listen address (default $DIPC_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default $DIPC_PORT or 8080)")
+    serve.set_defaults(run=run_serve)
+
+    migrate_parser = commands.add_parser(
+        "migrate",
+        help="apply pending database migrations",
+        description="Apply the SQL migrations in schemas/migrations that the database has not seen yet, "
+        "in order, each in its own transaction. Safe to run while servers run, and from several places "
+        "at once (an advisory lock makes it happen once).",
+    )
+    migrate_parser.set_defaults(run=run_migrate)
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    settings = load_settings()
+
+    async def apply() -> list[str]:
+        async with open_database(settings, require_current=False) as pool, pool.acquire() as conn:
+            return await migrate.migrate(conn)
+
+    applied = asyncio.run(apply())
+    print(f"applied {', '.join(applied)}" if applied else "the database is up to date")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = load_settings(demo=args.demo)
+    overrides = {name: value for name in ("host", "port") if (value := getattr(args, name)) is not None}
+    settings = dataclasses.replace(settings, **overrides)
+    settings.require_serving()
+    configure_logging(settings.log_format, settings.log_level)
+    if not settings.bins:
+        log.warning("config.no_bins", detail="DIPC_BINS is unset: codes are not checked against BIN rules")
+
+    embedded = EmbeddedPostgres(settings.data_dir) if settings.database_url is None else None
+    try:
+        dsn = embedded.start() if embedded else settings.database_url
+        assert dsn is not None
+        seeded = asyncio.run(_prepare(settings, dsn))
+        if settings.demo:
+            _print_demo_banner(settings, seeded)
+        _run(settings, dsn)
+    except EmbeddedError as error:
+        raise CommandFailed(f"embedded PostgreSQL: {error}", EXIT_USAGE) from None
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+async def _prepare(settings: Settings, dsn: str) -> list:
+    """Reach the database (or refuse to start), migrate, and seed the demo codes."""
+    try:
+        pool = await create_pool(dsn, min_size=1, max_size=2, connect_timeout=settings.db_connect_timeout_s)
+    except UNAVAILABLE_ERRORS as error:
+        raise CommandFailed(
+            f"database unreachable within {settings.db_connect_timeout_s:g} s: "
+            f"{type(error).__name__}: {error}",
+            EXIT_USAGE,
+        ) from None
+    try:
+        async with pool.acquire() as conn:
+            applied = await migrate.migrate(conn)
+        if applied:
+            log.info("migrations.applied", versions=applied)
+        return await demo.seed(pool, utcnow()) if settings.demo else []
+    finally:
+        await pool.close()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it exists
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _run(settings: Settings, dsn: str) -> None:
+    log.info(
+        "server.starting",
+        host=settings.host,
+        port=settings.port,
+        inquiry_path=settings.inquiry_path,
+        database="embedded" if settings.database_url is None else "external",
+        clients=sorted(settings.clients),
+        bins=str(settings.bins),
+    )
+    web.run_app(
+        make_app(settings, dsn),
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_timeout_s,
+        access_log=None,
+        print=None,
+        loop=_new_loop(),
+    )
+    log.info("server.stopped")
+
+
+def _print_demo_banner(settings: Settings, seeded: list) -> None:
+    base = f"http://{settings.host}:{settings.port}"
+    lines = [
+        "",
+        "dipc demo: fixed credentials for trying dipc out. Never use them in production.",
+        f"  inquiry URL   {base}{settings.inquiry_path}",
+        f"  Client-Id     {DEMO_CLIENT_ID}",
+        f"  Secret key    {DEMO_SECRET_KEY}",
+        f"  Admin token   {DEMO_ADMIN_TOKEN}",
+        f"  BINs          {settings.bins}",
+        "  demo codes:",
+        *(f"    {code.payment_code}  {demo.DESCRIPTIONS.get(code.payment_code, '')}" for code in seeded),
+        "",
+        "Try it from another terminal:",
+        f"  dipc simulate inquiry --demo --url {base} 8896512345678123",
+        f"  curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' {base}/v1/payment-codes",
+        "",
+    ]
+    print("\n".join(lines), file=sys.stderr, flush=True)

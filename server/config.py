@@ -1,0 +1,196 @@
+"""Configuration from the environment (and an optional TOML file of DOKU clients), read in one place.
+
+Loading never fails on what a command does not need; :meth:`Settings.require_serving` is the strict
+check ``dipc serve`` runs. Every problem is a :class:`ConfigError`, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.doku import conventions
+from server.doku.auth import Client
+from server.doku.channels import BinConfigError, BinTable
+
+# Fixed demo credentials for ``dipc serve --demo``: printed at start, never for production.
+DEMO_CLIENT_ID = "MCH-DEMO-0001"
+DEMO_SECRET_KEY = "SK-demo-do-not-use-in-production"  # noqa: S105 - documented demo secret
+DEMO_ADMIN_TOKEN = "demo-admin-token"  # noqa: S105 - documented demo token
+DEMO_BINS = "ALFA:88965:direct,INDOMARET:33012:direct"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says which variable and why."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    data_dir: Path = Path(".dipc")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    clients: Mapping[str, Client] = field(default_factory=dict)
+    admin_tokens: tuple[str, ...] = ()
+    bins: BinTable = field(default_factory=BinTable)
+    inquiry_path: str = "/doku/inquiry"
+    notification_path: str = "/doku/notification"
+    max_skew_s: int = conventions.DEFAULT_MAX_SKEW_S
+    notification_max_age_s: int = conventions.DEFAULT_NOTIFICATION_MAX_AGE_S
+    max_body_bytes: int = conventions.DEFAULT_MAX_BODY_BYTES
+    import_max_bytes: int = 1024 * 1024 * 1024
+    # Budget for database work while a store counter waits (spec: answer within 1 s at worst).
+    doku_db_timeout_s: float = 0.8
+    admin_db_timeout_s: float = 30.0
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    db_connect_timeout_s: float = 5.0
+    log_format: str = "auto"
+    log_level: str = "INFO"
+    shutdown_timeout_s: float = 20.0
+    demo: bool = False
+
+    @property
+    def client_ids(self) -> frozenset[str]:
+        return frozenset(self.clients)
+
+    def require_serving(self) -> None:
+        """What ``dipc serve`` needs beyond what every command needs."""
+        if not self.clients:
+            raise ConfigError(
+                "no DOKU client configured: set DIPC_CLIENT_ID and DIPC_SECRET_KEY "
+                "(or DIPC_CLIENTS_FILE), or run `dipc serve --demo`"
+            )
+        keyless = sorted(client_id for client_id, client in self.clients.items() if not client.secret_keys)
+        if keyless:
+            raise ConfigError(f"no secret key for DOKU client(s) {', '.join(keyless)}: set DIPC_SECRET_KEY")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={value} must be positive")
+    return value
+
+
+def _path(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip() or default
+    if not value.startswith("/"):
+        raise ConfigError(f"{name}={value!r} must be a path starting with '/'")
+    return value
+
+
+def _keys(text: str) -> tuple[bytes, ...]:
+    return tuple(key.strip().encode() for key in text.split(",") if key.strip())
+
+
+def _clients_from_file(path: Path, env: Mapping[str, str]) -> dict[str, Client]:
+    """``[[clients]]`` tables: ``client_id`` and ``secret_keys`` (a list) or ``secret_keys_env``."""
+    try:
+        document = tomllib.loads(path.read_text("utf-8"))
+    except OSError as error:
+        raise ConfigError(f"DIPC_CLIENTS_FILE: cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"DIPC_CLIENTS_FILE: {path} is not valid TOML: {error}") from None
+    clients: dict[str, Client] = {}
+    for index, table in enumerate(document.get("clients", [])):
+        where = f"DIPC_CLIENTS_FILE {path}, clients[{index}]"
+        client_id = table.get("client_id")
+        if not isinstance(client_id, str) or not client_id.strip():
+            raise ConfigError(f"{where}: client_id is required")
+        if "secret_keys_env" in table:
+            keys = _keys(env.get(str(table["secret_keys_env"]), ""))
+        else:
+            raw_keys = table.get("secret_keys", [])
+            if not isinstance(raw_keys, list) or not all(isinstance(key, str) for key in raw_keys):
+                raise ConfigError(f"{where}: secret_keys must be a list of strings")
+            keys = tuple(key.encode() for key in raw_keys if key)
+        if client_id in clients:
+            raise ConfigError(f"{where}: client_id {client_id} appears twice")
+        clients[client_id] = Client(client_id=client_id.strip(), secret_keys=keys)
+    if not clients:
+        raise ConfigError(f"DIPC_CLIENTS_FILE {path} declares no [[clients]]")
+    return clients
+
+
+def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
+    """Settings from ``env`` (default: the process environment); ``demo`` uses the fixed demo identity."""
+    env = os.environ if env is None else env
+    if demo:
+        clients = {DEMO_CLIENT_ID: Client(DEMO_CLIENT_ID, (DEMO_SECRET_KEY.encode(),))}
+        admin_tokens: tuple[str, ...] = (DEMO_ADMIN_TOKEN,)
+        bins_spec: str | None = DEMO_BINS
+    else:
+        clients = {}
+        if env.get("DIPC_CLIENTS_FILE", "").strip():
+            clients = _clients_from_file(Path(env["DIPC_CLIENTS_FILE"].strip()), env)
+        elif env.get("DIPC_CLIENT_ID", "").strip():
+            client_id = env["DIPC_CLIENT_ID"].strip()
+            clients = {client_id: Client(client_id, _keys(env.get("DIPC_SECRET_KEY", "")))}
+        admin_tokens = tuple(t.strip() for t in env.get("DIPC_ADMIN_TOKEN", "").split(",") if t.strip())
+        bins_spec = env.get("DIPC_BINS")
+    try:
+        bins = BinTable.parse(bins_spec)
+    except BinConfigError as error:
+        raise ConfigError(f"DIPC_BINS: {error}") from None
+    log_format = env.get("DIPC_LOG_FORMAT", "auto").strip().lower() or "auto"
+    if log_format not in ("auto", "json", "console"):
+        raise ConfigError(f"DIPC_LOG_FORMAT={log_format!r} must be json, console or auto")
+    log_level = env.get("DIPC_LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"DIPC_LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+    settings = Settings(
+        database_url=env.get("DATABASE_URL", "").strip() or None,
+        data_dir=Path(env.get("DIPC_DATA_DIR", "").strip() or ".dipc"),
+        host=env.get("DIPC_HOST", "").strip() or "127.0.0.1",
+        port=_int(env, "DIPC_PORT", 8080),
+        workers=_int(env, "DIPC_WORKERS", 1, minimum=1),
+        clients=clients,
+        admin_tokens=admin_tokens,
+        bins=bins,
+        inquiry_path=_path(env, "DIPC_INQUIRY_PATH", "/doku/inquiry"),
+        notification_path=_path(env, "DIPC_NOTIFICATION_PATH", "/doku/notification"),
+        max_skew_s=_int(env, "DIPC_MAX_SKEW_S", conventions.DEFAULT_MAX_SKEW_S, minimum=1),
+        notification_max_age_s=_int(
+            env, "DIPC_NOTIFICATION_MAX_AGE_S", conventions.DEFAULT_NOTIFICATION_MAX_AGE_S, minimum=1
+        ),
+        max_body_bytes=_int(env, "DIPC_MAX_BODY_BYTES", conventions.DEFAULT_MAX_BODY_BYTES, minimum=1024),
+        import_max_bytes=_int(env, "DIPC_IMPORT_MAX_BYTES", 1024 * 1024 * 1024, minimum=1024),
+        doku_db_timeout_s=_float(env, "DIPC_DOKU_DB_TIMEOUT_S", 0.8),
+        admin_db_timeout_s=_float(env, "DIPC_ADMIN_DB_TIMEOUT_S", 30.0),
+        db_pool_min=_int(env, "DIPC_DB_POOL_MIN", 2, minimum=0),
+        db_pool_max=_int(env, "DIPC_DB_POOL_MAX", 10, minimum=1),
+        db_connect_timeout_s=_float(env, "DIPC_DB_CONNECT_TIMEOUT_S", 5.0),
+        log_format=log_format,
+        log_level=log_level,
+        shutdown_timeout_s=_float(env, "DIPC_SHUTDOWN_TIMEOUT_S", 20.0),
+        demo=demo,
+    )
+    if settings.inquiry_path == settings.notification_path:
+        raise ConfigError("DIPC_INQUIRY_PATH and DIPC_NOTIFICATION_PATH must differ")
+    if settings.db_pool_min > settings.db_pool_max:
+        raise ConfigError("DIPC_DB_POOL_MIN must not exceed DIPC_DB_POOL_MAX")
+    return settings

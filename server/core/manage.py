@@ -1,0 +1,251 @@
+"""What a merchant does with codes, for the admin API and the CLI alike.
+
+Every change is one transaction with its outbox event, so the event feed never tells of a change that
+did not happen and never misses one that did.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+
+from server.core.codes import CodeRules, PaymentCode
+from server.core.documents import code_document
+from server.core.errors import AlreadyExists, NotFound, NotModifiable, ValidationFailed, VersionConflict
+from server.core.outcomes import CodeStatus
+from server.core.payments import Payment
+from server.core.registration import NewCode, parse_changes, parse_new_code, parse_payment_code
+from server.store import codes as code_store
+from server.store import outbox
+from server.store import payments as payment_store
+
+T = TypeVar("T")
+
+MAX_PAGE = 1000
+REJECTIONS_REPORTED = 1000  # an import reports at most this many rejected lines (and counts them all)
+IMPORT_BATCH = 5000
+IMPORT_STATEMENT_TIMEOUT_S = 600  # the final INSERT of a multi-million-row import takes a while
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    next: str | None  # the cursor for the following page, None at the end
+
+
+def checked_code(payment_code: str) -> str:
+    """A payment code from a URL or command line, or a 404 for something that cannot be one."""
+    try:
+        return parse_payment_code(payment_code)
+    except ValueError:
+        raise NotFound(f"no payment code {payment_code!r}") from None
+
+
+def page_limit(limit: int | None) -> int:
+    if limit is None:
+        return 100
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValidationFailed({"limit": f"must be between 1 and {MAX_PAGE}"})
+    return limit
+
+
+async def create_code(
+    pool: asyncpg.Pool,
+    raw: Mapping[str, Any],
+    *,
+    rules: CodeRules,
+    client_ids: Collection[str],
+    now: datetime,
+) -> PaymentCode:
+    new = parse_new_code(raw, rules=rules, client_ids=client_ids, now=now)
+    async with pool.acquire() as conn, conn.transaction():
+        code = await code_store.insert(conn, new)
+        if code is None:
+            raise AlreadyExists(f"payment code {new.payment_code} is already registered")
+        await outbox.append(conn, "code.created", code.payment_code, code_document(code))
+    return code
+
+
+async def get_code(pool: asyncpg.Pool, payment_code: str) -> PaymentCode:
+    code = await code_store.get(pool, checked_code(payment_code))
+    if code is None:
+        raise NotFound(f"no payment code {payment_code}")
+    return code
+
+
+async def update_code(
+    pool: asyncpg.Pool, payment_code: str, raw: Mapping[str, Any], *, now: datetime
+) -> PaymentCode:
+    payment_code = checked_code(payment_code)
+    changes = parse_changes(raw, now=now)
+    async with pool.acquire() as conn, conn.transaction():
+        code = await code_store.update(conn, payment_code, dict(changes.values), changes.expected_version)
+        if code is None:
+            current = await code_store.get(conn, payment_code)
+            if current is None:
+                raise NotFound(f"no payment code {payment_code}")
+            if current.status is not CodeStatus.ACTIVE:
+                raise NotModifiable(
+                    f"payment code {payment_code} is {current.status}; only active codes change"
+                )
+            raise VersionConflict(
+                f"payment code {payment_code} is at version {current.version}, not {changes.expected_version}"
+            )
+        document = code_document(code) | {"changed": sorted(changes.values)}
+        await outbox.append(conn, "code.updated", code.payment_code, document)
+    return code
+
+
+async def cancel_code(pool: asyncpg.Pool, payment_code: str) -> PaymentCode:
+    """Cancel an active code. Cancelling a cancelled code answers it unchanged; a paid code refuses."""
+    payment_code = checked_code(payment_code)
+    async with pool.acquire() as conn, conn.transaction():
+        code = await code_store.cancel(conn, payment_code)
+        if code is None:
+            current = await code_store.get(conn, payment_code)
+            if current is None:
+                raise NotFound(f"no payment code {payment_code}")
+            if current.status is CodeStatus.CANCELLED:
+                return current
+            raise NotModifiable(f"payment code {payment_code} is {current.status} and cannot be cancelled")
+        await outbox.append(conn, "code.cancelled", code.payment_code, code_document(code))
+    return code
+
+
+async def list_codes(
+    pool: asyncpg.Pool,
+    *,
+    status: str | None = None,
+    client_id: str | None = None,
+    after: str | None = None,
+    limit: int | None = None,
+) -> Page[PaymentCode]:
+    if status is not None and status not in {member.value for member in CodeStatus}:
+        raise ValidationFailed(
+            {"status": f"must be one of {', '.join(member.value for member in CodeStatus)}"}
+        )
+    size = page_limit(limit)
+    items = await code_store.list_page(pool, status=status, client_id=client_id, after=after, limit=size + 1)
+    more = len(items) > size
+    items = items[:size]
+    return Page(items=items, next=items[-1].payment_code if more else None)
+
+
+PAYMENT_KINDS = ("normal", "conflict", "anomaly")
+
+
+async def list_payments(
+    pool: asyncpg.Pool,
+    *,
+    payment_code: str | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    after: int | None = None,
+    limit: int | None = None,
+) -> Page[Payment]:
+    if kind is not None and kind not in PAYMENT_KINDS:
+        raise ValidationFailed({"kind": f"must be one of {', '.join(PAYMENT_KINDS)}"})
+    size = page_limit(limit)
+    items = await payment_store.list_page(
+        pool, payment_code=payment_code, kind=kind, since=since, after=after, limit=size + 1
+    )
+    more = len(items) > size
+    items = items[:size]
+    return Page(items=items, next=str(items[-1].id) if more else None)
+
+
+# --- bulk import ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    line: int
+    error: str
+
+
+@dataclass
+class ImportResult:
+    imported: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    rejected_count: int = 0
+    seconds: float = 0.0
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "imported": self.imported,
+            "rejected": [{"line": r.line, "error": r.error} for r in self.rejected],
+            "rejected_count": self.rejected_count,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def reject(self, line: int, error: str) -> None:
+        self.rejected_count += 1
+        if len(self.rejected) < REJECTIONS_REPORTED:
+            self.rejected.append(Rejection(line, error))
+
+
+# A parsed input row: (line number, the row's fields, whether values are text as in CSV), or
+# (line number, the reason the line could not be read).
+ImportRow = tuple[int, Mapping[str, Any], bool] | tuple[int, str]
+
+
+async def import_codes(
+    pool: asyncpg.Pool,
+    rows: AsyncIterable[ImportRow],
+    *,
+    rules: CodeRules,
+    client_ids: Collection[str],
+    now: datetime,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Validate every row, COPY the valid ones in batches, and register them in one transaction.
+
+    Codes registered before the import, and repeats within the file, are rejected by line number.
+    """
+    started = time.perf_counter()
+    result = ImportResult()
+    staged = 0
+    async with pool.acquire() as conn, conn.transaction():
+        await code_store.begin_import(conn, timeout_s=IMPORT_STATEMENT_TIMEOUT_S)
+        batch: list[tuple[int, NewCode]] = []
+        async for row in rows:
+            if len(row) == 2:
+                result.reject(row[0], row[1])
+                continue
+            line, raw, text = row
+            try:
+                batch.append(
+                    (line, parse_new_code(raw, rules=rules, client_ids=client_ids, now=now, text=text))
+                )
+            except ValidationFailed as invalid:
+                result.reject(line, invalid.message)
+            if len(batch) >= IMPORT_BATCH:
+                await code_store.copy_import_batch(conn, batch)
+                staged += len(batch)
+                batch.clear()
+                if progress:
+                    progress(staged)
+        if batch:
+            await code_store.copy_import_batch(conn, batch)
+            staged += len(batch)
+        for line, payment_code, first_line in await code_store.finish_import(conn):
+            if first_line is None:
+                result.reject(line, f"payment_code: {payment_code} is already registered")
+            else:
+                result.reject(line, f"payment_code: {payment_code} repeats line {first_line}")
+            staged -= 1
+        result.imported = staged
+        if staged:
+            await outbox.append(
+                conn, "codes.imported", None, {"imported": staged, "rejected": result.rejected_count}
+            )
+    if progress:
+        progress(staged)
+    result.rejected.sort(key=lambda rejection: rejection.line)
+    result.seconds = time.perf_counter() - started
+    return result

@@ -1,0 +1,297 @@
+"""Registration and changes of payment codes: validation shared by the admin API, the CLI and imports.
+
+Every parser gathers all problems at once and raises :class:`ValidationFailed` naming each field.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from server.core.codes import ANY_CHANNEL, CodeRules
+from server.core.errors import ValidationFailed
+from server.doku import conventions
+
+MAX_AMOUNT = 999_999_999_999  # far above any counter payment, far below 2**53 (safe in every JSON parser)
+CUSTOMER_NAME_MAX_LENGTH = 128
+EMAIL_MAX_LENGTH = 254
+CODE_CHANNELS = ("ALFA", "INDOMARET", ANY_CHANNEL)
+
+_INVOICE_RE = re.compile(conventions.INVOICE_PATTERN)
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class NewCode:
+    payment_code: str
+    client_id: str
+    channel: str
+    invoice_number: str
+    amount: int
+    customer_name: str
+    customer_email: str
+    info1: str
+    info2: str
+    info3: str
+    reusable: bool
+    expires_at: datetime | None
+
+
+# Column order of NewCode, shared by the INSERT and the COPY of a bulk import.
+NEW_CODE_COLUMNS: tuple[str, ...] = tuple(NewCode.__dataclass_fields__)
+PATCHABLE_FIELDS = ("amount", "expires_at", "customer_name", "customer_email", "info1", "info2", "info3")
+
+
+@dataclass(frozen=True, slots=True)
+class CodeChanges:
+    """A validated PATCH: the fields to set (``expires_at`` may be None to clear it)."""
+
+    values: Mapping[str, Any]
+    expected_version: int | None = None
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _text(value: Any, *, max_length: int, required: bool = False) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise _Invalid("must be a string")
+    value = value.strip()
+    if required and not value:
+        raise _Invalid("is required")
+    if len(value) > max_length:
+        raise _Invalid(f"must be at most {max_length} characters")
+    if _CONTROL_RE.search(value):
+        raise _Invalid("must not contain control characters")
+    return value
+
+
+def _amount(value: Any, text: bool) -> int:
+    if text and isinstance(value, str):
+        if not value.isascii() or not value.strip().isdigit():
+            raise _Invalid("must be a whole number of rupiah")
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid("must be an integer number of rupiah")
+    if value <= 0:
+        raise _Invalid("must be greater than 0")
+    if value > MAX_AMOUNT:
+        raise _Invalid(f"must be at most {MAX_AMOUNT}")
+    return value
+
+
+def _boolean(value: Any, text: bool) -> bool:
+    if value is None:
+        return False
+    if text and isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("", "false", "0", "no", "f", "n"):
+            return False
+        if lowered in ("true", "1", "yes", "t", "y"):
+            return True
+        raise _Invalid("must be true or false")
+    if not isinstance(value, bool):
+        raise _Invalid("must be true or false")
+    return value
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """An ISO 8601 timestamp with an offset (or ``Z``), as an aware UTC datetime."""
+    if not isinstance(value, str):
+        raise _Invalid("must be an ISO 8601 timestamp string")
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise _Invalid("must be an ISO 8601 timestamp such as 2026-12-31T23:59:59Z") from None
+    if parsed.tzinfo is None:
+        raise _Invalid("must carry a UTC offset or Z")
+    return parsed.astimezone(UTC)
+
+
+def _expiry(value: Any, text: bool, now: datetime) -> datetime | None:
+    if value is None or (text and isinstance(value, str) and not value.strip()):
+        return None
+    expires_at = parse_timestamp(value)
+    if expires_at <= now:
+        raise _Invalid("must be in the future")
+    return expires_at
+
+
+def _email(value: Any) -> str:
+    email = _text(value, max_length=EMAIL_MAX_LENGTH)
+    if email:
+        local, at, domain = email.partition("@")
+        if not at or not local or not domain or "@" in domain or " " in email:
+            raise _Invalid("must be an email address")
+    return email
+
+
+def _invoice(value: Any, reusable: bool) -> str:
+    invoice = _text(value, max_length=conventions.INVOICE_MAX_LENGTH, required=True)
+    if not _INVOICE_RE.match(invoice):
+        raise _Invalid("may contain only letters, digits, '_', '-' and '/'")
+    if reusable and len(invoice) > conventions.REUSABLE_INVOICE_BASE_MAX_LENGTH:
+        raise _Invalid(
+            f"of a reusable code must be at most {conventions.REUSABLE_INVOICE_BASE_MAX_LENGTH} characters, "
+            "leaving room for the sequence number each inquiry appends"
+        )
+    return invoice
+
+
+class _Collector:
+    """Runs field parsers and gathers every problem, so a caller learns all of them at once."""
+
+    def __init__(self) -> None:
+        self.errors: dict[str, str] = {}
+
+    def field(self, name: str, parse: Callable[[], Any], default: Any = None) -> Any:
+        try:
+            return parse()
+        except _Invalid as problem:
+            self.errors[name] = str(problem)
+            return default
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ValidationFailed(self.errors)
+
+
+def _unknown_fields(raw: Mapping[str, Any], known: Collection[str], collector: _Collector) -> None:
+    for name in raw:
+        if name not in known:
+            collector.errors[name] = "is not a known field"
+
+
+def parse_payment_code(value: Any) -> str:
+    """A payment code as a string of ASCII digits; leading zeros are kept."""
+    if not isinstance(value, str):
+        raise _Invalid("must be a string of digits (leading zeros matter, so never a number)")
+    code = value.strip()
+    if not code:
+        raise _Invalid("is required")
+    if not code.isascii() or not code.isdigit():
+        raise _Invalid("must contain digits only")
+    if len(code) > 25:
+        raise _Invalid("must be at most 25 digits")
+    return code
+
+
+def _bill_fields(text: bool, now: datetime) -> dict[str, Callable[[Any], Any]]:
+    """Parsers of the fields a registration and a PATCH share (what the bill and receipt show)."""
+
+    def info(value: Any) -> str:
+        return _text(value, max_length=conventions.INFO_MAX_LENGTH)
+
+    return {
+        "amount": lambda value: _amount(value, text),
+        "customer_name": lambda value: _text(value, max_length=CUSTOMER_NAME_MAX_LENGTH, required=True),
+        "customer_email": _email,
+        "info1": info,
+        "info2": info,
+        "info3": info,
+        "expires_at": lambda value: _expiry(value, text, now),
+    }
+
+
+_BILL_DEFAULTS: Mapping[str, Any] = {
+    "amount": 0,
+    "customer_name": "",
+    "customer_email": "",
+    "expires_at": None,
+}
+
+
+def parse_new_code(
+    raw: Mapping[str, Any],
+    *,
+    rules: CodeRules,
+    client_ids: Collection[str],
+    now: datetime,
+    text: bool = False,
+) -> NewCode:
+    """Validate a code registration (admin API, CLI, or one row of an import).
+
+    ``text=True`` accepts the string forms of a CSV row (``"150000"``, ``"true"``, ``""`` for unset).
+    Raises :class:`ValidationFailed` naming every offending field.
+    """
+    check = _Collector()
+    _unknown_fields(raw, NEW_CODE_COLUMNS, check)
+    code = check.field("payment_code", lambda: parse_payment_code(raw.get("payment_code")), "")
+    reusable = check.field("reusable", lambda: _boolean(raw.get("reusable"), text), False)
+    channels: frozenset[str] = frozenset()
+    if code:
+        channels = check.field("payment_code", lambda: _bin_channels(rules, code), frozenset())
+    bill = {
+        name: check.field(
+            name, lambda parse=parse, name=name: parse(raw.get(name)), _BILL_DEFAULTS.get(name, "")
+        )
+        for name, parse in _bill_fields(text, now).items()
+    }
+    new_code = NewCode(
+        payment_code=code,
+        client_id=check.field("client_id", lambda: _client(raw.get("client_id"), client_ids), ""),
+        channel=check.field("channel", lambda: _channel(raw.get("channel"), channels, text), ANY_CHANNEL),
+        invoice_number=check.field(
+            "invoice_number", lambda: _invoice(raw.get("invoice_number"), reusable), ""
+        ),
+        reusable=reusable,
+        **bill,
+    )
+    check.raise_if_any()
+    return new_code
+
+
+def _bin_channels(rules: CodeRules, code: str) -> frozenset[str]:
+    try:
+        return rules.check(code)
+    except ValueError as problem:
+        raise _Invalid(str(problem)) from None
+
+
+def _channel(value: Any, bin_channels: frozenset[str], text: bool) -> str:
+    if value is None or (text and isinstance(value, str) and not value.strip()):
+        # A code under a BIN of one channel belongs to that channel; otherwise any channel may ask.
+        return next(iter(bin_channels)) if len(bin_channels) == 1 else ANY_CHANNEL
+    if not isinstance(value, str) or value.strip().upper() not in CODE_CHANNELS:
+        raise _Invalid(f"must be one of {', '.join(CODE_CHANNELS)}")
+    channel = value.strip().upper()
+    if channel != ANY_CHANNEL and bin_channels and channel not in bin_channels:
+        raise _Invalid(f"the code's BIN is configured for {', '.join(sorted(bin_channels))}, not {channel}")
+    return channel
+
+
+def _client(value: Any, client_ids: Collection[str]) -> str:
+    if value is None or value == "":
+        if len(client_ids) == 1:
+            return next(iter(client_ids))
+        if not client_ids:
+            raise _Invalid("is required (no DOKU Client-Id is configured to default to)")
+        raise _Invalid("is required when several DOKU clients are configured")
+    client_id = _text(value, max_length=128, required=True)
+    if client_ids and client_id not in client_ids:
+        raise _Invalid("is not a configured DOKU Client-Id")
+    return client_id
+
+
+def parse_changes(raw: Mapping[str, Any], *, now: datetime) -> CodeChanges:
+    """Validate a PATCH of an unpaid code: amount, expiry, customer and receipt texts."""
+    check = _Collector()
+    _unknown_fields(raw, (*PATCHABLE_FIELDS, "version"), check)
+    values = {
+        name: check.field(name, lambda parse=parse, name=name: parse(raw[name]))
+        for name, parse in _bill_fields(False, now).items()
+        if name in raw
+    }
+    version = raw.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        check.errors["version"] = "must be an integer"
+    if not values and not check.errors:
+        check.errors["body"] = f"names none of {', '.join(PATCHABLE_FIELDS)}"
+    check.raise_if_any()
+    return CodeChanges(values=values, expected_version=version)

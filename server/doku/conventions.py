@@ -1,0 +1,64 @@
+"""Our conventions where DOKU's public material is silent — the spec's [ours] parts, in one place.
+
+Change a convention here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from server.core.outcomes import InquiryOutcome
+
+# --- limits and windows --------------------------------------------------------------------------
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_MAX_SKEW_S = 300
+DEFAULT_NOTIFICATION_MAX_AGE_S = 7 * 24 * 3600
+NOTIFICATION_MAX_FUTURE_S = 300
+REQUEST_ID_MAX_LENGTH = 128
+INFO_MAX_LENGTH = 40
+INVOICE_MAX_LENGTH = 64
+INVOICE_PATTERN = r"^[A-Za-z0-9_/-]{1,64}$"
+
+# --- invoice numbers of reusable codes ---------------------------------------------------------
+
+# Every successful inquiry of a reusable code mints "<code invoice>-<sequence>", so each payment of the
+# code is its own transaction. The base invoice is kept short enough for any sequence to fit in 64.
+REUSABLE_INVOICE_SEPARATOR = "-"
+REUSABLE_INVOICE_BASE_MAX_LENGTH = INVOICE_MAX_LENGTH - len(REUSABLE_INVOICE_SEPARATOR) - 15
+
+
+def reusable_invoice_number(base: str, sequence: int) -> str:
+    return f"{base}{REUSABLE_INVOICE_SEPARATOR}{sequence}"
+
+
+# --- inquiry answers ---------------------------------------------------------------------------
+
+STATUS_SUCCESS = "success"
+STATUS_INVALID_SIGNATURE = "invalid_signature"
+STATUS_DECLINE = "decline"
+
+# Our finer outcome -> (DOKU status word, HTTP status). The finer outcome goes to logs, metrics and
+# the inquiry record; DOKU sees only the word.
+INQUIRY_ANSWERS: Mapping[InquiryOutcome, tuple[str, int]] = {
+    InquiryOutcome.SUCCESS: (STATUS_SUCCESS, 200),
+    InquiryOutcome.NOT_FOUND: ("billing_not_found", 404),
+    InquiryOutcome.UNKNOWN_BIN: ("billing_not_found", 404),
+    InquiryOutcome.OTHER_CLIENT: ("billing_not_found", 404),
+    InquiryOutcome.EXPIRED: ("billing_was_expired", 400),
+    InquiryOutcome.ALREADY_PAID: ("billing_already_paid", 400),
+    InquiryOutcome.CANCELLED: (STATUS_DECLINE, 400),
+    InquiryOutcome.CHANNEL_MISMATCH: (STATUS_DECLINE, 400),
+}
+
+
+def protocol_error_status(http_status: int) -> str:
+    """The status word of a protocol error (the request itself was unusable)."""
+    return STATUS_INVALID_SIGNATURE if http_status == 401 else STATUS_DECLINE
+
+
+# --- notification answers ----------------------------------------------------------------------
+
+# Every notification we have recorded (normal, repeat, conflict or anomaly) gets this, HTTP 200:
+# DOKU cannot fix any of them by retrying.
+NOTIFICATION_ACK = b'{"status":"success"}'

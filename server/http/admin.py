@@ -1,0 +1,173 @@
+"""The merchant's admin API under ``/v1`` (Bearer ``DIPC_ADMIN_TOKEN``), described in schemas/openapi.yaml."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from aiohttp import web
+
+from server.core import manage
+from server.core.codes import utcnow
+from server.core.documents import code_document, payment_document
+from server.core.errors import BadRequest, BodyTooLarge, Disabled, Unauthorized, ValidationFailed
+from server.core.imports import MEDIA_TYPES, read_rows
+from server.core.manage import Page
+from server.core.registration import parse_timestamp
+from server.http.bodies import json_response, read_json_object
+from server.http.keys import POOL, SETTINGS
+from server.store.pool import deadline
+
+routes = web.RouteTableDef()
+
+# An import streams from the client for as long as the upload takes; statements keep their own timeout.
+IMPORT_TIMEOUT_S = 3600.0
+
+
+@web.middleware
+async def bearer_auth(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    tokens = request.config_dict[SETTINGS].admin_tokens
+    if not tokens:
+        raise Disabled("the admin API is disabled: set DIPC_ADMIN_TOKEN to enable it")
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    presented_bytes = presented.strip().encode()
+    # Compare against every token (rotation) without stopping early, in constant time each.
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(presented_bytes, token.encode())
+    if scheme.lower() != "bearer" or not matched:
+        raise Unauthorized("a valid 'Authorization: Bearer <DIPC_ADMIN_TOKEN>' header is required")
+    return await handler(request)
+
+
+def _query_int(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValidationFailed({name: "must be an integer"}) from None
+
+
+def _query_time(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        return parse_timestamp(raw)
+    except ValueError as problem:
+        raise ValidationFailed({name: str(problem)}) from None
+
+
+def _page(page: Page, render) -> dict:
+    return {"items": [render(item) for item in page.items], "next": page.next}
+
+
+def _timeout(request: web.Request) -> float:
+    return request.config_dict[SETTINGS].admin_db_timeout_s
+
+
+@routes.post("/payment-codes")
+async def create_code(request: web.Request) -> web.Response:
+    settings = request.config_dict[SETTINGS]
+    raw = await read_json_object(request, settings.max_body_bytes)
+    async with deadline(_timeout(request), "admin.create_code"):
+        code = await manage.create_code(
+            request.config_dict[POOL], raw, rules=settings.bins, client_ids=settings.client_ids, now=utcnow()
+        )
+    location = f"{request.path.rstrip('/')}/{code.payment_code}"
+    return json_response(code_document(code), status=201, headers={"Location": location})
+
+
+@routes.get("/payment-codes")
+async def list_codes(request: web.Request) -> web.Response:
+    async with deadline(_timeout(request), "admin.list_codes"):
+        page = await manage.list_codes(
+            request.config_dict[POOL],
+            status=request.query.get("status") or None,
+            client_id=request.query.get("client_id") or None,
+            after=request.query.get("after") or None,
+            limit=_query_int(request, "limit"),
+        )
+    return json_response(_page(page, code_document))
+
+
+@routes.post("/payment-codes/import")
+async def import_codes(request: web.Request) -> web.Response:
+    settings = request.config_dict[SETTINGS]
+    fmt = request.query.get("format") or MEDIA_TYPES.get(request.content_type)
+    if fmt is None:
+        raise BadRequest(
+            "send CSV (Content-Type: text/csv) or NDJSON (Content-Type: application/x-ndjson), "
+            "or name the format with ?format=csv|ndjson"
+        )
+    limit = settings.import_max_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"the import is {request.content_length} bytes; the limit is {limit}")
+
+    async def lines() -> AsyncIterator[str]:
+        received = 0
+        async for raw in request.content:
+            received += len(raw)
+            if received > limit:
+                raise BodyTooLarge(f"the import is over the limit of {limit} bytes")
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("the import must be UTF-8 text") from None
+
+    async with deadline(IMPORT_TIMEOUT_S, "admin.import_codes"):
+        result = await manage.import_codes(
+            request.config_dict[POOL],
+            read_rows(lines(), fmt),
+            rules=settings.bins,
+            client_ids=settings.client_ids,
+            now=utcnow(),
+        )
+    return json_response(result.document())
+
+
+@routes.get("/payment-codes/{code}")
+async def get_code(request: web.Request) -> web.Response:
+    async with deadline(_timeout(request), "admin.get_code"):
+        code = await manage.get_code(request.config_dict[POOL], request.match_info["code"])
+    return json_response(code_document(code))
+
+
+@routes.patch("/payment-codes/{code}")
+async def update_code(request: web.Request) -> web.Response:
+    raw = await read_json_object(request, request.config_dict[SETTINGS].max_body_bytes)
+    async with deadline(_timeout(request), "admin.update_code"):
+        code = await manage.update_code(
+            request.config_dict[POOL], request.match_info["code"], raw, now=utcnow()
+        )
+    return json_response(code_document(code))
+
+
+@routes.post("/payment-codes/{code}/cancel")
+async def cancel_code(request: web.Request) -> web.Response:
+    async with deadline(_timeout(request), "admin.cancel_code"):
+        code = await manage.cancel_code(request.config_dict[POOL], request.match_info["code"])
+    return json_response(code_document(code))
+
+
+@routes.get("/payments")
+async def list_payments(request: web.Request) -> web.Response:
+    async with deadline(_timeout(request), "admin.list_payments"):
+        page = await manage.list_payments(
+            request.config_dict[POOL],
+            payment_code=request.query.get("payment_code") or None,
+            kind=request.query.get("kind") or None,
+            since=_query_time(request, "since"),
+            after=_query_int(request, "after"),
+            limit=_query_int(request, "limit"),
+        )
+    return json_response(_page(page, payment_document))
+
+
+def admin_app() -> web.Application:
+    app = web.Application(middlewares=[bearer_auth])
+    app.add_routes(routes)
+    return app

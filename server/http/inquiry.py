@@ -1,0 +1,51 @@
+"""``POST /doku/inquiry``: DOKU asks for the bill behind a payment code (spec §3)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from server.core.codes import utcnow
+from server.core.inquiries import InquiryRequest, inquire
+from server.doku import messages
+from server.http.doku import DokuEndpoint
+from server.http.keys import LOG_FIELDS, POOL, SETTINGS
+from server.ops.masking import mask_code
+from server.store.pool import deadline
+
+INQUIRY_ENDPOINT = web.AppKey("inquiry_endpoint", DokuEndpoint)
+
+
+def endpoint_for(app: web.Application) -> DokuEndpoint:
+    settings = app[SETTINGS]
+    return DokuEndpoint(
+        settings=settings,
+        target=settings.inquiry_path,
+        max_age_s=settings.max_skew_s,
+        max_future_s=settings.max_skew_s,
+        render_error=messages.render_inquiry_error,
+    )
+
+
+async def handle_inquiry(request: web.Request) -> web.Response:
+    endpoint = request.app[INQUIRY_ENDPOINT]
+    settings = request.app[SETTINGS]
+    auth, body = await endpoint.receive(request)
+    message = messages.parse_inquiry(body)
+    log_fields = request[LOG_FIELDS]
+    log_fields.update(payment_code=mask_code(message.payment_code), channel=message.channel)
+    async with deadline(settings.doku_db_timeout_s, "inquiry"):
+        answer = await inquire(
+            request.app[POOL],
+            InquiryRequest(
+                client_id=auth.client.client_id,
+                request_id=auth.request_id,
+                payment_code=message.payment_code,
+                channel=message.channel,
+                body=body,
+            ),
+            rules=settings.bins,
+            render=messages.render_inquiry,
+            now=utcnow(),
+        )
+    log_fields.update(outcome=answer.outcome, replayed=answer.replayed)
+    return endpoint.respond(request, answer.http_status, answer.body)

@@ -1,0 +1,23 @@
+"""Typed keys for what the application and each request carry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from server.config import Settings
+from server.core.errors import DipcError
+from server.doku.auth import Authenticated
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+
+# Set by a route family that renders its errors in its own shape (DOKU's), read by the error middleware.
+ERROR_RENDERER = web.RequestKey("error_renderer", Callable[[web.Request, DipcError], web.StreamResponse])
+# The verified DOKU caller: responses to it are signed; without it they cannot be.
+DOKU_AUTH = web.RequestKey("doku_auth", Authenticated)
+# Fields a handler adds to the request's one log line (outcome, masked payment code, …).
+LOG_FIELDS = web.RequestKey("log_fields", dict[str, Any])

@@ -1,0 +1,65 @@
+"""Logging in one place: structlog events, one JSON line each in production, console on a TTY.
+
+Standard-library loggers (aiohttp, asyncpg) are routed through the same renderer, so every line a dipc
+process writes has one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+_SECRET_FIELDS = frozenset({"secret", "secret_key", "signature", "token", "password", "authorization"})
+
+
+def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A last guard: a field named like a secret never reaches the output."""
+    for name in _SECRET_FIELDS.intersection(event):
+        event[name] = "[redacted]"
+    return event
+
+
+def _orjson_dumps(value: Any, **_kwargs: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | None = None) -> None:
+    stream = stream or sys.stdout
+    use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _drop_secrets,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiohttp's access log has its own format; ours comes from the access_log middleware instead.
+    logging.getLogger("aiohttp.access").disabled = True

@@ -1,0 +1,210 @@
+"""The ``payment_codes`` table: register, read, change, cancel, list and bulk-import codes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import asyncpg
+
+from server.core.codes import PaymentCode
+from server.core.outcomes import CodeStatus
+from server.core.registration import NEW_CODE_COLUMNS, PATCHABLE_FIELDS, NewCode
+
+_COLUMN_NAMES = (
+    *NEW_CODE_COLUMNS,
+    *("status", "paid_count", "invoice_seq", "created_at", "updated_at", "version"),
+)
+COLUMNS = ", ".join(_COLUMN_NAMES)
+
+
+def qualified_columns(alias: str) -> str:
+    """The code columns as ``alias.column`` for queries that join payment_codes."""
+    return ", ".join(f"{alias}.{column}" for column in _COLUMN_NAMES)
+
+
+def code_from_row(row: asyncpg.Record) -> PaymentCode:
+    return PaymentCode(
+        payment_code=row["payment_code"],
+        client_id=row["client_id"],
+        channel=row["channel"],
+        invoice_number=row["invoice_number"],
+        amount=row["amount"],
+        customer_name=row["customer_name"],
+        customer_email=row["customer_email"],
+        info1=row["info1"],
+        info2=row["info2"],
+        info3=row["info3"],
+        reusable=row["reusable"],
+        status=CodeStatus(row["status"]),
+        expires_at=row["expires_at"],
+        paid_count=row["paid_count"],
+        invoice_seq=row["invoice_seq"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        version=row["version"],
+    )
+
+
+async def get(conn: asyncpg.Connection, payment_code: str, *, for_update: bool = False) -> PaymentCode | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM payment_codes WHERE payment_code = $1{lock}",  # noqa: S608 - constants
+        payment_code,
+    )
+    return code_from_row(row) if row else None
+
+
+_INSERT = f"""
+INSERT INTO payment_codes ({", ".join(NEW_CODE_COLUMNS)})
+VALUES ({", ".join(f"${i}" for i in range(1, len(NEW_CODE_COLUMNS) + 1))})
+ON CONFLICT (payment_code) DO NOTHING
+RETURNING {COLUMNS}
+"""  # noqa: S608 - column names are constants
+
+
+def _values(new: NewCode) -> tuple[Any, ...]:
+    return tuple(getattr(new, column) for column in NEW_CODE_COLUMNS)
+
+
+async def insert(conn: asyncpg.Connection, new: NewCode) -> PaymentCode | None:
+    """The registered code, or None when the payment code already exists."""
+    row = await conn.fetchrow(_INSERT, *_values(new))
+    return code_from_row(row) if row else None
+
+
+async def update(
+    conn: asyncpg.Connection, payment_code: str, values: dict[str, Any], expected_version: int | None
+) -> PaymentCode | None:
+    """Apply a validated change to an active code; None when it is not active or not at that version."""
+    assignments = []
+    params: list[Any] = [payment_code, expected_version]
+    for name, value in values.items():
+        if name not in PATCHABLE_FIELDS:  # the names become SQL; only known columns may pass
+            raise ValueError(f"{name} is not a patchable column")
+        params.append(value)
+        assignments.append(f"{name} = ${len(params)}")
+    row = await conn.fetchrow(
+        f"""
+        UPDATE payment_codes
+           SET {", ".join(assignments)}, updated_at = now(), version = version + 1
+         WHERE payment_code = $1 AND status = 'active' AND ($2::int IS NULL OR version = $2)
+        RETURNING {COLUMNS}
+        """,  # noqa: S608 - assignments are built from PATCHABLE_FIELDS only
+        *params,
+    )
+    return code_from_row(row) if row else None
+
+
+async def cancel(conn: asyncpg.Connection, payment_code: str) -> PaymentCode | None:
+    """Cancel an active code; None when it is not active."""
+    row = await conn.fetchrow(
+        f"""
+        UPDATE payment_codes SET status = 'cancelled', updated_at = now(), version = version + 1
+         WHERE payment_code = $1 AND status = 'active'
+        RETURNING {COLUMNS}
+        """,  # noqa: S608
+        payment_code,
+    )
+    return code_from_row(row) if row else None
+
+
+async def mint_invoice(conn: asyncpg.Connection, payment_code: str) -> int | None:
+    """Take the next invoice sequence number of an active reusable code; None if it is no longer active."""
+    return await conn.fetchval(
+        """
+        UPDATE payment_codes SET invoice_seq = invoice_seq + 1
+         WHERE payment_code = $1 AND reusable AND status = 'active'
+        RETURNING invoice_seq
+        """,
+        payment_code,
+    )
+
+
+async def list_page(
+    conn: asyncpg.Connection,
+    *,
+    status: str | None,
+    client_id: str | None,
+    after: str | None,
+    limit: int,
+) -> list[PaymentCode]:
+    """Up to ``limit`` codes in payment-code order after the cursor ``after`` (keyset pagination)."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {COLUMNS} FROM payment_codes
+         WHERE ($1::text IS NULL OR status = $1)
+           AND ($2::text IS NULL OR client_id = $2)
+           AND ($3::text IS NULL OR payment_code > $3)
+         ORDER BY payment_code
+         LIMIT $4
+        """,  # noqa: S608
+        status,
+        client_id,
+        after,
+        limit,
+    )
+    return [code_from_row(row) for row in rows]
+
+
+async def upsert_fresh(conn: asyncpg.Connection, codes: Iterable[NewCode]) -> None:
+    """Register codes or put them back to their registered, unpaid state (the demo's seed)."""
+    assignments = ", ".join(f"{column} = EXCLUDED.{column}" for column in NEW_CODE_COLUMNS[1:])
+    await conn.executemany(
+        _INSERT.replace(
+            "ON CONFLICT (payment_code) DO NOTHING",
+            f"ON CONFLICT (payment_code) DO UPDATE SET {assignments}, status = 'active', paid_count = 0, "
+            "updated_at = now(), version = payment_codes.version + 1",
+        ),
+        [_values(code) for code in codes],
+    )
+
+
+# --- bulk import through COPY -------------------------------------------------------------------
+
+_STAGING = "dipc_import"
+
+
+async def begin_import(conn: asyncpg.Connection, *, timeout_s: int) -> None:
+    """A staging table for one import, inside the caller's transaction, with its own statement timeout."""
+    await conn.execute(f"SET LOCAL statement_timeout = '{int(timeout_s)}s'")
+    await conn.execute(
+        f"CREATE TEMP TABLE {_STAGING} (line integer NOT NULL, "
+        "LIKE payment_codes INCLUDING DEFAULTS) ON COMMIT DROP"
+    )
+
+
+async def copy_import_batch(conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]]) -> None:
+    await conn.copy_records_to_table(
+        _STAGING,
+        records=[(line, *_values(code)) for line, code in batch],
+        columns=["line", *NEW_CODE_COLUMNS],
+    )
+
+
+async def finish_import(conn: asyncpg.Connection) -> list[tuple[int, str, int | None]]:
+    """Move staged rows into payment_codes; return the rows that were not imported.
+
+    A rejected row is ``(line, payment_code, first_line)``: ``first_line`` is the earlier line of the
+    same file with the same code, or None when the code was registered before the import.
+    """
+    columns = ", ".join(NEW_CODE_COLUMNS)
+    rows = await conn.fetch(
+        f"""
+        WITH staged AS (
+            SELECT line, {columns}, min(line) OVER (PARTITION BY payment_code) AS first_line
+              FROM {_STAGING}
+        ), inserted AS (
+            INSERT INTO payment_codes ({columns})
+            SELECT {columns} FROM staged WHERE line = first_line ORDER BY payment_code
+            ON CONFLICT (payment_code) DO NOTHING
+            RETURNING payment_code
+        )
+        SELECT s.line, s.payment_code, CASE WHEN s.line <> s.first_line THEN s.first_line END AS first_line
+          FROM staged s
+         WHERE s.line <> s.first_line
+            OR NOT EXISTS (SELECT 1 FROM inserted i WHERE i.payment_code = s.payment_code)
+         ORDER BY s.line
+        """  # noqa: S608 - identifiers are constants
+    )
+    return [(row["line"], row["payment_code"], row["first_line"]) for row in rows]
