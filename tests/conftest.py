@@ -1,0 +1,160 @@
+"""Shared fixtures: one real PostgreSQL per test session, a clean schema per test, the real app on loopback.
+
+Without DATABASE_URL the session starts an embedded PostgreSQL (the same mechanism `dipc serve` uses)
+in a temporary directory; with DATABASE_URL it creates, and later drops, a database of its own there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from server.app import make_app
+from server.config import Settings
+from server.doku.auth import Client
+from server.doku.channels import BinTable
+from server.doku.client import DokuSimulator
+from server.embedded import EmbeddedPostgres
+from server.store import migrate
+from server.store.pool import create_pool
+
+SPEC = Path(__file__).parent / "fixtures" / "spec"
+
+CLIENT_ID = "MCH-0001-10791114622547"  # the spec's test-vector Client-Id
+SECRET_KEY = "SK-example-0123456789abcdef"  # the spec's test-vector key
+OLD_SECRET_KEY = "SK-retired-key-still-accepted"
+OTHER_CLIENT_ID = "MCH-0002-OTHER"
+OTHER_SECRET_KEY = "SK-other-merchant-key"
+ADMIN_TOKEN = "test-admin-token"
+BINS = "ALFA:88965:direct,INDOMARET:33012:direct,ALFA:889660:exclusive"
+
+TABLES = ("payment_codes", "inquiries", "notifications", "payments", "events", "webhook_deliveries")
+
+CLIENT = Client(CLIENT_ID, (SECRET_KEY.encode(), OLD_SECRET_KEY.encode()))
+OTHER_CLIENT = Client(OTHER_CLIENT_ID, (OTHER_SECRET_KEY.encode(),))
+
+
+def spec_example(name: str) -> bytes:
+    return (SPEC / name).read_bytes()
+
+
+async def _run_migrations(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate.migrate(conn)
+    finally:
+        await conn.close()
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("DATABASE_URL")
+    if external:
+        name = f"dipc_test_{uuid.uuid4().hex[:10]}"
+
+        async def admin(sql: str) -> None:
+            conn = await asyncpg.connect(external)
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+
+        asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+        dsn = _with_database(external, name)
+        asyncio.run(_run_migrations(dsn))
+        yield dsn
+        asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        return
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), durable=False)
+    dsn = server.start()
+    asyncio.run(_run_migrations(dsn))
+    yield dsn
+    server.stop()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database whose tables were emptied for this test."""
+    pool = await create_pool(database_url, min_size=1, max_size=4)
+    await pool.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    yield pool
+    await pool.close()
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "clients": {CLIENT_ID: CLIENT, OTHER_CLIENT_ID: OTHER_CLIENT},
+        "admin_tokens": (ADMIN_TOKEN,),
+        "bins": BinTable.parse(BINS),
+        "db_pool_min": 1,
+        "db_pool_max": 8,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def client(aiohttp_client, pool: asyncpg.Pool, settings: Settings, database_url: str) -> TestClient:
+    """The real app on a loopback port, on the test database."""
+    return await aiohttp_client(make_app(settings, database_url))
+
+
+@pytest.fixture
+def doku(client: TestClient) -> DokuSimulator:
+    """DOKU, as the spec's test-vector merchant."""
+    return DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+
+
+@pytest.fixture
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+CODE = "8896512345678123"  # the spec's example code, under the direct ALFA BIN 88965
+
+
+def code_fields(**overrides: Any) -> dict[str, Any]:
+    """The spec's example bill; tests override what they are about."""
+    fields: dict[str, Any] = {
+        "payment_code": CODE,
+        "amount": 150000,
+        "invoice_number": "INV-2026-000123",
+        "customer_name": "Budi Santoso",
+        "info1": "Toko Contoh",
+        "client_id": CLIENT_ID,
+    }
+    fields.update(overrides)
+    return fields
+
+
+@pytest.fixture
+def register(client: TestClient, admin_headers: dict[str, str]):
+    """Register a code through the admin API and return its document."""
+
+    async def register(**overrides: Any) -> dict[str, Any]:
+        response = await client.post(
+            "/v1/payment-codes", json=code_fields(**overrides), headers=admin_headers
+        )
+        assert response.status == 201, await response.text()
+        return await response.json()
+
+    return register

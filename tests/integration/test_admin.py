@@ -1,0 +1,379 @@
+"""The admin API under /v1 against the real app and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import asyncpg
+import orjson
+import pytest
+
+from server.app import make_app
+from server.core.codes import utcnow
+from tests.conftest import CLIENT_ID, CODE, code_fields, make_settings
+
+
+async def events(pool: asyncpg.Pool) -> list[tuple[str, str | None]]:
+    return [
+        (row["type"], row["payment_code"]) for row in await pool.fetch("SELECT * FROM events ORDER BY id")
+    ]
+
+
+# --- authentication ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer wrong-token", "test-admin-token", "Basic test-admin-token", "Bearer "],
+)
+async def test_a_missing_or_wrong_token_is_unauthorized(client, authorization):
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    response = await client.get("/v1/payment-codes", headers=headers)
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert (await response.json())["error"]["code"] == "UNAUTHORIZED"
+
+
+async def test_without_a_configured_token_the_admin_api_is_disabled(aiohttp_client, pool, database_url):
+    client = await aiohttp_client(make_app(make_settings(admin_tokens=()), database_url))
+    response = await client.get("/v1/payment-codes", headers={"Authorization": "Bearer anything"})
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "DISABLED"
+
+
+async def test_every_token_of_a_rotation_is_accepted(aiohttp_client, pool, database_url):
+    client = await aiohttp_client(make_app(make_settings(admin_tokens=("new", "old")), database_url))
+    for token in ("new", "old"):
+        assert (
+            await client.get("/v1/payment-codes", headers={"Authorization": f"Bearer {token}"})
+        ).status == 200
+
+
+async def test_errors_are_json_even_for_unknown_routes_and_methods(client, admin_headers):
+    missing = await client.get("/v1/nothing-here", headers=admin_headers)
+    assert missing.status == 404
+    assert (await missing.json())["error"]["code"] == "NOT_FOUND"
+    wrong_method = await client.delete(f"/v1/payment-codes/{CODE}", headers=admin_headers)
+    assert wrong_method.status == 405
+    assert (await wrong_method.json())["error"]["code"] == "METHOD_NOT_ALLOWED"
+    assert "PATCH" in wrong_method.headers["Allow"]
+
+
+# --- create and read ---------------------------------------------------------------------------
+
+
+async def test_a_registered_code_is_created_and_readable(client, admin_headers, pool):
+    response = await client.post("/v1/payment-codes", json=code_fields(reusable=True), headers=admin_headers)
+    assert response.status == 201
+    assert response.headers["Location"] == f"/v1/payment-codes/{CODE}"
+    created = await response.json()
+    assert created | {"created_at": None, "updated_at": None} == {
+        "payment_code": CODE,
+        "client_id": CLIENT_ID,
+        "channel": "ALFA",
+        "invoice_number": "INV-2026-000123",
+        "amount": 150000,
+        "customer_name": "Budi Santoso",
+        "customer_email": "",
+        "info1": "Toko Contoh",
+        "info2": "",
+        "info3": "",
+        "reusable": True,
+        "status": "active",
+        "expires_at": None,
+        "paid_count": 0,
+        "created_at": None,
+        "updated_at": None,
+        "version": 1,
+    }
+    fetched = await client.get(f"/v1/payment-codes/{CODE}", headers=admin_headers)
+    assert await fetched.json() == created
+    assert await events(pool) == [("code.created", CODE)]
+
+
+async def test_registering_an_existing_code_conflicts(client, register, admin_headers, pool):
+    await register()
+    response = await client.post("/v1/payment-codes", json=code_fields(amount=5), headers=admin_headers)
+    assert response.status == 409
+    assert (await response.json())["error"]["code"] == "ALREADY_EXISTS"
+    assert await pool.fetchval("SELECT amount FROM payment_codes") == 150000
+
+
+async def test_an_invalid_registration_names_every_field(client, admin_headers, pool):
+    response = await client.post(
+        "/v1/payment-codes",
+        json={"payment_code": "88965abc", "amount": 0, "invoice_number": "bad invoice", "customer_name": ""},
+        headers=admin_headers,
+    )
+    assert response.status == 422
+    error = (await response.json())["error"]
+    assert error["code"] == "VALIDATION_FAILED"
+    assert set(error["fields"]) == {"payment_code", "amount", "invoice_number", "customer_name", "client_id"}
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0
+
+
+async def test_a_code_breaking_the_bin_rules_is_refused(client, admin_headers):
+    response = await client.post(
+        "/v1/payment-codes", json=code_fields(payment_code="889660" + "1" * 15), headers=admin_headers
+    )
+    assert response.status == 422
+    assert "at most 14 digits after the BIN" in (await response.json())["error"]["fields"]["payment_code"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [
+        (b"{not json", "application/json", 400, "INVALID_JSON"),
+        (b"[]", "application/json", 400, "INVALID_JSON"),
+        (b"{}", "text/plain", 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (b'{"x":"' + b"y" * 70_000 + b'"}', "application/json", 413, "BODY_TOO_LARGE"),
+    ],
+)
+async def test_unusable_bodies_are_clear_errors(client, admin_headers, body, content_type, status, code):
+    response = await client.post(
+        "/v1/payment-codes", data=body, headers=admin_headers | {"Content-Type": content_type}
+    )
+    assert response.status == status
+    assert (await response.json())["error"]["code"] == code
+
+
+async def test_an_unknown_code_is_404(client, admin_headers):
+    for path in (f"/v1/payment-codes/{CODE}", "/v1/payment-codes/not-digits"):
+        response = await client.get(path, headers=admin_headers)
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "NOT_FOUND"
+
+
+# --- change and cancel ----------------------------------------------------------------------
+
+
+async def test_an_active_code_can_be_changed(client, register, admin_headers, pool):
+    await register()
+    expiry = (utcnow() + timedelta(days=3)).replace(microsecond=0)
+    response = await client.patch(
+        f"/v1/payment-codes/{CODE}",
+        json={"amount": 175000, "expires_at": expiry.isoformat(), "info2": "Cabang 2", "version": 1},
+        headers=admin_headers,
+    )
+    assert response.status == 200
+    changed = await response.json()
+    assert (changed["amount"], changed["info2"], changed["version"]) == (175000, "Cabang 2", 2)
+    assert changed["expires_at"] == expiry.isoformat().replace("+00:00", "Z")
+    event = await pool.fetchrow("SELECT * FROM events WHERE type = 'code.updated'")
+    assert event["payload"]["changed"] == ["amount", "expires_at", "info2"]
+
+
+async def test_a_stale_version_conflicts(client, register, admin_headers):
+    await register()
+    response = await client.patch(
+        f"/v1/payment-codes/{CODE}", json={"amount": 1, "version": 7}, headers=admin_headers
+    )
+    assert response.status == 409
+    assert (await response.json())["error"]["code"] == "VERSION_CONFLICT"
+
+
+@pytest.mark.parametrize("status", ["paid", "cancelled"])
+async def test_a_paid_or_cancelled_code_cannot_change(client, register, admin_headers, pool, status):
+    await register()
+    await pool.execute("UPDATE payment_codes SET status = $1, paid_count = $2", status, int(status == "paid"))
+    response = await client.patch(f"/v1/payment-codes/{CODE}", json={"amount": 1}, headers=admin_headers)
+    assert response.status == 409
+    assert (await response.json())["error"]["code"] == "NOT_MODIFIABLE"
+    assert await pool.fetchval("SELECT amount FROM payment_codes") == 150000
+
+
+async def test_an_invalid_change_is_422(client, register, admin_headers):
+    await register()
+    response = await client.patch(
+        f"/v1/payment-codes/{CODE}", json={"amount": -1, "payment_code": "1"}, headers=admin_headers
+    )
+    assert response.status == 422
+    assert set((await response.json())["error"]["fields"]) == {"amount", "payment_code"}
+
+
+async def test_cancel_answers_the_cancelled_code_and_is_idempotent(client, register, admin_headers, pool):
+    await register()
+    first = await client.post(f"/v1/payment-codes/{CODE}/cancel", headers=admin_headers)
+    assert first.status == 200
+    assert (await first.json())["status"] == "cancelled"
+    again = await client.post(f"/v1/payment-codes/{CODE}/cancel", headers=admin_headers)
+    assert again.status == 200
+    assert await events(pool) == [("code.created", CODE), ("code.cancelled", CODE)]
+
+
+async def test_a_paid_code_cannot_be_cancelled(client, register, admin_headers, pool):
+    await register()
+    await pool.execute("UPDATE payment_codes SET status = 'paid', paid_count = 1")
+    response = await client.post(f"/v1/payment-codes/{CODE}/cancel", headers=admin_headers)
+    assert response.status == 409
+    assert await pool.fetchval("SELECT status FROM payment_codes") == "paid"
+
+
+async def test_a_cancel_racing_reusable_inquiries_leaves_no_invoice_after_it(
+    client, doku, register, admin_headers, pool
+):
+    await register(reusable=True, invoice_number="TOPUP")
+    inquiries = [doku.inquiry(CODE) for _ in range(20)]
+    cancel = client.post(f"/v1/payment-codes/{CODE}/cancel", headers=admin_headers)
+    results = await asyncio.gather(*inquiries[:10], cancel, *inquiries[10:])
+    replies = [r for r in results if hasattr(r, "signature_valid")]
+    succeeded = [r for r in replies if r.status == 200]
+    declined = [r for r in replies if r.status == 400]
+    assert len(succeeded) + len(declined) == 20
+    assert all(r.json()["online_to_offline_inquiry"]["status"] == "decline" for r in declined)
+    assert await pool.fetchval("SELECT invoice_seq FROM payment_codes") == len(succeeded)
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+async def test_codes_are_listed_by_keyset_pages_and_filtered_by_status(client, register, admin_headers, pool):
+    for n in range(7):
+        await register(payment_code=f"889650000000{n:04d}", invoice_number=f"INV-{n}")
+    await pool.execute(
+        "UPDATE payment_codes SET status = 'cancelled' WHERE payment_code LIKE '%3' OR payment_code LIKE '%5'"
+    )
+    seen, cursor = [], None
+    while True:
+        query = {"limit": "3"} | ({"after": cursor} if cursor else {})
+        page = await (await client.get("/v1/payment-codes", params=query, headers=admin_headers)).json()
+        seen += [item["payment_code"] for item in page["items"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert seen == [f"889650000000{n:04d}" for n in range(7)]
+    active = await (
+        await client.get("/v1/payment-codes", params={"status": "active"}, headers=admin_headers)
+    ).json()
+    assert [item["payment_code"][-1] for item in active["items"]] == ["0", "1", "2", "4", "6"]
+    assert active["next"] is None
+
+
+@pytest.mark.parametrize("query", [{"status": "gone"}, {"limit": "0"}, {"limit": "5000"}, {"limit": "ten"}])
+async def test_bad_list_parameters_are_422(client, admin_headers, query):
+    response = await client.get("/v1/payment-codes", params=query, headers=admin_headers)
+    assert response.status == 422
+
+
+async def test_payments_are_listed_with_filters(client, register, admin_headers, pool):
+    await register()
+    for n, kind in enumerate(["normal", "conflict", "anomaly"]):
+        await pool.execute(
+            """INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,
+                                     channel, notification_id, paid_at)
+               VALUES ($1, 'INV-2026-000123', $2, $3, 150000, $4, 'ALFA', $5, now())""",
+            CODE,
+            f"ref-{n}",
+            kind,
+            CLIENT_ID,
+            n,
+        )
+    everything = await (await client.get("/v1/payments", params={"limit": "2"}, headers=admin_headers)).json()
+    assert [item["kind"] for item in everything["items"]] == ["normal", "conflict"]
+    assert everything["next"] == "2"
+    rest = await (await client.get("/v1/payments", params={"after": "2"}, headers=admin_headers)).json()
+    assert [item["kind"] for item in rest["items"]] == ["anomaly"]
+    conflicts = await (
+        await client.get("/v1/payments", params={"kind": "conflict"}, headers=admin_headers)
+    ).json()
+    [conflict] = conflicts["items"]
+    assert conflict["transaction_ref"] == "ref-1"
+    assert conflict["amount"] == 150000
+    assert conflict["paid_at"].endswith("Z")
+    assert (await client.get("/v1/payments", params={"kind": "odd"}, headers=admin_headers)).status == 422
+
+
+# --- bulk import ------------------------------------------------------------------------------
+
+
+def csv_of(
+    rows: list[str], header: str = "payment_code,amount,invoice_number,customer_name,reusable"
+) -> bytes:
+    """A CSV import for the test merchant (the client_id column names it: two merchants are configured)."""
+    return ("\n".join([f"{header},client_id", *(f"{row},{CLIENT_ID}" for row in rows)]) + "\n").encode()
+
+
+async def test_a_csv_import_registers_valid_rows_and_reports_the_rest(client, register, admin_headers, pool):
+    await register(payment_code="8896500000000003", invoice_number="EXISTING")
+    body = csv_of(
+        [
+            "8896500000000001,1000,INV-1,Budi,false",
+            "8896500000000002,0,INV-2,Siti,false",  # amount
+            "8896500000000003,3000,INV-3,Andi,false",  # registered before
+            "8896500000000001,1000,INV-1,Budi,false",  # repeats line 2
+            "12345,5000,INV-5,Dewi,true",  # not under a BIN
+            "8896500000000006,6000,INV-6,Rina,true",
+        ]
+    )
+    response = await client.post(
+        "/v1/payment-codes/import", data=body, headers=admin_headers | {"Content-Type": "text/csv"}
+    )
+    assert response.status == 200
+    result = await response.json()
+    assert result["imported"] == 2, result
+    assert result["rejected_count"] == 4
+    assert [(r["line"], r["error"].split(":")[0]) for r in result["rejected"]] == [
+        (3, "amount"),
+        (4, "payment_code"),
+        (5, "payment_code"),
+        (6, "payment_code"),
+    ]
+    assert "already registered" in result["rejected"][1]["error"]
+    assert "repeats line 2" in result["rejected"][2]["error"]
+    rows = await pool.fetch("SELECT payment_code, reusable, client_id FROM payment_codes ORDER BY 1")
+    assert [(r["payment_code"], r["reusable"]) for r in rows] == [
+        ("8896500000000001", False),
+        ("8896500000000003", False),
+        ("8896500000000006", True),
+    ]
+    assert await pool.fetchval("SELECT payload FROM events WHERE type = 'codes.imported'") == {
+        "imported": 2,
+        "rejected": 4,
+    }
+
+
+async def test_an_ndjson_import_streams_many_rows(client, admin_headers, pool):
+    count = 20_000
+    lines = (
+        orjson.dumps(
+            {"payment_code": f"8896510{n:09d}", "amount": 1000 + n, "invoice_number": f"INV-{n}",
+             "customer_name": "Pelanggan", "client_id": CLIENT_ID}
+        )
+        for n in range(count)
+    )  # fmt: skip
+    body = b"\n".join(lines) + b"\n"
+    response = await client.post(
+        "/v1/payment-codes/import",
+        data=body,
+        headers=admin_headers | {"Content-Type": "application/x-ndjson"},
+    )
+    result = await response.json()
+    assert (result["imported"], result["rejected_count"]) == (count, 0)
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == count
+    assert (
+        await pool.fetchval("SELECT amount FROM payment_codes WHERE payment_code = '8896510000019999'")
+        == 20999
+    )
+
+
+async def test_an_import_with_a_bad_header_imports_nothing(client, admin_headers, pool):
+    body = csv_of(
+        ["8896500000000001,1000,INV-1,Budi"], header="payment_code,ammount,invoice_number,customer_name"
+    )
+    response = await client.post(
+        "/v1/payment-codes/import", data=body, headers=admin_headers | {"Content-Type": "text/csv"}
+    )
+    assert response.status == 400
+    assert "unknown column(s) ammount" in (await response.json())["error"]["message"]
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0
+
+
+async def test_an_import_needs_a_known_format(client, admin_headers):
+    response = await client.post(
+        "/v1/payment-codes/import",
+        data=b"x",
+        headers=admin_headers | {"Content-Type": "application/octet-stream"},
+    )
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "BAD_REQUEST"

@@ -1,0 +1,192 @@
+"""The `dipc` command as a merchant and an operator run it: real processes, real database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import BINS, CLIENT_ID, SECRET_KEY
+
+DIPC = [str(Path(sys.executable).with_name("dipc"))] if Path(sys.executable).with_name("dipc").exists() else [
+    sys.executable, "-m", "server"
+]  # fmt: skip
+
+
+def run(
+    *args: str, env: dict[str, str], stdin: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*DIPC, *args], env=env, capture_output=True, input=stdin, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def env(database_url, pool) -> dict[str, str]:
+    """The environment of a merchant's shell: one DOKU client, its BINs, the (emptied) test database."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
+    return base | {
+        "DATABASE_URL": database_url,
+        "DIPC_CLIENT_ID": CLIENT_ID,
+        "DIPC_SECRET_KEY": SECRET_KEY,
+        "DIPC_BINS": BINS,
+        "DIPC_LOG_FORMAT": "json",
+    }
+
+
+def test_help_explains_every_command():
+    result = subprocess.run([*DIPC, "--help"], capture_output=True, text=True, check=True)
+    for command in ("serve", "migrate", "codes", "payments", "simulate"):
+        assert command in result.stdout
+    codes_help = subprocess.run(
+        [*DIPC, "codes", "import", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "header row" in codes_help.stdout
+
+
+def test_a_code_is_added_shown_listed_and_cancelled(env):
+    added = run("codes", "add", "8896512345678123", "--amount", "150000", "--invoice", "INV-1", "--name",
+                "Budi Santoso", "--info1", "Toko Contoh", "--json", env=env)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert orjson.loads(added.stdout)["status"] == "active"
+
+    shown = run("codes", "show", "8896512345678123", env=env)
+    assert shown.returncode == 0
+    assert b"Budi Santoso" in shown.stdout
+
+    listed = run("codes", "list", "--status", "active", env=env)
+    assert b"8896512345678123" in listed.stdout
+
+    cancelled = run("codes", "cancel", "8896512345678123", "--json", env=env)
+    assert orjson.loads(cancelled.stdout)["status"] == "cancelled"
+
+
+def test_failures_exit_1_with_the_reason(env):
+    missing = run("codes", "show", "8896512345678123", env=env)
+    assert missing.returncode == 1
+    assert b"NOT_FOUND" in missing.stderr
+
+    invalid = run("codes", "add", "8896512345678123", "--amount", "0", "--invoice", "bad invoice", "--name",
+                  "B",
+                  env=env)  # fmt: skip
+    assert invalid.returncode == 1
+    assert b"amount: must be greater than 0" in invalid.stderr
+    assert b"invoice_number:" in invalid.stderr
+
+
+def test_usage_and_configuration_errors_exit_2(env):
+    assert run("codes", "add", env=env).returncode == 2  # missing arguments
+    bad_bins = run("codes", "list", env=env | {"DIPC_BINS": "ALFA:12"})
+    assert bad_bins.returncode == 2
+    assert b"DIPC_BINS" in bad_bins.stderr
+
+
+def test_an_import_of_many_codes_reports_its_time(env, tmp_path, pool):
+    path = tmp_path / "codes.csv"
+    lines = ["payment_code,amount,invoice_number,customer_name,info1"]
+    lines += [f"8896520{n:09d},{10000 + n},INV-{n},Pelanggan {n},Cabang" for n in range(5000)]
+    lines.append("8896520000000001,5,INV-dup,Dup,")  # repeats line 3
+    path.write_text("\n".join(lines) + "\n")
+    result = run("codes", "import", str(path), env=env)
+    assert result.returncode == 1  # one line was rejected
+    assert b"line 5002: payment_code: 8896520000000001 repeats line 3" in result.stderr
+    assert b"imported 5,000 codes, rejected 1 lines in " in result.stdout
+    assert b" s (" in result.stdout
+    assert b"codes/s)" in result.stdout
+
+
+def test_an_import_from_standard_input_needs_a_format(env):
+    result = run("codes", "import", "-", env=env, stdin=b"")
+    assert result.returncode == 2
+    ndjson = b'{"payment_code":"8896512345678123","amount":1,"invoice_number":"I","customer_name":"N"}\n'
+    result = run("codes", "import", "-", "--format", "ndjson", "--json", env=env, stdin=ndjson)
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(result.stdout)["imported"] == 1
+
+
+def test_payments_list_and_migrate_on_a_current_database(env):
+    listed = run("payments", "list", env=env)
+    assert listed.returncode == 0
+    assert b"(none)" in listed.stdout
+    migrated = run("migrate", env=env)
+    assert migrated.returncode == 0
+    assert b"up to date" in migrated.stdout
+
+
+def test_serve_refuses_to_start_without_a_secret(env):
+    result = run("serve", env=env | {"DIPC_SECRET_KEY": ""})
+    assert result.returncode == 2
+    assert b"no secret key" in result.stderr
+
+
+def test_serve_refuses_to_start_on_an_unreachable_database(env, tmp_path):
+    unreachable = f"postgresql://postgres@/dipc?host={tmp_path}"  # no server listens there
+    result = run("serve", env=env | {"DATABASE_URL": unreachable, "DIPC_DB_CONNECT_TIMEOUT_S": "2"})
+    assert result.returncode == 2
+    assert b"database unreachable" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {process.stderr.read().decode()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not become ready")
+
+
+def test_the_readme_demo_serves_on_the_embedded_database(tmp_path):
+    """The README's first command, minus the install: `dipc serve --demo` with no DATABASE_URL."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
+    env |= {"DIPC_DATA_DIR": str(tmp_path / "data"), "DIPC_PORT": str(port)}
+    server = subprocess.Popen(
+        [*DIPC, "serve", "--demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", server)
+        inquiry = run("simulate", "inquiry", "--demo", "--json", "8896512345678123", env=env)
+        assert inquiry.returncode == 0, inquiry.stderr
+        reply = orjson.loads(inquiry.stdout)
+        assert reply["status"] == 200
+        assert reply["signature_valid"] is True
+        assert reply["body"]["order"] == {"invoice_number": "INV-2026-000123", "amount": 150000}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, stderr.decode()
+    assert b"Secret key    SK-demo-do-not-use-in-production" in stderr  # the banner prints the demo identity
+    assert not processes_mentioning(str(tmp_path / "data" / "pgdata")), (
+        "the embedded PostgreSQL must stop too"
+    )
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found

@@ -1,0 +1,253 @@
+"""The rules of payment codes: which inquiry succeeds, and what a registration must hold."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from server.core.codes import PaymentCode, bill_for, decide_inquiry
+from server.core.errors import ValidationFailed
+from server.core.outcomes import CodeStatus, InquiryOutcome
+from server.core.registration import parse_changes, parse_new_code
+from server.doku.channels import BinConfigError, BinTable, parse_bin_rule
+
+NOW = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+BINS = BinTable.parse("ALFA:88965:direct,INDOMARET:33012,ALFA:889660")
+ALL = frozenset({"ALFA", "INDOMARET"})
+
+ACTIVE = PaymentCode(
+    payment_code="8896512345678123",
+    client_id="C1",
+    channel="ANY",
+    invoice_number="INV-1",
+    amount=150000,
+    customer_name="Budi",
+    customer_email="",
+    info1="",
+    info2="",
+    info3="",
+    reusable=False,
+    status=CodeStatus.ACTIVE,
+    expires_at=None,
+    paid_count=0,
+    invoice_seq=0,
+    created_at=NOW,
+    updated_at=NOW,
+    version=1,
+)
+
+
+def decide(code, *, client_id="C1", channel="ALFA", bin_channels=ALL):
+    return decide_inquiry(code, client_id=client_id, channel=channel, bin_channels=bin_channels, now=NOW)
+
+
+def test_an_active_code_is_payable():
+    assert decide(ACTIVE) is InquiryOutcome.SUCCESS
+
+
+@pytest.mark.parametrize(
+    ("change", "kwargs", "outcome"),
+    [
+        ({}, {"bin_channels": None}, InquiryOutcome.UNKNOWN_BIN),
+        ({}, {"client_id": "C2"}, InquiryOutcome.OTHER_CLIENT),
+        ({"status": CodeStatus.CANCELLED}, {}, InquiryOutcome.CANCELLED),
+        ({"status": CodeStatus.PAID, "paid_count": 1}, {}, InquiryOutcome.ALREADY_PAID),
+        ({"expires_at": NOW}, {}, InquiryOutcome.EXPIRED),
+        ({"expires_at": NOW - timedelta(seconds=1)}, {}, InquiryOutcome.EXPIRED),
+        ({"channel": "INDOMARET"}, {}, InquiryOutcome.CHANNEL_MISMATCH),
+        ({}, {"bin_channels": frozenset({"INDOMARET"})}, InquiryOutcome.CHANNEL_MISMATCH),
+    ],
+)
+def test_each_refusal_reason(change, kwargs, outcome):
+    assert decide(dataclasses.replace(ACTIVE, **change), **kwargs) is outcome
+
+
+def test_an_unknown_code_is_not_found():
+    assert decide(None) is InquiryOutcome.NOT_FOUND
+
+
+def test_paid_wins_over_expired_and_cancelled_over_paid():
+    paid_and_expired = dataclasses.replace(ACTIVE, status=CodeStatus.PAID, expires_at=NOW - timedelta(days=1))
+    assert decide(paid_and_expired) is InquiryOutcome.ALREADY_PAID
+
+
+def test_a_code_expiring_later_is_payable():
+    assert (
+        decide(dataclasses.replace(ACTIVE, expires_at=NOW + timedelta(seconds=1))) is InquiryOutcome.SUCCESS
+    )
+
+
+def test_a_reusable_bill_carries_the_minted_invoice_number():
+    reusable = dataclasses.replace(ACTIVE, reusable=True, invoice_number="TOPUP")
+    assert bill_for(reusable, invoice_seq=7).invoice_number == "TOPUP-7"
+    assert bill_for(ACTIVE).invoice_number == "INV-1"
+    with pytest.raises(ValueError, match="sequence"):
+        bill_for(reusable)
+
+
+# --- BIN rules (spec §2) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "channels"),
+    [
+        ("88965" + "1" * 20, {"ALFA"}),  # direct: 20 free digits, 25 in all
+        ("330121", {"INDOMARET"}),
+        ("889660" + "1" * 14, {"ALFA"}),  # exclusive: 14 free digits, 20 in all
+    ],
+)
+def test_codes_within_their_bin_rule(code, channels):
+    assert BINS.check(code) == channels
+
+
+@pytest.mark.parametrize(
+    ("code", "problem"),
+    [
+        ("88965" + "1" * 21, "at most 20 digits after the BIN"),
+        ("889660" + "1" * 15, "at most 14 digits after the BIN"),
+        ("88965", "must have digits after BIN"),
+        ("12345678", "does not start with a configured BIN"),
+    ],
+)
+def test_codes_breaking_their_bin_rule(code, problem):
+    with pytest.raises(ValueError, match=problem):
+        BINS.check(code)
+    assert BINS.channels_for(code) is None
+
+
+def test_without_bins_every_code_and_channel_is_allowed():
+    assert BinTable.parse("").check("1") == ALL
+    assert not BinTable.parse(None)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "ALFA",
+        "SHOPEE:88965",
+        "ALFA:8896",
+        "ALFA:88a65",
+        "ALFA:88965:exclusive",
+        "ALFA:889651:direct",
+        "ALFA:1:2:3",
+    ],
+)
+def test_malformed_bin_rules_are_refused(spec):
+    with pytest.raises(BinConfigError):
+        parse_bin_rule(spec)
+
+
+# --- registration --------------------------------------------------------------------------------
+
+VALID = {
+    "payment_code": "8896512345678123",
+    "amount": 150000,
+    "invoice_number": "INV-2026-000123",
+    "customer_name": "Budi Santoso",
+}
+
+
+def register(raw, *, client_ids=("C1",), text=False):
+    return parse_new_code(raw, rules=BINS, client_ids=client_ids, now=NOW, text=text)
+
+
+def test_a_minimal_registration_takes_defaults():
+    new = register(VALID)
+    assert new.client_id == "C1"
+    assert new.channel == "ALFA"  # from the code's BIN
+    assert new.reusable is False
+    assert new.expires_at is None
+    assert (new.customer_email, new.info1) == ("", "")
+
+
+def problems(raw, **kwargs) -> dict[str, str]:
+    with pytest.raises(ValidationFailed) as failure:
+        register(raw, **kwargs)
+    return failure.value.fields
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        ({"payment_code": "8896512345678abc"}, "payment_code", "digits only"),
+        ({"payment_code": 8896512345678123}, "payment_code", "never a number"),
+        ({"payment_code": "1234567"}, "payment_code", "configured BIN"),
+        ({"amount": 0}, "amount", "greater than 0"),
+        ({"amount": -5}, "amount", "greater than 0"),
+        ({"amount": 1500.5}, "amount", "integer"),
+        ({"amount": "150000"}, "amount", "integer"),
+        ({"amount": True}, "amount", "integer"),
+        ({"invoice_number": "INV 1"}, "invoice_number", "letters, digits"),
+        ({"invoice_number": "I" * 65}, "invoice_number", "at most 64"),
+        ({"customer_name": "  "}, "customer_name", "required"),
+        ({"customer_email": "not-an-email"}, "customer_email", "email"),
+        ({"info1": "x" * 41}, "info1", "at most 40"),
+        ({"channel": "SHOPEE"}, "channel", "one of"),
+        ({"channel": "INDOMARET"}, "channel", "configured for ALFA"),
+        ({"expires_at": "2026-11-25T08:00:00Z"}, "expires_at", "future"),
+        ({"expires_at": "2026-12-31 23:59"}, "expires_at", "offset"),
+        ({"client_id": "C9"}, "client_id", "not a configured"),
+        ({"reusable": "yes"}, "reusable", "true or false"),
+        ({"ammount": 5}, "ammount", "not a known field"),
+    ],
+)
+def test_each_invalid_field_is_named(change, field, problem):
+    assert problem in problems(VALID | change)[field]
+
+
+def test_every_problem_is_reported_at_once():
+    found = problems({"payment_code": "x", "amount": 0})
+    assert set(found) == {"payment_code", "amount", "invoice_number", "customer_name"}
+
+
+def test_a_reusable_invoice_leaves_room_for_the_sequence():
+    assert (
+        "room for the sequence"
+        in problems(VALID | {"reusable": True, "invoice_number": "I" * 50})["invoice_number"]
+    )
+    assert register(VALID | {"reusable": True, "invoice_number": "I" * 48}).reusable
+
+
+def test_client_id_is_required_when_several_clients_could_own_the_code():
+    assert "several" in problems(VALID, client_ids=("C1", "C2"))["client_id"]
+    assert register(VALID | {"client_id": "C2"}, client_ids=("C1", "C2")).client_id == "C2"
+
+
+def test_csv_text_values_are_understood():
+    new = register(
+        {k: str(v) for k, v in VALID.items()} | {"reusable": "true", "expires_at": "", "channel": ""},
+        text=True,
+    )
+    assert new.amount == 150000
+    assert new.reusable is True
+    assert new.expires_at is None
+    assert "whole number" in problems(VALID | {"amount": "1e5"}, text=True)["amount"]
+
+
+def test_expiry_is_normalised_to_utc():
+    new = register(VALID | {"expires_at": "2026-12-31T23:59:59+07:00"})
+    assert new.expires_at == datetime(2026, 12, 31, 16, 59, 59, tzinfo=UTC)
+
+
+def test_a_change_validates_only_what_it_names():
+    changes = parse_changes({"amount": 200000, "expires_at": None, "version": 3}, now=NOW)
+    assert changes.values == {"amount": 200000, "expires_at": None}
+    assert changes.expected_version == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"amount": 0}, "amount"),
+        ({"payment_code": "1"}, "payment_code"),
+        ({"reusable": True}, "reusable"),
+        ({}, "body"),
+        ({"amount": 5, "version": "3"}, "version"),
+    ],
+)
+def test_a_bad_change_is_refused(raw, field):
+    with pytest.raises(ValidationFailed) as failure:
+        parse_changes(raw, now=NOW)
+    assert field in failure.value.fields

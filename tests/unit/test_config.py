@@ -1,0 +1,85 @@
+"""Configuration from the environment: defaults, clients, key rotation lists, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import DEMO_CLIENT_ID, ConfigError, load_settings
+
+
+def test_defaults_need_nothing():
+    settings = load_settings({})
+    assert settings.database_url is None
+    assert (settings.host, settings.port, settings.workers) == ("127.0.0.1", 8080, 1)
+    assert settings.inquiry_path == "/doku/inquiry"
+    assert settings.max_skew_s == 300
+    assert settings.max_body_bytes == 64 * 1024
+    assert not settings.clients
+    assert not settings.bins
+
+
+def test_one_client_with_rotated_keys_newest_first():
+    settings = load_settings({"DIPC_CLIENT_ID": "MCH-1", "DIPC_SECRET_KEY": "new, old"})
+    assert settings.clients["MCH-1"].secret_keys == (b"new", b"old")
+    settings.require_serving()
+
+
+def test_serving_needs_a_client_and_a_key():
+    with pytest.raises(ConfigError, match="DIPC_CLIENT_ID"):
+        load_settings({}).require_serving()
+    with pytest.raises(ConfigError, match="no secret key"):
+        load_settings({"DIPC_CLIENT_ID": "MCH-1"}).require_serving()
+
+
+def test_demo_uses_the_fixed_identity_whatever_the_environment_says():
+    settings = load_settings({"DIPC_CLIENT_ID": "MCH-REAL", "DIPC_SECRET_KEY": "real"}, demo=True)
+    assert list(settings.clients) == [DEMO_CLIENT_ID]
+    assert settings.bins
+    assert settings.admin_tokens
+
+
+def test_clients_file_declares_several_merchants(tmp_path):
+    path = tmp_path / "clients.toml"
+    path.write_text(
+        """
+[[clients]]
+client_id = "MCH-1"
+secret_keys = ["k1-new", "k1-old"]
+
+[[clients]]
+client_id = "MCH-2"
+secret_keys_env = "MCH2_KEYS"
+"""
+    )
+    settings = load_settings({"DIPC_CLIENTS_FILE": str(path), "MCH2_KEYS": "k2"})
+    assert settings.clients["MCH-1"].secret_keys == (b"k1-new", b"k1-old")
+    assert settings.clients["MCH-2"].secret_keys == (b"k2",)
+    assert "k1-new" not in repr(settings.clients["MCH-1"])
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DIPC_BINS": "ALFA:12"}, "DIPC_BINS"),
+        ({"DIPC_PORT": "eighty"}, "DIPC_PORT"),
+        ({"DIPC_WORKERS": "0"}, "DIPC_WORKERS"),
+        ({"DIPC_INQUIRY_PATH": "doku/inquiry"}, "DIPC_INQUIRY_PATH"),
+        ({"DIPC_INQUIRY_PATH": "/x", "DIPC_NOTIFICATION_PATH": "/x"}, "must differ"),
+        ({"DIPC_LOG_FORMAT": "xml"}, "DIPC_LOG_FORMAT"),
+        ({"DIPC_CLIENTS_FILE": "/nonexistent/clients.toml"}, "cannot read"),
+        ({"DIPC_DOKU_DB_TIMEOUT_S": "-1"}, "positive"),
+    ],
+)
+def test_malformed_settings_are_refused_naming_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env)
+
+
+def test_a_broken_clients_file_is_refused(tmp_path):
+    path = tmp_path / "clients.toml"
+    path.write_text("[[clients]]\nsecret_keys = ['k']\n")
+    with pytest.raises(ConfigError, match="client_id is required"):
+        load_settings({"DIPC_CLIENTS_FILE": str(path)})
+    path.write_text("not toml [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({"DIPC_CLIENTS_FILE": str(path)})
