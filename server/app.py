@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import structlog
 from aiohttp import web
 
 from server.config import Settings
 from server.http import admin, inquiry, ops
 from server.http.keys import POOL, SETTINGS
-from server.http.middleware import access_log, errors
+from server.http.middleware import observe
 from server.store.pool import create_pool
-
-log = structlog.get_logger("dipc.app")
 
 
 def make_app(settings: Settings, dsn: str) -> web.Application:
     """The whole service for ``settings``, talking to the database at ``dsn``."""
-    app = web.Application(middlewares=[access_log, errors], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
 
     async def pool_context(app: web.Application) -> AsyncIterator[None]:

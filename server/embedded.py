@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import structlog
 
-log = structlog.get_logger("dipc.embedded")
+log = structlog.get_logger(component="dipc.embedded")
 
 DATABASE = "dipc"
 SUPERUSER = "postgres"

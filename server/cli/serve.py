@@ -20,7 +20,7 @@ from server.ops.logging import configure_logging
 from server.store import migrate
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 
-log = structlog.get_logger("dipc.serve")
+log = structlog.get_logger(component="dipc.serve")
 
 SERVE_HELP = """\
 Run the server: DOKU's inquiry endpoint, the admin API under /v1, /healthz and /readyz.

@@ -56,15 +56,28 @@ async def inquire(
     now: datetime,
 ) -> InquiryAnswer:
     body_sha256 = request.body_sha256
-    code, prior = await inquiry_store.lookup(pool, request.payment_code, request.request_id)
+    async with pool.acquire() as conn:
+        return await _inquire(conn, request, body_sha256, rules=rules, render=render, now=now)
+
+
+async def _inquire(
+    conn: asyncpg.Connection,
+    request: InquiryRequest,
+    body_sha256: bytes,
+    *,
+    rules: CodeRules,
+    render: Render,
+    now: datetime,
+) -> InquiryAnswer:
+    code, prior = await inquiry_store.lookup(conn, request.payment_code, request.request_id)
     if prior is not None:
         return _replay(prior, body_sha256)
 
     bin_channels = rules.channels_for(request.payment_code)
-    outcome, bill = await _decide(pool, code, request, bin_channels, now)
+    outcome, bill = await _decide(conn, code, request, bin_channels, now)
     http_status, body = render(outcome, request.payment_code, bill)
     recorded = await inquiry_store.record(
-        pool,
+        conn,
         payment_code=request.payment_code,
         request_id=request.request_id,
         client_id=request.client_id,
@@ -79,7 +92,7 @@ async def inquire(
     if not recorded:
         # A twin with the same Request-Id was recorded while we worked: answer what it answered, so
         # one Request-Id never yields two invoice numbers.
-        return _replay(await inquiry_store.get(pool, request.payment_code, request.request_id), body_sha256)
+        return _replay(await inquiry_store.get(conn, request.payment_code, request.request_id), body_sha256)
     return InquiryAnswer(
         outcome=outcome,
         http_status=http_status,
@@ -90,7 +103,7 @@ async def inquire(
 
 
 async def _decide(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     code: PaymentCode | None,
     request: InquiryRequest,
     bin_channels: frozenset[str] | None,
@@ -106,11 +119,11 @@ async def _decide(
         return outcome, None
     if not code.reusable:
         return outcome, bill_for(code)
-    sequence = await code_store.mint_invoice(pool, code.payment_code)
+    sequence = await code_store.mint_invoice(conn, code.payment_code)
     if sequence is None:
         # Cancelled between our read and the mint: decide again on what is there now. The mint only
         # fails for a code that is no longer active, which no rule lets succeed.
-        again = decide(await code_store.get(pool, code.payment_code))
+        again = decide(await code_store.get(conn, code.payment_code))
         assert again is not InquiryOutcome.SUCCESS
         return again, None
     return outcome, bill_for(code, invoice_seq=sequence)

@@ -11,7 +11,7 @@ from server.core.errors import DipcError
 from server.http.bodies import json_response
 from server.http.keys import ERROR_RENDERER, LOG_FIELDS
 
-log = structlog.get_logger("dipc.http")
+log = structlog.get_logger(component="dipc.http")
 
 
 class _HttpError(DipcError):
@@ -28,46 +28,43 @@ def render_json_error(request: web.Request, error: DipcError) -> web.StreamRespo
     return json_response({"error": error.to_dict()}, status=error.http_status, headers=headers)
 
 
-@web.middleware
-async def errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except DipcError as error:
-        render = request.get(ERROR_RENDERER, render_json_error)
-        return render(request, error)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = render_json_error(request, _HttpError(exc))
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
+def _render_failure(request: web.Request, failure: Exception) -> web.StreamResponse:
+    """The response for an exception a handler raised: its own shape for ours, JSON for the rest."""
+    if isinstance(failure, web.HTTPException):
+        response = render_json_error(request, _HttpError(failure))
+        if failure.status == 405 and "Allow" in failure.headers:
+            response.headers["Allow"] = failure.headers["Allow"]
         return response
-    except Exception:
-        log.exception("http.unhandled", method=request.method, path=request.path)
-        render = request.get(ERROR_RENDERER, render_json_error)
-        return render(request, DipcError("internal error; the incident is logged"))
+    render = request.get(ERROR_RENDERER, render_json_error)
+    if isinstance(failure, DipcError):
+        return render(request, failure)
+    log.error("http.unhandled", method=request.method, path=request.path, exc_info=failure)
+    return render(request, DipcError("internal error; the incident is logged"))
 
 
 @web.middleware
-async def access_log(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """One structured line per request: route, status, latency, DOKU's Request-Id, handler's fields."""
+async def observe(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Every request: errors become responses (in the route's shape), then one structured log line
+    with route, status, latency, DOKU's Request-Id and the fields the handler added."""
     started = time.perf_counter()
     fields: dict[str, object] = {}
     request[LOG_FIELDS] = fields
-    status = 500
     try:
         response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
-        route = request.match_info.route.resource
-        log.info(
-            "http.request",
-            method=request.method,
-            route=route.canonical if route is not None else "unmatched",
-            status=status,
-            ms=elapsed_ms,
-            request_id=(request.headers.get("Request-Id") or "")[:128] or None,
-            **fields,
-        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _render_failure(request, exc)
+    except Exception as failure:
+        response = _render_failure(request, failure)
+    resource = request.match_info.route.resource
+    log.info(
+        "http.request",
+        method=request.method,
+        route=resource.canonical if resource is not None else "unmatched",
+        status=response.status,
+        ms=round((time.perf_counter() - started) * 1000, 3),
+        request_id=(request.headers.get("Request-Id") or "")[:128] or None,
+        **fields,
+    )
+    return response

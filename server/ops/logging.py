@@ -1,7 +1,8 @@
 """Logging in one place: structlog events, one JSON line each in production, console on a TTY.
 
-Standard-library loggers (aiohttp, asyncpg) are routed through the same renderer, so every line a dipc
-process writes has one format.
+dipc's own events take structlog's direct path (rendered with orjson, written as bytes): one line per
+request sits on the hot path, so it must be cheap. Standard-library loggers (aiohttp, asyncpg) are routed
+through the same processors and renderer, so every line a dipc process writes has one format.
 """
 
 from __future__ import annotations
@@ -23,37 +24,43 @@ def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str
     return event
 
 
-def _orjson_dumps(value: Any, **_kwargs: Any) -> str:
-    return orjson.dumps(value, default=str).decode()
+def _orjson_dumps(value: Any, **_kwargs: Any) -> bytes:
+    return orjson.dumps(value, default=str)
 
 
 def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    renderer: Any = (
-        structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-        if use_json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
+        structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _drop_secrets,
     ]
+    renderer: Any
+    if use_json:
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        factory: Any = structlog.BytesLoggerFactory(stream.buffer)
+        foreign_renderer: Any = structlog.processors.JSONRenderer(
+            serializer=lambda value, **kw: orjson.dumps(value, default=str).decode()
+        )
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        factory = structlog.PrintLoggerFactory(stream)
+        foreign_renderer = renderer
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        cache_logger_on_first_use=False,
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
     )
+
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
-            renderer,
+            foreign_renderer,
         ],
     )
     handler = logging.StreamHandler(stream)

@@ -14,7 +14,7 @@ import structlog
 
 from server.schemas import schemas_dir
 
-log = structlog.get_logger("dipc.migrate")
+log = structlog.get_logger(component="dipc.migrate")
 
 # pg_advisory_lock key: the ASCII of "dipcmigr" as a bigint, so it cannot collide with our other locks.
 MIGRATION_LOCK_KEY = int.from_bytes(b"dipcmigr", "big") & 0x7FFF_FFFF_FFFF_FFFF

@@ -12,7 +12,7 @@ import structlog
 
 from server.core.errors import Unavailable
 
-log = structlog.get_logger("dipc.store")
+log = structlog.get_logger(component="dipc.store")
 
 # Failures that say nothing about the request and everything about the database or the way to it.
 # The caller gets 503 UNAVAILABLE and retries; DOKU retries notifications on its own schedule.
@@ -36,6 +36,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a connection to the pool without asyncpg's default reset round trip.
+
+    asyncpg still rolls back an open transaction before calling this. The default reset (RESET ALL,
+    UNLISTEN *, advisory unlock, CLOSE ALL) costs a round trip per release, on the inquiry hot path too,
+    and there is nothing for it to undo: pooled connections never SET session state (only SET LOCAL),
+    never LISTEN (the event feed listens on a connection of its own), and release session advisory
+    locks in ``finally`` (migrations).
+    """
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -51,6 +62,7 @@ async def create_pool(
         max_size=max_size,
         timeout=connect_timeout,
         init=_init_connection,
+        reset=_keep_session,
         # Connections to a dead server are dropped quickly, so the pool recovers when it returns.
         max_inactive_connection_lifetime=60.0,
         server_settings={
