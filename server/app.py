@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from server.config import Settings
-from server.http import admin, inquiry, ops
+from server.http import admin, inquiry, notification, ops
 from server.http.keys import POOL, SETTINGS
 from server.http.middleware import observe
 from server.store.pool import create_pool
@@ -31,6 +31,8 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app.cleanup_ctx.append(pool_context)
     app[inquiry.INQUIRY_ENDPOINT] = inquiry.endpoint_for(app)
     app.router.add_post(settings.inquiry_path, inquiry.handle_inquiry, name="inquiry")
+    app[notification.NOTIFICATION_ENDPOINT] = notification.endpoint_for(app)
+    app.router.add_post(settings.notification_path, notification.handle_notification, name="notification")
     app.add_routes(ops.routes)
     app.add_subapp("/v1", admin.admin_app())
     return app

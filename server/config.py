@@ -45,6 +45,8 @@ class Settings:
     import_max_bytes: int = 1024 * 1024 * 1024
     # Budget for database work while a store counter waits (spec: answer within 1 s at worst).
     doku_db_timeout_s: float = 0.8
+    # A notification is not waited on at a counter, but DOKU's call has a timeout of its own.
+    notification_db_timeout_s: float = 5.0
     admin_db_timeout_s: float = 30.0
     db_pool_min: int = 2
     db_pool_max: int = 10
@@ -180,6 +182,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         max_body_bytes=_int(env, "DIPC_MAX_BODY_BYTES", conventions.DEFAULT_MAX_BODY_BYTES, minimum=1024),
         import_max_bytes=_int(env, "DIPC_IMPORT_MAX_BYTES", 1024 * 1024 * 1024, minimum=1024),
         doku_db_timeout_s=_float(env, "DIPC_DOKU_DB_TIMEOUT_S", 0.8),
+        notification_db_timeout_s=_float(env, "DIPC_NOTIFICATION_DB_TIMEOUT_S", 5.0),
         admin_db_timeout_s=_float(env, "DIPC_ADMIN_DB_TIMEOUT_S", 30.0),
         db_pool_min=_int(env, "DIPC_DB_POOL_MIN", 2, minimum=0),
         db_pool_max=_int(env, "DIPC_DB_POOL_MAX", 10, minimum=1),

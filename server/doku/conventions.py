@@ -57,8 +57,28 @@ def protocol_error_status(http_status: int) -> str:
     return STATUS_INVALID_SIGNATURE if http_status == 401 else STATUS_DECLINE
 
 
-# --- notification answers ----------------------------------------------------------------------
+# --- notifications -------------------------------------------------------------------------------
 
 # Every notification we have recorded (normal, repeat, conflict or anomaly) gets this, HTTP 200:
 # DOKU cannot fix any of them by retrying.
 NOTIFICATION_ACK = b'{"status":"success"}'
+# transaction.status meaning "paid"; other values are recorded and change nothing.
+PAID_STATUS = "SUCCESS"
+
+
+def transaction_reference(
+    original_request_id: str | None, agent: tuple[str | None, str | None, str | None], request_id: str
+) -> str:
+    """The identity of one store transaction across DOKU's retries (spec §4 rule 2).
+
+    ``transaction.original_request_id``; else the ``AGENT_TRX_ID`` identifier; else the notification's
+    own ``Request-Id`` header. Retries of one transaction carry the same reference. A store's transaction
+    number is qualified by its agent and store ids: two stores may count transactions alike, and those
+    are two payments, never one. The prefixes keep the three kinds of reference apart.
+    """
+    if original_request_id:
+        return original_request_id
+    agent_id, store_id, trx_id = agent
+    if trx_id:
+        return f"agent:{agent_id or ''}/{store_id or ''}/{trx_id}"
+    return f"request:{request_id}"

@@ -7,6 +7,7 @@ Rendering is byte-exact and compact (orjson keeps member order), since signature
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ from server.core.documents import load_object
 from server.core.errors import DipcError, InvalidField
 from server.core.outcomes import InquiryOutcome
 from server.doku import channels, conventions
+from server.doku.auth import parse_timestamp
 
 PAYMENT_CODE_FIELD = "online_to_offline_info.payment_code"
 
@@ -87,3 +89,89 @@ def render_inquiry_error(error: DipcError) -> bytes:
     """A protocol error on the inquiry path: DOKU's shape plus an ``error`` member for humans."""
     status_word = conventions.protocol_error_status(error.http_status)
     return orjson.dumps({"online_to_offline_inquiry": {"status": status_word}, "error": error.to_dict()})
+
+
+# --- payment notifications (spec §4) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationMessage:
+    payment_code: str
+    invoice_number: str
+    amount: int
+    channel: str
+    transaction_status: str
+    transaction_date: datetime | None
+    original_request_id: str | None
+    agent_id: str | None
+    agent_store_id: str | None
+    agent_trx_id: str | None
+
+    def transaction_reference(self, request_id: str) -> str:
+        return conventions.transaction_reference(
+            self.original_request_id, (self.agent_id, self.agent_store_id, self.agent_trx_id), request_id
+        )
+
+
+def _text_member(data: dict[str, Any], path: str, *, required: bool) -> str | None:
+    value = member(data, path)
+    if value is None or value == "":
+        if required:
+            raise InvalidField(path, "is required")
+        return None
+    if not isinstance(value, str):
+        raise InvalidField(path, "must be a string")
+    return value
+
+
+def _identifiers(data: dict[str, Any]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for item in member(data, "online_to_offline_payment.identifier") or []:
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and item.get("value") is not None:
+            found[item["name"]] = str(item["value"])
+    return found
+
+
+def _rupiah(value: Any) -> int:
+    """An amount of whole rupiah; 150000, 150000.0 and "150000" all mean the same money."""
+    if value is None or value == "":
+        raise InvalidField("order.amount", "is required")
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField("order.amount", "must be a whole number of rupiah")
+    return value
+
+
+def parse_notification(body: bytes) -> NotificationMessage:
+    """A payment notification. Lenient where money was already taken: an unknown channel or an
+    unreadable transaction date is kept as far as it goes, never a reason to refuse the record."""
+    data = load_object(body)
+    amount = _rupiah(member(data, "order.amount"))
+    date_text = member(data, "transaction.date")
+    try:
+        transaction_date = parse_timestamp(date_text) if isinstance(date_text, str) and date_text else None
+    except ValueError:
+        transaction_date = None
+    channel = channels.channel_from_message(member(data, "channel.id"), member(data, "acquirer.id"))
+    identifiers = _identifiers(data)
+    return NotificationMessage(
+        payment_code=payment_code_of(data),
+        invoice_number=_text_member(data, "order.invoice_number", required=True) or "",
+        amount=amount,
+        channel=channel or str(member(data, "acquirer.id") or "UNKNOWN")[:32],
+        transaction_status=(_text_member(data, "transaction.status", required=True) or "").upper(),
+        transaction_date=transaction_date,
+        original_request_id=_text_member(data, "transaction.original_request_id", required=False),
+        agent_id=identifiers.get("AGENT_ID"),
+        agent_store_id=identifiers.get("AGENT_STORE_ID"),
+        agent_trx_id=identifiers.get("AGENT_TRX_ID"),
+    )
+
+
+def render_notification_error(error: DipcError) -> bytes:
+    """A protocol error on the notification path: our acknowledgement's shape plus ``error``."""
+    status_word = conventions.protocol_error_status(error.http_status)
+    return orjson.dumps({"status": status_word, "error": error.to_dict()})

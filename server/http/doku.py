@@ -31,7 +31,10 @@ class DokuEndpoint:
     render_error: Callable[[DipcError], bytes]
 
     async def receive(self, request: web.Request) -> tuple[Authenticated, bytes]:
-        """The verified caller and the exact body bytes, or a DipcError rendered in DOKU's shape."""
+        """The verified caller and the exact body bytes, or a DipcError rendered in DOKU's shape.
+
+        Call :meth:`check_request` next: its errors come after authentication, so they are signed.
+        """
         request[ERROR_RENDERER] = self._error_response
         body = await read_bounded(request, self.settings.max_body_bytes)
         auth = authenticate(
@@ -47,12 +50,14 @@ class DokuEndpoint:
         request[LOG_FIELDS]["client_id"] = auth.client.client_id
         if auth.key_index:
             request[LOG_FIELDS]["signed_with_key"] = auth.key_index
-        if len(auth.request_id) > conventions.REQUEST_ID_MAX_LENGTH:
-            raise InvalidField(
-                "Request-Id", f"must be at most {conventions.REQUEST_ID_MAX_LENGTH} characters"
-            )
-        require_json(request)
         return auth, body
+
+    def check_request(self, request: web.Request, auth: Authenticated) -> None:
+        """What an authenticated request must also be: a usable Request-Id, a JSON body."""
+        if len(auth.request_id) > conventions.REQUEST_ID_MAX_LENGTH:
+            limit = conventions.REQUEST_ID_MAX_LENGTH
+            raise InvalidField("Request-Id", f"must be at most {limit} characters")
+        require_json(request)
 
     def respond(
         self, request: web.Request, status: int, body: bytes, now: datetime | None = None

@@ -30,6 +30,7 @@ async def handle_inquiry(request: web.Request) -> web.Response:
     endpoint = request.app[INQUIRY_ENDPOINT]
     settings = request.app[SETTINGS]
     auth, body = await endpoint.receive(request)
+    endpoint.check_request(request, auth)
     message = messages.parse_inquiry(body)
     log_fields = request[LOG_FIELDS]
     log_fields.update(payment_code=mask_code(message.payment_code), channel=message.channel)

@@ -121,6 +121,22 @@ async def mint_invoice(conn: asyncpg.Connection, payment_code: str) -> int | Non
     )
 
 
+async def count_payment(conn: asyncpg.Connection, payment_code: str) -> PaymentCode:
+    """Count a normal payment: a one-shot code becomes paid, a reusable one stays active."""
+    row = await conn.fetchrow(
+        f"""
+        UPDATE payment_codes
+           SET paid_count = paid_count + 1,
+               status = CASE WHEN reusable THEN status ELSE 'paid' END,
+               updated_at = now(), version = version + 1
+         WHERE payment_code = $1
+        RETURNING {COLUMNS}
+        """,  # noqa: S608
+        payment_code,
+    )
+    return code_from_row(row)
+
+
 async def list_page(
     conn: asyncpg.Connection,
     *,

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import asyncpg
 
-from server.core.payments import Payment
+from server.core.payments import Payment, PaymentDecision, PaymentHistory, PaymentNotice
 
 COLUMNS = (
     "id, payment_code, invoice_number, transaction_ref, kind, reason, amount, expected_amount, client_id, "
@@ -45,3 +45,61 @@ async def list_page(
         limit,
     )
     return [payment_from_row(row) for row in rows]
+
+
+async def history(
+    conn: asyncpg.Connection, payment_code: str, invoice_number: str, transaction_ref: str
+) -> PaymentHistory:
+    """What is recorded for this code and invoice. Run it after taking the code's row lock, in a
+    statement of its own, so its snapshot includes whatever the lock holder before us committed."""
+    row = await conn.fetchrow(
+        """
+        SELECT EXISTS (SELECT 1 FROM payments
+                        WHERE payment_code = $1 AND invoice_number = $2 AND transaction_ref = $3) AS repeat,
+               EXISTS (SELECT 1 FROM payments
+                        WHERE payment_code = $1 AND invoice_number = $2 AND kind = 'normal') AS invoice_paid,
+               ARRAY(SELECT DISTINCT amount FROM inquiries
+                      WHERE payment_code = $1 AND invoice_number = $2 AND amount IS NOT NULL) AS quoted
+        """,
+        payment_code,
+        invoice_number,
+        transaction_ref,
+    )
+    return PaymentHistory(
+        repeat=row["repeat"], invoice_paid=row["invoice_paid"], quoted_amounts=frozenset(row["quoted"])
+    )
+
+
+async def insert(
+    conn: asyncpg.Connection, notice: PaymentNotice, decision: PaymentDecision, notification_id: int
+) -> Payment | None:
+    """Record the payment; None when this transaction is recorded already (a racing retry).
+
+    Only the payment's own identity is a tolerated conflict: a second normal payment for one invoice
+    violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
+    """
+    row = await conn.fetchrow(
+        f"""
+        INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, reason, amount,
+                              expected_amount, client_id, channel, agent_id, agent_store_id, agent_trx_id,
+                              paid_at, notification_id)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+        ON CONFLICT (payment_code, invoice_number, transaction_ref) DO NOTHING
+        RETURNING {COLUMNS}
+        """,  # noqa: S608 - column list is a constant
+        notice.payment_code,
+        notice.invoice_number,
+        notice.transaction_ref,
+        decision.kind.value,
+        decision.reason.value if decision.reason else None,
+        notice.amount,
+        decision.expected_amount,
+        notice.client_id,
+        notice.channel,
+        notice.agent_id,
+        notice.agent_store_id,
+        notice.agent_trx_id,
+        notice.paid_at,
+        notification_id,
+    )
+    return payment_from_row(row) if row else None

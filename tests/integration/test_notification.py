@@ -1,0 +1,391 @@
+"""DOKU's payment notifications against the real app and PostgreSQL: exactly once, under retries and races."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+import asyncpg
+import orjson
+import pytest
+
+from server.app import make_app
+from server.core.codes import utcnow
+from server.doku.auth import Client
+from server.doku.client import DokuSimulator, notification_body
+from tests.conftest import CLIENT, CLIENT_ID, CODE, OTHER_CLIENT_ID, make_settings, spec_example
+
+INVOICE = "INV-2026-000123"
+ACK = b'{"status":"success"}'
+
+
+async def payments(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT * FROM payments ORDER BY id")
+
+
+async def inbox(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT * FROM notifications ORDER BY id")
+
+
+async def code_row(pool: asyncpg.Pool, code: str = CODE) -> asyncpg.Record:
+    return await pool.fetchrow("SELECT status, paid_count FROM payment_codes WHERE payment_code = $1", code)
+
+
+async def event_types(pool: asyncpg.Pool) -> list[str]:
+    return [
+        row["type"]
+        for row in await pool.fetch("SELECT type FROM events WHERE type LIKE 'payment.%' ORDER BY id")
+    ]
+
+
+async def pay(doku: DokuSimulator, *, code=CODE, invoice=INVOICE, amount=150000, ref="trx-1", **kwargs):
+    return await doku.notify(code, invoice_number=invoice, amount=amount, original_request_id=ref, **kwargs)
+
+
+# --- the normal case -------------------------------------------------------------------------------
+
+
+async def test_the_spec_notification_pays_the_code_and_is_stored_raw(doku, register, pool):
+    await register()
+    body = spec_example("notification-alfa.json")
+    reply = await doku.post("/doku/notification", body, request_id="notif-1")
+    assert reply.status == 200
+    assert reply.body == ACK
+    assert reply.signature_valid
+    [payment] = await payments(pool)
+    assert (payment["kind"], payment["amount"], payment["invoice_number"]) == ("normal", 150000, INVOICE)
+    assert payment["transaction_ref"] == "5b8e438f-fac1-4103-9e0e-ebfdc38b5acb"  # original_request_id
+    assert (payment["agent_id"], payment["agent_store_id"], payment["agent_trx_id"]) == (
+        "ALFAMART",
+        "TZ01",
+        "1246",
+    )
+    assert payment["paid_at"].isoformat() == "2026-11-25T08:47:10+00:00"
+    assert tuple(await code_row(pool)) == ("paid", 1)
+    [stored] = await inbox(pool)
+    assert bytes(stored["body"]) == body  # the exact bytes
+    assert ["Request-Id", "notif-1"] in stored["headers"]
+    assert (stored["outcome"], stored["id"]) == ("normal", payment["notification_id"])
+    assert await event_types(pool) == ["payment.received"]
+    event = await pool.fetchval("SELECT payload FROM events WHERE type = 'payment.received'")
+    assert event["code"]["status"] == "paid"
+    assert event["amount"] == 150000
+
+
+async def test_a_paid_code_then_answers_already_paid(doku, register):
+    await register()
+    await pay(doku)
+    reply = await doku.inquiry(CODE)
+    assert reply.json()["online_to_offline_inquiry"]["status"] == "billing_already_paid"
+
+
+# --- exactly once ---------------------------------------------------------------------------------
+
+
+async def test_fifty_concurrent_copies_record_one_payment(doku, register, pool):
+    await register()
+    body = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="trx-50")
+    replies = await asyncio.gather(*(doku.post("/doku/notification", body) for _ in range(50)))
+    assert [reply.status for reply in replies] == [200] * 50
+    assert len(await payments(pool)) == 1
+    outcomes = sorted(row["outcome"] for row in await inbox(pool))
+    assert outcomes == ["normal"] + ["repeat"] * 49
+    assert tuple(await code_row(pool)) == ("paid", 1)
+    assert await event_types(pool) == ["payment.received"]
+
+
+async def test_a_retry_hours_later_with_a_new_request_id_and_date_records_nothing(doku, register, pool):
+    await register()
+    first = await pay(doku, ref="trx-retry")
+    later = utcnow() + timedelta(hours=6)
+    retry = await pay(
+        doku, ref="trx-retry", now=later - timedelta(hours=6, seconds=-1), request_id="another-id"
+    )
+    again = await doku.post(
+        "/doku/notification",
+        notification_body(
+            CODE, invoice_number=INVOICE, amount=150000, original_request_id="trx-retry", when=later
+        ),
+        now=utcnow() - timedelta(hours=6),  # signed six hours ago, as an unre-signed retry would be
+    )
+    assert (first.status, retry.status, again.status) == (200, 200, 200)
+    assert len(await payments(pool)) == 1
+    assert [row["outcome"] for row in await inbox(pool)] == ["normal", "repeat", "repeat"]
+
+
+async def test_without_original_request_id_the_store_transaction_identifies_the_payment(doku, register, pool):
+    await register()
+    for request_id in ("a", "b"):
+        reply = await doku.notify(
+            CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246", request_id=request_id
+        )
+        assert reply.status == 200
+    [payment] = await payments(pool)
+    assert payment["transaction_ref"] == "agent:ALFAMART/TZ01/1246"
+
+
+async def test_without_any_reference_the_request_id_identifies_the_payment(doku, register, pool):
+    await register()
+    await doku.notify(CODE, invoice_number=INVOICE, amount=150000, request_id="only-this")
+    await doku.notify(CODE, invoice_number=INVOICE, amount=150000, request_id="only-this")
+    [payment] = await payments(pool)
+    assert payment["transaction_ref"] == "request:only-this"
+
+
+async def test_two_store_transactions_racing_on_a_one_shot_code_are_one_payment_and_one_conflict(
+    doku, register, pool
+):
+    await register()
+    first = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="counter-A")
+    second = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="counter-B")
+    bodies = [first, second] * 10
+    replies = await asyncio.gather(*(doku.post("/doku/notification", body) for body in bodies))
+    assert {reply.status for reply in replies} == {200}
+    kinds = sorted((row["kind"], row["transaction_ref"]) for row in await payments(pool))
+    assert [kind for kind, _ in kinds] == ["conflict", "normal"]
+    assert {ref for _, ref in kinds} == {"counter-A", "counter-B"}
+    conflict = await pool.fetchrow("SELECT * FROM payments WHERE kind = 'conflict'")
+    assert conflict["reason"] == "ALREADY_PAID"
+    assert tuple(await code_row(pool)) == ("paid", 1)
+    assert sorted(await event_types(pool)) == ["payment.conflict", "payment.received"]
+
+
+async def test_each_invoice_of_a_reusable_code_is_one_payment(doku, register, pool):
+    await register(reusable=True, invoice_number="TOPUP")
+    invoices = []
+    for _ in range(3):
+        reply = await doku.inquiry(CODE)
+        invoices.append((reply.request_id, reply.json()["order"]["invoice_number"]))
+    notifications = [
+        pay(doku, invoice=invoice, amount=150000, ref=request_id)
+        for request_id, invoice in invoices
+        for _ in range(5)
+    ]
+    replies = await asyncio.gather(*notifications)
+    assert {reply.status for reply in replies} == {200}
+    rows = await payments(pool)
+    assert sorted(row["invoice_number"] for row in rows) == ["TOPUP-1", "TOPUP-2", "TOPUP-3"]
+    assert {row["kind"] for row in rows} == {"normal"}
+    assert tuple(await code_row(pool)) == ("active", 3)
+    assert (await doku.inquiry(CODE)).status == 200  # still payable
+
+
+async def test_a_second_transaction_for_one_reusable_invoice_is_a_conflict(doku, register, pool):
+    await register(reusable=True, invoice_number="TOPUP")
+    invoice = (await doku.inquiry(CODE)).json()["order"]["invoice_number"]
+    await pay(doku, invoice=invoice, ref="store-1")
+    await pay(doku, invoice=invoice, ref="store-2")
+    assert [(row["kind"], row["reason"]) for row in await payments(pool)] == [
+        ("normal", None),
+        ("conflict", "INVOICE_ALREADY_PAID"),
+    ]
+    assert tuple(await code_row(pool)) == ("active", 1)
+
+
+async def test_the_quoted_amount_is_accepted_after_the_merchant_changed_it(
+    client, doku, register, admin_headers, pool
+):
+    await register()
+    await doku.inquiry(CODE)  # quotes 150000
+    await client.patch(f"/v1/payment-codes/{CODE}", json={"amount": 175000}, headers=admin_headers)
+    await pay(doku, amount=150000)
+    assert [row["kind"] for row in await payments(pool)] == ["normal"]
+
+
+# --- anomalies -----------------------------------------------------------------------------------
+
+
+async def assert_anomaly(doku, pool, reason: str, *, code=CODE, **pay_kwargs):
+    reply = await pay(doku, code=code, **pay_kwargs)
+    assert reply.status == 200
+    assert reply.body == ACK
+    [payment] = await payments(pool)
+    assert (payment["kind"], payment["reason"]) == ("anomaly", reason)
+    assert await event_types(pool) == ["payment.anomaly"]
+    return payment
+
+
+async def test_a_wrong_amount_is_an_anomaly_and_the_code_stays_unpaid(doku, register, pool):
+    await register()
+    payment = await assert_anomaly(doku, pool, "AMOUNT_MISMATCH", amount=15000)
+    assert (payment["amount"], payment["expected_amount"]) == (15000, 150000)
+    assert tuple(await code_row(pool)) == ("active", 0)
+
+
+async def test_an_unknown_code_is_an_anomaly(doku, pool):
+    await assert_anomaly(doku, pool, "UNKNOWN_CODE", code="8896599999999999")
+
+
+async def test_another_merchants_code_is_an_anomaly(doku, register, pool):
+    await register(client_id=OTHER_CLIENT_ID)
+    await assert_anomaly(doku, pool, "OTHER_CLIENT")
+    assert tuple(await code_row(pool)) == ("active", 0)
+
+
+async def test_an_unknown_invoice_of_a_one_shot_code_is_an_anomaly(doku, register, pool):
+    await register()
+    await assert_anomaly(doku, pool, "UNKNOWN_INVOICE", invoice="INV-OTHER")
+    assert tuple(await code_row(pool)) == ("active", 0)
+
+
+async def test_an_invoice_no_inquiry_minted_for_a_reusable_code_is_an_anomaly(doku, register, pool):
+    await register(reusable=True, invoice_number="TOPUP")
+    await assert_anomaly(doku, pool, "UNKNOWN_INVOICE", invoice="TOPUP-99")
+    assert tuple(await code_row(pool)) == ("active", 0)
+
+
+async def test_a_payment_of_a_cancelled_code_is_an_anomaly(client, doku, register, admin_headers, pool):
+    await register()
+    await client.post(f"/v1/payment-codes/{CODE}/cancel", headers=admin_headers)
+    await assert_anomaly(doku, pool, "CANCELLED")
+    assert tuple(await code_row(pool)) == ("cancelled", 0)
+
+
+async def test_a_payment_after_expiry_is_an_anomaly(doku, register, pool):
+    await register(expires_at=(utcnow() + timedelta(hours=1)).isoformat())
+    await pool.execute("UPDATE payment_codes SET expires_at = now() - interval '1 minute'")
+    await assert_anomaly(doku, pool, "EXPIRED")
+    assert tuple(await code_row(pool)) == ("active", 0)
+
+
+async def test_a_payment_made_before_expiry_and_notified_after_is_normal(doku, register, pool):
+    await register(expires_at=(utcnow() + timedelta(hours=1)).isoformat())
+    await pool.execute("UPDATE payment_codes SET expires_at = now() - interval '1 minute'")
+    body = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="t",
+                             when=utcnow() - timedelta(minutes=5))  # fmt: skip
+    assert (await doku.post("/doku/notification", body)).status == 200
+    assert [row["kind"] for row in await payments(pool)] == ["normal"]
+
+
+async def test_a_transaction_that_did_not_succeed_is_stored_and_changes_nothing(doku, register, pool):
+    await register()
+    reply = await pay(doku, status="FAILED")
+    assert reply.status == 200
+    assert await payments(pool) == []
+    [stored] = await inbox(pool)
+    assert (stored["outcome"], stored["transaction_status"]) == ("ignored", "FAILED")
+    assert tuple(await code_row(pool)) == ("active", 0)
+    assert await event_types(pool) == []
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "age"),
+    [("SK-wrong", timedelta(0)), (None, timedelta(days=8)), (None, -timedelta(seconds=301))],
+    ids=["wrong-key", "older-than-max-age", "future"],
+)
+async def test_an_unauthenticated_notification_changes_nothing(client, register, pool, key, age):
+    await register()
+    signer = Client(CLIENT_ID, (key.encode(),)) if key else CLIENT
+    doku = DokuSimulator(client.session, str(client.make_url("")), signer)
+    reply = await pay(doku, now=utcnow() - age)
+    assert reply.status == 401
+    assert orjson.loads(reply.body)["status"] == "invalid_signature"
+    assert reply.signature_valid is None
+    assert await inbox(pool) == []
+    assert await payments(pool) == []
+
+
+async def test_a_signed_but_unusable_notification_is_kept_and_refused(doku, pool):
+    body = b'{"online_to_offline_info":{"payment_code":"8896512345678123"},"order":{"amount":"lots"}}'
+    reply = await doku.post("/doku/notification", body)
+    assert reply.status == 400
+    assert reply.json()["error"]["code"] == "INVALID_FIELD"
+    assert reply.signature_valid
+    [stored] = await inbox(pool)
+    assert (stored["outcome"], stored["payment_code"], bytes(stored["body"])) == ("rejected", CODE, body)
+    not_json = await doku.post("/doku/notification", b"\x00garbage")
+    assert not_json.status == 400
+    assert len(await inbox(pool)) == 2
+
+
+async def test_an_amount_written_as_text_is_still_money(doku, register, pool):
+    await register()
+    body = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="t")
+    reply = await doku.post("/doku/notification", body.replace(b'"amount":150000', b'"amount":"150000"'))
+    assert reply.status == 200
+    assert [row["kind"] for row in await payments(pool)] == ["normal"]
+
+
+async def test_a_hanging_database_gets_503_and_the_retry_records_it(
+    aiohttp_client, pool, database_url, admin_headers
+):
+    client = await aiohttp_client(make_app(make_settings(notification_db_timeout_s=0.5), database_url))
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    locked, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_table() -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("LOCK TABLE payment_codes IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), timeout=10)
+
+    holder = asyncio.create_task(hold_the_table())
+    await locked.wait()
+    reply = await pay(doku, code="8896599999999999")
+    still_locked = not holder.done()
+    release.set()
+    await holder
+    assert still_locked
+    assert reply.status == 503
+    assert reply.json()["error"]["code"] == "UNAVAILABLE"
+    assert await inbox(pool) == []  # a 503 promises nothing: DOKU retries
+    assert (await pay(doku, code="8896599999999999")).status == 200
+    assert len(await payments(pool)) == 1
+
+
+async def test_payments_are_listed_by_kind(client, doku, register, admin_headers):
+    await register()
+    await pay(doku, ref="A")
+    await pay(doku, ref="B")
+    conflicts = await (
+        await client.get("/v1/payments", params={"kind": "conflict"}, headers=admin_headers)
+    ).json()
+    [conflict] = conflicts["items"]
+    assert (conflict["transaction_ref"], conflict["reason"], conflict["payment_code"]) == (
+        "B",
+        "ALREADY_PAID",
+        CODE,
+    )
+
+
+async def test_a_cancel_racing_a_notification_never_leaves_both_believing_they_won(
+    client, doku, register, admin_headers, pool
+):
+    codes = [f"88965000000{n:05d}" for n in range(30)]
+    for code in codes:
+        await register(payment_code=code)
+
+    async def cancel(code: str) -> int:
+        return (await client.post(f"/v1/payment-codes/{code}/cancel", headers=admin_headers)).status
+
+    results = await asyncio.gather(
+        *(coroutine for code in codes for coroutine in (cancel(code), pay(doku, code=code)))
+    )
+    for index, code in enumerate(codes):
+        cancel_status, notify_reply = results[2 * index], results[2 * index + 1]
+        assert notify_reply.status == 200
+        kind = await pool.fetchval("SELECT kind FROM payments WHERE payment_code = $1", code)
+        status = (await code_row(pool, code))["status"]
+        if cancel_status == 200:  # the merchant was told "cancelled": the money is an anomaly to settle
+            assert (status, kind) == ("cancelled", "anomaly")
+        else:  # the payment won: the code is paid and the cancel was refused
+            assert (cancel_status, status, kind) == (409, "paid", "normal")
+
+
+async def test_a_notification_waits_for_a_cancel_in_progress_and_then_sees_it(doku, register, pool):
+    await register()
+    async with pool.acquire() as conn, conn.transaction():
+        # A cancel holds the code's row while the notification arrives.
+        await conn.execute("SELECT 1 FROM payment_codes WHERE payment_code = $1 FOR UPDATE", CODE)
+        notification = asyncio.create_task(pay(doku))
+        await asyncio.sleep(0.3)  # give it time to reach the database (and, were it not to wait, to decide)
+        assert not notification.done()
+        await conn.execute("UPDATE payment_codes SET status = 'cancelled' WHERE payment_code = $1", CODE)
+    assert (await notification).status == 200
+    assert [(row["kind"], row["reason"]) for row in await payments(pool)] == [("anomaly", "CANCELLED")]
+    assert tuple(await code_row(pool)) == ("cancelled", 0)
