@@ -45,6 +45,7 @@ CLIENT = Client("MCH-BENCH-0001", (b"SK-bench-secret",))
 BINS = "ALFA:88965:direct"
 ONE_SHOT_PREFIX = "889651"  # + 10 digits
 REUSABLE_PREFIX = "889652"
+ADMIN_TOKEN = "bench-admin-token"
 
 
 @dataclass
@@ -280,6 +281,69 @@ def bench_inquiry(env, host, workdir, *, seconds, connections, workers, codes_co
     return figures
 
 
+def _percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def _feed_latency(base: str, samples: int) -> tuple[list[float], list[float]]:
+    """(plain GET /v1/events round trips, long-poll wake-ups after a commit), in milliseconds."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    plain: list[float] = []
+    woken: list[float] = []
+    async with aiohttp.ClientSession(headers=headers) as session:
+
+        async def events(**params: str) -> dict:
+            async with session.get(f"{base}/v1/events", params=params) as response:
+                return await response.json()
+
+        cursor = (await events())["next"]
+        for n in range(samples):
+            started = time.perf_counter()
+            await events(after=str(cursor))
+            plain.append((time.perf_counter() - started) * 1000)
+
+            waiting = asyncio.create_task(events(after=str(cursor), wait="10"))
+            await asyncio.sleep(0.02)  # the long-poll is parked in the server
+            body = {"payment_code": f"{REUSABLE_PREFIX}9{n:09d}", "amount": 1000, "invoice_number": f"F-{n}",
+                    "customer_name": "Feed", "client_id": CLIENT.client_id}  # fmt: skip
+            async with session.post(f"{base}/v1/payment-codes", json=body) as response:
+                assert response.status == 201, await response.text()
+            committed = time.perf_counter()
+            page = await waiting
+            woken.append((time.perf_counter() - committed) * 1000)
+            cursor = page["next"]
+    return plain, woken
+
+
+def bench_feed(env, workdir, *, samples: int) -> list[Figure]:
+    port = free_port()
+    server = start_server(env | {"DIPC_ADMIN_TOKEN": ADMIN_TOKEN}, port, 1)
+    try:
+        log(f"feed: {samples} long-polls woken by a registration, against plain GET /v1/events")
+        plain, woken = asyncio.run(_feed_latency(f"http://127.0.0.1:{port}", samples))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    plain_p50 = _percentile(plain, 0.5)
+    return [
+        Figure(
+            "GET /v1/events, nothing new (round trip)", plain_p50, "ms", plain_p50, _percentile(plain, 0.99)
+        ),
+        Figure(
+            "GET /v1/events?wait=10, woken by a commit (after the commit)",
+            _percentile(woken, 0.5),
+            "ms",
+            _percentile(woken, 0.5),
+            _percentile(woken, 0.99),
+            baseline="round trip",
+            ratio=_percentile(woken, 0.5) / plain_p50,
+        ),
+    ]
+
+
 def render(figures: list[Figure]) -> str:
     lines = [
         "| measurement | value | p50 ms | p99 ms | errors | ratio |",
@@ -289,7 +353,7 @@ def render(figures: list[Figure]) -> str:
         ratio = f"{f.ratio:.2f} × {f.baseline}" if f.ratio is not None else "baseline"
         p50 = f"{f.p50_ms:.2f}" if f.p50_ms is not None else ""
         p99 = f"{f.p99_ms:.2f}" if f.p99_ms is not None else ""
-        value = f"{f.value:,.2f} {f.unit}" if f.unit == "s" else f"{f.value:,.0f} {f.unit}"
+        value = f"{f.value:,.2f} {f.unit}" if f.unit in ("s", "ms") else f"{f.value:,.0f} {f.unit}"
         lines.append(f"| {f.name} | {value} | {p50} | {p99} | {f.errors} | {ratio} |")
     return "\n".join(lines)
 
@@ -298,7 +362,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["import", "inquiry"])
+    parser.add_argument("--only", choices=["import", "inquiry", "feed"])
+    parser.add_argument("--feed-samples", type=int, default=200)
     parser.add_argument("--rows", type=int, default=100_000, help="codes to import (default 100,000)")
     parser.add_argument("--seconds", type=int, default=10, help="length of each load phase")
     parser.add_argument("--connections", type=int, default=32)
@@ -327,6 +392,8 @@ def main() -> None:
         else:
             subprocess.run([DIPC, "codes", "import", str(_seed(workdir, rows))], env=env, check=True,
                            capture_output=True)  # fmt: skip
+        if args.only in (None, "feed"):
+            figures += bench_feed(env, workdir, samples=args.feed_samples)
         if args.only in (None, "inquiry"):
             figures += bench_inquiry(env, host, workdir, seconds=args.seconds, connections=args.connections,
                                      workers=args.workers, codes_count=rows)  # fmt: skip

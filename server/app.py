@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 
 from server.config import Settings
 from server.http import admin, inquiry, notification, ops
-from server.http.keys import POOL, SETTINGS
+from server.http.keys import LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
+from server.store.listener import EventListener
 from server.store.pool import create_pool
+from server.webhooks.forwarder import WebhookForwarder
 
 
 def make_app(settings: Settings, dsn: str) -> web.Application:
@@ -28,7 +33,26 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
         yield
         await app[POOL].close()
 
+    async def listener_context(app: web.Application) -> AsyncIterator[None]:
+        listener = EventListener(dsn, connect_timeout=settings.db_connect_timeout_s)
+        await listener.start()
+        app[LISTENER] = listener
+        yield
+        await listener.close()
+
+    async def forwarder_context(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession() as session:
+            forwarder = WebhookForwarder(app[POOL], app[LISTENER], settings, session)
+            task = asyncio.create_task(forwarder.run(), name="dipc-webhook-forwarder")
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     app.cleanup_ctx.append(pool_context)
+    app.cleanup_ctx.append(listener_context)
+    if settings.webhook_url:
+        app.cleanup_ctx.append(forwarder_context)
     app[inquiry.INQUIRY_ENDPOINT] = inquiry.endpoint_for(app)
     app.router.add_post(settings.inquiry_path, inquiry.handle_inquiry, name="inquiry")
     app[notification.NOTIFICATION_ENDPOINT] = notification.endpoint_for(app)

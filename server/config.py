@@ -51,6 +51,13 @@ class Settings:
     db_pool_min: int = 2
     db_pool_max: int = 10
     db_connect_timeout_s: float = 5.0
+    webhook_url: str | None = None
+    webhook_secrets: tuple[bytes, ...] = ()
+    webhook_max_attempts: int = 20
+    webhook_backoff_base_s: float = 1.0
+    webhook_backoff_cap_s: float = 3600.0
+    webhook_timeout_s: float = 10.0
+    webhook_concurrency: int = 8
     log_format: str = "auto"
     log_level: str = "INFO"
     shutdown_timeout_s: float = 20.0
@@ -70,6 +77,8 @@ class Settings:
         keyless = sorted(client_id for client_id, client in self.clients.items() if not client.secret_keys)
         if keyless:
             raise ConfigError(f"no secret key for DOKU client(s) {', '.join(keyless)}: set DIPC_SECRET_KEY")
+        if self.webhook_url and not self.webhook_secrets:
+            raise ConfigError("DIPC_WEBHOOK_URL needs DIPC_WEBHOOK_SECRET: webhooks are always signed")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
@@ -158,6 +167,9 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         bins = BinTable.parse(bins_spec)
     except BinConfigError as error:
         raise ConfigError(f"DIPC_BINS: {error}") from None
+    webhook_url = env.get("DIPC_WEBHOOK_URL", "").strip() or None
+    if webhook_url and not webhook_url.startswith(("http://", "https://")):
+        raise ConfigError(f"DIPC_WEBHOOK_URL={webhook_url!r} must be an http:// or https:// URL")
     log_format = env.get("DIPC_LOG_FORMAT", "auto").strip().lower() or "auto"
     if log_format not in ("auto", "json", "console"):
         raise ConfigError(f"DIPC_LOG_FORMAT={log_format!r} must be json, console or auto")
@@ -187,6 +199,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         db_pool_min=_int(env, "DIPC_DB_POOL_MIN", 2, minimum=0),
         db_pool_max=_int(env, "DIPC_DB_POOL_MAX", 10, minimum=1),
         db_connect_timeout_s=_float(env, "DIPC_DB_CONNECT_TIMEOUT_S", 5.0),
+        webhook_url=webhook_url,
+        webhook_secrets=_keys(env.get("DIPC_WEBHOOK_SECRET", "")),
+        webhook_max_attempts=_int(env, "DIPC_WEBHOOK_MAX_ATTEMPTS", 20, minimum=1),
+        webhook_backoff_base_s=_float(env, "DIPC_WEBHOOK_BACKOFF_BASE_S", 1.0),
+        webhook_backoff_cap_s=_float(env, "DIPC_WEBHOOK_BACKOFF_CAP_S", 3600.0),
+        webhook_timeout_s=_float(env, "DIPC_WEBHOOK_TIMEOUT_S", 10.0),
+        webhook_concurrency=_int(env, "DIPC_WEBHOOK_CONCURRENCY", 8, minimum=1),
         log_format=log_format,
         log_level=log_level,
         shutdown_timeout_s=_float(env, "DIPC_SHUTDOWN_TIMEOUT_S", 20.0),

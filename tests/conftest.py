@@ -37,7 +37,15 @@ OTHER_SECRET_KEY = "SK-other-merchant-key"
 ADMIN_TOKEN = "test-admin-token"
 BINS = "ALFA:88965:direct,INDOMARET:33012:direct,ALFA:889660:exclusive"
 
-TABLES = ("payment_codes", "inquiries", "notifications", "payments", "events", "webhook_deliveries")
+TABLES = (
+    "payment_codes",
+    "inquiries",
+    "notifications",
+    "payments",
+    "events",
+    "webhook_deliveries",
+    "webhook_subscribers",
+)
 
 CLIENT = Client(CLIENT_ID, (SECRET_KEY.encode(), OLD_SECRET_KEY.encode()))
 OTHER_CLIENT = Client(OTHER_CLIENT_ID, (OTHER_SECRET_KEY.encode(),))

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from server import __version__
-from server.cli import codes, serve, simulate
+from server.cli import codes, events, serve, simulate
 from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, print_error
 from server.config import ConfigError
 from server.core.errors import DipcError
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     serve.register(commands)
     codes.register(commands)
+    events.register(commands)
     simulate.register(commands)
     return parser
 

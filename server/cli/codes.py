@@ -44,8 +44,8 @@ def _with_db(args: argparse.Namespace, work: Callable[[asyncpg.Pool, Settings], 
     settings = load_settings(demo=args.demo)
 
     async def run() -> int:
-        async with open_database(settings) as pool:
-            return await work(pool, settings)
+        async with open_database(settings) as database:
+            return await work(database.pool, settings)
 
     return asyncio.run(run())
 

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import asyncpg
@@ -21,6 +22,12 @@ from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Database:
+    pool: asyncpg.Pool
+    dsn: str
 
 
 class CommandFailed(Exception):
@@ -38,7 +45,7 @@ def fail_on_config(error: ConfigError) -> CommandFailed:
 @asynccontextmanager
 async def open_database(
     settings: Settings, *, require_current: bool = True, pool_max: int = 4
-) -> AsyncIterator[asyncpg.Pool]:
+) -> AsyncIterator[Database]:
     """A pool on DATABASE_URL, or on the embedded server (started if nobody runs it, stopped after).
 
     An embedded database is brought to the current schema; an external one must be migrated with
@@ -67,7 +74,7 @@ async def open_database(
                 raise CommandFailed(
                     f"the database needs migrations {', '.join(state.pending)}: run `dipc migrate`"
                 )
-            yield pool
+            yield Database(pool, dsn)
         finally:
             await pool.close()
     except EmbeddedError as error:

@@ -67,7 +67,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     settings = load_settings()
 
     async def apply() -> list[str]:
-        async with open_database(settings, require_current=False) as pool, pool.acquire() as conn:
+        async with open_database(settings, require_current=False) as db, db.pool.acquire() as conn:
             return await migrate.migrate(conn)
 
     applied = asyncio.run(apply())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -47,6 +49,30 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     inquiry.add_argument("payment_code")
     inquiry.set_defaults(run=run_inquiry)
+
+    notify = actions.add_parser(
+        "notify",
+        parents=[common],
+        help="notify a payment, as DOKU does after the customer paid",
+        epilog="example:\n"
+        "  dipc simulate notify --demo 8896512345678123 --invoice INV-2026-000123 --amount 150000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    notify.add_argument("payment_code")
+    notify.add_argument("--invoice", required=True, help="the invoice number the inquiry quoted")
+    notify.add_argument("--amount", required=True, type=int, help="whole rupiah paid")
+    notify.add_argument("--ref", help="transaction.original_request_id (default: a fresh one per call)")
+    notify.add_argument("--status", default="SUCCESS", help="transaction.status (default SUCCESS)")
+    notify.set_defaults(run=run_notify)
+
+    flow = actions.add_parser(
+        "flow",
+        parents=[common],
+        help="inquiry, then the payment notification of what it quoted: a whole counter payment",
+        epilog="example: dipc simulate flow --demo 8896500000000777",
+    )
+    flow.add_argument("payment_code")
+    flow.set_defaults(run=run_flow)
 
 
 def _client(settings: Settings, client_id: str | None) -> Client:
@@ -99,16 +125,57 @@ def report(args: argparse.Namespace, what: str, reply: Reply) -> int:
     return 0 if reply.signature_valid else EXIT_FAILURE
 
 
-def run_inquiry(args: argparse.Namespace) -> int:
+def _simulate(args: argparse.Namespace, work: Callable[[DokuSimulator], Awaitable[int]]) -> int:
     async def run() -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             simulator = simulator_for(args, session)
             try:
-                reply = await simulator.inquiry(
-                    args.payment_code, channel=args.channel, request_id=args.request_id
-                )
+                return await work(simulator)
             except aiohttp.ClientError as error:
                 raise CommandFailed(f"cannot reach {simulator.base_url}: {error}") from None
-            return report(args, "inquiry", reply)
 
     return asyncio.run(run())
+
+
+def run_inquiry(args: argparse.Namespace) -> int:
+    async def work(simulator: DokuSimulator) -> int:
+        reply = await simulator.inquiry(args.payment_code, channel=args.channel, request_id=args.request_id)
+        return report(args, "inquiry", reply)
+
+    return _simulate(args, work)
+
+
+def run_notify(args: argparse.Namespace) -> int:
+    async def work(simulator: DokuSimulator) -> int:
+        reply = await simulator.notify(
+            args.payment_code,
+            invoice_number=args.invoice,
+            amount=args.amount,
+            channel=args.channel,
+            original_request_id=args.ref or f"sim-{uuid.uuid4()}",
+            status=args.status,
+            request_id=args.request_id,
+        )
+        return report(args, "notification", reply)
+
+    return _simulate(args, work)
+
+
+def run_flow(args: argparse.Namespace) -> int:
+    """An inquiry, then the notification of exactly what it quoted (its Request-Id as the reference)."""
+
+    async def work(simulator: DokuSimulator) -> int:
+        inquiry = await simulator.inquiry(args.payment_code, channel=args.channel)
+        if report(args, "inquiry", inquiry) or inquiry.status != 200:
+            return EXIT_FAILURE
+        order = inquiry.json()["order"]
+        notification = await simulator.notify(
+            args.payment_code,
+            invoice_number=order["invoice_number"],
+            amount=order["amount"],
+            channel=args.channel,
+            original_request_id=inquiry.request_id,
+        )
+        return report(args, "notification", notification)
+
+    return _simulate(args, work)

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from aiohttp import web
 
-from server.core import manage
+from server.core import feed, manage
 from server.core.codes import utcnow
 from server.core.documents import code_document, payment_document
 from server.core.errors import BadRequest, BodyTooLarge, Disabled, Unauthorized, ValidationFailed
@@ -16,7 +16,7 @@ from server.core.imports import MEDIA_TYPES, read_rows
 from server.core.manage import Page
 from server.core.registration import parse_timestamp
 from server.http.bodies import json_response, read_json_object
-from server.http.keys import POOL, SETTINGS
+from server.http.keys import LISTENER, POOL, SETTINGS
 from server.store.pool import deadline
 
 routes = web.RouteTableDef()
@@ -49,6 +49,16 @@ def _query_int(request: web.Request, name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise ValidationFailed({name: "must be an integer"}) from None
+
+
+def _query_float(request: web.Request, name: str, default: float) -> float:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValidationFailed({name: "must be a number"}) from None
 
 
 def _query_time(request: web.Request, name: str) -> datetime | None:
@@ -165,6 +175,48 @@ async def list_payments(request: web.Request) -> web.Response:
             limit=_query_int(request, "limit"),
         )
     return json_response(_page(page, payment_document))
+
+
+@routes.get("/events")
+async def read_events(request: web.Request) -> web.Response:
+    """The event feed: events after the cursor ``after``, long-polling up to ``wait`` seconds."""
+    wait = _query_float(request, "wait", 0.0)
+    async with deadline(_timeout(request) + wait, "admin.events"):
+        events, cursor = await feed.read_feed(
+            request.config_dict[POOL],
+            request.config_dict[LISTENER],
+            after=_query_int(request, "after") or 0,
+            limit=_query_int(request, "limit"),
+            wait=wait,
+        )
+    return json_response({"items": [event.document() for event in events], "next": cursor})
+
+
+@routes.get("/webhook-deliveries")
+async def list_deliveries(request: web.Request) -> web.Response:
+    async with deadline(_timeout(request), "admin.webhook_deliveries"):
+        page = await feed.list_deliveries(
+            request.config_dict[POOL],
+            status=request.query.get("status") or None,
+            after=_query_int(request, "after"),
+            limit=_query_int(request, "limit"),
+        )
+    return json_response(_page(page, feed.delivery_document))
+
+
+@routes.post("/webhook-deliveries/redeliver")
+async def redeliver(request: web.Request) -> web.Response:
+    """Retry failed deliveries: ``{"event_ids": [...]}``, or ``{}`` for every failed one."""
+    raw = await read_json_object(request, request.config_dict[SETTINGS].max_body_bytes)
+    event_ids = raw.get("event_ids")
+    if event_ids is not None and (
+        not isinstance(event_ids, list)
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in event_ids)
+    ):
+        raise ValidationFailed({"event_ids": "must be a list of event ids"})
+    async with deadline(_timeout(request), "admin.redeliver"):
+        count = await feed.redeliver(request.config_dict[POOL], event_ids)
+    return json_response({"redelivered": count})
 
 
 def admin_app() -> web.Application:

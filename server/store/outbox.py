@@ -11,6 +11,8 @@ from typing import Any
 
 import asyncpg
 
+from server.core.events import Event
+
 EVENTS_LOCK_KEY = int.from_bytes(b"dipcevnt", "big") & 0x7FFF_FFFF_FFFF_FFFF
 CHANNEL = "dipc_events"  # LISTEN/NOTIFY channel that wakes long-polling readers
 
@@ -35,3 +37,25 @@ async def append(
         CHANNEL,
     )
     return event_id
+
+
+COLUMNS = "id, type, payment_code, payload, created_at"
+
+
+async def read_after(conn: asyncpg.Connection | asyncpg.Pool, after: int, limit: int) -> list[Event]:
+    """Up to ``limit`` events with ids above ``after``, in id order."""
+    rows = await conn.fetch(
+        f"SELECT {COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2",  # noqa: S608 - constant
+        after,
+        limit,
+    )
+    return [Event(**dict(row)) for row in rows]
+
+
+async def last_id(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+    return await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
+
+
+async def read_ids(conn: asyncpg.Connection | asyncpg.Pool, ids: list[int]) -> list[Event]:
+    rows = await conn.fetch(f"SELECT {COLUMNS} FROM events WHERE id = ANY($1::bigint[])", ids)  # noqa: S608
+    return [Event(**dict(row)) for row in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -190,3 +191,60 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+async def run_async(*args: str, env: dict[str, str]) -> tuple[int, bytes, bytes]:
+    """Like run(), without blocking the event loop that serves the in-process app."""
+    process = await asyncio.create_subprocess_exec(
+        *DIPC, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(60):
+        stdout, stderr = await process.communicate()
+    return process.returncode, stdout, stderr
+
+
+async def test_simulate_flow_pays_a_code_end_to_end(env, client, register, pool):
+    await register(reusable=True, invoice_number="TOPUP")
+    url = str(client.make_url("")).rstrip("/")
+    code, stdout, stderr = await run_async("simulate", "flow", "--url", url, "8896512345678123", env=env)
+    assert code == 0, stderr
+    assert stdout.count(b"response signature: valid") == 2
+    [payment] = await pool.fetch("SELECT * FROM payments")
+    assert (payment["invoice_number"], payment["kind"]) == ("TOPUP-1", "normal")
+    code, stdout, _ = await run_async(
+        "simulate", "notify", "--url", url, "8896512345678123", "--invoice", "TOPUP-9", "--amount", "1",
+        "--json", env=env,
+    )  # fmt: skip
+    assert code == 0
+    assert orjson.loads(stdout)["body"] == {"status": "success"}
+    assert (
+        await pool.fetchval("SELECT reason FROM payments WHERE invoice_number = 'TOPUP-9'")
+        == "UNKNOWN_INVOICE"
+    )
+
+
+async def test_events_tail_prints_events_as_they_commit(env, client, register):
+    tail = asyncio.create_task(run_async("events", "tail", "--from-start", "--count", "2", "--json", env=env))
+    await asyncio.sleep(0.5)
+    await register()
+    await register(payment_code="8896512345678124", invoice_number="INV-2")
+    code, stdout, stderr = await tail
+    assert code == 0, stderr
+    lines = [orjson.loads(line) for line in stdout.splitlines()]
+    assert [(event["id"], event["type"]) for event in lines] == [(1, "code.created"), (2, "code.created")]
+
+
+async def test_events_redeliver_puts_failed_deliveries_back(env, pool):
+    await pool.execute("INSERT INTO events (type, payment_code, payload) VALUES ('code.created', '1', '{}')")
+    await pool.execute(
+        "INSERT INTO webhook_deliveries (event_id, payment_code, status, attempts, last_error) "
+        "VALUES (1, '1', 'failed', 20, 'HTTP 500')"
+    )
+    code, stdout, _ = await run_async("events", "deliveries", "--status", "failed", env=env)
+    assert code == 0
+    assert b"HTTP 500" in stdout
+    assert (await run_async("events", "redeliver", env=env))[0] == 2  # says what to redeliver
+    code, stdout, _ = await run_async("events", "redeliver", "--all-failed", env=env)
+    assert code == 0
+    assert b"1 failed deliveries put back in line" in stdout
+    assert tuple(await pool.fetchrow("SELECT status, attempts FROM webhook_deliveries")) == ("pending", 0)

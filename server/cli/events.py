@@ -1,0 +1,144 @@
+"""``dipc events …``: follow the event feed, and look after webhook deliveries."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from server.cli.common import Database, open_database, print_json, print_table
+from server.config import load_settings
+from server.core import feed
+from server.core.events import Event
+from server.store import outbox
+from server.store.listener import EventListener
+
+DELIVERY_COLUMNS = [
+    "event_id",
+    "payment_code",
+    "status",
+    "attempts",
+    "last_status",
+    "last_error",
+    "next_attempt_at",
+]
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    events = commands.add_parser(
+        "events",
+        help="follow the event feed; list and retry webhook deliveries",
+        description="The events the merchant's other systems learn from (payments, conflicts, anomalies, "
+        "code changes), and the webhook forwarder's deliveries of them.",
+    )
+    actions = events.add_subparsers(title="actions", metavar="ACTION", required=True)
+
+    tail = actions.add_parser(
+        "tail",
+        help="print events as they happen (Ctrl+C to stop)",
+        description="Print new events as they commit, woken by PostgreSQL LISTEN/NOTIFY. Starts after the "
+        "newest event unless --after or --from-start says otherwise.",
+    )
+    tail.add_argument("--after", type=int, help="start after this event id")
+    tail.add_argument("--from-start", action="store_true", help="print every event since the first")
+    tail.add_argument("--json", action="store_true", help="one JSON document per line (NDJSON)")
+    tail.add_argument("--count", type=int, help="stop after printing this many events")
+    tail.set_defaults(run=run_tail)
+
+    listing = actions.add_parser("deliveries", help="list webhook deliveries (e.g. --status failed)")
+    listing.add_argument("--status", choices=list(feed.DELIVERY_STATUSES))
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=run_deliveries)
+
+    redeliver = actions.add_parser(
+        "redeliver",
+        help="retry failed webhook deliveries",
+        description="Put failed deliveries back in line: the given events, or every failed one with "
+        "--all-failed. Later events of the same payment code, held back meanwhile, follow in order.",
+    )
+    redeliver.add_argument("event_ids", nargs="*", type=int, metavar="EVENT_ID")
+    redeliver.add_argument("--all-failed", action="store_true")
+    redeliver.set_defaults(run=run_redeliver)
+
+
+def _print_event(event: Event, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(event.document_json() + "\n")
+    else:
+        payload = event.payload
+        detail = " ".join(
+            f"{name}={payload[name]}" for name in ("kind", "reason", "amount", "invoice_number", "status")
+            if payload.get(name) is not None
+        )  # fmt: skip
+        when = f"{event.created_at:%Y-%m-%d %H:%M:%S}"
+        print(f"#{event.id} {when} {event.type} {event.payment_code or '-'} {detail}")
+    sys.stdout.flush()
+
+
+def run_tail(args: argparse.Namespace) -> int:
+    settings = load_settings()
+
+    async def follow(database: Database) -> int:
+        listener = EventListener(database.dsn)
+        await listener.start()
+        try:
+            if args.from_start:
+                cursor = 0
+            elif args.after is not None:
+                cursor = args.after
+            else:
+                cursor = await outbox.last_id(database.pool)
+            printed = 0
+            while args.count is None or printed < args.count:
+                events, cursor = await feed.read_feed(
+                    database.pool, listener, after=cursor, limit=100, wait=30
+                )
+                for event in events:
+                    _print_event(event, args.json)
+                    printed += 1
+                    if args.count is not None and printed >= args.count:
+                        break
+        finally:
+            await listener.close()
+        return 0
+
+    async def run() -> int:
+        async with open_database(settings) as database:
+            return await follow(database)
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0
+
+
+def run_deliveries(args: argparse.Namespace) -> int:
+    settings = load_settings()
+
+    async def run() -> int:
+        async with open_database(settings) as database:
+            page = await feed.list_deliveries(database.pool, status=args.status, after=None, limit=args.limit)
+        documents = [feed.delivery_document(delivery) for delivery in page.items]
+        if args.json:
+            print_json({"items": documents, "next": page.next})
+        else:
+            print_table(documents, DELIVERY_COLUMNS)
+        return 0
+
+    return asyncio.run(run())
+
+
+def run_redeliver(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if not args.event_ids and not args.all_failed:
+        print("dipc: name the events to redeliver, or pass --all-failed", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        async with open_database(settings) as database:
+            count = await feed.redeliver(database.pool, args.event_ids or None)
+        print(f"{count} failed deliveries put back in line")
+        return 0
+
+    return asyncio.run(run())

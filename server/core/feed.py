@@ -1,0 +1,73 @@
+"""The event feed (read after a cursor, wait for the next event) and its webhook deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from server.core.documents import iso
+from server.core.errors import ValidationFailed
+from server.core.events import MAX_WAIT_S, Event
+from server.core.manage import Page, page_limit
+from server.store import deliveries, outbox
+from server.store.deliveries import Delivery
+from server.store.listener import EventListener
+
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+
+
+async def read_feed(
+    pool: asyncpg.Pool, listener: EventListener, *, after: int, limit: int | None, wait: float
+) -> tuple[list[Event], int]:
+    """Events with ids above ``after`` (at most ``limit``), waiting up to ``wait`` seconds for the first.
+
+    Returns the events and the cursor to pass as ``after`` next time. The generation is read before each
+    query, so an event committed between the query and the wait still wakes us.
+    """
+    if after < 0:
+        raise ValidationFailed({"after": "must be 0 or an event id"})
+    if not 0 <= wait <= MAX_WAIT_S:
+        raise ValidationFailed({"wait": f"must be between 0 and {MAX_WAIT_S:g} seconds"})
+    size = page_limit(limit)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        seen = listener.generation
+        events = await outbox.read_after(pool, after, size)
+        remaining = deadline - loop.time()
+        if events or remaining <= 0:
+            return events, (events[-1].id if events else after)
+        await listener.wait_for_change(seen, remaining)
+
+
+def delivery_document(delivery: Delivery) -> dict[str, object]:
+    return {
+        "event_id": delivery.event_id,
+        "subscriber": delivery.subscriber,
+        "payment_code": delivery.payment_code,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "next_attempt_at": iso(delivery.next_attempt_at),
+        "last_error": delivery.last_error,
+        "last_status": delivery.last_status,
+        "delivered_at": iso(delivery.delivered_at),
+        "created_at": iso(delivery.created_at),
+    }
+
+
+async def list_deliveries(
+    pool: asyncpg.Pool, *, status: str | None, after: int | None, limit: int | None
+) -> Page[Delivery]:
+    if status is not None and status not in DELIVERY_STATUSES:
+        raise ValidationFailed({"status": f"must be one of {', '.join(DELIVERY_STATUSES)}"})
+    size = page_limit(limit)
+    items = await deliveries.list_page(pool, status=status, after=after, limit=size + 1)
+    more = len(items) > size
+    items = items[:size]
+    return Page(items=items, next=str(items[-1].event_id) if more else None)
+
+
+async def redeliver(pool: asyncpg.Pool, event_ids: list[int] | None) -> int:
+    """Retry failed deliveries (of these events, or all); return how many were put back in line."""
+    return await deliveries.redeliver(pool, event_ids)

@@ -1,0 +1,191 @@
+"""Webhook delivery state: one row per event and subscriber, shared by every dipc process.
+
+A delivery is claimed with ``FOR UPDATE SKIP LOCKED`` and leased by pushing ``next_attempt_at`` past
+the HTTP timeout, so no long transaction spans a request and a crashed process's lease simply expires.
+Only the earliest undelivered delivery of each payment code is ever due: events of one code arrive in
+order, and a delivery that failed for good holds the later ones of its code back until redelivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from server.core.events import Event
+from server.store import outbox
+
+COLUMNS = (
+    "event_id, subscriber, payment_code, status, attempts, next_attempt_at, last_error, last_status, "
+    "delivered_at, created_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    event_id: int
+    subscriber: str
+    payment_code: str | None
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    last_status: int | None
+    delivered_at: datetime | None
+    created_at: datetime
+
+
+async def ensure_subscriber(conn: asyncpg.Connection | asyncpg.Pool, subscriber: str, url: str) -> None:
+    """Register the subscriber; a new one starts after the newest event (the feed has the history)."""
+    await conn.execute(
+        """
+        INSERT INTO webhook_subscribers (subscriber, url, started_after)
+        VALUES ($1, $2, (SELECT coalesce(max(id), 0) FROM events))
+        ON CONFLICT (subscriber) DO UPDATE SET url = EXCLUDED.url, updated_at = now()
+         WHERE webhook_subscribers.url <> EXCLUDED.url
+        """,
+        subscriber,
+        url,
+    )
+
+
+async def enqueue(conn: asyncpg.Connection | asyncpg.Pool, subscriber: str) -> int:
+    """Create deliveries for events past the subscriber's stream; return how many.
+
+    Event ids become visible in id order (see store/outbox.py), so "everything above the highest id
+    enqueued" never skips an event that commits late.
+    """
+    status = await conn.execute(
+        """
+        INSERT INTO webhook_deliveries (event_id, subscriber, payment_code)
+        SELECT e.id, $1, e.payment_code
+          FROM events e
+         WHERE e.id > greatest(
+                 (SELECT started_after FROM webhook_subscribers WHERE subscriber = $1),
+                 (SELECT coalesce(max(event_id), 0) FROM webhook_deliveries WHERE subscriber = $1))
+         ORDER BY e.id
+        ON CONFLICT DO NOTHING
+        """,
+        subscriber,
+    )
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def claim(
+    conn: asyncpg.Connection | asyncpg.Pool, subscriber: str, *, limit: int, lease_s: float
+) -> list[tuple[Delivery, Event]]:
+    """Take up to ``limit`` due deliveries (the earliest undelivered one of each code) on a lease."""
+    rows = await conn.fetch(
+        f"""
+        WITH due AS (
+            SELECT d.event_id
+              FROM webhook_deliveries d
+             WHERE d.subscriber = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
+               AND NOT EXISTS (
+                    SELECT 1 FROM webhook_deliveries earlier
+                     WHERE earlier.subscriber = d.subscriber
+                       AND earlier.payment_code = d.payment_code
+                       AND earlier.event_id < d.event_id
+                       AND earlier.status <> 'delivered')
+             ORDER BY d.event_id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+        )
+        UPDATE webhook_deliveries w
+           SET attempts = w.attempts + 1, next_attempt_at = now() + make_interval(secs => $3)
+          FROM due
+         WHERE w.subscriber = $1 AND w.event_id = due.event_id
+        RETURNING {", ".join(f"w.{column}" for column in COLUMNS.split(", "))}
+        """,  # noqa: S608 - column list is a constant
+        subscriber,
+        limit,
+        lease_s,
+    )
+    if not rows:
+        return []
+    events = {event.id: event for event in await outbox.read_ids(conn, [row["event_id"] for row in rows])}
+    claimed = [Delivery(**dict(row)) for row in rows]
+    return sorted(
+        ((delivery, events[delivery.event_id]) for delivery in claimed), key=lambda pair: pair[0].event_id
+    )
+
+
+async def mark_delivered(
+    conn: asyncpg.Connection | asyncpg.Pool, subscriber: str, event_id: int, status: int
+) -> None:
+    await conn.execute(
+        """
+        UPDATE webhook_deliveries
+           SET status = 'delivered', delivered_at = now(), last_status = $3, last_error = NULL
+         WHERE subscriber = $1 AND event_id = $2
+        """,
+        subscriber,
+        event_id,
+        status,
+    )
+
+
+async def mark_attempt_failed(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    subscriber: str,
+    event_id: int,
+    *,
+    error: str,
+    status: int | None,
+    retry_in_s: float | None,
+) -> None:
+    """Record a failed attempt: retry after ``retry_in_s``, or (None) give up until redelivered."""
+    await conn.execute(
+        """
+        UPDATE webhook_deliveries
+           SET status = CASE WHEN $5::float8 IS NULL THEN 'failed' ELSE 'pending' END,
+               next_attempt_at = CASE WHEN $5::float8 IS NULL THEN next_attempt_at
+                                      ELSE now() + make_interval(secs => $5::float8) END,
+               last_error = $3, last_status = $4
+         WHERE subscriber = $1 AND event_id = $2
+        """,
+        subscriber,
+        event_id,
+        error[:500],
+        status,
+        retry_in_s,
+    )
+
+
+async def next_due(conn: asyncpg.Connection | asyncpg.Pool, subscriber: str) -> datetime | None:
+    return await conn.fetchval(
+        "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE subscriber = $1 AND status = 'pending'",
+        subscriber,
+    )
+
+
+async def list_page(
+    conn: asyncpg.Connection | asyncpg.Pool, *, status: str | None, after: int | None, limit: int
+) -> list[Delivery]:
+    rows = await conn.fetch(
+        f"""
+        SELECT {COLUMNS} FROM webhook_deliveries
+         WHERE ($1::text IS NULL OR status = $1) AND ($2::bigint IS NULL OR event_id > $2)
+         ORDER BY event_id, subscriber
+         LIMIT $3
+        """,  # noqa: S608 - column list is a constant
+        status,
+        after,
+        limit,
+    )
+    return [Delivery(**dict(row)) for row in rows]
+
+
+async def redeliver(conn: asyncpg.Connection | asyncpg.Pool, event_ids: Sequence[int] | None) -> int:
+    """Put failed deliveries (these events, or all of them) back in line; return how many."""
+    status = await conn.execute(
+        """
+        UPDATE webhook_deliveries
+           SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+         WHERE status = 'failed' AND ($1::bigint[] IS NULL OR event_id = ANY($1::bigint[]))
+        """,
+        list(event_ids) if event_ids is not None else None,
+    )
+    return int(status.rsplit(" ", 1)[-1])

@@ -1,0 +1,83 @@
+"""LISTEN for new events on a connection of its own, so waiters wake the moment an event commits.
+
+Waiters remember :attr:`EventListener.generation` before they read, and wait for it to change. A lost
+connection also bumps the generation (notifications may have been missed meanwhile), and the listener
+reconnects with backoff. Nobody polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import structlog
+
+from server.store.outbox import CHANNEL
+from server.store.pool import UNAVAILABLE_ERRORS
+
+log = structlog.get_logger(component="dipc.listener")
+
+
+class EventListener:
+    def __init__(self, dsn: str, *, connect_timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self.connect_timeout = connect_timeout
+        self.generation = 0
+        self.connected = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dipc-event-listener")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait_for_change(self, seen: int, seconds: float) -> bool:
+        """Wait until the generation differs from ``seen`` or ``seconds`` pass; True if it changed."""
+        if seconds <= 0:
+            return self.generation != seen
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.generation != seen), seconds)
+        return self.generation != seen
+
+    async def _bump(self) -> None:
+        async with self._changed:
+            self.generation += 1
+            self._changed.notify_all()
+
+    def _on_notify(self, *_args: object) -> None:
+        asyncio.get_running_loop().create_task(self._bump())
+
+    async def _run(self) -> None:
+        delay = 0.2
+        while True:
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+            except UNAVAILABLE_ERRORS as error:
+                log.warning("listener.connect_failed", error=f"{type(error).__name__}: {error}", retry=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            try:
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                self.connected.set()
+                delay = 0.2
+                await self._bump()  # anything committed while we were not listening is read now
+                await lost.wait()
+                log.warning("listener.connection_lost")
+            except UNAVAILABLE_ERRORS as error:
+                log.warning("listener.failed", error=f"{type(error).__name__}: {error}")
+            finally:
+                self.connected.clear()
+                if not conn.is_closed():
+                    conn.terminate()
+            await self._bump()
+            await asyncio.sleep(delay)

@@ -1,0 +1,1 @@
+"""Delivering events to the merchant's backend: signed POSTs, retried with backoff, in order per code."""

@@ -1,0 +1,216 @@
+"""The webhook forwarder against a real HTTP receiver on loopback that fails on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import orjson
+import pytest
+from aiohttp import web
+
+from server.app import make_app
+from server.doku.client import DokuSimulator
+from server.webhooks import signing
+from server.webhooks.forwarder import backoff_s
+from tests.conftest import CLIENT, make_settings
+
+SECRET = b"whsec-test-secret"
+
+
+@dataclass
+class Receiver:
+    """The merchant's backend: answers 500 to the first ``failures`` requests, 200 afterwards."""
+
+    failures: int = 0
+    fail_events: set[int] = field(default_factory=set)
+    requests: list[tuple[int, int, bool]] = field(default_factory=list)  # (event id, status, signature ok)
+    acknowledged: list[int] = field(default_factory=list)
+    bodies: dict[int, dict] = field(default_factory=dict)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        event_id = int(request.headers[signing.EVENT_ID_HEADER])
+        valid = signing.verify(SECRET, body, request.headers[signing.SIGNATURE_HEADER], time.time())
+        fail = len(self.requests) < self.failures or event_id in self.fail_events
+        status = 500 if fail or not valid else 200
+        self.requests.append((event_id, status, valid))
+        if status == 200:
+            self.acknowledged.append(event_id)
+            self.bodies[event_id] = orjson.loads(body)
+        return web.Response(status=status)
+
+
+@pytest.fixture
+async def receiver(aiohttp_server) -> Receiver:
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hooks/dipc", receiver.handle)
+    server = await aiohttp_server(app)
+    receiver.url = str(server.make_url("/hooks/dipc"))
+    return receiver
+
+
+def webhook_settings(receiver: Receiver, **overrides):
+    values = {
+        "webhook_url": receiver.url,
+        "webhook_secrets": (SECRET,),
+        "webhook_backoff_base_s": 0.02,
+        "webhook_backoff_cap_s": 0.2,
+        "webhook_max_attempts": 50,
+    }
+    return make_settings(**(values | overrides))
+
+
+async def start(aiohttp_client, database_url, pool, settings):
+    client = await aiohttp_client(make_app(settings, database_url))
+    # The subscriber's stream starts at its registration; wait for it before making events.
+    for _ in range(200):
+        if await pool.fetchval("SELECT count(*) FROM webhook_subscribers"):
+            return client
+        await asyncio.sleep(0.02)
+    raise AssertionError("the forwarder did not register its subscriber")
+
+
+async def settle(pool, *, count: int, status: str = "delivered", seconds: float = 30.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if await pool.fetchval("SELECT count(*) FROM webhook_deliveries WHERE status = $1", status) >= count:
+            return
+        await asyncio.sleep(0.05)
+    rows = await pool.fetch(
+        "SELECT event_id, status, attempts, last_error FROM webhook_deliveries ORDER BY 1"
+    )
+    raise AssertionError(f"deliveries did not settle: {[tuple(r) for r in rows]}")
+
+
+async def make_traffic(client, admin_headers, codes: list[str]) -> None:
+    """Per code: created, paid, paid again by another store (a conflict); codes interleaved."""
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    for code in codes:
+        response = await client.post(
+            "/v1/payment-codes",
+            json={"payment_code": code, "amount": 5000, "invoice_number": f"I-{code}", "customer_name": "N",
+                  "client_id": CLIENT.client_id},
+            headers=admin_headers,
+        )  # fmt: skip
+        assert response.status == 201
+    for ref in ("A", "B"):
+        replies = await asyncio.gather(
+            *(
+                doku.notify(code, invoice_number=f"I-{code}", amount=5000, original_request_id=ref)
+                for code in codes
+            )
+        )
+        assert {reply.status for reply in replies} == {200}
+
+
+def assert_in_order_per_code(receiver: Receiver, expected: dict[int, str | None]) -> None:
+    # Every event acknowledged exactly once, and never sent again after its acknowledgement.
+    assert sorted(receiver.acknowledged) == sorted(expected)
+    for event_id in expected:
+        attempts = [status for eid, status, _ in receiver.requests if eid == event_id]
+        assert attempts[-1] == 200, (event_id, attempts)
+        assert attempts.count(200) == 1, (event_id, attempts)
+    # Per code, an event is first sent only after the previous one of that code was acknowledged.
+    acknowledged_so_far: set[int] = set()
+    for event_id, status, _ in receiver.requests:
+        code = expected[event_id]
+        earlier = [eid for eid, c in expected.items() if c == code and c is not None and eid < event_id]
+        assert set(earlier) <= acknowledged_so_far, f"event {event_id} sent before {earlier}"
+        if status == 200:
+            acknowledged_so_far.add(event_id)
+
+
+async def test_every_event_is_delivered_signed_in_order_per_code_despite_failures(
+    aiohttp_client, database_url, pool, receiver, admin_headers
+):
+    receiver.failures = 7
+    client = await start(aiohttp_client, database_url, pool, webhook_settings(receiver))
+    codes = [f"88965000000{n:05d}" for n in range(6)]
+    await make_traffic(client, admin_headers, codes)
+    expected = {
+        row["id"]: row["payment_code"] for row in await pool.fetch("SELECT id, payment_code FROM events")
+    }
+    assert len(expected) == 18
+    await settle(pool, count=len(expected))
+    assert all(valid for _, _, valid in receiver.requests)
+    assert sum(1 for _, status, _ in receiver.requests if status == 500) == 7
+    assert_in_order_per_code(receiver, expected)
+    # The body is the event's feed document.
+    first = min(expected)
+    assert receiver.bodies[first]["id"] == first
+    assert receiver.bodies[first]["type"] == "code.created"
+
+
+async def test_a_delivery_that_fails_for_good_holds_its_code_until_redelivered(
+    aiohttp_client, database_url, pool, receiver, admin_headers
+):
+    settings = webhook_settings(receiver, webhook_max_attempts=3)
+    client = await start(aiohttp_client, database_url, pool, settings)
+    receiver.fail_events = {1}  # the first event (code.created of the first code) is refused
+    codes = ["8896500000000001", "8896500000000002"]
+    await make_traffic(client, admin_headers, codes)
+    await settle(pool, count=1, status="failed")
+    failed = await (
+        await client.get("/v1/webhook-deliveries", params={"status": "failed"}, headers=admin_headers)
+    ).json()
+    [delivery] = failed["items"]
+    assert (delivery["event_id"], delivery["attempts"], delivery["last_status"]) == (1, 3, 500)
+    assert delivery["last_error"] == "HTTP 500"
+    await settle(pool, count=3)  # the other code's three events go through meanwhile
+    held = await pool.fetch(
+        "SELECT event_id FROM webhook_deliveries WHERE payment_code = $1 AND status = 'pending'", codes[0]
+    )
+    assert len(held) == 2  # its payment events wait behind the failed one
+    assert all(eid != 1 for eid in receiver.acknowledged)
+
+    receiver.fail_events = set()
+    response = await client.post("/v1/webhook-deliveries/redeliver", json={}, headers=admin_headers)
+    assert (await response.json()) == {"redelivered": 1}
+    await settle(pool, count=6)
+    expected = {
+        row["id"]: row["payment_code"] for row in await pool.fetch("SELECT id, payment_code FROM events")
+    }
+    assert_in_order_per_code(receiver, expected)
+
+
+async def test_deliveries_survive_a_restart_and_two_forwarders_share_the_work(
+    aiohttp_client, database_url, pool, receiver, admin_headers
+):
+    receiver.failures = 1000  # nothing gets through while the first server runs
+    first = await start(aiohttp_client, database_url, pool, webhook_settings(receiver))
+    codes = [f"88965000000{n:05d}" for n in range(5)]
+    await make_traffic(first, admin_headers, codes)
+    await asyncio.sleep(0.3)
+    await first.close()  # stop the server, and its forwarder, with everything undelivered
+    assert await pool.fetchval("SELECT count(*) FROM webhook_deliveries WHERE status = 'delivered'") == 0
+
+    receiver.failures = 0
+    receiver.requests.clear()
+    await start(aiohttp_client, database_url, pool, webhook_settings(receiver))
+    await start(aiohttp_client, database_url, pool, webhook_settings(receiver))
+    await settle(pool, count=15)
+    expected = {
+        row["id"]: row["payment_code"] for row in await pool.fetch("SELECT id, payment_code FROM events")
+    }
+    assert_in_order_per_code(receiver, expected)
+
+
+def test_backoff_doubles_and_is_capped():
+    delays = [backoff_s(attempt, base_s=1.0, cap_s=60.0) for attempt in range(1, 10)]
+    assert 0.8 <= delays[0] <= 1.2
+    assert 3.2 <= delays[2] <= 4.8
+    assert all(delay <= 72.0 for delay in delays)
+    assert delays[-1] >= 48.0
+
+
+def test_a_signature_verifies_only_with_the_secret_the_body_and_a_fresh_time():
+    body = b'{"id":1}'
+    header = signing.sign([b"new", SECRET], body, 1_700_000_000)
+    assert signing.verify(SECRET, body, header, 1_700_000_100)
+    assert signing.verify(b"new", body, header, 1_700_000_100)
+    assert not signing.verify(b"other", body, header, 1_700_000_100)
+    assert not signing.verify(SECRET, body + b" ", header, 1_700_000_100)
+    assert not signing.verify(SECRET, body, header, 1_700_000_000 + 301)
