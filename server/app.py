@@ -11,8 +11,9 @@ from aiohttp import web
 
 from server.config import Settings
 from server.http import admin, inquiry, notification, ops
-from server.http.keys import LISTENER, POOL, SETTINGS
+from server.http.keys import HEALTH, LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
+from server.ops.health import HealthChecker
 from server.store.listener import EventListener
 from server.store.pool import create_pool
 from server.webhooks.forwarder import WebhookForwarder
@@ -33,6 +34,15 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
         yield
         await app[POOL].close()
 
+    async def health_context(app: web.Application) -> AsyncIterator[None]:
+        app[HEALTH] = HealthChecker(dsn)
+        sampler = asyncio.create_task(_sample_pool_forever(app), name="dipc-pool-sampler")
+        yield
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        await app[HEALTH].close()
+
     async def listener_context(app: web.Application) -> AsyncIterator[None]:
         listener = EventListener(dsn, connect_timeout=settings.db_connect_timeout_s)
         await listener.start()
@@ -45,12 +55,20 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             forwarder = WebhookForwarder(app[POOL], app[LISTENER], settings, session)
             task = asyncio.create_task(forwarder.run(), name="dipc-webhook-forwarder")
             yield
+            # Deliveries in flight are abandoned: their lease expires and a live process retries them.
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def release_long_polls(app: web.Application) -> None:
+        # Runs after the listening socket closed and before in-flight requests are awaited: parked
+        # long-polls answer now, so they do not hold the drain for their whole wait.
+        await app[LISTENER].release_waiters()
+
     app.cleanup_ctx.append(pool_context)
+    app.cleanup_ctx.append(health_context)
     app.cleanup_ctx.append(listener_context)
+    app.on_shutdown.append(release_long_polls)
     if settings.webhook_url:
         app.cleanup_ctx.append(forwarder_context)
     app[inquiry.INQUIRY_ENDPOINT] = inquiry.endpoint_for(app)
@@ -60,3 +78,10 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app.add_routes(ops.routes)
     app.add_subapp("/v1", admin.admin_app())
     return app
+
+
+async def _sample_pool_forever(app: web.Application, every_s: float = 5.0) -> None:
+    """Keep this process's pool gauges fresh, whichever process answers the scrapes."""
+    while True:
+        ops.sample_pool(app)
+        await asyncio.sleep(every_s)

@@ -6,14 +6,16 @@ Exit codes: 0 done, 1 the command failed (the message says why), 2 usage or conf
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from server import __version__
-from server.cli import codes, events, serve, simulate
+from server.cli import codes, doctor, events, serve, simulate
 from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, print_error
 from server.config import ConfigError
 from server.core.errors import DipcError
+from server.ops.logging import configure_logging
 
 DESCRIPTION = """\
 dipc answers DOKU's Direct Inquiry Payment Code requests (Alfamart, Alfamidi, Lawson, Indomaret …)
@@ -48,12 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     codes.register(commands)
     events.register(commands)
     simulate.register(commands)
+    doctor.register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Commands print their results on stdout; their logs go to stderr and only when they matter.
+    # `serve` configures logging again from its settings.
+    log_format = os.environ.get("DIPC_LOG_FORMAT", "auto")
+    configure_logging(log_format if log_format in ("json", "console") else "auto", "WARNING", sys.stderr)
     try:
         return int(args.run(args) or 0)
     except CommandFailed as failure:

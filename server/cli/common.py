@@ -44,7 +44,7 @@ def fail_on_config(error: ConfigError) -> CommandFailed:
 
 @asynccontextmanager
 async def open_database(
-    settings: Settings, *, require_current: bool = True, pool_max: int = 4
+    settings: Settings, *, require_current: bool = True, migrate_embedded: bool = True, pool_max: int = 4
 ) -> AsyncIterator[Database]:
     """A pool on DATABASE_URL, or on the embedded server (started if nobody runs it, stopped after).
 
@@ -67,7 +67,7 @@ async def open_database(
             ) from None
         try:
             async with pool.acquire() as conn:
-                if embedded is not None:
+                if embedded is not None and migrate_embedded:
                     await migrate.migrate(conn)
                 state = await migrate.state(conn)
             if state.pending and require_current:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 
 import structlog
@@ -19,6 +20,7 @@ from server.embedded import EmbeddedError, EmbeddedPostgres
 from server.ops.logging import configure_logging
 from server.store import migrate
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
+from server.supervisor import Supervisor, worker_env
 
 log = structlog.get_logger(component="dipc.serve")
 
@@ -51,6 +53,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--host", help="listen address (default $DIPC_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default $DIPC_PORT or 8080)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the port (default $DIPC_WORKERS or 1); migrations run once",
+    )
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     serve.set_defaults(run=run_serve)
 
     migrate_parser = commands.add_parser(
@@ -77,10 +85,18 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = load_settings(demo=args.demo)
-    overrides = {name: value for name in ("host", "port") if (value := getattr(args, name)) is not None}
+    overrides = {
+        name: value for name in ("host", "port", "workers") if (value := getattr(args, name)) is not None
+    }
     settings = dataclasses.replace(settings, **overrides)
     settings.require_serving()
     configure_logging(settings.log_format, settings.log_level)
+    if args.worker:
+        # The supervisor prepared the database and passed it as DATABASE_URL.
+        structlog.contextvars.bind_contextvars(worker=int(os.environ.get("DIPC_WORKER_INDEX", "0")))
+        assert settings.database_url is not None
+        _run(settings, settings.database_url, reuse_port=True)
+        return 0
     if not settings.bins:
         log.warning("config.no_bins", detail="DIPC_BINS is unset: codes are not checked against BIN rules")
 
@@ -91,13 +107,27 @@ def run_serve(args: argparse.Namespace) -> int:
         seeded = asyncio.run(_prepare(settings, dsn))
         if settings.demo:
             _print_demo_banner(settings, seeded)
-        _run(settings, dsn)
+        if settings.workers == 1:
+            _run(settings, dsn)
+            return 0
+        worker_args = [
+            "--host",
+            settings.host,
+            "--port",
+            str(settings.port),
+            *(["--demo"] if args.demo else []),
+        ]
+        return Supervisor(
+            workers=settings.workers,
+            worker_args=worker_args,
+            env=worker_env(dsn),
+            shutdown_timeout_s=settings.shutdown_timeout_s,
+        ).run()
     except EmbeddedError as error:
         raise CommandFailed(f"embedded PostgreSQL: {error}", EXIT_USAGE) from None
     finally:
         if embedded is not None:
             embedded.stop()
-    return 0
 
 
 async def _prepare(settings: Settings, dsn: str) -> list:
@@ -128,7 +158,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _run(settings: Settings, dsn: str) -> None:
+def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
     log.info(
         "server.starting",
         host=settings.host,
@@ -145,6 +175,7 @@ def _run(settings: Settings, dsn: str) -> None:
         shutdown_timeout=settings.shutdown_timeout_s,
         access_log=None,
         print=None,
+        reuse_port=reuse_port,
         loop=_new_loop(),
     )
     log.info("server.stopped")

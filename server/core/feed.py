@@ -38,7 +38,8 @@ async def read_feed(
         remaining = deadline - loop.time()
         if events or remaining <= 0:
             return events, (events[-1].id if events else after)
-        await listener.wait_for_change(seen, remaining)
+        if not await listener.wait_for_change(seen, remaining) and listener.releasing:
+            return events, after  # shutting down: answer now rather than hold the drain
 
 
 def delivery_document(delivery: Delivery) -> dict[str, object]:

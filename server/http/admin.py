@@ -17,6 +17,7 @@ from server.core.manage import Page
 from server.core.registration import parse_timestamp
 from server.http.bodies import json_response, read_json_object
 from server.http.keys import LISTENER, POOL, SETTINGS
+from server.ops import metrics
 from server.store.pool import deadline
 
 routes = web.RouteTableDef()
@@ -181,14 +182,18 @@ async def list_payments(request: web.Request) -> web.Response:
 async def read_events(request: web.Request) -> web.Response:
     """The event feed: events after the cursor ``after``, long-polling up to ``wait`` seconds."""
     wait = _query_float(request, "wait", 0.0)
-    async with deadline(_timeout(request) + wait, "admin.events"):
-        events, cursor = await feed.read_feed(
-            request.config_dict[POOL],
-            request.config_dict[LISTENER],
-            after=_query_int(request, "after") or 0,
-            limit=_query_int(request, "limit"),
-            wait=wait,
-        )
+    metrics.FEED_WAITERS.inc()
+    try:
+        async with deadline(_timeout(request) + wait, "admin.events"):
+            events, cursor = await feed.read_feed(
+                request.config_dict[POOL],
+                request.config_dict[LISTENER],
+                after=_query_int(request, "after") or 0,
+                limit=_query_int(request, "limit"),
+                wait=wait,
+            )
+    finally:
+        metrics.FEED_WAITERS.dec()
     return json_response({"items": [event.document() for event in events], "next": cursor})
 
 

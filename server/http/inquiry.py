@@ -9,6 +9,7 @@ from server.core.inquiries import InquiryRequest, inquire
 from server.doku import messages
 from server.http.doku import DokuEndpoint
 from server.http.keys import LOG_FIELDS, POOL, SETTINGS
+from server.ops import metrics
 from server.ops.masking import mask_code
 from server.store.pool import deadline
 
@@ -49,4 +50,5 @@ async def handle_inquiry(request: web.Request) -> web.Response:
             now=utcnow(),
         )
     log_fields.update(outcome=answer.outcome, replayed=answer.replayed)
+    metrics.INQUIRIES.labels(answer.outcome, message.channel, "true" if answer.replayed else "false").inc()
     return endpoint.respond(request, answer.http_status, answer.body)

@@ -11,11 +11,13 @@ from aiohttp import web
 from server.config import Settings
 from server.core.errors import DipcError
 from server.doku.auth import Authenticated
+from server.ops.health import HealthChecker
 from server.store.listener import EventListener
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 LISTENER = web.AppKey("listener", EventListener)
+HEALTH = web.AppKey("health", HealthChecker)
 
 # Set by a route family that renders its errors in its own shape (DOKU's), read by the error middleware.
 ERROR_RENDERER = web.RequestKey("error_renderer", Callable[[web.Request, DipcError], web.StreamResponse])

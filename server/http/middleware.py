@@ -7,9 +7,10 @@ import time
 import structlog
 from aiohttp import web
 
-from server.core.errors import DipcError
+from server.core.errors import AuthenticationFailed, DipcError
 from server.http.bodies import json_response
-from server.http.keys import ERROR_RENDERER, LOG_FIELDS
+from server.http.keys import ERROR_RENDERER, LOG_FIELDS, SETTINGS
+from server.ops import metrics
 
 log = structlog.get_logger(component="dipc.http")
 
@@ -30,16 +31,36 @@ def render_json_error(request: web.Request, error: DipcError) -> web.StreamRespo
 
 def _render_failure(request: web.Request, failure: Exception) -> web.StreamResponse:
     """The response for an exception a handler raised: its own shape for ours, JSON for the rest."""
+    fields = request[LOG_FIELDS]
     if isinstance(failure, web.HTTPException):
-        response = render_json_error(request, _HttpError(failure))
+        error = _HttpError(failure)
+        fields.setdefault("outcome", error.code)
+        response = render_json_error(request, error)
         if failure.status == 405 and "Allow" in failure.headers:
             response.headers["Allow"] = failure.headers["Allow"]
         return response
     render = request.get(ERROR_RENDERER, render_json_error)
     if isinstance(failure, DipcError):
+        fields.setdefault("outcome", failure.code)
+        if isinstance(failure, AuthenticationFailed):
+            _count_signature_failure(request, failure)
         return render(request, failure)
+    fields.setdefault("outcome", "INTERNAL")
     log.error("http.unhandled", method=request.method, path=request.path, exc_info=failure)
     return render(request, DipcError("internal error; the incident is logged"))
+
+
+def _count_signature_failure(request: web.Request, failure: AuthenticationFailed) -> None:
+    request[LOG_FIELDS].update(reason=failure.reason, detail=failure.detail)
+    client_id = request.headers.get("Client-Id", "")
+    # Only configured Client-Ids become label values: anything else could grow the series without end.
+    known = client_id in request.app[SETTINGS].clients
+    route = request.match_info.route.resource
+    metrics.SIGNATURE_FAILURES.labels(
+        route=route.canonical if route is not None else "unmatched",
+        client_id=client_id if known else "unknown",
+        reason=failure.reason,
+    ).inc()
 
 
 @web.middleware
@@ -57,13 +78,18 @@ async def observe(request: web.Request, handler: web.Handler) -> web.StreamRespo
         response = _render_failure(request, exc)
     except Exception as failure:
         response = _render_failure(request, failure)
+    elapsed = time.perf_counter() - started
     resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    outcome = str(fields.get("outcome", "ok"))
+    metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status), outcome).inc()
+    metrics.HTTP_DURATION.labels(route, outcome).observe(elapsed)
     log.info(
         "http.request",
         method=request.method,
-        route=resource.canonical if resource is not None else "unmatched",
+        route=route,
         status=response.status,
-        ms=round((time.perf_counter() - started) * 1000, 3),
+        ms=round(elapsed * 1000, 3),
         request_id=(request.headers.get("Request-Id") or "")[:128] or None,
         **fields,
     )

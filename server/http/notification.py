@@ -11,6 +11,7 @@ from server.core.payments import PaymentNotice
 from server.doku import conventions, messages
 from server.http.doku import DokuEndpoint
 from server.http.keys import LOG_FIELDS, POOL, SETTINGS
+from server.ops import metrics
 from server.ops.masking import mask_code
 from server.store.pool import deadline
 
@@ -57,6 +58,7 @@ async def handle_notification(request: web.Request) -> web.Response:
         async with deadline(settings.notification_db_timeout_s, "notification.rejected"):
             await record_rejected(pool, raw, _payment_code_hint(body))
         log_fields.update(outcome="rejected", error=error.code)
+        metrics.NOTIFICATIONS.labels("rejected").inc()
         raise
     log_fields.update(payment_code=mask_code(message.payment_code), channel=message.channel)
     notice = PaymentNotice(
@@ -76,6 +78,10 @@ async def handle_notification(request: web.Request) -> web.Response:
     async with deadline(settings.notification_db_timeout_s, "notification"):
         result = await record_notification(pool, raw, notice, now=utcnow())
     log_fields.update(outcome=result.outcome.value, notification_id=result.notification_id)
-    if result.decision is not None and result.decision.reason is not None:
-        log_fields["reason"] = result.decision.reason.value
+    metrics.NOTIFICATIONS.labels(result.outcome.value).inc()
+    if result.payment is not None and result.decision is not None:
+        reason = result.decision.reason.value if result.decision.reason else ""
+        metrics.PAYMENTS.labels(result.decision.kind.value, reason).inc()
+        if reason:
+            log_fields["reason"] = reason
     return endpoint.respond(request, 200, conventions.NOTIFICATION_ACK)

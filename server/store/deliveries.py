@@ -189,3 +189,18 @@ async def redeliver(conn: asyncpg.Connection | asyncpg.Pool, event_ids: Sequence
         list(event_ids) if event_ids is not None else None,
     )
     return int(status.rsplit(" ", 1)[-1])
+
+
+async def stats(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[dict[str, int], float]:
+    """Deliveries per status, and the age in seconds of the oldest undelivered one (0 when none)."""
+    rows = await conn.fetch(
+        """
+        SELECT status, count(*) AS n,
+               coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE status <> 'delivered')), 0)
+                   AS oldest
+          FROM webhook_deliveries GROUP BY status
+        """
+    )
+    counts = {row["status"]: row["n"] for row in rows}
+    oldest = max((float(row["oldest"]) for row in rows), default=0.0)
+    return counts, oldest

@@ -27,6 +27,7 @@ class EventListener:
         self.connected = asyncio.Event()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._releasing = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dipc-event-listener")
@@ -37,9 +38,18 @@ class EventListener:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    @property
+    def releasing(self) -> bool:
+        return self._releasing
+
+    async def release_waiters(self) -> None:
+        """Wake every waiter now and let no one wait again (the process is shutting down)."""
+        self._releasing = True
+        await self._bump()
+
     async def wait_for_change(self, seen: int, seconds: float) -> bool:
         """Wait until the generation differs from ``seen`` or ``seconds`` pass; True if it changed."""
-        if seconds <= 0:
+        if seconds <= 0 or self._releasing:
             return self.generation != seen
         async with self._changed:
             with contextlib.suppress(TimeoutError):

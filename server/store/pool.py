@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,6 +12,7 @@ import orjson
 import structlog
 
 from server.core.errors import Unavailable
+from server.ops import metrics
 
 log = structlog.get_logger(component="dipc.store")
 
@@ -76,13 +78,23 @@ async def create_pool(
 
 @asynccontextmanager
 async def deadline(seconds: float, what: str) -> AsyncIterator[None]:
-    """Run database work under a deadline; turn every "database is down" failure into Unavailable."""
+    """Run database work under a deadline; turn every "database is down" failure into Unavailable.
+
+    Also the one place the duration of a request's database work is measured (``what`` names it).
+    """
+    started = time.perf_counter()
+    result = "error"
     try:
         async with asyncio.timeout(seconds):
             yield
+        result = "ok"
     except TimeoutError:
+        result = "timeout"
         log.warning("db.deadline_exceeded", what=what, seconds=seconds)
         raise Unavailable(f"the database did not answer within {seconds:g} s") from None
     except UNAVAILABLE_ERRORS as error:
+        result = "unavailable"
         log.warning("db.unavailable", what=what, error=f"{type(error).__name__}: {error}")
         raise Unavailable("the database is unavailable") from error
+    finally:
+        metrics.DB_DURATION.labels(what, result).observe(time.perf_counter() - started)

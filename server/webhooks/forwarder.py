@@ -22,6 +22,7 @@ import structlog
 
 from server.config import Settings
 from server.core.events import Event
+from server.ops import metrics
 from server.store import deliveries
 from server.store.deliveries import Delivery
 from server.store.listener import EventListener
@@ -65,7 +66,7 @@ class WebhookForwarder:
             except UNAVAILABLE_ERRORS as error:
                 log.warning("webhook.database_unavailable", error=str(error))
                 await asyncio.sleep(1.0)
-        while True:
+        while not self.listener.releasing:  # the process is shutting down: start nothing new
             seen = self.listener.generation
             try:
                 if await self.step():
@@ -111,6 +112,7 @@ class WebhookForwarder:
                 await response.read()
             if 200 <= status < 300:
                 await deliveries.mark_delivered(self.pool, SUBSCRIBER, event.id, status)
+                metrics.WEBHOOK_ATTEMPTS.labels("delivered").inc()
                 log.info("webhook.delivered", event_id=event.id, type=event.type, attempts=delivery.attempts)
                 return
             error = f"HTTP {status}"
@@ -129,6 +131,7 @@ class WebhookForwarder:
         await deliveries.mark_attempt_failed(
             self.pool, SUBSCRIBER, event.id, error=error, status=status, retry_in_s=retry_in
         )
+        metrics.WEBHOOK_ATTEMPTS.labels("failed" if give_up else "retry").inc()
         log.warning(
             "webhook.failed" if give_up else "webhook.retry",
             event_id=event.id,

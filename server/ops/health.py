@@ -1,0 +1,73 @@
+"""Readiness: can this process serve? The database answers within a second and its schema is current.
+
+The check runs on a connection of its own, never the request pool, so a probe does not queue behind
+requests stuck on a slow database. Concurrent probes share one check, and a result is reused for half a
+second, so a storm of probes costs the database one query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+from server.ops import metrics
+from server.store import migrate
+from server.store.pool import UNAVAILABLE_ERRORS
+
+CHECK_TIMEOUT_S = 1.0
+REUSE_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    reason: str | None = None
+    pending: tuple[str, ...] = ()
+
+    def document(self) -> dict[str, object]:
+        if self.ready:
+            return {"status": "ready"}
+        document: dict[str, object] = {"status": "unavailable", "reason": self.reason}
+        if self.pending:
+            document["pending"] = list(self.pending)
+        return document
+
+
+class HealthChecker:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._last: tuple[float, Readiness] | None = None
+
+    async def readiness(self) -> Readiness:
+        async with self._lock:
+            now = time.monotonic()
+            if self._last is not None and now - self._last[0] < REUSE_S:
+                return self._last[1]
+            result = await self._check()
+            self._last = (time.monotonic(), result)
+            metrics.DATABASE_UP.set(1 if result.ready else 0)
+            return result
+
+    async def _check(self) -> Readiness:
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(self.dsn, timeout=CHECK_TIMEOUT_S)
+                state = await migrate.state(self._conn)
+        except UNAVAILABLE_ERRORS as error:
+            await self.close()
+            detail = "did not answer within 1 s" if isinstance(error, TimeoutError) else type(error).__name__
+            return Readiness(False, f"database unreachable ({detail})")
+        if not state.current:
+            return Readiness(False, "migrations not current", tuple(state.pending + state.changed))
+        return Readiness(True)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()

@@ -1,0 +1,201 @@
+"""`dipc serve` as a process: graceful SIGTERM, several workers on one port, `dipc doctor`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.doku.client import DokuSimulator
+from tests.conftest import BINS, CLIENT, CLIENT_ID, CODE, SECRET_KEY
+from tests.integration.test_cli import DIPC, free_port, run, wait_ready
+
+
+def server_env(database_url: str, port: int, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
+    return (
+        env
+        | {
+            "DATABASE_URL": database_url,
+            "DIPC_CLIENT_ID": CLIENT_ID,
+            "DIPC_SECRET_KEY": SECRET_KEY,
+            "DIPC_BINS": BINS,
+            "DIPC_PORT": str(port),
+            "DIPC_LOG_LEVEL": "WARNING",
+            "DIPC_ADMIN_TOKEN": "t",
+        }
+        | extra
+    )
+
+
+def spawn(env: dict[str, str], *, stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
+    return subprocess.Popen([*DIPC, "serve"], env=env, stdout=stdout, stderr=subprocess.PIPE)
+
+
+async def register_code(pool) -> None:
+    await pool.execute(
+        "INSERT INTO payment_codes (payment_code, client_id, channel, invoice_number, amount, customer_name) "
+        "VALUES ($1, $2, 'ALFA', 'INV-2026-000123', 150000, 'Budi')",
+        CODE,
+        CLIENT_ID,
+    )
+
+
+async def test_sigterm_lets_every_accepted_request_finish_and_exits_0(database_url, pool):
+    await register_code(pool)
+    port = free_port()
+    env = server_env(
+        database_url, port, DIPC_DOKU_DB_TIMEOUT_S="20", DIPC_DB_POOL_MAX="30", DIPC_SHUTDOWN_TIMEOUT_S="15"
+    )
+    server = spawn(env)
+    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+
+    async with aiohttp.ClientSession() as session:
+        doku = DokuSimulator(session, f"http://127.0.0.1:{port}", CLIENT)
+        blocker = await pool.acquire()
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("LOCK TABLE payment_codes IN ACCESS EXCLUSIVE MODE")  # every inquiry now waits
+        inquiries = [asyncio.create_task(doku.inquiry(CODE)) for _ in range(20)]
+        long_poll = asyncio.create_task(
+            session.get(f"http://127.0.0.1:{port}/v1/events?wait=60", headers={"Authorization": "Bearer t"})
+        )
+        try:
+            # Accepted, and inside the server: all twenty are waiting on the lock in PostgreSQL.
+            for _ in range(200):
+                waiting = await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = 'dipc' AND wait_event_type = 'Lock'"
+                )
+                if waiting == 20:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting == 20
+            server.send_signal(signal.SIGTERM)
+            poll_response = await asyncio.wait_for(long_poll, 5)  # a parked long-poll answers at once
+            assert poll_response.status == 200
+            await asyncio.sleep(0.5)
+            assert server.poll() is None  # still draining
+            with _refused():
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as _:
+                    pass
+        finally:
+            await transaction.rollback()
+            await pool.release(blocker)
+        replies = await asyncio.gather(*inquiries)
+    assert [reply.status for reply in replies] == [200] * 20
+    assert all(reply.signature_valid for reply in replies)
+    code = await asyncio.to_thread(server.wait, 20)
+    assert code == 0, server.stderr.read().decode()
+
+
+class _refused:
+    """Asserts that the block fails to connect: the listening socket is closed during the drain."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, _tb) -> bool:
+        assert kind is not None, "a new connection was accepted"
+        assert issubclass(kind, aiohttp.ClientConnectionError), kind
+        return True
+
+
+async def test_two_workers_share_the_port_and_report_consistent_totals(database_url, pool):
+    port = free_port()
+    server = spawn(server_env(database_url, port, DIPC_WORKERS="2"))
+    try:
+        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+        pids: set[int] = set()
+        sent = 0
+        deadline = time.monotonic() + 30
+        while (len(pids) < 2 or sent < 100) and time.monotonic() < deadline:
+            # A fresh connection each time, so the kernel spreads them over both workers.
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+                session.get(f"http://127.0.0.1:{port}/healthz") as response,
+            ):
+                pids.add((await response.json())["pid"])
+                sent += 1
+        assert len(pids) == 2, "both workers should answer"
+
+        totals = []
+        for _ in range(6):  # scrapes land on either worker; each must report the sum of both
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+                session.get(f"http://127.0.0.1:{port}/metrics") as response,
+            ):
+                text = await response.text()
+            totals.append(
+                sum(
+                    sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name == "dipc_http_requests_total" and sample.labels["route"] == "/healthz"
+                )
+            )
+        assert totals == [sent] * 6
+        applied = await pool.fetchval("SELECT count(*) FROM schema_migrations")
+        assert applied == 2  # migrated once, by the supervisor
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.wait, 30)
+    assert code == 0, server.stderr.read().decode()
+
+
+def test_doctor_reports_a_healthy_deployment_and_fails_on_problems(database_url, pool):
+    env = server_env(database_url, 8080)
+    result = run("doctor", "--json", env=env)
+    assert result.returncode == 0, result.stdout
+    report = orjson.loads(result.stdout)
+    statuses = {check["name"]: check["status"] for check in report["checks"]}
+    assert statuses["database"] == statuses["migrations"] == statuses["clock"] == "ok"
+    assert statuses["DOKU clients"] == "ok"
+
+    broken = run("doctor", env=env | {"DIPC_SECRET_KEY": "", "DIPC_WEBHOOK_URL": "http://example.com/hook"})
+    assert broken.returncode == 1
+    assert b"no secret key" in broken.stdout
+    assert b"DIPC_WEBHOOK_SECRET" in broken.stdout
+    unreachable = run("doctor", env=env | {"DATABASE_URL": "postgresql://x@/x?host=/nonexistent"})
+    assert unreachable.returncode == 1
+    assert b"database unreachable" in unreachable.stdout
+
+
+async def test_logs_are_json_lines_with_masked_codes_and_no_secrets(database_url, pool):
+    await register_code(pool)
+    port = free_port()
+    env = server_env(database_url, port, DIPC_LOG_LEVEL="INFO", DIPC_LOG_FORMAT="json")
+    server = spawn(env, stdout=subprocess.PIPE)
+    try:
+        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+        async with aiohttp.ClientSession() as session:
+            reply = await DokuSimulator(session, f"http://127.0.0.1:{port}", CLIENT).inquiry(
+                CODE, request_id="req-log-1"
+            )
+        assert reply.status == 200
+    finally:
+        server.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.to_thread(server.communicate, timeout=30)
+    lines = [orjson.loads(line) for line in stdout.splitlines()]  # every line is one JSON document
+    [access] = [
+        line
+        for line in lines
+        if line.get("event") == "http.request" and line.get("request_id") == "req-log-1"
+    ]
+    assert access["route"] == "/doku/inquiry"
+    assert access["outcome"] == "SUCCESS"
+    assert access["status"] == 200
+    assert isinstance(access["ms"], float)
+    assert access["payment_code"] == "************8123"
+    assert access["level"] == "info"
+    assert {"timestamp", "client_id"} <= set(access)
+    everything = stdout + stderr
+    assert CODE.encode() not in everything
+    assert SECRET_KEY.encode() not in everything
+    assert reply.headers["Signature"].encode() not in everything

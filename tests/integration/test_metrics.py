@@ -1,0 +1,78 @@
+"""/metrics after real traffic: the counters and histograms move as the traffic says."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.doku.auth import Client
+from server.doku.client import DokuSimulator
+from tests.conftest import CLIENT_ID, CODE
+
+
+async def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(await response.text()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    """The sum of every series of ``name`` whose labels include ``labels``."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+async def test_traffic_moves_the_counters_and_histograms(client, doku, register, admin_headers):
+    await register()
+    before = await scrape(client)
+
+    await doku.inquiry(CODE)  # SUCCESS
+    await doku.inquiry("8896599999999999")  # NOT_FOUND
+    unknown = DokuSimulator(client.session, str(client.make_url("")), Client("MCH-UNKNOWN", (b"k",)))
+    await unknown.inquiry(CODE)  # invalid_signature, client not configured
+    wrong_key = DokuSimulator(client.session, str(client.make_url("")), Client(CLIENT_ID, (b"wrong",)))
+    await wrong_key.inquiry(CODE)  # invalid_signature, bad signature
+    await doku.post("/doku/inquiry", b"not json")  # INVALID_JSON
+    await doku.notify(CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id="A")
+    await doku.notify(CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id="A")
+    await doku.notify(CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id="B")
+    await doku.notify(CODE, invoice_number="INV-2026-000123", amount=1, original_request_id="C")
+
+    after = await scrape(client)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("dipc_inquiries_total", outcome="SUCCESS", channel="ALFA", replayed="false") == 1
+    assert moved("dipc_inquiries_total", outcome="NOT_FOUND") == 1
+    assert moved("dipc_http_requests_total", route="/doku/inquiry", status="200", outcome="SUCCESS") == 1
+    assert (
+        moved("dipc_http_requests_total", route="/doku/inquiry", status="401", outcome="INVALID_SIGNATURE")
+        == 2
+    )
+    assert moved("dipc_http_requests_total", route="/doku/inquiry", status="400", outcome="INVALID_JSON") == 1
+    assert moved("dipc_signature_failures_total", client_id="unknown", reason="UNKNOWN_CLIENT") == 1
+    assert moved("dipc_signature_failures_total", client_id=CLIENT_ID, reason="BAD_SIGNATURE") == 1
+    assert moved("dipc_http_request_duration_seconds_count", route="/doku/inquiry") == 5
+    assert moved("dipc_http_request_duration_seconds_bucket", route="/doku/inquiry", le="+Inf") == 5
+    assert moved("dipc_notifications_total", outcome="normal") == 1
+    assert moved("dipc_notifications_total", outcome="repeat") == 1
+    assert moved("dipc_notifications_total", outcome="conflict") == 1
+    assert moved("dipc_notifications_total", outcome="anomaly") == 1
+    assert moved("dipc_payments_total", kind="normal") == 1
+    assert moved("dipc_payments_total", kind="conflict", reason="ALREADY_PAID") == 1
+    assert moved("dipc_payments_total", kind="anomaly", reason="AMOUNT_MISMATCH") == 1
+    assert moved("dipc_db_operation_duration_seconds_count", operation="inquiry", result="ok") == 2
+    assert moved("dipc_db_operation_duration_seconds_count", operation="notification", result="ok") == 4
+
+    assert value(after, "dipc_db_pool_connections", state="max") >= 1
+    assert value(after, "dipc_events_last_id") == 4  # code.created, received, conflict, anomaly
+    assert value(after, "dipc_build_info") == 1
+
+
+async def test_readiness_is_reported_as_a_gauge(client):
+    assert (await client.get("/readyz")).status == 200
+    assert value(await scrape(client), "dipc_database_up") == 1
