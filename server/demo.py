@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from server.config import DEMO_CLIENT_ID
-from server.core.registration import NewCode
+from server.core.codes import NewCode
 from server.store import codes as code_store
 
 

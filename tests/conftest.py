@@ -10,6 +10,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -166,3 +167,30 @@ def register(client: TestClient, admin_headers: dict[str, str]):
         return await response.json()
 
     return register
+
+
+@asynccontextmanager
+async def table_locked(pool: asyncpg.Pool, table: str = "payment_codes") -> AsyncIterator[None]:
+    """Hold an ACCESS EXCLUSIVE lock on ``table`` for the block: every statement touching it waits.
+
+    Whatever answers inside the block answered while the database was, for dipc, hanging.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        yield
+
+
+def dipc_env(database_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a dipc process for the test merchant, on the test database."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
+    return (
+        base
+        | {
+            "DATABASE_URL": database_url,
+            "DIPC_CLIENT_ID": CLIENT_ID,
+            "DIPC_SECRET_KEY": SECRET_KEY,
+            "DIPC_BINS": BINS,
+            "DIPC_LOG_FORMAT": "json",
+        }
+        | extra
+    )

@@ -59,6 +59,21 @@ def _show(args: argparse.Namespace, document: dict[str, Any]) -> None:
         print(f"{name.ljust(width)}  {'' if value is None else value}")
 
 
+def _print_page(
+    args: argparse.Namespace,
+    documents: list[dict[str, Any]],
+    cursor: str | None,
+    columns: list[str],
+    command: str,
+) -> None:
+    if args.json:
+        print_json({"items": documents, "next": cursor})
+        return
+    print_table(documents, columns)
+    if cursor:
+        print(f"more: dipc {command} --after {cursor}")
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     json_flag = argparse.ArgumentParser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -198,13 +213,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     async def work(pool: asyncpg.Pool, settings: Settings) -> int:
         page = await manage.list_codes(pool, status=args.status, after=args.after, limit=args.limit)
-        documents = [code_document(code) for code in page.items]
-        if args.json:
-            print_json({"items": documents, "next": page.next})
-        else:
-            print_table(documents, CODE_COLUMNS)
-            if page.next:
-                print(f"more: dipc codes list --after {page.next}")
+        _print_page(args, [code_document(code) for code in page.items], page.next, CODE_COLUMNS, "codes list")
         return 0
 
     return _with_db(args, work)
@@ -226,12 +235,7 @@ def run_payments(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
         documents = [payment_document(payment) for payment in page.items]
-        if args.json:
-            print_json({"items": documents, "next": page.next})
-        else:
-            print_table(documents, PAYMENT_COLUMNS)
-            if page.next:
-                print(f"more: dipc payments list --after {page.next}")
+        _print_page(args, documents, page.next, PAYMENT_COLUMNS, "payments list")
         return 0
 
     return _with_db(args, work)

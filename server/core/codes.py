@@ -28,7 +28,9 @@ class CodeRules(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
-class PaymentCode:
+class NewCode:
+    """What a merchant registers; its field order is the column order of inserts and imports."""
+
     payment_code: str
     client_id: str
     channel: str
@@ -40,8 +42,17 @@ class PaymentCode:
     info2: str
     info3: str
     reusable: bool
-    status: CodeStatus
     expires_at: datetime | None
+
+
+NEW_CODE_COLUMNS: tuple[str, ...] = tuple(NewCode.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentCode(NewCode):
+    """A registered code and its state."""
+
+    status: CodeStatus
     paid_count: int
     invoice_seq: int
     created_at: datetime

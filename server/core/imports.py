@@ -11,9 +11,9 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 import orjson
 
+from server.core.codes import NEW_CODE_COLUMNS
 from server.core.errors import BadRequest
 from server.core.manage import ImportRow
-from server.core.registration import NEW_CODE_COLUMNS
 
 FORMATS = ("csv", "ndjson")
 REQUIRED_COLUMNS = ("payment_code", "amount", "invoice_number", "customer_name")

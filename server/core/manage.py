@@ -14,12 +14,12 @@ from typing import Any, Generic, TypeVar
 
 import asyncpg
 
-from server.core.codes import CodeRules, PaymentCode
+from server.core.codes import CodeRules, NewCode, PaymentCode
 from server.core.documents import code_document
 from server.core.errors import AlreadyExists, NotFound, NotModifiable, ValidationFailed, VersionConflict
 from server.core.outcomes import CodeStatus
 from server.core.payments import Payment
-from server.core.registration import NewCode, parse_changes, parse_new_code, parse_payment_code
+from server.core.registration import parse_changes, parse_new_code, parse_payment_code
 from server.store import codes as code_store
 from server.store import outbox
 from server.store import payments as payment_store

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from server.core.codes import ANY_CHANNEL, CodeRules
+from server.core.codes import ANY_CHANNEL, NEW_CODE_COLUMNS, CodeRules, NewCode
 from server.core.errors import ValidationFailed
 from server.doku import conventions
 
@@ -24,24 +24,6 @@ _INVOICE_RE = re.compile(conventions.INVOICE_PATTERN)
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
-@dataclass(frozen=True, slots=True)
-class NewCode:
-    payment_code: str
-    client_id: str
-    channel: str
-    invoice_number: str
-    amount: int
-    customer_name: str
-    customer_email: str
-    info1: str
-    info2: str
-    info3: str
-    reusable: bool
-    expires_at: datetime | None
-
-
-# Column order of NewCode, shared by the INSERT and the COPY of a bulk import.
-NEW_CODE_COLUMNS: tuple[str, ...] = tuple(NewCode.__dataclass_fields__)
 PATCHABLE_FIELDS = ("amount", "expires_at", "customer_name", "customer_email", "info1", "info2", "info3")
 
 

@@ -20,13 +20,20 @@ from server.doku import auth, channels, signature
 from server.doku.auth import Client
 
 
+def _envelope(channel: str) -> dict[str, Any]:
+    """The members every DOKU O2O body opens with."""
+    return {
+        "service": {"id": "ONLINE_TO_OFFLINE"},
+        "acquirer": {"id": channel},
+        "channel": {"id": channels.CHANNEL_IDS[channel]},
+    }
+
+
 def inquiry_body(payment_code: str, *, channel: str = channels.ALFA, when: datetime | None = None) -> bytes:
     """An inquiry body in DOKU's member order (spec §3)."""
     return orjson.dumps(
-        {
-            "service": {"id": "ONLINE_TO_OFFLINE"},
-            "acquirer": {"id": channel},
-            "channel": {"id": channels.CHANNEL_IDS[channel]},
+        _envelope(channel)
+        | {
             "online_to_offline_info": {"payment_code": payment_code},
             "online_to_offline_inquiry": {"date": auth.format_timestamp(when or utcnow()), "identifier": []},
         }
@@ -54,10 +61,8 @@ def notification_body(
     if agent_trx_id is not None:
         identifiers.append({"name": "AGENT_TRX_ID", "value": agent_trx_id})
     return orjson.dumps(
-        {
-            "service": {"id": "ONLINE_TO_OFFLINE"},
-            "acquirer": {"id": channel},
-            "channel": {"id": channels.CHANNEL_IDS[channel]},
+        _envelope(channel)
+        | {
             "transaction": transaction,
             "order": {"invoice_number": invoice_number, "amount": amount},
             "online_to_offline_info": {"payment_code": payment_code},

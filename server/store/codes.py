@@ -7,9 +7,9 @@ from typing import Any
 
 import asyncpg
 
-from server.core.codes import PaymentCode
+from server.core.codes import NEW_CODE_COLUMNS, NewCode, PaymentCode
 from server.core.outcomes import CodeStatus
-from server.core.registration import NEW_CODE_COLUMNS, PATCHABLE_FIELDS, NewCode
+from server.core.registration import PATCHABLE_FIELDS
 
 _COLUMN_NAMES = (
     *NEW_CODE_COLUMNS,
@@ -24,26 +24,8 @@ def qualified_columns(alias: str) -> str:
 
 
 def code_from_row(row: asyncpg.Record) -> PaymentCode:
-    return PaymentCode(
-        payment_code=row["payment_code"],
-        client_id=row["client_id"],
-        channel=row["channel"],
-        invoice_number=row["invoice_number"],
-        amount=row["amount"],
-        customer_name=row["customer_name"],
-        customer_email=row["customer_email"],
-        info1=row["info1"],
-        info2=row["info2"],
-        info3=row["info3"],
-        reusable=row["reusable"],
-        status=CodeStatus(row["status"]),
-        expires_at=row["expires_at"],
-        paid_count=row["paid_count"],
-        invoice_seq=row["invoice_seq"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        version=row["version"],
-    )
+    values = {name: row[name] for name in _COLUMN_NAMES}
+    return PaymentCode(**(values | {"status": CodeStatus(row["status"])}))
 
 
 async def get(conn: asyncpg.Connection, payment_code: str, *, for_update: bool = False) -> PaymentCode | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import BINS, CLIENT_ID, SECRET_KEY
+from tests.conftest import dipc_env
 
 DIPC = [str(Path(sys.executable).with_name("dipc"))] if Path(sys.executable).with_name("dipc").exists() else [
     sys.executable, "-m", "server"
@@ -33,14 +33,7 @@ def run(
 @pytest.fixture
 def env(database_url, pool) -> dict[str, str]:
     """The environment of a merchant's shell: one DOKU client, its BINs, the (emptied) test database."""
-    base = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
-    return base | {
-        "DATABASE_URL": database_url,
-        "DIPC_CLIENT_ID": CLIENT_ID,
-        "DIPC_SECRET_KEY": SECRET_KEY,
-        "DIPC_BINS": BINS,
-        "DIPC_LOG_FORMAT": "json",
-    }
+    return dipc_env(database_url)
 
 
 def test_help_explains_every_command():

@@ -3,29 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 
 import aiohttp
 
 from server.doku.client import DokuSimulator, notification_body
-from tests.conftest import BINS, CLIENT, CLIENT_ID, SECRET_KEY
+from tests.conftest import CLIENT, CLIENT_ID, dipc_env
 from tests.integration.test_cli import DIPC, free_port, wait_ready
 
 COUNT = 300
 
 
 def start_server(database_url: str, port: int) -> subprocess.Popen:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
-    env |= {
-        "DATABASE_URL": database_url,
-        "DIPC_CLIENT_ID": CLIENT_ID,
-        "DIPC_SECRET_KEY": SECRET_KEY,
-        "DIPC_BINS": BINS,
-        "DIPC_PORT": str(port),
-        "DIPC_LOG_LEVEL": "WARNING",
-    }
+    env = dipc_env(database_url, DIPC_PORT=str(port), DIPC_LOG_LEVEL="WARNING")
     server = subprocess.Popen([*DIPC, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_ready(f"http://127.0.0.1:{port}/readyz", server)
     return server

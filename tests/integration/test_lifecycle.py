@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import time
@@ -13,25 +12,13 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.doku.client import DokuSimulator
-from tests.conftest import BINS, CLIENT, CLIENT_ID, CODE, SECRET_KEY
+from tests.conftest import CLIENT, CLIENT_ID, CODE, SECRET_KEY, dipc_env, table_locked
 from tests.integration.test_cli import DIPC, free_port, run, wait_ready
 
 
 def server_env(database_url: str, port: int, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
-    return (
-        env
-        | {
-            "DATABASE_URL": database_url,
-            "DIPC_CLIENT_ID": CLIENT_ID,
-            "DIPC_SECRET_KEY": SECRET_KEY,
-            "DIPC_BINS": BINS,
-            "DIPC_PORT": str(port),
-            "DIPC_LOG_LEVEL": "WARNING",
-            "DIPC_ADMIN_TOKEN": "t",
-        }
-        | extra
-    )
+    defaults = {"DIPC_PORT": str(port), "DIPC_LOG_LEVEL": "WARNING", "DIPC_ADMIN_TOKEN": "t"}
+    return dipc_env(database_url, **(defaults | extra))
 
 
 def spawn(env: dict[str, str], *, stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
@@ -58,15 +45,13 @@ async def test_sigterm_lets_every_accepted_request_finish_and_exits_0(database_u
 
     async with aiohttp.ClientSession() as session:
         doku = DokuSimulator(session, f"http://127.0.0.1:{port}", CLIENT)
-        blocker = await pool.acquire()
-        transaction = blocker.transaction()
-        await transaction.start()
-        await blocker.execute("LOCK TABLE payment_codes IN ACCESS EXCLUSIVE MODE")  # every inquiry now waits
-        inquiries = [asyncio.create_task(doku.inquiry(CODE)) for _ in range(20)]
-        long_poll = asyncio.create_task(
-            session.get(f"http://127.0.0.1:{port}/v1/events?wait=60", headers={"Authorization": "Bearer t"})
-        )
-        try:
+        async with table_locked(pool):  # every inquiry now waits in PostgreSQL
+            inquiries = [asyncio.create_task(doku.inquiry(CODE)) for _ in range(20)]
+            long_poll = asyncio.create_task(
+                session.get(
+                    f"http://127.0.0.1:{port}/v1/events?wait=60", headers={"Authorization": "Bearer t"}
+                )
+            )
             # Accepted, and inside the server: all twenty are waiting on the lock in PostgreSQL.
             for _ in range(200):
                 waiting = await pool.fetchval(
@@ -85,9 +70,6 @@ async def test_sigterm_lets_every_accepted_request_finish_and_exits_0(database_u
             with _refused():
                 async with session.get(f"http://127.0.0.1:{port}/healthz") as _:
                     pass
-        finally:
-            await transaction.rollback()
-            await pool.release(blocker)
         replies = await asyncio.gather(*inquiries)
     assert [reply.status for reply in replies] == [200] * 20
     assert all(reply.signature_valid for reply in replies)

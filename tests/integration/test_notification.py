@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import timedelta
 
 import asyncpg
@@ -14,7 +13,7 @@ from server.app import make_app
 from server.core.codes import utcnow
 from server.doku.auth import Client
 from server.doku.client import DokuSimulator, notification_body
-from tests.conftest import CLIENT, CLIENT_ID, CODE, OTHER_CLIENT_ID, make_settings, spec_example
+from tests.conftest import CLIENT, CLIENT_ID, CODE, OTHER_CLIENT_ID, make_settings, spec_example, table_locked
 
 INVOICE = "INV-2026-000123"
 ACK = b'{"status":"success"}'
@@ -315,24 +314,11 @@ async def test_a_hanging_database_gets_503_and_the_retry_records_it(
 ):
     client = await aiohttp_client(make_app(make_settings(notification_db_timeout_s=0.5), database_url))
     doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
-    locked, release = asyncio.Event(), asyncio.Event()
-
-    async def hold_the_table() -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("LOCK TABLE payment_codes IN ACCESS EXCLUSIVE MODE")
-            locked.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(release.wait(), timeout=10)
-
-    holder = asyncio.create_task(hold_the_table())
-    await locked.wait()
-    reply = await pay(doku, code="8896599999999999")
-    still_locked = not holder.done()
-    release.set()
-    await holder
-    assert still_locked
+    async with table_locked(pool):
+        reply = await pay(doku, code="8896599999999999")  # answered while the table is still locked
     assert reply.status == 503
     assert reply.json()["error"]["code"] == "UNAVAILABLE"
+    assert "did not answer within 0.5 s" in reply.json()["error"]["message"]
     assert await inbox(pool) == []  # a 503 promises nothing: DOKU retries
     assert (await pay(doku, code="8896599999999999")).status == 200
     assert len(await payments(pool)) == 1

@@ -122,3 +122,37 @@ def test_protocol_errors_carry_doku_status_and_a_human_error():
         "error": {"code": "REQUEST_ID_REUSED", "message": "used before"},
     }
     assert orjson.loads(messages.render_inquiry_error(Unavailable("down")))["error"]["code"] == "UNAVAILABLE"
+
+
+def test_the_simulator_sends_the_spec_examples_byte_for_byte():
+    from datetime import UTC, datetime
+
+    from server.doku.client import inquiry_body, notification_body
+
+    assert inquiry_body(
+        "8896512345678123", when=datetime(2026, 11, 25, 8, 45, 42, tzinfo=UTC)
+    ) == spec_example("inquiry-alfa.json")
+    assert inquiry_body(
+        "3301200000000042", channel="INDOMARET", when=datetime(2026, 11, 25, 9, 1, 5, tzinfo=UTC)
+    ) == spec_example("inquiry-indomaret.json")
+    assert notification_body(
+        "8896512345678123",
+        invoice_number="INV-2026-000123",
+        amount=150000,
+        original_request_id="5b8e438f-fac1-4103-9e0e-ebfdc38b5acb",
+        agent_trx_id="1246",
+        when=datetime(2026, 11, 25, 8, 47, 10, tzinfo=UTC),
+    ) == spec_example("notification-alfa.json")
+
+
+def test_the_spec_notification_parses():
+    message = messages.parse_notification(spec_example("notification-alfa.json"))
+    assert (message.payment_code, message.invoice_number, message.amount, message.channel) == (
+        "8896512345678123",
+        "INV-2026-000123",
+        150000,
+        "ALFA",
+    )
+    assert message.transaction_status == "SUCCESS"
+    assert message.transaction_reference("ignored") == "5b8e438f-fac1-4103-9e0e-ebfdc38b5acb"
+    assert (message.agent_id, message.agent_store_id, message.agent_trx_id) == ("ALFAMART", "TZ01", "1246")
