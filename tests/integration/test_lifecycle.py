@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import time
@@ -181,3 +182,46 @@ async def test_logs_are_json_lines_with_masked_codes_and_no_secrets(database_url
     assert CODE.encode() not in everything
     assert SECRET_KEY.encode() not in everything
     assert reply.headers["Signature"].encode() not in everything
+
+
+async def healthz_pids(port: int, *, tries: int) -> set[int]:
+    pids: set[int] = set()
+    for _ in range(tries):
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+            session.get(f"http://127.0.0.1:{port}/healthz") as response,
+        ):
+            pids.add((await response.json())["pid"])
+    return pids
+
+
+async def test_a_worker_that_dies_is_replaced(database_url, pool):
+    port = free_port()
+    server = spawn(server_env(database_url, port, DIPC_WORKERS="2"))
+    try:
+        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+        before: set[int] = set()
+        for _ in range(50):  # the second worker may start listening a moment after the first
+            before |= await healthz_pids(port, tries=10)
+            if len(before) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        after: set[int] = set()
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            try:
+                after = await healthz_pids(port, tries=10)
+            except aiohttp.ClientError:
+                continue
+            if len(after - before) == 1 and victim not in after:
+                break
+        assert victim not in after
+        assert len(after - before) == 1, "a new worker took the dead one's place"
+        assert server.poll() is None
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.wait, 30)
+    assert code == 0
