@@ -55,10 +55,14 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             forwarder = WebhookForwarder(app[POOL], app[LISTENER], settings, session)
             task = asyncio.create_task(forwarder.run(), name="dipc-webhook-forwarder")
             yield
-            # Deliveries in flight are abandoned: their lease expires and a live process retries them.
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # The loop ends after its current round (the listener released its waiters at shutdown):
+            # deliveries in flight finish. Past the HTTP timeout it is cancelled and hands leases back.
+            try:
+                await asyncio.wait_for(asyncio.shield(task), settings.webhook_timeout_s + 5)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def release_long_polls(app: web.Application) -> None:
         # Runs after the listening socket closed and before in-flight requests are awaited: parked

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from aiohttp import web
 
@@ -59,9 +58,7 @@ class DokuEndpoint:
             raise InvalidField("Request-Id", f"must be at most {limit} characters")
         require_json(request)
 
-    def respond(
-        self, request: web.Request, status: int, body: bytes, now: datetime | None = None
-    ) -> web.Response:
+    def respond(self, request: web.Request, status: int, body: bytes) -> web.Response:
         """Our answer, signed for the authenticated caller (unsigned when there is none)."""
         auth = request.get(DOKU_AUTH)
         headers = None
@@ -71,7 +68,7 @@ class DokuEndpoint:
                 request_id=auth.request_id,
                 target=self.target,
                 body=body,
-                now=now or utcnow(),
+                now=utcnow(),
                 response=True,
             )
         return web.Response(status=status, body=body, content_type=JSON, headers=headers)

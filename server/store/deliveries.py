@@ -127,6 +127,16 @@ async def mark_delivered(
     )
 
 
+async def release_lease(conn: asyncpg.Connection | asyncpg.Pool, subscriber: str, event_id: int) -> None:
+    """Give a claimed delivery back at once (our process is stopping before it finished)."""
+    await conn.execute(
+        "UPDATE webhook_deliveries SET next_attempt_at = now() "
+        "WHERE subscriber = $1 AND event_id = $2 AND status = 'pending'",
+        subscriber,
+        event_id,
+    )
+
+
 async def mark_attempt_failed(
     conn: asyncpg.Connection | asyncpg.Pool,
     subscriber: str,

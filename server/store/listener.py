@@ -25,7 +25,7 @@ class EventListener:
         self.connect_timeout = connect_timeout
         self.generation = 0
         self.connected = asyncio.Event()
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()  # set, and replaced, at every bump
         self._task: asyncio.Task[None] | None = None
         self._releasing = False
 
@@ -45,24 +45,23 @@ class EventListener:
     async def release_waiters(self) -> None:
         """Wake every waiter now and let no one wait again (the process is shutting down)."""
         self._releasing = True
-        await self._bump()
+        self._bump()
 
     async def wait_for_change(self, seen: int, seconds: float) -> bool:
         """Wait until the generation differs from ``seen`` or ``seconds`` pass; True if it changed."""
-        if seconds <= 0 or self._releasing:
+        if self.generation != seen or seconds <= 0 or self._releasing:
             return self.generation != seen
-        async with self._changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.generation != seen), seconds)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), seconds)
         return self.generation != seen
 
-    async def _bump(self) -> None:
-        async with self._changed:
-            self.generation += 1
-            self._changed.notify_all()
+    def _bump(self) -> None:
+        self.generation += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _on_notify(self, *_args: object) -> None:
-        asyncio.get_running_loop().create_task(self._bump())
+        self._bump()
 
     async def _run(self) -> None:
         delay = 0.2
@@ -70,7 +69,7 @@ class EventListener:
             lost = asyncio.Event()
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
-            except UNAVAILABLE_ERRORS as error:
+            except Exception as error:  # whatever it is, keep trying: the feed falls back to its timeouts
                 log.warning("listener.connect_failed", error=f"{type(error).__name__}: {error}", retry=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -80,14 +79,16 @@ class EventListener:
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.connected.set()
                 delay = 0.2
-                await self._bump()  # anything committed while we were not listening is read now
+                self._bump()  # anything committed while we were not listening is read now
                 await lost.wait()
                 log.warning("listener.connection_lost")
             except UNAVAILABLE_ERRORS as error:
                 log.warning("listener.failed", error=f"{type(error).__name__}: {error}")
+            except Exception:
+                log.exception("listener.error")  # keep going: waiters fall back to their timeouts meanwhile
             finally:
                 self.connected.clear()
                 if not conn.is_closed():
                     conn.terminate()
-            await self._bump()
+            self._bump()
             await asyncio.sleep(delay)

@@ -11,6 +11,7 @@ PostgreSQL, so restarts lose nothing and several processes share the work. Deliv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from datetime import UTC, datetime
@@ -76,6 +77,11 @@ class WebhookForwarder:
                 log.warning("webhook.database_unavailable", error=str(error))
                 await asyncio.sleep(1.0)
                 continue
+            except Exception:
+                # Never let the forwarder die quietly: log, pause, and carry on with the next round.
+                log.exception("webhook.forwarder_error")
+                await asyncio.sleep(IDLE_RECHECK_S)
+                continue
             sleep_s = IDLE_RECHECK_S
             if due is not None:
                 sleep_s = min(max((due - datetime.now(UTC)).total_seconds(), 0.0), IDLE_RECHECK_S)
@@ -93,6 +99,15 @@ class WebhookForwarder:
         return True
 
     async def deliver(self, delivery: Delivery, event: Event) -> None:
+        try:
+            await self._attempt(delivery, event)
+        except asyncio.CancelledError:
+            # Stopping mid-delivery: hand the lease back so a live process retries now, not in a minute.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(deliveries.release_lease(self.pool, SUBSCRIBER, event.id))
+            raise
+
+    async def _attempt(self, delivery: Delivery, event: Event) -> None:
         body = orjson.dumps(event.document())
         headers = {
             "Content-Type": "application/json",
