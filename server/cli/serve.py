@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -183,6 +184,8 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
 
 def _print_demo_banner(settings: Settings, seeded: list) -> None:
     base = f"http://{settings.host}:{settings.port}"
+    # The command as it was typed (".venv/bin/dipc"), so the examples can be pasted as they are.
+    dipc = sys.argv[0] if Path(sys.argv[0]).name == "dipc" else "dipc"
     lines = [
         "",
         "dipc demo: fixed credentials for trying dipc out. Never use them in production.",
@@ -195,8 +198,10 @@ def _print_demo_banner(settings: Settings, seeded: list) -> None:
         *(f"    {code.payment_code}  {demo.DESCRIPTIONS.get(code.payment_code, '')}" for code in seeded),
         "",
         "Try it from another terminal:",
-        f"  dipc simulate inquiry --demo --url {base} 8896512345678123",
+        f"  {dipc} simulate inquiry --demo --url {base} 8896512345678123",
+        f"  {dipc} simulate flow --demo --url {base} 8896500000000777    # inquiry, then its payment",
         f"  curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' {base}/v1/payment-codes",
+        f"  curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' '{base}/v1/events?wait=30'",
         "",
     ]
     print("\n".join(lines), file=sys.stderr, flush=True)
