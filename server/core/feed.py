@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 import asyncpg
 
@@ -15,6 +17,7 @@ from server.store.deliveries import Delivery
 from server.store.listener import EventListener
 
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
+MAX_ID = 2**63 - 1  # event ids and cursors are bigint
 
 
 async def read_feed(
@@ -67,6 +70,27 @@ async def list_deliveries(
     more = len(items) > size
     items = items[:size]
     return Page(items=items, next=str(items[-1].event_id) if more else None)
+
+
+def parse_redelivery(raw: Mapping[str, Any]) -> list[int] | None:
+    """``{"event_ids": [...]}`` (those), or ``{"all_failed": true}`` (None: every failed delivery).
+
+    Retrying everything has to be asked for by name: an empty or null list never means "all".
+    """
+    if set(raw) - {"event_ids", "all_failed"} or ("event_ids" in raw) == ("all_failed" in raw):
+        raise ValidationFailed({"body": 'send {"event_ids": [...]} or {"all_failed": true}'})
+    if "all_failed" in raw:
+        if raw["all_failed"] is not True:
+            raise ValidationFailed({"all_failed": "must be true"})
+        return None
+    event_ids = raw["event_ids"]
+    if (
+        not isinstance(event_ids, list)
+        or not event_ids
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_ID for i in event_ids)
+    ):
+        raise ValidationFailed({"event_ids": "must be a non-empty list of event ids"})
+    return event_ids
 
 
 async def redeliver(pool: asyncpg.Pool, event_ids: list[int] | None) -> int:

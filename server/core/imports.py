@@ -102,3 +102,6 @@ async def read_rows(lines: AsyncIterable[str], fmt: str) -> AsyncIterator[Import
         row = reader.feed(text)
         if row is not None:
             yield row
+    if reader.line == 0 or (fmt == "csv" and reader.header is None):
+        # Nothing at all (or not even a header) is a mistake worth saying, not "0 imported".
+        raise BadRequest("the import is empty" + ("; a CSV starts with a header row" if fmt == "csv" else ""))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -21,6 +22,7 @@ from server.ops import metrics
 from server.store.pool import deadline
 
 routes = web.RouteTableDef()
+T = TypeVar("T")
 
 # An import streams from the client for as long as the upload takes; statements keep their own timeout.
 IMPORT_TIMEOUT_S = 3600.0
@@ -42,34 +44,37 @@ async def bearer_auth(request: web.Request, handler: web.Handler) -> web.StreamR
     return await handler(request)
 
 
-def _query_int(request: web.Request, name: str) -> int | None:
+MAX_ID = feed.MAX_ID
+
+
+def _typed(request: web.Request, name: str, parse: Callable[[str], T], problem: str) -> T | None:
+    """A typed query parameter: absent is None; present but empty or malformed is a 422."""
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError:
-        raise ValidationFailed({name: "must be an integer"}) from None
+        raise ValidationFailed({name: problem}) from None
+
+
+def _query_int(request: web.Request, name: str) -> int | None:
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if not 0 <= value <= MAX_ID:
+            raise ValueError(raw)
+        return value
+
+    return _typed(request, name, parse, f"must be an integer from 0 to {MAX_ID}")
 
 
 def _query_float(request: web.Request, name: str, default: float) -> float:
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValidationFailed({name: "must be a number"}) from None
+    value = _typed(request, name, float, "must be a number")
+    return default if value is None else value
 
 
 def _query_time(request: web.Request, name: str) -> datetime | None:
-    raw = request.query.get(name)
-    if not raw:
-        return None
-    try:
-        return parse_timestamp(raw)
-    except ValueError as problem:
-        raise ValidationFailed({name: str(problem)}) from None
+    return _typed(request, name, parse_timestamp, "must be an ISO 8601 timestamp with a UTC offset")
 
 
 def _page(page: Page, render) -> dict:
@@ -140,14 +145,14 @@ async def import_codes(request: web.Request) -> web.Response:
     return json_response(result.document())
 
 
-@routes.get("/payment-codes/{code}")
+@routes.get(r"/payment-codes/{code:\d+}")
 async def get_code(request: web.Request) -> web.Response:
     async with deadline(_timeout(request), "admin.get_code"):
         code = await manage.get_code(request.config_dict[POOL], request.match_info["code"])
     return json_response(code_document(code))
 
 
-@routes.patch("/payment-codes/{code}")
+@routes.patch(r"/payment-codes/{code:\d+}")
 async def update_code(request: web.Request) -> web.Response:
     raw = await read_json_object(request, request.config_dict[SETTINGS].max_body_bytes)
     async with deadline(_timeout(request), "admin.update_code"):
@@ -157,7 +162,7 @@ async def update_code(request: web.Request) -> web.Response:
     return json_response(code_document(code))
 
 
-@routes.post("/payment-codes/{code}/cancel")
+@routes.post(r"/payment-codes/{code:\d+}/cancel")
 async def cancel_code(request: web.Request) -> web.Response:
     async with deadline(_timeout(request), "admin.cancel_code"):
         code = await manage.cancel_code(request.config_dict[POOL], request.match_info["code"])
@@ -211,14 +216,9 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 @routes.post("/webhook-deliveries/redeliver")
 async def redeliver(request: web.Request) -> web.Response:
-    """Retry failed deliveries: ``{"event_ids": [...]}``, or ``{}`` for every failed one."""
+    """Retry failed deliveries: ``{"event_ids": [...]}``, or ``{"all_failed": true}`` for every one."""
     raw = await read_json_object(request, request.config_dict[SETTINGS].max_body_bytes)
-    event_ids = raw.get("event_ids")
-    if event_ids is not None and (
-        not isinstance(event_ids, list)
-        or not all(isinstance(i, int) and not isinstance(i, bool) for i in event_ids)
-    ):
-        raise ValidationFailed({"event_ids": "must be a list of event ids"})
+    event_ids = feed.parse_redelivery(raw)
     async with deadline(_timeout(request), "admin.redeliver"):
         count = await feed.redeliver(request.config_dict[POOL], event_ids)
     return json_response({"redelivered": count})

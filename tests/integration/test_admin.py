@@ -256,6 +256,29 @@ async def test_bad_list_parameters_are_422(client, admin_headers, query):
     assert response.status == 422
 
 
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        ("/v1/payments", {"after": str(2**70)}),  # past bigint: a 422, never a database error
+        ("/v1/payments", {"after": "-1"}),
+        ("/v1/payments", {"since": ""}),
+        ("/v1/payments", {"since": "yesterday"}),
+        ("/v1/events", {"after": str(2**63)}),
+        ("/v1/webhook-deliveries", {"after": "x"}),
+    ],
+)
+async def test_malformed_typed_parameters_are_422(client, admin_headers, path, query):
+    response = await client.get(path, params=query, headers=admin_headers)
+    assert response.status == 422
+    assert list((await response.json())["error"]["fields"]) == list(query)
+
+
+async def test_a_method_a_path_does_not_have_is_405_not_a_lookup(client, admin_headers):
+    response = await client.patch("/v1/payment-codes/import", json={}, headers=admin_headers)
+    assert response.status == 405
+    assert (await client.get("/v1/payment-codes/import", headers=admin_headers)).status == 405
+
+
 async def test_payments_are_listed_with_filters(client, register, admin_headers, pool):
     await register()
     for n, kind in enumerate(["normal", "conflict", "anomaly"]):
@@ -367,6 +390,15 @@ async def test_an_import_with_a_bad_header_imports_nothing(client, admin_headers
     assert response.status == 400
     assert "unknown column(s) ammount" in (await response.json())["error"]["message"]
     assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0
+
+
+@pytest.mark.parametrize(("body", "fmt"), [(b"", "csv"), (b"", "ndjson")])
+async def test_an_empty_import_is_refused(client, admin_headers, body, fmt):
+    response = await client.post(
+        "/v1/payment-codes/import", params={"format": fmt}, data=body, headers=admin_headers
+    )
+    assert response.status == 400
+    assert "empty" in (await response.json())["error"]["message"]
 
 
 async def test_an_import_needs_a_known_format(client, admin_headers):

@@ -99,3 +99,11 @@ def test_the_openapi_document_lists_exactly_the_routes_we_serve(database_url):
         else:
             served.add((route.method, resource.canonical))
     assert documented == served
+
+
+def test_the_openapi_document_is_valid_openapi_with_resolvable_references():
+    from openapi_spec_validator import validate
+    from openapi_spec_validator.readers import read_from_filename
+
+    spec, base_uri = read_from_filename(str(schemas_dir().joinpath("openapi.yaml")))
+    validate(spec, base_uri=base_uri)

@@ -167,7 +167,12 @@ async def test_a_delivery_that_fails_for_good_holds_its_code_until_redelivered(
     assert all(eid != 1 for eid in receiver.acknowledged)
 
     receiver.fail_events = set()
-    response = await client.post("/v1/webhook-deliveries/redeliver", json={}, headers=admin_headers)
+    for ambiguous in ({}, {"event_ids": None}, {"event_ids": [1], "all_failed": True}, {"all_failed": "yes"}):
+        refused = await client.post("/v1/webhook-deliveries/redeliver", json=ambiguous, headers=admin_headers)
+        assert refused.status == 422, ambiguous  # retrying everything must be asked for by name
+    response = await client.post(
+        "/v1/webhook-deliveries/redeliver", json={"all_failed": True}, headers=admin_headers
+    )
     assert (await response.json()) == {"redelivered": 1}
     await settle(pool, count=6)
     expected = {
