@@ -62,7 +62,10 @@ class RowReader:
         return self._csv_row(text)
 
     def _read_header(self, text: str) -> list[str]:
-        header = [name.strip().lower() for name in next(csv.reader([text]), [])]
+        try:
+            header = [name.strip().lower() for name in next(csv.reader([text]), [])]
+        except csv.Error as error:
+            raise BadRequest(f"CSV header line 1 is not CSV: {error}") from None
         unknown = [name for name in header if name not in NEW_CODE_COLUMNS]
         if unknown:
             raise BadRequest(

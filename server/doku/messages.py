@@ -126,7 +126,8 @@ def _text_member(data: dict[str, Any], path: str, *, required: bool) -> str | No
 
 def _identifiers(data: dict[str, Any]) -> dict[str, str]:
     found: dict[str, str] = {}
-    for item in member(data, "online_to_offline_payment.identifier") or []:
+    items = member(data, "online_to_offline_payment.identifier")
+    for item in items if isinstance(items, list) else []:
         if isinstance(item, dict) and isinstance(item.get("name"), str) and item.get("value") is not None:
             found[item["name"]] = str(item["value"])
     return found
