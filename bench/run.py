@@ -32,7 +32,7 @@ from pathlib import Path
 
 import asyncpg
 
-from server.core.codes import utcnow
+from server.core.times import utcnow
 from server.doku import auth
 from server.doku.auth import Client
 from server.doku.client import inquiry_body

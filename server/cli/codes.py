@@ -22,10 +22,9 @@ from server.cli.common import (
 )
 from server.config import Settings, load_settings
 from server.core import manage
-from server.core.codes import utcnow
 from server.core.documents import code_document, payment_document
 from server.core.imports import FORMATS, format_for_path, read_rows
-from server.core.registration import parse_timestamp
+from server.core.times import parse_timestamp, utcnow
 
 CODE_COLUMNS = [
     "payment_code",

@@ -16,7 +16,7 @@ from server import demo
 from server.app import make_app
 from server.cli.common import EXIT_USAGE, CommandFailed, open_database
 from server.config import DEMO_ADMIN_TOKEN, DEMO_CLIENT_ID, DEMO_SECRET_KEY, Settings, load_settings
-from server.core.codes import utcnow
+from server.core.times import utcnow
 from server.embedded import EmbeddedError, EmbeddedPostgres
 from server.ops.logging import configure_logging
 from server.store import migrate

@@ -6,7 +6,7 @@ Pure functions and frozen dataclasses; no I/O, so every rule is tested without H
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 from server.core.outcomes import CodeStatus, InquiryOutcome
@@ -127,7 +127,3 @@ def bill_for(code: PaymentCode, *, invoice_seq: int | None = None) -> Bill:
         info2=code.info2,
         info3=code.info3,
     )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

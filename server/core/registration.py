@@ -8,11 +8,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from server.core.codes import ANY_CHANNEL, NEW_CODE_COLUMNS, CodeRules, NewCode
 from server.core.errors import ValidationFailed
+from server.core.times import parse_timestamp
 from server.doku import conventions
 
 MAX_AMOUNT = 999_999_999_999  # far above any counter payment, far below 2**53 (safe in every JSON parser)
@@ -83,23 +84,13 @@ def _boolean(value: Any, text: bool) -> bool:
     return value
 
 
-def parse_timestamp(value: Any) -> datetime:
-    """An ISO 8601 timestamp with an offset (or ``Z``), as an aware UTC datetime."""
-    if not isinstance(value, str):
-        raise _Invalid("must be an ISO 8601 timestamp string")
-    try:
-        parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
-        raise _Invalid("must be an ISO 8601 timestamp such as 2026-12-31T23:59:59Z") from None
-    if parsed.tzinfo is None:
-        raise _Invalid("must carry a UTC offset or Z")
-    return parsed.astimezone(UTC)
-
-
 def _expiry(value: Any, text: bool, now: datetime) -> datetime | None:
     if value is None or (text and isinstance(value, str) and not value.strip()):
         return None
-    expires_at = parse_timestamp(value)
+    try:
+        expires_at = parse_timestamp(value)
+    except ValueError as problem:
+        raise _Invalid(str(problem)) from None
     if expires_at <= now:
         raise _Invalid("must be in the future")
     return expires_at

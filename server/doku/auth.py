@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from server.core.errors import AuthenticationFailed
+from server.core.times import parse_timestamp
 from server.doku import signature
 
 CLIENT_ID = "Client-Id"
@@ -49,14 +50,6 @@ def format_timestamp(moment: datetime) -> str:
     """UTC, ISO 8601, second precision, ``Z``: ``2026-11-25T08:45:42Z``."""
     # Every response of the same second shares one string; strftime per request showed in profiles.
     return _format_second(int(moment.timestamp()))
-
-
-def parse_timestamp(text: str) -> datetime:
-    """A header timestamp; DOKU sends ``…Z``, but any explicit UTC offset is understood."""
-    parsed = datetime.fromisoformat(text.strip())
-    if parsed.tzinfo is None:
-        raise ValueError("timestamp has no UTC offset")
-    return parsed.astimezone(UTC)
 
 
 def authenticate(

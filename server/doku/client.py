@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from server.core.codes import utcnow
+from server.core.times import utcnow
 from server.doku import auth, channels, signature
 from server.doku.auth import Client
 

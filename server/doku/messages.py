@@ -16,8 +16,8 @@ from server.core.codes import Bill
 from server.core.documents import load_object
 from server.core.errors import DipcError, InvalidField
 from server.core.outcomes import InquiryOutcome
+from server.core.times import parse_timestamp
 from server.doku import channels, conventions
-from server.doku.auth import parse_timestamp
 
 PAYMENT_CODE_FIELD = "online_to_offline_info.payment_code"
 

@@ -10,12 +10,11 @@ from typing import TypeVar
 from aiohttp import web
 
 from server.core import feed, manage
-from server.core.codes import utcnow
 from server.core.documents import code_document, payment_document
 from server.core.errors import BadRequest, BodyTooLarge, Disabled, Unauthorized, ValidationFailed
 from server.core.imports import MEDIA_TYPES, read_rows
 from server.core.manage import Page
-from server.core.registration import parse_timestamp
+from server.core.times import parse_timestamp, utcnow
 from server.http.bodies import json_response, read_json_object
 from server.http.keys import LISTENER, POOL, SETTINGS
 from server.ops import metrics

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from server.config import Settings
-from server.core.codes import utcnow
 from server.core.errors import DipcError, InvalidField
+from server.core.times import utcnow
 from server.doku import conventions
 from server.doku.auth import Authenticated, authenticate, signed_headers
 from server.http.bodies import JSON, read_bounded, require_json

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.core.codes import utcnow
 from server.core.inquiries import InquiryRequest, inquire
+from server.core.times import utcnow
 from server.doku import messages
 from server.http.doku import DokuEndpoint
 from server.http.keys import LOG_FIELDS, POOL, SETTINGS

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.core.codes import utcnow
 from server.core.errors import DipcError
 from server.core.notifications import RawNotification, record_notification, record_rejected
 from server.core.payments import PaymentNotice
+from server.core.times import utcnow
 from server.doku import conventions, messages
 from server.http.doku import DokuEndpoint
 from server.http.keys import LOG_FIELDS, POOL, SETTINGS

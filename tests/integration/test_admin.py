@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from server.app import make_app
-from server.core.codes import utcnow
+from server.core.times import utcnow
 from tests.conftest import CLIENT_ID, CODE, code_fields, make_settings
 
 

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from server.app import make_app
-from server.core.codes import utcnow
+from server.core.times import utcnow
 from server.doku.auth import Client, signed_headers
 from server.doku.channels import BinTable
 from server.doku.client import DokuSimulator, inquiry_body

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from server.app import make_app
-from server.core.codes import utcnow
+from server.core.times import utcnow
 from server.doku.auth import Client
 from server.doku.client import DokuSimulator, notification_body
 from tests.conftest import CLIENT, CLIENT_ID, CODE, OTHER_CLIENT_ID, make_settings, spec_example, table_locked

@@ -188,6 +188,7 @@ def problems(raw, **kwargs) -> dict[str, str]:
         ({"channel": "INDOMARET"}, "channel", "configured for ALFA"),
         ({"expires_at": "2026-11-25T08:00:00Z"}, "expires_at", "future"),
         ({"expires_at": "2026-12-31 23:59"}, "expires_at", "offset"),
+        ({"expires_at": "9999-12-31T23:59:59-23:59"}, "expires_at", "out of range"),
         ({"client_id": "C9"}, "client_id", "not a configured"),
         ({"reusable": "yes"}, "reusable", "true or false"),
         ({"ammount": 5}, "ammount", "not a known field"),

@@ -157,3 +157,17 @@ def test_an_older_key_of_the_rotation_still_authenticates():
         _spec_request_headers(), spec_example("inquiry-alfa.json"), now=SPEC_NOW, keys=(b"new-key", KEY)
     )
     assert result.key_index == 1
+
+
+def test_a_signed_but_impossible_timestamp_is_refused_not_crashed():
+    timestamp = "9999-12-31T23:59:59-23:59"  # UTC would be in the year 10000
+    message = signature.components(
+        client_id=CLIENT_ID, request_id=REQUEST_ID, timestamp=timestamp, target="/doku/inquiry", body=b"{}"
+    )
+    headers = _spec_request_headers() | {
+        "Request-Timestamp": timestamp,
+        "Signature": signature.sign(KEY, message),
+    }
+    with pytest.raises(AuthenticationFailed) as failure:
+        _authenticate(headers, b"{}", now=SPEC_NOW)
+    assert failure.value.reason == "BAD_TIMESTAMP"
