@@ -90,6 +90,18 @@ class _refused:
         return True
 
 
+async def healthz_pids(port: int, *, tries: int) -> set[int]:
+    """Which processes answer ``tries`` fresh connections (the kernel spreads them over the workers)."""
+    pids: set[int] = set()
+    for _ in range(tries):
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+            session.get(f"http://127.0.0.1:{port}/healthz") as response,
+        ):
+            pids.add((await response.json())["pid"])
+    return pids
+
+
 async def test_two_workers_share_the_port_and_report_consistent_totals(database_url, pool):
     port = free_port()
     server = spawn(server_env(database_url, port, DIPC_WORKERS="2"))
@@ -99,13 +111,8 @@ async def test_two_workers_share_the_port_and_report_consistent_totals(database_
         sent = 0
         deadline = time.monotonic() + 30
         while (len(pids) < 2 or sent < 100) and time.monotonic() < deadline:
-            # A fresh connection each time, so the kernel spreads them over both workers.
-            async with (
-                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
-                session.get(f"http://127.0.0.1:{port}/healthz") as response,
-            ):
-                pids.add((await response.json())["pid"])
-                sent += 1
+            pids |= await healthz_pids(port, tries=10)
+            sent += 10
         assert len(pids) == 2, "both workers should answer"
 
         totals = []
@@ -182,17 +189,6 @@ async def test_logs_are_json_lines_with_masked_codes_and_no_secrets(database_url
     assert CODE.encode() not in everything
     assert SECRET_KEY.encode() not in everything
     assert reply.headers["Signature"].encode() not in everything
-
-
-async def healthz_pids(port: int, *, tries: int) -> set[int]:
-    pids: set[int] = set()
-    for _ in range(tries):
-        async with (
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
-            session.get(f"http://127.0.0.1:{port}/healthz") as response,
-        ):
-            pids.add((await response.json())["pid"])
-    return pids
 
 
 async def test_a_worker_that_dies_is_replaced(database_url, pool):
