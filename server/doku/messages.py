@@ -20,6 +20,7 @@ from server.core.times import parse_timestamp
 from server.doku import channels, conventions
 
 PAYMENT_CODE_FIELD = "online_to_offline_info.payment_code"
+MAX_RUPIAH = 2**63 - 1  # what a bigint column holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,13 @@ class NotificationMessage:
         )
 
 
-def _text_member(data: dict[str, Any], path: str, *, required: bool) -> str | None:
+# What a notification's texts may hold: they key a payment, so they must fit an index entry.
+TEXT_MAX_LENGTH = 128
+
+
+def _text_member(
+    data: dict[str, Any], path: str, *, required: bool, max_length: int = TEXT_MAX_LENGTH
+) -> str | None:
     value = member(data, path)
     if value is None or value == "":
         if required:
@@ -121,6 +128,8 @@ def _text_member(data: dict[str, Any], path: str, *, required: bool) -> str | No
         return None
     if not isinstance(value, str):
         raise InvalidField(path, "must be a string")
+    if len(value) > max_length:
+        raise InvalidField(path, f"must be at most {max_length} characters")
     return value
 
 
@@ -129,7 +138,10 @@ def _identifiers(data: dict[str, Any]) -> dict[str, str]:
     items = member(data, "online_to_offline_payment.identifier")
     for item in items if isinstance(items, list) else []:
         if isinstance(item, dict) and isinstance(item.get("name"), str) and item.get("value") is not None:
-            found[item["name"]] = str(item["value"])
+            value = str(item["value"])
+            if len(value) > TEXT_MAX_LENGTH:
+                raise InvalidField(f"online_to_offline_payment.identifier.{item['name'][:32]}", "is too long")
+            found[item["name"]] = value
     return found
 
 
@@ -138,11 +150,13 @@ def _rupiah(value: Any) -> int:
     if value is None or value == "":
         raise InvalidField("order.amount", "is required")
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        return int(value.strip())
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidField("order.amount", "must be a whole number of rupiah")
+    if abs(value) > MAX_RUPIAH:
+        raise InvalidField("order.amount", "is out of range")
     return value
 
 
@@ -160,7 +174,10 @@ def parse_notification(body: bytes) -> NotificationMessage:
     identifiers = _identifiers(data)
     return NotificationMessage(
         payment_code=payment_code_of(data),
-        invoice_number=_text_member(data, "order.invoice_number", required=True) or "",
+        invoice_number=_text_member(
+            data, "order.invoice_number", required=True, max_length=conventions.INVOICE_MAX_LENGTH
+        )
+        or "",
         amount=amount,
         channel=channel or str(member(data, "acquirer.id") or "UNKNOWN")[:32],
         transaction_status=(_text_member(data, "transaction.status", required=True) or "").upper(),

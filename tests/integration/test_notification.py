@@ -375,3 +375,28 @@ async def test_a_notification_waits_for_a_cancel_in_progress_and_then_sees_it(do
     assert (await notification).status == 200
     assert [(row["kind"], row["reason"]) for row in await payments(pool)] == [("anomaly", "CANCELLED")]
     assert tuple(await code_row(pool)) == ("cancelled", 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ((b'"amount":150000', b'"amount":' + str(2**64).encode()), "order.amount"),
+        (
+            (b'"invoice_number":"INV-2026-000123"', b'"invoice_number":"' + b"I" * 65 + b'"'),
+            "order.invoice_number",
+        ),
+        (
+            (b'"original_request_id":"t"', b'"original_request_id":"' + b"r" * 3000 + b'"'),
+            "original_request_id",
+        ),
+        ((b'"value":"TZ01"', b'"value":"' + b"S" * 3000 + b'"'), "identifier"),
+    ],
+)
+async def test_values_too_big_to_key_a_payment_are_refused_and_kept(doku, register, pool, change, field):
+    await register()
+    body = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="t")
+    reply = await doku.post("/doku/notification", body.replace(*change))
+    assert reply.status == 400
+    assert field in reply.json()["error"]["message"]
+    assert [row["outcome"] for row in await inbox(pool)] == ["rejected"]
+    assert await payments(pool) == []
