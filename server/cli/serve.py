@@ -169,16 +169,21 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
         clients=sorted(settings.clients),
         bins=str(settings.bins),
     )
-    web.run_app(
-        make_app(settings, dsn),
-        host=settings.host,
-        port=settings.port,
-        shutdown_timeout=settings.shutdown_timeout_s,
-        access_log=None,
-        print=None,
-        reuse_port=reuse_port,
-        loop=_new_loop(),
-    )
+    try:
+        web.run_app(
+            make_app(settings, dsn),
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=settings.shutdown_timeout_s,
+            access_log=None,
+            print=None,
+            reuse_port=reuse_port,
+            loop=_new_loop(),
+        )
+    except UNAVAILABLE_ERRORS as error:  # the port is taken, or the database went away during start
+        raise CommandFailed(
+            f"cannot start on {settings.host}:{settings.port}: {type(error).__name__}: {error}", EXIT_USAGE
+        ) from None
     log.info("server.stopped")
 
 

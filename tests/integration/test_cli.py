@@ -241,3 +241,14 @@ async def test_events_redeliver_puts_failed_deliveries_back(env, pool):
     assert code == 0
     assert b"1 failed deliveries put back in line" in stdout
     assert tuple(await pool.fetchrow("SELECT status, attempts FROM webhook_deliveries")) == ("pending", 0)
+
+
+def test_serve_refuses_a_port_that_is_taken(env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", env=env | {"DIPC_PORT": str(port)})
+    assert result.returncode == 2
+    assert b"cannot start on 127.0.0.1:" in result.stderr
+    assert b"Traceback" not in result.stderr
