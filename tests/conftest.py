@@ -194,3 +194,9 @@ def dipc_env(database_url: str, **extra: str) -> dict[str, str]:
         }
         | extra
     )
+
+
+@pytest.fixture
+def env(database_url: str, pool: asyncpg.Pool) -> dict[str, str]:
+    """The environment of a merchant's shell: one DOKU client, its BINs, the (emptied) test database."""
+    return dipc_env(database_url)

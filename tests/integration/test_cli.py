@@ -13,9 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import orjson
-import pytest
-
-from tests.conftest import dipc_env
 
 DIPC = [str(Path(sys.executable).with_name("dipc"))] if Path(sys.executable).with_name("dipc").exists() else [
     sys.executable, "-m", "server"
@@ -28,12 +25,6 @@ def run(
     return subprocess.run(
         [*DIPC, *args], env=env, capture_output=True, input=stdin, timeout=timeout, check=False
     )
-
-
-@pytest.fixture
-def env(database_url, pool) -> dict[str, str]:
-    """The environment of a merchant's shell: one DOKU client, its BINs, the (emptied) test database."""
-    return dipc_env(database_url)
 
 
 def test_help_explains_every_command():

@@ -1,0 +1,55 @@
+"""Retention: delete what has served its purpose, in small batches so no lock is held for long.
+
+Payments and payment codes are never deleted: they are the money.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import asyncpg
+
+BATCH = 10_000
+
+# table -> (time column, extra condition): what may go once it is older than the retention.
+PRUNABLE: dict[str, tuple[str, str]] = {
+    # Replays need an inquiry for minutes, a reusable invoice's notification for hours.
+    "inquiries": ("received_at", "true"),
+    # The raw inbox is the audit trail of what DOKU said.
+    "notifications": ("received_at", "true"),
+    # Delivered webhooks only: pending and failed ones are work still to do.
+    "webhook_deliveries": ("delivered_at", "status = 'delivered'"),
+    # Events no undelivered webhook still needs; feed consumers that far behind start at the oldest.
+    "events": (
+        "created_at",
+        "NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = events.id)",
+    ),
+}
+
+
+async def count(conn: asyncpg.Connection | asyncpg.Pool, table: str, older_than: timedelta) -> int:
+    column, condition = PRUNABLE[table]
+    return await conn.fetchval(
+        f"SELECT count(*) FROM {table} WHERE {column} < now() - $1::interval AND {condition}",  # noqa: S608
+        older_than,
+    )
+
+
+async def prune(conn: asyncpg.Connection | asyncpg.Pool, table: str, older_than: timedelta) -> int:
+    """Delete rows of ``table`` older than ``older_than``; return how many went."""
+    column, condition = PRUNABLE[table]
+    deleted = 0
+    while True:
+        status = await conn.execute(
+            f"""
+            DELETE FROM {table} WHERE ctid IN (
+                SELECT ctid FROM {table}
+                 WHERE {column} < now() - $1::interval AND {condition}
+                 LIMIT {BATCH})
+            """,  # noqa: S608 - table and condition come from PRUNABLE
+            older_than,
+        )
+        batch = int(status.rsplit(" ", 1)[-1])
+        deleted += batch
+        if batch < BATCH:
+            return deleted

@@ -1,0 +1,52 @@
+"""`dipc prune` deletes what has served its purpose, and never money or pending work."""
+
+from __future__ import annotations
+
+import orjson
+
+from tests.conftest import CODE
+from tests.integration.test_cli import run_async
+
+
+async def test_prune_keeps_recent_rows_payments_and_events_webhooks_still_need(env, doku, register, pool):
+    await register()
+    for _ in range(3):
+        await doku.inquiry(CODE)
+    await doku.notify(CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id="A")
+    await doku.notify(CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id="B")
+    # Age some of everything: two inquiries, one notification, all three events.
+    await pool.execute(
+        "UPDATE inquiries SET received_at = now() - interval '100 days' "
+        "WHERE request_id IN (SELECT request_id FROM inquiries ORDER BY received_at LIMIT 2)"
+    )
+    await pool.execute("UPDATE notifications SET received_at = now() - interval '500 days' WHERE id = 1")
+    await pool.execute("UPDATE events SET created_at = now() - interval '100 days'")
+    await pool.execute("UPDATE payments SET recorded_at = now() - interval '1000 days'")
+    # Event 2 was delivered long ago; event 3 is still to be delivered.
+    await pool.execute(
+        "INSERT INTO webhook_deliveries (event_id, payment_code, status, delivered_at) VALUES "
+        "(2, $1, 'delivered', now() - interval '40 days'), (3, $1, 'pending', NULL)",
+        CODE,
+    )
+
+    code, stdout, _ = await run_async("prune", "--dry-run", "--json", env=env)
+    assert code == 0
+    expected = {"inquiries": 2, "notifications": 1, "webhook_deliveries": 1, "events": 1}
+    assert orjson.loads(stdout) == {"dry_run": True, "rows": expected}
+    assert await pool.fetchval("SELECT count(*) FROM inquiries") == 3  # a dry run deletes nothing
+
+    code, stdout, _ = await run_async("prune", "--json", env=env)
+    assert code == 0
+    # Event 2 can go too once its delivered delivery went in the same run.
+    assert orjson.loads(stdout)["rows"] == expected | {"events": 2}
+    assert await pool.fetchval("SELECT count(*) FROM inquiries") == 1
+    assert await pool.fetchval("SELECT count(*) FROM notifications") == 1
+    assert [row["id"] for row in await pool.fetch("SELECT id FROM events")] == [3]
+    assert await pool.fetchval("SELECT count(*) FROM payments") == 2  # money is never pruned
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 1
+
+
+async def test_prune_refuses_a_retention_under_a_day(env):
+    code, _, stderr = await run_async("prune", "--inquiries", "0", env=env)
+    assert code == 2
+    assert b"at least 1 day" in stderr
