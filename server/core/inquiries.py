@@ -7,7 +7,6 @@ wins cleanly). A repeated Request-Id never reaches the rules: it gets the bytes 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,11 +30,7 @@ class InquiryRequest:
     request_id: str
     payment_code: str
     channel: str
-    body: bytes
-
-    @property
-    def body_sha256(self) -> bytes:
-        return hashlib.sha256(self.body).digest()
+    body_sha256: bytes  # tells a repeated request from a reused Request-Id
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +50,13 @@ async def inquire(
     render: Render,
     now: datetime,
 ) -> InquiryAnswer:
-    body_sha256 = request.body_sha256
     async with pool.acquire() as conn:
-        return await _inquire(conn, request, body_sha256, rules=rules, render=render, now=now)
+        return await _inquire(conn, request, rules=rules, render=render, now=now)
 
 
 async def _inquire(
     conn: asyncpg.Connection,
     request: InquiryRequest,
-    body_sha256: bytes,
     *,
     rules: CodeRules,
     render: Render,
@@ -71,7 +64,7 @@ async def _inquire(
 ) -> InquiryAnswer:
     code, prior = await inquiry_store.lookup(conn, request.payment_code, request.request_id)
     if prior is not None:
-        return _replay(prior, body_sha256)
+        return _replay(prior, request.body_sha256)
 
     bin_channels = rules.channels_for(request.payment_code)
     outcome, bill = await _decide(conn, code, request, bin_channels, now)
@@ -82,7 +75,7 @@ async def _inquire(
         request_id=request.request_id,
         client_id=request.client_id,
         channel=request.channel,
-        body_sha256=body_sha256,
+        body_sha256=request.body_sha256,
         outcome=outcome,
         invoice_number=bill.invoice_number if bill else None,
         amount=bill.amount if bill else None,
@@ -92,7 +85,8 @@ async def _inquire(
     if not recorded:
         # A twin with the same Request-Id was recorded while we worked: answer what it answered, so
         # one Request-Id never yields two invoice numbers.
-        return _replay(await inquiry_store.get(conn, request.payment_code, request.request_id), body_sha256)
+        prior = await inquiry_store.get(conn, request.payment_code, request.request_id)
+        return _replay(prior, request.body_sha256)
     return InquiryAnswer(
         outcome=outcome,
         http_status=http_status,

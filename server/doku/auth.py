@@ -6,6 +6,7 @@ Also signs our responses (spec §6): same Request-Id and target, ``Response-Time
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ class Authenticated:
     request_id: str
     timestamp: datetime
     key_index: int  # 0: signed with the newest key; more: DOKU still uses an older one
+    body_sha256: bytes  # hashed once for the Digest, kept for telling repeated requests apart
 
 
 @functools.lru_cache(maxsize=4)
@@ -71,8 +73,14 @@ def authenticate(
     if client is None:
         raise AuthenticationFailed("UNKNOWN_CLIENT", "Client-Id is not configured")
     request_id, timestamp_text = headers[REQUEST_ID], headers[REQUEST_TIMESTAMP]
+    body_sha256 = hashlib.sha256(body).digest()
     message = signature.components(
-        client_id=client_id, request_id=request_id, timestamp=timestamp_text, target=target, body=body
+        client_id=client_id,
+        request_id=request_id,
+        timestamp=timestamp_text,
+        target=target,
+        body=body,
+        body_sha256=body_sha256,
     )
     key_index = signature.verify(client.secret_keys, message, headers[SIGNATURE])
     if key_index is None:
@@ -84,7 +92,13 @@ def authenticate(
     age = (now - timestamp).total_seconds()
     if age > max_age_s or -age > max_future_s:
         raise AuthenticationFailed("STALE_TIMESTAMP", f"Request-Timestamp is {age:.0f} s away from our clock")
-    return Authenticated(client=client, request_id=request_id, timestamp=timestamp, key_index=key_index)
+    return Authenticated(
+        client=client,
+        request_id=request_id,
+        timestamp=timestamp,
+        key_index=key_index,
+        body_sha256=body_sha256,
+    )
 
 
 def signed_headers(

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 PREFIX = "HMACSHA256="
 
 
-def digest(body: bytes) -> str:
-    """``base64(sha256(body))``, the value of the ``Digest`` component."""
-    return base64.b64encode(hashlib.sha256(body).digest()).decode("ascii")
+def digest(body: bytes, body_sha256: bytes | None = None) -> str:
+    """``base64(sha256(body))``, the value of the ``Digest`` component (from the hash, when known)."""
+    return base64.b64encode(body_sha256 or hashlib.sha256(body).digest()).decode("ascii")
 
 
 def components(
@@ -26,6 +26,7 @@ def components(
     target: str,
     body: bytes,
     response: bool = False,
+    body_sha256: bytes | None = None,
 ) -> bytes:
     """The string to sign: lines joined by ``\\n``, no trailing newline, ``Digest`` only with a body."""
     timestamp_name = "Response-Timestamp" if response else "Request-Timestamp"
@@ -36,7 +37,7 @@ def components(
         f"Request-Target:{target}",
     ]
     if body:
-        lines.append(f"Digest:{digest(body)}")
+        lines.append(f"Digest:{digest(body, body_sha256)}")
     # Header values reach us as str decoded with surrogateescape; encode them back to the bytes sent.
     return "\n".join(lines).encode("utf-8", "surrogateescape")
 

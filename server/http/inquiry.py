@@ -43,7 +43,7 @@ async def handle_inquiry(request: web.Request) -> web.Response:
                 request_id=auth.request_id,
                 payment_code=message.payment_code,
                 channel=message.channel,
-                body=body,
+                body_sha256=auth.body_sha256,
             ),
             rules=settings.bins,
             render=messages.render_inquiry,
