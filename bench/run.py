@@ -30,8 +30,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
 from server.core.times import utcnow
 from server.doku import auth
 from server.doku.auth import Client
@@ -384,7 +382,7 @@ def main() -> None:
     }
     figures: list[Figure] = []
     try:
-        asyncio.run(_migrate(dsn))
+        asyncio.run(migrate.migrate_dsn(dsn))
         log(f"machine: {os.cpu_count()} CPUs; PostgreSQL durable (fsync on); workdir {workdir}")
         rows = args.rows
         if args.only in (None, "import"):
@@ -407,14 +405,6 @@ def _seed(workdir: Path, rows: int) -> Path:
     path = workdir / "codes.csv"
     write_codes_csv(path, rows, ONE_SHOT_PREFIX, False)
     return path
-
-
-async def _migrate(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate.migrate(conn)
-    finally:
-        await conn.close()
 
 
 if __name__ == "__main__":

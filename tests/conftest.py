@@ -56,14 +56,6 @@ def spec_example(name: str) -> bytes:
     return (SPEC / name).read_bytes()
 
 
-async def _run_migrations(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate.migrate(conn)
-    finally:
-        await conn.close()
-
-
 def _with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
@@ -84,13 +76,13 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
         asyncio.run(admin(f'CREATE DATABASE "{name}"'))
         dsn = _with_database(external, name)
-        asyncio.run(_run_migrations(dsn))
+        asyncio.run(migrate.migrate_dsn(dsn))
         yield dsn
         asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
         return
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"), durable=False)
     dsn = server.start()
-    asyncio.run(_run_migrations(dsn))
+    asyncio.run(migrate.migrate_dsn(dsn))
     yield dsn
     server.stop()
 

@@ -98,3 +98,12 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now
+
+
+async def migrate_dsn(dsn: str) -> list[str]:
+    """Apply pending migrations to the database at ``dsn`` on a connection of its own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import asyncpg
 import pytest
 
 from server.app import make_app
@@ -20,9 +19,7 @@ async def own_database(tmp_path):
     """A PostgreSQL of this test's own, to stop and start."""
     server = EmbeddedPostgres(tmp_path / "pg", durable=False)
     dsn = await asyncio.to_thread(server.start)
-    conn = await asyncpg.connect(dsn)
-    await migrate.migrate(conn)
-    await conn.close()
+    await migrate.migrate_dsn(dsn)
     yield server, dsn
     await asyncio.to_thread(server.stop)
 
