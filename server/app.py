@@ -10,10 +10,12 @@ import aiohttp
 from aiohttp import web
 
 from server.config import Settings
+from server.doku.checkstatus import CheckStatusClient
 from server.http import admin, inquiry, notification, ops
-from server.http.keys import HEALTH, LISTENER, POOL, SETTINGS
+from server.http.keys import CHECK_STATUS, HEALTH, LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
 from server.ops.health import HealthChecker
+from server.reconcile.worker import Reconciler
 from server.store.listener import EventListener
 from server.store.pool import create_pool
 from server.webhooks.forwarder import WebhookForwarder
@@ -64,6 +66,22 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+    async def reconcile_context(app: web.Application) -> AsyncIterator[None]:
+        """DOKU's Check Status: for checks by hand, and for the reconciler unless DIPC_RECONCILE=off."""
+        assert settings.doku_api_url is not None
+        async with aiohttp.ClientSession() as session:
+            api = CheckStatusClient(session, settings.doku_api_url, timeout_s=settings.doku_api_timeout_s)
+            app[CHECK_STATUS] = api
+            if not settings.reconcile:
+                yield
+                return
+            reconciler = Reconciler(app[POOL], settings, api)
+            task = asyncio.create_task(reconciler.run(), name="dipc-reconciler")
+            yield
+            # Checks in flight finish (they are bounded by the call's timeout); the rest is next time's.
+            await reconciler.stop(settings.doku_api_timeout_s + 5)
+            await task
+
     async def release_long_polls(app: web.Application) -> None:
         # Runs after the listening socket closed and before in-flight requests are awaited: parked
         # long-polls answer now, so they do not hold the drain for their whole wait.
@@ -75,6 +93,8 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app.on_shutdown.append(release_long_polls)
     if settings.webhook_url:
         app.cleanup_ctx.append(forwarder_context)
+    if settings.doku_api_url:
+        app.cleanup_ctx.append(reconcile_context)
     app[inquiry.INQUIRY_ENDPOINT] = inquiry.endpoint_for(app)
     app.router.add_post(settings.inquiry_path, inquiry.handle_inquiry, name="inquiry")
     app[notification.NOTIFICATION_ENDPOINT] = notification.endpoint_for(app)

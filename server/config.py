@@ -11,6 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from server.doku import conventions
 from server.doku.auth import Client
@@ -21,6 +22,12 @@ DEMO_CLIENT_ID = "MCH-DEMO-0001"
 DEMO_SECRET_KEY = "SK-demo-do-not-use-in-production"  # noqa: S105 - documented demo secret
 DEMO_ADMIN_TOKEN = "demo-admin-token"  # noqa: S105 - documented demo token
 DEMO_BINS = "ALFA:88965:direct,INDOMARET:33012:direct"
+
+# DOKU's API for Check Status (spec §8): production, and the sandbox for rehearsals.
+DOKU_API_URL = "https://api.doku.com"
+DOKU_SANDBOX_API_URL = "https://api-sandbox.doku.com"
+# Seconds after an invoice's first quote when it is checked (spec §8 rule 2).
+DEFAULT_RECONCILE_SCHEDULE = (120.0, 900.0, 3600.0, 21600.0, 86400.0, 259200.0)
 
 
 class ConfigError(Exception):
@@ -58,6 +65,13 @@ class Settings:
     webhook_backoff_cap_s: float = 3600.0
     webhook_timeout_s: float = 10.0
     webhook_concurrency: int = 8
+    # Reconciliation with DOKU's Check Status (spec §8). None: no DOKU API (--demo without a stand-in).
+    doku_api_url: str | None = DOKU_API_URL
+    doku_api_timeout_s: float = 10.0
+    reconcile: bool = True
+    reconcile_schedule: tuple[float, ...] = DEFAULT_RECONCILE_SCHEDULE
+    reconcile_rps: float = 5.0
+    reconcile_concurrency: int = 4
     log_format: str = "auto"
     log_level: str = "INFO"
     shutdown_timeout_s: float = 20.0
@@ -105,6 +119,50 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name}={value} must be positive")
     return value
+
+
+def _schedule(env: Mapping[str, str]) -> tuple[float, ...]:
+    raw = env.get("DIPC_RECONCILE_SCHEDULE", "").strip()
+    if not raw:
+        return DEFAULT_RECONCILE_SCHEDULE
+    problem = (
+        f"DIPC_RECONCILE_SCHEDULE={raw!r} must be increasing positive seconds after the first quote, "
+        "comma-separated, e.g. 120,900,3600"
+    )
+    try:
+        schedule = tuple(float(item) for item in raw.split(","))
+    except ValueError:
+        raise ConfigError(problem) from None
+    if any(not 0 < value < 10**8 for value in schedule) or list(schedule) != sorted(set(schedule)):
+        raise ConfigError(problem)
+    return schedule
+
+
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("on", "true", "1", "yes"):
+        return True
+    if raw in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be on or off")
+
+
+def _doku_api_url(env: Mapping[str, str], demo: bool) -> str | None:
+    url = env.get("DIPC_DOKU_API_URL", "").strip().rstrip("/")
+    if not url:
+        # The demo's credentials mean nothing to DOKU: it talks to a stand-in or to nobody.
+        return None if demo else DOKU_API_URL
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"DIPC_DOKU_API_URL={url!r} must be an http:// or https:// base URL")
+    if demo and (parts.hostname == "doku.com" or parts.hostname.endswith(".doku.com")):
+        raise ConfigError(
+            "--demo never calls the real DOKU: point DIPC_DOKU_API_URL at a stand-in "
+            "(`dipc simulate doku-api --demo`) or leave it unset"
+        )
+    return url
 
 
 def _path(env: Mapping[str, str], name: str, default: str) -> str:
@@ -206,6 +264,12 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         webhook_backoff_cap_s=_float(env, "DIPC_WEBHOOK_BACKOFF_CAP_S", 3600.0),
         webhook_timeout_s=_float(env, "DIPC_WEBHOOK_TIMEOUT_S", 10.0),
         webhook_concurrency=_int(env, "DIPC_WEBHOOK_CONCURRENCY", 8, minimum=1),
+        doku_api_url=_doku_api_url(env, demo),
+        doku_api_timeout_s=_float(env, "DIPC_DOKU_API_TIMEOUT_S", 10.0),
+        reconcile=_switch(env, "DIPC_RECONCILE", True),
+        reconcile_schedule=_schedule(env),
+        reconcile_rps=_float(env, "DIPC_RECONCILE_RPS", 5.0),
+        reconcile_concurrency=_int(env, "DIPC_RECONCILE_CONCURRENCY", 4, minimum=1),
         log_format=log_format,
         log_level=log_level,
         shutdown_timeout_s=_float(env, "DIPC_SHUTDOWN_TIMEOUT_S", 20.0),

@@ -46,6 +46,7 @@ TABLES = (
     "events",
     "webhook_deliveries",
     "webhook_subscribers",
+    "reconciliation",
 )
 
 CLIENT = Client(CLIENT_ID, (SECRET_KEY.encode(), OLD_SECRET_KEY.encode()))

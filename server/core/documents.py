@@ -72,4 +72,5 @@ def payment_document(payment: Payment) -> dict[str, Any]:
         "paid_at": iso(payment.paid_at),
         "recorded_at": iso(payment.recorded_at),
         "notification_id": payment.notification_id,
+        "source": payment.source,
     }

@@ -92,6 +92,20 @@ class VersionConflict(DipcError):
     http_status = 409
 
 
+class BeingChecked(DipcError):
+    """Another dipc process is asking DOKU about this invoice right now."""
+
+    code = "BEING_CHECKED"
+    http_status = 409
+
+
+class NotConfigured(DipcError):
+    """What was asked needs a setting this deployment does not have (DOKU's API for Check Status)."""
+
+    code = "NOT_CONFIGURED"
+    http_status = 409
+
+
 class RequestIdReused(DipcError):
     code = "REQUEST_ID_REUSED"
     http_status = 409

@@ -49,9 +49,11 @@ async def inquire(
     rules: CodeRules,
     render: Render,
     now: datetime,
+    first_check_s: float,
 ) -> InquiryAnswer:
+    """Answer an inquiry; a quoted invoice is first checked with DOKU ``first_check_s`` later (spec §8)."""
     async with pool.acquire() as conn:
-        return await _inquire(conn, request, rules=rules, render=render, now=now)
+        return await _inquire(conn, request, rules=rules, render=render, now=now, first_check_s=first_check_s)
 
 
 async def _inquire(
@@ -61,6 +63,7 @@ async def _inquire(
     rules: CodeRules,
     render: Render,
     now: datetime,
+    first_check_s: float,
 ) -> InquiryAnswer:
     code, prior = await inquiry_store.lookup(conn, request.payment_code, request.request_id)
     if prior is not None:
@@ -81,6 +84,7 @@ async def _inquire(
         amount=bill.amount if bill else None,
         http_status=http_status,
         response_body=body,
+        first_check_s=first_check_s,
     )
     if not recorded:
         # A twin with the same Request-Id was recorded while we worked: answer what it answered, so

@@ -26,7 +26,7 @@ from server.core.payments import (
     decide_payment,
 )
 from server.store import codes as code_store
-from server.store import inbox, outbox
+from server.store import inbox, outbox, reconciliation
 from server.store import payments as payment_store
 
 log = structlog.get_logger(component="dipc.notifications")
@@ -46,6 +46,8 @@ class RawNotification:
     request_id: str
     headers: Sequence[tuple[str, str]]
     body: bytes
+    # What DOKU told us: a notification it sent, or its answer to our Check Status (spec §8).
+    source: str = "notification"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ async def record_rejected(pool: asyncpg.Pool, raw: RawNotification, payment_code
         body=raw.body,
         transaction_status=None,
         outcome=NotificationOutcome.REJECTED,
+        source=raw.source,
     )
 
 
@@ -99,6 +102,7 @@ async def _in_transaction(
                 body=raw.body,
                 transaction_status=notice.transaction_status,
                 outcome=outcome,
+                source=raw.source,
             )
 
         if not notice.paid:
@@ -113,7 +117,7 @@ async def _in_transaction(
 
         decision = decide_payment(notice, code, history, now)
         notification_id = await store_raw(decision.outcome)
-        payment = await payment_store.insert(conn, notice, decision, notification_id)
+        payment = await payment_store.insert(conn, notice, decision, notification_id, source=raw.source)
         if payment is None:
             # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
             await inbox.set_outcome(conn, notice.payment_code, notification_id, NotificationOutcome.REPEAT)
@@ -121,6 +125,8 @@ async def _in_transaction(
         if decision.kind is PaymentKind.NORMAL:
             assert code is not None
             code = await code_store.count_payment(conn, code.payment_code)
+        # A payment of any kind settles the invoice: reconciliation stops asking DOKU about it.
+        await reconciliation.settle(conn, notice.payment_code, notice.invoice_number)
         await outbox.append(conn, EVENT_TYPES[decision.kind], notice.payment_code, _event(payment, code))
     return NotificationResult(notification_id, decision.outcome, decision, payment)
 

@@ -97,6 +97,7 @@ class Payment:
     agent_trx_id: str | None
     paid_at: datetime | None
     notification_id: int
+    source: str  # notification, or check_status (recovered by reconciliation)
     recorded_at: datetime
 
 

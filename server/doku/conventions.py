@@ -67,18 +67,38 @@ PAID_STATUS = "SUCCESS"
 
 
 def transaction_reference(
-    original_request_id: str | None, agent: tuple[str | None, str | None, str | None], request_id: str
+    original_request_id: str | None, agent: tuple[str | None, str | None, str | None], fallback: str
 ) -> str:
-    """The identity of one store transaction across DOKU's retries (spec §4 rule 2).
+    """The identity of one store transaction across DOKU's retries (spec §4 rule 2, §8 rule 3).
 
-    ``transaction.original_request_id``; else the ``AGENT_TRX_ID`` identifier; else the notification's
-    own ``Request-Id`` header. Retries of one transaction carry the same reference. A store's transaction
-    number is qualified by its agent and store ids: two stores may count transactions alike, and those
-    are two payments, never one. The prefixes keep the three kinds of reference apart.
+    ``transaction.original_request_id``; else the ``AGENT_TRX_ID`` identifier; else ``fallback`` (see
+    :func:`request_reference` and :func:`check_status_reference`). Retries of one transaction carry the
+    same reference. A store's transaction number is qualified by its agent and store ids: two stores may
+    count transactions alike, and those are two payments, never one. The prefixes keep the kinds of
+    reference apart.
     """
     if original_request_id:
         return original_request_id
     agent_id, store_id, trx_id = agent
     if trx_id:
         return f"agent:{agent_id or ''}/{store_id or ''}/{trx_id}"
+    return fallback
+
+
+def request_reference(request_id: str) -> str:
+    """A notification that names its transaction in no other way is known by its own Request-Id."""
     return f"request:{request_id}"
+
+
+def check_status_reference(invoice_number: str) -> str:
+    """A Check Status answer that names its transaction in no other way (spec §8 rule 3)."""
+    return f"check-status:{invoice_number}"
+
+
+# --- Check Status (spec §8) ----------------------------------------------------------------------
+
+CHECK_STATUS_PATH = "/orders/v1/status/"
+# transaction.status of a Check Status answer for O2O: not paid yet, paid (final), unpaid (final).
+CHECK_PENDING = "PENDING"
+CHECK_PAID = "SUCCESS"
+CHECK_EXPIRED = "EXPIRED"

@@ -110,7 +110,9 @@ class NotificationMessage:
 
     def transaction_reference(self, request_id: str) -> str:
         return conventions.transaction_reference(
-            self.original_request_id, (self.agent_id, self.agent_store_id, self.agent_trx_id), request_id
+            self.original_request_id,
+            (self.agent_id, self.agent_store_id, self.agent_trx_id),
+            conventions.request_reference(request_id),
         )
 
 
@@ -181,6 +183,67 @@ def parse_notification(body: bytes) -> NotificationMessage:
         amount=amount,
         channel=channel or str(member(data, "acquirer.id") or "UNKNOWN")[:32],
         transaction_status=(_text_member(data, "transaction.status", required=True) or "").upper(),
+        transaction_date=transaction_date,
+        original_request_id=_text_member(data, "transaction.original_request_id", required=False),
+        agent_id=identifiers.get("AGENT_ID"),
+        agent_store_id=identifiers.get("AGENT_STORE_ID"),
+        agent_trx_id=identifiers.get("AGENT_TRX_ID"),
+    )
+
+
+# --- Check Status answers (spec §8) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CheckStatusMessage:
+    """DOKU's answer about one invoice: its transaction status and, when paid, the transaction."""
+
+    transaction_status: str  # upper case: PENDING, SUCCESS, EXPIRED, or whatever DOKU said
+    amount: int | None
+    channel: str | None
+    transaction_date: datetime | None
+    original_request_id: str | None
+    agent_id: str | None
+    agent_store_id: str | None
+    agent_trx_id: str | None
+
+    def transaction_reference(self, invoice_number: str) -> str:
+        return conventions.transaction_reference(
+            self.original_request_id,
+            (self.agent_id, self.agent_store_id, self.agent_trx_id),
+            conventions.check_status_reference(invoice_number),
+        )
+
+
+def parse_check_status(body: bytes, *, payment_code: str, invoice_number: str) -> CheckStatusMessage:
+    """An answer shaped like a notification, some members possibly missing (spec §8).
+
+    What is present must be about the invoice asked for; a paid answer must say how much was paid.
+    Raises :class:`DipcError` (an unreadable answer, never read as "unpaid").
+    """
+    data = load_object(body)
+    status = (_text_member(data, "transaction.status", required=True) or "").upper()
+    answered_invoice = _text_member(
+        data, "order.invoice_number", required=False, max_length=conventions.INVOICE_MAX_LENGTH
+    )
+    if answered_invoice is not None and answered_invoice != invoice_number:
+        raise InvalidField("order.invoice_number", "is not the invoice asked about")
+    if member(data, PAYMENT_CODE_FIELD) not in (None, "") and payment_code_of(data) != payment_code:
+        raise InvalidField(PAYMENT_CODE_FIELD, "is not the payment code of the invoice asked about")
+    paid = status == conventions.CHECK_PAID
+    amount = _rupiah(member(data, "order.amount")) if paid else None
+    if amount is not None and amount <= 0:
+        raise InvalidField("order.amount", "must be greater than 0")
+    date_text = member(data, "transaction.date")
+    try:
+        transaction_date = parse_timestamp(date_text) if isinstance(date_text, str) and date_text else None
+    except ValueError:
+        transaction_date = None
+    identifiers = _identifiers(data)
+    return CheckStatusMessage(
+        transaction_status=status,
+        amount=amount,
+        channel=channels.channel_from_message(member(data, "channel.id"), member(data, "acquirer.id")),
         transaction_date=transaction_date,
         original_request_id=_text_member(data, "transaction.original_request_id", required=False),
         agent_id=identifiers.get("AGENT_ID"),

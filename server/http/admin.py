@@ -9,15 +9,24 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from server.core import feed, manage
+from server.core import feed, manage, reconciliation
 from server.core.documents import code_document, payment_document
-from server.core.errors import BadRequest, BodyTooLarge, Disabled, Unauthorized, ValidationFailed
+from server.core.errors import (
+    BadRequest,
+    BodyTooLarge,
+    Disabled,
+    NotConfigured,
+    Unauthorized,
+    ValidationFailed,
+)
 from server.core.imports import MEDIA_TYPES, read_rows
 from server.core.manage import Page
 from server.core.times import parse_timestamp, utcnow
 from server.http.bodies import json_response, read_json_object
-from server.http.keys import LISTENER, POOL, SETTINGS
+from server.http.keys import CHECK_STATUS, LISTENER, POOL, SETTINGS
 from server.ops import metrics
+from server.reconcile import worker as reconciler
+from server.store import reconciliation as reconciliation_store
 from server.store.pool import deadline
 
 routes = web.RouteTableDef()
@@ -221,6 +230,40 @@ async def redeliver(request: web.Request) -> web.Response:
     async with deadline(_timeout(request), "admin.redeliver"):
         count = await feed.redeliver(request.config_dict[POOL], event_ids)
     return json_response({"redelivered": count})
+
+
+@routes.get("/reconciliation")
+async def list_reconciliation(request: web.Request) -> web.Response:
+    """Quoted invoices and where their reconciliation with DOKU's Check Status stands (spec §8)."""
+    async with deadline(_timeout(request), "admin.reconciliation"):
+        page = await reconciliation.list_invoices(
+            request.config_dict[POOL],
+            state=request.query.get("state") or None,
+            after=request.query.get("after") or None,
+            limit=_query_int(request, "limit"),
+        )
+    return json_response(_page(page, reconciliation.invoice_document))
+
+
+@routes.post("/reconciliation/check")
+async def check_reconciliation(request: web.Request) -> web.Response:
+    """Ask DOKU now: ``{"invoice_number": …}`` answers what it said; ``{"since": …}`` schedules every
+    unsettled invoice quoted since then for the reconcilers (202)."""
+    settings = request.config_dict[SETTINGS]
+    wanted = reconciliation.parse_check_request(await read_json_object(request, settings.max_body_bytes))
+    pool = request.config_dict[POOL]
+    if wanted.since is not None:
+        async with deadline(_timeout(request), "admin.reconciliation_schedule"):
+            scheduled = await reconciliation_store.check_soon(pool, wanted.since)
+        return json_response({"scheduled": scheduled, "reconciler": settings.reconcile}, status=202)
+    api = request.config_dict.get(CHECK_STATUS)
+    if api is None:
+        raise NotConfigured("DOKU's API is not configured: set DIPC_DOKU_API_URL (under --demo, a stand-in)")
+    assert wanted.invoice_number is not None
+    # The call to DOKU has its own timeout; the database work around it keeps the admin budget.
+    async with deadline(_timeout(request) + settings.doku_api_timeout_s, "admin.reconciliation_check"):
+        items = await reconciler.check_invoice_number(pool, api, settings, wanted.invoice_number)
+    return json_response({"items": items})
 
 
 def admin_app() -> web.Application:

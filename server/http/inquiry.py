@@ -48,6 +48,7 @@ async def handle_inquiry(request: web.Request) -> web.Response:
             rules=settings.bins,
             render=messages.render_inquiry,
             now=utcnow(),
+            first_check_s=settings.reconcile_schedule[0],
         )
     log_fields.update(outcome=answer.outcome, replayed=answer.replayed)
     metrics.INQUIRIES.labels(answer.outcome, message.channel, "true" if answer.replayed else "false").inc()

@@ -11,6 +11,7 @@ from aiohttp import web
 from server.config import Settings
 from server.core.errors import DipcError
 from server.doku.auth import Authenticated
+from server.doku.checkstatus import CheckStatusClient
 from server.ops.health import HealthChecker
 from server.store.listener import EventListener
 
@@ -18,6 +19,8 @@ SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 LISTENER = web.AppKey("listener", EventListener)
 HEALTH = web.AppKey("health", HealthChecker)
+# DOKU's Check Status API, when this deployment has one (DIPC_DOKU_API_URL; --demo has none by default).
+CHECK_STATUS = web.AppKey("check_status", CheckStatusClient)
 
 # Set by a route family that renders its errors in its own shape (DOKU's), read by the error middleware.
 ERROR_RENDERER = web.RequestKey("error_renderer", Callable[[web.Request, DipcError], web.StreamResponse])

@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from server import __version__
+from server.doku.checkstatus import CheckResult
 
 # Inquiries are answered in milliseconds; the 1 s deadline sits inside the range.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -100,6 +101,27 @@ FEED_WAITERS = Gauge(
     "Long-polls of the event feed waiting right now.",
     multiprocess_mode="livesum",
 )
+RECONCILE_CHECKS = Counter(
+    "dipc_reconciliation_checks_total",
+    "Check Status calls to DOKU (spec §8), by result: paid, pending, expired, or an unknown "
+    "(not_found, rate_limited, server_error, http_error, timeout, unreachable, unreadable, bad_signature).",
+    ["result"],
+)
+RECONCILE_RECOVERED = Counter(
+    "dipc_reconciliation_recovered_total",
+    "Payments recorded from DOKU's Check Status answers because its notifications never came, by kind.",
+    ["kind"],
+)
+RECONCILE_GAVE_UP = Counter(
+    "dipc_reconciliation_gave_up_total",
+    "Quoted invoices whose reconciliation schedule ran out without a final answer from DOKU.",
+)
+RECONCILE_INVOICES = Gauge(
+    "dipc_reconciliation_invoices",
+    "Quoted invoices by reconciliation state (pending, paid, expired, gave_up), read from the database.",
+    ["state"],
+    multiprocess_mode="mostrecent",
+)
 BUILD_INFO = Gauge(
     "dipc_build_info",
     "Always 1; the labels say which dipc runs.",
@@ -108,6 +130,13 @@ BUILD_INFO = Gauge(
 )
 
 BUILD_INFO.labels(version=__version__, python=platform.python_version()).set(1)
+
+# Every series an alert rule or a panel reads exists from the start, at 0: an increase() over a series
+# that is born at 1 would miss the first event.
+for _result in CheckResult:
+    RECONCILE_CHECKS.labels(_result.value)
+for _kind in ("normal", "conflict", "anomaly"):
+    RECONCILE_RECOVERED.labels(_kind)
 
 
 def multiprocess_dir() -> str | None:
@@ -129,7 +158,8 @@ def exported_names() -> set[str]:
     for metric in (
         HTTP_REQUESTS, HTTP_DURATION, INQUIRIES, NOTIFICATIONS, PAYMENTS, SIGNATURE_FAILURES, DB_DURATION,
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
-        FEED_WAITERS, BUILD_INFO,
+        FEED_WAITERS, BUILD_INFO, RECONCILE_CHECKS, RECONCILE_RECOVERED, RECONCILE_GAVE_UP,
+        RECONCILE_INVOICES,
     ):  # fmt: skip
         for family in metric.describe():
             if family.type == "counter":

@@ -19,13 +19,14 @@ async def insert(
     body: bytes,
     transaction_status: str | None,
     outcome: NotificationOutcome,
+    source: str = "notification",
 ) -> int:
     """Store one notification exactly as received; return its id."""
     notification_id: int = await conn.fetchval(
         """
         INSERT INTO notifications (payment_code, client_id, request_id, headers, body,
-                                   transaction_status, outcome)
-        VALUES ($1, $2, $3, $4, $5, $6, $7)
+                                   transaction_status, outcome, source)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
         RETURNING id
         """,
         payment_code,
@@ -35,6 +36,7 @@ async def insert(
         body,
         transaction_status,
         outcome.value,
+        source,
     )
     return notification_id
 

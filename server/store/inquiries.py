@@ -60,6 +60,29 @@ async def lookup(
     return code, prior
 
 
+_RECORD = """
+WITH inquiry AS (
+    INSERT INTO inquiries (payment_code, request_id, client_id, channel, body_sha256, outcome,
+                           invoice_number, amount, http_status, response_body)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    ON CONFLICT (payment_code, request_id) DO NOTHING
+    RETURNING payment_code, invoice_number, client_id, channel, amount
+), quote AS (
+    -- A quoted invoice is reconciled until it is paid (spec §8). A quote of an invoice whose
+    -- reconciliation had ended (given up, expired) means the customer may pay it now: it starts again.
+    INSERT INTO reconciliation (payment_code, invoice_number, client_id, channel, amount, next_check_at)
+    SELECT payment_code, invoice_number, client_id, channel, amount, now() + make_interval(secs => $11)
+      FROM inquiry
+     WHERE invoice_number IS NOT NULL
+    ON CONFLICT (payment_code, invoice_number) DO UPDATE
+       SET state = 'pending', attempts = 0, first_quoted_at = now(), amount = EXCLUDED.amount,
+           next_check_at = EXCLUDED.next_check_at, payment_id = NULL, settled_by = NULL, updated_at = now()
+     WHERE reconciliation.state <> 'pending'
+)
+SELECT true FROM inquiry
+"""
+
+
 async def record(
     conn: asyncpg.Connection | asyncpg.Pool,
     *,
@@ -73,16 +96,14 @@ async def record(
     amount: int | None,
     http_status: int,
     response_body: bytes,
+    first_check_s: float,
 ) -> bool:
-    """Record an answered inquiry; False when a concurrent twin with the same Request-Id got there first."""
+    """Record an answered inquiry, and the invoice it quoted for reconciliation, in one statement.
+
+    False when a concurrent twin with the same Request-Id got there first (and recorded both).
+    """
     inserted = await conn.fetchval(
-        """
-        INSERT INTO inquiries (payment_code, request_id, client_id, channel, body_sha256, outcome,
-                               invoice_number, amount, http_status, response_body)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-        ON CONFLICT (payment_code, request_id) DO NOTHING
-        RETURNING true
-        """,
+        _RECORD,
         payment_code,
         request_id,
         client_id,
@@ -93,6 +114,7 @@ async def record(
         amount,
         http_status,
         response_body,
+        first_check_s,
     )
     return bool(inserted)
 

@@ -10,7 +10,7 @@ from server.core.payments import Payment, PaymentDecision, PaymentHistory, Payme
 
 COLUMNS = (
     "id, payment_code, invoice_number, transaction_ref, kind, reason, amount, expected_amount, client_id, "
-    "channel, agent_id, agent_store_id, agent_trx_id, paid_at, notification_id, recorded_at"
+    "channel, agent_id, agent_store_id, agent_trx_id, paid_at, notification_id, source, recorded_at"
 )
 
 
@@ -71,7 +71,12 @@ async def history(
 
 
 async def insert(
-    conn: asyncpg.Connection, notice: PaymentNotice, decision: PaymentDecision, notification_id: int
+    conn: asyncpg.Connection,
+    notice: PaymentNotice,
+    decision: PaymentDecision,
+    notification_id: int,
+    *,
+    source: str,
 ) -> Payment | None:
     """Record the payment; None when this transaction is recorded already (a racing retry).
 
@@ -82,8 +87,8 @@ async def insert(
         f"""
         INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, reason, amount,
                               expected_amount, client_id, channel, agent_id, agent_store_id, agent_trx_id,
-                              paid_at, notification_id)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                              paid_at, notification_id, source)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
         ON CONFLICT (payment_code, invoice_number, transaction_ref) DO NOTHING
         RETURNING {COLUMNS}
         """,  # noqa: S608 - column list is a constant
@@ -101,5 +106,6 @@ async def insert(
         notice.agent_trx_id,
         notice.paid_at,
         notification_id,
+        source,
     )
     return payment_from_row(row) if row else None

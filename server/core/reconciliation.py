@@ -1,0 +1,253 @@
+"""Reconciliation (spec §8): ask DOKU about every quoted invoice that has no payment, on a schedule.
+
+The rules: when an invoice is checked next, what a check's answer does to it, and how a paid answer
+becomes a payment — through :func:`server.core.notifications.record_notification`, the very transaction
+a notification goes through (identity, one-shot and reusable rules, conflicts, anomalies), with the raw
+answer kept in the inbox as the payment's source.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+
+from server.core.documents import iso
+from server.core.errors import ValidationFailed
+from server.core.manage import Page, page_limit
+from server.core.notifications import NotificationResult, RawNotification, record_notification
+from server.core.payments import PaymentNotice
+from server.core.times import parse_timestamp
+from server.doku import conventions
+from server.doku.auth import Client
+from server.doku.checkstatus import CheckAnswer, CheckResult, CheckStatusClient
+from server.store import reconciliation as store
+from server.store.reconciliation import Claimed, QuotedInvoice
+
+STATES = ("pending", "paid", "expired", "gave_up")
+SOURCE = "check_status"
+_INVOICE_RE = re.compile(conventions.INVOICE_PATTERN)
+
+
+def invoice_document(invoice: QuotedInvoice) -> dict[str, Any]:
+    return {
+        "payment_code": invoice.payment_code,
+        "invoice_number": invoice.invoice_number,
+        "client_id": invoice.client_id,
+        "channel": invoice.channel,
+        "amount": invoice.amount,
+        "state": invoice.state,
+        "first_quoted_at": iso(invoice.first_quoted_at),
+        "attempts": invoice.attempts,
+        "next_check_at": iso(invoice.next_check_at),
+        "last_checked_at": iso(invoice.last_checked_at),
+        "last_result": invoice.last_result,
+        "last_detail": invoice.last_detail,
+        "payment_id": invoice.payment_id,
+        "settled_by": invoice.settled_by,
+    }
+
+
+def next_check(first_quoted_at: datetime, schedule: Sequence[float], now: datetime) -> datetime | None:
+    """The first scheduled check after ``now``; None when the schedule has run out.
+
+    Checks missed while no reconciler ran are not made up one by one: the next one is the next slot.
+    """
+    for offset in schedule:
+        moment = first_quoted_at + timedelta(seconds=offset)
+        if moment > now:
+            return moment
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a check does to its invoice's row."""
+
+    state: str
+    next_check_at: datetime | None
+    counted: bool  # an attempt at the invoice (a throttled call is not one)
+
+
+def after_check(
+    invoice: QuotedInvoice, answer: CheckAnswer, schedule: Sequence[float], now: datetime, retry_s: float
+) -> Outcome:
+    """The row after a check. A paid answer was recorded as a payment, which closed the row already."""
+    result = answer.result
+    if result is CheckResult.PAID:
+        return Outcome("paid", None, True)
+    if result is CheckResult.EXPIRED:
+        return Outcome("expired", None, True)
+    if invoice.state != "pending":
+        # A check by hand of an invoice already given up on (or expired) that found nothing final.
+        return Outcome(invoice.state, None, True)
+    if result is CheckResult.RATE_LIMITED:
+        return Outcome("pending", now + timedelta(seconds=retry_s), False)
+    following = next_check(invoice.first_quoted_at, schedule, now)
+    return Outcome("pending", following, True) if following else Outcome("gave_up", None, True)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """One check, for logs, metrics, the admin API and the CLI."""
+
+    invoice: QuotedInvoice
+    answer: CheckAnswer
+    recorded: NotificationResult | None  # set when a paid answer went through the payment rules
+
+    @property
+    def recovered(self) -> bool:
+        """This check recorded a payment DOKU's notifications had not brought."""
+        return self.recorded is not None and self.recorded.payment is not None
+
+    def document(self) -> dict[str, Any]:
+        document = invoice_document(self.invoice) | {
+            "check": {
+                "result": self.answer.result.value,
+                "detail": self.answer.detail,
+                "http_status": self.answer.http_status,
+                "request_id": self.answer.request_id,
+            }
+        }
+        if self.recorded is not None:
+            document["check"]["recorded"] = self.recorded.outcome.value
+            document["check"]["payment_id"] = self.recorded.payment.id if self.recorded.payment else None
+        return document
+
+
+async def check(
+    pool: asyncpg.Pool,
+    api: CheckStatusClient,
+    clients: Mapping[str, Client],
+    claimed: Claimed,
+    *,
+    schedule: Sequence[float],
+    retry_s: float,
+    now_fn,
+) -> CheckReport:
+    """Ask DOKU about one claimed invoice, record what it said, and end the lease."""
+    invoice = claimed.invoice
+    client = clients.get(invoice.client_id)
+    if client is None or not client.secret_keys:
+        answer = CheckAnswer(
+            "", "", CheckResult.HTTP_ERROR, f"DOKU client {invoice.client_id} is not configured"
+        )
+    else:
+        answer = await api.check(
+            client, payment_code=invoice.payment_code, invoice_number=invoice.invoice_number, now=now_fn()
+        )
+    recorded = None
+    if answer.result is CheckResult.PAID:
+        recorded = await _record_payment(pool, invoice, answer, now_fn())
+    outcome = after_check(invoice, answer, schedule, now_fn(), retry_s)
+    async with pool.acquire() as conn, conn.transaction():
+        if answer.result is CheckResult.PAID:
+            # A repeat (DOKU's notification got there first) settles the row with the existing payment.
+            await store.settle(conn, invoice.payment_code, invoice.invoice_number)
+        updated = await store.record_check(
+            conn,
+            claimed,
+            result=answer.result.value,
+            detail=answer.detail,
+            state=outcome.state,
+            next_check_at=outcome.next_check_at,
+            counted=outcome.counted,
+        )
+    if updated is None:  # the lease ran out while DOKU answered: whoever holds it now writes the result
+        updated = await store.get(pool, invoice.payment_code, invoice.invoice_number) or invoice
+    return CheckReport(updated, answer, recorded)
+
+
+async def _record_payment(
+    pool: asyncpg.Pool, invoice: QuotedInvoice, answer: CheckAnswer, now: datetime
+) -> NotificationResult:
+    message = answer.message
+    assert message is not None
+    assert message.amount is not None
+    raw = RawNotification(
+        client_id=invoice.client_id,
+        request_id=answer.request_id,
+        headers=list(answer.headers),
+        body=answer.body,
+        source=SOURCE,
+    )
+    notice = PaymentNotice(
+        client_id=invoice.client_id,
+        payment_code=invoice.payment_code,
+        invoice_number=invoice.invoice_number,
+        amount=message.amount,
+        transaction_ref=message.transaction_reference(invoice.invoice_number),
+        channel=message.channel or invoice.channel,
+        paid=True,
+        transaction_status=message.transaction_status,
+        paid_at=message.transaction_date,
+        agent_id=message.agent_id,
+        agent_store_id=message.agent_store_id,
+        agent_trx_id=message.agent_trx_id,
+    )
+    return await record_notification(pool, raw, notice, now=now)
+
+
+# --- what the admin API and the CLI ask -------------------------------------------------------------
+
+
+def _cursor(invoice: QuotedInvoice) -> str:
+    key = [iso(invoice.first_quoted_at), invoice.payment_code, invoice.invoice_number]
+    return base64.urlsafe_b64encode(orjson.dumps(key)).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str) -> tuple[datetime, str, str]:
+    try:
+        quoted_at, payment_code, invoice_number = orjson.loads(
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        )
+        if not (isinstance(payment_code, str) and isinstance(invoice_number, str)):
+            raise ValueError(cursor)
+        if "\x00" in payment_code or "\x00" in invoice_number:
+            raise ValueError(cursor)
+        return parse_timestamp(quoted_at), payment_code, invoice_number
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise ValidationFailed({"after": "must be a cursor from an earlier page's next"}) from None
+
+
+async def list_invoices(
+    pool: asyncpg.Pool, *, state: str | None, after: str | None, limit: int | None
+) -> Page[QuotedInvoice]:
+    if state is not None and state not in STATES:
+        raise ValidationFailed({"state": f"must be one of {', '.join(STATES)}"})
+    size = page_limit(limit)
+    items = await store.list_page(
+        pool, state=state, after=_parse_cursor(after) if after else None, limit=size + 1
+    )
+    more = len(items) > size
+    items = items[:size]
+    return Page(items=items, next=_cursor(items[-1]) if more else None)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRequest:
+    """A check by hand: one invoice now, or every unsettled invoice quoted since a moment."""
+
+    invoice_number: str | None = None
+    since: datetime | None = None
+
+
+def parse_check_request(raw: Mapping[str, Any]) -> CheckRequest:
+    if set(raw) - {"invoice_number", "since"} or ("invoice_number" in raw) == ("since" in raw):
+        raise ValidationFailed({"body": 'send {"invoice_number": "..."} or {"since": "<RFC 3339>"}'})
+    if "since" in raw:
+        try:
+            return CheckRequest(since=parse_timestamp(raw["since"]))
+        except ValueError as problem:
+            raise ValidationFailed({"since": str(problem)}) from None
+    invoice_number = raw["invoice_number"]
+    if not isinstance(invoice_number, str) or not _INVOICE_RE.match(invoice_number):
+        raise ValidationFailed({"invoice_number": "must be an invoice number ([A-Za-z0-9_/-], at most 64)"})
+    return CheckRequest(invoice_number=invoice_number)

@@ -1,0 +1,216 @@
+"""The reconciler: a background task of every ``dipc serve`` process (unless ``DIPC_RECONCILE=off``).
+
+It claims due invoices (``FOR UPDATE SKIP LOCKED`` and a lease, like the webhook forwarder), asks DOKU's
+Check Status about each without holding a transaction, and records the answer through the core. The
+calls of all processes together stay within ``DIPC_RECONCILE_RPS`` (a budget shared in PostgreSQL), at
+most ``DIPC_RECONCILE_CONCURRENCY`` at once per process, and all of them slow down when DOKU answers
+429 or 5xx. A process that dies mid-check forgets nothing: its lease runs out and another takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import asyncpg
+import structlog
+
+from server.config import Settings
+from server.core import reconciliation
+from server.core.errors import BeingChecked, NotFound
+from server.core.reconciliation import CheckReport, invoice_document
+from server.core.times import utcnow
+from server.doku.checkstatus import CheckStatusClient
+from server.ops import metrics
+from server.ops.masking import mask_code
+from server.store import reconciliation as store
+from server.store.pool import UNAVAILABLE_ERRORS
+from server.store.reconciliation import Claimed, QuotedInvoice
+
+log = structlog.get_logger(component="dipc.reconcile")
+
+IDLE_RECHECK_S = 1.0  # how long an idle reconciler sleeps before it looks for due invoices again
+BACKOFF_BASE_S = 2.0
+BACKOFF_CAP_S = 300.0
+
+
+def lease_s(settings: Settings) -> float:
+    """How long a claimed invoice is ours: the call's timeout and a margin for recording its result."""
+    return settings.doku_api_timeout_s + 30.0
+
+
+def observe(report: CheckReport, previous_state: str) -> None:
+    """Count and log one check, wherever it ran (the reconciler, or a check by hand)."""
+    answer, invoice = report.answer, report.invoice
+    metrics.RECONCILE_CHECKS.labels(answer.result.value).inc()
+    if report.recovered:
+        assert report.recorded is not None
+        assert report.recorded.decision is not None
+        kind = report.recorded.decision.kind.value
+        reason = report.recorded.decision.reason.value if report.recorded.decision.reason else ""
+        metrics.RECONCILE_RECOVERED.labels(kind).inc()
+        metrics.PAYMENTS.labels(kind, reason).inc()
+    if invoice.state == "gave_up" and previous_state == "pending":
+        metrics.RECONCILE_GAVE_UP.inc()
+    fields = {
+        "payment_code": mask_code(invoice.payment_code),
+        "invoice_number": invoice.invoice_number,
+        "result": answer.result.value,
+        "detail": answer.detail,
+        "http_status": answer.http_status,
+        "state": invoice.state,
+        "attempts": invoice.attempts,
+    }
+    if report.recorded is not None:
+        fields["recorded"] = report.recorded.outcome.value
+    if report.recovered:
+        log.warning("reconcile.recovered", **fields)  # DOKU's notification for it never came
+    elif invoice.state == "gave_up" and previous_state == "pending":
+        log.warning("reconcile.gave_up", **fields)
+    else:
+        log.info("reconcile.checked", **fields)
+
+
+class Reconciler:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, api: CheckStatusClient) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.api = api
+        self.lease_s = lease_s(settings)
+        self._stopping = asyncio.Event()
+        self._checks: set[asyncio.Task[None]] = set()
+        self._failures = 0  # consecutive 429/5xx answers: how long everyone backs off
+
+    async def run(self) -> None:
+        log.info(
+            "reconcile.started",
+            doku_api=self.api.base_url,
+            schedule=list(self.settings.reconcile_schedule),
+            rps=self.settings.reconcile_rps,
+        )
+        while not self._stopping.is_set():
+            try:
+                pause = await self.step()
+            except UNAVAILABLE_ERRORS as error:
+                log.warning("reconcile.database_unavailable", error=f"{type(error).__name__}: {error}")
+                pause = IDLE_RECHECK_S
+            except Exception:
+                log.exception("reconcile.error")  # never die quietly: pause, then carry on
+                pause = 5.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause)
+
+    async def step(self) -> float:
+        """Start the checks that are due and allowed now; return how long to wait before the next step."""
+        free = self.settings.reconcile_concurrency - len(self._checks)
+        if free <= 0:
+            return 0.05
+        due = await store.next_due(self.pool)
+        now = utcnow()
+        if due is None or due > now:
+            return IDLE_RECHECK_S if due is None else min(IDLE_RECHECK_S, (due - now).total_seconds())
+        claimed = await store.claim_due(
+            self.pool, limit=free, lease_s=self.lease_s, rps=self.settings.reconcile_rps
+        )
+        for item in claimed:
+            task = asyncio.create_task(self._check(item), name="dipc-reconcile-check")
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+        # Nothing granted: the shared budget is spent (or DOKU asked us to back off); try after one token.
+        return 0.0 if claimed else max(1.0 / self.settings.reconcile_rps, 0.05)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Start nothing new; let checks in flight finish within ``timeout_s``, then cancel them."""
+        self._stopping.set()
+        if self._checks:
+            _, pending = await asyncio.wait(set(self._checks), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def retry_s(self) -> float:
+        return min(BACKOFF_BASE_S * 2**self._failures, BACKOFF_CAP_S)
+
+    async def _check(self, claimed: Claimed) -> None:
+        try:
+            report = await check_claimed(self.pool, self.api, self.settings, claimed, retry_s=self.retry_s())
+        except asyncio.CancelledError:
+            # Stopping mid-check: hand the invoice back so a live process checks it now, not after the lease.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(store.release(self.pool, claimed))
+            raise
+        except UNAVAILABLE_ERRORS as error:
+            log.warning("reconcile.database_unavailable", error=f"{type(error).__name__}: {error}")
+            return  # the lease runs out and the invoice is checked again
+        except Exception:
+            log.exception("reconcile.check_failed", invoice_number=claimed.invoice.invoice_number)
+            return
+        if report.answer.result.backs_off:
+            self._failures += 1
+            pause = self.retry_s()
+            log.warning("reconcile.backing_off", result=report.answer.result.value, seconds=pause)
+            with contextlib.suppress(*UNAVAILABLE_ERRORS):
+                await store.slow_down(self.pool, rps=self.settings.reconcile_rps, seconds=pause)
+        elif report.answer.http_status is not None:
+            self._failures = 0
+
+
+async def check_claimed(
+    pool: asyncpg.Pool, api: CheckStatusClient, settings: Settings, claimed: Claimed, *, retry_s: float
+) -> CheckReport:
+    """Check one claimed invoice now, and count and log it."""
+    report = await reconciliation.check(
+        pool,
+        api,
+        settings.clients,
+        claimed,
+        schedule=settings.reconcile_schedule,
+        retry_s=retry_s,
+        now_fn=utcnow,
+    )
+    observe(report, claimed.invoice.state)
+    return report
+
+
+async def _take_budget(pool: asyncpg.Pool, rps: float) -> None:
+    """Wait for one call's worth of the rate budget all reconcilers share."""
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            if await store.take_rate_budget(conn, rps=rps, want=1):
+                return
+        await asyncio.sleep(max(1.0 / rps, 0.05))
+
+
+async def check_invoice(
+    pool: asyncpg.Pool, api: CheckStatusClient, settings: Settings, invoice: QuotedInvoice
+) -> dict[str, Any]:
+    """Check one invoice now, by hand, whatever its schedule (a paid one is not asked about again)."""
+    if invoice.state == "paid":
+        return invoice_document(invoice) | {"check": None}
+    claimed = await store.claim(pool, invoice.payment_code, invoice.invoice_number, lease_s=lease_s(settings))
+    if claimed is None:
+        current = await store.get(pool, invoice.payment_code, invoice.invoice_number) or invoice
+        if current.state == "paid":
+            return invoice_document(current) | {"check": None}
+        raise BeingChecked(
+            f"invoice {invoice.invoice_number} is being checked by another dipc process; ask again soon"
+        )
+    try:
+        await _take_budget(pool, settings.reconcile_rps)
+        report = await check_claimed(pool, api, settings, claimed, retry_s=BACKOFF_BASE_S)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(store.release(pool, claimed))
+        raise
+    return report.document()
+
+
+async def check_invoice_number(
+    pool: asyncpg.Pool, api: CheckStatusClient, settings: Settings, invoice_number: str
+) -> list[dict[str, Any]]:
+    """Check every quoted invoice with this number now (DOKU's Check Status knows invoices by number)."""
+    invoices = await store.find_invoice(pool, invoice_number)
+    if not invoices:
+        raise NotFound(f"no quoted invoice {invoice_number}: only invoices an inquiry quoted are reconciled")
+    return [await check_invoice(pool, api, settings, invoice) for invoice in invoices]

@@ -1,0 +1,301 @@
+"""The ``reconciliation`` table: quoted invoices without a payment, and when DOKU is asked about them.
+
+A row is written by the statement that records the quoting inquiry (``store/inquiries.py``), closed by
+the transaction that records a payment for its invoice (:func:`settle`), and checked by reconcilers,
+which claim due rows with ``FOR UPDATE SKIP LOCKED`` and a lease (``lease_until``, ``lease_token``): no
+row is checked by two processes at once, and a crashed process's lease simply runs out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+COLUMNS = (
+    "payment_code, invoice_number, client_id, channel, amount, state, first_quoted_at, attempts, "
+    "next_check_at, last_checked_at, last_result, last_detail, payment_id, settled_by, updated_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotedInvoice:
+    """An invoice an inquiry quoted, and where its reconciliation stands."""
+
+    payment_code: str
+    invoice_number: str
+    client_id: str
+    channel: str
+    amount: int
+    state: str  # pending, paid, expired, gave_up
+    first_quoted_at: datetime
+    attempts: int
+    next_check_at: datetime | None
+    last_checked_at: datetime | None
+    last_result: str | None
+    last_detail: str | None
+    payment_id: int | None
+    settled_by: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A row this process holds the lease on: only the holder of ``token`` records its result."""
+
+    invoice: QuotedInvoice
+    token: uuid.UUID
+
+
+def _invoice(row: asyncpg.Record) -> QuotedInvoice:
+    return QuotedInvoice(**{name: row[name] for name in COLUMNS.split(", ")})
+
+
+def _claimed(rows: list[asyncpg.Record]) -> list[Claimed]:
+    return [Claimed(_invoice(row), row["lease_token"]) for row in rows]
+
+
+async def take_rate_budget(conn: asyncpg.Connection, *, rps: float, want: int) -> int:
+    """Take up to ``want`` calls from the budget all reconcilers share; return how many were granted.
+
+    A token bucket in one row, refilled at ``rps`` and holding at most one second's worth. The row lock
+    serialises claimers for the few milliseconds of their claim. Call inside the claim's transaction.
+    """
+    burst = max(rps, 1.0)
+    available = await conn.fetchval(
+        """
+        SELECT least($2::float8, tokens + $1::float8 * extract(epoch FROM clock_timestamp() - refilled_at))
+          FROM reconciliation_rate FOR UPDATE
+        """,
+        rps,
+        burst,
+    )
+    if available is None:  # the row is gone (a restore without it): start with a full bucket
+        await conn.execute(
+            "INSERT INTO reconciliation_rate (tokens) VALUES ($1) ON CONFLICT DO NOTHING", burst
+        )
+        available = burst
+    granted = max(0, min(want, int(available)))
+    await conn.execute(
+        "UPDATE reconciliation_rate SET tokens = $1, refilled_at = clock_timestamp()", available - granted
+    )
+    return granted
+
+
+async def slow_down(conn: asyncpg.Connection | asyncpg.Pool, *, rps: float, seconds: float) -> None:
+    """DOKU said 429 or 5xx: empty the shared bucket so that no reconciler calls for ``seconds``."""
+    await conn.execute(
+        "UPDATE reconciliation_rate SET tokens = least(tokens, $1::float8), refilled_at = clock_timestamp()",
+        -rps * seconds,
+    )
+
+
+async def claim_due(pool: asyncpg.Pool, *, limit: int, lease_s: float, rps: float) -> list[Claimed]:
+    """Lease up to ``limit`` due invoices, as many as the shared rate budget allows right now."""
+    async with pool.acquire() as conn, conn.transaction():
+        granted = await take_rate_budget(conn, rps=rps, want=limit)
+        if not granted:
+            return []
+        rows = await conn.fetch(
+            f"""
+            WITH due AS (
+                SELECT payment_code, invoice_number FROM reconciliation
+                 WHERE state = 'pending' AND next_check_at <= now()
+                   AND (lease_until IS NULL OR lease_until <= now())
+                 ORDER BY next_check_at
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED
+            )
+            UPDATE reconciliation r
+               SET lease_until = now() + make_interval(secs => $2), lease_token = gen_random_uuid()
+              FROM due
+             WHERE r.payment_code = due.payment_code AND r.invoice_number = due.invoice_number
+            RETURNING {", ".join(f"r.{column}" for column in COLUMNS.split(", "))}, r.lease_token
+            """,  # noqa: S608 - column list is a constant
+            granted,
+            lease_s,
+        )
+        if len(rows) < granted:  # hand back what nobody used
+            await conn.execute(
+                "UPDATE reconciliation_rate SET tokens = tokens + $1::float8", float(granted - len(rows))
+            )
+        return _claimed(rows)
+
+
+async def claim(
+    conn: asyncpg.Connection | asyncpg.Pool, payment_code: str, invoice_number: str, *, lease_s: float
+) -> Claimed | None:
+    """Lease one invoice to check it now, whatever its schedule; None when it is paid or leased."""
+    rows = await conn.fetch(
+        f"""
+        UPDATE reconciliation
+           SET lease_until = now() + make_interval(secs => $3), lease_token = gen_random_uuid()
+         WHERE payment_code = $1 AND invoice_number = $2 AND state <> 'paid'
+           AND (lease_until IS NULL OR lease_until <= now())
+        RETURNING {COLUMNS}, lease_token
+        """,  # noqa: S608 - column list is a constant
+        payment_code,
+        invoice_number,
+        lease_s,
+    )
+    claimed = _claimed(rows)
+    return claimed[0] if claimed else None
+
+
+async def record_check(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    claimed: Claimed,
+    *,
+    result: str,
+    detail: str,
+    state: str,
+    next_check_at: datetime | None,
+    counted: bool,
+) -> QuotedInvoice | None:
+    """Write what a check found and end the lease; None when the lease was lost meanwhile.
+
+    A row that became paid meanwhile (a notification, or this very check's payment) stays paid.
+    """
+    row = await conn.fetchrow(
+        f"""
+        UPDATE reconciliation
+           SET attempts = attempts + $4::int,
+               last_checked_at = now(), last_result = $5, last_detail = $6,
+               state = CASE WHEN state = 'paid' THEN state ELSE $7 END,
+               next_check_at = CASE WHEN state = 'paid' THEN NULL ELSE $8::timestamptz END,
+               lease_until = NULL, lease_token = NULL, updated_at = now()
+         WHERE payment_code = $1 AND invoice_number = $2 AND lease_token = $3
+        RETURNING {COLUMNS}
+        """,  # noqa: S608 - column list is a constant
+        claimed.invoice.payment_code,
+        claimed.invoice.invoice_number,
+        claimed.token,
+        1 if counted else 0,
+        result,
+        detail[:500],
+        state,
+        next_check_at,
+    )
+    return _invoice(row) if row else None
+
+
+async def settle(conn: asyncpg.Connection, payment_code: str, invoice_number: str) -> None:
+    """Close the invoice's row as paid by the payment recorded for it (a normal one first).
+
+    Run in the transaction that records a payment, and after a check that found one.
+    """
+    await conn.execute(
+        """
+        UPDATE reconciliation r
+           SET state = 'paid', next_check_at = NULL, payment_id = p.id, settled_by = p.source,
+               updated_at = now()
+          FROM (SELECT id, source FROM payments
+                 WHERE payment_code = $1 AND invoice_number = $2
+                 ORDER BY kind = 'normal' DESC, id
+                 LIMIT 1) p
+         WHERE r.payment_code = $1 AND r.invoice_number = $2 AND r.state <> 'paid'
+        """,
+        payment_code,
+        invoice_number,
+    )
+
+
+async def get(
+    conn: asyncpg.Connection | asyncpg.Pool, payment_code: str, invoice_number: str
+) -> QuotedInvoice | None:
+    row = await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM reconciliation WHERE payment_code = $1 AND invoice_number = $2",  # noqa: S608
+        payment_code,
+        invoice_number,
+    )
+    return _invoice(row) if row else None
+
+
+async def find_invoice(conn: asyncpg.Connection | asyncpg.Pool, invoice_number: str) -> list[QuotedInvoice]:
+    rows = await conn.fetch(
+        f"SELECT {COLUMNS} FROM reconciliation WHERE invoice_number = $1 ORDER BY payment_code",  # noqa: S608
+        invoice_number,
+    )
+    return [_invoice(row) for row in rows]
+
+
+async def check_soon(conn: asyncpg.Connection | asyncpg.Pool, since: datetime) -> int:
+    """Make every unsettled invoice (pending or gave_up) first quoted at or after ``since`` due now."""
+    status = await conn.execute(
+        """
+        UPDATE reconciliation SET state = 'pending', next_check_at = now(), updated_at = now()
+         WHERE state IN ('pending', 'gave_up') AND first_quoted_at >= $1
+        """,
+        since,
+    )
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def due_within(conn: asyncpg.Connection | asyncpg.Pool, since: datetime) -> list[QuotedInvoice]:
+    """Unsettled invoices first quoted at or after ``since``, oldest first (a check by hand)."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {COLUMNS} FROM reconciliation
+         WHERE state IN ('pending', 'gave_up') AND first_quoted_at >= $1
+         ORDER BY first_quoted_at, payment_code, invoice_number
+        """,  # noqa: S608 - column list is a constant
+        since,
+    )
+    return [_invoice(row) for row in rows]
+
+
+async def next_due(conn: asyncpg.Connection | asyncpg.Pool) -> datetime | None:
+    """When the earliest unleased pending invoice is due (an index scan of one row)."""
+    return await conn.fetchval(
+        """
+        SELECT next_check_at FROM reconciliation
+         WHERE state = 'pending' AND (lease_until IS NULL OR lease_until <= now())
+         ORDER BY next_check_at
+         LIMIT 1
+        """
+    )
+
+
+async def release(conn: asyncpg.Connection | asyncpg.Pool, claimed: Claimed) -> None:
+    """Give a claimed invoice back at once (this process stops before its check finished)."""
+    await conn.execute(
+        "UPDATE reconciliation SET lease_until = NULL, lease_token = NULL "
+        "WHERE payment_code = $1 AND invoice_number = $2 AND lease_token = $3",
+        claimed.invoice.payment_code,
+        claimed.invoice.invoice_number,
+        claimed.token,
+    )
+
+
+async def list_page(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    state: str | None,
+    after: tuple[datetime, str, str] | None,
+    limit: int,
+) -> list[QuotedInvoice]:
+    """Up to ``limit`` invoices in order of their first quote, after the keyset cursor ``after``."""
+    quoted_at, code, invoice = after if after else (None, None, None)
+    rows = await conn.fetch(
+        f"""
+        SELECT {COLUMNS} FROM reconciliation
+         WHERE ($1::text IS NULL OR state = $1)
+           AND ($2::timestamptz IS NULL
+                OR (first_quoted_at, payment_code, invoice_number) > ($2, $3::text, $4::text))
+         ORDER BY first_quoted_at, payment_code, invoice_number
+         LIMIT $5
+        """,  # noqa: S608 - column list is a constant
+        state,
+        quoted_at,
+        code,
+        invoice,
+        limit,
+    )
+    return [_invoice(row) for row in rows]
+
+
+async def count_by_state(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:
+    rows = await conn.fetch("SELECT state, count(*) AS n FROM reconciliation GROUP BY state")
+    return {row["state"]: row["n"] for row in rows}
