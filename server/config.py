@@ -65,8 +65,9 @@ class Settings:
     webhook_backoff_cap_s: float = 3600.0
     webhook_timeout_s: float = 10.0
     webhook_concurrency: int = 8
-    # Reconciliation with DOKU's Check Status (spec §8). None: no DOKU API (--demo without a stand-in).
-    doku_api_url: str | None = DOKU_API_URL
+    # Reconciliation with DOKU's Check Status (spec §8). None: no DOKU API (--demo without a stand-in);
+    # load_settings defaults to DOKU's production API outside --demo.
+    doku_api_url: str | None = None
     doku_api_timeout_s: float = 10.0
     reconcile: bool = True
     reconcile_schedule: tuple[float, ...] = DEFAULT_RECONCILE_SCHEDULE

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from server import __version__
-from server.cli import codes, doctor, events, prune, serve, simulate
+from server.cli import codes, doctor, events, prune, reconcile, serve, simulate
 from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, print_error
 from server.config import ConfigError
 from server.core.errors import DipcError
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(commands)
     codes.register(commands)
     events.register(commands)
+    reconcile.register(commands)
     simulate.register(commands)
     doctor.register(commands)
     prune.register(commands)

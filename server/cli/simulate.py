@@ -9,12 +9,14 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, print_json
 from server.config import Settings, load_settings
 from server.doku import channels
 from server.doku.auth import Client
 from server.doku.client import DokuSimulator, Reply
+from server.doku.standin import DokuStandIn
 
 SIMULATE_HELP = """\
 Send requests exactly as DOKU does, signed with the configured Client-Id and secret key (or the demo
@@ -72,7 +74,31 @@ def register(commands: argparse._SubParsersAction) -> None:
         epilog="example: dipc simulate flow --demo 8896500000000777",
     )
     flow.add_argument("payment_code")
+    flow.add_argument(
+        "--lost-notification",
+        action="store_true",
+        help="pay at the DOKU stand-in, send dipc no notification: its reconciler must find the payment",
+    )
+    flow.add_argument("--doku-api", help="the stand-in's base URL (default $DIPC_DOKU_API_URL)")
     flow.set_defaults(run=run_flow)
+
+    standin = actions.add_parser(
+        "doku-api",
+        help="serve a stand-in for DOKU's Check Status API, to rehearse reconciliation",
+        description="Serve DOKU's Check Status API (GET /orders/v1/status/<invoice>) for the configured DOKU "
+        "client (or the demo one with --demo), checking every request's headers and signature as DOKU does. "
+        "It answers SUCCESS for the invoices paid at it (`dipc simulate flow --lost-notification`), "
+        "PENDING for the rest. Point dipc at it with DIPC_DOKU_API_URL.",
+        epilog="example:\n"
+        "  dipc simulate doku-api --demo --port 8090 &\n"
+        "  DIPC_DOKU_API_URL=http://127.0.0.1:8090 DIPC_RECONCILE_SCHEDULE=5,30,60 dipc serve --demo &\n"
+        "  dipc simulate flow --demo --lost-notification --doku-api http://127.0.0.1:8090 8896512345678123",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    standin.add_argument("--demo", action="store_true", help="answer the demo client of `serve --demo`")
+    standin.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    standin.add_argument("--port", type=int, default=8090, help="listen port (default 8090)")
+    standin.set_defaults(run=run_doku_api)
 
 
 def _client(settings: Settings, client_id: str | None) -> Client:
@@ -161,14 +187,67 @@ def run_notify(args: argparse.Namespace) -> int:
     return _simulate(args, work)
 
 
+async def _pay_at_standin(
+    simulator: DokuSimulator, doku_api: str, args: argparse.Namespace, order: dict, reference: str
+) -> int:
+    """The customer pays at the counter and DOKU's notification is lost: only the stand-in knows."""
+    payment = {
+        "payment_code": args.payment_code,
+        "invoice_number": order["invoice_number"],
+        "amount": order["amount"],
+        "original_request_id": reference,
+        "channel": args.channel,
+    }
+    async with simulator.session.post(f"{doku_api.rstrip('/')}/_standin/payments", json=payment) as response:
+        if response.status != 201:
+            raise CommandFailed(f"the stand-in at {doku_api} refused the payment: HTTP {response.status}")
+    if args.json:
+        print_json({"paid_at_standin": payment, "notification": None})
+    else:
+        print(
+            f"paid {order['amount']} for invoice {order['invoice_number']} at the DOKU stand-in {doku_api};"
+        )
+        print("no notification was sent: dipc's reconciler finds the payment at its next scheduled check")
+        print(f"(or ask now: dipc reconcile --invoice {order['invoice_number']})")
+    return 0
+
+
+def run_doku_api(args: argparse.Namespace) -> int:
+    settings = load_settings(demo=args.demo)
+    if not settings.clients:
+        raise CommandFailed(
+            "no DOKU client configured: set DIPC_CLIENT_ID and DIPC_SECRET_KEY, or pass --demo", 2
+        )
+    standin = DokuStandIn(settings.clients)
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"DOKU Check Status stand-in on {base} for {', '.join(sorted(settings.clients))}\n"
+        f"point dipc at it: DIPC_DOKU_API_URL={base} dipc serve{' --demo' if args.demo else ''}",
+        flush=True,
+    )
+    try:
+        web.run_app(standin.app(), host=args.host, port=args.port, print=None, access_log=None)
+    except OSError as error:
+        raise CommandFailed(f"cannot listen on {args.host}:{args.port}: {error}", EXIT_USAGE) from None
+    return 0
+
+
 def run_flow(args: argparse.Namespace) -> int:
     """An inquiry, then the notification of exactly what it quoted (its Request-Id as the reference)."""
+
+    doku_api = None
+    if args.lost_notification:
+        doku_api = args.doku_api or load_settings(demo=args.demo).doku_api_url
+        if not doku_api:
+            raise CommandFailed("--lost-notification needs the stand-in's URL: --doku-api URL", EXIT_USAGE)
 
     async def work(simulator: DokuSimulator) -> int:
         inquiry = await simulator.inquiry(args.payment_code, channel=args.channel)
         if report(args, "inquiry", inquiry) or inquiry.status != 200:
             return EXIT_FAILURE
         order = inquiry.json()["order"]
+        if doku_api is not None:
+            return await _pay_at_standin(simulator, doku_api, args, order, inquiry.request_id)
         notification = await simulator.notify(
             args.payment_code,
             invoice_number=order["invoice_number"],

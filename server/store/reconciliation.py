@@ -246,6 +246,18 @@ async def due_within(conn: asyncpg.Connection | asyncpg.Pool, since: datetime) -
     return [_invoice(row) for row in rows]
 
 
+async def due_now(conn: asyncpg.Connection | asyncpg.Pool) -> list[QuotedInvoice]:
+    """Pending invoices whose scheduled check is due, in the order they fell due."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {COLUMNS} FROM reconciliation
+         WHERE state = 'pending' AND next_check_at <= now()
+         ORDER BY next_check_at
+        """  # noqa: S608 - column list is a constant
+    )
+    return [_invoice(row) for row in rows]
+
+
 async def next_due(conn: asyncpg.Connection | asyncpg.Pool) -> datetime | None:
     """When the earliest unleased pending invoice is due (an index scan of one row)."""
     return await conn.fetchval(

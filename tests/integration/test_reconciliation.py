@@ -1,0 +1,404 @@
+"""Reconciliation (spec §8): the notification never came, and dipc asks DOKU's Check Status itself.
+
+DOKU is a real stand-in server on loopback (server/doku/standin.py) that checks every header of every
+request; dipc is the real app with its reconciler running on a shortened schedule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from server.app import make_app
+from server.doku.client import DokuSimulator
+from server.doku.standin import DokuStandIn, Scripted
+from tests.conftest import CLIENT, CLIENT_ID, CODE, OTHER_CLIENT, OTHER_CLIENT_ID, code_fields, make_settings
+
+INVOICE = "INV-2026-000123"
+REUSABLE = "8896500000000777"
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], seconds: float = 20.0) -> Any:
+    """The first truthy result of ``check``, polled until ``seconds`` pass (then the test fails)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {check.__name__}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def standin(aiohttp_server) -> tuple[DokuStandIn, TestServer]:
+    doku = DokuStandIn({CLIENT_ID: CLIENT, OTHER_CLIENT_ID: OTHER_CLIENT})
+    server = await aiohttp_server(doku.app())
+    yield doku, server
+    assert doku.problems == [], "dipc sent a Check Status request DOKU would refuse"
+
+
+def reconciling_settings(server: TestServer, **overrides: Any):
+    values = {
+        "doku_api_url": str(server.make_url("")).rstrip("/"),
+        "reconcile_schedule": (1.0, 2.0, 3.0),
+        "reconcile_rps": 50.0,
+        "doku_api_timeout_s": 2.0,
+    }
+    return make_settings(**(values | overrides))
+
+
+@pytest.fixture
+async def dipc(aiohttp_client, pool, database_url, standin) -> TestClient:
+    """dipc with its reconciler on, asking the stand-in."""
+    return await aiohttp_client(make_app(reconciling_settings(standin[1]), database_url))
+
+
+@pytest.fixture
+def doku_sim(dipc: TestClient) -> DokuSimulator:
+    return DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+
+
+@pytest.fixture
+def admin(admin_headers):
+    return admin_headers
+
+
+async def register(dipc: TestClient, admin: dict[str, str], **overrides: Any) -> None:
+    response = await dipc.post("/v1/payment-codes", json=code_fields(**overrides), headers=admin)
+    assert response.status == 201, await response.text()
+
+
+async def payments(pool, code: str = CODE) -> list[Any]:
+    return await pool.fetch("SELECT * FROM payments WHERE payment_code = $1 ORDER BY id", code)
+
+
+async def row(pool, code: str, invoice: str) -> Any:
+    return await pool.fetchrow(
+        "SELECT * FROM reconciliation WHERE payment_code = $1 AND invoice_number = $2", code, invoice
+    )
+
+
+async def test_a_paid_invoice_whose_notification_never_came_is_recovered_once(
+    dipc, doku_sim, standin, pool, admin
+):
+    doku, _ = standin
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    assert quote.status == 200
+    doku.pay(CODE, INVOICE, 150000, original_request_id=quote.request_id)  # ...and no notification
+
+    async def recovered():
+        return await payments(pool)
+
+    [payment] = await eventually(recovered)
+    assert (payment["kind"], payment["source"], payment["amount"]) == ("normal", "check_status", 150000)
+    assert payment["transaction_ref"] == quote.request_id
+    code = await (await dipc.get(f"/v1/payment-codes/{CODE}", headers=admin)).json()
+    assert (code["status"], code["paid_count"]) == ("paid", 1)
+    invoice = await row(pool, CODE, INVOICE)
+    assert (invoice["state"], invoice["settled_by"], invoice["payment_id"]) == (
+        "paid",
+        "check_status",
+        payment["id"],
+    )
+    # The raw answer is kept as the payment's source, in the inbox.
+    source = await pool.fetchrow("SELECT * FROM notifications WHERE id = $1", payment["notification_id"])
+    assert source["source"] == "check_status"
+    assert source["body"] == doku.paid[INVOICE]
+    events = await (await dipc.get("/v1/events?after=0", headers=admin)).json()
+    received = [event for event in events["items"] if event["type"] == "payment.received"]
+    assert len(received) == 1 and received[0]["payload"]["source"] == "check_status"
+
+    # DOKU's late notification of the same transaction is a repeat: nothing new.
+    late = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id
+    )
+    assert late.status == 200
+    assert len(await payments(pool)) == 1
+    outcome = await pool.fetchval("SELECT outcome FROM notifications WHERE source = 'notification'")
+    assert outcome == "repeat"
+    assert len(doku.checks_of(INVOICE)) == 1  # paid: never asked about again
+    metrics = await (await dipc.get("/metrics")).text()
+    assert 'dipc_reconciliation_recovered_total{kind="normal"} 1.0' in metrics
+    assert 'dipc_reconciliation_checks_total{result="paid"} 1.0' in metrics
+
+
+async def test_an_invoice_paid_by_its_notification_is_never_asked_about(dipc, doku_sim, standin, pool, admin):
+    doku, _ = standin
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    notified = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id
+    )
+    assert notified.status == 200
+    invoice = await row(pool, CODE, INVOICE)
+    assert (invoice["state"], invoice["settled_by"], invoice["next_check_at"]) == (
+        "paid",
+        "notification",
+        None,
+    )
+    await asyncio.sleep(2.5)  # past the first two checks of the schedule
+    assert doku.checks_of(INVOICE) == []
+
+
+async def test_each_invoice_of_a_reusable_code_is_reconciled_on_its_own(dipc, doku_sim, standin, pool, admin):
+    doku, _ = standin
+    await register(
+        dipc, admin, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
+    )
+    first = (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"]
+    second = (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"]
+    assert first != second
+    doku.pay(REUSABLE, second, 50000, agent_trx_id="77")
+
+    async def done():
+        states = {r["invoice_number"]: r["state"] for r in await pool.fetch("SELECT * FROM reconciliation")}
+        return states if states == {first: "gave_up", second: "paid"} else None
+
+    await eventually(done)
+    [payment] = await payments(pool, REUSABLE)
+    assert (payment["invoice_number"], payment["kind"], payment["transaction_ref"]) == (
+        second,
+        "normal",
+        "agent:ALFAMART/TZ01/77",
+    )
+    assert len(doku.checks_of(first)) == 3  # the whole schedule: +1, +2, +3 s
+    assert (await row(pool, REUSABLE, first))["attempts"] == 3
+    metrics = await (await dipc.get("/metrics")).text()
+    assert "dipc_reconciliation_gave_up_total 1.0" in metrics
+
+
+async def test_a_check_status_answer_for_another_transaction_of_a_paid_code_is_a_conflict(
+    dipc, doku_sim, standin, pool, admin
+):
+    doku, _ = standin
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    answered = asyncio.Event()
+    doku.script(INVOICE, Scripted(hold=answered))  # DOKU takes its time answering the first check
+    doku.pay(CODE, INVOICE, 150000, original_request_id="counter-B")
+    await eventually(lambda: asyncio.sleep(0, result=doku.checks_of(INVOICE)))
+    # Meanwhile counter A's notification arrives and pays the code.
+    notified = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id
+    )
+    assert notified.status == 200
+    answered.set()
+
+    async def two():
+        found = await payments(pool)
+        return found if len(found) == 2 else None
+
+    normal, conflict = await eventually(two)
+    assert (normal["kind"], normal["source"]) == ("normal", "notification")
+    assert (conflict["kind"], conflict["reason"], conflict["source"]) == (
+        "conflict",
+        "ALREADY_PAID",
+        "check_status",
+    )
+    assert (await row(pool, CODE, INVOICE))["settled_by"] == "notification"
+
+
+async def test_a_check_status_answer_with_another_amount_is_an_anomaly(dipc, doku_sim, standin, pool, admin):
+    doku, _ = standin
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    doku.pay(CODE, INVOICE, 15000, original_request_id=quote.request_id)
+    [anomaly] = await eventually(lambda: payments(pool))
+    assert (anomaly["kind"], anomaly["reason"], anomaly["expected_amount"]) == (
+        "anomaly",
+        "AMOUNT_MISMATCH",
+        150000,
+    )
+    assert (await row(pool, CODE, INVOICE))["state"] == "paid"  # a payment of any kind settles the invoice
+    code = await (await dipc.get(f"/v1/payment-codes/{CODE}", headers=admin)).json()
+    assert code["status"] == "active"
+
+
+@pytest.mark.parametrize(
+    ("scripted", "result"),
+    [
+        (Scripted(status=500, body=b'{"error":"internal"}'), "server_error"),
+        (Scripted(status=429, body=b"{}"), "rate_limited"),
+        (Scripted(status=404, body=b"{}"), "not_found"),
+        (Scripted(body=b"<html>oops</html>"), "unreadable"),
+        (Scripted(body=b'{"transaction":{"status":"SUCCESS"}}'), "unreadable"),  # paid, but how much?
+        (Scripted(delay_s=3.0), "timeout"),
+        (Scripted(signed=False, body=b'{"transaction":{"status":"WHATEVER"}}'), "unreadable"),
+    ],
+)
+async def test_an_unknown_answer_never_closes_an_invoice(
+    aiohttp_client, pool, database_url, standin, admin, scripted, result
+):
+    doku, server = standin
+    dipc = await aiohttp_client(make_app(reconciling_settings(server, doku_api_timeout_s=0.5), database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin)
+    await doku_sim.inquiry(CODE)
+    doku.script(INVOICE, scripted)
+    doku.pay(CODE, INVOICE, 150000, original_request_id="the-real-one")  # what DOKU knows, once it answers
+
+    async def checked():
+        invoice = await row(pool, CODE, INVOICE)
+        return invoice if invoice["last_result"] == result else None
+
+    invoice = await eventually(checked)
+    assert invoice["state"] == "pending"
+    assert await payments(pool) == []
+    # The next check on the schedule finds the payment.
+    [payment] = await eventually(lambda: payments(pool))
+    assert payment["transaction_ref"] == "the-real-one"
+
+
+async def test_expired_closes_the_invoice_as_unpaid_and_a_new_quote_reopens_it(
+    dipc, doku_sim, standin, pool, admin
+):
+    doku, _ = standin
+    await register(dipc, admin)
+    await doku_sim.inquiry(CODE)
+    doku.expire(INVOICE)
+
+    async def expired():
+        invoice = await row(pool, CODE, INVOICE)
+        return invoice if invoice["state"] == "expired" else None
+
+    invoice = await eventually(expired)
+    assert (invoice["next_check_at"], invoice["last_result"]) == (None, "expired")
+    assert await payments(pool) == []
+    # The customer asks again: the invoice can be paid now, so it is watched again.
+    await doku_sim.inquiry(CODE)
+    reopened = await row(pool, CODE, INVOICE)
+    assert (reopened["state"], reopened["attempts"]) == ("pending", 0)
+
+
+async def test_the_schedule_running_out_gives_up_visibly(dipc, doku_sim, standin, pool, admin):
+    doku, _ = standin
+    await register(dipc, admin)
+    await doku_sim.inquiry(CODE)
+
+    async def gave_up():
+        invoice = await row(pool, CODE, INVOICE)
+        return invoice if invoice["state"] == "gave_up" else None
+
+    invoice = await eventually(gave_up)
+    assert (invoice["attempts"], invoice["last_result"], invoice["next_check_at"]) == (3, "pending", None)
+    assert len(doku.checks_of(INVOICE)) == 3
+    listed = await (await dipc.get("/v1/reconciliation?state=gave_up", headers=admin)).json()
+    assert [item["invoice_number"] for item in listed["items"]] == [INVOICE]
+    assert listed["items"][0]["attempts"] == 3
+
+
+async def test_reconciliation_can_be_listed_and_paged(dipc, doku_sim, pool, admin):
+    await register(
+        dipc, admin, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
+    )
+    for _ in range(3):
+        assert (await doku_sim.inquiry(REUSABLE)).status == 200
+    first = await (await dipc.get("/v1/reconciliation?limit=2", headers=admin)).json()
+    assert len(first["items"]) == 2 and first["next"]
+    item = first["items"][0]
+    assert set(item) >= {
+        "payment_code",
+        "invoice_number",
+        "state",
+        "attempts",
+        "next_check_at",
+        "last_result",
+    }
+    rest = await (await dipc.get(f"/v1/reconciliation?limit=2&after={first['next']}", headers=admin)).json()
+    assert len(rest["items"]) == 1 and rest["next"] is None
+    seen = [i["invoice_number"] for i in first["items"] + rest["items"]]
+    assert sorted(seen) == ["TOPUP-777-1", "TOPUP-777-2", "TOPUP-777-3"]
+    for bad in ("state=unknown", "after=%00", "after=bm90LWEtY3Vyc29y", "limit=0"):
+        response = await dipc.get(f"/v1/reconciliation?{bad}", headers=admin)
+        assert response.status == 422, bad
+
+
+async def test_a_check_by_hand_answers_what_doku_said(aiohttp_client, pool, database_url, standin, admin):
+    doku, server = standin
+    # Reconciler off: only the person asking calls DOKU.
+    dipc = await aiohttp_client(make_app(reconciling_settings(server, reconcile=False), database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    check = await dipc.post("/v1/reconciliation/check", json={"invoice_number": INVOICE}, headers=admin)
+    assert check.status == 200
+    [item] = (await check.json())["items"]
+    assert (item["state"], item["check"]["result"], item["attempts"]) == ("pending", "pending", 1)
+
+    doku.pay(CODE, INVOICE, 150000, original_request_id=quote.request_id)
+    [item] = (
+        await (
+            await dipc.post("/v1/reconciliation/check", json={"invoice_number": INVOICE}, headers=admin)
+        ).json()
+    )["items"]
+    assert (item["state"], item["check"]["result"], item["check"]["recorded"]) == ("paid", "paid", "normal")
+    [again] = (
+        await (
+            await dipc.post("/v1/reconciliation/check", json={"invoice_number": INVOICE}, headers=admin)
+        ).json()
+    )["items"]
+    assert (again["state"], again["check"]) == ("paid", None)  # paid: DOKU is not asked again
+    assert len(doku.checks_of(INVOICE)) == 2
+
+    missing = await dipc.post("/v1/reconciliation/check", json={"invoice_number": "INV-NEVER"}, headers=admin)
+    assert missing.status == 404
+    for body in ({}, {"invoice_number": INVOICE, "since": "2026-01-01T00:00:00Z"}, {"invoice_number": "a b"},
+                 {"since": "yesterday"}, {"invoice_number": 7}):  # fmt: skip
+        response = await dipc.post("/v1/reconciliation/check", json=body, headers=admin)
+        assert response.status == 422, body
+
+
+async def test_a_check_since_a_date_puts_unsettled_invoices_back_in_line(
+    aiohttp_client, pool, database_url, standin, admin
+):
+    doku, server = standin
+    dipc = await aiohttp_client(
+        make_app(reconciling_settings(server, reconcile_schedule=(3600.0,)), database_url)
+    )
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    doku.pay(CODE, INVOICE, 150000, original_request_id=quote.request_id)
+    response = await dipc.post(
+        "/v1/reconciliation/check", json={"since": "2020-01-01T00:00:00Z"}, headers=admin
+    )
+    assert response.status == 202
+    assert (await response.json())["scheduled"] == 1
+    [payment] = await eventually(
+        lambda: payments(pool), seconds=10
+    )  # not an hour: the reconciler took it now
+    assert payment["source"] == "check_status"
+
+
+async def test_without_a_doku_api_a_check_by_hand_says_what_to_configure(client, doku, admin):
+    await register(client, admin)
+    await doku.inquiry(CODE)
+    response = await client.post("/v1/reconciliation/check", json={"invoice_number": INVOICE}, headers=admin)
+    assert response.status == 409
+    assert "DIPC_DOKU_API_URL" in (await response.json())["error"]["message"]
+
+
+async def test_the_stand_in_refuses_what_doku_would_refuse(aiohttp_client):
+    doku = DokuStandIn({CLIENT_ID: CLIENT})
+    server = await aiohttp_client(doku.app())
+    unsigned = await server.get(f"/orders/v1/status/{INVOICE}")
+    assert unsigned.status == 401
+    from server.doku.auth import signed_headers
+    from server.core.times import utcnow
+
+    headers = signed_headers(CLIENT, request_id="r1", target=f"/orders/v1/status/{INVOICE}", body=b"", now=utcnow(),
+                             response=False)  # fmt: skip
+    assert (await server.get(f"/orders/v1/status/{INVOICE}", headers=headers)).status == 200
+    # The same Request-Id again, and a signature over another path, are refused.
+    assert (await server.get(f"/orders/v1/status/{INVOICE}", headers=headers)).status == 401
+    other = signed_headers(CLIENT, request_id="r2", target="/orders/v1/status/INV-X", body=b"", now=utcnow(),
+                           response=False)  # fmt: skip
+    assert (await server.get(f"/orders/v1/status/{INVOICE}", headers=other)).status == 401
+    assert len(doku.problems) == 3
