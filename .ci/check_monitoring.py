@@ -29,7 +29,7 @@ def main() -> int:
         {"record": f"dashboard:panel{panel['id']}_{target['refId'].lower()}",
          "expr": target["expr"].replace("$__rate_interval", "5m")}
         for panel in dashboard["panels"]
-        for target in panel["targets"]
+        for target in panel.get("targets", [])  # a row panel has none
     ]  # fmt: skip
     with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as handle:
         yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, handle)

@@ -184,6 +184,9 @@ def dipc_env(database_url: str, **extra: str) -> dict[str, str]:
             "DIPC_SECRET_KEY": SECRET_KEY,
             "DIPC_BINS": BINS,
             "DIPC_LOG_FORMAT": "json",
+            # Never DOKU's real API from a test: tests that reconcile start a stand-in and say so.
+            "DIPC_DOKU_API_URL": "http://127.0.0.1:9",
+            "DIPC_RECONCILE": "off",
         }
         | extra
     )

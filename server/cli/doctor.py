@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+import aiohttp
+
 from server.cli.common import EXIT_FAILURE, CommandFailed, open_database, print_json
 from server.config import ConfigError, Settings, load_settings
+from server.doku.checkstatus import CheckAnswer, CheckResult, CheckStatusClient
 from server.store import migrate
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -115,6 +119,49 @@ async def database_checks(settings: Settings) -> list[Check]:
     return checks
 
 
+async def doku_api_checks(settings: Settings) -> list[Check]:
+    """Reconciliation's configuration, and whether DOKU's Check Status API answers us and accepts our
+    signature: an authenticated call about an invoice that does not exist is enough."""
+    schedule = ",".join(f"{offset:g}" for offset in settings.reconcile_schedule)
+    if settings.doku_api_url is None:
+        return [
+            Check(
+                "DOKU API",
+                WARN,
+                "not configured (--demo): reconciliation is off; see `dipc simulate doku-api`",
+            )
+        ]
+    state = f"on, schedule {schedule} s, {settings.reconcile_rps:g} req/s" if settings.reconcile else "off"
+    checks = [Check("reconciliation", OK if settings.reconcile else WARN, f"{state} (DIPC_RECONCILE)")]
+    invoice = f"DIPC-DOCTOR-{uuid.uuid4().hex[:12]}"
+    async with aiohttp.ClientSession() as session:
+        api = CheckStatusClient(
+            session, settings.doku_api_url, timeout_s=min(settings.doku_api_timeout_s, 10.0)
+        )
+        for client_id, client in sorted(settings.clients.items()):
+            if not client.secret_keys:
+                continue
+            answer = await api.check(client, payment_code="", invoice_number=invoice, now=datetime.now(UTC))
+            checks.append(_doku_api_check(settings.doku_api_url, client_id, answer))
+    return checks
+
+
+def _doku_api_check(url: str, client_id: str, answer: CheckAnswer) -> Check:
+    name = f"DOKU API ({client_id})"
+    if answer.http_status in (401, 403):
+        refused = f"{url} refused our signature (HTTP {answer.http_status})"
+        return Check(name, FAIL, f"{refused}: check the Client-Id and the secret key")
+    if answer.result in (CheckResult.TIMEOUT, CheckResult.UNREACHABLE):
+        return Check(name, FAIL, f"{url} unreachable: {answer.detail}")
+    if answer.result in (CheckResult.SERVER_ERROR, CheckResult.RATE_LIMITED, CheckResult.HTTP_ERROR):
+        return Check(
+            name, WARN, f"{url} answered HTTP {answer.http_status}; our signature could not be judged"
+        )
+    if answer.result is CheckResult.BAD_SIGNATURE:
+        return Check(name, WARN, f"{url} accepted our signature, but its answer's signature does not verify")
+    return Check(name, OK, f"{url} answers (HTTP {answer.http_status}) and accepts our signature")
+
+
 def run_doctor(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(demo=args.demo)
@@ -123,6 +170,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     else:
         checks = [Check("configuration", OK, "loaded"), *configuration_checks(settings)]
         checks += asyncio.run(database_checks(settings))
+        checks += asyncio.run(doku_api_checks(settings))
     failed = any(check.status == FAIL for check in checks)
     if args.json:
         print_json({"ok": not failed, "checks": [check.__dict__ for check in checks]})

@@ -12,7 +12,7 @@ from server.core.errors import Unavailable
 from server.http.bodies import json_response
 from server.http.keys import HEALTH, POOL
 from server.ops import metrics
-from server.store import deliveries, outbox
+from server.store import deliveries, outbox, reconciliation
 from server.store.pool import deadline
 
 log = structlog.get_logger(component="dipc.ops")
@@ -57,6 +57,7 @@ async def _sample_database(app: web.Application) -> None:
         async with deadline(SCRAPE_DB_TIMEOUT_S, "metrics"):
             counts, oldest = await deliveries.stats(app[POOL])
             last_id = await outbox.last_id(app[POOL])
+            invoices, lag = await reconciliation.backlog(app[POOL])
     except Unavailable:
         return
     except Exception:  # a scrape must never fail because of a sample
@@ -66,3 +67,6 @@ async def _sample_database(app: web.Application) -> None:
         metrics.WEBHOOK_DELIVERIES.labels(status).set(counts.get(status, 0))
     metrics.WEBHOOK_OLDEST_PENDING.set(oldest)
     metrics.EVENTS_LAST_ID.set(last_id)
+    for state, count in invoices.items():
+        metrics.RECONCILE_INVOICES.labels(state).set(count)
+    metrics.RECONCILE_LAG.set(lag)

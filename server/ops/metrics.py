@@ -118,8 +118,13 @@ RECONCILE_GAVE_UP = Counter(
 )
 RECONCILE_INVOICES = Gauge(
     "dipc_reconciliation_invoices",
-    "Quoted invoices by reconciliation state (pending, paid, expired, gave_up), read from the database.",
+    "Quoted invoices still pending, and given up on, read from the database.",
     ["state"],
+    multiprocess_mode="mostrecent",
+)
+RECONCILE_LAG = Gauge(
+    "dipc_reconciliation_lag_seconds",
+    "How late the most overdue scheduled Check Status is (0 when none is): nobody is reconciling.",
     multiprocess_mode="mostrecent",
 )
 BUILD_INFO = Gauge(
@@ -159,7 +164,7 @@ def exported_names() -> set[str]:
         HTTP_REQUESTS, HTTP_DURATION, INQUIRIES, NOTIFICATIONS, PAYMENTS, SIGNATURE_FAILURES, DB_DURATION,
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
         FEED_WAITERS, BUILD_INFO, RECONCILE_CHECKS, RECONCILE_RECOVERED, RECONCILE_GAVE_UP,
-        RECONCILE_INVOICES,
+        RECONCILE_INVOICES, RECONCILE_LAG,
     ):  # fmt: skip
         for family in metric.describe():
             if family.type == "counter":

@@ -308,6 +308,17 @@ async def list_page(
     return [_invoice(row) for row in rows]
 
 
-async def count_by_state(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int]:
-    rows = await conn.fetch("SELECT state, count(*) AS n FROM reconciliation GROUP BY state")
-    return {row["state"]: row["n"] for row in rows}
+async def backlog(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[dict[str, int], float]:
+    """Invoices still pending and given up (the table's paid and expired rows are not counted: they only
+    grow), and how many seconds the most overdue pending check is late (0 when none is)."""
+    row = await conn.fetchrow(
+        """
+        SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
+               count(*) FILTER (WHERE state = 'gave_up') AS gave_up,
+               coalesce(extract(epoch FROM now() - min(next_check_at) FILTER (WHERE state = 'pending')), 0)
+                 AS lag_s
+          FROM reconciliation
+         WHERE state IN ('pending', 'gave_up')
+        """
+    )
+    return {"pending": row["pending"], "gave_up": row["gave_up"]}, max(float(row["lag_s"]), 0.0)

@@ -13,6 +13,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.doku.client import DokuSimulator
+from server.doku.standin import DokuStandIn
 from tests.conftest import CLIENT, CLIENT_ID, CODE, SECRET_KEY, dipc_env, table_locked
 from tests.integration.test_cli import DIPC, free_port, run, wait_ready
 
@@ -139,14 +140,29 @@ async def test_two_workers_share_the_port_and_report_consistent_totals(database_
     assert code == 0, server.stderr.read().decode()
 
 
-def test_doctor_reports_a_healthy_deployment_and_fails_on_problems(database_url, pool):
-    env = server_env(database_url, 8080)
-    result = run("doctor", "--json", env=env)
+async def test_doctor_reports_a_healthy_deployment_and_fails_on_problems(database_url, pool, aiohttp_server):
+    doku = DokuStandIn({CLIENT_ID: CLIENT})
+    standin = await aiohttp_server(doku.app())
+    env = server_env(database_url, 8080, DIPC_DOKU_API_URL=str(standin.make_url("")).rstrip("/"))
+    result = await asyncio.to_thread(run, "doctor", "--json", env=env)
     assert result.returncode == 0, result.stdout
     report = orjson.loads(result.stdout)
     statuses = {check["name"]: check["status"] for check in report["checks"]}
     assert statuses["database"] == statuses["migrations"] == statuses["clock"] == "ok"
     assert statuses["DOKU clients"] == "ok"
+    assert statuses[f"DOKU API ({CLIENT_ID})"] == "ok"
+    assert doku.problems == []
+    assert len(doku.seen) == 1
+
+    # DOKU refuses a key it does not know; an API nobody answers at is unreachable.
+    wrong_key = await asyncio.to_thread(
+        run, "doctor", env=env | {"DIPC_SECRET_KEY": "SK-not-the-one-doku-has"}
+    )
+    assert wrong_key.returncode == 1
+    assert b"refused our signature" in wrong_key.stdout
+    nobody = await asyncio.to_thread(run, "doctor", env=env | {"DIPC_DOKU_API_URL": "http://127.0.0.1:9"})
+    assert nobody.returncode == 1
+    assert b"unreachable" in nobody.stdout
 
     broken = run("doctor", env=env | {"DIPC_SECRET_KEY": "", "DIPC_WEBHOOK_URL": "http://example.com/hook"})
     assert broken.returncode == 1

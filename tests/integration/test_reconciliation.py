@@ -15,9 +15,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import make_app
+from server.core.times import utcnow
+from server.doku.auth import signed_headers
 from server.doku.client import DokuSimulator
 from server.doku.standin import DokuStandIn, Scripted
 from tests.conftest import CLIENT, CLIENT_ID, CODE, OTHER_CLIENT, OTHER_CLIENT_ID, code_fields, make_settings
+from tests.integration.test_schemas import validate
 
 INVOICE = "INV-2026-000123"
 REUSABLE = "8896500000000777"
@@ -69,6 +72,17 @@ def admin(admin_headers):
     return admin_headers
 
 
+async def samples(dipc: TestClient) -> dict[str, float]:
+    """This process's metric samples by name and labels (counters add up over the tests: compare deltas)."""
+    text = await (await dipc.get("/metrics")).text()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("dipc_"):
+            name, _, value = line.rpartition(" ")
+            found[name] = float(value)
+    return found
+
+
 async def register(dipc: TestClient, admin: dict[str, str], **overrides: Any) -> None:
     response = await dipc.post("/v1/payment-codes", json=code_fields(**overrides), headers=admin)
     assert response.status == 201, await response.text()
@@ -88,6 +102,8 @@ async def test_a_paid_invoice_whose_notification_never_came_is_recovered_once(
     dipc, doku_sim, standin, pool, admin
 ):
     doku, _ = standin
+    before = await samples(dipc)
+    assert 'dipc_reconciliation_recovered_total{kind="normal"}' in before  # exists before the first one
     await register(dipc, admin)
     quote = await doku_sim.inquiry(CODE)
     assert quote.status == 200
@@ -113,7 +129,8 @@ async def test_a_paid_invoice_whose_notification_never_came_is_recovered_once(
     assert source["body"] == doku.paid[INVOICE]
     events = await (await dipc.get("/v1/events?after=0", headers=admin)).json()
     received = [event for event in events["items"] if event["type"] == "payment.received"]
-    assert len(received) == 1 and received[0]["payload"]["source"] == "check_status"
+    assert len(received) == 1
+    assert received[0]["payload"]["source"] == "check_status"
 
     # DOKU's late notification of the same transaction is a repeat: nothing new.
     late = await doku_sim.notify(
@@ -124,9 +141,12 @@ async def test_a_paid_invoice_whose_notification_never_came_is_recovered_once(
     outcome = await pool.fetchval("SELECT outcome FROM notifications WHERE source = 'notification'")
     assert outcome == "repeat"
     assert len(doku.checks_of(INVOICE)) == 1  # paid: never asked about again
-    metrics = await (await dipc.get("/metrics")).text()
-    assert 'dipc_reconciliation_recovered_total{kind="normal"} 1.0' in metrics
-    assert 'dipc_reconciliation_checks_total{result="paid"} 1.0' in metrics
+    after = await samples(dipc)
+    for sample in (
+        'dipc_reconciliation_recovered_total{kind="normal"}',
+        'dipc_reconciliation_checks_total{result="paid"}',
+    ):
+        assert after[sample] - before[sample] == 1
 
 
 async def test_an_invoice_paid_by_its_notification_is_never_asked_about(dipc, doku_sim, standin, pool, admin):
@@ -149,6 +169,7 @@ async def test_an_invoice_paid_by_its_notification_is_never_asked_about(dipc, do
 
 async def test_each_invoice_of_a_reusable_code_is_reconciled_on_its_own(dipc, doku_sim, standin, pool, admin):
     doku, _ = standin
+    before = await samples(dipc)
     await register(
         dipc, admin, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
     )
@@ -170,8 +191,9 @@ async def test_each_invoice_of_a_reusable_code_is_reconciled_on_its_own(dipc, do
     )
     assert len(doku.checks_of(first)) == 3  # the whole schedule: +1, +2, +3 s
     assert (await row(pool, REUSABLE, first))["attempts"] == 3
-    metrics = await (await dipc.get("/metrics")).text()
-    assert "dipc_reconciliation_gave_up_total 1.0" in metrics
+    after = await samples(dipc)
+    assert after["dipc_reconciliation_gave_up_total"] - before["dipc_reconciliation_gave_up_total"] == 1
+    assert after['dipc_reconciliation_invoices{state="gave_up"}'] == 1  # sampled from the database
 
 
 async def test_a_check_status_answer_for_another_transaction_of_a_paid_code_is_a_conflict(
@@ -301,7 +323,8 @@ async def test_reconciliation_can_be_listed_and_paged(dipc, doku_sim, pool, admi
     for _ in range(3):
         assert (await doku_sim.inquiry(REUSABLE)).status == 200
     first = await (await dipc.get("/v1/reconciliation?limit=2", headers=admin)).json()
-    assert len(first["items"]) == 2 and first["next"]
+    assert len(first["items"]) == 2
+    assert first["next"]
     item = first["items"][0]
     assert set(item) >= {
         "payment_code",
@@ -312,9 +335,12 @@ async def test_reconciliation_can_be_listed_and_paged(dipc, doku_sim, pool, admi
         "last_result",
     }
     rest = await (await dipc.get(f"/v1/reconciliation?limit=2&after={first['next']}", headers=admin)).json()
-    assert len(rest["items"]) == 1 and rest["next"] is None
+    assert len(rest["items"]) == 1
+    assert rest["next"] is None
     seen = [i["invoice_number"] for i in first["items"] + rest["items"]]
     assert sorted(seen) == ["TOPUP-777-1", "TOPUP-777-2", "TOPUP-777-3"]
+    for listed in first["items"] + rest["items"]:
+        validate("reconciliation", listed)
     for bad in ("state=unknown", "after=%00", "after=bm90LWEtY3Vyc29y", "limit=0"):
         response = await dipc.get(f"/v1/reconciliation?{bad}", headers=admin)
         assert response.status == 422, bad
@@ -339,6 +365,7 @@ async def test_a_check_by_hand_answers_what_doku_said(aiohttp_client, pool, data
         ).json()
     )["items"]
     assert (item["state"], item["check"]["result"], item["check"]["recorded"]) == ("paid", "paid", "normal")
+    validate("reconciliation", item)
     [again] = (
         await (
             await dipc.post("/v1/reconciliation/check", json={"invoice_number": INVOICE}, headers=admin)
@@ -390,11 +417,8 @@ async def test_the_stand_in_refuses_what_doku_would_refuse(aiohttp_client):
     server = await aiohttp_client(doku.app())
     unsigned = await server.get(f"/orders/v1/status/{INVOICE}")
     assert unsigned.status == 401
-    from server.doku.auth import signed_headers
-    from server.core.times import utcnow
-
-    headers = signed_headers(CLIENT, request_id="r1", target=f"/orders/v1/status/{INVOICE}", body=b"", now=utcnow(),
-                             response=False)  # fmt: skip
+    target = f"/orders/v1/status/{INVOICE}"
+    headers = signed_headers(CLIENT, request_id="r1", target=target, body=b"", now=utcnow(), response=False)
     assert (await server.get(f"/orders/v1/status/{INVOICE}", headers=headers)).status == 200
     # The same Request-Id again, and a signature over another path, are refused.
     assert (await server.get(f"/orders/v1/status/{INVOICE}", headers=headers)).status == 401

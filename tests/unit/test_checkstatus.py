@@ -74,7 +74,8 @@ def test_the_check_status_request_reproduces_the_spec_vector():
         target=target,
         body=b"",
     )
-    assert b"Digest" not in message and message.count(b"\n") == 3
+    assert b"Digest" not in message
+    assert message.count(b"\n") == 3
 
 
 def test_the_target_keeps_a_gateway_path_and_encodes_the_invoice_as_one_segment():

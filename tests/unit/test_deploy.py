@@ -38,7 +38,7 @@ def test_every_metric_a_dashboard_panel_names_is_exported():
     named = {
         name
         for panel in dashboard()["panels"]
-        for t in panel["targets"]
+        for t in panel.get("targets", [])
         for name in METRIC.findall(t["expr"])
     }
     assert len(named) >= 10
