@@ -93,6 +93,8 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on a database whose tables were emptied for this test."""
     pool = await create_pool(database_url, min_size=1, max_size=4)
     await pool.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    # The reconcilers' shared rate budget starts full: an earlier test's backoff must not slow this one.
+    await pool.execute("UPDATE reconciliation_rate SET tokens = 1000, refilled_at = now()")
     yield pool
     await pool.close()
 

@@ -41,6 +41,7 @@ async def test_two_processes_recover_every_lost_payment_exactly_once(
             database_url,
             DIPC_PORT=str(port),
             DIPC_DOKU_API_URL=str(standin.make_url("")).rstrip("/"),
+            DIPC_RECONCILE="on",
             DIPC_RECONCILE_SCHEDULE="1,2,3,4",
             DIPC_RECONCILE_RPS="100",
             DIPC_RECONCILE_CONCURRENCY="1",  # one check at a time each: the other process takes the next
