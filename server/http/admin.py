@@ -223,7 +223,9 @@ async def redeliver(request: web.Request) -> web.Response:
     return json_response({"redelivered": count})
 
 
-def admin_app() -> web.Application:
+def admin_app(*more: web.RouteTableDef) -> web.Application:
     app = web.Application(middlewares=[bearer_auth])
     app.add_routes(routes)
+    for table in more:
+        app.add_routes(table)
     return app
