@@ -9,6 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.doku.auth import Client
 from server.doku.client import DokuSimulator
+from server.ops import metrics
+from server.ops.health import HealthChecker
+from server.ops.sampler import SAMPLES, DatabaseSampler, Sample
 from tests.conftest import CLIENT_ID, CODE
 
 
@@ -90,3 +93,29 @@ async def test_traffic_moves_the_counters_and_histograms(client, doku, register,
 async def test_readiness_is_reported_as_a_gauge(client):
     assert (await client.get("/readyz")).status == 200
     assert value(await scrape(client), "dipc_database_up") == 1
+
+
+async def test_a_broken_sample_blinds_only_its_own_gauges(database_url, pool):
+    """A sample that fails for a reason of its own (not the database going away) is logged and its gauges
+    read NaN; the database is still up and the other samples still read."""
+
+    async def broken(conn) -> None:
+        await conn.fetchval("SELECT no_such_column FROM events")
+
+    def broken_unknown() -> None:
+        metrics.mark_unknown(metrics.FEED_WAITERS)
+
+    health = HealthChecker(database_url)
+    try:
+        sampler = DatabaseSampler(
+            health, every_s=1, samples=[Sample("broken", broken, broken_unknown), *SAMPLES]
+        )
+        metrics.FEED_WAITERS.set(0)
+        metrics.EVENTS_LAST_ID.set(math.nan)
+        assert await sampler.sample_once() is False
+        assert math.isnan(metrics.FEED_WAITERS._value.get())
+        assert metrics.EVENTS_LAST_ID._value.get() == 0  # read, after the broken one
+        assert metrics.DATABASE_UP._value.get() == 1
+    finally:
+        metrics.FEED_WAITERS.set(0)
+        await health.close()
