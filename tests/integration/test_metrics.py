@@ -119,3 +119,14 @@ async def test_a_broken_sample_blinds_only_its_own_gauges(database_url, pool):
     finally:
         metrics.FEED_WAITERS.set(0)
         await health.close()
+
+
+async def test_every_exception_series_exists_from_the_start(client):
+    """Alerts and panels see the first exception and the first resolution arrive (no series born at 1)."""
+    samples = await scrape(client)
+    for kind, reason in metrics.EXCEPTION_SERIES:
+        assert ("dipc_exceptions_open", (("kind", kind), ("reason", reason))) in samples
+    for resolution in ("refunded", "accepted", "dismissed"):
+        assert ("dipc_exception_resolutions_total", (("resolution", resolution),)) in samples
+    assert ("dipc_exceptions_oldest_open_seconds", ()) in samples
+    assert len(metrics.EXCEPTION_SERIES) == 8
