@@ -44,9 +44,12 @@ class CaseState(StrEnum):
     RESOLVED = "resolved"
 
 
-# Free text may hold line breaks and tabs (a note is prose); nothing else below 0x20, no DEL, no C1.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_CONTROL_IN_PROSE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Names and references are one line of plain text: no C0 or C1 control character, no DEL, and no bidi
+# override (which could make a terminal or a report show other text than is stored). A note is prose
+# and may also hold line breaks (LF, CR) and tabs.
+_BIDI = "\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{_BIDI}]")
+_CONTROL_IN_PROSE = re.compile(f"[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f{_BIDI}]")
 
 
 @dataclass(frozen=True, slots=True)

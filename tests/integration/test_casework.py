@@ -186,6 +186,7 @@ async def test_only_exceptions_can_be_resolved(client, admin_headers, exceptions
         ({"resolution": "refunded", "resolved_by": 7, "note": None, "reference": "r" * 201},
          {"resolved_by", "note", "reference"}),
         ({"resolution": ["refunded"], "resolved_by": "a", "note": ""}, {"resolution"}),
+        ({"resolution": "refunded", "resolved_by": "a\u202eb", "note": "x\u2066"}, {"resolved_by", "note"}),
     ],
 )  # fmt: skip
 async def test_an_invalid_resolution_is_422_naming_each_field(
@@ -202,9 +203,9 @@ async def test_an_invalid_resolution_is_422_naming_each_field(
 
 
 async def test_a_note_may_be_empty_or_span_lines(client, admin_headers, exceptions):
-    response = await resolve(client, admin_headers, exceptions["twice"], note="line one\n\tline two")
+    response = await resolve(client, admin_headers, exceptions["twice"], note="line one\r\n\tline two")
     assert response.status == 200
-    assert (await response.json())["note"] == "line one\n\tline two"
+    assert (await response.json())["note"] == "line one\r\n\tline two"
     response = await resolve(client, admin_headers, exceptions["short"], resolution="dismissed", note="")
     assert (response.status, (await response.json())["note"]) == (200, "")
 
