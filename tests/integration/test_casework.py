@@ -400,3 +400,32 @@ async def test_open_exceptions_and_resolutions_are_measured(client, admin_header
     assert (
         value(after, "dipc_exception_resolutions_total", resolution="dismissed") - before == 2
     )  # not the repeat
+
+
+async def test_accepting_and_a_notification_racing_for_one_code_never_pay_it_twice(
+    client, admin_headers, doku, register, pool
+):
+    """Both lock the code's row first: whichever comes second sees the code paid (the notification
+    becomes a conflict, or the acceptance leaves the code alone)."""
+    codes = [f"88965123456781{n:02d}" for n in range(8)]
+    anomalies = {}
+    for code in codes:
+        await register(payment_code=code, invoice_number=f"INV-{code[-2:]}")
+        await pay(doku, code=code, invoice=f"INV-{code[-2:]}", amount=1, ref=f"short-{code}")
+        anomalies[code] = await payment_id(pool, f"short-{code}")
+
+    async def race(code: str):
+        return await asyncio.gather(
+            resolve(client, admin_headers, anomalies[code], resolution="accepted"),
+            doku.notify(
+                code, invoice_number=f"INV-{code[-2:]}", amount=150000, original_request_id=f"ok-{code}"
+            ),
+        )
+
+    results = await asyncio.gather(*(race(code) for code in codes))
+    for code, (resolved, notified) in zip(codes, results, strict=True):
+        assert (resolved.status, notified.status) == (200, 200)
+        code_paid = (await resolved.json())["code_paid"]
+        kind = await pool.fetchval("SELECT kind FROM payments WHERE transaction_ref = $1", f"ok-{code}")
+        assert kind == ("conflict" if code_paid else "normal"), code
+        assert (await code_state(pool, code))[:2] == ("paid", 1)
