@@ -39,6 +39,9 @@ CREATE INDEX payments_exceptions_idx ON payments (id) WHERE kind <> 'normal';
 CREATE INDEX payments_notification_idx ON payments (payment_code, notification_id);
 
 -- Keyset pagination of the audit trail. inquiries is written on the hot path: one btree, no more.
+-- Migrations run in a transaction, so these are plain CREATE INDEX: while one builds, writes to its
+-- table wait. On a large inquiries table (months of traffic) apply this migration in a quiet hour, or
+-- `dipc prune --inquiries N` first; the index also serves prune's received_at scan.
 CREATE INDEX inquiries_received_idx ON inquiries (received_at, payment_code, request_id);
 -- The inbox in id order across all codes.
 CREATE INDEX notifications_id_idx ON notifications (id);
