@@ -11,10 +11,11 @@ from aiohttp import web
 
 from server.config import Settings
 from server.doku.checkstatus import CheckStatusClient
-from server.http import admin, inquiry, notification, ops
+from server.http import admin, casework, inquiry, notification, ops
 from server.http.keys import CHECK_STATUS, HEALTH, LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
 from server.ops.health import HealthChecker
+from server.ops.sampler import DatabaseSampler
 from server.reconcile.worker import Reconciler
 from server.store.listener import EventListener
 from server.store.pool import create_pool
@@ -38,11 +39,18 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
 
     async def health_context(app: web.Application) -> AsyncIterator[None]:
         app[HEALTH] = HealthChecker(dsn)
-        sampler = asyncio.create_task(_sample_pool_forever(app), name="dipc-pool-sampler")
+        tasks = [
+            asyncio.create_task(_sample_pool_forever(app), name="dipc-pool-sampler"),
+            asyncio.create_task(
+                DatabaseSampler(app[HEALTH], every_s=settings.metrics_sample_s).run(), name="dipc-db-sampler"
+            ),
+        ]
         yield
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await app[HEALTH].close()
 
     async def listener_context(app: web.Application) -> AsyncIterator[None]:
@@ -100,7 +108,7 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app[notification.NOTIFICATION_ENDPOINT] = notification.endpoint_for(app)
     app.router.add_post(settings.notification_path, notification.handle_notification, name="notification")
     app.add_routes(ops.routes)
-    app.add_subapp("/v1", admin.admin_app())
+    app.add_subapp("/v1", admin.admin_app(casework.routes))
     return app
 
 

@@ -76,6 +76,8 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "INFO"
     shutdown_timeout_s: float = 20.0
+    # How often every serving process samples database-derived gauges (server/ops/sampler.py).
+    metrics_sample_s: float = 5.0
     demo: bool = False
 
     @property
@@ -274,6 +276,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         log_format=log_format,
         log_level=log_level,
         shutdown_timeout_s=_float(env, "DIPC_SHUTDOWN_TIMEOUT_S", 20.0),
+        metrics_sample_s=_float(env, "DIPC_METRICS_SAMPLE_S", 5.0),
         demo=demo,
     )
     if settings.inquiry_path == settings.notification_path:

@@ -47,6 +47,7 @@ TABLES = (
     "webhook_deliveries",
     "webhook_subscribers",
     "reconciliation",
+    "payment_resolutions",
 )
 
 CLIENT = Client(CLIENT_ID, (SECRET_KEY.encode(), OLD_SECRET_KEY.encode()))
@@ -106,6 +107,8 @@ def make_settings(**overrides: Any) -> Settings:
         "bins": BinTable.parse(BINS),
         "db_pool_min": 1,
         "db_pool_max": 8,
+        # Database-derived gauges are sampled in the background; tests should not wait 5 s for them.
+        "metrics_sample_s": 0.2,
     }
     values.update(overrides)
     return Settings(**values)

@@ -8,8 +8,6 @@ ALTER TABLE notifications ADD COLUMN source text NOT NULL DEFAULT 'notification'
     CHECK (source IN ('notification', 'check_status'));
 ALTER TABLE payments ADD COLUMN source text NOT NULL DEFAULT 'notification'
     CHECK (source IN ('notification', 'check_status'));
--- The payment a notification made (the audit trail reads it from the inbox row).
-CREATE INDEX payments_notification_idx ON payments (notification_id);
 
 -- One row per quoted invoice. Written by the inquiry that quotes it (in the statement that records the
 -- inquiry), closed by the transaction that records a payment for it, checked by the reconcilers.

@@ -106,6 +106,13 @@ class NotConfigured(DipcError):
     http_status = 409
 
 
+class AlreadyResolved(DipcError):
+    """An exception (spec §9) has another resolution already; resolutions are final."""
+
+    code = "ALREADY_RESOLVED"
+    http_status = 409
+
+
 class RequestIdReused(DipcError):
     code = "REQUEST_ID_REUSED"
     http_status = 409

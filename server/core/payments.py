@@ -42,6 +42,24 @@ class Reason(StrEnum):
     EXPIRED = "EXPIRED"
 
 
+# Conflicts and anomalies are exceptions: finance resolves each once (spec §9, core/casework.py).
+EXCEPTION_KINDS = (PaymentKind.CONFLICT, PaymentKind.ANOMALY)
+
+# Every (kind, reason) decide_payment below can record as an exception: the metrics
+# export each pair from the start, so an alert sees the first one arrive.
+EXCEPTION_REASONS: dict[PaymentKind, tuple[Reason, ...]] = {
+    PaymentKind.CONFLICT: (Reason.ALREADY_PAID, Reason.INVOICE_ALREADY_PAID),
+    PaymentKind.ANOMALY: (
+        Reason.UNKNOWN_CODE,
+        Reason.OTHER_CLIENT,
+        Reason.UNKNOWN_INVOICE,
+        Reason.AMOUNT_MISMATCH,
+        Reason.CANCELLED,
+        Reason.EXPIRED,
+    ),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class PaymentNotice:
     """A protocol-neutral notice that a store transaction happened."""

@@ -266,7 +266,9 @@ async def check_reconciliation(request: web.Request) -> web.Response:
     return json_response({"items": items})
 
 
-def admin_app() -> web.Application:
+def admin_app(*more: web.RouteTableDef) -> web.Application:
     app = web.Application(middlewares=[bearer_auth])
     app.add_routes(routes)
+    for table in more:
+        app.add_routes(table)
     return app

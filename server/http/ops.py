@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import os
 
-import structlog
 from aiohttp import web
 
-from server.core.errors import Unavailable
 from server.http.bodies import json_response
 from server.http.keys import HEALTH, POOL
 from server.ops import metrics
-from server.store import deliveries, outbox, reconciliation
-from server.store.pool import deadline
 
-log = structlog.get_logger(component="dipc.ops")
-
-SCRAPE_DB_TIMEOUT_S = 0.5
 routes = web.RouteTableDef()
 
 
@@ -35,7 +28,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def prometheus(request: web.Request) -> web.Response:
-    await _sample_database(request.app)
+    # Database-derived gauges come from the background sampler (server/ops/sampler.py): a scrape
+    # never waits on the database.
+    sample_pool(request.app)
     body, content_type = metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
@@ -48,25 +43,3 @@ def sample_pool(app: web.Application) -> None:
     metrics.DB_POOL.labels("size").set(size)
     metrics.DB_POOL.labels("in_use").set(size - pool.get_idle_size())
     metrics.DB_POOL.labels("max").set(pool.get_max_size())
-
-
-async def _sample_database(app: web.Application) -> None:
-    """Gauges read from the database; skipped (keeping their last values) if it does not answer fast."""
-    sample_pool(app)
-    try:
-        async with deadline(SCRAPE_DB_TIMEOUT_S, "metrics"):
-            counts, oldest = await deliveries.stats(app[POOL])
-            last_id = await outbox.last_id(app[POOL])
-            invoices, lag = await reconciliation.backlog(app[POOL])
-    except Unavailable:
-        return
-    except Exception:  # a scrape must never fail because of a sample
-        log.exception("metrics.sample_failed")
-        return
-    for status in ("pending", "delivered", "failed"):
-        metrics.WEBHOOK_DELIVERIES.labels(status).set(counts.get(status, 0))
-    metrics.WEBHOOK_OLDEST_PENDING.set(oldest)
-    metrics.EVENTS_LAST_ID.set(last_id)
-    for state, count in invoices.items():
-        metrics.RECONCILE_INVOICES.labels(state).set(count)
-    metrics.RECONCILE_LAG.set(lag)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
@@ -66,6 +68,13 @@ class HealthChecker:
         if not state.current:
             return Readiness(False, "migrations not current", tuple(state.pending + state.changed))
         return Readiness(True)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection | None]:
+        """The checker's own connection, if open, for the block (other checks wait): the background
+        sampler reads its gauges here, away from the request pool."""
+        async with self._lock:
+            yield self._conn if self._conn is not None and not self._conn.is_closed() else None
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

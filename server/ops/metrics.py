@@ -7,6 +7,7 @@ sums them all up: totals are consistent whichever process Prometheus reaches.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 
@@ -22,6 +23,8 @@ from prometheus_client import (
 )
 
 from server import __version__
+from server.core.payments import EXCEPTION_REASONS
+from server.core.resolutions import Resolution
 from server.doku.checkstatus import CheckResult
 
 # Inquiries are answered in milliseconds; the 1 s deadline sits inside the range.
@@ -72,7 +75,8 @@ DB_POOL = Gauge(
 )
 DATABASE_UP = Gauge(
     "dipc_database_up",
-    "1 when the last readiness check reached the database with current migrations, else 0.",
+    "1 when the last check (the background sampler's, every few seconds, or /readyz) reached the database "
+    "with current migrations, else 0.",
     multiprocess_mode="livemostrecent",
 )
 WEBHOOK_ATTEMPTS = Counter(
@@ -82,19 +86,36 @@ WEBHOOK_ATTEMPTS = Counter(
 )
 WEBHOOK_DELIVERIES = Gauge(
     "dipc_webhook_deliveries",
-    "Webhook deliveries by status (read from the database at scrape time).",
+    "Webhook deliveries by status (sampled from the database; NaN while it cannot be read).",
     ["status"],
     multiprocess_mode="mostrecent",
 )
 WEBHOOK_OLDEST_PENDING = Gauge(
     "dipc_webhook_oldest_pending_seconds",
-    "Age of the oldest undelivered webhook delivery (0 when none), read at scrape time.",
+    "Age of the oldest undelivered webhook delivery (0 when none; NaN while the database cannot be read).",
     multiprocess_mode="mostrecent",
 )
 EVENTS_LAST_ID = Gauge(
     "dipc_events_last_id",
-    "Id of the newest event in the outbox, read at scrape time.",
+    "Id of the newest event in the outbox (sampled; NaN while the database cannot be read).",
     multiprocess_mode="mostrecent",
+)
+EXCEPTIONS_OPEN = Gauge(
+    "dipc_exceptions_open",
+    "Open exceptions (conflict and anomaly payments not yet resolved), by kind and reason "
+    "(sampled; NaN while the database cannot be read).",
+    ["kind", "reason"],
+    multiprocess_mode="mostrecent",
+)
+EXCEPTIONS_OLDEST_OPEN = Gauge(
+    "dipc_exceptions_oldest_open_seconds",
+    "Age of the oldest open exception (0 when none; NaN while the database cannot be read).",
+    multiprocess_mode="mostrecent",
+)
+EXCEPTION_RESOLUTIONS = Counter(
+    "dipc_exception_resolutions_total",
+    "Exceptions resolved through this server's admin API, by resolution (refunded, accepted, dismissed).",
+    ["resolution"],
 )
 FEED_WAITERS = Gauge(
     "dipc_feed_waiters",
@@ -136,12 +157,35 @@ BUILD_INFO = Gauge(
 
 BUILD_INFO.labels(version=__version__, python=platform.python_version()).set(1)
 
-# Every series an alert rule or a panel reads exists from the start, at 0: an increase() over a series
-# that is born at 1 would miss the first event.
 for _result in CheckResult:
     RECONCILE_CHECKS.labels(_result.value)
 for _kind in ("normal", "conflict", "anomaly"):
     RECONCILE_RECOVERED.labels(_kind)
+RECONCILE_BACKLOG_STATES = ("pending", "gave_up")
+for _state in RECONCILE_BACKLOG_STATES:
+    RECONCILE_INVOICES.labels(_state).set(0)
+# Every labelled series an alert or panel reads exists from the start: increase() cannot see a series
+# that is born at its first event.
+EXCEPTION_SERIES = tuple(
+    (kind.value, reason.value) for kind, reasons in EXCEPTION_REASONS.items() for reason in reasons
+)
+for _kind, _reason in EXCEPTION_SERIES:
+    EXCEPTIONS_OPEN.labels(_kind, _reason).set(0)
+for _resolution in Resolution:
+    EXCEPTION_RESOLUTIONS.labels(_resolution.value)
+WEBHOOK_STATUSES = ("pending", "delivered", "failed")
+for _status in WEBHOOK_STATUSES:
+    WEBHOOK_DELIVERIES.labels(_status).set(0)
+
+
+def mark_unknown(gauge: Gauge, label_sets: tuple[tuple[str, ...], ...] = ()) -> None:
+    """Set a sampled gauge to NaN: "not known now". Prometheus keeps the series (so nothing reads as a
+    fresh 0), comparisons with NaN are false, and aggregations such as max() skip it."""
+    if label_sets:
+        for labels in label_sets:
+            gauge.labels(*labels).set(math.nan)
+    else:
+        gauge.set(math.nan)
 
 
 def multiprocess_dir() -> str | None:
@@ -163,8 +207,8 @@ def exported_names() -> set[str]:
     for metric in (
         HTTP_REQUESTS, HTTP_DURATION, INQUIRIES, NOTIFICATIONS, PAYMENTS, SIGNATURE_FAILURES, DB_DURATION,
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
-        FEED_WAITERS, BUILD_INFO, RECONCILE_CHECKS, RECONCILE_RECOVERED, RECONCILE_GAVE_UP,
-        RECONCILE_INVOICES, RECONCILE_LAG,
+        EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST_OPEN, EXCEPTION_RESOLUTIONS, FEED_WAITERS, BUILD_INFO,
+        RECONCILE_CHECKS, RECONCILE_RECOVERED, RECONCILE_GAVE_UP, RECONCILE_INVOICES, RECONCILE_LAG,
     ):  # fmt: skip
         for family in metric.describe():
             if family.type == "counter":

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.doku.client import DokuSimulator
 from server.doku.standin import DokuStandIn
+from server.store import migrate
 from tests.conftest import CLIENT, CLIENT_ID, CODE, SECRET_KEY, dipc_env, table_locked
 from tests.integration.test_cli import DIPC, free_port, run, wait_ready
 
@@ -133,7 +134,7 @@ async def test_two_workers_share_the_port_and_report_consistent_totals(database_
             )
         assert totals == [sent] * 6
         applied = await pool.fetchval("SELECT count(*) FROM schema_migrations")
-        assert applied == 2  # migrated once, by the supervisor
+        assert applied == len(migrate.available())  # migrated once, by the supervisor
     finally:
         server.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(server.wait, 30)

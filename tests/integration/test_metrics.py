@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.doku.auth import Client
 from server.doku.client import DokuSimulator
+from server.ops import metrics
+from server.ops.health import HealthChecker
+from server.ops.sampler import SAMPLES, DatabaseSampler, Sample
 from tests.conftest import CLIENT_ID, CODE
 
 
@@ -23,6 +29,17 @@ async def scrape(client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
 def value(samples, name: str, **labels: str) -> float:
     """The sum of every series of ``name`` whose labels include ``labels``."""
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+async def sampled(client, name: str, expected: float, within_s: float = 5.0, **labels: str) -> None:
+    """Wait until the background sampler has brought ``name`` to ``expected`` (nobody calls /readyz)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        seen = value(await scrape(client), name, **labels)
+        if seen == expected or (math.isnan(expected) and math.isnan(seen)):
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"{name}{labels} is {seen}, not {expected}"
+        await asyncio.sleep(0.05)
 
 
 async def test_traffic_moves_the_counters_and_histograms(client, doku, register, admin_headers):
@@ -69,10 +86,47 @@ async def test_traffic_moves_the_counters_and_histograms(client, doku, register,
     assert moved("dipc_db_operation_duration_seconds_count", operation="notification", result="ok") == 4
 
     assert value(after, "dipc_db_pool_connections", state="max") >= 1
-    assert value(after, "dipc_events_last_id") == 4  # code.created, received, conflict, anomaly
+    await sampled(client, "dipc_events_last_id", 4)  # code.created, received, conflict, anomaly
     assert value(after, "dipc_build_info") == 1
 
 
 async def test_readiness_is_reported_as_a_gauge(client):
     assert (await client.get("/readyz")).status == 200
     assert value(await scrape(client), "dipc_database_up") == 1
+
+
+async def test_a_broken_sample_blinds_only_its_own_gauges(database_url, pool):
+    """A sample that fails for a reason of its own (not the database going away) is logged and its gauges
+    read NaN; the database is still up and the other samples still read."""
+
+    async def broken(conn) -> None:
+        await conn.fetchval("SELECT no_such_column FROM events")
+
+    def broken_unknown() -> None:
+        metrics.mark_unknown(metrics.FEED_WAITERS)
+
+    health = HealthChecker(database_url)
+    try:
+        sampler = DatabaseSampler(
+            health, every_s=1, samples=[Sample("broken", broken, broken_unknown), *SAMPLES]
+        )
+        metrics.FEED_WAITERS.set(0)
+        metrics.EVENTS_LAST_ID.set(math.nan)
+        assert await sampler.sample_once() is False
+        assert math.isnan(metrics.FEED_WAITERS._value.get())
+        assert metrics.EVENTS_LAST_ID._value.get() == 0  # read, after the broken one
+        assert metrics.DATABASE_UP._value.get() == 1
+    finally:
+        metrics.FEED_WAITERS.set(0)
+        await health.close()
+
+
+async def test_every_exception_series_exists_from_the_start(client):
+    """Alerts and panels see the first exception and the first resolution arrive (no series born at 1)."""
+    samples = await scrape(client)
+    for kind, reason in metrics.EXCEPTION_SERIES:
+        assert ("dipc_exceptions_open", (("kind", kind), ("reason", reason))) in samples
+    for resolution in ("refunded", "accepted", "dismissed"):
+        assert ("dipc_exception_resolutions_total", (("resolution", resolution),)) in samples
+    assert ("dipc_exceptions_oldest_open_seconds", ()) in samples
+    assert len(metrics.EXCEPTION_SERIES) == 8

@@ -12,6 +12,7 @@ from server.doku.client import DokuSimulator
 from server.embedded import EmbeddedPostgres
 from server.store import migrate
 from tests.conftest import CLIENT, CODE, code_fields, make_settings
+from tests.integration.test_metrics import sampled
 
 
 @pytest.fixture
@@ -68,3 +69,28 @@ async def test_a_stopped_database_is_reported_within_seconds_and_recovered_from(
     assert (
         await doku.notify(CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id="x")
     ).status == 200
+
+
+async def test_without_any_readiness_probe_the_sampler_reports_the_outage(aiohttp_client, own_database):
+    """Nobody calls /readyz (compose, systemd): dipc_database_up still goes 0, so DipcNotReady fires, and
+    the database-derived gauges read NaN (unknown) instead of freezing at their last value."""
+    server, dsn = own_database
+    client = await aiohttp_client(make_app(make_settings(metrics_sample_s=0.1), dsn))
+    await sampled(client, "dipc_database_up", 1)
+    await sampled(client, "dipc_exceptions_oldest_open_seconds", 0)
+
+    await asyncio.to_thread(server.stop)
+    await sampled(client, "dipc_database_up", 0, within_s=5)
+    for name, labels in (
+        ("dipc_webhook_deliveries", {"status": "pending"}),
+        ("dipc_webhook_oldest_pending_seconds", {}),
+        ("dipc_events_last_id", {}),
+        ("dipc_exceptions_open", {"kind": "conflict", "reason": "ALREADY_PAID"}),
+        ("dipc_exceptions_oldest_open_seconds", {}),
+    ):
+        await sampled(client, name, float("nan"), **labels)
+
+    await asyncio.to_thread(server.start)
+    await sampled(client, "dipc_database_up", 1, within_s=15)
+    await sampled(client, "dipc_exceptions_open", 0, kind="conflict", reason="ALREADY_PAID")
+    await sampled(client, "dipc_webhook_oldest_pending_seconds", 0)

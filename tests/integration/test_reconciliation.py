@@ -83,6 +83,15 @@ async def samples(dipc: TestClient) -> dict[str, float]:
     return found
 
 
+async def assert_open_exception(
+    dipc: TestClient, admin: dict[str, str], payment_id: int, kind: str, reason: str
+):
+    """A payment recovered from Check Status that is not normal waits in finance's queue."""
+    queue = await (await dipc.get("/v1/exceptions?state=open", headers=admin)).json()
+    [item] = [item for item in queue["items"] if item["payment_id"] == payment_id]
+    assert (item["kind"], item["reason"], item["state"]) == (kind, reason, "open")
+
+
 async def register(dipc: TestClient, admin: dict[str, str], **overrides: Any) -> None:
     response = await dipc.post("/v1/payment-codes", json=code_fields(**overrides), headers=admin)
     assert response.status == 201, await response.text()
@@ -225,6 +234,7 @@ async def test_a_check_status_answer_for_another_transaction_of_a_paid_code_is_a
         "check_status",
     )
     assert (await row(pool, CODE, INVOICE))["settled_by"] == "notification"
+    await assert_open_exception(dipc, admin, conflict["id"], "conflict", "ALREADY_PAID")
 
 
 async def test_a_check_status_answer_with_another_amount_is_an_anomaly(dipc, doku_sim, standin, pool, admin):
@@ -241,6 +251,7 @@ async def test_a_check_status_answer_with_another_amount_is_an_anomaly(dipc, dok
     assert (await row(pool, CODE, INVOICE))["state"] == "paid"  # a payment of any kind settles the invoice
     code = await (await dipc.get(f"/v1/payment-codes/{CODE}", headers=admin)).json()
     assert code["status"] == "active"
+    await assert_open_exception(dipc, admin, anomaly["id"], "anomaly", "AMOUNT_MISMATCH")
 
 
 @pytest.mark.parametrize(

@@ -107,3 +107,37 @@ def test_the_openapi_document_is_valid_openapi_with_resolvable_references():
 
     spec, base_uri = read_from_filename(str(schemas_dir().joinpath("openapi.yaml")))
     validate(spec, base_uri=base_uri)
+
+
+async def test_exceptions_and_the_audit_trail_fit_their_schemas(client, doku, register, admin_headers):
+    await register()
+    for ref, amount in (("a", 150000), ("b", 150000), ("c", 1)):
+        await doku.notify(CODE, invoice_number="INV-2026-000123", amount=amount, original_request_id=ref)
+    await doku.inquiry(CODE)
+    await doku.post("/doku/notification", b"\xff not json")
+    listing = await (await client.get("/v1/exceptions", headers=admin_headers)).json()
+    assert len(listing["items"]) == 2
+    for item in listing["items"]:
+        validate("exception", item)
+    resolved = await client.post(
+        f"/v1/exceptions/{listing['items'][0]['payment_id']}/resolve",
+        json={"resolution": "refunded", "resolved_by": "finance", "note": "", "reference": "RF-1"},
+        headers=admin_headers,
+    )
+    validate("exception", await resolved.json())
+    events = await (await client.get("/v1/events", headers=admin_headers)).json()
+    for event in events["items"]:
+        validate("event", event)
+    assert "exception.resolved" in {event["type"] for event in events["items"]}
+    for path, schema in (("/v1/inquiries", "inquiry-record"), ("/v1/notifications", "notification-record")):
+        page = await (await client.get(path, headers=admin_headers)).json()
+        assert page["items"]
+        for item in page["items"]:
+            validate(schema, item)
+    for response in (
+        await client.post("/v1/exceptions/1/resolve", json={}, headers=admin_headers),
+        await client.get("/v1/exceptions?state=x", headers=admin_headers),
+        await client.get("/v1/inquiries?after=x", headers=admin_headers),
+    ):
+        assert response.status >= 400
+        validate("error", await response.json())

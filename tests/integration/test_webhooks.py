@@ -219,3 +219,27 @@ def test_a_signature_verifies_only_with_the_secret_the_body_and_a_fresh_time():
     assert not signing.verify(b"other", body, header, 1_700_000_100)
     assert not signing.verify(SECRET, body + b" ", header, 1_700_000_100)
     assert not signing.verify(SECRET, body, header, 1_700_000_000 + 301)
+
+
+async def test_a_resolution_reaches_the_webhook_after_the_conflict_it_closes(
+    aiohttp_client, database_url, pool, receiver, admin_headers
+):
+    client = await start(aiohttp_client, database_url, pool, webhook_settings(receiver))
+    code = "8896512345678123"
+    await make_traffic(client, admin_headers, [code])  # created, paid, conflict
+    conflict = await pool.fetchval("SELECT id FROM payments WHERE kind = 'conflict'")
+    response = await client.post(
+        f"/v1/exceptions/{conflict}/resolve",
+        json={"resolution": "refunded", "resolved_by": "finance", "note": "", "reference": "RF-9"},
+        headers=admin_headers,
+    )
+    assert response.status == 200
+    await settle(pool, count=4)
+    types = [receiver.bodies[event_id]["type"] for event_id in sorted(receiver.bodies)]
+    assert types == ["code.created", "payment.received", "payment.conflict", "exception.resolved"]
+    resolved = receiver.bodies[max(receiver.bodies)]["payload"]
+    assert (resolved["payment_id"], resolved["reference"], resolved["code"]["status"]) == (
+        conflict,
+        "RF-9",
+        "paid",
+    )

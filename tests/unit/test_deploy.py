@@ -47,7 +47,10 @@ def test_every_metric_a_dashboard_panel_names_is_exported():
 
 def test_the_dashboard_covers_what_ops_watch():
     titles = " ".join(panel["title"].lower() for panel in dashboard()["panels"])
-    for topic in ("inquiry latency", "refusals", "notifications", "conflicts", "pool", "webhook"):
+    for topic in (
+        "inquiry latency", "refusals", "notifications", "conflicts", "pool", "webhook", "open exceptions",
+        "oldest open exception", "resolutions",
+    ):  # fmt: skip
         assert topic in titles
 
 
@@ -61,6 +64,7 @@ def test_the_alerts_cover_what_the_issue_names():
         "DipcSignatureFailureSpike",
         "DipcNotReady",
         "DipcWebhookBacklog",
+        "DipcExceptionOpenTooLong",
     } <= names
     for rule in alert_rules():
         if "alert" in rule:
