@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -19,7 +20,17 @@ from server.core.times import utcnow
 from server.doku.auth import signed_headers
 from server.doku.client import DokuSimulator
 from server.doku.standin import DokuStandIn, Scripted
-from tests.conftest import CLIENT, CLIENT_ID, CODE, OTHER_CLIENT, OTHER_CLIENT_ID, code_fields, make_settings
+from tests.conftest import (
+    CLIENT,
+    CLIENT_ID,
+    CODE,
+    OTHER_CLIENT,
+    OTHER_CLIENT_ID,
+    code_fields,
+    dipc_env,
+    make_settings,
+)
+from tests.integration.test_cli import run
 from tests.integration.test_schemas import validate
 
 INVOICE = "INV-2026-000123"
@@ -437,3 +448,38 @@ async def test_the_stand_in_refuses_what_doku_would_refuse(aiohttp_client):
                            response=False)  # fmt: skip
     assert (await server.get(f"/orders/v1/status/{INVOICE}", headers=other)).status == 401
     assert len(doku.problems) == 3
+
+
+async def test_dipc_reconcile_asks_doku_by_hand_and_prints_what_it_found(
+    aiohttp_client, pool, database_url, standin, admin
+):
+    doku, server = standin
+    dipc = await aiohttp_client(make_app(reconciling_settings(server, reconcile=False), database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin)
+    await register(
+        dipc, admin, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
+    )
+    quote = await doku_sim.inquiry(CODE)
+    topup = (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"]
+    doku.pay(CODE, INVOICE, 150000, original_request_id=quote.request_id)
+    env = dipc_env(database_url, DIPC_DOKU_API_URL=str(server.make_url("")).rstrip("/"))
+
+    one = await asyncio.to_thread(run, "reconcile", "--invoice", INVOICE, "--json", env=env)
+    assert one.returncode == 0, one.stderr
+    [item] = orjson.loads(one.stdout)["items"]
+    assert (item["state"], item["check"]["result"], item["check"]["recorded"]) == ("paid", "paid", "normal")
+
+    since = await asyncio.to_thread(run, "reconcile", "--since", "2020-01-01T00:00:00Z", env=env)
+    assert since.returncode == 0, since.stderr
+    assert topup.encode() in since.stdout  # the unpaid one was asked about; the paid one is not listed
+    assert b"pending" in since.stdout
+
+    unknown = await asyncio.to_thread(run, "reconcile", "--invoice", "INV-NEVER-QUOTED", env=env)
+    assert unknown.returncode == 1
+    assert b"no quoted invoice" in unknown.stderr
+    bad_date = await asyncio.to_thread(run, "reconcile", "--since", "last week", env=env)
+    assert bad_date.returncode == 2
+    no_api = await asyncio.to_thread(run, "reconcile", "--demo", env=env | {"DIPC_DOKU_API_URL": ""})
+    assert no_api.returncode == 2
+    assert b"DIPC_DOKU_API_URL" in no_api.stderr
