@@ -483,3 +483,43 @@ async def test_dipc_reconcile_asks_doku_by_hand_and_prints_what_it_found(
     no_api = await asyncio.to_thread(run, "reconcile", "--demo", env=env | {"DIPC_DOKU_API_URL": ""})
     assert no_api.returncode == 2
     assert b"DIPC_DOKU_API_URL" in no_api.stderr
+
+
+async def test_calls_to_doku_keep_to_the_rate_and_back_off_after_a_429(
+    aiohttp_client, pool, database_url, standin, admin
+):
+    doku, server = standin
+    settings = reconciling_settings(server, reconcile_rps=4.0, reconcile_schedule=(1.0, 60.0))
+    dipc = await aiohttp_client(make_app(settings, database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(
+        dipc, admin, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
+    )
+    for _ in range(12):
+        assert (await doku_sim.inquiry(REUSABLE)).status == 200
+
+    async def all_checked():
+        return len(doku.seen) >= 12
+
+    await eventually(all_checked)
+    started = sorted(seen.started for seen in doku.seen)
+    # A full bucket holds one second's worth (4); the other 8 come at 4 per second: at least 2 s.
+    assert started[-1] - started[0] >= 1.8
+
+    # DOKU says 429: every reconciler waits (2 s at first) before its next call.
+    doku.seen.clear()
+    first, second = "TOPUP-777-13", "TOPUP-777-14"
+    doku.script(first, Scripted(status=429, body=b"{}"))
+    assert (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"] == first
+    await asyncio.sleep(0.3)
+    assert (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"] == second
+    await eventually(lambda: asyncio.sleep(0, result=len(doku.checks_of(second)) >= 1))
+    [throttled] = doku.checks_of(first)[:1]
+    [after] = doku.checks_of(second)[:1]
+    assert throttled.status == 429
+    assert after.started - throttled.finished >= 1.5
+    invoice = await row(pool, REUSABLE, first)
+    assert (invoice["state"], invoice["attempts"], invoice["last_result"]) in {
+        ("pending", 0, "rate_limited"),  # not an attempt at the invoice
+        ("pending", 1, "pending"),  # ...and asked again after the backoff
+    }
