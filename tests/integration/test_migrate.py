@@ -69,3 +69,44 @@ async def test_a_failing_migration_leaves_nothing_behind(fresh_database, monkeyp
             await other.close()
     finally:
         await conn.close()
+
+
+async def test_upgrading_to_reconciliation_watches_the_recent_unpaid_quotes(fresh_database):
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await conn.execute(migrate._LEDGER)
+        for migration in migrate.available():
+            if migration.version >= "0003":
+                break
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                migration.version,
+                migration.checksum,
+            )
+        quote = """
+            INSERT INTO inquiries (payment_code, request_id, client_id, channel, body_sha256, outcome,
+                                   invoice_number, amount, http_status, response_body, received_at)
+            VALUES ($1, $2, 'MCH', 'ALFA', '\\x00', 'SUCCESS', $3, 150000, 200, '{}',
+                    now() - make_interval(hours => $4))
+        """
+        await conn.execute(quote, "8896500000000001", "r1", "INV-RECENT", 1)
+        await conn.execute(quote, "8896500000000001", "r2", "INV-RECENT", 2)  # quoted twice: one row
+        await conn.execute(quote, "8896500000000002", "r3", "INV-OLD", 120)
+        await conn.execute(quote, "8896500000000003", "r4", "INV-PAID", 1)
+        await conn.execute("""
+            INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,
+                                  channel, notification_id)
+            VALUES ('8896500000000003', 'INV-PAID', 'ref', 'normal', 150000, 'MCH', 'ALFA', 1)
+        """)
+        await migrate.migrate(conn)
+        rows = await conn.fetch("SELECT * FROM reconciliation")
+        assert [(row["invoice_number"], row["state"]) for row in rows] == [("INV-RECENT", "pending")]
+        assert await conn.fetchval(
+            "SELECT first_quoted_at BETWEEN now() - interval '121 minutes' AND now() - interval '119 minutes'"
+            " FROM reconciliation"
+        )
+        assert await conn.fetchval("SELECT next_check_at <= now() FROM reconciliation")
+        assert await conn.fetchval("SELECT source FROM payments") == "notification"
+    finally:
+        await conn.close()
