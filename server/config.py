@@ -11,6 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 from server.doku import conventions
 from server.doku.auth import Client
@@ -21,6 +22,8 @@ DEMO_CLIENT_ID = "MCH-DEMO-0001"
 DEMO_SECRET_KEY = "SK-demo-do-not-use-in-production"  # noqa: S105 - documented demo secret
 DEMO_ADMIN_TOKEN = "demo-admin-token"  # noqa: S105 - documented demo token
 DEMO_BINS = "ALFA:88965:direct,INDOMARET:33012:direct"
+# ``DATABASE_URL=embedded``: the embedded PostgreSQL under $DIPC_DATA_DIR, chosen on purpose.
+EMBEDDED = "embedded"
 
 
 class ConfigError(Exception):
@@ -29,7 +32,11 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
+    # None: the embedded PostgreSQL under ``data_dir`` (only when chosen: see ``database_chosen``).
     database_url: str | None = None
+    # False when DATABASE_URL is unset outside --demo: production must never fall back to an embedded
+    # database inside a container's filesystem without a word.
+    database_chosen: bool = True
     data_dir: Path = Path(".dipc")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -67,6 +74,25 @@ class Settings:
     def client_ids(self) -> frozenset[str]:
         return frozenset(self.clients)
 
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    def require_database(self) -> None:
+        """Every command that opens the database: it must have been chosen, never defaulted."""
+        if not self.database_chosen:
+            raise ConfigError(
+                "no database chosen: set DATABASE_URL=postgresql://user:password@host/dbname for an "
+                f"external PostgreSQL, or DATABASE_URL={EMBEDDED} for the embedded one under "
+                f"{self.data_dir}/ (or pass --demo to try dipc out)"
+            )
+
+    def database_description(self) -> str:
+        """Where the data lives, for logs and messages: never the password."""
+        if self.database_url is None:
+            return f"embedded PostgreSQL in {self.data_dir.expanduser().resolve()}/pgdata"
+        return f"external PostgreSQL {describe_dsn(self.database_url)}"
+
     def require_serving(self) -> None:
         """What ``dipc serve`` needs beyond what every command needs."""
         if not self.clients:
@@ -79,6 +105,16 @@ class Settings:
             raise ConfigError(f"no secret key for DOKU client(s) {', '.join(keyless)}: set DIPC_SECRET_KEY")
         if self.webhook_url and not self.webhook_secrets:
             raise ConfigError("DIPC_WEBHOOK_URL needs DIPC_WEBHOOK_SECRET: webhooks are always signed")
+
+
+def describe_dsn(dsn: str) -> str:
+    """``user@host:port/dbname`` of a DSN, without its password or query (safe to log)."""
+    parts = urlsplit(dsn)
+    query = dict(parse_qsl(parts.query))
+    host = parts.hostname or query.get("host", "")
+    port = f":{parts.port}" if parts.port else ""
+    user = f"{parts.username or query.get('user', '')}@" if parts.username or query.get("user") else ""
+    return f"{user}{host}{port}{parts.path or '/'}"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
@@ -176,8 +212,14 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
     log_level = env.get("DIPC_LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"DIPC_LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+    raw_database_url = env.get("DATABASE_URL", "").strip()
+    if raw_database_url and raw_database_url != EMBEDDED and "://" not in raw_database_url:
+        raise ConfigError(
+            f"DATABASE_URL must be a postgresql:// URL or {EMBEDDED!r}, not {raw_database_url[:20]!r}…"
+        )
     settings = Settings(
-        database_url=env.get("DATABASE_URL", "").strip() or None,
+        database_url=None if raw_database_url in ("", EMBEDDED) else raw_database_url,
+        database_chosen=bool(raw_database_url) or demo,
         data_dir=Path(env.get("DIPC_DATA_DIR", "").strip() or ".dipc"),
         host=env.get("DIPC_HOST", "").strip() or "127.0.0.1",
         port=_int(env, "DIPC_PORT", 8080),

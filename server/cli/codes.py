@@ -94,8 +94,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         parents=[json_flag],
         help="register one payment code",
         description="Register one payment code. The code must start with a configured BIN (DIPC_BINS).",
-        epilog="example:\n"
-        "  dipc codes add 8896512345678124 --amount 150000 --invoice INV-1 --name 'Budi Santoso'",
+        epilog="examples:\n"
+        "  dipc codes add --demo 8896512345678124 --amount 150000 --invoice INV-1 --name 'Budi Santoso'\n"
+        "      (next to `dipc serve --demo`: the demo's database, client and BINs)\n"
+        "  DATABASE_URL=postgresql://… DIPC_CLIENT_ID=… DIPC_BINS=ALFA:88965 \\\n"
+        "      dipc codes add 8896512345678124 --amount 150000 --invoice INV-1 --name 'Budi Santoso'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add.add_argument("payment_code", help="digits only; leading zeros are kept")

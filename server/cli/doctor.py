@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from server.cli.common import EXIT_FAILURE, CommandFailed, open_database, print_json
 from server.config import ConfigError, Settings, load_settings
-from server.store import migrate
+from server.store import migrate, privileges
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MARKS = {OK: "✓", WARN: "!", FAIL: "✗"}
@@ -71,7 +71,7 @@ def configuration_checks(settings: Settings) -> list[Check]:
 
 
 async def database_checks(settings: Settings) -> list[Check]:
-    where = "embedded" if settings.database_url is None else "DATABASE_URL"
+    where = "embedded" if settings.embedded else "DATABASE_URL"
     try:
         async with (
             open_database(settings, require_current=False, migrate_embedded=False) as database,
@@ -83,6 +83,7 @@ async def database_checks(settings: Settings) -> list[Check]:
             database_now = await conn.fetchval("SELECT now()")
             after = datetime.now(UTC)
             state = await migrate.state(conn)
+            role = await privileges.check(conn)
     except CommandFailed as failure:
         return [Check("database", FAIL, f"{where}: {failure}")]
     checks = [
@@ -101,6 +102,7 @@ async def database_checks(settings: Settings) -> list[Check]:
         problems = [f"pending {', '.join(state.pending)}"] if state.pending else []
         problems += [f"changed since applied {', '.join(state.changed)}"] if state.changed else []
         checks.append(Check("migrations", FAIL, "; ".join(problems) + " (run `dipc migrate`)"))
+    checks.append(role_check(settings, role))
     local = before + (after - before) / 2
     skew = abs((local - database_now).total_seconds())
     detail = f"{skew:.3f} s from the database's clock"
@@ -113,6 +115,24 @@ async def database_checks(settings: Settings) -> list[Check]:
             Check("clock", FAIL, detail + f"; DOKU's timestamps are checked to ±{settings.max_skew_s} s")
         )
     return checks
+
+
+def role_check(settings: Settings, role: privileges.RoleReport) -> Check:
+    if not role.sufficient:
+        more = len(role.missing) - 8
+        shown = ", ".join(role.missing[:8]) + (f" and {more} more" if more > 0 else "")
+        return Check(
+            "database role", FAIL, f"{role.role} lacks {shown} (grant as in deploy/postgres/roles.sql)"
+        )
+    if settings.embedded or not (role.superuser or role.can_change_schema):
+        return Check("database role", OK, f"{role.role} may read and write every table dipc uses")
+    what = "a superuser" if role.superuser else "allowed to change the schema"
+    return Check(
+        "database role",
+        WARN,
+        f"{role.role} is {what}: serve with a least-privilege role, migrate with the owner "
+        "(deploy/postgres/roles.sql)",
+    )
 
 
 def run_doctor(args: argparse.Namespace) -> int:

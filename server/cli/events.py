@@ -32,9 +32,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         "code changes), and the webhook forwarder's deliveries of them.",
     )
     actions = events.add_subparsers(title="actions", metavar="ACTION", required=True)
+    demo_flag = argparse.ArgumentParser(add_help=False)
+    demo_flag.add_argument(
+        "--demo", action="store_true", help="without DATABASE_URL: the embedded database of `serve --demo`"
+    )
 
     tail = actions.add_parser(
         "tail",
+        parents=[demo_flag],
         help="print events as they happen (Ctrl+C to stop)",
         description="Print new events as they commit, woken by PostgreSQL LISTEN/NOTIFY. Starts after the "
         "newest event unless --after or --from-start says otherwise.",
@@ -45,7 +50,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     tail.add_argument("--count", type=int, help="stop after printing this many events")
     tail.set_defaults(run=run_tail)
 
-    listing = actions.add_parser("deliveries", help="list webhook deliveries (e.g. --status failed)")
+    listing = actions.add_parser(
+        "deliveries", parents=[demo_flag], help="list webhook deliveries (e.g. --status failed)"
+    )
     listing.add_argument("--status", choices=list(feed.DELIVERY_STATUSES))
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true")
@@ -53,6 +60,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     redeliver = actions.add_parser(
         "redeliver",
+        parents=[demo_flag],
         help="retry failed webhook deliveries",
         description="Put failed deliveries back in line: the given events, or every failed one with "
         "--all-failed. Later events of the same payment code, held back meanwhile, follow in order.",
@@ -77,7 +85,7 @@ def _print_event(event: Event, as_json: bool) -> None:
 
 
 def run_tail(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(demo=args.demo)
 
     async def follow(database: Database) -> int:
         listener = EventListener(database.dsn)
@@ -114,7 +122,7 @@ def run_tail(args: argparse.Namespace) -> int:
 
 
 def run_deliveries(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(demo=args.demo)
 
     async def run() -> int:
         async with open_database(settings) as database:
@@ -130,7 +138,7 @@ def run_deliveries(args: argparse.Namespace) -> int:
 
 
 def run_redeliver(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(demo=args.demo)
     if not args.event_ids and not args.all_failed:
         print("dipc: name the events to redeliver, or pass --all-failed", file=sys.stderr)
         return 2
