@@ -13,6 +13,7 @@ from server.config import Settings
 from server.http import admin, inquiry, notification, ops
 from server.http.keys import HEALTH, LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
+from server.ops import metrics
 from server.ops.health import HealthChecker
 from server.store.listener import EventListener
 from server.store.pool import create_pool
@@ -23,6 +24,9 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     """The whole service for ``settings``, talking to the database at ``dsn``."""
     app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    metrics.preinitialise(
+        doku_routes=(settings.inquiry_path, settings.notification_path), client_ids=settings.client_ids
+    )
 
     async def pool_context(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = await create_pool(

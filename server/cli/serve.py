@@ -25,6 +25,7 @@ from server.cli.common import (
 from server.config import DEMO_ADMIN_TOKEN, DEMO_CLIENT_ID, DEMO_SECRET_KEY, Settings, load_settings
 from server.core.times import utcnow
 from server.embedded import EmbeddedError, EmbeddedPostgres
+from server.ops import metrics
 from server.ops.logging import configure_logging
 from server.store import migrate, privileges
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
@@ -111,6 +112,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.worker:
         # The supervisor prepared the database and passed it as DATABASE_URL.
         structlog.contextvars.bind_contextvars(worker=int(os.environ.get("DIPC_WORKER_INDEX", "0")))
+        if os.environ.get("DIPC_WORKER_RESTART"):
+            metrics.WORKER_RESTARTS.inc()
         assert settings.database_url is not None
         _run(settings, settings.database_url, reuse_port=True)
         return 0

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,11 +20,19 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from server import __version__
+from server.core.outcomes import InquiryOutcome
+from server.core.payments import NotificationOutcome, PaymentKind, Reason
+from server.doku.auth import SIGNATURE_FAILURE_REASONS
+from server.doku.channels import CHANNELS
 
 # Inquiries are answered in milliseconds; the 1 s deadline sits inside the range.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -100,6 +111,10 @@ FEED_WAITERS = Gauge(
     "Long-polls of the event feed waiting right now.",
     multiprocess_mode="livesum",
 )
+WORKER_RESTARTS = Counter(
+    "dipc_worker_restarts_total",
+    "Worker processes the supervisor started again after one died (DIPC_WORKERS > 1).",
+)
 BUILD_INFO = Gauge(
     "dipc_build_info",
     "Always 1; the labels say which dipc runs.",
@@ -116,11 +131,76 @@ def multiprocess_dir() -> str | None:
 
 def render() -> tuple[bytes, str]:
     """The exposition text of every process's metrics, and its content type."""
-    if multiprocess_dir():
+    if directory := multiprocess_dir():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(PlatformCollector(registry=None))
+        registry.register(_WorkerProcesses(directory))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class _WorkerProcesses(Collector):
+    """``process_*`` of every live worker, labelled with its pid (the multiprocess collector has none).
+
+    A worker is live while its ``livesum`` gauge file exists (the supervisor removes it when the worker
+    dies) and its /proc entry does.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def collect(self) -> Iterator[Metric]:
+        pids = sorted(
+            {int(match[1]) for f in self.directory.glob("gauge_live*_*.db") if (match := _PID.search(f.name))}
+        )
+        merged: dict[str, Metric] = {}
+        for pid in pids:
+            if not Path(f"/proc/{pid}").exists():
+                continue
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                into = merged.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type, family.unit)
+                )
+                for sample in family.samples:
+                    into.samples.append(sample._replace(labels={**sample.labels, "pid": str(pid)}))
+        yield from merged.values()
+
+
+_PID = re.compile(r"_(\d+)\.db$")
+
+
+def preinitialise(*, doku_routes: Sequence[str], client_ids: Iterable[str]) -> None:
+    """Create, at 0, every labelled series an alert rule watches with ``increase()`` or ``rate()``.
+
+    A counter that appears at 1 has no earlier sample to increase from: the first conflict would not
+    fire DipcPaymentConflict. So each series exists from the start, in every process.
+    """
+    for reason in (Reason.ALREADY_PAID, Reason.INVOICE_ALREADY_PAID):
+        PAYMENTS.labels(PaymentKind.CONFLICT.value, reason.value)
+    for reason in Reason:
+        if reason not in (Reason.ALREADY_PAID, Reason.INVOICE_ALREADY_PAID):
+            PAYMENTS.labels(PaymentKind.ANOMALY.value, reason.value)
+    PAYMENTS.labels(PaymentKind.NORMAL.value, "")
+    for outcome in NotificationOutcome:
+        NOTIFICATIONS.labels(outcome.value)
+    for inquiry_outcome in InquiryOutcome:
+        for channel in CHANNELS:
+            for replayed in ("false", "true"):
+                INQUIRIES.labels(inquiry_outcome.value, channel, replayed)
+    for route in doku_routes:
+        for status, outcome in (("503", "UNAVAILABLE"), ("500", "INTERNAL")):
+            HTTP_REQUESTS.labels(route, "POST", status, outcome)
+        for client_id in (*client_ids, "unknown"):
+            for reason in SIGNATURE_FAILURE_REASONS:
+                SIGNATURE_FAILURES.labels(route, client_id, reason)
+    for operation in ("inquiry", "notification", "notification.rejected"):
+        for result in ("unavailable", "timeout"):
+            DB_DURATION.labels(operation, result)
+    for status in ("pending", "delivered", "failed"):
+        WEBHOOK_DELIVERIES.labels(status)
+    for result in ("delivered", "retry", "failed"):
+        WEBHOOK_ATTEMPTS.labels(result)
 
 
 def exported_names() -> set[str]:
@@ -129,7 +209,7 @@ def exported_names() -> set[str]:
     for metric in (
         HTTP_REQUESTS, HTTP_DURATION, INQUIRIES, NOTIFICATIONS, PAYMENTS, SIGNATURE_FAILURES, DB_DURATION,
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
-        FEED_WAITERS, BUILD_INFO,
+        FEED_WAITERS, BUILD_INFO, WORKER_RESTARTS,
     ):  # fmt: skip
         for family in metric.describe():
             if family.type == "counter":

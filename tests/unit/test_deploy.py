@@ -109,3 +109,44 @@ def test_the_systemd_unit_gives_the_drain_its_time():
     stop = int(re.search(r"^TimeoutStopSec=(\d+)", unit, re.MULTILINE).group(1))
     assert stop > Settings().shutdown_timeout_s
     assert "RestartPreventExitStatus=2" in unit
+
+
+def test_every_alert_rule_is_unit_tested_firing_and_quiet():
+    """`promtool test rules` (CI) runs alerts_test.yml; here: it covers every alert, both ways."""
+    document = yaml.safe_load((DEPLOY / "prometheus" / "alerts_test.yml").read_text())
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for test in document["tests"]:
+        for case in test.get("alert_rule_test", []):
+            (fired if case["exp_alerts"] else quiet).add(case["alertname"])
+    alerts = {rule["alert"] for rule in alert_rules() if "alert" in rule}
+    assert alerts == fired, alerts ^ fired
+    assert alerts <= quiet, alerts - quiet
+    born_at_one = [
+        series["series"]
+        for test in document["tests"]
+        for series in test["input_series"]
+        if series["values"].startswith("_")
+    ]
+    assert any("dipc_payments_total" in series for series in born_at_one)
+
+
+def test_every_series_an_increase_alert_watches_is_created_at_start():
+    """The labels in `increase(metric{…})` of the money alerts are among those dipc creates at 0."""
+    from prometheus_client import CollectorRegistry
+
+    from server.ops import metrics
+
+    metrics.preinitialise(doku_routes=("/doku/inquiry", "/doku/notification"), client_ids=("MCH-1",))
+    registry = CollectorRegistry()
+    for metric in (metrics.PAYMENTS, metrics.NOTIFICATIONS, metrics.INQUIRIES, metrics.WORKER_RESTARTS):
+        registry.register(metric)
+    exported = {
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in registry.collect()
+        for sample in family.samples
+    }
+    for labels in ({"kind": "conflict", "reason": "ALREADY_PAID"}, {"kind": "anomaly", "reason": "EXPIRED"}):
+        assert ("dipc_payments_total", tuple(sorted(labels.items()))) in exported
+    assert ("dipc_notifications_total", (("outcome", "rejected"),)) in exported
+    assert ("dipc_worker_restarts_total", ()) in exported
