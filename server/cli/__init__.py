@@ -1,6 +1,7 @@
 """``dipc``: serve DOKU's direct inquiries, manage payment codes, simulate DOKU, check a deployment.
 
-Exit codes: 0 done, 1 the command failed (the message says why), 2 usage or configuration error.
+Exit codes: 0 done, 1 the command failed (the message says why), 2 usage or configuration error,
+3 a partial import (`codes import`: the valid lines were saved, the others were not).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ in production (external PostgreSQL; see the README's "Running in production"):
   export DATABASE_URL=postgresql://dipc_app:…@db/dipc             a role that reads and writes rows
   dipc doctor && dipc serve
 
+Exit codes: 0 done, 1 failed, 2 usage or configuration (restarting will not help), 3 partly imported.
 Run `dipc COMMAND --help` for the details of each command. Configuration is read from DIPC_*
 environment variables; see the README.
 """

@@ -41,10 +41,12 @@ def run_prune(args: argparse.Namespace) -> int:
 
     async def run() -> dict[str, int]:
         done: dict[str, int] = {}
+        periods = {table: timedelta(days=days) for table, days in ages.items()}
         async with open_database(settings) as database:
-            for table, days in ages.items():
-                work = retention.count if args.dry_run else retention.prune
-                done[table] = await work(database.pool, table, timedelta(days=days))
+            if args.dry_run:
+                return await retention.count_all(database.pool, periods)
+            for table, older_than in periods.items():  # deliveries before the events they hold
+                done[table] = await retention.prune(database.pool, table, older_than)
         return done
 
     done = asyncio.run(run())
