@@ -34,12 +34,13 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
             connect_timeout=settings.db_connect_timeout_s,
+            statement_cache_size=settings.db_statement_cache_size,
         )
         yield
         await app[POOL].close()
 
     async def health_context(app: web.Application) -> AsyncIterator[None]:
-        app[HEALTH] = HealthChecker(dsn)
+        app[HEALTH] = HealthChecker(dsn, statement_cache_size=settings.db_statement_cache_size)
         sampler = asyncio.create_task(_sample_pool_forever(app), name="dipc-pool-sampler")
         yield
         sampler.cancel()
@@ -48,7 +49,10 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
         await app[HEALTH].close()
 
     async def listener_context(app: web.Application) -> AsyncIterator[None]:
-        listener = EventListener(dsn, connect_timeout=settings.db_connect_timeout_s)
+        # LISTEN holds a session: never through a transaction-pooling pgbouncer (DIPC_LISTEN_DATABASE_URL).
+        listener = EventListener(
+            settings.listen_database_url or dsn, connect_timeout=settings.db_connect_timeout_s
+        )
         await listener.start()
         app[LISTENER] = listener
         yield

@@ -58,6 +58,12 @@ class Settings:
     db_pool_min: int = 2
     db_pool_max: int = 10
     db_connect_timeout_s: float = 5.0
+    # asyncpg's prepared-statement cache per connection. 0 behind pgbouncer < 1.21 in transaction mode
+    # (or with max_prepared_statements = 0): named statements do not survive a change of server.
+    db_statement_cache_size: int = 100
+    # The event feed's LISTEN needs a session of its own: behind a transaction-pooling pgbouncer, point
+    # this at PostgreSQL directly (or at a session-mode pool). Unset: DATABASE_URL.
+    listen_database_url: str | None = None
     webhook_url: str | None = None
     webhook_secrets: tuple[bytes, ...] = ()
     webhook_max_attempts: int = 20
@@ -241,6 +247,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         db_pool_min=_int(env, "DIPC_DB_POOL_MIN", 2, minimum=0),
         db_pool_max=_int(env, "DIPC_DB_POOL_MAX", 10, minimum=1),
         db_connect_timeout_s=_float(env, "DIPC_DB_CONNECT_TIMEOUT_S", 5.0),
+        db_statement_cache_size=_int(env, "DIPC_DB_STATEMENT_CACHE_SIZE", 100),
+        listen_database_url=env.get("DIPC_LISTEN_DATABASE_URL", "").strip() or None,
         webhook_url=webhook_url,
         webhook_secrets=_keys(env.get("DIPC_WEBHOOK_SECRET", "")),
         webhook_max_attempts=_int(env, "DIPC_WEBHOOK_MAX_ATTEMPTS", 20, minimum=1),

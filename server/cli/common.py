@@ -39,6 +39,7 @@ REFUSED_ERRORS: tuple[type[BaseException], ...] = (
 class Database:
     pool: asyncpg.Pool
     dsn: str
+    listen_dsn: str  # for LISTEN: a session of its own (see DIPC_LISTEN_DATABASE_URL)
 
 
 class CommandFailed(Exception):
@@ -103,7 +104,11 @@ async def open_database(
             dsn = await asyncio.to_thread(embedded.start)
         try:
             pool = await create_pool(
-                dsn, min_size=1, max_size=pool_max, connect_timeout=settings.db_connect_timeout_s
+                dsn,
+                min_size=1,
+                max_size=pool_max,
+                connect_timeout=settings.db_connect_timeout_s,
+                statement_cache_size=settings.db_statement_cache_size,
             )
         except (*UNAVAILABLE_ERRORS, *REFUSED_ERRORS) as error:
             raise database_failure(error, settings) from None
@@ -119,7 +124,7 @@ async def open_database(
                 raise CommandFailed(
                     f"the database needs migrations {', '.join(state.pending)}: run `dipc migrate`"
                 )
-            yield Database(pool, dsn)
+            yield Database(pool, dsn, settings.listen_database_url or dsn)
         finally:
             await pool.close()
     except EmbeddedError as error:

@@ -94,7 +94,7 @@ def run_tail(args: argparse.Namespace) -> int:
     settings = load_settings(demo=args.demo)
 
     async def follow(database: Database) -> int:
-        listener = EventListener(database.dsn)
+        listener = EventListener(database.listen_dsn)
         await listener.start()
         try:
             if args.from_start:

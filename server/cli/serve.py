@@ -159,7 +159,13 @@ async def _prepare(settings: Settings, dsn: str) -> list:
     change is a deployment step of its own (``dipc migrate``, a Kubernetes Job, an ExecStartPre).
     """
     try:
-        pool = await create_pool(dsn, min_size=1, max_size=2, connect_timeout=settings.db_connect_timeout_s)
+        pool = await create_pool(
+            dsn,
+            min_size=1,
+            max_size=2,
+            connect_timeout=settings.db_connect_timeout_s,
+            statement_cache_size=settings.db_statement_cache_size,
+        )
     except (*UNAVAILABLE_ERRORS, *REFUSED_ERRORS) as error:
         raise database_failure(error, settings) from None
     try:
