@@ -220,3 +220,17 @@ def test_every_series_an_increase_alert_watches_is_created_at_start():
         assert ("dipc_payments_total", tuple(sorted(labels.items()))) in exported
     assert ("dipc_notifications_total", (("outcome", "rejected"),)) in exported
     assert ("dipc_worker_restarts_total", ()) in exported
+
+
+def test_the_readme_grants_are_the_tested_ones():
+    """The README prints roles.sql's statements (a test runs that file against a real PostgreSQL)."""
+
+    def statements(text: str) -> set[str]:
+        lines = [line.split("--")[0].strip() for line in text.splitlines() if not line.startswith("\\")]
+        joined = re.sub(r"PASSWORD '[^']*'", "PASSWORD '…'", " ".join(lines))
+        return {" ".join(part.split()) for part in joined.split(";") if part.strip()}
+
+    readme = (DEPLOY.parent / "README.md").read_text()
+    block = readme.split("```sql", 1)[1].split("```", 1)[0]
+    block = "\n".join(line.strip() for line in block.splitlines())
+    assert statements(block) == statements((DEPLOY / "postgres" / "roles.sql").read_text())
