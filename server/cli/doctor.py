@@ -57,6 +57,16 @@ def configuration_checks(settings: Settings) -> list[Check]:
         checks.append(Check("admin API", OK, f"enabled ({len(settings.admin_tokens)} token(s))"))
     else:
         checks.append(Check("admin API", WARN, "disabled: DIPC_ADMIN_TOKEN is unset"))
+    if settings.db_statement_cache_size == 0 and not settings.listen_database_url:
+        # A cache of 0 says "behind a transaction pooler", where LISTEN would lose the feed's wake-ups.
+        checks.append(
+            Check(
+                "event feed",
+                WARN,
+                "DIPC_DB_STATEMENT_CACHE_SIZE=0 suggests pgbouncer in transaction mode: set "
+                "DIPC_LISTEN_DATABASE_URL to PostgreSQL directly, LISTEN needs a session of its own",
+            )
+        )
     if settings.webhook_url:
         host = urlsplit(settings.webhook_url).hostname or ""
         if not settings.webhook_secrets:

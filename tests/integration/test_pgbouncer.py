@@ -178,6 +178,11 @@ def test_the_cli_works_through_pgbouncer(bouncer, database_url, pool):
     assert checks["database"] == checks["migrations"] == "ok", doctor.stdout
     listed = run("codes", "list", env=env)
     assert listed.returncode == 0, listed.stderr
+    # Without a direct URL for LISTEN, doctor points at the feed's problem.
+    unlistened = run("doctor", "--json", env=env | {"DIPC_LISTEN_DATABASE_URL": ""})
+    checks = {check["name"]: check for check in orjson.loads(unlistened.stdout)["checks"]}
+    assert checks["event feed"]["status"] == "warn"
+    assert "DIPC_LISTEN_DATABASE_URL" in checks["event feed"]["detail"]
 
 
 async def test_named_prepared_statements_do_not_survive_transaction_pooling(bouncer):
