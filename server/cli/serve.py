@@ -221,7 +221,7 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
         host=settings.host,
         port=settings.port,
         inquiry_path=settings.inquiry_path,
-        database=settings.database_description(),
+        database="embedded" if settings.database_url is None else "external",
         clients=sorted(settings.clients),
         bins=str(settings.bins),
     )
