@@ -14,6 +14,7 @@ from server.doku.checkstatus import CheckStatusClient
 from server.http import admin, casework, inquiry, notification, ops
 from server.http.keys import CHECK_STATUS, HEALTH, LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
+from server.ops import metrics
 from server.ops.health import HealthChecker
 from server.ops.sampler import DatabaseSampler
 from server.reconcile.worker import Reconciler
@@ -26,6 +27,9 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     """The whole service for ``settings``, talking to the database at ``dsn``."""
     app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    metrics.preinitialise(
+        doku_routes=(settings.inquiry_path, settings.notification_path), client_ids=settings.client_ids
+    )
 
     async def pool_context(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = await create_pool(
@@ -33,12 +37,13 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
             connect_timeout=settings.db_connect_timeout_s,
+            statement_cache_size=settings.db_statement_cache_size,
         )
         yield
         await app[POOL].close()
 
     async def health_context(app: web.Application) -> AsyncIterator[None]:
-        app[HEALTH] = HealthChecker(dsn)
+        app[HEALTH] = HealthChecker(dsn, statement_cache_size=settings.db_statement_cache_size)
         tasks = [
             asyncio.create_task(_sample_pool_forever(app), name="dipc-pool-sampler"),
             asyncio.create_task(
@@ -54,7 +59,10 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
         await app[HEALTH].close()
 
     async def listener_context(app: web.Application) -> AsyncIterator[None]:
-        listener = EventListener(dsn, connect_timeout=settings.db_connect_timeout_s)
+        # LISTEN holds a session: never through a transaction-pooling pgbouncer (DIPC_LISTEN_DATABASE_URL).
+        listener = EventListener(
+            settings.listen_database_url or dsn, connect_timeout=settings.db_connect_timeout_s
+        )
         await listener.start()
         app[LISTENER] = listener
         yield

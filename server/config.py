@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from server.doku import conventions
 from server.doku.auth import Client
@@ -22,6 +22,8 @@ DEMO_CLIENT_ID = "MCH-DEMO-0001"
 DEMO_SECRET_KEY = "SK-demo-do-not-use-in-production"  # noqa: S105 - documented demo secret
 DEMO_ADMIN_TOKEN = "demo-admin-token"  # noqa: S105 - documented demo token
 DEMO_BINS = "ALFA:88965:direct,INDOMARET:33012:direct"
+# ``DATABASE_URL=embedded``: the embedded PostgreSQL under $DIPC_DATA_DIR, chosen on purpose.
+EMBEDDED = "embedded"
 
 # DOKU's API for Check Status (spec §8): production, and the sandbox for rehearsals.
 DOKU_API_URL = "https://api.doku.com"
@@ -36,7 +38,11 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
+    # None: the embedded PostgreSQL under ``data_dir`` (only when chosen: see ``database_chosen``).
     database_url: str | None = None
+    # False when DATABASE_URL is unset outside --demo: production must never fall back to an embedded
+    # database inside a container's filesystem without a word.
+    database_chosen: bool = True
     data_dir: Path = Path(".dipc")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -58,6 +64,12 @@ class Settings:
     db_pool_min: int = 2
     db_pool_max: int = 10
     db_connect_timeout_s: float = 5.0
+    # asyncpg's prepared-statement cache per connection. 0 behind pgbouncer < 1.21 in transaction mode
+    # (or with max_prepared_statements = 0): named statements do not survive a change of server.
+    db_statement_cache_size: int = 100
+    # The event feed's LISTEN needs a session of its own: behind a transaction-pooling pgbouncer, point
+    # this at PostgreSQL directly (or at a session-mode pool). Unset: DATABASE_URL.
+    listen_database_url: str | None = None
     webhook_url: str | None = None
     webhook_secrets: tuple[bytes, ...] = ()
     webhook_max_attempts: int = 20
@@ -84,6 +96,25 @@ class Settings:
     def client_ids(self) -> frozenset[str]:
         return frozenset(self.clients)
 
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    def require_database(self) -> None:
+        """Every command that opens the database: it must have been chosen, never defaulted."""
+        if not self.database_chosen:
+            raise ConfigError(
+                "no database chosen: set DATABASE_URL=postgresql://user:password@host/dbname for an "
+                f"external PostgreSQL, or DATABASE_URL={EMBEDDED} for the embedded one under "
+                f"{self.data_dir}/ (or pass --demo to try dipc out)"
+            )
+
+    def database_description(self) -> str:
+        """Where the data lives, for logs and messages: never the password."""
+        if self.database_url is None:
+            return f"embedded PostgreSQL in {self.data_dir.expanduser().resolve()}/pgdata"
+        return f"external PostgreSQL {describe_dsn(self.database_url)}"
+
     def require_serving(self) -> None:
         """What ``dipc serve`` needs beyond what every command needs."""
         if not self.clients:
@@ -96,6 +127,16 @@ class Settings:
             raise ConfigError(f"no secret key for DOKU client(s) {', '.join(keyless)}: set DIPC_SECRET_KEY")
         if self.webhook_url and not self.webhook_secrets:
             raise ConfigError("DIPC_WEBHOOK_URL needs DIPC_WEBHOOK_SECRET: webhooks are always signed")
+
+
+def describe_dsn(dsn: str) -> str:
+    """``user@host:port/dbname`` of a DSN, without its password or query (safe to log)."""
+    parts = urlsplit(dsn)
+    query = dict(parse_qsl(parts.query))
+    host = parts.hostname or query.get("host", "")
+    port = f":{parts.port}" if parts.port else ""
+    user = f"{parts.username or query.get('user', '')}@" if parts.username or query.get("user") else ""
+    return f"{user}{host}{port}{parts.path or '/'}"
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
@@ -237,8 +278,14 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
     log_level = env.get("DIPC_LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"DIPC_LOG_LEVEL={log_level!r} must be DEBUG, INFO, WARNING or ERROR")
+    raw_database_url = env.get("DATABASE_URL", "").strip()
+    if raw_database_url and raw_database_url != EMBEDDED and "://" not in raw_database_url:
+        raise ConfigError(
+            f"DATABASE_URL must be a postgresql:// URL or {EMBEDDED!r}, not {raw_database_url[:20]!r}…"
+        )
     settings = Settings(
-        database_url=env.get("DATABASE_URL", "").strip() or None,
+        database_url=None if raw_database_url in ("", EMBEDDED) else raw_database_url,
+        database_chosen=bool(raw_database_url) or demo,
         data_dir=Path(env.get("DIPC_DATA_DIR", "").strip() or ".dipc"),
         host=env.get("DIPC_HOST", "").strip() or "127.0.0.1",
         port=_int(env, "DIPC_PORT", 8080),
@@ -260,6 +307,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         db_pool_min=_int(env, "DIPC_DB_POOL_MIN", 2, minimum=0),
         db_pool_max=_int(env, "DIPC_DB_POOL_MAX", 10, minimum=1),
         db_connect_timeout_s=_float(env, "DIPC_DB_CONNECT_TIMEOUT_S", 5.0),
+        db_statement_cache_size=_int(env, "DIPC_DB_STATEMENT_CACHE_SIZE", 100),
+        listen_database_url=env.get("DIPC_LISTEN_DATABASE_URL", "").strip() or None,
         webhook_url=webhook_url,
         webhook_secrets=_keys(env.get("DIPC_WEBHOOK_SECRET", "")),
         webhook_max_attempts=_int(env, "DIPC_WEBHOOK_MAX_ATTEMPTS", 20, minimum=1),

@@ -11,7 +11,9 @@ import asyncpg
 
 from server.config import DEMO_CLIENT_ID
 from server.core.codes import NewCode
+from server.core.documents import code_document
 from server.store import codes as code_store
+from server.store import outbox
 
 
 def demo_codes(now: datetime) -> list[NewCode]:
@@ -59,7 +61,10 @@ DESCRIPTIONS = {
 
 
 async def seed(pool: asyncpg.Pool, now: datetime) -> list[NewCode]:
+    """Register the demo codes (or reset them), with the events a registration or a change makes."""
     codes = demo_codes(now)
-    async with pool.acquire() as conn:
-        await code_store.upsert_fresh(conn, codes)
+    async with pool.acquire() as conn, conn.transaction():
+        for code, inserted in await code_store.upsert_fresh(conn, codes):
+            kind = "code.created" if inserted else "code.updated"
+            await outbox.append(conn, kind, code.payment_code, code_document(code))
     return codes

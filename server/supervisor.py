@@ -75,8 +75,9 @@ class Supervisor:
             self._own_metrics_dir = True
         self.env = self.env | {"PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
 
-    def _spawn(self, index: int) -> None:
-        env = self.env | {"DIPC_WORKER_INDEX": str(index)}
+    def _spawn(self, index: int, *, restart: bool = False) -> None:
+        # A replacement counts itself in dipc_worker_restarts_total (the supervisor writes no metrics).
+        env = self.env | {"DIPC_WORKER_INDEX": str(index), "DIPC_WORKER_RESTART": "1" if restart else ""}
         child = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--worker", *self.worker_args], env=env
         )
@@ -102,7 +103,7 @@ class Supervisor:
                     log.error("supervisor.crash_loop", restarts=len(self.restarts), window_s=RESTART_WINDOW_S)
                     return 1
                 log.error("supervisor.worker_died", worker=index, pid=child.pid, exit_code=code)
-                self._spawn(index)
+                self._spawn(index, restart=True)
         return 0
 
     def _forget(self, child: subprocess.Popen) -> None:

@@ -1,6 +1,7 @@
 """``dipc``: serve DOKU's direct inquiries, manage payment codes, simulate DOKU, check a deployment.
 
-Exit codes: 0 done, 1 the command failed (the message says why), 2 usage or configuration error.
+Exit codes: 0 done, 1 the command failed (the message says why), 2 usage or configuration error,
+3 a partial import (`codes import`: the valid lines were saved, the others were not).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ DESCRIPTION = """\
 dipc answers DOKU's Direct Inquiry Payment Code requests (Alfamart, Alfamidi, Lawson, Indomaret …)
 from PostgreSQL and records DOKU's payment notifications exactly once.
 
-Without DATABASE_URL every command uses an embedded PostgreSQL under $DIPC_DATA_DIR (default ./.dipc).
+The database is DATABASE_URL: postgresql://… for an external PostgreSQL, or `embedded` for one that
+dipc runs under $DIPC_DATA_DIR (default ./.dipc). With --demo and no DATABASE_URL, every command uses
+the embedded database of `dipc serve --demo`.
 """
 
 EPILOG = """\
@@ -29,9 +32,16 @@ first steps:
   dipc serve --demo                      run with demo credentials and demo codes
   dipc simulate inquiry --demo 8896512345678123
                                          ask the running server as DOKU would
-  dipc codes add 8896512345678124 --amount 150000 --invoice INV-1 --name "Budi Santoso"
-  dipc codes import codes.csv            register many codes at once (CSV or NDJSON)
+  dipc codes add --demo 8896512345678124 --amount 150000 --invoice INV-1 --name "Budi Santoso"
+                                         register a code in the demo's database
+  dipc codes import --demo codes.csv     register many codes at once (CSV or NDJSON)
 
+in production (external PostgreSQL; see the README's "Running in production"):
+  DATABASE_URL=postgresql://dipc_owner:…@db/dipc dipc migrate    as the schema's owner
+  export DATABASE_URL=postgresql://dipc_app:…@db/dipc             a role that reads and writes rows
+  dipc doctor && dipc serve
+
+Exit codes: 0 done, 1 failed, 2 usage or configuration (restarting will not help), 3 partly imported.
 Run `dipc COMMAND --help` for the details of each command. Configuration is read from DIPC_*
 environment variables; see the README.
 """

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from server.cli.common import (
 )
 from server.config import Settings, load_settings
 from server.core import manage
+from server.core.codes import PaymentCode
 from server.core.documents import code_document, payment_document
 from server.core.imports import FORMATS, format_for_path, read_rows
 from server.core.times import parse_timestamp, utcnow
@@ -47,6 +49,11 @@ def _with_db(args: argparse.Namespace, work: Callable[[asyncpg.Pool, Settings], 
             return await work(database.pool, settings)
 
     return asyncio.run(run())
+
+
+def _shown(code: PaymentCode, now: datetime) -> dict[str, Any]:
+    """The code's document with the status a person reads (``expired`` is derived, not stored)."""
+    return code_document(code) | {"status": manage.shown_status(code, now)}
 
 
 def _show(args: argparse.Namespace, document: dict[str, Any]) -> None:
@@ -94,8 +101,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         parents=[json_flag],
         help="register one payment code",
         description="Register one payment code. The code must start with a configured BIN (DIPC_BINS).",
-        epilog="example:\n"
-        "  dipc codes add 8896512345678124 --amount 150000 --invoice INV-1 --name 'Budi Santoso'",
+        epilog="examples:\n"
+        "  dipc codes add --demo 8896512345678124 --amount 150000 --invoice INV-1 --name 'Budi Santoso'\n"
+        "      (next to `dipc serve --demo`: the demo's database, client and BINs)\n"
+        "  DATABASE_URL=postgresql://… DIPC_CLIENT_ID=… DIPC_BINS=ALFA:88965 \\\n"
+        "      dipc codes add 8896512345678124 --amount 150000 --invoice INV-1 --name 'Budi Santoso'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add.add_argument("payment_code", help="digits only; leading zeros are kept")
@@ -127,10 +137,28 @@ def register(commands: argparse._SubParsersAction) -> None:
         "amount, invoice_number, customer_name, and optionally customer_email, reusable, channel, "
         "expires_at, info1, info2, info3, client_id); NDJSON has one JSON object per line with the same "
         "names. Valid rows are imported, invalid ones are reported by line number.",
-        epilog="example: dipc codes import codes.csv",
+        epilog="exit codes:\n"
+        "  0  every line was imported (with --check: every line is valid)\n"
+        "  1  nothing was imported: every line was rejected, or --all-or-nothing / --check found one\n"
+        "  2  usage: no such file, unknown format, bad configuration\n"
+        "  3  partly imported: the valid lines were saved, the rejected ones were not\n"
+        "     (fix them and import those lines again)\n"
+        "example: dipc codes import --check codes.csv && dipc codes import --all-or-nothing codes.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     imp.add_argument("file", help="a .csv, .ndjson or .jsonl file, or - for standard input")
     imp.add_argument("--format", choices=FORMATS, help="the file's format (default: from its extension)")
+    mode = imp.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--all-or-nothing",
+        action="store_true",
+        help="import nothing if any line is rejected (default: import the valid lines)",
+    )
+    mode.add_argument(
+        "--check",
+        action="store_true",
+        help="check every line (against the database too) and report, saving nothing",
+    )
     imp.set_defaults(run=run_import)
 
     show = actions.add_parser("show", parents=[json_flag], help="show one code")
@@ -138,7 +166,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     show.set_defaults(run=run_show)
 
     listing = actions.add_parser("list", parents=[json_flag], help="list codes in payment-code order")
-    listing.add_argument("--status", choices=["active", "paid", "cancelled"])
+    listing.add_argument(
+        "--status",
+        choices=["active", "expired", "paid", "cancelled"],
+        help="expired: active codes past their expiry (shown as expired; inquiries refuse them)",
+    )
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50, max 1000)")
     listing.add_argument("--after", help="start after this payment code (the previous page's last)")
     listing.set_defaults(run=run_list)
@@ -195,7 +227,7 @@ def run_add(args: argparse.Namespace) -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     async def work(pool: asyncpg.Pool, settings: Settings) -> int:
-        _show(args, code_document(await manage.get_code(pool, args.payment_code)))
+        _show(args, _shown(await manage.get_code(pool, args.payment_code), utcnow()))
         return 0
 
     return _with_db(args, work)
@@ -211,8 +243,12 @@ def run_cancel(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     async def work(pool: asyncpg.Pool, settings: Settings) -> int:
-        page = await manage.list_codes(pool, status=args.status, after=args.after, limit=args.limit)
-        _print_page(args, [code_document(code) for code in page.items], page.next, CODE_COLUMNS, "codes list")
+        now = utcnow()
+        page = await manage.list_codes(
+            pool, status=args.status, after=args.after, limit=args.limit, derived_at=now
+        )
+        documents = [_shown(code, now) for code in page.items]
+        _print_page(args, documents, page.next, CODE_COLUMNS, "codes list")
         return 0
 
     return _with_db(args, work)
@@ -268,12 +304,22 @@ def run_import(args: argparse.Namespace) -> int:
                 handle.close()
 
     async def work(pool: asyncpg.Pool, settings: Settings) -> int:
+        keep = None
+        if args.check:
+            keep = lambda result: False  # noqa: E731 - a dry run keeps nothing
+        elif args.all_or_nothing:
+            keep = lambda result: result.rejected_count == 0  # noqa: E731
         result = await manage.import_codes(
-            pool, read_rows(lines(), fmt), rules=settings.bins, client_ids=settings.client_ids, now=utcnow()
+            pool,
+            read_rows(lines(), fmt),
+            rules=settings.bins,
+            client_ids=settings.client_ids,
+            now=utcnow(),
+            keep=keep,
         )
         progress.update(1.0, "done", final=True)
         if args.json:
-            print_json(result.document())
+            print_json(result.document() | {"valid": result.valid, "saved": result.saved})
         else:
             for rejection in result.rejected:
                 print(f"line {rejection.line}: {rejection.error}", file=sys.stderr)
@@ -282,11 +328,34 @@ def run_import(args: argparse.Namespace) -> int:
                     f"… and {result.rejected_count - len(result.rejected)} more rejected lines",
                     file=sys.stderr,
                 )
-            rate = result.imported / result.seconds if result.seconds else 0.0
-            print(
-                f"imported {result.imported:,} codes, rejected {result.rejected_count:,} lines "
-                f"in {result.seconds:.2f} s ({rate:,.0f} codes/s)"
-            )
-        return 0 if result.rejected_count == 0 else EXIT_FAILURE
+            if args.check:
+                print(
+                    f"checked: {result.valid:,} codes valid, {result.rejected_count:,} lines rejected; "
+                    "nothing saved (--check)"
+                )
+            elif not result.saved:
+                print(
+                    f"imported nothing: {result.rejected_count:,} lines rejected (--all-or-nothing); "
+                    f"{result.valid:,} valid codes were not saved"
+                )
+            else:
+                rate = result.imported / result.seconds if result.seconds else 0.0
+                print(
+                    f"imported {result.imported:,} codes, rejected {result.rejected_count:,} lines "
+                    f"in {result.seconds:.2f} s ({rate:,.0f} codes/s)"
+                )
+        return import_exit_code(result)
 
     return _with_db(args, work)
+
+
+EXIT_PARTIAL = 3
+
+
+def import_exit_code(result: manage.ImportResult) -> int:
+    """0 all imported (or all valid), 1 nothing imported because of rejected lines, 3 partly imported."""
+    if result.rejected_count == 0:
+        return 0
+    if result.saved and result.imported:
+        return EXIT_PARTIAL
+    return EXIT_FAILURE

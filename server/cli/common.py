@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import asyncpg
 import orjson
+import structlog
 
 from server.config import ConfigError, Settings
 from server.core.errors import DipcError
@@ -23,11 +24,22 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+log = structlog.get_logger(component="dipc.cli")
+
+# The database answered, and said no: restarting will not change that, so these are configuration
+# errors (exit 2, which systemd's RestartPreventExitStatus=2 and the supervisor treat as final).
+REFUSED_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidAuthorizationSpecificationError,  # wrong password, no pg_hba.conf entry, no such role
+    asyncpg.InvalidCatalogNameError,  # no such database
+    asyncpg.InsufficientPrivilegeError,  # no CONNECT on the database, or a missing GRANT
+)
+
 
 @dataclass(frozen=True)
 class Database:
     pool: asyncpg.Pool
     dsn: str
+    listen_dsn: str  # for LISTEN: a session of its own (see DIPC_LISTEN_DATABASE_URL)
 
 
 class CommandFailed(Exception):
@@ -42,6 +54,35 @@ def fail_on_config(error: ConfigError) -> CommandFailed:
     return CommandFailed(f"configuration: {error}", EXIT_USAGE)
 
 
+def database_failure(error: BaseException, settings: Settings) -> CommandFailed:
+    """One line for a database that cannot be used at start, saying what to do about it (exit 2)."""
+    where = settings.database_description()
+    if isinstance(error, asyncpg.InvalidPasswordError):
+        detail = "the password was refused: check the password in DATABASE_URL"
+    elif isinstance(error, asyncpg.InvalidCatalogNameError):
+        detail = f"{error}: create it, or fix the database name in DATABASE_URL"
+    elif isinstance(error, asyncpg.InvalidAuthorizationSpecificationError):
+        detail = f"the connection was refused ({error}): check the user in DATABASE_URL and pg_hba.conf"
+    elif isinstance(error, asyncpg.InsufficientPrivilegeError):
+        detail = f"{error}: grant the serving role its privileges (see deploy/postgres/roles.sql)"
+    elif isinstance(error, TimeoutError):
+        return CommandFailed(
+            f"database unreachable: {where}: no answer within {settings.db_connect_timeout_s:g} s", EXIT_USAGE
+        )
+    else:
+        return CommandFailed(f"database unreachable: {where}: {type(error).__name__}: {error}", EXIT_USAGE)
+    return CommandFailed(f"database {where}: {detail}", EXIT_USAGE)
+
+
+def log_database_choice(settings: Settings) -> None:
+    log.info(
+        "database.chosen",
+        database="embedded" if settings.embedded else "external",
+        where=settings.database_description(),
+        how="--demo" if settings.demo and settings.embedded else "DATABASE_URL",
+    )
+
+
 @asynccontextmanager
 async def open_database(
     settings: Settings, *, require_current: bool = True, migrate_embedded: bool = True, pool_max: int = 4
@@ -51,6 +92,10 @@ async def open_database(
     An embedded database is brought to the current schema; an external one must be migrated with
     ``dipc migrate`` (a CLI should not change a production schema as a side effect).
     """
+    try:
+        settings.require_database()
+    except ConfigError as error:
+        raise fail_on_config(error) from None
     embedded = None
     dsn = settings.database_url
     try:
@@ -59,22 +104,27 @@ async def open_database(
             dsn = await asyncio.to_thread(embedded.start)
         try:
             pool = await create_pool(
-                dsn, min_size=1, max_size=pool_max, connect_timeout=settings.db_connect_timeout_s
+                dsn,
+                min_size=1,
+                max_size=pool_max,
+                connect_timeout=settings.db_connect_timeout_s,
+                statement_cache_size=settings.db_statement_cache_size,
             )
-        except UNAVAILABLE_ERRORS as error:
-            raise CommandFailed(
-                f"database unreachable: {type(error).__name__}: {error}", EXIT_USAGE
-            ) from None
+        except (*UNAVAILABLE_ERRORS, *REFUSED_ERRORS) as error:
+            raise database_failure(error, settings) from None
         try:
             async with pool.acquire() as conn:
                 if embedded is not None and migrate_embedded:
                     await migrate.migrate(conn)
-                state = await migrate.state(conn)
+                try:
+                    state = await migrate.state(conn)
+                except REFUSED_ERRORS as error:
+                    raise database_failure(error, settings) from None
             if state.pending and require_current:
                 raise CommandFailed(
                     f"the database needs migrations {', '.join(state.pending)}: run `dipc migrate`"
                 )
-            yield Database(pool, dsn)
+            yield Database(pool, dsn, settings.listen_database_url or dsn)
         finally:
             await pool.close()
     except EmbeddedError as error:

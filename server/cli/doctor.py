@@ -14,7 +14,7 @@ import aiohttp
 from server.cli.common import EXIT_FAILURE, CommandFailed, open_database, print_json
 from server.config import ConfigError, Settings, load_settings
 from server.doku.checkstatus import CheckAnswer, CheckResult, CheckStatusClient
-from server.store import migrate
+from server.store import migrate, privileges
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MARKS = {OK: "✓", WARN: "!", FAIL: "✗"}
@@ -61,6 +61,16 @@ def configuration_checks(settings: Settings) -> list[Check]:
         checks.append(Check("admin API", OK, f"enabled ({len(settings.admin_tokens)} token(s))"))
     else:
         checks.append(Check("admin API", WARN, "disabled: DIPC_ADMIN_TOKEN is unset"))
+    if settings.db_statement_cache_size == 0 and not settings.listen_database_url:
+        # A cache of 0 says "behind a transaction pooler", where LISTEN would lose the feed's wake-ups.
+        checks.append(
+            Check(
+                "event feed",
+                WARN,
+                "DIPC_DB_STATEMENT_CACHE_SIZE=0 suggests pgbouncer in transaction mode: set "
+                "DIPC_LISTEN_DATABASE_URL to PostgreSQL directly, LISTEN needs a session of its own",
+            )
+        )
     if settings.webhook_url:
         host = urlsplit(settings.webhook_url).hostname or ""
         if not settings.webhook_secrets:
@@ -75,7 +85,7 @@ def configuration_checks(settings: Settings) -> list[Check]:
 
 
 async def database_checks(settings: Settings) -> list[Check]:
-    where = "embedded" if settings.database_url is None else "DATABASE_URL"
+    where = "embedded" if settings.embedded else "DATABASE_URL"
     try:
         async with (
             open_database(settings, require_current=False, migrate_embedded=False) as database,
@@ -87,6 +97,7 @@ async def database_checks(settings: Settings) -> list[Check]:
             database_now = await conn.fetchval("SELECT now()")
             after = datetime.now(UTC)
             state = await migrate.state(conn)
+            role = await privileges.check(conn)
     except CommandFailed as failure:
         return [Check("database", FAIL, f"{where}: {failure}")]
     checks = [
@@ -105,6 +116,7 @@ async def database_checks(settings: Settings) -> list[Check]:
         problems = [f"pending {', '.join(state.pending)}"] if state.pending else []
         problems += [f"changed since applied {', '.join(state.changed)}"] if state.changed else []
         checks.append(Check("migrations", FAIL, "; ".join(problems) + " (run `dipc migrate`)"))
+    checks.append(role_check(settings, role))
     local = before + (after - before) / 2
     skew = abs((local - database_now).total_seconds())
     detail = f"{skew:.3f} s from the database's clock"
@@ -160,6 +172,24 @@ def _doku_api_check(url: str, client_id: str, answer: CheckAnswer) -> Check:
     if answer.result is CheckResult.BAD_SIGNATURE:
         return Check(name, WARN, f"{url} accepted our signature, but its answer's signature does not verify")
     return Check(name, OK, f"{url} answers (HTTP {answer.http_status}) and accepts our signature")
+
+
+def role_check(settings: Settings, role: privileges.RoleReport) -> Check:
+    if not role.sufficient:
+        more = len(role.missing) - 8
+        shown = ", ".join(role.missing[:8]) + (f" and {more} more" if more > 0 else "")
+        return Check(
+            "database role", FAIL, f"{role.role} lacks {shown} (grant as in deploy/postgres/roles.sql)"
+        )
+    if settings.embedded or not (role.superuser or role.can_change_schema):
+        return Check("database role", OK, f"{role.role} may read and write every table dipc uses")
+    what = "a superuser" if role.superuser else "allowed to change the schema"
+    return Check(
+        "database role",
+        WARN,
+        f"{role.role} is {what}: serve with a least-privilege role, migrate with the owner "
+        "(deploy/postgres/roles.sql)",
+    )
 
 
 def run_doctor(args: argparse.Namespace) -> int:

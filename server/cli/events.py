@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from server.cli.common import Database, open_database, print_json, print_table
+from server.cli.common import EXIT_FAILURE, EXIT_USAGE, Database, open_database, print_json, print_table
 from server.config import load_settings
 from server.core import feed
 from server.core.events import Event
@@ -32,9 +32,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         "code changes), and the webhook forwarder's deliveries of them.",
     )
     actions = events.add_subparsers(title="actions", metavar="ACTION", required=True)
+    demo_flag = argparse.ArgumentParser(add_help=False)
+    demo_flag.add_argument(
+        "--demo", action="store_true", help="without DATABASE_URL: the embedded database of `serve --demo`"
+    )
 
     tail = actions.add_parser(
         "tail",
+        parents=[demo_flag],
         help="print events as they happen (Ctrl+C to stop)",
         description="Print new events as they commit, woken by PostgreSQL LISTEN/NOTIFY. Starts after the "
         "newest event unless --after or --from-start says otherwise.",
@@ -45,7 +50,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     tail.add_argument("--count", type=int, help="stop after printing this many events")
     tail.set_defaults(run=run_tail)
 
-    listing = actions.add_parser("deliveries", help="list webhook deliveries (e.g. --status failed)")
+    listing = actions.add_parser(
+        "deliveries", parents=[demo_flag], help="list webhook deliveries (e.g. --status failed)"
+    )
     listing.add_argument("--status", choices=list(feed.DELIVERY_STATUSES))
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true")
@@ -53,12 +60,19 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     redeliver = actions.add_parser(
         "redeliver",
-        help="retry failed webhook deliveries",
-        description="Put failed deliveries back in line: the given events, or every failed one with "
-        "--all-failed. Later events of the same payment code, held back meanwhile, follow in order.",
+        parents=[demo_flag],
+        help="retry failed webhook deliveries, or hurry pending ones",
+        description="Put failed deliveries back in line (attempts start over), and make pending ones due "
+        "now instead of after their backoff (the receiver is back): the given events, every failed one "
+        "with --all-failed, or every pending one with --all-pending. Later events of the same payment "
+        "code, held back meanwhile, follow in order. A delivery in flight at that moment may be sent "
+        "twice: receivers deduplicate on Dipc-Event-Id.",
     )
     redeliver.add_argument("event_ids", nargs="*", type=int, metavar="EVENT_ID")
-    redeliver.add_argument("--all-failed", action="store_true")
+    which = redeliver.add_mutually_exclusive_group()
+    which.add_argument("--all-failed", action="store_true", help="every failed delivery")
+    which.add_argument("--all-pending", action="store_true", help="every pending delivery, due now")
+    redeliver.add_argument("--json", action="store_true")
     redeliver.set_defaults(run=run_redeliver)
 
 
@@ -77,10 +91,10 @@ def _print_event(event: Event, as_json: bool) -> None:
 
 
 def run_tail(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(demo=args.demo)
 
     async def follow(database: Database) -> int:
-        listener = EventListener(database.dsn)
+        listener = EventListener(database.listen_dsn)
         await listener.start()
         try:
             if args.from_start:
@@ -114,7 +128,7 @@ def run_tail(args: argparse.Namespace) -> int:
 
 
 def run_deliveries(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(demo=args.demo)
 
     async def run() -> int:
         async with open_database(settings) as database:
@@ -130,15 +144,30 @@ def run_deliveries(args: argparse.Namespace) -> int:
 
 
 def run_redeliver(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    if not args.event_ids and not args.all_failed:
-        print("dipc: name the events to redeliver, or pass --all-failed", file=sys.stderr)
-        return 2
+    settings = load_settings(demo=args.demo)
+    if bool(args.event_ids) + args.all_failed + args.all_pending != 1:
+        print(
+            "dipc: name the events to redeliver, or pass --all-failed or --all-pending (not both)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.event_ids:
+        wanted = feed.RedeliveryRequest(args.event_ids, feed.REDELIVERABLE)
+    else:
+        wanted = feed.RedeliveryRequest(None, ("failed",) if args.all_failed else ("pending",))
 
-    async def run() -> int:
+    async def run() -> feed.Redelivery:
         async with open_database(settings) as database:
-            count = await feed.redeliver(database.pool, args.event_ids or None)
-        print(f"{count} failed deliveries put back in line")
-        return 0
+            return await feed.redeliver(database.pool, wanted)
 
-    return asyncio.run(run())
+    result = asyncio.run(run())
+    if args.json:
+        print_json(result.document())
+    else:
+        print(f"{len(result.requeued)} failed deliveries put back in line")
+        print(f"{len(result.hurried)} pending deliveries due now")
+        for event_id, status in result.skipped.items():
+            reason = "it has no webhook delivery" if status == "none" else f"its delivery is {status}"
+            print(f"event {event_id}: nothing to redeliver, {reason}", file=sys.stderr)
+    # Naming an event that cannot be redelivered is a failure the caller should see.
+    return EXIT_FAILURE if result.skipped else 0

@@ -27,6 +27,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         prune.add_argument(flag, type=int, default=days, metavar="DAYS", help=f"keep {days} days (default)")
     prune.add_argument("--dry-run", action="store_true", help="only count what would go")
     prune.add_argument("--json", action="store_true")
+    prune.add_argument(
+        "--demo", action="store_true", help="without DATABASE_URL: the embedded database of `serve --demo`"
+    )
     prune.set_defaults(run=run_prune)
 
 
@@ -34,14 +37,16 @@ def run_prune(args: argparse.Namespace) -> int:
     ages = {table: getattr(args, table) for table in DEFAULT_DAYS}
     if any(days < 1 for days in ages.values()):
         raise CommandFailed("retention must be at least 1 day", EXIT_USAGE)
-    settings = load_settings()
+    settings = load_settings(demo=args.demo)
 
     async def run() -> dict[str, int]:
         done: dict[str, int] = {}
+        periods = {table: timedelta(days=days) for table, days in ages.items()}
         async with open_database(settings) as database:
-            for table, days in ages.items():
-                work = retention.count if args.dry_run else retention.prune
-                done[table] = await work(database.pool, table, timedelta(days=days))
+            if args.dry_run:
+                return await retention.count_all(database.pool, periods)
+            for table, older_than in periods.items():  # deliveries before the events they hold
+                done[table] = await retention.prune(database.pool, table, older_than)
         return done
 
     done = asyncio.run(run())

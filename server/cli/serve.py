@@ -14,12 +14,20 @@ from aiohttp import web
 
 from server import demo
 from server.app import make_app
-from server.cli.common import EXIT_USAGE, CommandFailed, open_database
+from server.cli.common import (
+    EXIT_USAGE,
+    REFUSED_ERRORS,
+    CommandFailed,
+    database_failure,
+    log_database_choice,
+    open_database,
+)
 from server.config import DEMO_ADMIN_TOKEN, DEMO_CLIENT_ID, DEMO_SECRET_KEY, Settings, load_settings
 from server.core.times import utcnow
 from server.embedded import EmbeddedError, EmbeddedPostgres
+from server.ops import metrics
 from server.ops.logging import configure_logging
-from server.store import migrate
+from server.store import migrate, privileges
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 from server.supervisor import Supervisor, worker_env
 
@@ -28,14 +36,18 @@ log = structlog.get_logger(component="dipc.serve")
 SERVE_HELP = """\
 Run the server: DOKU's inquiry endpoint, the admin API under /v1, /healthz and /readyz.
 
-Without DATABASE_URL, an embedded PostgreSQL is started under $DIPC_DATA_DIR and stopped on exit.
-Pending migrations are applied at start. Stop with Ctrl+C or SIGTERM: in-flight requests finish first.
+The database is DATABASE_URL: an external PostgreSQL (postgresql://…), whose schema must be current
+(run `dipc migrate` as the schema's owner first: serve never changes an external schema), or
+`embedded`: a PostgreSQL started under $DIPC_DATA_DIR, migrated at start and stopped on exit. With
+--demo and no DATABASE_URL the embedded one is used. Stop with Ctrl+C or SIGTERM: in-flight requests
+finish first.
 """
 
 SERVE_EPILOG = """\
 examples:
   dipc serve --demo
-  DIPC_CLIENT_ID=MCH-0001 DIPC_SECRET_KEY=SK-... DIPC_BINS=ALFA:88965 dipc serve --port 8080
+  DATABASE_URL=postgresql://dipc_app:...@db/dipc DIPC_CLIENT_ID=MCH-0001 DIPC_SECRET_KEY=SK-... \
+    DIPC_BINS=ALFA:88965 dipc serve --port 8080
 """
 
 
@@ -66,14 +78,19 @@ def register(commands: argparse._SubParsersAction) -> None:
         "migrate",
         help="apply pending database migrations",
         description="Apply the SQL migrations in schemas/migrations that the database has not seen yet, "
-        "in order, each in its own transaction. Safe to run while servers run, and from several places "
-        "at once (an advisory lock makes it happen once).",
+        "in order, each in its own transaction. Run it as the role that owns the schema, before "
+        "`dipc serve` starts on a new version. Safe to run while servers run, and from several places "
+        "at once (an advisory lock makes it happen once). Connect directly to PostgreSQL, not through "
+        "a transaction-pooling pgbouncer (the lock is held for the session).",
+    )
+    migrate_parser.add_argument(
+        "--demo", action="store_true", help="without DATABASE_URL: the embedded database of `serve --demo`"
     )
     migrate_parser.set_defaults(run=run_migrate)
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(demo=args.demo)
 
     async def apply() -> list[str]:
         async with open_database(settings, require_current=False) as db, db.pool.acquire() as conn:
@@ -95,13 +112,17 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.worker:
         # The supervisor prepared the database and passed it as DATABASE_URL.
         structlog.contextvars.bind_contextvars(worker=int(os.environ.get("DIPC_WORKER_INDEX", "0")))
+        if os.environ.get("DIPC_WORKER_RESTART"):
+            metrics.WORKER_RESTARTS.inc()
         assert settings.database_url is not None
         _run(settings, settings.database_url, reuse_port=True)
         return 0
     if not settings.bins:
         log.warning("config.no_bins", detail="DIPC_BINS is unset: codes are not checked against BIN rules")
+    settings.require_database()
+    log_database_choice(settings)
 
-    embedded = EmbeddedPostgres(settings.data_dir) if settings.database_url is None else None
+    embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
     try:
         dsn = embedded.start() if embedded else settings.database_url
         assert dsn is not None
@@ -132,23 +153,58 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 async def _prepare(settings: Settings, dsn: str) -> list:
-    """Reach the database (or refuse to start), migrate, and seed the demo codes."""
+    """Reach the database (or refuse to start), check (embedded: bring) its schema, seed the demo codes.
+
+    An external database is never migrated here: the serving role may not own the schema, and a schema
+    change is a deployment step of its own (``dipc migrate``, a Kubernetes Job, an ExecStartPre).
+    """
     try:
-        pool = await create_pool(dsn, min_size=1, max_size=2, connect_timeout=settings.db_connect_timeout_s)
-    except UNAVAILABLE_ERRORS as error:
-        raise CommandFailed(
-            f"database unreachable within {settings.db_connect_timeout_s:g} s: "
-            f"{type(error).__name__}: {error}",
-            EXIT_USAGE,
-        ) from None
+        pool = await create_pool(
+            dsn,
+            min_size=1,
+            max_size=2,
+            connect_timeout=settings.db_connect_timeout_s,
+            statement_cache_size=settings.db_statement_cache_size,
+        )
+    except (*UNAVAILABLE_ERRORS, *REFUSED_ERRORS) as error:
+        raise database_failure(error, settings) from None
     try:
         async with pool.acquire() as conn:
-            applied = await migrate.migrate(conn)
-        if applied:
-            log.info("migrations.applied", versions=applied)
+            if settings.embedded:
+                applied = await migrate.migrate(conn)
+                if applied:
+                    log.info("migrations.applied", versions=applied)
+            try:
+                state = await migrate.state(conn)
+                role = await privileges.check(conn)
+            except REFUSED_ERRORS as error:
+                raise database_failure(error, settings) from None
+        _require_current(settings, state)
+        if not role.sufficient:
+            raise CommandFailed(
+                f"database role {role.role} lacks privileges dipc needs to serve: "
+                f"{', '.join(role.missing[:6])}{' …' if len(role.missing) > 6 else ''}; "
+                "grant them as in deploy/postgres/roles.sql (`dipc doctor` lists them all)",
+                EXIT_USAGE,
+            )
         return await demo.seed(pool, utcnow()) if settings.demo else []
     finally:
         await pool.close()
+
+
+def _require_current(settings: Settings, state: migrate.MigrationState) -> None:
+    if state.unknown:
+        # A rollback to an older dipc: migrations are written to be compatible with the previous release.
+        log.warning("migrations.newer_than_this_dipc", versions=state.unknown)
+    if state.current:
+        return
+    problems = [f"pending {', '.join(state.pending)}"] if state.pending else []
+    problems += [f"changed since applied {', '.join(state.changed)}"] if state.changed else []
+    raise CommandFailed(
+        f"the database schema is not current ({'; '.join(problems)}): run `dipc migrate` as the "
+        "schema's owner first; serve never changes an external database's schema",
+        EXIT_USAGE,
+    )
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -39,7 +39,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     common.add_argument("--url", help="the server's base URL (default http://$DIPC_HOST:$DIPC_PORT)")
     common.add_argument("--client-id", help="which configured DOKU client to sign as (default: the only one)")
-    common.add_argument("--channel", default=channels.ALFA, choices=list(channels.CHANNELS))
+    common.add_argument(
+        "--channel",
+        choices=list(channels.CHANNELS),
+        help="the store chain asking (default: the channel of the code's BIN in DIPC_BINS, else ALFA)",
+    )
     common.add_argument("--request-id", help="the Request-Id to send (default: a fresh UUID)")
     common.add_argument("--json", action="store_true", help="print the reply as JSON only")
 
@@ -119,8 +123,19 @@ def _client(settings: Settings, client_id: str | None) -> Client:
     return client
 
 
+def channel_for(args: argparse.Namespace, settings: Settings) -> str:
+    """The channel asked for, or the one the code's BIN belongs to: an Indomaret BIN asks as Indomaret."""
+    if args.channel:
+        return args.channel
+    possible = settings.bins.channels_for(args.payment_code) if settings.bins else None
+    if possible and len(possible) == 1:
+        return next(iter(possible))
+    return channels.ALFA
+
+
 def simulator_for(args: argparse.Namespace, session: aiohttp.ClientSession) -> DokuSimulator:
     settings = load_settings(demo=args.demo)
+    args.channel = channel_for(args, settings)
     base_url = args.url or f"http://{settings.host}:{settings.port}"
     return DokuSimulator(
         session,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -72,17 +73,46 @@ async def list_deliveries(
     return Page(items=items, next=str(items[-1].event_id) if more else None)
 
 
-def parse_redelivery(raw: Mapping[str, Any]) -> list[int] | None:
-    """``{"event_ids": [...]}`` (those), or ``{"all_failed": true}`` (None: every failed delivery).
+@dataclass(frozen=True, slots=True)
+class RedeliveryRequest:
+    event_ids: list[int] | None  # None: every delivery in ``statuses``
+    statuses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Redelivery:
+    requeued: list[int]  # failed deliveries put back in line, attempts from 0
+    hurried: list[int]  # pending deliveries made due now (their backoff skipped)
+    skipped: dict[int, str]  # named events that were neither: "delivered", or "none" (no delivery)
+
+    def document(self) -> dict[str, object]:
+        return {
+            "redelivered": len(self.requeued),
+            "hurried": len(self.hurried),
+            "skipped": [
+                {"event_id": event_id, "status": status} for event_id, status in self.skipped.items()
+            ],
+        }
+
+
+REDELIVERABLE = ("failed", "pending")
+
+
+def parse_redelivery(raw: Mapping[str, Any]) -> RedeliveryRequest:
+    """``{"event_ids": [...]}`` (failed or pending), ``{"all_failed": true}``, ``{"all_pending": true}``.
 
     Retrying everything has to be asked for by name: an empty or null list never means "all".
     """
-    if set(raw) - {"event_ids", "all_failed"} or ("event_ids" in raw) == ("all_failed" in raw):
-        raise ValidationFailed({"body": 'send {"event_ids": [...]} or {"all_failed": true}'})
-    if "all_failed" in raw:
-        if raw["all_failed"] is not True:
-            raise ValidationFailed({"all_failed": "must be true"})
-        return None
+    keys = {"event_ids", "all_failed", "all_pending"}
+    if set(raw) - keys or len(set(raw) & keys) != 1:
+        raise ValidationFailed(
+            {"body": 'send {"event_ids": [...]}, {"all_failed": true} or {"all_pending": true}'}
+        )
+    for flag, status in (("all_failed", "failed"), ("all_pending", "pending")):
+        if flag in raw:
+            if raw[flag] is not True:
+                raise ValidationFailed({flag: "must be true"})
+            return RedeliveryRequest(None, (status,))
     event_ids = raw["event_ids"]
     if (
         not isinstance(event_ids, list)
@@ -90,9 +120,21 @@ def parse_redelivery(raw: Mapping[str, Any]) -> list[int] | None:
         or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_ID for i in event_ids)
     ):
         raise ValidationFailed({"event_ids": "must be a non-empty list of event ids"})
-    return event_ids
+    return RedeliveryRequest(event_ids, REDELIVERABLE)
 
 
-async def redeliver(pool: asyncpg.Pool, event_ids: list[int] | None) -> int:
-    """Retry failed deliveries (of these events, or all); return how many were put back in line."""
-    return await deliveries.redeliver(pool, event_ids)
+async def redeliver(pool: asyncpg.Pool, request: RedeliveryRequest) -> Redelivery:
+    """Put failed deliveries back in line and make pending ones due now; say what happened to each."""
+    async with pool.acquire() as conn, conn.transaction():
+        changed = await deliveries.redeliver(conn, request.event_ids, request.statuses)
+        skipped: dict[int, str] = {}
+        if request.event_ids is not None:
+            done = {event_id for event_id, _ in changed}
+            rest = [event_id for event_id in dict.fromkeys(request.event_ids) if event_id not in done]
+            found = await deliveries.statuses_of(conn, rest) if rest else {}
+            skipped = {event_id: found.get(event_id, "none") for event_id in rest}
+    return Redelivery(
+        requeued=[event_id for event_id, was in changed if was == "failed"],
+        hurried=[event_id for event_id, was in changed if was == "pending"],
+        skipped=skipped,
+    )

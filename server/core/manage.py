@@ -117,6 +117,16 @@ async def cancel_code(pool: asyncpg.Pool, payment_code: str) -> PaymentCode:
     return code
 
 
+EXPIRED = "expired"  # not stored: an active code whose expires_at has passed
+
+
+def shown_status(code: PaymentCode, now: datetime) -> str:
+    """The status a person reads: ``expired`` for an active code past its expiry (inquiries refuse it)."""
+    if code.status is CodeStatus.ACTIVE and code.expires_at is not None and code.expires_at <= now:
+        return EXPIRED
+    return code.status.value
+
+
 async def list_codes(
     pool: asyncpg.Pool,
     *,
@@ -124,13 +134,26 @@ async def list_codes(
     client_id: str | None = None,
     after: str | None = None,
     limit: int | None = None,
+    derived_at: datetime | None = None,
 ) -> Page[PaymentCode]:
-    if status is not None and status not in {member.value for member in CodeStatus}:
-        raise ValidationFailed(
-            {"status": f"must be one of {', '.join(member.value for member in CodeStatus)}"}
-        )
+    """Codes by stored status; with ``derived_at``, ``active`` and ``expired`` are told apart at that time."""
+    allowed = {member.value for member in CodeStatus} | ({EXPIRED} if derived_at else set())
+    if status is not None and status not in allowed:
+        raise ValidationFailed({"status": f"must be one of {', '.join(sorted(allowed))}"})
+    expired = None
+    if derived_at is not None and status in (CodeStatus.ACTIVE.value, EXPIRED):
+        expired = status == EXPIRED
+        status = CodeStatus.ACTIVE.value
     size = page_limit(limit)
-    items = await code_store.list_page(pool, status=status, client_id=client_id, after=after, limit=size + 1)
+    items = await code_store.list_page(
+        pool,
+        status=status,
+        client_id=client_id,
+        after=after,
+        limit=size + 1,
+        expired_at=derived_at,
+        expired=expired,
+    )
     more = len(items) > size
     items = items[:size]
     return Page(items=items, next=items[-1].payment_code if more else None)
@@ -174,6 +197,8 @@ class ImportResult:
     rejected: list[Rejection] = field(default_factory=list)
     rejected_count: int = 0
     seconds: float = 0.0
+    valid: int = 0  # rows that passed every check (imported unless the import was discarded)
+    saved: bool = True  # False: ``keep`` declined, nothing was registered
 
     def document(self) -> dict[str, Any]:
         return {
@@ -202,13 +227,45 @@ async def import_codes(
     client_ids: Collection[str],
     now: datetime,
     progress: Callable[[int], None] | None = None,
+    keep: Callable[[ImportResult], bool] | None = None,
 ) -> ImportResult:
     """Validate every row, COPY the valid ones in batches, and register them in one transaction.
 
     Codes registered before the import, and repeats within the file, are rejected by line number.
+    ``keep``, asked once every row was checked, may discard the whole import (a dry run, or
+    all-or-nothing): then nothing is registered and ``saved`` is False.
     """
     started = time.perf_counter()
     result = ImportResult()
+    try:
+        await _import(
+            pool, rows, result, rules=rules, client_ids=client_ids, now=now, progress=progress, keep=keep
+        )
+    except _Discarded:
+        result.saved = False
+        result.imported = 0
+    if progress:
+        progress(result.valid)
+    result.rejected.sort(key=lambda rejection: rejection.line)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+class _Discarded(Exception):
+    """Raised inside the import's transaction to roll it back."""
+
+
+async def _import(
+    pool: asyncpg.Pool,
+    rows: AsyncIterable[ImportRow],
+    result: ImportResult,
+    *,
+    rules: CodeRules,
+    client_ids: Collection[str],
+    now: datetime,
+    progress: Callable[[int], None] | None,
+    keep: Callable[[ImportResult], bool] | None,
+) -> None:
     staged = 0
     async with pool.acquire() as conn, conn.transaction():
         await code_store.begin_import(conn, timeout_s=IMPORT_STATEMENT_TIMEOUT_S)
@@ -239,13 +296,10 @@ async def import_codes(
             else:
                 result.reject(line, f"payment_code: {payment_code} repeats line {first_line}")
             staged -= 1
-        result.imported = staged
+        result.imported = result.valid = staged
+        if keep is not None and not keep(result):
+            raise _Discarded
         if staged:
             await outbox.append(
                 conn, "codes.imported", None, {"imported": staged, "rejected": result.rejected_count}
             )
-    if progress:
-        progress(staged)
-    result.rejected.sort(key=lambda rejection: rejection.line)
-    result.seconds = time.perf_counter() - started
-    return result

@@ -21,6 +21,14 @@ REQUEST_TIMESTAMP = "Request-Timestamp"
 RESPONSE_TIMESTAMP = "Response-Timestamp"
 SIGNATURE = "Signature"
 REQUIRED_HEADERS = (CLIENT_ID, REQUEST_ID, REQUEST_TIMESTAMP, SIGNATURE)
+# Every reason an AuthenticationFailed raised below carries (metrics create their series up front).
+SIGNATURE_FAILURE_REASONS = (
+    "MISSING_HEADER",
+    "UNKNOWN_CLIENT",
+    "BAD_SIGNATURE",
+    "BAD_TIMESTAMP",
+    "STALE_TIMESTAMP",
+)
 
 
 @dataclass(frozen=True, slots=True)

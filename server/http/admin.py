@@ -224,12 +224,13 @@ async def list_deliveries(request: web.Request) -> web.Response:
 
 @routes.post("/webhook-deliveries/redeliver")
 async def redeliver(request: web.Request) -> web.Response:
-    """Retry failed deliveries: ``{"event_ids": [...]}``, or ``{"all_failed": true}`` for every one."""
+    """Retry failed deliveries and hurry pending ones: ``{"event_ids": [...]}``, ``{"all_failed": true}``
+    or ``{"all_pending": true}``."""
     raw = await read_json_object(request, request.config_dict[SETTINGS].max_body_bytes)
-    event_ids = feed.parse_redelivery(raw)
+    wanted = feed.parse_redelivery(raw)
     async with deadline(_timeout(request), "admin.redeliver"):
-        count = await feed.redeliver(request.config_dict[POOL], event_ids)
-    return json_response({"redelivered": count})
+        result = await feed.redeliver(request.config_dict[POOL], wanted)
+    return json_response(result.document())
 
 
 @routes.get("/reconciliation")

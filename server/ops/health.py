@@ -39,8 +39,9 @@ class Readiness:
 
 
 class HealthChecker:
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, statement_cache_size: int = 100) -> None:
         self.dsn = dsn
+        self.statement_cache_size = statement_cache_size
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._last: tuple[float, Readiness] | None = None
@@ -59,7 +60,9 @@ class HealthChecker:
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 if self._conn is None or self._conn.is_closed():
-                    self._conn = await asyncpg.connect(self.dsn, timeout=CHECK_TIMEOUT_S)
+                    self._conn = await asyncpg.connect(
+                        self.dsn, timeout=CHECK_TIMEOUT_S, statement_cache_size=self.statement_cache_size
+                    )
                 state = await migrate.state(self._conn)
         except UNAVAILABLE_ERRORS as error:
             await self.close()

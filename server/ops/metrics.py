@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,13 +21,20 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from server import __version__
-from server.core.payments import EXCEPTION_REASONS
+from server.core.outcomes import InquiryOutcome
+from server.core.payments import EXCEPTION_REASONS, NotificationOutcome, PaymentKind, Reason
 from server.core.resolutions import Resolution
+from server.doku.auth import SIGNATURE_FAILURE_REASONS
+from server.doku.channels import CHANNELS
 from server.doku.checkstatus import CheckResult
 
 # Inquiries are answered in milliseconds; the 1 s deadline sits inside the range.
@@ -148,6 +158,10 @@ RECONCILE_LAG = Gauge(
     "How late the most overdue scheduled Check Status is (0 when none is): nobody is reconciling.",
     multiprocess_mode="mostrecent",
 )
+WORKER_RESTARTS = Counter(
+    "dipc_worker_restarts_total",
+    "Worker processes the supervisor started again after one died (DIPC_WORKERS > 1).",
+)
 BUILD_INFO = Gauge(
     "dipc_build_info",
     "Always 1; the labels say which dipc runs.",
@@ -157,25 +171,11 @@ BUILD_INFO = Gauge(
 
 BUILD_INFO.labels(version=__version__, python=platform.python_version()).set(1)
 
-for _result in CheckResult:
-    RECONCILE_CHECKS.labels(_result.value)
-for _kind in ("normal", "conflict", "anomaly"):
-    RECONCILE_RECOVERED.labels(_kind)
 RECONCILE_BACKLOG_STATES = ("pending", "gave_up")
-for _state in RECONCILE_BACKLOG_STATES:
-    RECONCILE_INVOICES.labels(_state).set(0)
-# Every labelled series an alert or panel reads exists from the start: increase() cannot see a series
-# that is born at its first event.
 EXCEPTION_SERIES = tuple(
     (kind.value, reason.value) for kind, reasons in EXCEPTION_REASONS.items() for reason in reasons
 )
-for _kind, _reason in EXCEPTION_SERIES:
-    EXCEPTIONS_OPEN.labels(_kind, _reason).set(0)
-for _resolution in Resolution:
-    EXCEPTION_RESOLUTIONS.labels(_resolution.value)
 WEBHOOK_STATUSES = ("pending", "delivered", "failed")
-for _status in WEBHOOK_STATUSES:
-    WEBHOOK_DELIVERIES.labels(_status).set(0)
 
 
 def mark_unknown(gauge: Gauge, label_sets: tuple[tuple[str, ...], ...] = ()) -> None:
@@ -194,11 +194,86 @@ def multiprocess_dir() -> str | None:
 
 def render() -> tuple[bytes, str]:
     """The exposition text of every process's metrics, and its content type."""
-    if multiprocess_dir():
+    if directory := multiprocess_dir():
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(PlatformCollector(registry=None))
+        registry.register(_WorkerProcesses(directory))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class _WorkerProcesses(Collector):
+    """``process_*`` of every live worker, labelled with its pid (the multiprocess collector has none).
+
+    A worker is live while its ``livesum`` gauge file exists (the supervisor removes it when the worker
+    dies) and its /proc entry does.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def collect(self) -> Iterator[Metric]:
+        pids = sorted(
+            {int(match[1]) for f in self.directory.glob("gauge_live*_*.db") if (match := _PID.search(f.name))}
+        )
+        merged: dict[str, Metric] = {}
+        for pid in pids:
+            if not Path(f"/proc/{pid}").exists():
+                continue
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                into = merged.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type, family.unit)
+                )
+                for sample in family.samples:
+                    into.samples.append(sample._replace(labels={**sample.labels, "pid": str(pid)}))
+        yield from merged.values()
+
+
+_PID = re.compile(r"_(\d+)\.db$")
+
+
+def preinitialise(*, doku_routes: Sequence[str], client_ids: Iterable[str]) -> None:
+    """Create, at 0, every labelled series an alert rule watches with ``increase()`` or ``rate()``.
+
+    A counter that appears at 1 has no earlier sample to increase from: the first conflict would not
+    fire DipcPaymentConflict. So each series exists from the start, in every process.
+    """
+    for reason in (Reason.ALREADY_PAID, Reason.INVOICE_ALREADY_PAID):
+        PAYMENTS.labels(PaymentKind.CONFLICT.value, reason.value)
+    for reason in Reason:
+        if reason not in (Reason.ALREADY_PAID, Reason.INVOICE_ALREADY_PAID):
+            PAYMENTS.labels(PaymentKind.ANOMALY.value, reason.value)
+    PAYMENTS.labels(PaymentKind.NORMAL.value, "")
+    for outcome in NotificationOutcome:
+        NOTIFICATIONS.labels(outcome.value)
+    for inquiry_outcome in InquiryOutcome:
+        for channel in CHANNELS:
+            for replayed in ("false", "true"):
+                INQUIRIES.labels(inquiry_outcome.value, channel, replayed)
+    for route in doku_routes:
+        for status, outcome in (("503", "UNAVAILABLE"), ("500", "INTERNAL")):
+            HTTP_REQUESTS.labels(route, "POST", status, outcome)
+        for client_id in (*client_ids, "unknown"):
+            for reason in SIGNATURE_FAILURE_REASONS:
+                SIGNATURE_FAILURES.labels(route, client_id, reason)
+    for operation in ("inquiry", "notification", "notification.rejected"):
+        for result in ("unavailable", "timeout"):
+            DB_DURATION.labels(operation, result)
+    for status in WEBHOOK_STATUSES:
+        WEBHOOK_DELIVERIES.labels(status).set(0)
+    for result in ("delivered", "retry", "failed"):
+        WEBHOOK_ATTEMPTS.labels(result)
+    for kind, reason in EXCEPTION_SERIES:
+        EXCEPTIONS_OPEN.labels(kind, reason).set(0)
+    for resolution in Resolution:
+        EXCEPTION_RESOLUTIONS.labels(resolution.value)
+    for result in CheckResult:
+        RECONCILE_CHECKS.labels(result.value)
+    for kind in PaymentKind:
+        RECONCILE_RECOVERED.labels(kind.value)
+    for state in RECONCILE_BACKLOG_STATES:
+        RECONCILE_INVOICES.labels(state).set(0)
 
 
 def exported_names() -> set[str]:
@@ -209,6 +284,7 @@ def exported_names() -> set[str]:
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
         EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST_OPEN, EXCEPTION_RESOLUTIONS, FEED_WAITERS, BUILD_INFO,
         RECONCILE_CHECKS, RECONCILE_RECOVERED, RECONCILE_GAVE_UP, RECONCILE_INVOICES, RECONCILE_LAG,
+        WORKER_RESTARTS,
     ):  # fmt: skip
         for family in metric.describe():
             if family.type == "counter":

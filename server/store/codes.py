@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -126,14 +127,20 @@ async def list_page(
     client_id: str | None,
     after: str | None,
     limit: int,
+    expired_at: datetime | None = None,
+    expired: bool | None = None,
 ) -> list[PaymentCode]:
-    """Up to ``limit`` codes in payment-code order after the cursor ``after`` (keyset pagination)."""
+    """Up to ``limit`` codes in payment-code order after the cursor ``after`` (keyset pagination).
+
+    With ``expired`` set, only codes whose expiry is (True) or is not (False) past at ``expired_at``.
+    """
     rows = await conn.fetch(
         f"""
         SELECT {COLUMNS} FROM payment_codes
          WHERE ($1::text IS NULL OR status = $1)
            AND ($2::text IS NULL OR client_id = $2)
            AND ($3::text IS NULL OR payment_code > $3)
+           AND ($6::bool IS NULL OR (expires_at IS NOT NULL AND expires_at <= $5::timestamptz) = $6)
          ORDER BY payment_code
          LIMIT $4
         """,  # noqa: S608
@@ -141,21 +148,28 @@ async def list_page(
         client_id,
         after,
         limit,
+        expired_at,
+        expired,
     )
     return [code_from_row(row) for row in rows]
 
 
-async def upsert_fresh(conn: asyncpg.Connection, codes: Iterable[NewCode]) -> None:
-    """Register codes or put them back to their registered, unpaid state (the demo's seed)."""
+async def upsert_fresh(conn: asyncpg.Connection, codes: Iterable[NewCode]) -> list[tuple[PaymentCode, bool]]:
+    """Register codes or put them back to their registered, unpaid state (the demo's seed).
+
+    Returns each code as it is now, and whether it was inserted (False: it existed and was reset).
+    """
     assignments = ", ".join(f"{column} = EXCLUDED.{column}" for column in NEW_CODE_COLUMNS[1:])
-    await conn.executemany(
-        _INSERT.replace(
-            "ON CONFLICT (payment_code) DO NOTHING",
-            f"ON CONFLICT (payment_code) DO UPDATE SET {assignments}, status = 'active', paid_count = 0, "
-            "updated_at = now(), version = payment_codes.version + 1",
-        ),
-        [_values(code) for code in codes],
-    )
+    sql = _INSERT.replace(
+        "ON CONFLICT (payment_code) DO NOTHING",
+        f"ON CONFLICT (payment_code) DO UPDATE SET {assignments}, status = 'active', paid_count = 0, "
+        "updated_at = now(), version = payment_codes.version + 1",
+    ).replace(f"RETURNING {COLUMNS}", f"RETURNING {COLUMNS}, (xmax = 0) AS inserted")
+    result = []
+    for code in codes:
+        row = await conn.fetchrow(sql, *_values(code))
+        result.append((code_from_row(row), row["inserted"]))
+    return result
 
 
 # --- bulk import through COPY -------------------------------------------------------------------

@@ -188,17 +188,44 @@ async def list_page(
     return [Delivery(**dict(row)) for row in rows]
 
 
-async def redeliver(conn: asyncpg.Connection | asyncpg.Pool, event_ids: Sequence[int] | None) -> int:
-    """Put failed deliveries (these events, or all of them) back in line; return how many."""
-    status = await conn.execute(
+async def redeliver(
+    conn: asyncpg.Connection | asyncpg.Pool, event_ids: Sequence[int] | None, statuses: Sequence[str]
+) -> list[tuple[int, str]]:
+    """Make deliveries in ``statuses`` (failed, pending) due now; return (event id, former status) pairs.
+
+    A failed delivery starts over (attempts 0); a pending one keeps its count and skips its backoff.
+    One that is in flight at this moment may be sent twice: delivery is at least once.
+    """
+    rows = await conn.fetch(
         """
-        UPDATE webhook_deliveries
-           SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
-         WHERE status = 'failed' AND ($1::bigint[] IS NULL OR event_id = ANY($1::bigint[]))
+        WITH target AS (
+            SELECT event_id, subscriber, status FROM webhook_deliveries
+             WHERE status = ANY($2::text[]) AND ($1::bigint[] IS NULL OR event_id = ANY($1::bigint[]))
+             FOR UPDATE
+        )
+        UPDATE webhook_deliveries w
+           SET status = 'pending',
+               attempts = CASE WHEN target.status = 'failed' THEN 0 ELSE w.attempts END,
+               last_error = CASE WHEN target.status = 'failed' THEN NULL ELSE w.last_error END,
+               next_attempt_at = now()
+          FROM target
+         WHERE w.event_id = target.event_id AND w.subscriber = target.subscriber
+        RETURNING w.event_id, target.status AS was
         """,
         list(event_ids) if event_ids is not None else None,
+        list(statuses),
     )
-    return int(status.rsplit(" ", 1)[-1])
+    return [(row["event_id"], row["was"]) for row in rows]
+
+
+async def statuses_of(conn: asyncpg.Connection | asyncpg.Pool, event_ids: Sequence[int]) -> dict[int, str]:
+    """The delivery status of each of these events that has a delivery (any subscriber)."""
+    rows = await conn.fetch(
+        "SELECT event_id, min(status) AS status FROM webhook_deliveries "
+        "WHERE event_id = ANY($1::bigint[]) GROUP BY event_id",
+        list(event_ids),
+    )
+    return {row["event_id"]: row["status"] for row in rows}
 
 
 async def stats(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[dict[str, int], float]:

@@ -19,8 +19,9 @@ log = structlog.get_logger(component="dipc.migrate")
 # pg_advisory_lock key: the ASCII of "dipcmigr" as a bigint, so it cannot collide with our other locks.
 MIGRATION_LOCK_KEY = int.from_bytes(b"dipcmigr", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
-_LEDGER = """
-CREATE TABLE IF NOT EXISTS schema_migrations (
+LEDGER_TABLE = "schema_migrations"
+_LEDGER = f"""
+CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (
     version     text        PRIMARY KEY,
     checksum    text        NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()

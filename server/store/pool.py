@@ -95,14 +95,20 @@ async def create_pool(
     max_size: int = 10,
     connect_timeout: float = 5.0,
     statement_timeout_ms: int = 30_000,
+    statement_cache_size: int = 100,
 ) -> asyncpg.Pool:
-    """A pool whose connections speak orjson for jsonb and give up on statements that hang."""
+    """A pool whose connections speak orjson for jsonb and give up on statements that hang.
+
+    ``statement_cache_size=0`` behind a transaction-pooling pgbouncer older than 1.21
+    (DIPC_DB_STATEMENT_CACHE_SIZE).
+    """
     return await FairPool(
         dsn,
         connection_class=asyncpg.Connection,
         record_class=asyncpg.Record,
         loop=None,
         max_queries=50_000,
+        statement_cache_size=statement_cache_size,
         min_size=min_size,
         max_size=max_size,
         timeout=connect_timeout,

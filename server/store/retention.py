@@ -35,6 +35,30 @@ async def count(conn: asyncpg.Connection | asyncpg.Pool, table: str, older_than:
     )
 
 
+# An event is kept while a delivery of it remains; this is that condition after the deliveries older
+# than $2 have been pruned (a dry run must count what the real run, deliveries first, deletes).
+_EVENTS_AFTER_DELIVERIES = """
+SELECT count(*) FROM events
+ WHERE created_at < now() - $1::interval
+   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
+                    WHERE d.event_id = events.id
+                      AND NOT (d.status = 'delivered' AND d.delivered_at < now() - $2::interval))
+"""
+
+
+async def count_all(conn: asyncpg.Connection | asyncpg.Pool, ages: dict[str, timedelta]) -> dict[str, int]:
+    """What :func:`prune` of each table in ``ages``, in that order, would delete: a dry run."""
+    counted: dict[str, int] = {}
+    for table, older_than in ages.items():
+        if table == "events" and "webhook_deliveries" in counted:
+            counted[table] = await conn.fetchval(
+                _EVENTS_AFTER_DELIVERIES, older_than, ages["webhook_deliveries"]
+            )
+        else:
+            counted[table] = await count(conn, table, older_than)
+    return counted
+
+
 async def prune(conn: asyncpg.Connection | asyncpg.Pool, table: str, older_than: timedelta) -> int:
     """Delete rows of ``table`` older than ``older_than``; return how many went."""
     column, condition = PRUNABLE[table]

@@ -21,6 +21,7 @@ import asyncpg
 import orjson
 import structlog
 
+from server import __version__
 from server.config import Settings
 from server.core.events import Event
 from server.ops import metrics
@@ -33,6 +34,7 @@ from server.webhooks import signing
 log = structlog.get_logger(component="dipc.webhooks")
 
 SUBSCRIBER = "default"
+USER_AGENT = f"dipc/{__version__}"  # receivers see who calls, not the HTTP library
 IDLE_RECHECK_S = 5.0  # an upper bound on sleeping, in case a wake-up is missed while reconnecting
 
 
@@ -111,6 +113,7 @@ class WebhookForwarder:
         body = orjson.dumps(event.document())
         headers = {
             "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
             signing.EVENT_ID_HEADER: str(event.id),
             signing.EVENT_TYPE_HEADER: event.type,
             signing.SIGNATURE_HEADER: signing.sign(self.settings.webhook_secrets, body, int(time.time())),

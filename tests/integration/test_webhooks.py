@@ -173,7 +173,7 @@ async def test_a_delivery_that_fails_for_good_holds_its_code_until_redelivered(
     response = await client.post(
         "/v1/webhook-deliveries/redeliver", json={"all_failed": True}, headers=admin_headers
     )
-    assert (await response.json()) == {"redelivered": 1}
+    assert (await response.json()) == {"redelivered": 1, "hurried": 0, "skipped": []}
     await settle(pool, count=6)
     expected = {
         row["id"]: row["payment_code"] for row in await pool.fetch("SELECT id, payment_code FROM events")

@@ -83,3 +83,22 @@ def test_a_broken_clients_file_is_refused(tmp_path):
     path.write_text("not toml [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings({"DIPC_CLIENTS_FILE": str(path)})
+
+
+def test_the_database_is_chosen_on_purpose_outside_demo():
+    unset = load_settings({})
+    assert unset.embedded
+    assert not unset.database_chosen
+    with pytest.raises(ConfigError, match="DATABASE_URL=embedded"):
+        unset.require_database()
+    load_settings({}, demo=True).require_database()  # --demo means the embedded database
+    embedded = load_settings({"DATABASE_URL": "embedded"})
+    embedded.require_database()
+    assert embedded.embedded
+    external = load_settings(
+        {"DATABASE_URL": "postgresql://app:s3cret@db.internal:5432/dipc?sslmode=require"}
+    )
+    assert not external.embedded
+    assert external.database_description() == "external PostgreSQL app@db.internal:5432/dipc"
+    with pytest.raises(ConfigError, match="postgresql://"):
+        load_settings({"DATABASE_URL": "embeded"})

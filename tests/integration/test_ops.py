@@ -1,0 +1,81 @@
+"""What operators watch: series that exist before the first event, and workers that stay visible."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.test_cli import free_port, wait_ready
+from tests.integration.test_lifecycle import healthz_pids, server_env, spawn
+from tests.integration.test_metrics import scrape, value
+
+
+async def test_every_series_an_alert_watches_exists_at_zero_before_the_first_event(client):
+    samples = await scrape(client)
+    names = {(name, labels) for name, labels in samples}
+
+    def exported(name: str, **labels: str) -> bool:
+        return any(n == name and set(labels.items()) <= set(ls) for n, ls in names)
+
+    # The first double payment must be an increase from 0, or DipcPaymentConflict never fires.
+    assert exported("dipc_payments_total", kind="conflict", reason="ALREADY_PAID")
+    assert exported("dipc_payments_total", kind="conflict", reason="INVOICE_ALREADY_PAID")
+    assert exported("dipc_payments_total", kind="anomaly", reason="AMOUNT_MISMATCH")
+    assert exported("dipc_notifications_total", outcome="rejected")
+    assert exported("dipc_inquiries_total", outcome="NOT_FOUND", channel="INDOMARET", replayed="false")
+    assert exported("dipc_signature_failures_total", route="/doku/inquiry", client_id="unknown")
+    assert exported("dipc_http_requests_total", route="/doku/notification", status="503")
+    assert exported("dipc_db_operation_duration_seconds_count", operation="inquiry", result="timeout")
+    assert exported("dipc_worker_restarts_total")
+
+
+async def scrape_url(port: int) -> dict:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as reply:
+        text = await reply.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def test_with_workers_metrics_keep_process_series_and_count_restarts(database_url, pool):
+    port = free_port()
+    server = spawn(server_env(database_url, port, DIPC_WORKERS="2"))
+    try:
+        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+        pids: set[int] = set()
+        for _ in range(50):
+            pids |= await healthz_pids(port, tries=10)
+            if len(pids) == 2:
+                break
+            await asyncio.sleep(0.1)
+        samples = await scrape_url(port)
+        memory = {dict(labels)["pid"] for name, labels in samples if name == "process_resident_memory_bytes"}
+        assert memory == {str(pid) for pid in pids}, "one process_* series per live worker"
+        assert any(name == "python_info" for name, _ in samples)
+        assert value(samples, "dipc_worker_restarts_total") == 0
+
+        os.kill(min(pids), signal.SIGKILL)
+        restarts = 0.0
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            try:
+                restarts = value(await scrape_url(port), "dipc_worker_restarts_total")
+            except aiohttp.ClientError:
+                continue
+            if restarts == 1:
+                break
+        assert restarts == 1
+        samples = await scrape_url(port)
+        live = {dict(labels)["pid"] for name, labels in samples if name == "process_resident_memory_bytes"}
+        assert str(min(pids)) not in live  # the dead worker's process series are gone
+        assert len(live) == 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.wait, 30)
+    assert code == 0

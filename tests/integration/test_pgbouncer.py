@@ -1,0 +1,207 @@
+"""dipc behind a real pgbouncer in transaction mode (Debian's package), as many replicas would run it.
+
+Transaction pooling shares a few server connections among many clients, one transaction at a time.
+Three things need care, and each is exercised here: asyncpg's named prepared statements (pgbouncer before
+1.21 cannot follow them: DIPC_DB_STATEMENT_CACHE_SIZE=0), the event feed's LISTEN (it needs a session of
+its own: DIPC_LISTEN_DATABASE_URL goes to PostgreSQL directly), and session settings sent at connect
+(pgbouncer must be told to ignore them; set them on the role instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import orjson
+import pytest
+
+from server.app import make_app
+from server.doku.client import DokuSimulator
+from tests.conftest import CLIENT, CLIENT_ID, code_fields, dipc_env, make_settings
+from tests.integration.test_cli import free_port, run
+
+PGBOUNCER = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
+
+
+@dataclass(frozen=True)
+class Bouncer:
+    url: str
+    version: tuple[int, ...]
+
+
+def _server_of(dsn: str) -> str:
+    """The pgbouncer [databases] entry for the PostgreSQL at ``dsn``."""
+    parts = urlsplit(dsn)
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    fields = {
+        "host": parts.hostname or query.get("host", ""),
+        "port": str(parts.port or query.get("port", 5432)),
+        "dbname": parts.path.lstrip("/"),
+        "user": parts.username or query.get("user", "postgres"),
+    }
+    if parts.password:
+        fields["password"] = parts.password
+    return " ".join(f"{key}={value}" for key, value in fields.items())
+
+
+@pytest.fixture
+def bouncer(database_url: str, tmp_path: Path) -> Iterator[Bouncer]:
+    if PGBOUNCER is None:
+        if os.environ.get("CI"):
+            pytest.fail("pgbouncer is not installed: .ci/run installs Debian's package")
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer)")
+    version_text = subprocess.run([PGBOUNCER, "--version"], capture_output=True, text=True).stdout
+    version = tuple(int(n) for n in re.search(r"(\d+)\.(\d+)", version_text).groups())
+    port = free_port()
+    home = tmp_path / "pgbouncer"
+    home.mkdir()
+    (home / "pgbouncer.ini").write_text(
+        f"""
+[databases]
+dipc = {_server_of(database_url)}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = any
+pool_mode = transaction
+; Fewer server connections than dipc's pool: clients really share them.
+default_pool_size = 2
+max_client_conn = 200
+; Session settings dipc sends at connect; behind pgbouncer they belong on the role (README).
+ignore_startup_parameters = extra_float_digits,jit,statement_timeout,idle_in_transaction_session_timeout
+logfile = {home}/pgbouncer.log
+pidfile = {home}/pgbouncer.pid
+"""
+    )
+    user = None
+    if os.geteuid() == 0:  # pgbouncer refuses to run as root
+        for candidate in ("dipc_postgres", "nobody"):
+            try:
+                pwd.getpwnam(candidate)
+            except KeyError:
+                continue
+            user = candidate
+            break
+        os.chmod(tmp_path, 0o755)  # noqa: S103 - pgbouncer runs as another user and reads its folder
+        shutil.chown(home, user)
+    process = subprocess.Popen(
+        [PGBOUNCER, str(home / "pgbouncer.ini")], user=user, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = (home / "pgbouncer.log").read_text() if (home / "pgbouncer.log").exists() else ""
+                raise AssertionError(f"pgbouncer did not start: {process.stdout.read()!r} {log}") from None
+            time.sleep(0.05)
+    try:
+        yield Bouncer(url=f"postgresql://postgres@127.0.0.1:{port}/dipc", version=version)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def test_dipc_serves_through_a_transaction_pooling_pgbouncer(
+    aiohttp_client, pool, database_url, bouncer
+):
+    settings = make_settings(
+        db_pool_min=4, db_pool_max=8, db_statement_cache_size=0, listen_database_url=database_url
+    )
+    client = await aiohttp_client(make_app(settings, bouncer.url))
+    headers = {"Authorization": "Bearer test-admin-token"}
+    assert (await client.get("/readyz")).status == 200
+
+    # A long-poll parked before anything happens is woken by the first event: LISTEN works (directly).
+    feed = asyncio.create_task(client.get("/v1/events", params={"after": "0", "wait": "20"}, headers=headers))
+    await asyncio.sleep(0.3)
+    codes = [f"88965000000{n:05d}" for n in range(24)]
+    started = time.monotonic()
+    created = await asyncio.gather(
+        *(
+            client.post(
+                "/v1/payment-codes",
+                json=code_fields(payment_code=code, invoice_number=f"INV-{code}"),
+                headers=headers,
+            )
+            for code in codes
+        )
+    )
+    assert {response.status for response in created} == {201}
+    woken = await asyncio.wait_for(feed, 10)
+    assert (await woken.json())["items"][0]["type"] == "code.created"
+    assert time.monotonic() - started < 5
+
+    # Many concurrent inquiries and notifications share two server connections.
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    replies = await asyncio.gather(*(doku.inquiry(code) for code in codes))
+    assert {(reply.status, reply.signature_valid) for reply in replies} == {(200, True)}
+    paid = await asyncio.gather(
+        *(
+            doku.notify(code, invoice_number=f"INV-{code}", amount=150000, original_request_id=f"r-{code}")
+            for code in codes[:12]
+        )
+    )
+    assert {reply.status for reply in paid} == {200}
+    assert await pool.fetchval("SELECT count(*) FROM payments WHERE kind = 'normal'") == 12
+
+    # A bulk import: a temporary table and COPY inside one transaction.
+    csv = "payment_code,amount,invoice_number,customer_name,client_id\n" + "".join(
+        f"88965100000{n:05d},1000,IMP-{n},Pelanggan,{CLIENT_ID}\n" for n in range(300)
+    )
+    imported = await client.post(
+        "/v1/payment-codes/import", data=csv, headers=headers | {"Content-Type": "text/csv"}
+    )
+    assert imported.status == 200, await imported.text()
+    assert (await imported.json())["imported"] == 300
+
+
+def test_the_cli_works_through_pgbouncer(bouncer, database_url, pool):
+    env = dipc_env(bouncer.url, DIPC_DB_STATEMENT_CACHE_SIZE="0", DIPC_LISTEN_DATABASE_URL=database_url)
+    doctor = run("doctor", "--json", env=env)
+    checks = {check["name"]: check["status"] for check in orjson.loads(doctor.stdout)["checks"]}
+    assert checks["database"] == checks["migrations"] == "ok", doctor.stdout
+    listed = run("codes", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    # Without a direct URL for LISTEN, doctor points at the feed's problem.
+    unlistened = run("doctor", "--json", env=env | {"DIPC_LISTEN_DATABASE_URL": ""})
+    checks = {check["name"]: check for check in orjson.loads(unlistened.stdout)["checks"]}
+    assert checks["event feed"]["status"] == "warn"
+    assert "DIPC_LISTEN_DATABASE_URL" in checks["event feed"]["detail"]
+
+
+async def test_named_prepared_statements_do_not_survive_transaction_pooling(bouncer):
+    """Why DIPC_DB_STATEMENT_CACHE_SIZE=0: asyncpg's default cache fails behind pgbouncer < 1.21."""
+    if bouncer.version >= (1, 21):
+        pytest.skip("pgbouncer 1.21+ can track prepared statements (max_prepared_statements)")
+    failures = 0
+
+    async def client(index: int) -> None:
+        nonlocal failures
+        conn = await asyncpg.connect(bouncer.url)
+        try:
+            for step in range(20):
+                try:
+                    await conn.fetchval(f"SELECT $1::int + {step % 5}", index)
+                except asyncpg.PostgresError:
+                    failures += 1
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(client(index) for index in range(8)))
+    assert failures > 0
