@@ -154,17 +154,19 @@ async def doku_api_checks(settings: Settings) -> list[Check]:
             if not client.secret_keys:
                 continue
             answer = await api.check(client, payment_code="", invoice_number=invoice, now=datetime.now(UTC))
-            checks.append(_doku_api_check(settings.doku_api_url, client_id, answer))
+            checks.append(_doku_api_check(settings.doku_api_url, client_id, answer, settings.reconcile))
     return checks
 
 
-def _doku_api_check(url: str, client_id: str, answer: CheckAnswer) -> Check:
+def _doku_api_check(url: str, client_id: str, answer: CheckAnswer, reconciling: bool) -> Check:
+    # Without a reconciler here only checks by hand need DOKU's API: a problem is a warning.
+    problem = FAIL if reconciling else WARN
     name = f"DOKU API ({client_id})"
     if answer.http_status in (401, 403):
         refused = f"{url} refused our signature (HTTP {answer.http_status})"
-        return Check(name, FAIL, f"{refused}: check the Client-Id and the secret key")
+        return Check(name, problem, f"{refused}: check the Client-Id and the secret key")
     if answer.result in (CheckResult.TIMEOUT, CheckResult.UNREACHABLE):
-        return Check(name, FAIL, f"{url} unreachable: {answer.detail}")
+        return Check(name, problem, f"{url} unreachable: {answer.detail}")
     if answer.result in (CheckResult.SERVER_ERROR, CheckResult.RATE_LIMITED, CheckResult.HTTP_ERROR):
         return Check(
             name, WARN, f"{url} answered HTTP {answer.http_status}; our signature could not be judged"

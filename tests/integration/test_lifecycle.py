@@ -144,7 +144,9 @@ async def test_two_workers_share_the_port_and_report_consistent_totals(database_
 async def test_doctor_reports_a_healthy_deployment_and_fails_on_problems(database_url, pool, aiohttp_server):
     doku = DokuStandIn({CLIENT_ID: CLIENT})
     standin = await aiohttp_server(doku.app())
-    env = server_env(database_url, 8080, DIPC_DOKU_API_URL=str(standin.make_url("")).rstrip("/"))
+    env = server_env(
+        database_url, 8080, DIPC_DOKU_API_URL=str(standin.make_url("")).rstrip("/"), DIPC_RECONCILE="on"
+    )
     result = await asyncio.to_thread(run, "doctor", "--json", env=env)
     assert result.returncode == 0, result.stdout
     report = orjson.loads(result.stdout)
@@ -164,6 +166,12 @@ async def test_doctor_reports_a_healthy_deployment_and_fails_on_problems(databas
     nobody = await asyncio.to_thread(run, "doctor", env=env | {"DIPC_DOKU_API_URL": "http://127.0.0.1:9"})
     assert nobody.returncode == 1
     assert b"unreachable" in nobody.stdout
+    # Without a reconciler, only checks by hand need DOKU's API: a warning, not a failure.
+    by_hand = await asyncio.to_thread(
+        run, "doctor", env=env | {"DIPC_DOKU_API_URL": "http://127.0.0.1:9", "DIPC_RECONCILE": "off"}
+    )
+    assert by_hand.returncode == 0, by_hand.stdout
+    assert b"unreachable" in by_hand.stdout
 
     broken = run("doctor", env=env | {"DIPC_SECRET_KEY": "", "DIPC_WEBHOOK_URL": "http://example.com/hook"})
     assert broken.returncode == 1
