@@ -224,6 +224,8 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
         database="embedded" if settings.database_url is None else "external",
         clients=sorted(settings.clients),
         bins=str(settings.bins),
+        doku_api=settings.doku_api_url,
+        reconcile=bool(settings.reconcile and settings.doku_api_url),
     )
     try:
         web.run_app(
@@ -263,6 +265,20 @@ def _print_demo_banner(settings: Settings, seeded: list) -> None:
         f"  {dipc} simulate flow --demo --url {base} 8896500000000777    # inquiry, then its payment",
         f"  curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' {base}/v1/payment-codes",
         f"  curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' '{base}/v1/events?wait=30'",
+        f"  {dipc} exceptions list --demo    # conflicts and anomalies to close",
         "",
     ]
+    if settings.doku_api_url is None:
+        lines[-1:-1] = [
+            "",
+            "Reconciliation (DOKU's Check Status) is off: --demo never calls DOKU. To rehearse a lost",
+            "notification, run a stand-in and point the demo at it (README, Money assurance):",
+            f"  {dipc} simulate doku-api --demo --port 8090",
+            f"  DIPC_DOKU_API_URL=http://127.0.0.1:8090 DIPC_RECONCILE_SCHEDULE=5,30,60 {dipc} serve --demo",
+        ]
+    else:
+        lines[-1:-1] = [
+            "",
+            f"Reconciliation asks {settings.doku_api_url} (a stand-in: --demo never calls DOKU).",
+        ]
     print("\n".join(lines), file=sys.stderr, flush=True)
