@@ -24,6 +24,8 @@ class RawReply:
 
 def parse_reply(data: bytes) -> RawReply | None:
     """The first response in ``data``; None when the server closed without answering."""
+    while data.startswith(b"HTTP/1.1 1"):  # an interim answer (100 Continue): the final one follows
+        data = data.partition(b"\r\n\r\n")[2]
     if not data:
         return None
     head, _, rest = data.partition(b"\r\n\r\n")

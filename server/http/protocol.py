@@ -29,6 +29,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, InvalidHeader, LineTooLong
 from aiohttp.web_log import AccessLogger
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from server.http.keys import SETTINGS
 from server.ops import metrics
@@ -153,6 +154,26 @@ class EdgeRequestHandler(RequestHandler):
         return response
 
 
+def _ignoring_expectations(factory: Any) -> Any:
+    """The request factory, with an ``Expect`` other than ``100-continue`` hidden from aiohttp.
+
+    aiohttp answers any other expectation itself, before every middleware, with a plain-text 417 that
+    echoes the header (a 500 when the value is not UTF-8). RFC 9110 lets a server ignore it instead. The
+    header stays in ``raw_headers``, which is what the notification inbox stores.
+    """
+
+    def make_request(message: Any, *args: Any, **kwargs: Any) -> Any:
+        expect = message.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            kept = CIMultiDict(
+                (name, value) for name, value in message.headers.items() if name.lower() != "expect"
+            )
+            message = message._replace(headers=CIMultiDictProxy(kept))
+        return factory(message, *args, **kwargs)
+
+    return make_request
+
+
 class EdgeServer(web.Server):
     """aiohttp's server, making :class:`EdgeRequestHandler` connections."""
 
@@ -160,6 +181,7 @@ class EdgeServer(web.Server):
         kwargs.setdefault("lingering_time", LINGERING_TIME_S)
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
+        self.request_factory = _ignoring_expectations(self.request_factory)
 
     def __call__(self) -> RequestHandler:
         return EdgeRequestHandler(

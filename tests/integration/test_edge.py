@@ -455,3 +455,17 @@ async def test_a_thousand_stalled_bodies_are_all_cut_off(aiohttp_client, pool, d
     codes = Counter(line.split(b" ")[1] if line else b"closed" for line in statuses)
     assert set(codes) <= {b"408", b"503", b"closed"}, codes
     assert_clean_log(captured_log)
+
+
+# --- found by the hostile suite ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expect", [b"\xff", b"caf\xe9", b"something-else", b"100-continue"])
+@pytest.mark.parametrize("path", ["/doku/inquiry", "/v1/payment-codes", "/healthz"])
+async def test_any_expect_header_is_handled_in_our_shape(client, captured_log, expect, path):
+    """aiohttp's own Expect handler answered plain text before any middleware (a 500 for non-UTF-8)."""
+    reply = await exchange(*address(client), request_bytes("POST", path, [("Expect", expect)], b"{}"))
+    assert reply is not None
+    assert reply.status < 500
+    assert reply.headers["content-type"].startswith("application/json")
+    assert_clean_log(captured_log)
