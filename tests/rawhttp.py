@@ -22,24 +22,25 @@ class RawReply:
         return orjson.loads(self.body)
 
 
-def parse_reply(data: bytes) -> RawReply | None:
+def parse_reply(data: bytes, *, head: bool = False) -> RawReply | None:
     """The first response in ``data``; None when the server closed without answering."""
     while data.startswith(b"HTTP/1.1 1"):  # an interim answer (100 Continue): the final one follows
         data = data.partition(b"\r\n\r\n")[2]
     if not data:
         return None
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    top, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = top.decode("latin-1").split("\r\n")
     headers = {}
     for line in header_lines:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", len(rest)))
+    length = 0 if head else int(headers.get("content-length", len(rest)))
     return RawReply(int(status_line.split()[1]), headers, rest[:length])
 
 
 async def exchange(host: str, port: int, request: bytes, *, wait_s: float = 5.0) -> RawReply | None:
     """Send ``request`` as it is, read until the server closes (or ``wait_s``), parse the first reply."""
+    head = request.startswith(b"HEAD ")
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(request)
@@ -54,10 +55,13 @@ async def exchange(host: str, port: int, request: bytes, *, wait_s: float = 5.0)
                 if not chunk:
                     break
                 chunks.append(chunk)
-                reply = parse_reply(b"".join(chunks))
-                if reply is not None and len(reply.body) >= int(reply.headers.get("content-length", 0)):
+                reply = parse_reply(b"".join(chunks), head=head)
+                complete = reply is not None and (
+                    head or len(reply.body) >= int(reply.headers.get("content-length", 0))
+                )
+                if b"\r\n\r\n" in b"".join(chunks) and complete:
                     break
-        return parse_reply(b"".join(chunks))
+        return parse_reply(b"".join(chunks), head=head)
     finally:
         writer.close()
 

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from server.core.documents import load_object
 from server.core.errors import (
@@ -64,7 +65,7 @@ def _transport_errors() -> Iterator[None]:
         yield
     except ConnectionError as error:
         raise ClientAborted(f"the client closed the connection: {type(error).__name__}") from None
-    except HttpProcessingError as error:  # a broken chunked encoding, a short Content-Length body
+    except (HttpProcessingError, RequestPayloadError) as error:  # broken chunked or gzip encoding
         raise BadRequest(f"the body is not valid HTTP: {type(error).__name__}") from None
 
 

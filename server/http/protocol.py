@@ -26,9 +26,15 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, InvalidHeader, LineTooLong
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    LineTooLong,
+)
 from aiohttp.web_log import AccessLogger
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from server.http.keys import SETTINGS
@@ -123,6 +129,15 @@ class EdgeRequestHandler(RequestHandler):
         self.force_close()
 
     # --- requests the parser refused --------------------------------------------------------------
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, ConnectionError | HttpProcessingError | RequestPayloadError):
+            # A body broken on the wire (bad gzip, bad chunks, a reset) surfacing again while aiohttp
+            # drains it after our answer: the client's doing, already answered. One line, no traceback.
+            log.info("http.connection_closed", problem=type(exc).__name__)
+            return
+        super().log_exception(*args, **kwargs)
 
     def handle_error(
         self,

@@ -469,3 +469,16 @@ async def test_any_expect_header_is_handled_in_our_shape(client, captured_log, e
     assert reply.status < 500
     assert reply.headers["content-type"].startswith("application/json")
     assert_clean_log(captured_log)
+
+
+@pytest.mark.parametrize("path", ["/doku/notification", "/v1/payment-codes"])
+async def test_a_body_whose_content_encoding_is_broken_is_a_400(client, captured_log, path):
+    headers = [
+        ("Content-Encoding", "gzip"),
+        ("Content-Type", "application/json"),
+        ("Authorization", f"Bearer {ADMIN_TOKEN}"),
+    ]
+    reply = await exchange(*address(client), request_bytes("POST", path, headers, b"not gzip"))
+    assert reply is not None
+    assert reply.status == 400
+    assert_clean_log(captured_log)
