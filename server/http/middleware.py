@@ -110,17 +110,23 @@ async def observe(request: web.Request, handler: web.Handler) -> web.StreamRespo
     return response
 
 
+# Methods that may become a metric label; aiohttp's pure-Python parser accepts any token as a method,
+# and a label per invented method would grow the metrics without end.
+LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def _observe(request: web.Request, status: int, started: float) -> None:
     elapsed = time.perf_counter() - started
     fields = request[LOG_FIELDS]
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     outcome = str(fields.get("outcome", "ok"))
-    metrics.HTTP_REQUESTS.labels(route, request.method, str(status), outcome).inc()
+    method = request.method if request.method in LABELLED_METHODS else "other"
+    metrics.HTTP_REQUESTS.labels(route, method, str(status), outcome).inc()
     metrics.HTTP_DURATION.labels(route, outcome).observe(elapsed)
     log.info(
         "http.request",
-        method=request.method,
+        method=for_log(request.method, 32),
         route=route,
         path=for_log(request.path),
         status=status,

@@ -482,3 +482,16 @@ async def test_a_body_whose_content_encoding_is_broken_is_a_400(client, captured
     assert reply is not None
     assert reply.status == 400
     assert_clean_log(captured_log)
+
+
+async def test_invented_methods_do_not_grow_the_metrics_without_end(client, captured_log):
+    """The method is a label of dipc_http_requests_total: anything the caller invents must not be one."""
+    for index in range(20):
+        reply = await exchange(
+            *address(client), f"XMETHOD{index} /nowhere HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        assert reply is not None
+        assert reply.status in (400, 404, 405, 501)
+    text = await (await client.get("/metrics")).text()
+    assert "XMETHOD" not in text
+    assert_clean_log(captured_log)
