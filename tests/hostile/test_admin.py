@@ -42,7 +42,7 @@ async def code(register) -> None:
     route=st.sampled_from(LIST_ROUTES),
     query=st.lists(st.tuples(st.sampled_from(QUERY_NAMES), query_values), max_size=4),
 )
-@examples(150)
+@examples(300)
 async def test_any_query_string_on_a_list_route_is_answered_or_refused_clearly(
     client, admin_headers, code, pool, hostile_log, route, query
 ):
@@ -68,7 +68,7 @@ def _long_poll(wait: str) -> bool:
 
 
 @given(wait=query_values | st.sampled_from(["nan", "inf", "-inf", "1e400", "61", "-0.0", "1_0", "٣"]))
-@examples(40)
+@examples(60)
 async def test_any_wait_of_the_event_feed_is_bounded(client, admin_headers, hostile_log, wait):
     assume(not _long_poll(wait))
     response = await client.get(URL(f"/v1/events?wait={wait}", encoded=True), headers=admin_headers)
@@ -81,7 +81,7 @@ async def test_any_wait_of_the_event_feed_is_bounded(client, admin_headers, host
         st.sampled_from([*NEW_CODE_COLUMNS, "version", "x"]) | hostile_text, json_values, max_size=5
     )
 )
-@examples(120)
+@examples(300)
 async def test_any_registration_is_created_or_refused_naming_fields(
     client, admin_headers, pool, hostile_log, changes
 ):
@@ -100,7 +100,7 @@ async def test_any_registration_is_created_or_refused_naming_fields(
         st.sampled_from([*PATCHABLE_FIELDS, "version", "status"]), json_values, max_size=4
     )
 )
-@examples(120)
+@examples(300)
 async def test_any_change_is_applied_or_refused_without_a_trace(
     client, admin_headers, code, pool, hostile_log, changes
 ):
@@ -122,7 +122,7 @@ async def test_any_change_is_applied_or_refused_without_a_trace(
     body=raw_bodies,
     content_type=content_types,
 )
-@examples(120)
+@examples(300)
 async def test_any_body_on_a_write_route_is_refused_clearly(
     client, admin_headers, code, pool, hostile_log, path, method, body, content_type
 ):
@@ -155,7 +155,7 @@ csv_cells = st.one_of(
     ),
     fmt=st.sampled_from(["csv", "ndjson"]),
 )
-@examples(100)
+@examples(250)
 async def test_any_import_is_imported_or_rejected_by_line(
     client, admin_headers, pool, hostile_log, rows, header, fmt
 ):
@@ -190,7 +190,7 @@ async def test_any_import_is_imported_or_rejected_by_line(
     ).map(lambda parts: "/" + "/".join(parts)),
     method=st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "CONNECT"]),
 )
-@examples(150)
+@examples(300)
 async def test_any_path_and_method_is_answered_in_json(client, pool, hostile_log, path, method):
     from tests.conftest import ADMIN_TOKEN
     from tests.rawhttp import exchange, request_bytes

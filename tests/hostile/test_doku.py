@@ -62,7 +62,7 @@ async def code(register) -> None:
     request_id=request_ids,
     content_type=content_types,
 )
-@examples(60)
+@examples(200)
 async def test_any_signed_inquiry_gets_dokus_shape_and_no_5xx(
     doku, code, pool, hostile_log, body, request_id, content_type
 ):
@@ -86,7 +86,7 @@ async def test_any_signed_inquiry_gets_dokus_shape_and_no_5xx(
     request_id=request_ids,
     content_type=content_types,
 )
-@examples(60)
+@examples(200)
 async def test_any_signed_notification_is_stored_raw_then_answered(
     doku, code, pool, hostile_log, body, request_id, content_type
 ):
@@ -125,7 +125,7 @@ header_values = st.one_of(
     headers=st.lists(st.tuples(header_names, header_values), max_size=6),
     body=raw_bodies,
 )
-@examples(60)
+@examples(200)
 async def test_any_unsigned_headers_on_doku_routes_change_nothing(
     client, code, pool, hostile_log, path, headers, body
 ):

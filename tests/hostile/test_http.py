@@ -110,7 +110,7 @@ heads = st.tuples(
 
 
 @given(head=heads)
-@examples(150)
+@examples(300)
 async def test_any_bytes_where_headers_go_are_answered_without_a_trace(client, pool, hostile_log, head):
     line, version, headers, body = head
     request = line + version + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
