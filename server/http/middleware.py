@@ -70,7 +70,7 @@ CLIENT_ID_LOG_LIMIT = 64
 def _count_signature_failure(request: web.Request, failure: AuthenticationFailed) -> None:
     client_id = request.headers.get("Client-Id", "")
     # Only configured Client-Ids become label values: anything else could grow the series without end.
-    known = client_id in request.app[SETTINGS].clients
+    known = client_id in request.config_dict[SETTINGS].clients
     request[LOG_FIELDS].update(
         reason=failure.reason,
         detail=failure.detail,
@@ -132,6 +132,6 @@ def _observe(request: web.Request, status: int, started: float) -> None:
         status=status,
         ms=round(elapsed * 1000, 3),
         request_id=for_log(request.headers.get("Request-Id") or None, 128),
-        remote=caller_address(request, request.app[SETTINGS].trusted_proxies),
+        remote=caller_address(request, request.config_dict[SETTINGS].trusted_proxies),
         **fields,
     )
