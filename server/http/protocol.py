@@ -120,7 +120,7 @@ class EdgeRequestHandler(RequestHandler):
             remote=peer[0] if isinstance(peer, tuple) else None,
             timeout_s=self._header_timeout_s,
         )
-        metrics.HTTP_REQUESTS.labels("unmatched", "unknown", "408", "HEADER_TIMEOUT").inc()
+        metrics.HTTP_REQUESTS.labels("unmatched", "other", "408", "HEADER_TIMEOUT").inc()
         body = _json_error(408, "REQUEST_TIMEOUT", "the request headers did not arrive in time")
         transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
@@ -159,7 +159,7 @@ class EdgeRequestHandler(RequestHandler):
             log.error("http.unhandled", **fields, exc_info=exc)
         else:
             log.info("http.bad_request", **fields)
-        metrics.HTTP_REQUESTS.labels("unmatched", "unknown", str(status), code).inc()
+        metrics.HTTP_REQUESTS.labels("unmatched", "other", str(status), code).inc()
         if request.writer.output_size > 0:
             raise ConnectionError("the response had begun; the connection is closed instead")
         response = web.Response(
