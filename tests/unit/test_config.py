@@ -83,3 +83,23 @@ def test_a_broken_clients_file_is_refused(tmp_path):
     path.write_text("not toml [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings({"DIPC_CLIENTS_FILE": str(path)})
+
+
+def test_the_http_edge_limits_have_documented_defaults_and_refuse_nonsense():
+    settings = load_settings({})
+    assert (settings.header_timeout_s, settings.body_timeout_s, settings.max_body_reads) == (10.0, 10.0, 128)
+    assert settings.trusted_proxies == ()
+    settings = load_settings({"DIPC_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.7,::1"})
+    assert [str(network) for network in settings.trusted_proxies] == [
+        "10.0.0.0/8",
+        "192.168.1.7/32",
+        "::1/128",
+    ]
+    for name, value in [
+        ("DIPC_TRUSTED_PROXIES", "10.0.0.0/8,proxy.local"),
+        ("DIPC_BODY_TIMEOUT_S", "nan"),
+        ("DIPC_HEADER_TIMEOUT_S", "inf"),
+        ("DIPC_MAX_BODY_READS", "0"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            load_settings({name: value})
