@@ -11,7 +11,8 @@ client trickling them is held until the keep-alive timeout (75 s). Here:
 - a connection must deliver its request line and headers within ``DIPC_HEADER_TIMEOUT_S`` of their
   first byte (of connecting, for the first request), or it gets a 408 and is closed
   (``http.header_timeout``);
-- after a refused or timed-out body, unread bytes are drained for at most :data:`LINGERING_TIME_S`.
+- after a refused or timed-out body, unread bytes are drained for at most :data:`LINGERING_TIME_S`;
+- an ``Expect`` other than ``100-continue`` is ignored rather than answered by aiohttp in plain text.
 
 :class:`EdgeApplication` is ``web.Application`` with this connection class: ``web.run_app`` and the test
 server both build their server through it.
@@ -65,7 +66,7 @@ def _describe(status: int, exc: BaseException | None) -> tuple[str, str]:
     return "BAD_REQUEST", "the request is not valid HTTP/1.1"
 
 
-def _json_error(status: int, code: str, message: str) -> bytes:
+def _json_error(code: str, message: str) -> bytes:
     return orjson.dumps({"error": {"code": code, "message": message}})
 
 
@@ -121,7 +122,7 @@ class EdgeRequestHandler(RequestHandler):
             timeout_s=self._header_timeout_s,
         )
         metrics.HTTP_REQUESTS.labels("unmatched", "other", "408", "HEADER_TIMEOUT").inc()
-        body = _json_error(408, "REQUEST_TIMEOUT", "the request headers did not arrive in time")
+        body = _json_error("REQUEST_TIMEOUT", "the request headers did not arrive in time")
         transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
@@ -162,9 +163,7 @@ class EdgeRequestHandler(RequestHandler):
         metrics.HTTP_REQUESTS.labels("unmatched", "other", str(status), code).inc()
         if request.writer.output_size > 0:
             raise ConnectionError("the response had begun; the connection is closed instead")
-        response = web.Response(
-            status=status, body=_json_error(status, code, text), content_type="application/json"
-        )
+        response = web.Response(status=status, body=_json_error(code, text), content_type="application/json")
         response.force_close()
         return response
 
