@@ -12,8 +12,10 @@ from aiohttp import web
 from server.config import Settings
 from server.doku.checkstatus import CheckStatusClient
 from server.http import admin, casework, inquiry, notification, ops
+from server.http.bodies import BODY_READS, BodyReads
 from server.http.keys import CHECK_STATUS, HEALTH, LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
+from server.http.protocol import EdgeApplication
 from server.ops import metrics
 from server.ops.health import HealthChecker
 from server.ops.sampler import DatabaseSampler
@@ -25,11 +27,13 @@ from server.webhooks.forwarder import WebhookForwarder
 
 def make_app(settings: Settings, dsn: str) -> web.Application:
     """The whole service for ``settings``, talking to the database at ``dsn``."""
-    app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
+    # EdgeApplication: aiohttp's, with the header-read timeout and our answer to unparseable requests.
+    app = EdgeApplication(middlewares=[observe], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     metrics.preinitialise(
         doku_routes=(settings.inquiry_path, settings.notification_path), client_ids=settings.client_ids
     )
+    app[BODY_READS] = BodyReads(settings.max_body_reads)
 
     async def pool_context(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = await create_pool(

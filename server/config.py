@@ -6,6 +6,8 @@ check ``dipc serve`` runs. Every problem is a :class:`ConfigError`, which the CL
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -90,6 +92,14 @@ class Settings:
     shutdown_timeout_s: float = 20.0
     # How often every serving process samples database-derived gauges (server/ops/sampler.py).
     metrics_sample_s: float = 5.0
+    # The HTTP edge (README "Security and reliability"): how long a client may take to send its request
+    # line and headers, then its body, and how many bodies of callers not yet authenticated are read at
+    # once (each holds up to max_body_bytes; past the cap the answer is a deliberate 503).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    max_body_reads: int = 128
+    # Peers whose X-Forwarded-For names the caller in logs (load balancers, reverse proxies).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     demo: bool = False
 
     @property
@@ -160,8 +170,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={value} must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value} must be a positive number")
     return value
 
 
@@ -214,6 +224,18 @@ def _path(env: Mapping[str, str], name: str, default: str) -> str:
     if not value.startswith("/"):
         raise ConfigError(f"{name}={value!r} must be a path starting with '/'")
     return value
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in env.get(name, "").split(","):
+        if not item.strip():
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {item.strip()!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
 
 
 def _keys(text: str) -> tuple[bytes, ...]:
@@ -326,6 +348,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         log_level=log_level,
         shutdown_timeout_s=_float(env, "DIPC_SHUTDOWN_TIMEOUT_S", 20.0),
         metrics_sample_s=_float(env, "DIPC_METRICS_SAMPLE_S", 5.0),
+        header_timeout_s=_float(env, "DIPC_HEADER_TIMEOUT_S", 10.0),
+        body_timeout_s=_float(env, "DIPC_BODY_TIMEOUT_S", 10.0),
+        max_body_reads=_int(env, "DIPC_MAX_BODY_READS", 128, minimum=1),
+        trusted_proxies=_networks(env, "DIPC_TRUSTED_PROXIES"),
         demo=demo,
     )
     if settings.inquiry_path == settings.notification_path:

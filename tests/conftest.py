@@ -201,3 +201,51 @@ def dipc_env(database_url: str, **extra: str) -> dict[str, str]:
 def env(database_url: str, pool: asyncpg.Pool) -> dict[str, str]:
     """The environment of a merchant's shell: one DOKU client, its BINs, the (emptied) test database."""
     return dipc_env(database_url)
+
+
+class CapturedLog:
+    """Every line dipc (structlog) and its libraries (stdlib logging) wrote, as the JSON a server writes."""
+
+    def __init__(self) -> None:
+        import io
+
+        self.raw = io.BytesIO()
+        self.stream = io.TextIOWrapper(self.raw, encoding="utf-8", write_through=True)
+
+    def text(self) -> str:
+        self.stream.flush()
+        return self.raw.getvalue().decode("utf-8", "backslashreplace")
+
+    def lines(self) -> list[dict[str, Any]]:
+        import orjson
+
+        return [orjson.loads(line) for line in self.text().splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+    def clear(self) -> None:
+        self.raw.seek(0)
+        self.raw.truncate()
+
+
+@pytest.fixture
+def captured_log() -> Iterator[CapturedLog]:
+    """Logging configured as in production (JSON lines), written to memory for the test to read."""
+    import logging
+
+    import structlog
+
+    from server.ops.logging import configure_logging
+
+    captured = CapturedLog()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    configure_logging("json", "INFO", stream=captured.stream)
+    # Module-level loggers must not keep this stream after the test.
+    structlog.configure(cache_logger_on_first_use=False)
+    yield captured
+    structlog.reset_defaults()
+    root.handlers[:], level = saved
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").disabled = False

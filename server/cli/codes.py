@@ -25,7 +25,7 @@ from server.config import Settings, load_settings
 from server.core import manage
 from server.core.codes import PaymentCode
 from server.core.documents import code_document, payment_document
-from server.core.imports import FORMATS, format_for_path, read_rows
+from server.core.imports import FORMATS, format_for_path, lines_of, read_rows
 from server.core.times import parse_timestamp, utcnow
 
 CODE_COLUMNS = [
@@ -289,16 +289,15 @@ def run_import(args: argparse.Namespace) -> int:
     total = path.stat().st_size if path is not None else 0
     progress = Progress(f"importing {args.file}")
 
-    async def lines() -> AsyncIterator[str]:
+    async def chunks() -> AsyncIterator[bytes]:
         handle = sys.stdin.buffer if path is None else path.open("rb")
         done = 0
         try:
-            for count, raw in enumerate(handle, start=1):
-                done += len(raw)
-                if count % 2000 == 0:
-                    progress.update(done / total if total else 0.0, f"{count:,} lines")
-                    await asyncio.sleep(0)  # let COPY batches go out while we read
-                yield raw.decode("utf-8")
+            while chunk := handle.read(256 * 1024):
+                done += len(chunk)
+                progress.update(done / total if total else 0.0, f"{done / 1e6:,.1f} MB")
+                await asyncio.sleep(0)  # let COPY batches go out while we read
+                yield chunk
         finally:
             if path is not None:
                 handle.close()
@@ -311,7 +310,7 @@ def run_import(args: argparse.Namespace) -> int:
             keep = lambda result: result.rejected_count == 0  # noqa: E731
         result = await manage.import_codes(
             pool,
-            read_rows(lines(), fmt),
+            read_rows(lines_of(chunks()), fmt),
             rules=settings.bins,
             client_ids=settings.client_ids,
             now=utcnow(),

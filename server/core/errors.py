@@ -139,6 +139,31 @@ class ValidationFailed(DipcError):
         super().__init__(summary, fields=fields)
 
 
+class RequestTimeout(DipcError):
+    """The client did not send its whole body within the body-read timeout."""
+
+    code = "REQUEST_TIMEOUT"
+    http_status = 408
+
+
+class ClientAborted(DipcError):
+    """The client closed the connection before we had its request: its doing, not ours.
+
+    499 (nginx's "client closed request") is never sent (nobody is listening); it labels the log line and
+    the metrics so that aborts are counted apart from our errors.
+    """
+
+    code = "CLIENT_ABORTED"
+    http_status = 499
+
+
+class Overloaded(DipcError):
+    """Too many bodies are being read from unauthenticated callers at once: a deliberate 503."""
+
+    code = "OVERLOADED"
+    http_status = 503
+
+
 class Unavailable(DipcError):
     """The database cannot be reached within the deadline: fail fast, the caller retries."""
 

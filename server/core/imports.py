@@ -1,13 +1,18 @@
-"""Reading bulk imports line by line: CSV with a header row, or NDJSON (one JSON object per line).
+"""Reading bulk imports record by record: CSV with a header row (RFC 4180: a quoted field may span
+lines), or NDJSON (one JSON object per line).
 
-Shared by ``POST /v1/payment-codes/import`` and ``dipc codes import``. Lines are read as they arrive, so
-an import of millions of codes never sits in memory whole.
+Shared by ``POST /v1/payment-codes/import`` and ``dipc codes import``. Bytes are split into lines as they
+arrive (:func:`lines_of`, at most :data:`MAX_LINE_BYTES` held per line), so an import of millions of codes
+never sits in memory whole, and a line without end costs a rejection, not the process's memory.
+Rejections name the line a record starts on.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import Final
 
 import orjson
 
@@ -28,6 +33,75 @@ MEDIA_TYPES = {
 }
 
 
+# One line (or one CSV record, across the lines of its quoted fields) may hold at most this much.
+MAX_LINE_BYTES = 512 * 1024
+
+
+class Unreadable:
+    """A line that could not be taken as text: over :data:`MAX_LINE_BYTES`, or not UTF-8."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+TOO_LONG: Final = Unreadable(f"is over {MAX_LINE_BYTES // 1024} KiB")
+NOT_UTF8: Final = Unreadable("is not UTF-8 text")
+
+
+def _decoded(line: bytes | bytearray) -> str | Unreadable:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return NOT_UTF8
+
+
+async def lines_of(
+    chunks: AsyncIterable[bytes], max_line: int = MAX_LINE_BYTES
+) -> AsyncIterator[str | Unreadable]:
+    """The lines in a stream of bytes (each with its ending), an over-long one as :data:`TOO_LONG`."""
+    pending = bytearray()
+    too_long = False
+    async for chunk in chunks:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if not too_long:
+                pending += chunk[start : end + 1]
+            yield TOO_LONG if too_long or len(pending) > max_line else _decoded(pending)
+            pending = bytearray()
+            too_long = False
+            start = end + 1
+        if not too_long:
+            pending += chunk[start:]
+            if len(pending) > max_line:
+                too_long = True  # keep counting the line, not holding it
+                pending = bytearray()
+    if too_long:
+        yield TOO_LONG
+    elif pending:
+        yield _decoded(pending)
+
+
+def _ends_in_quotes(text: str, inside: bool) -> bool:
+    """Whether a CSV record is still inside a quoted field after ``text`` (as the csv module reads:
+    a quote opens a field only at its start, ``""`` inside one is a quote)."""
+    at_start = not inside
+    index, length = 0, len(text)
+    while index < length:
+        char = text[index]
+        if inside:
+            if char == '"':
+                if index + 1 < length and text[index + 1] == '"':
+                    index += 2
+                    continue
+                inside = False
+        else:
+            if char == '"' and at_start:
+                inside = True
+            at_start = char == ","
+        index += 1
+    return inside
+
+
 def format_for_path(name: str) -> str | None:
     lowered = name.lower()
     if lowered.endswith(".csv"):
@@ -38,7 +112,11 @@ def format_for_path(name: str) -> str | None:
 
 
 class RowReader:
-    """Turns lines into import rows; the CSV header (line 1) and blank lines yield nothing."""
+    """Turns lines into import rows; the CSV header (line 1) and blank lines yield nothing.
+
+    A CSV record whose quoted field holds a line break is gathered over as many lines as it spans and
+    reported under the line it starts on; it is a row only once whole, never half a field.
+    """
 
     def __init__(self, fmt: str) -> None:
         if fmt not in FORMATS:
@@ -46,11 +124,25 @@ class RowReader:
         self.format = fmt
         self.line = 0
         self.header: list[str] | None = None
+        self._record: list[str] = []  # the lines of a CSV record still inside a quoted field
+        self._record_start = 0
+        self._record_size = 0
+        self._record_broken: str | None = None
 
-    def feed(self, text: str) -> ImportRow | None:
+    def feed(self, text: str | Unreadable) -> ImportRow | None:
         self.line += 1
+        if self._record:
+            return self._continue_record(text)
+        if isinstance(text, Unreadable):
+            if self.line == 1 and self.format == "csv":
+                raise BadRequest(f"CSV header line 1 {text.problem}")
+            return (self.line, text.problem)
         if self.line == 1:
             text = text.removeprefix("\ufeff")
+        if self.format == "csv" and _ends_in_quotes(text, False):
+            self._record, self._record_start, self._record_size = [text], self.line, len(text)
+            self._record_broken = None
+            return None
         text = text.rstrip("\r\n")
         if self.format == "csv" and self.header is None:
             self.header = self._read_header(text)
@@ -59,7 +151,41 @@ class RowReader:
             return None
         if self.format == "ndjson":
             return self._json_row(text)
-        return self._csv_row(text)
+        return self._csv_row(text, self.line)
+
+    def finish(self) -> ImportRow | None:
+        """What is left at the end of the input: a record whose quoted field never closed."""
+        if not self._record:
+            return None
+        start = self._record_start
+        self._record = []
+        if self.header is None:
+            raise BadRequest("CSV header line 1: a quoted name never closes")
+        return (start, "a quoted field never closes")
+
+    def _continue_record(self, text: str | Unreadable) -> ImportRow | None:
+        if isinstance(text, Unreadable):
+            self._record_broken = self._record_broken or f"line {self.line} {text.problem}"
+            text = '"'  # an unreadable line cannot end the field honestly; count it and go on
+        elif self._record_size + len(text) > MAX_LINE_BYTES:
+            self._record_broken = self._record_broken or f"is over {MAX_LINE_BYTES // 1024} KiB"
+        if self._record_broken is None:
+            self._record.append(text)
+            self._record_size += len(text)
+        still_open = _ends_in_quotes(text, True)
+        if still_open:
+            return None
+        record, start, broken = self._record, self._record_start, self._record_broken
+        self._record = []
+        if broken is not None:
+            if self.header is None:
+                raise BadRequest(f"CSV header line 1: {broken}")
+            return (start, broken)
+        text = "".join(record).rstrip("\r\n")
+        if self.header is None:
+            self.header = self._read_header(text)
+            return None
+        return self._csv_row(text, start)
 
     def _read_header(self, text: str) -> list[str]:
         try:
@@ -79,15 +205,18 @@ class RowReader:
             raise BadRequest("CSV header line 1: a column appears twice")
         return header
 
-    def _csv_row(self, text: str) -> ImportRow:
+    def _csv_row(self, text: str, line: int) -> ImportRow:
         assert self.header is not None
         try:
-            values = next(csv.reader([text]))
+            rows = list(csv.reader(io.StringIO(text, newline="")))
         except csv.Error as error:
-            return (self.line, f"not a CSV row: {error}")
+            return (line, f"not a CSV row: {error}")
+        if len(rows) != 1:
+            return (line, "not a CSV row: a line break outside quotes")
+        values = rows[0]
         if len(values) != len(self.header):
-            return (self.line, f"has {len(values)} fields; the header has {len(self.header)}")
-        return (self.line, dict(zip(self.header, values, strict=True)), True)
+            return (line, f"has {len(values)} fields; the header has {len(self.header)}")
+        return (line, dict(zip(self.header, values, strict=True)), True)
 
     def _json_row(self, text: str) -> ImportRow:
         try:
@@ -99,12 +228,14 @@ class RowReader:
         return (self.line, document, False)
 
 
-async def read_rows(lines: AsyncIterable[str], fmt: str) -> AsyncIterator[ImportRow]:
+async def read_rows(lines: AsyncIterable[str | Unreadable], fmt: str) -> AsyncIterator[ImportRow]:
     reader = RowReader(fmt)
     async for text in lines:
         row = reader.feed(text)
         if row is not None:
             yield row
+    if (row := reader.finish()) is not None:
+        yield row
     if reader.line == 0 or (fmt == "csv" and reader.header is None):
         # Nothing at all (or not even a header) is a mistake worth saying, not "0 imported".
         raise BadRequest("the import is empty" + ("; a CSV starts with a header row" if fmt == "csv" else ""))

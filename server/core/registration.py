@@ -252,6 +252,9 @@ def _client(value: Any, client_ids: Collection[str]) -> str:
     return client_id
 
 
+MAX_VERSION = 2**31 - 1  # the column is an integer
+
+
 def parse_changes(raw: Mapping[str, Any], *, now: datetime) -> CodeChanges:
     """Validate a PATCH of an unpaid code: amount, expiry, customer and receipt texts."""
     check = _Collector()
@@ -262,8 +265,10 @@ def parse_changes(raw: Mapping[str, Any], *, now: datetime) -> CodeChanges:
         if name in raw
     }
     version = raw.get("version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        check.errors["version"] = "must be an integer"
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION
+    ):
+        check.errors["version"] = f"must be an integer from 0 to {MAX_VERSION}"
     if not values and not check.errors:
         check.errors["body"] = f"names none of {', '.join(PATCHABLE_FIELDS)}"
     check.raise_if_any()

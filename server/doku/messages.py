@@ -132,19 +132,36 @@ def _text_member(
         raise InvalidField(path, "must be a string")
     if len(value) > max_length:
         raise InvalidField(path, f"must be at most {max_length} characters")
+    if "\x00" in value:  # PostgreSQL text cannot hold it: refuse (the raw body is kept), never a 500
+        raise InvalidField(path, "must not contain NUL")
     return value
+
+
+# The identifiers a payment keeps (the others stay in the raw body only).
+USED_IDENTIFIERS = ("AGENT_ID", "AGENT_STORE_ID", "AGENT_TRX_ID")
 
 
 def _identifiers(data: dict[str, Any]) -> dict[str, str]:
     found: dict[str, str] = {}
     items = member(data, "online_to_offline_payment.identifier")
     for item in items if isinstance(items, list) else []:
-        if isinstance(item, dict) and isinstance(item.get("name"), str) and item.get("value") is not None:
+        if isinstance(item, dict) and item.get("name") in USED_IDENTIFIERS and item.get("value") is not None:
+            name = item["name"]
             value = str(item["value"])
             if len(value) > TEXT_MAX_LENGTH:
-                raise InvalidField(f"online_to_offline_payment.identifier.{item['name'][:32]}", "is too long")
-            found[item["name"]] = value
+                raise InvalidField(f"online_to_offline_payment.identifier.{name}", "is too long")
+            if "\x00" in value:
+                raise InvalidField(f"online_to_offline_payment.identifier.{name}", "must not contain NUL")
+            found[name] = value
     return found
+
+
+def _channel_fallback(data: dict[str, Any]) -> str:
+    """What to record as the channel of a notification from a channel we do not know."""
+    acquirer = member(data, "acquirer.id")
+    if not isinstance(acquirer, str) or not acquirer or "\x00" in acquirer:
+        return "UNKNOWN"
+    return acquirer[:32]
 
 
 def _rupiah(value: Any) -> int:
@@ -181,7 +198,7 @@ def parse_notification(body: bytes) -> NotificationMessage:
         )
         or "",
         amount=amount,
-        channel=channel or str(member(data, "acquirer.id") or "UNKNOWN")[:32],
+        channel=channel or _channel_fallback(data),
         transaction_status=(_text_member(data, "transaction.status", required=True) or "").upper(),
         transaction_date=transaction_date,
         original_request_id=_text_member(data, "transaction.original_request_id", required=False),

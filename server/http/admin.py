@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Callable
+import math
+from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
 
@@ -19,12 +20,14 @@ from server.core.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from server.core.imports import MEDIA_TYPES, read_rows
+from server.core.events import MAX_WAIT_S
+from server.core.imports import MEDIA_TYPES, lines_of, read_rows
 from server.core.manage import Page
 from server.core.times import parse_timestamp, utcnow
-from server.http.bodies import json_response, read_json_object
+from server.http.bodies import json_response, read_json_object, stream_chunks
 from server.http.keys import CHECK_STATUS, LISTENER, POOL, SETTINGS
 from server.ops import metrics
+from server.ops.masking import is_clean_text
 from server.reconcile import worker as reconciler
 from server.store import reconciliation as reconciliation_store
 from server.store.pool import deadline
@@ -42,7 +45,8 @@ async def bearer_auth(request: web.Request, handler: web.Handler) -> web.StreamR
     if not tokens:
         raise Disabled("the admin API is disabled: set DIPC_ADMIN_TOKEN to enable it")
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    presented_bytes = presented.strip().encode()
+    # Header values are str decoded with surrogateescape: encode back to the bytes that were sent.
+    presented_bytes = presented.strip().encode("utf-8", "surrogateescape")
     # Compare against every token (rotation) without stopping early, in constant time each.
     matched = False
     for token in tokens:
@@ -76,9 +80,29 @@ def _query_int(request: web.Request, name: str) -> int | None:
     return _typed(request, name, parse, f"must be an integer from 0 to {MAX_ID}")
 
 
-def _query_float(request: web.Request, name: str, default: float) -> float:
-    value = _typed(request, name, float, "must be a number")
+def _query_seconds(request: web.Request, name: str, default: float, maximum: float) -> float:
+    def parse(raw: str) -> float:
+        value = float(raw)
+        if not math.isfinite(value) or not 0 <= value <= maximum:
+            raise ValueError(raw)
+        return value
+
+    value = _typed(request, name, parse, f"must be a number of seconds from 0 to {maximum:g}")
     return default if value is None else value
+
+
+def _query_text(
+    request: web.Request, name: str, *, digits: bool = False, max_length: int = 128
+) -> str | None:
+    """A free-text filter: absent or empty is None; one the database could not even compare is a 422."""
+    raw = request.query.get(name) or None
+    if raw is None:
+        return None
+    if digits and not (raw.isascii() and raw.isdigit() and len(raw) <= max_length):
+        raise ValidationFailed({name: f"must be at most {max_length} digits"})
+    if not is_clean_text(raw) or len(raw) > max_length:
+        raise ValidationFailed({name: f"must be UTF-8 text of at most {max_length} characters, without NUL"})
+    return raw
 
 
 def _query_time(request: web.Request, name: str) -> datetime | None:
@@ -110,9 +134,9 @@ async def list_codes(request: web.Request) -> web.Response:
     async with deadline(_timeout(request), "admin.list_codes"):
         page = await manage.list_codes(
             request.config_dict[POOL],
-            status=request.query.get("status") or None,
-            client_id=request.query.get("client_id") or None,
-            after=request.query.get("after") or None,
+            status=_query_text(request, "status"),
+            client_id=_query_text(request, "client_id"),
+            after=_query_text(request, "after", digits=True),
             limit=_query_int(request, "limit"),
         )
     return json_response(_page(page, code_document))
@@ -130,22 +154,10 @@ async def import_codes(request: web.Request) -> web.Response:
     limit = settings.import_max_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"the import is {request.content_length} bytes; the limit is {limit}")
-
-    async def lines() -> AsyncIterator[str]:
-        received = 0
-        async for raw in request.content:
-            received += len(raw)
-            if received > limit:
-                raise BodyTooLarge(f"the import is over the limit of {limit} bytes")
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise BadRequest("the import must be UTF-8 text") from None
-
     async with deadline(IMPORT_TIMEOUT_S, "admin.import_codes"):
         result = await manage.import_codes(
             request.config_dict[POOL],
-            read_rows(lines(), fmt),
+            read_rows(lines_of(stream_chunks(request, limit)), fmt),
             rules=settings.bins,
             client_ids=settings.client_ids,
             now=utcnow(),
@@ -182,8 +194,8 @@ async def list_payments(request: web.Request) -> web.Response:
     async with deadline(_timeout(request), "admin.list_payments"):
         page = await manage.list_payments(
             request.config_dict[POOL],
-            payment_code=request.query.get("payment_code") or None,
-            kind=request.query.get("kind") or None,
+            payment_code=_query_text(request, "payment_code", digits=True),
+            kind=_query_text(request, "kind"),
             since=_query_time(request, "since"),
             after=_query_int(request, "after"),
             limit=_query_int(request, "limit"),
@@ -194,7 +206,7 @@ async def list_payments(request: web.Request) -> web.Response:
 @routes.get("/events")
 async def read_events(request: web.Request) -> web.Response:
     """The event feed: events after the cursor ``after``, long-polling up to ``wait`` seconds."""
-    wait = _query_float(request, "wait", 0.0)
+    wait = _query_seconds(request, "wait", 0.0, MAX_WAIT_S)
     metrics.FEED_WAITERS.inc()
     try:
         async with deadline(_timeout(request) + wait, "admin.events"):
@@ -215,7 +227,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
     async with deadline(_timeout(request), "admin.webhook_deliveries"):
         page = await feed.list_deliveries(
             request.config_dict[POOL],
-            status=request.query.get("status") or None,
+            status=_query_text(request, "status"),
             after=_query_int(request, "after"),
             limit=_query_int(request, "limit"),
         )

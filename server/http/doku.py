@@ -19,6 +19,7 @@ from server.doku import conventions
 from server.doku.auth import Authenticated, authenticate, signed_headers
 from server.http.bodies import JSON, read_bounded, require_json
 from server.http.keys import DOKU_AUTH, ERROR_RENDERER, LOG_FIELDS
+from server.ops.masking import is_clean_text
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class DokuEndpoint:
         if len(auth.request_id) > conventions.REQUEST_ID_MAX_LENGTH:
             limit = conventions.REQUEST_ID_MAX_LENGTH
             raise InvalidField("Request-Id", f"must be at most {limit} characters")
+        if not is_clean_text(auth.request_id) or not auth.request_id.isprintable():
+            # It keys the inquiry record; bytes that are not UTF-8 (or NUL) cannot be stored as sent.
+            raise InvalidField("Request-Id", "must be UTF-8 text without control characters")
         require_json(request)
 
     def respond(self, request: web.Request, status: int, body: bytes) -> web.Response:

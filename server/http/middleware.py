@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
 from aiohttp import web
 
-from server.core.errors import AuthenticationFailed, DipcError
+from server.core.errors import AuthenticationFailed, ClientAborted, DipcError
 from server.http.bodies import json_response
+from server.http.callers import caller_address
 from server.http.keys import ERROR_RENDERER, LOG_FIELDS, SETTINGS
 from server.ops import metrics
+from server.ops.masking import for_log
 
 log = structlog.get_logger(component="dipc.http")
 
@@ -45,16 +48,34 @@ def _render_failure(request: web.Request, failure: Exception) -> web.StreamRespo
         if isinstance(failure, AuthenticationFailed):
             _count_signature_failure(request, failure)
         return render(request, failure)
+    if isinstance(failure, ConnectionError) and _client_gone(request):
+        # The client went away (mid-body, say): its doing. Counted apart, one line, no traceback.
+        aborted = ClientAborted(f"the client closed the connection: {type(failure).__name__}")
+        fields.setdefault("outcome", aborted.code)
+        return render_json_error(request, aborted)
     fields.setdefault("outcome", "INTERNAL")
-    log.error("http.unhandled", method=request.method, path=request.path, exc_info=failure)
+    log.error("http.unhandled", method=request.method, path=for_log(request.path), exc_info=failure)
     return render(request, DipcError("internal error; the incident is logged"))
 
 
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+# Presented Client-Ids that are not configured are logged escaped and cut to this length.
+CLIENT_ID_LOG_LIMIT = 64
+
+
 def _count_signature_failure(request: web.Request, failure: AuthenticationFailed) -> None:
-    request[LOG_FIELDS].update(reason=failure.reason, detail=failure.detail)
     client_id = request.headers.get("Client-Id", "")
     # Only configured Client-Ids become label values: anything else could grow the series without end.
-    known = client_id in request.app[SETTINGS].clients
+    known = client_id in request.config_dict[SETTINGS].clients
+    request[LOG_FIELDS].update(
+        reason=failure.reason,
+        detail=failure.detail,
+        client_id=client_id if known else for_log(client_id, CLIENT_ID_LOG_LIMIT),
+    )
     route = request.match_info.route.resource
     metrics.SIGNATURE_FAILURES.labels(
         route=route.canonical if route is not None else "unmatched",
@@ -66,7 +87,7 @@ def _count_signature_failure(request: web.Request, failure: AuthenticationFailed
 @web.middleware
 async def observe(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     """Every request: errors become responses (in the route's shape), then one structured log line
-    with route, status, latency, DOKU's Request-Id and the fields the handler added."""
+    with route, status, latency, DOKU's Request-Id, the caller and the fields the handler added."""
     started = time.perf_counter()
     fields: dict[str, object] = {}
     request[LOG_FIELDS] = fields
@@ -76,21 +97,41 @@ async def observe(request: web.Request, handler: web.Handler) -> web.StreamRespo
         if exc.status < 400:
             raise
         response = _render_failure(request, exc)
+    except asyncio.CancelledError:
+        # A server that cancels handlers when the client goes away (aiohttp's handler_cancellation):
+        # still one line for the abort, then let the cancellation run its course.
+        if _client_gone(request):
+            fields.setdefault("outcome", ClientAborted.code)
+            _observe(request, ClientAborted.http_status, started)
+        raise
     except Exception as failure:
         response = _render_failure(request, failure)
+    _observe(request, response.status, started)
+    return response
+
+
+# Methods that may become a metric label; aiohttp's pure-Python parser accepts any token as a method,
+# and a label per invented method would grow the metrics without end.
+LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _observe(request: web.Request, status: int, started: float) -> None:
     elapsed = time.perf_counter() - started
+    fields = request[LOG_FIELDS]
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     outcome = str(fields.get("outcome", "ok"))
-    metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status), outcome).inc()
+    method = request.method if request.method in LABELLED_METHODS else "other"
+    metrics.HTTP_REQUESTS.labels(route, method, str(status), outcome).inc()
     metrics.HTTP_DURATION.labels(route, outcome).observe(elapsed)
     log.info(
         "http.request",
-        method=request.method,
+        method=for_log(request.method, 32),
         route=route,
-        status=response.status,
+        path=for_log(request.path),
+        status=status,
         ms=round(elapsed * 1000, 3),
-        request_id=(request.headers.get("Request-Id") or "")[:128] or None,
+        request_id=for_log(request.headers.get("Request-Id") or None, 128),
+        remote=caller_address(request, request.config_dict[SETTINGS].trusted_proxies),
         **fields,
     )
-    return response

@@ -46,7 +46,12 @@ async def handle_notification(request: web.Request) -> web.Response:
     raw = RawNotification(
         client_id=auth.client.client_id,
         request_id=auth.request_id,
-        headers=list(request.headers.items()),
+        # The bytes as received (aiohttp decodes them as UTF-8 with surrogateescape; the inbox keeps
+        # what is not UTF-8 exactly): every header, in order, duplicates included.
+        headers=[
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in request.raw_headers
+        ],
         body=body,
     )
     log_fields = request[LOG_FIELDS]

@@ -1,12 +1,48 @@
-"""The ``notifications`` inbox: every verified notification, raw, in the transaction of its effect."""
+"""The ``notifications`` inbox: every verified notification, raw, in the transaction of its effect.
+
+Headers are kept losslessly in a jsonb array, one entry per header in the order received:
+``[name, value]`` when both are UTF-8 text without NUL (every header DOKU sends), otherwise
+``[name, value, {"name_base64": …, "value_base64": …}]``: the first two escaped for reading
+(``M\\xfcnchen``), the object holding the exact bytes of whichever of the two is not (jsonb, like
+PostgreSQL text, holds neither NUL nor bytes that are not UTF-8). A ``Request-Id`` that is not storable
+text is stored escaped the same way; its exact bytes are in the headers.
+"""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 
 from server.core.payments import NotificationOutcome
+from server.ops.masking import escape, is_clean_text
+
+
+def _exact(text: str) -> str:
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives the bytes back.
+    return base64.b64encode(text.encode("utf-8", "surrogateescape")).decode("ascii")
+
+
+def storable_text(text: str) -> str:
+    """``text`` itself, or escaped (``\\xNN``) when PostgreSQL text cannot hold it as it is."""
+    return text if is_clean_text(text) else escape(text, limit=len(text) * 6)
+
+
+def stored_headers(headers: Sequence[tuple[str, str]]) -> list[list[Any]]:
+    stored: list[list[Any]] = []
+    for name, value in headers:
+        if is_clean_text(name) and is_clean_text(value):
+            stored.append([name, value])
+            continue
+        exact = {
+            f"{part}_base64": _exact(text)
+            for part, text in (("name", name), ("value", value))
+            if not is_clean_text(text)
+        }
+        stored.append([storable_text(name), storable_text(value), exact])
+    return stored
 
 
 async def insert(
@@ -31,8 +67,8 @@ async def insert(
         """,
         payment_code,
         client_id,
-        request_id,
-        [list(pair) for pair in headers],
+        storable_text(request_id),
+        stored_headers(headers),
         body,
         transaction_status,
         outcome.value,

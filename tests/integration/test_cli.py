@@ -88,6 +88,38 @@ def test_an_import_of_many_codes_reports_its_time(env, tmp_path, pool):
     assert b"codes/s)" in result.stdout
 
 
+def test_a_csv_import_keeps_quoted_line_breaks_and_rejects_unreadable_lines_by_number(env, tmp_path, pool):
+    path = tmp_path / "codes.csv"
+    path.write_bytes(
+        b"payment_code,amount,invoice_number,customer_name,info1\n"
+        b'8896520000000001,1000,INV-1,"Budi\nSantoso",Cabang\n'
+        b"8896520000000002,2000,INV-2,Caf\xe9,Cabang\n"
+        b"8896520000000003,3000,INV-3,Siti,Cabang\n"
+    )
+    result = run("codes", "import", str(path), "--json", env=env)
+    assert result.returncode == 1, result.stderr
+    report = orjson.loads(result.stdout)
+    # The record spanning lines 2-3 is read whole, then refused whole (a name holds no line break):
+    # line 3 is not taken for a record of its own, and nothing of line 2 is stored.
+    assert report["rejected"] == [
+        {"line": 2, "error": "customer_name: must not contain control characters"},
+        {"line": 4, "error": "is not UTF-8 text"},
+    ]
+    assert report["imported"] == 1
+    assert asyncio.run(_names(env["DATABASE_URL"])) == {"8896520000000003": "Siti"}
+
+
+async def _names(dsn: str) -> dict[str, str]:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT payment_code, customer_name FROM payment_codes")
+    finally:
+        await conn.close()
+    return {row["payment_code"]: row["customer_name"] for row in rows}
+
+
 def test_an_import_from_standard_input_needs_a_format(env):
     result = run("codes", "import", "-", env=env, stdin=b"")
     assert result.returncode == 2

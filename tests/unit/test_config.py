@@ -102,3 +102,23 @@ def test_the_database_is_chosen_on_purpose_outside_demo():
     assert external.database_description() == "external PostgreSQL app@db.internal:5432/dipc"
     with pytest.raises(ConfigError, match="postgresql://"):
         load_settings({"DATABASE_URL": "embeded"})
+
+
+def test_the_http_edge_limits_have_documented_defaults_and_refuse_nonsense():
+    settings = load_settings({})
+    assert (settings.header_timeout_s, settings.body_timeout_s, settings.max_body_reads) == (10.0, 10.0, 128)
+    assert settings.trusted_proxies == ()
+    settings = load_settings({"DIPC_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.7,::1"})
+    assert [str(network) for network in settings.trusted_proxies] == [
+        "10.0.0.0/8",
+        "192.168.1.7/32",
+        "::1/128",
+    ]
+    for name, value in [
+        ("DIPC_TRUSTED_PROXIES", "10.0.0.0/8,proxy.local"),
+        ("DIPC_BODY_TIMEOUT_S", "nan"),
+        ("DIPC_HEADER_TIMEOUT_S", "inf"),
+        ("DIPC_MAX_BODY_READS", "0"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            load_settings({name: value})

@@ -59,3 +59,70 @@ def test_format_follows_the_extension():
     assert format_for_path("codes.CSV") == "csv"
     assert format_for_path("codes.jsonl") == "ndjson"
     assert format_for_path("codes.txt") is None
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
+
+
+async def _rows(fmt: str, chunks: list[bytes], max_line: int = 512 * 1024) -> list:
+    from server.core.imports import lines_of, read_rows
+
+    return [row async for row in read_rows(lines_of(_aiter(chunks), max_line), fmt)]
+
+
+HEADER = "payment_code,amount,invoice_number,customer_name\n"
+
+
+async def test_a_quoted_csv_field_may_span_lines_and_keeps_its_line_breaks():
+    text = HEADER + '8896500000000001,1000,INV-1,"multi\nline"\n8896500000000002,2000,INV-2,Siti\n'
+    got = await _rows("csv", [text.encode()[i : i + 7] for i in range(0, len(text.encode()), 7)])
+    assert got == [
+        (2, {"payment_code": "8896500000000001", "amount": "1000", "invoice_number": "INV-1",
+             "customer_name": "multi\nline"}, True),
+        (4, {"payment_code": "8896500000000002", "amount": "2000", "invoice_number": "INV-2",
+             "customer_name": "Siti"}, True),
+    ]  # fmt: skip
+
+
+async def test_escaped_quotes_and_commas_inside_a_multi_line_field():
+    text = HEADER + '8896500000000001,1000,INV-1,"say ""hi"",\nthen, go"\n'
+    [(line, row, _)] = await _rows("csv", [text.encode()])
+    assert (line, row["customer_name"]) == (2, 'say "hi",\nthen, go')
+
+
+async def test_a_quoted_field_that_never_closes_is_rejected_whole_at_its_first_line():
+    text = HEADER + '8896500000000001,1000,INV-1,Siti\n8896500000000002,2000,INV-2,"open\nand on\n'
+    got = await _rows("csv", [text.encode()])
+    assert got[0][0] == 2
+    assert got[1] == (3, "a quoted field never closes")
+
+
+async def test_a_line_over_the_limit_is_a_rejection_and_reading_goes_on():
+    text = HEADER + "8896500000000001,1000,INV-1," + "x" * 100 + "\n8896500000000002,2000,INV-2,Siti\n"
+    got = await _rows("csv", [text.encode()], max_line=80)
+    assert got[0] == (2, "is over 512 KiB")
+    assert got[1][0] == 3
+    assert got[1][1]["customer_name"] == "Siti"
+
+
+async def test_a_record_spanning_lines_is_capped_too():
+    from server.core import imports
+
+    text = HEADER + '8896500000000001,1000,INV-1,"' + "x\n" * 10 + '"\n8896500000000002,2000,INV-2,Siti\n'
+    original = imports.MAX_LINE_BYTES
+    imports.MAX_LINE_BYTES = 10
+    try:
+        got = await _rows("csv", [text.encode()], max_line=1000)
+    finally:
+        imports.MAX_LINE_BYTES = original
+    assert got[0][0] == 2
+    assert "over" in got[0][1]
+    assert got[1][0] == 13
+    assert got[1][1]["customer_name"] == "Siti"
+
+
+async def test_a_line_that_is_not_utf8_is_its_own_rejection():
+    got = await _rows("ndjson", [b'{"a":1}\n\xff\xfe\n{"b":2}\n'])
+    assert got == [(1, {"a": 1}, False), (2, "is not UTF-8 text"), (3, {"b": 2}, False)]
