@@ -16,8 +16,20 @@ from tests.conftest import CODE, code_fields
 from tests.hostile.conftest import assert_log_clean, assert_no_5xx, counts, examples
 from tests.hostile.strategies import content_types, hostile_text, json_values, raw_bodies
 
-LIST_ROUTES = ["/v1/payment-codes", "/v1/payments", "/v1/events", "/v1/webhook-deliveries"]
-QUERY_NAMES = ["status", "client_id", "after", "limit", "payment_code", "kind", "since", "format", "x"]
+LIST_ROUTES = [
+    "/v1/payment-codes",
+    "/v1/payments",
+    "/v1/events",
+    "/v1/webhook-deliveries",
+    "/v1/reconciliation",
+    "/v1/exceptions",
+    "/v1/inquiries",
+    "/v1/notifications",
+]
+QUERY_NAMES = [
+    "status", "client_id", "after", "limit", "payment_code", "kind", "since", "format", "state", "reason",
+    "outcome", "x",
+]  # fmt: skip
 
 # A query value as it travels: any text percent-encoded, or raw escapes of bytes that are not UTF-8.
 query_values = st.one_of(
@@ -116,7 +128,13 @@ async def test_any_change_is_applied_or_refused_without_a_trace(
 
 @given(
     path=st.sampled_from(
-        ["/v1/payment-codes", f"/v1/payment-codes/{CODE}", "/v1/webhook-deliveries/redeliver"]
+        [
+            "/v1/payment-codes",
+            f"/v1/payment-codes/{CODE}",
+            "/v1/webhook-deliveries/redeliver",
+            "/v1/reconciliation/check",
+            "/v1/exceptions/1/resolve",
+        ]
     ),
     method=st.sampled_from(["POST", "PATCH", "PUT"]),
     body=raw_bodies,
@@ -183,7 +201,25 @@ async def test_any_import_is_imported_or_rejected_by_line(
         st.one_of(
             hostile_text.map(lambda text: quote(text, safe="")),
             st.sampled_from(
-                ["..", ".", "%2e%2e", "%2F", "%00", "%ff", "v1", "payment-codes", CODE, "cancel", "doku"]
+                [
+                    "..",
+                    ".",
+                    "%2e%2e",
+                    "%2F",
+                    "%00",
+                    "%ff",
+                    "v1",
+                    "payment-codes",
+                    CODE,
+                    "cancel",
+                    "doku",
+                    "exceptions",
+                    "resolve",
+                    "reconciliation",
+                    "check",
+                    str(2**63),
+                    "-1",
+                ]
             ),
         ),
         max_size=4,
