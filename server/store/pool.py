@@ -26,6 +26,11 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # shutdown, crash recovery, statement timeout
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.InterfaceError,  # connection closed under us, pool closing
+    # asyncpg's protocol state machine, when the server goes away in the middle of a statement (fast
+    # shutdown, crash): "cannot switch to state …; another operation is in progress". Its other members
+    # (ProtocolError, OutdatedSchemaCacheError) also describe the connection, never the request, and
+    # a retry on another connection is the cure for all of them.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
