@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 
 from server.config import Settings
@@ -32,7 +33,7 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             connect_timeout=settings.db_connect_timeout_s,
         )
         yield
-        await app[POOL].close()
+        await _close_pool(app[POOL])
 
     async def health_context(app: web.Application) -> AsyncIterator[None]:
         app[HEALTH] = HealthChecker(dsn)
@@ -82,6 +83,17 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app.add_routes(ops.routes)
     app.add_subapp("/v1", admin.admin_app())
     return app
+
+
+POOL_CLOSE_TIMEOUT_S = 5.0
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    """Close gracefully, but a database that hangs does not hold the process's exit: terminate."""
+    try:
+        await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        pool.terminate()  # asyncpg has already terminated what close() left; this is idempotent
 
 
 async def _sample_pool_forever(app: web.Application, every_s: float = 5.0) -> None:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +17,8 @@ from server.doku.client import DokuSimulator
 from server.embedded import EmbeddedPostgres
 from server.store import migrate
 from tests.conftest import CLIENT, CODE, code_fields, make_settings
+
+SLACK_S = 0.5  # a loaded, shared machine: scheduling, not waiting on the database
 
 
 @pytest.fixture
@@ -103,3 +110,74 @@ async def test_a_fast_shutdown_under_load_is_a_503_never_a_500(aiohttp_client, o
     assert 503 in statuses  # the shutdown did land under load
     # (once paid, the inquiries answer 400 billing_already_paid: DOKU's words, not a failure)
     assert {status for status in statuses if status >= 500} == {503}
+
+
+def cluster_pids(server: EmbeddedPostgres) -> list[int]:
+    """The postmaster and every process it started."""
+    postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if int(fields.get("PPid", "0").strip()) == postmaster:
+                children.append(int(status.parent.name))
+    return [postmaster, *children]
+
+
+@contextlib.asynccontextmanager
+async def frozen(server: EmbeddedPostgres, seconds: float) -> AsyncIterator[None]:
+    """PostgreSQL hangs instead of refusing: every process of the cluster is stopped (SIGSTOP) for
+    ``seconds``, then continued whatever the block is doing (a request stuck on the database would
+    otherwise wait for a thaw that never comes)."""
+    pids = cluster_pids(server)
+
+    def thaw() -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    timer = asyncio.get_running_loop().call_later(seconds, thaw)
+    try:
+        yield
+        await asyncio.sleep(max(0.0, timer.when() - asyncio.get_running_loop().time()))
+    finally:
+        timer.cancel()
+        thaw()
+
+
+async def timed(request) -> tuple[int, float]:
+    started = time.perf_counter()
+    reply = await request
+    return reply.status, time.perf_counter() - started
+
+
+async def test_a_frozen_database_gets_every_request_its_503_within_its_budget(
+    aiohttp_client, own_database, admin_headers
+):
+    server, dsn = own_database
+    settings = make_settings(notification_db_timeout_s=1.5, admin_db_timeout_s=1.5)
+    client = await aiohttp_client(make_app(settings, dsn))
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    assert (await client.post("/v1/payment-codes", json=code_fields(), headers=admin_headers)).status == 201
+    assert (await doku.inquiry(CODE)).status == 200  # pooled connections exist, and are frozen below
+
+    async with frozen(server, seconds=4.0):
+        for _ in range(2):  # the first round holds pooled connections; the second needs new ones
+            inquiries = [timed(doku.inquiry(CODE)) for _ in range(6)]
+            notice = {"invoice_number": "INV-2026-000123", "amount": 150000, "original_request_id": "x"}
+            notifications = [timed(doku.notify(CODE, **notice)) for _ in range(3)]
+            admin = [timed(client.get(f"/v1/payment-codes/{CODE}", headers=admin_headers))]
+            answers = await asyncio.gather(*inquiries, *notifications, *admin)
+            budgets = [settings.doku_db_timeout_s] * 6 + [settings.notification_db_timeout_s] * 4
+            for (status, seconds), budget in zip(answers, budgets, strict=True):
+                assert status == 503
+                assert seconds < budget + SLACK_S, f"answered after {seconds:.2f} s, budget {budget} s"
+        readiness = await timed(client.get("/readyz"))
+        assert readiness[0] == 503
+        assert readiness[1] < 1.0 + SLACK_S
+        print(f"frozen: 503s within {max(s for _, s in answers):.2f} s; readyz in {readiness[1]:.2f} s")
+
+    await poll(client, "/readyz", 200, seconds=10.0)
+    assert (await doku.inquiry(CODE)).status == 200
