@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from server.cli.common import EXIT_FAILURE, CommandFailed, open_database, print_json
 from server.config import ConfigError, Settings, load_settings
+from server.embedded import EmbeddedPostgres
 from server.store import migrate
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -85,7 +86,10 @@ async def database_checks(settings: Settings) -> list[Check]:
             state = await migrate.state(conn)
     except CommandFailed as failure:
         return [Check("database", FAIL, f"{where}: {failure}")]
-    checks = [
+    checks = []
+    if settings.database_url is None:
+        checks.append(Check("embedded", OK, EmbeddedPostgres(settings.data_dir).describe()))
+    checks += [
         Check(
             "database",
             OK if version_num >= MIN_POSTGRES else FAIL,
