@@ -23,8 +23,10 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -131,16 +133,24 @@ class EmbeddedPostgres:
             "no directory dipc did not create is chmod'ed"
         )
 
-    def is_running(self) -> bool:
-        if not (self.pgdata / "PG_VERSION").exists():
+    def postmaster_alive(self) -> bool:
+        """Cheap: the server's process exists (and is not a zombie). No subprocess, no connection."""
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
             return False
-        result = subprocess.run(
-            [str(self._bin / "pg_ctl"), "-D", str(self.pgdata), "status"],
-            capture_output=True,
-            user=self._run_as,
-            check=False,
-        )
-        return result.returncode == 0
+        if not _alive(pid):
+            return False
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True  # no /proc: the signal check above is all there is
+        return state != "Z"
+
+    def is_running(self) -> bool:
+        # Not `pg_ctl status`: it takes a killed postmaster that its parent has not reaped yet (a zombie)
+        # for a running one, and the watchdog would "attach" to a dead server.
+        return (self.pgdata / "PG_VERSION").exists() and self.postmaster_alive()
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -284,6 +294,62 @@ class EmbeddedPostgres:
         )
         if result.returncode != 0:
             raise EmbeddedError(f"{program} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+class Watchdog:
+    """Restarts the embedded PostgreSQL this process owns when it dies (kill -9, the OOM killer).
+
+    A thread, so it works the same beside the event loop of ``dipc serve`` and beside the supervisor's
+    loop. PostgreSQL's crash recovery makes the restart safe: every committed transaction is replayed
+    from the WAL. An external database is never ours to restart (no watchdog runs for it).
+    """
+
+    def __init__(
+        self, server: EmbeddedPostgres, *, on_restart: Callable[[], None], every_s: float = 0.5
+    ) -> None:
+        self.server = server
+        self.on_restart = on_restart
+        self.every_s = every_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dipc-embedded-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (before the server is stopped on purpose); waits for a restart in progress."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        delay = self.every_s
+        died_at: float | None = None  # when this outage was first seen
+        while not self._stopping.wait(delay):
+            delay = self.every_s
+            if not self.server.owner or self.server.postmaster_alive():
+                continue
+            if died_at is None:
+                died_at = time.monotonic()
+                log.error("embedded.died", pgdata=str(self.server.pgdata), action="restarting")
+            try:
+                self.server.start()
+            except (EmbeddedError, OSError) as error:
+                # The dead server's processes may hold its lock file or shared memory for a moment
+                # (until their parent reaps them): try again soon, and keep trying.
+                attempt_s = time.monotonic() - died_at
+                delay = min(0.25 + attempt_s / 4, 5.0)
+                log.warning(
+                    "embedded.restart_failed", error=str(error).splitlines()[0], retry_s=round(delay, 2)
+                )
+                continue
+            self.on_restart()
+            log.warning(
+                "embedded.restarted",
+                pgdata=str(self.server.pgdata),
+                seconds=round(time.monotonic() - died_at, 3),
+            )
+            died_at = None
 
 
 def embedded_root() -> Path:

@@ -17,7 +17,8 @@ from server.app import make_app
 from server.cli.common import EXIT_USAGE, CommandFailed, open_database
 from server.config import DEMO_ADMIN_TOKEN, DEMO_CLIENT_ID, DEMO_SECRET_KEY, Settings, load_settings
 from server.core.times import utcnow
-from server.embedded import EmbeddedError, EmbeddedPostgres
+from server.embedded import EmbeddedError, EmbeddedPostgres, Watchdog
+from server.ops import metrics
 from server.ops.logging import configure_logging
 from server.store import migrate
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
@@ -102,31 +103,44 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("config.no_bins", detail="DIPC_BINS is unset: codes are not checked against BIN rules")
 
     embedded = EmbeddedPostgres(settings.data_dir) if settings.database_url is None else None
+    watchdog: Watchdog | None = None
     try:
         dsn = embedded.start() if embedded else settings.database_url
         assert dsn is not None
         seeded = asyncio.run(_prepare(settings, dsn))
         if settings.demo:
             _print_demo_banner(settings, seeded)
-        if settings.workers == 1:
+        supervisor = None
+        if settings.workers > 1:
+            worker_args = [
+                "--host",
+                settings.host,
+                "--port",
+                str(settings.port),
+                *(["--demo"] if args.demo else []),
+            ]
+            supervisor = Supervisor(
+                workers=settings.workers,
+                worker_args=worker_args,
+                env=worker_env(dsn),
+                shutdown_timeout_s=settings.shutdown_timeout_s,
+            )
+        if embedded is not None and embedded.owner:
+            # This process owns the embedded server: if it dies, this process brings it back.
+            watchdog = Watchdog(
+                embedded,
+                on_restart=lambda: metrics.count_embedded_restart(supervisor and supervisor.metrics_dir),
+            )
+            watchdog.start()
+        if supervisor is None:
             _run(settings, dsn)
             return 0
-        worker_args = [
-            "--host",
-            settings.host,
-            "--port",
-            str(settings.port),
-            *(["--demo"] if args.demo else []),
-        ]
-        return Supervisor(
-            workers=settings.workers,
-            worker_args=worker_args,
-            env=worker_env(dsn),
-            shutdown_timeout_s=settings.shutdown_timeout_s,
-        ).run()
+        return supervisor.run()
     except EmbeddedError as error:
         raise CommandFailed(f"embedded PostgreSQL: {error}", EXIT_USAGE) from None
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if embedded is not None:
             embedded.stop()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
+import time
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +22,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from server import __version__
 
@@ -107,7 +110,40 @@ BUILD_INFO = Gauge(
     multiprocess_mode="max",
 )
 
+EMBEDDED_RESTARTS = Counter(
+    "dipc_embedded_restarts",
+    "Times dipc restarted the embedded PostgreSQL it owns after it died (an external one is never ours).",
+)
+
 BUILD_INFO.labels(version=__version__, python=platform.python_version()).set(1)
+
+
+def count_embedded_restart(shared_dir: Path | None = None) -> None:
+    """One more restart of the embedded PostgreSQL.
+
+    The supervisor (``DIPC_WORKERS`` > 1) owns the database but answers no scrapes, and its own values
+    live in memory: it writes its total into ``shared_dir``, the workers' multiprocess directory, where
+    every scrape sums it with the workers' zeros.
+    """
+    global _embedded_restarts
+    _embedded_restarts += 1
+    EMBEDDED_RESTARTS.inc()
+    if shared_dir is not None and multiprocess_dir() is None:
+        values = MmapedDict(str(shared_dir / f"counter_{os.getpid()}.db"))
+        try:
+            key = mmap_key(
+                "dipc_embedded_restarts",
+                "dipc_embedded_restarts_total",
+                [],
+                [],
+                EMBEDDED_RESTARTS._documentation,
+            )
+            values.write_value(key, float(_embedded_restarts), time.time())
+        finally:
+            values.close()
+
+
+_embedded_restarts = 0
 
 
 def multiprocess_dir() -> str | None:
@@ -129,7 +165,7 @@ def exported_names() -> set[str]:
     for metric in (
         HTTP_REQUESTS, HTTP_DURATION, INQUIRIES, NOTIFICATIONS, PAYMENTS, SIGNATURE_FAILURES, DB_DURATION,
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
-        FEED_WAITERS, BUILD_INFO,
+        FEED_WAITERS, BUILD_INFO, EMBEDDED_RESTARTS,
     ):  # fmt: skip
         for family in metric.describe():
             if family.type == "counter":
