@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import sys
@@ -18,6 +19,7 @@ from server.cli.common import EXIT_USAGE, CommandFailed, open_database
 from server.config import DEMO_ADMIN_TOKEN, DEMO_CLIENT_ID, DEMO_SECRET_KEY, Settings, load_settings
 from server.core.times import utcnow
 from server.embedded import EmbeddedError, EmbeddedPostgres, Watchdog
+from server.http import drain
 from server.ops import metrics
 from server.ops.logging import configure_logging
 from server.store import migrate
@@ -183,22 +185,45 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
         clients=sorted(settings.clients),
         bins=str(settings.bins),
     )
+    # What web.run_app does, with our own stop sequence (server/http/drain.py) before aiohttp's.
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(settings, dsn, reuse_port=reuse_port))
     try:
-        web.run_app(
-            make_app(settings, dsn),
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=settings.shutdown_timeout_s,
-            access_log=None,
-            print=None,
-            reuse_port=reuse_port,
-            loop=_new_loop(),
-        )
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM, SIGINT
+        pass
     except UNAVAILABLE_ERRORS as error:  # the port is taken, or the database went away during start
         raise CommandFailed(
             f"cannot start on {settings.host}:{settings.port}: {type(error).__name__}: {error}", EXIT_USAGE
         ) from None
+    finally:
+        if not main.done():
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        asyncio.set_event_loop(None)
     log.info("server.stopped")
+
+
+async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
+    app = make_app(settings, dsn)
+    drain.install(app)
+    runner = web.AppRunner(
+        app, handle_signals=True, access_log=None, shutdown_timeout=settings.shutdown_timeout_s
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)
+        await site.start()
+        await asyncio.Future()  # until SIGTERM or SIGINT (GracefulExit) cancels this task
+    finally:
+        try:
+            await drain.answer_received(runner, app, settings.shutdown_timeout_s)
+        finally:
+            await runner.cleanup()
 
 
 def _print_demo_banner(settings: Settings, seeded: list) -> None:
