@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
+import structlog
 from aiohttp import web
 
 from server.config import Settings
@@ -16,8 +17,10 @@ from server.http.keys import HEALTH, LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
 from server.ops.health import HealthChecker
 from server.store.listener import EventListener
-from server.store.pool import create_pool
+from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 from server.webhooks.forwarder import WebhookForwarder
+
+log = structlog.get_logger(component="dipc.app")
 
 
 def make_app(settings: Settings, dsn: str) -> web.Application:
@@ -26,12 +29,21 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app[SETTINGS] = settings
 
     async def pool_context(app: web.Application) -> AsyncIterator[None]:
-        app[POOL] = await create_pool(
-            dsn,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            connect_timeout=settings.db_connect_timeout_s,
-        )
+        try:
+            app[POOL] = await create_pool(
+                dsn,
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+                connect_timeout=settings.db_connect_timeout_s,
+            )
+        except UNAVAILABLE_ERRORS as error:
+            # `dipc serve` has checked the database before it got here (and refuses to start without
+            # one); if it went away since (a worker restarted while the embedded database restarts),
+            # serve 503s until it is back rather than exit: an exit would stop every worker.
+            log.warning("db.unavailable_at_start", error=f"{type(error).__name__}: {error}")
+            app[POOL] = await create_pool(
+                dsn, min_size=0, max_size=settings.db_pool_max, connect_timeout=settings.db_connect_timeout_s
+            )
         yield
         await _close_pool(app[POOL])
 
