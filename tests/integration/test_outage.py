@@ -89,13 +89,18 @@ async def test_a_fast_shutdown_under_load_is_a_503_never_a_500(aiohttp_client, o
 
     async def traffic(n: int) -> None:
         while not stopping:
-            if n % 3:
-                reply = await doku.inquiry(CODE)
+            if n % 8 == 7:  # the event feed's long-poll
+                status = (await client.get("/v1/events?wait=0.5", headers=admin_headers)).status
+            elif n % 3:
+                status = (await doku.inquiry(CODE)).status
             else:
-                reply = await doku.notify(
-                    CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id=f"x{n}"
-                )
-            statuses.append(reply.status)
+                notice = {
+                    "invoice_number": "INV-2026-000123",
+                    "amount": 150000,
+                    "original_request_id": f"x{n}",
+                }
+                status = (await doku.notify(CODE, **notice)).status
+            statuses.append(status)
 
     for _ in range(3):
         tasks = [asyncio.create_task(traffic(n)) for n in range(24)]
