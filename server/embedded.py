@@ -145,7 +145,13 @@ class EmbeddedPostgres:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             return True  # no /proc: the signal check above is all there is
-        return state != "Z"
+        if state == "Z":
+            # Dead. When dipc is PID 1 (a container without an init) the orphaned postmaster is its child,
+            # and until someone reaps it, its pid keeps the lock file "in use" and blocks the restart.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+        return True
 
     def is_running(self) -> bool:
         # Not `pg_ctl status`: it takes a killed postmaster that its parent has not reaped yet (a zombie)
