@@ -182,7 +182,11 @@ async def test_a_frozen_database_gets_every_request_its_503_within_its_budget(
         readiness = await timed(client.get("/readyz"))
         assert readiness[0] == 503
         assert readiness[1] < 1.0 + SLACK_S
-        print(f"frozen: 503s within {max(s for _, s in answers):.2f} s; readyz in {readiness[1]:.2f} s")
+        inquiry_s = max(seconds for _, seconds in answers[:6])
+        others_s = max(seconds for _, seconds in answers[6:])
+        print(
+            f"frozen: inquiries 503 in {inquiry_s:.2f} s, others {others_s:.2f} s, readyz {readiness[1]:.2f}"
+        )
 
     await poll(client, "/readyz", 200, seconds=10.0)
     assert (await doku.inquiry(CODE)).status == 200
