@@ -333,7 +333,9 @@ class Watchdog:
         died_at: float | None = None  # when this outage was first seen
         while not self._stopping.wait(delay):
             delay = self.every_s
-            if not self.server.owner or self.server.postmaster_alive():
+            # Not `self.server.owner`: a CLI command that found the server dead may have started (and
+            # so own) it meanwhile; when it stops it on its way out, this process starts it again.
+            if self.server.postmaster_alive():
                 continue
             if died_at is None:
                 died_at = time.monotonic()
