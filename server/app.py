@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+import asyncpg
+import structlog
 from aiohttp import web
 
 from server.config import Settings
@@ -21,8 +23,10 @@ from server.ops.health import HealthChecker
 from server.ops.sampler import DatabaseSampler
 from server.reconcile.worker import Reconciler
 from server.store.listener import EventListener
-from server.store.pool import create_pool
+from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 from server.webhooks.forwarder import WebhookForwarder
+
+log = structlog.get_logger(component="dipc.app")
 
 
 def make_app(settings: Settings, dsn: str) -> web.Application:
@@ -36,15 +40,28 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app[BODY_READS] = BodyReads(settings.max_body_reads)
 
     async def pool_context(app: web.Application) -> AsyncIterator[None]:
-        app[POOL] = await create_pool(
-            dsn,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            connect_timeout=settings.db_connect_timeout_s,
-            statement_cache_size=settings.db_statement_cache_size,
-        )
+        try:
+            app[POOL] = await create_pool(
+                dsn,
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+                connect_timeout=settings.db_connect_timeout_s,
+                statement_cache_size=settings.db_statement_cache_size,
+            )
+        except UNAVAILABLE_ERRORS as error:
+            # `dipc serve` has checked the database before it got here (and refuses to start without
+            # one); if it went away since (a worker restarted while the embedded database restarts),
+            # serve 503s until it is back rather than exit: an exit would stop every worker.
+            log.warning("db.unavailable_at_start", error=f"{type(error).__name__}: {error}")
+            app[POOL] = await create_pool(
+                dsn,
+                min_size=0,
+                max_size=settings.db_pool_max,
+                connect_timeout=settings.db_connect_timeout_s,
+                statement_cache_size=settings.db_statement_cache_size,
+            )
         yield
-        await app[POOL].close()
+        await _close_pool(app[POOL])
 
     async def health_context(app: web.Application) -> AsyncIterator[None]:
         app[HEALTH] = HealthChecker(dsn, statement_cache_size=settings.db_statement_cache_size)
@@ -122,6 +139,17 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app.add_routes(ops.routes)
     app.add_subapp("/v1", admin.admin_app(casework.routes))
     return app
+
+
+POOL_CLOSE_TIMEOUT_S = 5.0
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    """Close gracefully, but a database that hangs does not hold the process's exit: terminate."""
+    try:
+        await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        pool.terminate()  # asyncpg has already terminated what close() left; this is idempotent
 
 
 async def _sample_pool_forever(app: web.Application, every_s: float = 5.0) -> None:

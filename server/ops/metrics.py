@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.metrics_core import Metric
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.registry import Collector
 
 from server import __version__
@@ -169,6 +171,11 @@ BUILD_INFO = Gauge(
     multiprocess_mode="max",
 )
 
+EMBEDDED_RESTARTS = Counter(
+    "dipc_embedded_restarts",
+    "Times dipc restarted the embedded PostgreSQL it owns after it died (an external one is never ours).",
+)
+
 BUILD_INFO.labels(version=__version__, python=platform.python_version()).set(1)
 
 RECONCILE_BACKLOG_STATES = ("pending", "gave_up")
@@ -186,6 +193,34 @@ def mark_unknown(gauge: Gauge, label_sets: tuple[tuple[str, ...], ...] = ()) -> 
             gauge.labels(*labels).set(math.nan)
     else:
         gauge.set(math.nan)
+
+
+def count_embedded_restart(shared_dir: Path | None = None) -> None:
+    """One more restart of the embedded PostgreSQL.
+
+    The supervisor (``DIPC_WORKERS`` > 1) owns the database but answers no scrapes, and its own values
+    live in memory: it writes its total into ``shared_dir``, the workers' multiprocess directory, where
+    every scrape sums it with the workers' zeros.
+    """
+    global _embedded_restarts
+    _embedded_restarts += 1
+    EMBEDDED_RESTARTS.inc()
+    if shared_dir is not None and multiprocess_dir() is None:
+        values = MmapedDict(str(shared_dir / f"counter_{os.getpid()}.db"))
+        try:
+            key = mmap_key(
+                "dipc_embedded_restarts",
+                "dipc_embedded_restarts_total",
+                [],
+                [],
+                EMBEDDED_RESTARTS._documentation,
+            )
+            values.write_value(key, float(_embedded_restarts), time.time())
+        finally:
+            values.close()
+
+
+_embedded_restarts = 0
 
 
 def multiprocess_dir() -> str | None:
@@ -284,7 +319,7 @@ def exported_names() -> set[str]:
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
         EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST_OPEN, EXCEPTION_RESOLUTIONS, FEED_WAITERS, BUILD_INFO,
         RECONCILE_CHECKS, RECONCILE_RECOVERED, RECONCILE_GAVE_UP, RECONCILE_INVOICES, RECONCILE_LAG,
-        WORKER_RESTARTS,
+        WORKER_RESTARTS, EMBEDDED_RESTARTS,
     ):  # fmt: skip
         for family in metric.describe():
             if family.type == "counter":

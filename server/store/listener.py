@@ -76,7 +76,8 @@ class EventListener:
                 continue
             try:
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
+                async with asyncio.timeout(self.connect_timeout):  # LISTEN, on a server that may hang
+                    await conn.add_listener(CHANNEL, self._on_notify)
                 self.connected.set()
                 delay = 0.2
                 self._bump()  # anything committed while we were not listening is read now

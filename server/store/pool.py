@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,7 +27,23 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # shutdown, crash recovery, statement timeout
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.InterfaceError,  # connection closed under us, pool closing
+    # asyncpg's protocol state machine, when the server goes away in the middle of a statement (fast
+    # shutdown, crash): "cannot switch to state …; another operation is in progress". Its other members
+    # (ProtocolError, OutdatedSchemaCacheError) also describe the connection, never the request, and
+    # a retry on another connection is the cure for all of them.
+    asyncpg.exceptions.InternalClientError,
 )
+
+
+# Cleaning up a connection whose statement was cancelled (ROLLBACK, asyncpg's reset) is a round trip to
+# the server, and asyncpg first waits for the server to acknowledge the cancellation. A server that hangs
+# (SIGSTOP, a stalled disk, a network partition) never does, and the request would wait with it: past
+# its deadline the connections it holds are terminated instead (see ``deadline``).
+_HELD_CONNECTIONS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "dipc_held_connections", default=None
+)
+# Outside a deadline (background work), a release gives up after this long and terminates the connection.
+RELEASE_TIMEOUT_S = 5.0
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -77,11 +94,14 @@ class FairPool(asyncpg.Pool):
             self._gate.release()
             raise
         self._held.add(id(proxy))
+        held = _HELD_CONNECTIONS.get()
+        if held is not None:
+            held.append(proxy)
         return proxy
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
         try:
-            await super().release(connection, timeout=timeout)
+            await super().release(connection, timeout=RELEASE_TIMEOUT_S if timeout is None else timeout)
         finally:
             if id(connection) in self._held:  # a second release of one proxy frees nothing twice
                 self._held.discard(id(connection))
@@ -129,13 +149,26 @@ async def create_pool(
 async def deadline(seconds: float, what: str) -> AsyncIterator[None]:
     """Run database work under a deadline; turn every "database is down" failure into Unavailable.
 
+    At the deadline the work is cancelled and every pooled connection it still holds is terminated, so
+    the caller has its answer within ``seconds`` whatever the database does: a server that hangs would
+    otherwise hold the cleanup (ROLLBACK, the release to the pool) for as long as it hangs. The pool
+    opens a new connection for the next request.
+
     Also the one place the duration of a request's database work is measured (``what`` names it).
     """
     started = time.perf_counter()
     result = "error"
+    held: list[Any] = []
+    token = _HELD_CONNECTIONS.set(held)
+    expiry = asyncio.get_running_loop().call_later(seconds, _terminate_held, held)
     try:
-        async with asyncio.timeout(seconds):
-            yield
+        async with asyncio.timeout(seconds) as scope:
+            try:
+                yield
+            except UNAVAILABLE_ERRORS:
+                if scope.expired():  # the termination above, seen by the work before the cancellation
+                    raise TimeoutError from None
+                raise
         result = "ok"
     except TimeoutError:
         result = "timeout"
@@ -146,4 +179,13 @@ async def deadline(seconds: float, what: str) -> AsyncIterator[None]:
         log.warning("db.unavailable", what=what, error=f"{type(error).__name__}: {error}")
         raise Unavailable("the database is unavailable") from error
     finally:
+        expiry.cancel()
+        _HELD_CONNECTIONS.reset(token)
         metrics.DB_DURATION.labels(what, result).observe(time.perf_counter() - started)
+
+
+def _terminate_held(held: list[Any]) -> None:
+    for proxy in held:
+        connection = proxy._con  # None once released: it may be serving another request by now
+        if connection is not None and not connection.is_closed():
+            connection.terminate()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -13,6 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import orjson
+
+from server.embedded import EmbeddedPostgres
+from tests.conftest import clean_env
 
 DIPC = [str(Path(sys.executable).with_name("dipc"))] if Path(sys.executable).with_name("dipc").exists() else [
     sys.executable, "-m", "server"
@@ -174,8 +176,7 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float = 60) -> None
 def test_the_readme_demo_serves_on_the_embedded_database(tmp_path):
     """The README's first command, minus the install: `dipc serve --demo` with no DATABASE_URL."""
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
-    env |= {"DIPC_DATA_DIR": str(tmp_path / "data"), "DIPC_PORT": str(port)}
+    env = clean_env() | {"DIPC_DATA_DIR": str(tmp_path / "data"), "DIPC_PORT": str(port)}
     server = subprocess.Popen(
         [*DIPC, "serve", "--demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -192,7 +193,7 @@ def test_the_readme_demo_serves_on_the_embedded_database(tmp_path):
         _, stderr = server.communicate(timeout=60)
     assert server.returncode == 0, stderr.decode()
     assert b"Secret key    SK-demo-do-not-use-in-production" in stderr  # the banner prints the demo identity
-    assert not processes_mentioning(str(tmp_path / "data" / "pgdata")), (
+    assert not processes_mentioning(str(EmbeddedPostgres(tmp_path / "data").pgdata)), (
         "the embedded PostgreSQL must stop too"
     )
 

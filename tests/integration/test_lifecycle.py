@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import time
+import uuid
 
 import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.doku.client import DokuSimulator
+from server.core.times import utcnow
+from server.doku.auth import signed_headers
+from server.doku.client import DokuSimulator, inquiry_body
 from server.doku.standin import DokuStandIn
 from server.store import migrate
 from tests.conftest import CLIENT, CLIENT_ID, CODE, SECRET_KEY, dipc_env, table_locked
@@ -245,4 +249,123 @@ async def test_a_worker_that_dies_is_replaced(database_url, pool):
     finally:
         server.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(server.wait, 30)
+    assert code == 0
+
+
+BURST = 32
+
+
+def signed_inquiry(code: str) -> bytes:
+    """One signed inquiry as raw HTTP/1.1 bytes, keep-alive (HTTP/1.1's default)."""
+    body = inquiry_body(code)
+    headers = signed_headers(
+        CLIENT, request_id=str(uuid.uuid4()), target="/doku/inquiry", body=body, now=utcnow(), response=False
+    )
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (
+        f"POST /doku/inquiry HTTP/1.1\r\nHost: dipc\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{head}\r\n"
+    ).encode() + body
+
+
+_unread: dict[socket.socket, bytes] = {}  # bytes received past the end of a response (the next one's)
+
+
+def read_response(sock: socket.socket) -> int:
+    """The status of one HTTP response read whole from ``sock`` (raises on a reset or an early close)."""
+    data = _unread.pop(sock, b"")
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a response")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of a response")
+        rest += chunk
+    _unread[sock] = rest[length:]
+    return int(head.split(b" ")[1])
+
+
+async def test_sigterm_answers_requests_already_sent_on_keep_alive_connections(database_url, pool):
+    await register_code(pool)
+    port = free_port()
+    server = spawn(server_env(database_url, port))
+    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+
+    def burst_then_sigterm() -> list[object]:
+        connections = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(BURST)]
+        try:
+            for sock in connections:  # open and warm: one answered request each, then idle
+                sock.sendall(signed_inquiry(CODE))
+                assert read_response(sock) == 200
+            for sock in connections:  # the burst: every request is sent before the signal
+                sock.sendall(signed_inquiry(CODE))
+            server.send_signal(signal.SIGTERM)
+            outcomes: list[object] = []
+            for sock in connections:
+                try:
+                    outcomes.append(read_response(sock))
+                except OSError as error:
+                    outcomes.append(type(error).__name__)
+            return outcomes
+        finally:
+            for sock in connections:
+                sock.close()
+
+    outcomes = await asyncio.to_thread(burst_then_sigterm)
+    code = await asyncio.to_thread(server.wait, 30)
+    assert outcomes == [200] * BURST
+    assert code == 0
+
+
+async def test_sigterm_answers_requests_queued_behind_one_in_progress_on_a_keep_alive_connection(
+    database_url, pool
+):
+    await register_code(pool)
+    port = free_port()
+    server = spawn(server_env(database_url, port, DIPC_DOKU_DB_TIMEOUT_S="20", DIPC_DB_POOL_MAX="40"))
+    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(BURST)]
+    try:
+        for sock in connections:
+            sock.sendall(signed_inquiry(CODE))
+        assert [await asyncio.to_thread(read_response, sock) for sock in connections] == [200] * BURST
+        async with table_locked(pool):  # every inquiry now waits in PostgreSQL
+            for sock in connections:
+                sock.sendall(signed_inquiry(CODE))
+            for _ in range(200):
+                waiting = await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE application_name = 'dipc' AND wait_event_type = 'Lock'"
+                )
+                if waiting == BURST:
+                    break
+                await asyncio.sleep(0.05)
+            for sock in connections:  # a second request on each, sent while the first is in progress
+                sock.sendall(signed_inquiry(CODE))
+            await asyncio.sleep(0.2)
+            server.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+
+        def answers(sock: socket.socket) -> list[object]:
+            outcomes: list[object] = []
+            for _ in range(2):
+                try:
+                    outcomes.append(read_response(sock))
+                except OSError as error:
+                    outcomes.append(type(error).__name__)
+            return outcomes
+
+        outcomes = [await asyncio.to_thread(answers, sock) for sock in connections]
+    finally:
+        for sock in connections:
+            sock.close()
+    code = await asyncio.to_thread(server.wait, 30)
+    assert outcomes == [[200, 200]] * BURST
     assert code == 0

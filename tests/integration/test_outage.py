@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +18,8 @@ from server.embedded import EmbeddedPostgres
 from server.store import migrate
 from tests.conftest import CLIENT, CODE, code_fields, make_settings
 from tests.integration.test_metrics import sampled
+
+SLACK_S = 0.5  # a loaded, shared machine: scheduling, not waiting on the database
 
 
 @pytest.fixture
@@ -94,3 +101,118 @@ async def test_without_any_readiness_probe_the_sampler_reports_the_outage(aiohtt
     await sampled(client, "dipc_database_up", 1, within_s=15)
     await sampled(client, "dipc_exceptions_open", 0, kind="conflict", reason="ALREADY_PAID")
     await sampled(client, "dipc_webhook_oldest_pending_seconds", 0)
+
+
+async def test_a_fast_shutdown_under_load_is_a_503_never_a_500(aiohttp_client, own_database, admin_headers):
+    """PostgreSQL's fast shutdown lands in the middle of statements: asyncpg then reports the dead
+    connection as "cannot switch to state …; another operation is in progress" (InternalClientError)."""
+    server, dsn = own_database
+    client = await aiohttp_client(make_app(make_settings(db_pool_min=8, db_pool_max=8), dsn))
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    assert (await client.post("/v1/payment-codes", json=code_fields(), headers=admin_headers)).status == 201
+    statuses: list[int] = []
+    stopping = False
+
+    async def traffic(n: int) -> None:
+        while not stopping:
+            if n % 8 == 7:  # the event feed's long-poll
+                status = (await client.get("/v1/events?wait=0.5", headers=admin_headers)).status
+            elif n % 3:
+                status = (await doku.inquiry(CODE)).status
+            else:
+                notice = {
+                    "invoice_number": "INV-2026-000123",
+                    "amount": 150000,
+                    "original_request_id": f"x{n}",
+                }
+                status = (await doku.notify(CODE, **notice)).status
+            statuses.append(status)
+
+    for _ in range(3):
+        tasks = [asyncio.create_task(traffic(n)) for n in range(24)]
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(server.start)
+        await asyncio.sleep(0.3)
+        stopping = True
+        await asyncio.gather(*tasks)
+        stopping = False
+    assert 503 in statuses  # the shutdown did land under load
+    # (once paid, the inquiries answer 400 billing_already_paid: DOKU's words, not a failure)
+    assert {status for status in statuses if status >= 500} == {503}
+
+
+def cluster_pids(server: EmbeddedPostgres) -> list[int]:
+    """The postmaster and every process it started."""
+    postmaster = int((server.pgdata / "postmaster.pid").read_text().split()[0])
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if int(fields.get("PPid", "0").strip()) == postmaster:
+                children.append(int(status.parent.name))
+    return [postmaster, *children]
+
+
+@contextlib.asynccontextmanager
+async def frozen(server: EmbeddedPostgres, seconds: float) -> AsyncIterator[None]:
+    """PostgreSQL hangs instead of refusing: every process of the cluster is stopped (SIGSTOP) for
+    ``seconds``, then continued whatever the block is doing (a request stuck on the database would
+    otherwise wait for a thaw that never comes)."""
+    pids = cluster_pids(server)
+
+    def thaw() -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    timer = asyncio.get_running_loop().call_later(seconds, thaw)
+    try:
+        yield
+        await asyncio.sleep(max(0.0, timer.when() - asyncio.get_running_loop().time()))
+    finally:
+        timer.cancel()
+        thaw()
+
+
+async def timed(request) -> tuple[int, float]:
+    started = time.perf_counter()
+    reply = await request
+    return reply.status, time.perf_counter() - started
+
+
+async def test_a_frozen_database_gets_every_request_its_503_within_its_budget(
+    aiohttp_client, own_database, admin_headers
+):
+    server, dsn = own_database
+    settings = make_settings(notification_db_timeout_s=1.5, admin_db_timeout_s=1.5)
+    client = await aiohttp_client(make_app(settings, dsn))
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    assert (await client.post("/v1/payment-codes", json=code_fields(), headers=admin_headers)).status == 201
+    assert (await doku.inquiry(CODE)).status == 200  # pooled connections exist, and are frozen below
+
+    async with frozen(server, seconds=4.0):
+        for _ in range(2):  # the first round holds pooled connections; the second needs new ones
+            inquiries = [timed(doku.inquiry(CODE)) for _ in range(6)]
+            notice = {"invoice_number": "INV-2026-000123", "amount": 150000, "original_request_id": "x"}
+            notifications = [timed(doku.notify(CODE, **notice)) for _ in range(3)]
+            admin = [timed(client.get(f"/v1/payment-codes/{CODE}", headers=admin_headers))]
+            answers = await asyncio.gather(*inquiries, *notifications, *admin)
+            budgets = [settings.doku_db_timeout_s] * 6 + [settings.notification_db_timeout_s] * 4
+            for (status, seconds), budget in zip(answers, budgets, strict=True):
+                assert status == 503
+                assert seconds < budget + SLACK_S, f"answered after {seconds:.2f} s, budget {budget} s"
+        readiness = await timed(client.get("/readyz"))
+        assert readiness[0] == 503
+        assert readiness[1] < 1.0 + SLACK_S
+        inquiry_s = max(seconds for _, seconds in answers[:6])
+        others_s = max(seconds for _, seconds in answers[6:])
+        print(
+            f"frozen: inquiries 503 in {inquiry_s:.2f} s, others {others_s:.2f} s, readyz {readiness[1]:.2f}"
+        )
+
+    await poll(client, "/readyz", 200, seconds=10.0)
+    assert (await doku.inquiry(CODE)).status == 200

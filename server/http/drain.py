@@ -1,0 +1,93 @@
+"""A graceful stop that answers what it has received.
+
+aiohttp's own stop marks every connection as closing at once: bytes that had already arrived on a
+keep-alive connection (a request DOKU sent just before the signal, or one queued behind a request in
+progress) are then dropped, and the client sees its request go unanswered. Before handing over to
+aiohttp's stop, ``answer_received`` stops listening, waits (within the shutdown timeout) until every
+request already received has started, and closes each idle keep-alive connection as soon as nothing is
+waiting on it. While the server stops, a response says ``Connection: close`` unless another request is
+already queued behind it, so clients do not send more on a connection about to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import struct
+import termios
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger(component="dipc.http")
+
+POLL_S = 0.02
+
+
+@dataclass
+class Stopping:
+    """Whether this process is stopping; shared by the stop sequence and every response."""
+
+    now: bool = False
+
+
+STOPPING = web.AppKey("stopping", Stopping)
+
+
+def install(app: web.Application) -> None:
+    app[STOPPING] = Stopping()
+    app.on_response_prepare.append(_close_after_response)
+
+
+async def _close_after_response(request: web.Request, response: web.StreamResponse) -> None:
+    stopping = request.config_dict.get(STOPPING)
+    if stopping is not None and stopping.now and not _has_waiting_request(request.protocol):
+        response.force_close()
+
+
+async def answer_received(runner: web.AppRunner, app: web.Application, timeout_s: float) -> None:
+    """Stop listening; answer what was received; close idle connections cleanly. Then aiohttp stops."""
+    app[STOPPING].now = True
+    for site in list(runner.sites):
+        await site.stop()
+    server = runner.server
+    if server is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        waiting = 0
+        for connection in server.connections:
+            if _closing(connection):
+                continue
+            if _has_waiting_request(connection):
+                waiting += 1  # received, not started yet (maybe queued behind one in progress): it will be
+            elif not connection._request_in_progress:
+                connection.close()  # idle: nothing received, nothing lost
+            # else: only an answer in progress, which aiohttp's stop waits for
+        if not waiting:
+            return
+        if loop.time() >= deadline:
+            log.warning("server.drain_timeout", unanswered_connections=waiting, seconds=timeout_s)
+            return
+        await asyncio.sleep(POLL_S)
+
+
+def _closing(connection: web.RequestHandler) -> bool:
+    return connection.transport is None or connection._close or connection._force_close
+
+
+def _has_waiting_request(connection: web.RequestHandler) -> bool:
+    """Bytes of a request are queued in aiohttp, or wait unread in the socket."""
+    if getattr(connection, "_messages", None):
+        return True
+    transport = connection.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    try:
+        unread = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return False
+    return struct.unpack("i", unread)[0] > 0

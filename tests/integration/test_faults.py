@@ -1,0 +1,397 @@
+"""The fault suite: the database killed, stopped, frozen and restarted, and dipc itself killed and
+SIGTERMed, each in the middle of a burst of DOKU inquiries and notifications.
+
+Every scenario runs the real ``dipc serve`` process against a PostgreSQL cluster of its own, and asserts
+what DOKU and the merchant would see: every request answered within its budget (plus slack for a
+loaded machine) with a 200 or a deliberate 503; after DOKU-style resends of everything not acknowledged,
+every notification is recorded exactly once, every 200 has its row; and no person had to do anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from server.doku.client import DokuSimulator, inquiry_body, notification_body
+from server.embedded import EmbeddedPostgres
+from server.store import migrate
+from tests.conftest import CLIENT, CLIENT_ID, clean_env, dipc_env
+from tests.integration.test_cli import DIPC, free_port
+from tests.integration.test_outage import cluster_pids
+
+INQUIRY_BUDGET_S = 0.8  # the default DIPC_DOKU_DB_TIMEOUT_S
+NOTIFICATION_BUDGET_S = 2.0  # DIPC_NOTIFICATION_DB_TIMEOUT_S for these servers (default 5)
+SLACK_S = 1.0  # two shared cores, five test suites: scheduling, never waiting on the database
+BUDGET_ENV = {
+    "DIPC_DOKU_DB_TIMEOUT_S": str(INQUIRY_BUDGET_S),
+    "DIPC_NOTIFICATION_DB_TIMEOUT_S": str(NOTIFICATION_BUDGET_S),
+    "DIPC_LOG_LEVEL": "INFO",
+    "DIPC_ADMIN_TOKEN": "t",
+}
+PER_BURST = 120  # notifications per burst; as many inquiries beside them
+
+
+class Dipc:
+    """A ``dipc serve`` process; its log goes to a file (a pipe nobody reads would block it)."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.env = env | {"DIPC_PORT": str(self.port)}
+        self.log = log
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen([*DIPC, "serve"], env=self.env, stdout=log, stderr=log)
+        wait_until(lambda: self._ready(), 60, f"{self.url}/readyz did not become ready")
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"dipc exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
+        return http_status(f"{self.url}/readyz") == 200
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def http_status(url: str) -> int | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def wait_until(check, seconds: float, message: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(message)
+
+
+@dataclass
+class Burst:
+    """What DOKU saw: per request, the status (None: no answer) and how long it took."""
+
+    answers: list[tuple[str, int | None, float]] = field(default_factory=list)
+    acknowledged: set[str] = field(default_factory=set)
+
+    def check_budgets(self) -> None:
+        for kind, status, seconds in self.answers:
+            budget = INQUIRY_BUDGET_S if kind == "inquiry" else NOTIFICATION_BUDGET_S
+            assert seconds < budget + SLACK_S, f"{kind} answered {status} after {seconds:.2f} s"
+            assert status in (None, 200, 503), f"{kind} answered {status}"
+
+    def statuses(self) -> set[int | None]:
+        return {status for _, status, _ in self.answers}
+
+
+async def burst(
+    url: str, notifications: dict[str, bytes], inquiries: list[str], *, fault=None, after: int = 40
+) -> Burst:
+    """Send every notification and inquiry once, 32 at a time; ``fault()`` runs after ``after`` answers."""
+    result = Burst()
+    gate = asyncio.Semaphore(32)
+    answered = 0
+    faulted = asyncio.Event()
+    fault_task: list[asyncio.Task] = []
+
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=32), timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+        doku = DokuSimulator(session, url, CLIENT)
+
+        async def send(kind: str, key: str, body: bytes) -> None:
+            nonlocal answered
+            async with gate:
+                started = time.perf_counter()
+                try:
+                    path = "/doku/notification" if kind == "notification" else "/doku/inquiry"
+                    reply = await doku.post(path, body)
+                    status: int | None = reply.status
+                except (aiohttp.ClientError, TimeoutError):
+                    status = None
+                result.answers.append((kind, status, time.perf_counter() - started))
+                if kind == "notification" and status == 200:
+                    result.acknowledged.add(key)
+                answered += 1
+                if fault is not None and answered >= after and not faulted.is_set():
+                    faulted.set()
+                    fault_task.append(asyncio.create_task(fault()))
+
+        sends = [send("notification", code, body) for code, body in notifications.items()]
+        sends += [send("inquiry", code, inquiry_body(code)) for code in inquiries]
+        # Interleaved, so both kinds are in flight when the fault lands.
+        mixed = [
+            item
+            for pair in zip(sends[: len(inquiries)], sends[len(notifications) :], strict=False)
+            for item in pair
+        ]
+        mixed += sends[len(inquiries) : len(notifications)]
+        await asyncio.gather(*mixed)
+        if fault_task:
+            await fault_task[0]
+    return result
+
+
+async def resend_until_acknowledged(url: str, bodies: dict[str, bytes], seconds: float = 40) -> float:
+    """DOKU's retries, compressed: resend what is not acknowledged until all of it is. Returns seconds."""
+    started = time.monotonic()
+    waiting = dict(bodies)
+    while waiting:
+        assert time.monotonic() - started < seconds, f"{len(waiting)} notifications never acknowledged"
+        result = await burst(url, waiting, [])
+        for code in result.acknowledged:
+            waiting.pop(code)
+        if waiting:
+            await asyncio.sleep(0.3)
+    return time.monotonic() - started
+
+
+async def register_codes(dsn: str, prefix: str, count: int) -> list[str]:
+    codes = [f"88965{prefix}{n:0{11 - len(prefix)}d}" for n in range(count)]
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.copy_records_to_table(
+            "payment_codes",
+            records=[(code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan") for code in codes],
+            columns=["payment_code", "client_id", "channel", "invoice_number", "amount", "customer_name"],
+        )
+    finally:
+        await conn.close()
+    return codes
+
+
+def notifications_for(codes: list[str]) -> dict[str, bytes]:
+    return {
+        code: notification_body(
+            code, invoice_number=f"INV-{code}", amount=10_000, original_request_id=f"trx-{code}"
+        )
+        for code in codes
+    }
+
+
+async def check_recorded_once(dsn: str, codes: list[str], acknowledged: set[str]) -> None:
+    """Every acknowledged notification has its row; after the resends, every code is paid exactly once."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT payment_code, count(*) AS n, bool_and(kind = 'normal') AS normal FROM payments "
+            "WHERE payment_code = ANY($1) GROUP BY payment_code",
+            codes,
+        )
+        paid = await conn.fetchval(
+            "SELECT count(*) FROM payment_codes "
+            "WHERE payment_code = ANY($1) AND status = 'paid' AND paid_count = 1",
+            codes,
+        )
+    finally:
+        await conn.close()
+    recorded = {row["payment_code"]: row for row in rows}
+    assert acknowledged <= set(recorded)
+    assert set(recorded) == set(codes)
+    assert all(row["n"] == 1 and row["normal"] for row in rows)
+    assert paid == len(codes)
+
+
+async def scenario(dipc: Dipc, dsn: str, prefix: str, fault, *, after: int = 40) -> Burst:
+    """One burst with ``fault`` in the middle, then DOKU's resends; the common assertions."""
+    notification_codes = await register_codes(dsn, prefix + "1", PER_BURST)
+    inquiry_codes = await register_codes(dsn, prefix + "2", PER_BURST)
+    bodies = notifications_for(notification_codes)
+    result = await burst(dipc.url, bodies, inquiry_codes, fault=fault, after=after)
+    result.check_budgets()
+    recovered_s = await resend_until_acknowledged(dipc.url, bodies)
+    await check_recorded_once(dsn, notification_codes, result.acknowledged)
+    statuses = sorted(str(status) for status in result.statuses())
+    slowest = max(seconds for _, _, seconds in result.answers)
+    acked = len(result.acknowledged)
+    print(f"{prefix}: {statuses}, {acked} acked, slowest {slowest:.2f} s, resent {recovered_s:.1f} s")
+    return result
+
+
+# --- the database fails under a running dipc -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    """An external PostgreSQL for dipc: ours to stop, freeze and restart, never dipc's."""
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("faults-pg"), durable=False)
+    dsn = server.start()
+    asyncio.run(migrate.migrate_dsn(dsn))
+    yield server, dsn
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dipc_on_own_cluster(own_cluster, tmp_path_factory) -> Iterator[Dipc]:
+    _, dsn = own_cluster
+    dipc = Dipc(
+        dipc_env(dsn, **BUDGET_ENV, DIPC_DB_POOL_MAX="16"), tmp_path_factory.mktemp("faults") / "dipc.log"
+    )
+    dipc.start()
+    yield dipc
+    dipc.stop()
+
+
+async def test_database_stopped_and_restarted_mid_burst(own_cluster, dipc_on_own_cluster):
+    server, dsn = own_cluster
+
+    async def stop_and_restart() -> None:
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(server.start)
+
+    server.owner = True  # the fixture's own cluster: this test stops and starts it
+    result = await scenario(dipc_on_own_cluster, dsn, "1", stop_and_restart)
+    assert 503 in result.statuses()
+    assert None not in result.statuses()  # dipc itself never stopped answering
+    assert "http.unhandled" not in dipc_on_own_cluster.log_text()
+
+
+async def test_database_frozen_mid_burst(own_cluster, dipc_on_own_cluster):
+    server, dsn = own_cluster
+
+    async def freeze() -> None:
+        pids = cluster_pids(server)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(3.0)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
+    result = await scenario(dipc_on_own_cluster, dsn, "2", freeze)
+    assert 503 in result.statuses()
+    assert None not in result.statuses()
+    assert "http.unhandled" not in dipc_on_own_cluster.log_text()
+
+
+# --- dipc fails -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+async def test_dipc_killed_or_stopped_mid_burst_and_started_again(own_cluster, tmp_path, signum):
+    _, dsn = own_cluster
+    dipc = Dipc(dipc_env(dsn, **BUDGET_ENV), tmp_path / "dipc.log")
+    dipc.start()
+
+    async def kill_and_restart() -> None:
+        dipc.signal(signum)
+        await asyncio.to_thread(dipc.process.wait, 30)
+        await asyncio.to_thread(dipc.start)  # the service manager's restart
+
+    try:
+        prefix = "3" if signum == signal.SIGKILL else "4"
+        result = await scenario(dipc, dsn, prefix, kill_and_restart)
+    finally:
+        code = dipc.stop()
+    assert None in result.statuses() or signum == signal.SIGTERM  # a kill drops connections
+    assert code == 0
+
+
+# --- the embedded database dies under the dipc that owns it ----------------------------------------
+
+
+@pytest.fixture
+async def dipc_owning_embedded(tmp_path) -> AsyncIterator[tuple[Dipc, EmbeddedPostgres]]:
+    data_dir = tmp_path / "data"
+    env = clean_env() | dipc_env("", **BUDGET_ENV)
+    env.pop("DATABASE_URL")
+    dipc = Dipc(env | {"DIPC_DATA_DIR": str(data_dir)}, tmp_path / "dipc.log")
+    await asyncio.to_thread(dipc.start)
+    yield dipc, EmbeddedPostgres(data_dir)
+    code = await asyncio.to_thread(dipc.stop)
+    assert code == 0
+
+
+def restarts_metric(url: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:  # noqa: S310 - loopback
+        for line in response.read().decode().splitlines():
+            if line.startswith("dipc_embedded_restarts_total "):
+                return float(line.split()[1])
+    raise AssertionError("dipc_embedded_restarts_total is not exported")
+
+
+async def test_embedded_database_killed_mid_burst_is_restarted_by_dipc(dipc_owning_embedded):
+    dipc, embedded = dipc_owning_embedded
+    assert await asyncio.to_thread(restarts_metric, dipc.url) == 0
+    killed_at: list[float] = []
+
+    async def kill_postmaster() -> None:
+        postmaster = int((embedded.pgdata / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    result = await scenario(dipc, embedded.dsn, "5", kill_postmaster)
+    assert None not in result.statuses()
+    await asyncio.to_thread(wait_until, lambda: restarts_metric(dipc.url) == 1, 5, "restart not counted")
+    log = dipc.log_text()
+    assert "embedded.died" in log
+    assert "embedded.restarted" in log
+    assert "http.unhandled" not in log
+
+
+async def test_with_several_workers_the_supervisor_restarts_the_embedded_database(tmp_path):
+    data_dir = tmp_path / "data"
+    env = clean_env() | dipc_env("", **BUDGET_ENV) | {"DIPC_DATA_DIR": str(data_dir), "DIPC_WORKERS": "2"}
+    env.pop("DATABASE_URL")
+    dipc = Dipc(env, tmp_path / "dipc.log")
+    await asyncio.to_thread(dipc.start)
+    try:
+        embedded = EmbeddedPostgres(data_dir)
+
+        def both_workers_serve() -> bool:  # a worker still starting would refuse to (and stop them all)
+            http_status(f"{dipc.url}/readyz")
+            served = [line for line in dipc.log_text().splitlines() if '"http.request"' in line]
+            return all(any(f'"worker":{n},' in line for line in served) for n in (0, 1))
+
+        await asyncio.to_thread(wait_until, both_workers_serve, 30, "a worker did not start")
+        assert await asyncio.to_thread(restarts_metric, dipc.url) == 0
+        os.kill(int((embedded.pgdata / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        await asyncio.sleep(0.5)
+        back = await asyncio.to_thread(
+            wait_until, lambda: http_status(f"{dipc.url}/readyz") == 200, 30, "no restart"
+        )
+        print(f"supervisor: ready again {back + 0.5:.1f} s after the kill")
+        # counted once the restart returned (a moment after the database answers), whichever worker answers
+        await asyncio.to_thread(wait_until, lambda: restarts_metric(dipc.url) == 1, 5, "restart not counted")
+    finally:
+        code = await asyncio.to_thread(dipc.stop)
+    assert code == 0
+    assert "embedded.restarted" in dipc.log_text()
