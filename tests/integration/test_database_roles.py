@@ -219,7 +219,12 @@ def test_wrong_credentials_end_in_one_line_and_exit_2(database_url, password_rol
 
 
 def test_outside_demo_the_embedded_database_must_be_chosen(tmp_path):
-    base = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
+    # As root the session's own DIPC_EMBEDDED_ROOT (tests/conftest.py) is kept: never /var/lib/dipc.
+    base = {
+        key: value
+        for key, value in os.environ.items()
+        if key == "DIPC_EMBEDDED_ROOT" or not key.startswith(("DIPC_", "DATABASE_URL"))
+    }
     env = base | {
         "DIPC_CLIENT_ID": "MCH-1",
         "DIPC_SECRET_KEY": "SK-1",
@@ -234,6 +239,7 @@ def test_outside_demo_the_embedded_database_must_be_chosen(tmp_path):
 
     chosen = run("migrate", env=env | {"DATABASE_URL": "embedded"})
     assert chosen.returncode == 0, chosen.stderr
-    assert (tmp_path / "data" / "pgdata").is_dir()
+    assert b"up to date" in chosen.stdout  # opening the embedded database brought its schema
+    assert (tmp_path / "data").is_dir()
     listed = run("codes", "list", "--demo", env=env)  # --demo means the embedded database too
     assert listed.returncode == 0, listed.stderr

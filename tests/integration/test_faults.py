@@ -330,7 +330,7 @@ async def test_dipc_killed_or_stopped_mid_burst_and_started_again(own_cluster, t
 async def dipc_owning_embedded(tmp_path) -> AsyncIterator[tuple[Dipc, EmbeddedPostgres]]:
     data_dir = tmp_path / "data"
     env = clean_env() | dipc_env("", **BUDGET_ENV)
-    env.pop("DATABASE_URL")
+    env["DATABASE_URL"] = "embedded"  # chosen on purpose (outside --demo it must be)
     dipc = Dipc(env | {"DIPC_DATA_DIR": str(data_dir)}, tmp_path / "dipc.log")
     await asyncio.to_thread(dipc.start)
     yield dipc, EmbeddedPostgres(data_dir)
@@ -370,7 +370,7 @@ async def test_embedded_database_killed_mid_burst_is_restarted_by_dipc(dipc_owni
 async def test_with_several_workers_the_supervisor_restarts_the_embedded_database(tmp_path):
     data_dir = tmp_path / "data"
     env = clean_env() | dipc_env("", **BUDGET_ENV) | {"DIPC_DATA_DIR": str(data_dir), "DIPC_WORKERS": "2"}
-    env.pop("DATABASE_URL")
+    env["DATABASE_URL"] = "embedded"  # chosen on purpose (outside --demo it must be)
     dipc = Dipc(env, tmp_path / "dipc.log")
     await asyncio.to_thread(dipc.start)
     try:

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,8 +65,9 @@ def bouncer(database_url: str, tmp_path: Path) -> Iterator[Bouncer]:
     version_text = subprocess.run([PGBOUNCER, "--version"], capture_output=True, text=True).stdout
     version = tuple(int(n) for n in re.search(r"(\d+)\.(\d+)", version_text).groups())
     port = free_port()
-    home = tmp_path / "pgbouncer"
-    home.mkdir()
+    # pgbouncer refuses to run as root, so as root it runs as another user, which must reach its folder:
+    # one this test creates for it (the test's tmp_path sits under pytest's 0700 base directory).
+    home = Path(tempfile.mkdtemp(prefix="dipc-pgbouncer-"))
     (home / "pgbouncer.ini").write_text(
         f"""
 [databases]
@@ -95,7 +97,6 @@ pidfile = {home}/pgbouncer.pid
                 continue
             user = candidate
             break
-        os.chmod(tmp_path, 0o755)  # noqa: S103 - pgbouncer runs as another user and reads its folder
         shutil.chown(home, user)
     process = subprocess.Popen(
         [PGBOUNCER, str(home / "pgbouncer.ini")], user=user, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -115,6 +116,7 @@ pidfile = {home}/pgbouncer.pid
     finally:
         process.terminate()
         process.wait(10)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 async def test_dipc_serves_through_a_transaction_pooling_pgbouncer(
