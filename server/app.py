@@ -17,6 +17,7 @@ from server.http import admin, casework, inquiry, notification, ops
 from server.http.bodies import BODY_READS, BodyReads
 from server.http.keys import CHECK_STATUS, HEALTH, LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
+from server.http.ports import split_by_port
 from server.http.protocol import EdgeApplication
 from server.ops import metrics
 from server.ops.health import HealthChecker
@@ -32,7 +33,8 @@ log = structlog.get_logger(component="dipc.app")
 def make_app(settings: Settings, dsn: str) -> web.Application:
     """The whole service for ``settings``, talking to the database at ``dsn``."""
     # EdgeApplication: aiohttp's, with the header-read timeout and our answer to unparseable requests.
-    app = EdgeApplication(middlewares=[observe], client_max_size=settings.max_body_bytes)
+    middlewares = [observe] if settings.admin_port is None else [observe, split_by_port(settings)]
+    app = EdgeApplication(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     metrics.preinitialise(
         doku_routes=(settings.inquiry_path, settings.notification_path), client_ids=settings.client_ids

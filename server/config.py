@@ -48,6 +48,9 @@ class Settings:
     data_dir: Path = Path(".dipc")
     host: str = "127.0.0.1"
     port: int = 8080
+    # The admin API and /metrics on a port of their own (server/http/ports.py); None: all on `port`.
+    admin_port: int | None = None
+    admin_host: str | None = None  # None: `host`
     workers: int = 1
     clients: Mapping[str, Client] = field(default_factory=dict)
     admin_tokens: tuple[str, ...] = ()
@@ -135,6 +138,10 @@ class Settings:
         keyless = sorted(client_id for client_id, client in self.clients.items() if not client.secret_keys)
         if keyless:
             raise ConfigError(f"no secret key for DOKU client(s) {', '.join(keyless)}: set DIPC_SECRET_KEY")
+        if self.admin_port is not None and self.admin_port == self.port:
+            raise ConfigError(
+                f"DIPC_ADMIN_PORT={self.admin_port} is DIPC_PORT too: the admin API needs a port of its own"
+            )
         if self.webhook_url and not self.webhook_secrets:
             raise ConfigError("DIPC_WEBHOOK_URL needs DIPC_WEBHOOK_SECRET: webhooks are always signed")
 
@@ -311,6 +318,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         data_dir=Path(env.get("DIPC_DATA_DIR", "").strip() or ".dipc"),
         host=env.get("DIPC_HOST", "").strip() or "127.0.0.1",
         port=_int(env, "DIPC_PORT", 8080),
+        admin_port=_int(env, "DIPC_ADMIN_PORT", 0, minimum=0) or None,
+        admin_host=env.get("DIPC_ADMIN_HOST", "").strip() or None,
         workers=_int(env, "DIPC_WORKERS", 1, minimum=1),
         clients=clients,
         admin_tokens=admin_tokens,
@@ -356,6 +365,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
     )
     if settings.inquiry_path == settings.notification_path:
         raise ConfigError("DIPC_INQUIRY_PATH and DIPC_NOTIFICATION_PATH must differ")
+    if settings.admin_port is not None and settings.admin_port > 65535:
+        raise ConfigError(f"DIPC_ADMIN_PORT={settings.admin_port} is not a TCP port")
     if settings.db_pool_min > settings.db_pool_max:
         raise ConfigError("DIPC_DB_POOL_MIN must not exceed DIPC_DB_POOL_MAX")
     return settings

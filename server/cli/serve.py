@@ -235,6 +235,7 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
         "server.starting",
         host=settings.host,
         port=settings.port,
+        admin_port=settings.admin_port,
         inquiry_path=settings.inquiry_path,
         database="embedded" if settings.database_url is None else "external",
         clients=sorted(settings.clients),
@@ -275,6 +276,9 @@ async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)
         await site.start()
+        if settings.admin_port is not None:  # the admin API and /metrics apart (server/http/ports.py)
+            admin_host = settings.admin_host or settings.host
+            await web.TCPSite(runner, admin_host, settings.admin_port, reuse_port=reuse_port).start()
         await asyncio.Future()  # until SIGTERM or SIGINT (GracefulExit) cancels this task
     finally:
         try:

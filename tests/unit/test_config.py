@@ -122,3 +122,15 @@ def test_the_http_edge_limits_have_documented_defaults_and_refuse_nonsense():
     ]:
         with pytest.raises(ConfigError, match=name):
             load_settings({name: value})
+
+
+def test_an_admin_port_is_a_port_of_its_own():
+    assert load_settings({}).admin_port is None
+    settings = load_settings({"DIPC_ADMIN_PORT": "9090", "DIPC_ADMIN_HOST": "127.0.0.1"})
+    assert (settings.admin_port, settings.admin_host) == (9090, "127.0.0.1")
+    for bad in ("http", "-1", "70000"):
+        with pytest.raises(ConfigError, match="DIPC_ADMIN_PORT"):
+            load_settings({"DIPC_ADMIN_PORT": bad})
+    same = load_settings({"DIPC_ADMIN_PORT": "8080", "DIPC_CLIENT_ID": "M", "DIPC_SECRET_KEY": "K"})
+    with pytest.raises(ConfigError, match="a port of its own"):
+        same.require_serving()
