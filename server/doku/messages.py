@@ -29,6 +29,29 @@ class InquiryMessage:
     channel: str
 
 
+def _has_nul(value: Any) -> bool:
+    """Whether a NUL character is in any string (or member name) of a decoded JSON document."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
+def _load_without_nul(body: bytes) -> dict[str, Any]:
+    """A DOKU message as a JSON object; a NUL character anywhere in it makes it unreadable.
+
+    PostgreSQL cannot store NUL in text, and no real identifier holds one: such a message is refused as
+    malformed (its raw bytes are still kept in the inbox), never a database error halfway through.
+    """
+    data = load_object(body)
+    if _has_nul(data):
+        raise InvalidField("body", "must not contain a NUL character (\\u0000)")
+    return data
+
+
 def member(data: dict[str, Any], path: str) -> Any:
     """``data["a"]["b"]`` for ``path="a.b"``; None where any step is missing or not an object."""
     value: Any = data
@@ -165,7 +188,7 @@ def _rupiah(value: Any) -> int:
 def parse_notification(body: bytes) -> NotificationMessage:
     """A payment notification. Lenient where money was already taken: an unknown channel or an
     unreadable transaction date is kept as far as it goes, never a reason to refuse the record."""
-    data = load_object(body)
+    data = _load_without_nul(body)
     amount = _rupiah(member(data, "order.amount"))
     date_text = member(data, "transaction.date")
     try:
@@ -221,7 +244,7 @@ def parse_check_status(body: bytes, *, payment_code: str, invoice_number: str) -
     What is present must be about the invoice asked for; a paid answer must say how much was paid.
     Raises :class:`DipcError` (an unreadable answer, never read as "unpaid").
     """
-    data = load_object(body)
+    data = _load_without_nul(body)
     status = (_text_member(data, "transaction.status", required=True) or "").upper()
     answered_invoice = _text_member(
         data, "order.invoice_number", required=False, max_length=conventions.INVOICE_MAX_LENGTH

@@ -1,0 +1,94 @@
+"""A hostile or broken DOKU (spec §8): whatever Check Status answers, no wrong payment and no crash.
+
+Found in review: identifiers PostgreSQL cannot store (NUL), and a redirect that hands the signed
+request, and the answer we trust, to another server.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from server.app import make_app
+from server.doku.client import DokuSimulator, notification_body
+from server.doku.standin import DokuStandIn, Scripted
+from tests.conftest import CLIENT, CLIENT_ID, CODE
+from tests.integration.test_reconciliation import (
+    INVOICE,
+    eventually,
+    payments,
+    reconciling_settings,
+    register,
+    row,
+)
+
+
+@pytest.fixture
+async def standin(aiohttp_server) -> tuple[DokuStandIn, TestServer]:
+    doku = DokuStandIn({CLIENT_ID: CLIENT})
+    server = await aiohttp_server(doku.app())
+    yield doku, server
+    assert doku.problems == [], "dipc sent a Check Status request DOKU would refuse"
+
+
+def _with_nul_in(member: str) -> bytes:
+    document = orjson.loads(notification_body(CODE, invoice_number=INVOICE, amount=150000))
+    if member == "original_request_id":
+        document["transaction"]["original_request_id"] = "ref\u0000-1"
+    elif member == "agent_trx_id":
+        document["online_to_offline_payment"]["identifier"].append(
+            {"name": "AGENT_TRX_ID", "value": "12\u00004"}
+        )
+    elif member == "agent_id":
+        document["online_to_offline_payment"]["identifier"][0]["value"] = "ALFA\u0000MART"
+    return orjson.dumps(document)
+
+
+@pytest.mark.parametrize("member", ["original_request_id", "agent_trx_id", "agent_id"])
+async def test_a_paid_answer_with_a_nul_in_an_identifier_is_unreadable_not_a_crash(
+    aiohttp_client, pool, database_url, standin, admin_headers, member, capsys
+):
+    doku, server = standin
+    dipc = await aiohttp_client(make_app(reconciling_settings(server), database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin_headers)
+    await doku_sim.inquiry(CODE)
+    doku.script(INVOICE, Scripted(body=_with_nul_in(member)))
+    doku.pay(CODE, INVOICE, 150000, original_request_id="the-real-one")  # the next, sane answer
+
+    async def checked():
+        invoice = await row(pool, CODE, INVOICE)
+        return invoice if invoice["last_result"] is not None else None
+
+    invoice = await eventually(checked)
+    assert (invoice["last_result"], invoice["state"]) == ("unreadable", "pending")
+    assert await payments(pool) == []
+    # The next check on the schedule finds the payment, once.
+    [payment] = await eventually(lambda: payments(pool))
+    assert payment["transaction_ref"] == "the-real-one"
+    logged = capsys.readouterr()
+    assert "Traceback" not in logged.out + logged.err
+
+
+@pytest.mark.parametrize("member", ["original_request_id", "agent_trx_id", "agent_id", "acquirer_id"])
+async def test_a_notification_with_a_nul_in_an_identifier_is_rejected_and_kept(
+    client, doku, admin_headers, pool, member, capsys
+):
+    """A signed notification PostgreSQL cannot store as text: rejected (kept raw in the inbox), not a 500."""
+    await register(client, admin_headers)
+    if member == "acquirer_id":
+        document = orjson.loads(notification_body(CODE, invoice_number=INVOICE, amount=150000))
+        document["channel"]["id"] = "SOMETHING_ELSE"
+        document["acquirer"]["id"] = "AL\u0000FA"
+        body = orjson.dumps(document)
+    else:
+        body = _with_nul_in(member)
+    capsys.readouterr()
+    reply = await doku.post(doku.notification_path, body)
+    assert reply.status == 400, reply.body
+    [stored] = await pool.fetch("SELECT outcome, body FROM notifications")
+    assert (stored["outcome"], stored["body"]) == ("rejected", body)
+    assert await payments(pool) == []
+    logged = capsys.readouterr()
+    assert "Traceback" not in logged.out + logged.err
