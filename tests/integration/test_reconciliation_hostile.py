@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from server.app import make_app
@@ -92,3 +93,39 @@ async def test_a_notification_with_a_nul_in_an_identifier_is_rejected_and_kept(
     assert await payments(pool) == []
     logged = capsys.readouterr()
     assert "Traceback" not in logged.out + logged.err
+
+
+async def test_a_redirect_is_not_followed(aiohttp_client, aiohttp_server, pool, database_url, admin_headers):
+    """A 3xx is an unknown answer: the signed request is not sent elsewhere, and what the other server
+    says (here an unsigned SUCCESS) is never recorded as a payment."""
+    elsewhere_calls = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        elsewhere_calls.append(dict(request.headers))
+        body = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="x")
+        return web.Response(body=body, content_type="application/json")
+
+    other_app = web.Application()
+    other_app.router.add_get("/{tail:.*}", elsewhere)
+    other = await aiohttp_server(other_app)
+
+    async def redirecting(request: web.Request) -> web.Response:
+        raise web.HTTPFound(str(other.make_url(request.raw_path)))
+
+    doku_app = web.Application()
+    doku_app.router.add_get("/{tail:.*}", redirecting)
+    doku = await aiohttp_server(doku_app)
+
+    dipc = await aiohttp_client(make_app(reconciling_settings(doku), database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin_headers)
+    await doku_sim.inquiry(CODE)
+
+    async def checked():
+        invoice = await row(pool, CODE, INVOICE)
+        return invoice if invoice["attempts"] >= 1 else None
+
+    invoice = await eventually(checked)
+    assert (invoice["state"], invoice["last_result"]) == ("pending", "http_error")
+    assert await payments(pool) == []
+    assert elsewhere_calls == []  # the signed headers went nowhere else
