@@ -129,3 +129,34 @@ async def test_a_redirect_is_not_followed(aiohttp_client, aiohttp_server, pool, 
     assert (invoice["state"], invoice["last_result"]) == ("pending", "http_error")
     assert await payments(pool) == []
     assert elsewhere_calls == []  # the signed headers went nowhere else
+
+
+async def test_a_late_notification_after_an_answer_that_named_no_transaction_is_a_repeat(
+    standin, aiohttp_client, pool, database_url, admin_headers
+):
+    """Check Status may leave out original_request_id and AGENT_TRX_ID (spec §8: "some members may be
+    missing"); the payment is then `check-status:<invoice>`. DOKU's late notification of that same
+    payment names its transaction: it is a repeat, not a conflict telling finance to refund money the
+    customer paid once. Another amount is still recorded (it is other money)."""
+    doku, server = standin
+    dipc = await aiohttp_client(make_app(reconciling_settings(server), database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin_headers)
+    quote = await doku_sim.inquiry(CODE)
+    doku.pay(CODE, INVOICE, 150000)  # the answer names no transaction
+    [recovered] = await eventually(lambda: payments(pool))
+    assert (recovered["transaction_ref"], recovered["kind"]) == (f"check-status:{INVOICE}", "normal")
+
+    late = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id
+    )
+    assert late.status == 200
+    assert [p["id"] for p in await payments(pool)] == [recovered["id"]]
+    outcomes = await pool.fetch("SELECT outcome FROM notifications WHERE source = 'notification'")
+    assert [r["outcome"] for r in outcomes] == ["repeat"]
+    queue = await (await dipc.get("/v1/exceptions?state=open", headers=admin_headers)).json()
+    assert queue["items"] == []
+
+    other = await doku_sim.notify(CODE, invoice_number=INVOICE, amount=1000, original_request_id="another")
+    assert other.status == 200
+    assert [p["kind"] for p in await payments(pool)] == ["normal", "anomaly"]
