@@ -50,6 +50,10 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
+# How long taking a connection back may wait for its cancelled statement (normally well under 1 ms).
+RELEASE_TIMEOUT_S = 1.0
+
+
 class FairPool(asyncpg.Pool):
     """asyncpg's pool, served first come, first served.
 
@@ -80,6 +84,12 @@ class FairPool(asyncpg.Pool):
         return proxy
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        # asyncpg waits for a cancelled statement to end before it takes the connection back, without a
+        # limit unless given one. A statement cancelled by a request's deadline on a frozen server (a
+        # hung host, a stalled disk: SIGSTOP) would hold the request, whatever its budget, until the
+        # server came back. With a limit, asyncpg terminates that connection and the pool opens another.
+        if timeout is None:
+            timeout = RELEASE_TIMEOUT_S
         try:
             await super().release(connection, timeout=timeout)
         finally:
