@@ -6,6 +6,8 @@ request, and the answer we trust, to another server.
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 from aiohttp import web
@@ -160,3 +162,35 @@ async def test_a_late_notification_after_an_answer_that_named_no_transaction_is_
     other = await doku_sim.notify(CODE, invoice_number=INVOICE, amount=1000, original_request_id="another")
     assert other.status == 200
     assert [p["kind"] for p in await payments(pool)] == ["normal", "anomaly"]
+
+
+async def test_a_check_by_hand_while_doku_is_backed_off_from_says_so_at_once(
+    standin, aiohttp_client, pool, database_url, admin_headers
+):
+    """DOKU answered 429 or 5xx: every reconciler holds back for up to 5 minutes (the shared budget is
+    emptied). A check by hand then answers at once that DOKU is being backed off from, and does not
+    hold the request until the admin deadline to blame the database."""
+    doku, server = standin
+    dipc = await aiohttp_client(
+        make_app(reconciling_settings(server, reconcile=False, admin_db_timeout_s=3.0), database_url)
+    )
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin_headers)
+    await doku_sim.inquiry(CODE)
+    await pool.execute(
+        "UPDATE reconciliation_rate SET tokens = -50 * 60, refilled_at = now()"
+    )  # 60 s at 50/s
+
+    started = time.perf_counter()
+    check = await dipc.post(
+        "/v1/reconciliation/check", json={"invoice_number": INVOICE}, headers=admin_headers
+    )
+    elapsed = time.perf_counter() - started
+    assert check.status == 503
+    error = (await check.json())["error"]
+    assert error["code"] == "DOKU_BACKOFF"
+    assert "database" not in error["message"]
+    assert elapsed < 2.5 + 1.0  # the DOKU timeout (2 s in these tests) and a little
+    assert doku.checks_of(INVOICE) == []
+    # The invoice was handed back: the reconcilers (or the next check by hand) take it as usual.
+    assert (await row(pool, CODE, INVOICE))["lease_until"] is None
