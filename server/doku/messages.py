@@ -29,29 +29,6 @@ class InquiryMessage:
     channel: str
 
 
-def _has_nul(value: Any) -> bool:
-    """Whether a NUL character is in any string (or member name) of a decoded JSON document."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in key or _has_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
-
-
-def _load_without_nul(body: bytes) -> dict[str, Any]:
-    """A DOKU message as a JSON object; a NUL character anywhere in it makes it unreadable.
-
-    PostgreSQL cannot store NUL in text, and no real identifier holds one: such a message is refused as
-    malformed (its raw bytes are still kept in the inbox), never a database error halfway through.
-    """
-    data = load_object(body)
-    if _has_nul(data):
-        raise InvalidField("body", "must not contain a NUL character (\\u0000)")
-    return data
-
-
 def member(data: dict[str, Any], path: str) -> Any:
     """``data["a"]["b"]`` for ``path="a.b"``; None where any step is missing or not an object."""
     value: Any = data
@@ -155,7 +132,12 @@ def _text_member(
         raise InvalidField(path, "must be a string")
     if len(value) > max_length:
         raise InvalidField(path, f"must be at most {max_length} characters")
+    if "\x00" in value:  # PostgreSQL text cannot hold it, and no real value does
+        raise InvalidField(path, "must not contain a NUL character")
     return value
+
+
+_AGENT_IDENTIFIERS = frozenset({"AGENT_ID", "AGENT_STORE_ID", "AGENT_TRX_ID"})
 
 
 def _identifiers(data: dict[str, Any]) -> dict[str, str]:
@@ -166,6 +148,13 @@ def _identifiers(data: dict[str, Any]) -> dict[str, str]:
             value = str(item["value"])
             if len(value) > TEXT_MAX_LENGTH:
                 raise InvalidField(f"online_to_offline_payment.identifier.{item['name'][:32]}", "is too long")
+            if "\x00" in value:  # PostgreSQL text cannot hold it
+                if item["name"] in _AGENT_IDENTIFIERS:  # they identify the transaction: never altered
+                    raise InvalidField(
+                        f"online_to_offline_payment.identifier.{item['name']}",
+                        "must not contain a NUL character",
+                    )
+                continue  # an identifier we do not use
             found[item["name"]] = value
     return found
 
@@ -188,7 +177,7 @@ def _rupiah(value: Any) -> int:
 def parse_notification(body: bytes) -> NotificationMessage:
     """A payment notification. Lenient where money was already taken: an unknown channel or an
     unreadable transaction date is kept as far as it goes, never a reason to refuse the record."""
-    data = _load_without_nul(body)
+    data = load_object(body)
     amount = _rupiah(member(data, "order.amount"))
     date_text = member(data, "transaction.date")
     try:
@@ -204,7 +193,10 @@ def parse_notification(body: bytes) -> NotificationMessage:
         )
         or "",
         amount=amount,
-        channel=channel or str(member(data, "acquirer.id") or "UNKNOWN")[:32],
+        # Only a label where the channel is unknown: kept as far as it goes, without NUL (PostgreSQL text).
+        channel=channel
+        or str(member(data, "acquirer.id") or "UNKNOWN").replace("\x00", "")[:32]
+        or "UNKNOWN",
         transaction_status=(_text_member(data, "transaction.status", required=True) or "").upper(),
         transaction_date=transaction_date,
         original_request_id=_text_member(data, "transaction.original_request_id", required=False),
@@ -244,7 +236,7 @@ def parse_check_status(body: bytes, *, payment_code: str, invoice_number: str) -
     What is present must be about the invoice asked for; a paid answer must say how much was paid.
     Raises :class:`DipcError` (an unreadable answer, never read as "unpaid").
     """
-    data = _load_without_nul(body)
+    data = load_object(body)
     status = (_text_member(data, "transaction.status", required=True) or "").upper()
     answered_invoice = _text_member(
         data, "order.invoice_number", required=False, max_length=conventions.INVOICE_MAX_LENGTH

@@ -74,25 +74,48 @@ async def test_a_paid_answer_with_a_nul_in_an_identifier_is_unreadable_not_a_cra
     assert "Traceback" not in logged.out + logged.err
 
 
-@pytest.mark.parametrize("member", ["original_request_id", "agent_trx_id", "agent_id", "acquirer_id"])
+@pytest.mark.parametrize("member", ["original_request_id", "agent_trx_id", "agent_id"])
 async def test_a_notification_with_a_nul_in_an_identifier_is_rejected_and_kept(
     client, doku, admin_headers, pool, member, capsys
 ):
-    """A signed notification PostgreSQL cannot store as text: rejected (kept raw in the inbox), not a 500."""
+    """A signed notification whose transaction identity PostgreSQL cannot store as text: rejected (kept
+    raw in the inbox), not a 500 that loses it."""
     await register(client, admin_headers)
-    if member == "acquirer_id":
-        document = orjson.loads(notification_body(CODE, invoice_number=INVOICE, amount=150000))
-        document["channel"]["id"] = "SOMETHING_ELSE"
-        document["acquirer"]["id"] = "AL\u0000FA"
-        body = orjson.dumps(document)
-    else:
-        body = _with_nul_in(member)
+    body = _with_nul_in(member)
     capsys.readouterr()
     reply = await doku.post(doku.notification_path, body)
     assert reply.status == 400, reply.body
     [stored] = await pool.fetch("SELECT outcome, body FROM notifications")
     assert (stored["outcome"], stored["body"]) == ("rejected", body)
     assert await payments(pool) == []
+    logged = capsys.readouterr()
+    assert "Traceback" not in logged.out + logged.err
+
+
+@pytest.mark.parametrize("where", ["acquirer_id", "unused_identifier", "unused_member"])
+async def test_a_nul_where_it_identifies_nothing_does_not_refuse_the_money(
+    client, doku, admin_headers, pool, where, capsys
+):
+    """A NUL in a member dipc does not store as text (or only as a label) is no reason to refuse a paid
+    notification: it is recorded, and the raw body is kept as sent."""
+    await register(client, admin_headers)
+    document = orjson.loads(notification_body(CODE, invoice_number=INVOICE, amount=150000))
+    if where == "acquirer_id":
+        document["channel"]["id"] = "SOMETHING_ELSE"
+        document["acquirer"]["id"] = "AL\u0000FA"
+    elif where == "unused_identifier":
+        document["online_to_offline_payment"]["identifier"].append({"name": "RECEIPT", "value": "a\u0000"})
+    else:
+        document["customer"] = {"name": "Budi\u0000"}
+    body = orjson.dumps(document)
+    capsys.readouterr()
+    reply = await doku.post(doku.notification_path, body)
+    assert reply.status == 200, reply.body
+    [payment] = await payments(pool)
+    assert payment["kind"] == "normal"
+    assert "\x00" not in payment["channel"]
+    [stored] = await pool.fetch("SELECT outcome, body FROM notifications")
+    assert (stored["outcome"], stored["body"]) == ("normal", body)
     logged = capsys.readouterr()
     assert "Traceback" not in logged.out + logged.err
 
