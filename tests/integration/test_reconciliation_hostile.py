@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from server.app import make_app
 from server.doku.client import DokuSimulator, notification_body
 from server.doku.standin import DokuStandIn, Scripted
+from server.store import inquiries
 from tests.conftest import CLIENT, CLIENT_ID, CODE
 from tests.integration.test_reconciliation import (
     INVOICE,
@@ -217,3 +218,51 @@ async def test_a_check_by_hand_while_doku_is_backed_off_from_says_so_at_once(
     assert doku.checks_of(INVOICE) == []
     # The invoice was handed back: the reconcilers (or the next check by hand) take it as usual.
     assert (await row(pool, CODE, INVOICE))["lease_until"] is None
+
+
+async def test_a_quote_racing_the_payment_of_its_invoice_does_not_reopen_it(
+    client, doku, admin_headers, pool
+):
+    """An inquiry reads the one-shot code as payable, its payment commits, then the inquiry records its
+    quote: the invoice paid by a normal payment stays paid (not pending again without its payment, to be
+    asked about again and perhaps given up on). An invoice settled only by an anomaly (another amount)
+    is still reopened by a quote, as ADR 6 says: it can still be paid."""
+    await register(client, admin_headers)
+    assert (await doku.inquiry(CODE)).status == 200
+    paid = await doku.notify(CODE, invoice_number=INVOICE, amount=150000, original_request_id="the-one")
+    assert paid.status == 200
+    settled = await row(pool, CODE, INVOICE)
+    assert settled["state"] == "paid"
+
+    async def racing_quote(request_id: str) -> None:  # what the inquiry writes after its decision
+        await inquiries.record(
+            pool,
+            payment_code=CODE,
+            request_id=request_id,
+            client_id=CLIENT_ID,
+            channel="ALFA",
+            body_sha256=b"\0" * 32,
+            outcome="SUCCESS",
+            invoice_number=INVOICE,
+            amount=150000,
+            http_status=200,
+            response_body=b"{}",
+            first_check_s=120,
+        )
+
+    await racing_quote("racing-1")
+    after = await row(pool, CODE, INVOICE)
+    assert (after["state"], after["payment_id"], after["settled_by"]) == (
+        "paid",
+        settled["payment_id"],
+        "notification",
+    )
+
+    other = "8896512345678124"
+    await register(client, admin_headers, payment_code=other, invoice_number="INV-ANOMALY")
+    assert (await doku.inquiry(other)).status == 200
+    short = await doku.notify(other, invoice_number="INV-ANOMALY", amount=1000, original_request_id="short")
+    assert short.status == 200
+    assert (await row(pool, other, "INV-ANOMALY"))["state"] == "paid"
+    assert (await doku.inquiry(other)).status == 200  # still payable: quoted again
+    assert (await row(pool, other, "INV-ANOMALY"))["state"] == "pending"
