@@ -6,6 +6,7 @@ check ``dipc serve`` runs. Every problem is a :class:`ConfigError`, which the CL
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -119,8 +120,8 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ConfigError(f"{name}={value} must be positive")
+    if not math.isfinite(value) or value <= 0:  # NaN passes "<= 0"
+        raise ConfigError(f"{name}={raw!r} must be a positive number")
     return value
 
 
