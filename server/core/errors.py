@@ -171,6 +171,13 @@ class Unavailable(DipcError):
     http_status = 503
 
 
+class DokuBackoff(DipcError):
+    """DOKU answered 429 or 5xx lately: every reconciler holds back its Check Status calls for a while."""
+
+    code = "DOKU_BACKOFF"
+    http_status = 503
+
+
 class Disabled(DipcError):
     """A feature that this deployment has not configured (the admin API without a token)."""
 

@@ -25,6 +25,7 @@ from server.core.payments import (
     PaymentNotice,
     decide_payment,
 )
+from server.doku import conventions
 from server.store import codes as code_store
 from server.store import inbox, outbox, reconciliation
 from server.store import payments as payment_store
@@ -110,7 +111,12 @@ async def _in_transaction(
                 await store_raw(NotificationOutcome.IGNORED), NotificationOutcome.IGNORED
             )
         history = await payment_store.history(
-            conn, notice.payment_code, notice.invoice_number, notice.transaction_ref
+            conn,
+            notice.payment_code,
+            notice.invoice_number,
+            notice.transaction_ref,
+            notice.amount,
+            unnamed_ref=conventions.check_status_reference(notice.invoice_number),
         )
         if history.repeat:
             return NotificationResult(await store_raw(NotificationOutcome.REPEAT), NotificationOutcome.REPEAT)

@@ -104,7 +104,11 @@ class CheckStatusClient:
             return CheckAnswer(request_id, target, result, detail, **fields)
 
         try:
-            async with self.session.get(url, headers=headers, timeout=self.timeout) as response:
+            # Never follow a redirect: it would carry our signed headers to another server, and its answer
+            # is not DOKU's. A 3xx is an unknown answer like any other non-200.
+            async with self.session.get(
+                url, headers=headers, timeout=self.timeout, allow_redirects=False
+            ) as response:
                 body = bytearray()
                 async for chunk in response.content.iter_chunked(64 * 1024):
                     body += chunk

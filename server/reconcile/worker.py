@@ -18,7 +18,7 @@ import structlog
 
 from server.config import Settings
 from server.core import reconciliation
-from server.core.errors import BeingChecked, NotFound
+from server.core.errors import BeingChecked, DokuBackoff, NotFound
 from server.core.reconciliation import CheckReport, invoice_document
 from server.core.times import utcnow
 from server.doku.checkstatus import CheckStatusClient
@@ -173,13 +173,24 @@ async def check_claimed(
     return report
 
 
-async def _take_budget(pool: asyncpg.Pool, rps: float) -> None:
-    """Wait for one call's worth of the rate budget all reconcilers share."""
+async def _take_budget(pool: asyncpg.Pool, rps: float, *, wait_s: float) -> None:
+    """Wait up to ``wait_s`` for one call's worth of the rate budget all reconcilers share.
+
+    The budget is spent for long only when DOKU answered 429 or 5xx (every reconciler backs off, up to
+    5 minutes): a check by hand then says so, rather than wait out the backoff and its caller's deadline.
+    """
+    waited_until = asyncio.get_running_loop().time() + wait_s
     while True:
         async with pool.acquire() as conn, conn.transaction():
             if await store.take_rate_budget(conn, rps=rps, want=1):
                 return
-        await asyncio.sleep(max(1.0 / rps, 0.05))
+        pause = max(1.0 / rps, 0.05)
+        if asyncio.get_running_loop().time() + pause > waited_until:
+            raise DokuBackoff(
+                "DOKU answered 429 or 5xx lately, so every dipc process holds back its Check Status calls "
+                "for a while (up to 5 minutes); ask again later"
+            )
+        await asyncio.sleep(pause)
 
 
 async def check_invoice(
@@ -197,7 +208,7 @@ async def check_invoice(
             f"invoice {invoice.invoice_number} is being checked by another dipc process; ask again soon"
         )
     try:
-        await _take_budget(pool, settings.reconcile_rps)
+        await _take_budget(pool, settings.reconcile_rps, wait_s=settings.doku_api_timeout_s)
         report = await check_claimed(pool, api, settings, claimed, retry_s=BACKOFF_BASE_S)
     except BaseException:
         with contextlib.suppress(Exception):

@@ -69,7 +69,9 @@ WITH inquiry AS (
     RETURNING payment_code, invoice_number, client_id, channel, amount
 ), quote AS (
     -- A quoted invoice is reconciled until it is paid (spec §8). A quote of an invoice whose
-    -- reconciliation had ended (given up, expired) means the customer may pay it now: it starts again.
+    -- reconciliation had ended (given up, expired, settled by an anomaly only) means the customer may
+    -- pay it now: it starts again. Not one paid by a normal payment: only an inquiry that decided
+    -- before that payment committed can quote it, and reopening would drop its settlement.
     INSERT INTO reconciliation (payment_code, invoice_number, client_id, channel, amount, next_check_at)
     SELECT payment_code, invoice_number, client_id, channel, amount, now() + make_interval(secs => $11)
       FROM inquiry
@@ -78,6 +80,11 @@ WITH inquiry AS (
        SET state = 'pending', attempts = 0, first_quoted_at = now(), amount = EXCLUDED.amount,
            next_check_at = EXCLUDED.next_check_at, payment_id = NULL, settled_by = NULL, updated_at = now()
      WHERE reconciliation.state <> 'pending'
+       AND NOT (reconciliation.state = 'paid'
+                AND EXISTS (SELECT 1 FROM payments p
+                             WHERE p.payment_code = reconciliation.payment_code
+                               AND p.invoice_number = reconciliation.invoice_number
+                               AND p.kind = 'normal'))
 )
 SELECT true FROM inquiry
 """

@@ -48,14 +48,28 @@ async def list_page(
 
 
 async def history(
-    conn: asyncpg.Connection, payment_code: str, invoice_number: str, transaction_ref: str
+    conn: asyncpg.Connection,
+    payment_code: str,
+    invoice_number: str,
+    transaction_ref: str,
+    amount: int,
+    *,
+    unnamed_ref: str,
 ) -> PaymentHistory:
     """What is recorded for this code and invoice. Run it after taking the code's row lock, in a
-    statement of its own, so its snapshot includes whatever the lock holder before us committed."""
+    statement of its own, so its snapshot includes whatever the lock holder before us committed.
+
+    A repeat is the same transaction reference; and, where one side is a Check Status answer that named
+    no transaction (``unnamed_ref``, ``check-status:<invoice>``), the same amount for the same invoice:
+    such an answer and DOKU's notification of that payment cannot be told apart by reference, and one
+    payment must not become a conflict that tells finance to refund it (spec §8 rule 3).
+    """
     row = await conn.fetchrow(
         """
         SELECT EXISTS (SELECT 1 FROM payments
-                        WHERE payment_code = $1 AND invoice_number = $2 AND transaction_ref = $3) AS repeat,
+                        WHERE payment_code = $1 AND invoice_number = $2
+                          AND (transaction_ref = $3
+                               OR (amount = $4 AND ($3 = $5 OR transaction_ref = $5)))) AS repeat,
                EXISTS (SELECT 1 FROM payments
                         WHERE payment_code = $1 AND invoice_number = $2 AND kind = 'normal') AS invoice_paid,
                ARRAY(SELECT DISTINCT amount FROM inquiries
@@ -64,6 +78,8 @@ async def history(
         payment_code,
         invoice_number,
         transaction_ref,
+        amount,
+        unnamed_ref,
     )
     return PaymentHistory(
         repeat=row["repeat"], invoice_paid=row["invoice_paid"], quoted_amounts=frozenset(row["quoted"])

@@ -216,3 +216,31 @@ async def test_a_frozen_database_gets_every_request_its_503_within_its_budget(
 
     await poll(client, "/readyz", 200, seconds=10.0)
     assert (await doku.inquiry(CODE)).status == 200
+
+
+async def test_a_frozen_database_keeps_the_money_routes_within_their_budget(
+    aiohttp_client, own_database, admin_headers
+):
+    """Found in review: the admin lists of exceptions, reconciliation and the inbox, frozen under."""
+    server, dsn = own_database
+    settings = make_settings(admin_db_timeout_s=1.0, doku_db_timeout_s=0.8, db_pool_min=4, db_pool_max=4)
+    client = await aiohttp_client(make_app(settings, dsn))
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    assert (await client.post("/v1/payment-codes", json=code_fields(), headers=admin_headers)).status == 201
+    for _ in range(4):  # the pool's connections are open and idle: the next statements reach the server
+        assert (await client.get("/v1/exceptions", headers=admin_headers)).status == 200
+    async with frozen(server, 4.0):
+        results = await asyncio.gather(
+            timed(client.get("/v1/exceptions", headers=admin_headers)),
+            timed(client.get("/v1/reconciliation", headers=admin_headers)),
+            timed(client.get("/v1/notifications", headers=admin_headers)),
+            timed(doku.inquiry(CODE)),
+        )
+    for status, seconds in results:
+        assert status == 503, results
+        assert seconds < 2.0, results  # the 1 s budget (0.8 s for DOKU), and slack
+    deadline = time.monotonic() + 20
+    while (await client.get("/v1/exceptions", headers=admin_headers)).status != 200:
+        assert time.monotonic() < deadline, "no recovery after the database came back"
+        await asyncio.sleep(0.1)
+    assert (await doku.inquiry(CODE)).status == 200

@@ -213,7 +213,11 @@ async def test_each_invoice_of_a_reusable_code_is_reconciled_on_its_own(dipc, do
     assert (await row(pool, REUSABLE, first))["attempts"] == 3
     after = await samples(dipc)
     assert after["dipc_reconciliation_gave_up_total"] - before["dipc_reconciliation_gave_up_total"] == 1
-    assert after['dipc_reconciliation_invoices{state="gave_up"}'] == 1  # sampled from the database
+
+    async def sampled_gave_up():  # the gauge is sampled from the database in the background
+        return (await samples(dipc))['dipc_reconciliation_invoices{state="gave_up"}'] == 1
+
+    await eventually(sampled_gave_up, seconds=5.0)
 
 
 async def test_a_check_status_answer_for_another_transaction_of_a_paid_code_is_a_conflict(

@@ -248,3 +248,15 @@ def test_the_doku_api_defaults_to_production_and_demo_never_calls_the_real_doku(
     assert load_settings({"DIPC_RECONCILE": "off"}).reconcile is False
     with pytest.raises(ConfigError, match="DIPC_RECONCILE"):
         load_settings({"DIPC_RECONCILE": "maybe"})
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["DIPC_RECONCILE_RPS", "DIPC_DOKU_API_TIMEOUT_S", "DIPC_ADMIN_DB_TIMEOUT_S", "DIPC_DOKU_DB_TIMEOUT_S"],
+)
+@pytest.mark.parametrize("raw", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_a_number_setting_must_be_finite(name, raw):
+    # NaN passed "must be positive" (NaN <= 0 is false): DIPC_RECONCILE_RPS=nan made every reconciler
+    # step fail with a traceback (int(nan)) and never check anything.
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: raw})
