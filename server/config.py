@@ -218,6 +218,15 @@ def _doku_api_url(env: Mapping[str, str], demo: bool) -> str | None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"DIPC_DOKU_API_URL={url!r} must be an http:// or https:// base URL")
+    if parts.username or parts.password:
+        raise ConfigError(
+            "DIPC_DOKU_API_URL must not carry credentials: DOKU's API is signed, not logged in to"
+        )
+    # A paid answer becomes a payment: outside a rehearsal on this machine, only over TLS.
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(
+            f"DIPC_DOKU_API_URL={url!r} must be https:// (plain http only for a stand-in on loopback)"
+        )
     if demo and (parts.hostname == "doku.com" or parts.hostname.endswith(".doku.com")):
         raise ConfigError(
             "--demo never calls the real DOKU: point DIPC_DOKU_API_URL at a stand-in "

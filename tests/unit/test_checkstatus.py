@@ -260,3 +260,19 @@ def test_a_number_setting_must_be_finite(name, raw):
     # step fail with a traceback (int(nan)) and never check anything.
     with pytest.raises(ConfigError, match=name):
         load_settings({name: raw})
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://api.doku.com", "http://10.0.0.7:8090", "https://user:pw@api.doku.com", "https://:pw@x.test"],
+)
+def test_doku_api_urls_that_could_forge_or_leak_are_refused(url):
+    with pytest.raises(ConfigError, match="DIPC_DOKU_API_URL"):
+        load_settings({"DIPC_DOKU_API_URL": url})
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api-sandbox.doku.com", "http://127.0.0.1:8090", "http://localhost:8090"]
+)
+def test_doku_api_urls_that_are_accepted(url):
+    assert load_settings({"DIPC_DOKU_API_URL": url}).doku_api_url == url
