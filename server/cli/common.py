@@ -139,8 +139,12 @@ def print_json(document: Any, stream: TextIO | None = None) -> None:
 
 
 def print_error(error: DipcError) -> None:
-    print(f"error: {error.code}: {error.message}", file=sys.stderr)
-    for name, problem in (error.fields or {}).items():
+    """The error once: its message, or (when it names fields) one line per field."""
+    if not error.fields:
+        print(f"error: {error.code}: {error.message}", file=sys.stderr)
+        return
+    print(f"error: {error.code}", file=sys.stderr)
+    for name, problem in error.fields.items():
         print(f"  {name}: {problem}", file=sys.stderr)
 
 
