@@ -181,7 +181,7 @@ async def deadline(seconds: float, what: str) -> AsyncIterator[None]:
     finally:
         expiry.cancel()
         _HELD_CONNECTIONS.reset(token)
-        metrics.DB_DURATION.labels(what, result).observe(time.perf_counter() - started)
+        metrics.DB_DURATION_SERIES(what, result).observe(time.perf_counter() - started)
 
 
 def _terminate_held(held: list[Any]) -> None:
