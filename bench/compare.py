@@ -87,6 +87,7 @@ def main() -> None:
         for server in servers:
             run.stop_server(server)
         pg.stop()
+        shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
         subprocess.run(["git", "-C", str(run.ROOT), "worktree", "remove", "--force", str(before_tree)],
                        check=False, capture_output=True)  # fmt: skip
         shutil.rmtree(workdir, ignore_errors=True)

@@ -69,6 +69,7 @@ def main() -> None:
         uvloop.run(measure(dsn))
     finally:
         pg.stop()
+        shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -595,6 +595,7 @@ def main() -> None:
             figures += bench_memory(env, dsn, workdir, codes_count=rows, seconds=args.seconds)
     finally:
         pg.stop()
+        shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
         shutil.rmtree(workdir, ignore_errors=True)
     print(render(figures))
 
