@@ -5,8 +5,13 @@
 
 Phases (see bench/README.md for what each baseline means):
   import   `dipc codes import` of N codes      vs  PostgreSQL's own COPY of the same file (psql \\copy)
-  inquiry  DOKU inquiries through dipc         vs  GET /healthz on the same server (HTTP ceiling)
+           POST /v1/payment-codes/import       vs  the same COPY
+  feed     long-poll wake-ups                  vs  a plain GET /v1/events
+  inquiry  DOKU inquiries through dipc         vs  bench/ceiling.py, a minimal aiohttp + asyncpg server
+                                               vs  GET /healthz on the same server (HTTP ceiling)
                                                vs  pgbench running the same two statements (database ceiling)
+           open loop at half the saturation    (bench/openloop.py: p50/p99 from the scheduled send time)
+  memory   RSS of the dipc worker with N codes, and under 1,000 slow clients, vs the ceiling server's
 
 It starts its own embedded PostgreSQL (durable: fsync on, as in production) and its own `dipc serve` in a
 temporary directory, and leaves nothing behind. Needs `wrk` (installed with apt-get when run as root).
@@ -30,6 +35,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import memory  # bench/memory.py: run.py runs as a script, with bench/ on sys.path
+import orjson
+
 from server.core.times import utcnow
 from server.doku import auth
 from server.doku.auth import Client
@@ -43,6 +51,7 @@ CLIENT = Client("MCH-BENCH-0001", (b"SK-bench-secret",))
 BINS = "ALFA:88965:direct"
 ONE_SHOT_PREFIX = "889651"  # + 10 digits
 REUSABLE_PREFIX = "889652"
+API_PREFIX = "889653"
 ADMIN_TOKEN = "bench-admin-token"
 
 
@@ -75,10 +84,23 @@ def ensure_wrk() -> str:
     return found
 
 
+# The ports bench/ listens on: a range of its own on a shared machine.
+PORTS = range(18600, 18700)
+_used_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    for port in PORTS:
+        if port in _used_ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _used_ports.add(port)
+        return port
+    sys.exit(f"bench: no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def pg_binary(name: str) -> str:
@@ -171,10 +193,43 @@ def bench_import(env: dict[str, str], dsn: str, host: str, workdir: Path, rows: 
     if result.returncode != 0:
         sys.exit(f"bench: dipc codes import failed:\n{result.stdout}\n{result.stderr}")
     log(f"import: dipc says: {result.stdout.strip()}")
+
+    log(f"import: POST /v1/payment-codes/import of {rows:,} other rows")
+    api_path = workdir / "codes-api.csv"
+    write_codes_csv(api_path, rows, API_PREFIX, False)
+    port = free_port()
+    server = start_server(env, port, 1)
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/payment-codes/import",
+            method="POST",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "text/csv",
+                     "Content-Length": str(api_path.stat().st_size)},
+        )  # fmt: skip
+        started = time.perf_counter()
+        with (
+            api_path.open("rb") as upload,
+            urllib.request.urlopen(request, data=upload, timeout=600) as answer,  # noqa: S310 - our http URL
+        ):
+            report = orjson.loads(answer.read())
+        api_s = time.perf_counter() - started
+    finally:
+        stop_server(server)
+    log(f"import: the API says: imported {report['imported']:,}, rejected {report['rejected_count']:,}")
+    if report["imported"] != rows:
+        sys.exit(f"bench: the API imported {report['imported']} of {rows} rows")
+    api_path.unlink()
     return [
         Figure("PostgreSQL COPY (psql \\copy), wall", copy_s, "s"),
         Figure(
             f"dipc codes import {rows:,} codes, wall", dipc_s, "s", baseline="COPY", ratio=dipc_s / copy_s
+        ),
+        Figure(
+            f"POST /v1/payment-codes/import {rows:,} codes, wall",
+            api_s,
+            "s",
+            baseline="COPY",
+            ratio=api_s / copy_s,
         ),
     ]
 
@@ -214,6 +269,43 @@ def start_server(env: dict[str, str], port: int, workers: int) -> subprocess.Pop
     sys.exit("bench: dipc serve did not become ready")
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def start_ceiling(dsn: str, port: int) -> subprocess.Popen:
+    """bench/ceiling.py, with as many pool connections as dipc (DIPC_DB_POOL_MAX's default, 10)."""
+    ceiling = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "ceiling.py"), "--port", str(port), "--dsn", dsn,
+         "--client-id", CLIENT.client_id, "--secret", CLIENT.secret_keys[0].decode(), "--pool-size", "10"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ceiling.poll() is not None:
+            sys.exit(f"bench: the ceiling server exited: {ceiling.stderr.read().decode()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                return ceiling
+        except OSError:
+            time.sleep(0.2)
+    sys.exit("bench: the ceiling server did not become ready")
+
+
+def run_open_loop(port: int, *, rate: float, seconds: int, requests: Path | None = None) -> dict:
+    """bench/openloop.py at ``rate`` requests/s: GET /healthz, or the pre-signed inquiries in ``requests``."""
+    command = [sys.executable, str(ROOT / "bench" / "openloop.py"), "--port", str(port),
+               "--rate", f"{rate:.0f}", "--seconds", str(seconds)]  # fmt: skip
+    command += ["--requests", str(requests)] if requests else ["--get", "/healthz"]
+    return orjson.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
 PGBENCH_HOT_PATH = """\
 \\set n random(0, :codes - 1)
 \\set r random(1, 2000000000)
@@ -227,8 +319,8 @@ ON CONFLICT DO NOTHING;
 """
 
 
-def bench_inquiry(env, host, workdir, *, seconds, connections, workers, codes_count) -> list[Figure]:
-    port = free_port()
+def bench_inquiry(env, dsn, host, workdir, *, seconds, connections, workers, codes_count) -> list[Figure]:
+    port, ceiling_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     one_shot = [f"{ONE_SHOT_PREFIX}{n:010d}" for n in range(codes_count)]
     reusable_csv = workdir / "reusable.csv"
@@ -245,7 +337,9 @@ def bench_inquiry(env, host, workdir, *, seconds, connections, workers, codes_co
         variables={"codes": str(codes_count)},
     )
     server = start_server(env, port, workers)
+    ceiling = start_ceiling(dsn, ceiling_port)
     figures = [Figure("pgbench: SELECT + INSERT per transaction", pg_tps, "tx/s", p50_ms=pg_latency)]
+    requests = workdir / "requests.tsv"
     try:
         log("inquiry: GET /healthz (HTTP ceiling)")
         rps, p50, p99, errors = run_wrk(
@@ -254,29 +348,130 @@ def bench_inquiry(env, host, workdir, *, seconds, connections, workers, codes_co
         figures.append(Figure(f"GET /healthz, {workers} worker(s)", rps, "req/s", p50, p99, errors))
         health_rps = rps
         expected = int(max(health_rps, 5000) * seconds * 1.5)
+
+        log("inquiry: bench/ceiling.py, one-shot codes (the minimal server)")
+        presign(requests, one_shot, expected, "/doku/inquiry")
+        ceiling_rps, p50, p99, errors = run_wrk(
+            f"http://127.0.0.1:{ceiling_port}", seconds=seconds, connections=connections, threads=2,
+            script_args=[str(requests), "2", "/doku/inquiry"],
+        )  # fmt: skip
+        figures.append(Figure("POST /doku/inquiry on bench/ceiling.py", ceiling_rps, "req/s", p50, p99,
+                              errors, baseline="healthz", ratio=ceiling_rps / health_rps))  # fmt: skip
+        saturation: dict[str, float] = {}
         for label, codes in (("one-shot codes", one_shot), ("reusable codes (mint an invoice)", reusable)):
-            requests = workdir / "requests.tsv"
             presign(requests, codes, expected, "/doku/inquiry")
             log(f"inquiry: {label}")
             rps, p50, p99, errors = run_wrk(
                 base, seconds=seconds, connections=connections, threads=2,
                 script_args=[str(requests), "2", "/doku/inquiry"],
             )  # fmt: skip
+            saturation[label] = rps
             figures.append(Figure(f"POST /doku/inquiry, {label}", rps, "req/s", p50, p99, errors,
-                                  baseline="healthz", ratio=rps / health_rps))  # fmt: skip
+                                  baseline="ceiling", ratio=rps / ceiling_rps))  # fmt: skip
+            figures.append(Figure("  same, against the HTTP ceiling", rps, "req/s", baseline="healthz",
+                                  ratio=rps / health_rps))  # fmt: skip
             figures.append(Figure("  same, against the database ceiling", rps, "req/s", baseline="pgbench",
                                   ratio=rps / pg_tps))  # fmt: skip
         log("inquiry: repeated Request-Ids (answered from the recorded bytes)")
         rps, p50, p99, errors = run_wrk(
             base, seconds=seconds, connections=connections, threads=2,
-            script_args=[str(workdir / "requests.tsv"), "2", "/doku/inquiry"],
+            script_args=[str(requests), "2", "/doku/inquiry"],
         )  # fmt: skip
         figures.append(Figure("POST /doku/inquiry, replayed Request-Ids", rps, "req/s", p50, p99, errors,
-                              baseline="healthz", ratio=rps / health_rps))  # fmt: skip
+                              baseline="ceiling", ratio=rps / ceiling_rps))  # fmt: skip
+
+        figures += _open_loop(port, ceiling_port, requests, one_shot, reusable, saturation, seconds)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_server(server)
+        stop_server(ceiling)
     return figures
+
+
+def _open_loop(port, ceiling_port, requests, one_shot, reusable, saturation, seconds) -> list[Figure]:
+    """p50/p99 at half the saturation rate, from the scheduled send time (bench/openloop.py)."""
+    figures = []
+    for label, codes in (("one-shot codes", one_shot), ("reusable codes (mint an invoice)", reusable)):
+        rate = saturation[label] / 2
+        presign(requests, codes, int(rate * seconds) + 10, "/doku/inquiry")
+        log(f"open loop: {label} at {rate:,.0f}/s (half of saturation)")
+        report = run_open_loop(port, rate=rate, seconds=seconds, requests=requests)
+        figures.append(_open_loop_figure(f"open loop, {label}, dipc", report))
+        if label == "one-shot codes":
+            presign(requests, codes, int(rate * seconds) + 10, "/doku/inquiry")
+            log(f"open loop: the ceiling server at {rate:,.0f}/s")
+            ceiling = run_open_loop(ceiling_port, rate=rate, seconds=seconds, requests=requests)
+            figures.append(_open_loop_figure("open loop, one-shot codes, bench/ceiling.py", ceiling))
+            log(f"open loop: GET /healthz at {rate:,.0f}/s (is the generator the bottleneck?)")
+            health = run_open_loop(port, rate=rate, seconds=seconds)
+            figures.append(_open_loop_figure("open loop, GET /healthz, dipc", health))
+    return figures
+
+
+def _open_loop_figure(name: str, report: dict) -> Figure:
+    log(f"open loop: {name}: {report}")
+    return Figure(
+        f"{name} (generator CPU {report['generator_cpu_share']:.0%})",
+        report["achieved_rate"], "req/s", report["p50_ms"], report["p99_ms"], report["errors"],
+    )  # fmt: skip
+
+
+def bench_memory(env, dsn, workdir, *, codes_count: int, seconds: int) -> list[Figure]:
+    """RSS of one dipc worker with ``codes_count`` codes registered: at rest, after load, slow clients."""
+    port, ceiling_port = free_port(), free_port()
+    server = start_server(env, port, 1)
+    ceiling = start_ceiling(dsn, ceiling_port)
+    requests = workdir / "requests.tsv"
+    try:
+        codes = [f"{ONE_SHOT_PREFIX}{n:010d}" for n in range(codes_count)]
+        started = memory.rss_mb(server.pid)
+        ceiling_started = memory.rss_mb(ceiling.pid)
+        log(f"memory: {seconds} s of inquiries at 500/s on each server")
+        presign(requests, codes, 500 * seconds + 10, "/doku/inquiry")
+        run_open_loop(port, rate=500, seconds=seconds, requests=requests)
+        presign(requests, codes, 500 * seconds + 10, "/doku/inquiry")
+        run_open_loop(ceiling_port, rate=500, seconds=seconds, requests=requests)
+        loaded, ceiling_loaded = memory.rss_mb(server.pid), memory.rss_mb(ceiling.pid)
+        log("memory: 1,000 slow clients (60,000 of 65,536 body bytes each, then a stall)")
+        slow = memory.slow_clients(port, server.pid)
+        log(f"memory: dipc under slow clients: {slow}")
+        ceiling_slow = memory.slow_clients(ceiling_port, ceiling.pid, hold_s=15.0)
+        log(f"memory: the ceiling under slow clients (it has no body timeout: held 15 s): {ceiling_slow}")
+    finally:
+        stop_server(server)
+        stop_server(ceiling)
+    return [
+        Figure("RSS, bench/ceiling.py after start", ceiling_started, "MB"),
+        Figure(
+            f"RSS, dipc worker after start ({codes_count:,} codes)",
+            started,
+            "MB",
+            baseline="ceiling",
+            ratio=started / ceiling_started,
+        ),
+        Figure("RSS, bench/ceiling.py after inquiries", ceiling_loaded, "MB"),
+        Figure(
+            "RSS, dipc worker after inquiries",
+            loaded,
+            "MB",
+            baseline="ceiling",
+            ratio=loaded / ceiling_loaded,
+        ),
+        Figure("RSS, bench/ceiling.py peak under 1,000 slow clients", ceiling_slow["peak"], "MB"),
+        Figure(
+            "RSS, dipc worker peak under 1,000 slow clients",
+            slow["peak"],
+            "MB",
+            baseline="ceiling",
+            ratio=slow["peak"] / ceiling_slow["peak"],
+        ),
+        Figure(
+            "RSS, dipc worker once they are gone",
+            slow["after"],
+            "MB",
+            baseline="ceiling",
+            ratio=slow["after"] / ceiling_slow["after"],
+        ),
+    ]
 
 
 def _percentile(samples: list[float], fraction: float) -> float:
@@ -318,13 +513,12 @@ async def _feed_latency(base: str, samples: int) -> tuple[list[float], list[floa
 
 def bench_feed(env, workdir, *, samples: int) -> list[Figure]:
     port = free_port()
-    server = start_server(env | {"DIPC_ADMIN_TOKEN": ADMIN_TOKEN}, port, 1)
+    server = start_server(env, port, 1)
     try:
         log(f"feed: {samples} long-polls woken by a registration, against plain GET /v1/events")
         plain, woken = asyncio.run(_feed_latency(f"http://127.0.0.1:{port}", samples))
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
+        stop_server(server)
     plain_p50 = _percentile(plain, 0.5)
     return [
         Figure(
@@ -360,7 +554,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["import", "inquiry", "feed"])
+    parser.add_argument("--only", choices=["import", "inquiry", "feed", "memory"])
     parser.add_argument("--feed-samples", type=int, default=200)
     parser.add_argument("--rows", type=int, default=100_000, help="codes to import (default 100,000)")
     parser.add_argument("--seconds", type=int, default=10, help="length of each load phase")
@@ -379,6 +573,7 @@ def main() -> None:
         "DIPC_SECRET_KEY": CLIENT.secret_keys[0].decode(),
         "DIPC_BINS": BINS,
         "DIPC_LOG_FORMAT": "json",
+        "DIPC_ADMIN_TOKEN": ADMIN_TOKEN,
     }
     figures: list[Figure] = []
     try:
@@ -393,10 +588,14 @@ def main() -> None:
         if args.only in (None, "feed"):
             figures += bench_feed(env, workdir, samples=args.feed_samples)
         if args.only in (None, "inquiry"):
-            figures += bench_inquiry(env, host, workdir, seconds=args.seconds, connections=args.connections,
-                                     workers=args.workers, codes_count=rows)  # fmt: skip
+            figures += bench_inquiry(env, dsn, host, workdir, seconds=args.seconds,
+                                     connections=args.connections, workers=args.workers,
+                                     codes_count=rows)  # fmt: skip
+        if args.only in (None, "memory"):
+            figures += bench_memory(env, dsn, workdir, codes_count=rows, seconds=args.seconds)
     finally:
         pg.stop()
+        shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
         shutil.rmtree(workdir, ignore_errors=True)
     print(render(figures))
 

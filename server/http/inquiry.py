@@ -51,5 +51,5 @@ async def handle_inquiry(request: web.Request) -> web.Response:
             first_check_s=settings.reconcile_schedule[0],
         )
     log_fields.update(outcome=answer.outcome, replayed=answer.replayed)
-    metrics.INQUIRIES.labels(answer.outcome, message.channel, "true" if answer.replayed else "false").inc()
+    metrics.INQUIRIES_SERIES(answer.outcome, message.channel, "true" if answer.replayed else "false").inc()
     return endpoint.respond(request, answer.http_status, answer.body)

@@ -121,14 +121,16 @@ def _observe(request: web.Request, status: int, started: float) -> None:
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     outcome = str(fields.get("outcome", "ok"))
-    method = request.method if request.method in LABELLED_METHODS else "other"
-    metrics.HTTP_REQUESTS.labels(route, method, str(status), outcome).inc()
-    metrics.HTTP_DURATION.labels(route, outcome).observe(elapsed)
+    labelled = request.method in LABELLED_METHODS
+    metrics.HTTP_REQUESTS_SERIES(route, request.method if labelled else "other", str(status), outcome).inc()
+    metrics.HTTP_DURATION_SERIES(route, outcome).observe(elapsed)
+    path = request.path
     log.info(
         "http.request",
-        method=for_log(request.method, 32),
+        method=request.method if labelled else for_log(request.method, 32),
         route=route,
-        path=for_log(request.path),
+        # A path that is a route's own (constant) text needs no masking or escaping.
+        path=path if path == route else for_log(path),
         status=status,
         ms=round(elapsed * 1000, 3),
         request_id=for_log(request.headers.get("Request-Id") or None, 128),

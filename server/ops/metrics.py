@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -183,6 +184,33 @@ EXCEPTION_SERIES = tuple(
     (kind.value, reason.value) for kind, reasons in EXCEPTION_REASONS.items() for reason in reasons
 )
 WEBHOOK_STATUSES = ("pending", "delivered", "failed")
+
+
+class Series:
+    """``metric.labels(*values)``, remembered per tuple of values, for the request path.
+
+    prometheus_client's ``labels()`` converts and checks every value and takes the metric's lock on each
+    call; per request that showed in profiles. The metric itself keeps every child it ever made, so a
+    second reference here adds no series: callers pass values from bounded sets, as for any label.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+HTTP_REQUESTS_SERIES = Series(HTTP_REQUESTS)
+HTTP_DURATION_SERIES = Series(HTTP_DURATION)
+INQUIRIES_SERIES = Series(INQUIRIES)
+DB_DURATION_SERIES = Series(DB_DURATION)
 
 
 def mark_unknown(gauge: Gauge, label_sets: tuple[tuple[str, ...], ...] = ()) -> None:

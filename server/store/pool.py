@@ -74,6 +74,8 @@ class FairPool(asyncpg.Pool):
     finds it gone and queues again at the back. Under load some requests starve: bench/ measured p99
     400 ms at p50 10 ms with 32 concurrent inquiries on 10 connections. A FIFO semaphore with as many
     permits as connections, taken before asyncpg's queue, makes waiting fair (p99 fell to 27 ms).
+    asyncpg 0.32 still queues this way (its pool waits on an ``asyncio.LifoQueue``, whose ``get`` lets a
+    newcomer take an item ahead of a woken waiter): ``bench/pool_fairness.py`` measures both pools.
     """
 
     __slots__ = ("_gate", "_held")
@@ -84,12 +86,16 @@ class FairPool(asyncpg.Pool):
         self._held: set[int] = set()  # ids of the proxies handed out through the gate
 
     async def _acquire(self, timeout: float | None) -> Any:  # noqa: ASYNC109 - asyncpg's signature
-        started = time.monotonic()
-        async with asyncio.timeout(timeout):
-            await self._gate.acquire()
+        if self._gate.locked():
+            started = time.monotonic()
+            async with asyncio.timeout(timeout):
+                await self._gate.acquire()
+            if timeout is not None:
+                timeout = max(timeout - (time.monotonic() - started), 0.001)
+        else:
+            await self._gate.acquire()  # a free permit is taken at once: no timeout to arm
         try:
-            remaining = None if timeout is None else max(timeout - (time.monotonic() - started), 0.001)
-            proxy = await super()._acquire(remaining)
+            proxy = await super()._acquire(timeout)
         except BaseException:
             self._gate.release()
             raise
@@ -181,7 +187,7 @@ async def deadline(seconds: float, what: str) -> AsyncIterator[None]:
     finally:
         expiry.cancel()
         _HELD_CONNECTIONS.reset(token)
-        metrics.DB_DURATION.labels(what, result).observe(time.perf_counter() - started)
+        metrics.DB_DURATION_SERIES(what, result).observe(time.perf_counter() - started)
 
 
 def _terminate_held(held: list[Any]) -> None:

@@ -47,6 +47,37 @@ def test_a_bad_csv_header_refuses_the_whole_import(header, message):
         rows("csv", header + "\n")
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "1,2,3,4",
+        " 1 , 2,3 ,  4 ",
+        "1,,,",
+        ",,,",
+        "1,2\x00,3,4",
+        "1,2\u2028x,3,4",
+        "1,2\x0bx,3,\x1c4",
+        "1,é,3,4",
+    ],
+)
+def test_a_line_without_quotes_reads_as_the_csv_module_reads_it(line):
+    """Lines without quotes or line breaks are split without the csv module: the same fields."""
+    import csv
+    import io
+
+    reader = RowReader("csv")  # fed as lines_of splits, at "\n" only (str.splitlines splits at more)
+    reader.feed("payment_code,amount,invoice_number,customer_name\n")
+    got = [reader.feed(f"{line}\n")]
+    expected = next(csv.reader(io.StringIO(line, newline="")))
+    assert got == [
+        (
+            2,
+            dict(zip(("payment_code", "amount", "invoice_number", "customer_name"), expected, strict=True)),
+            True,
+        )
+    ]
+
+
 def test_ndjson_rows_keep_json_types():
     got = rows("ndjson", '{"payment_code": "1", "amount": 5}\nnot json\n[1]\n')
     assert got[0] == (1, {"payment_code": "1", "amount": 5}, False)

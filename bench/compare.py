@@ -1,0 +1,97 @@
+"""Inquiry throughput of two dipc revisions and the ceiling server, interleaved in one run.
+
+    .venv/bin/python bench/compare.py --before HEAD~1            # the working tree against HEAD~1
+    .venv/bin/python bench/compare.py --before HEAD~1 --rounds 5 --seconds 8 --kind reusable
+
+How each speed-up's commit message measures its effect: one embedded PostgreSQL, one set of codes, the
+ceiling (bench/ceiling.py), ``before`` (a ``git worktree`` of that revision) and the working tree served
+side by side, and wrk rounds taken in turn (ceiling, before, after, ceiling, ...) so that a noisy
+neighbour costs all three alike. Prints each round and the medians, as ratios to the ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import run  # bench/run.py: compare.py runs as a script, with bench/ on sys.path
+
+from server.embedded import EmbeddedPostgres
+from server.store import migrate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--before", required=True, help="a git revision")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--codes", type=int, default=100_000)
+    parser.add_argument("--kind", choices=["one-shot", "reusable"], default="one-shot")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="dipc-bench-compare-"))
+    before_tree = workdir / "before"
+    subprocess.run(["git", "-C", str(run.ROOT), "worktree", "add", "--detach", str(before_tree), args.before],
+                   check=True, capture_output=True)  # fmt: skip
+    pg = EmbeddedPostgres(workdir / "data", durable=True)
+    dsn = pg.start()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
+    env |= {"DATABASE_URL": dsn, "DIPC_CLIENT_ID": run.CLIENT.client_id, "DIPC_BINS": run.BINS,
+            "DIPC_SECRET_KEY": run.CLIENT.secret_keys[0].decode(), "DIPC_LOG_FORMAT": "json"}  # fmt: skip
+    servers = []
+    try:
+        asyncio.run(migrate.migrate_dsn(dsn))
+        reusable = args.kind == "reusable"
+        prefix = run.REUSABLE_PREFIX if reusable else run.ONE_SHOT_PREFIX
+        count = 1000 if reusable else args.codes
+        csv = workdir / "codes.csv"
+        run.write_codes_csv(csv, count, prefix, reusable)
+        subprocess.run([run.DIPC, "codes", "import", str(csv)], env=env, check=True, capture_output=True)
+        codes = [f"{prefix}{n:010d}" for n in range(count)]
+
+        ports = {"ceiling": run.free_port(), "before": run.free_port(), "after": run.free_port()}
+        servers.append(run.start_ceiling(dsn, ports["ceiling"]))
+        # The revision before, imported from its worktree ahead of the installed (editable) working tree.
+        servers.append(run.start_server(env | {"PYTHONPATH": str(before_tree)}, ports["before"], 1))
+        servers.append(run.start_server(env, ports["after"], 1))
+        rates: dict[str, list[float]] = {name: [] for name in ports}
+        requests = workdir / "requests.tsv"
+        for round_ in range(args.rounds):
+            for name, port in ports.items():
+                run.presign(requests, codes, 12_000 * args.seconds, "/doku/inquiry")
+                rps, p50, p99, errors = run.run_wrk(
+                    f"http://127.0.0.1:{port}", seconds=args.seconds, connections=args.connections, threads=2,
+                    script_args=[str(requests), "2", "/doku/inquiry"],
+                )  # fmt: skip
+                rates[name].append(rps)
+                print(f"round {round_ + 1} {name:8} {rps:8,.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+                      f"  errors {errors}", flush=True)  # fmt: skip
+        ceiling = statistics.median(rates["ceiling"])
+        print(f"\n{args.kind} inquiries, medians of {args.rounds} rounds of {args.seconds} s:")
+        for name, values in rates.items():
+            median = statistics.median(values)
+            print(f"  {name:8} {median:8,.0f} req/s  {median / ceiling:.2f} x ceiling")
+        after, before = statistics.median(rates["after"]), statistics.median(rates["before"])
+        print(f"  after / before: {after / before:.3f}")
+    finally:
+        for server in servers:
+            run.stop_server(server)
+        pg.stop()
+        shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
+        subprocess.run(["git", "-C", str(run.ROOT), "worktree", "remove", "--force", str(before_tree)],
+                       check=False, capture_output=True)  # fmt: skip
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
