@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import asyncpg
 import structlog
 from aiohttp import web
 
@@ -96,7 +97,14 @@ def run_migrate(args: argparse.Namespace) -> int:
 
     async def apply() -> list[str]:
         async with open_database(settings, require_current=False) as db, db.pool.acquire() as conn:
-            return await migrate.migrate(conn)
+            try:
+                return await migrate.migrate(conn)
+            except asyncpg.InsufficientPrivilegeError as error:
+                raise CommandFailed(
+                    f"this role may not change the schema ({error}): run `dipc migrate` with the owner's "
+                    "DATABASE_URL (deploy/postgres/roles.sql)",
+                    EXIT_USAGE,
+                ) from None
 
     applied = asyncio.run(apply())
     print(f"applied {', '.join(applied)}" if applied else "the database is up to date")
