@@ -107,7 +107,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     resolve.add_argument("payment_id", type=int, help="the exception's payment id (see `exceptions list`)")
     resolve.add_argument("--resolution", required=True, choices=[member.value for member in Resolution])
     resolve.add_argument("--by", required=True, dest="resolved_by", help="who resolves it (a name or email)")
-    resolve.add_argument("--note", required=True, help="why; kept with the resolution (may be empty)")
+    resolve.add_argument("--note", default="", help="why; kept with the resolution (default: empty)")
     resolve.add_argument("--reference", help="an external reference, e.g. the refund id")
     _common(resolve, paged=False)
     resolve.set_defaults(run=run_resolve)
@@ -117,7 +117,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     inquiry_list = inquiry_actions.add_parser(
         "list",
         help="list inquiries, oldest first (--json shows the exact answers)",
-        epilog="example: dipc inquiries list --code 8896512345678123 --since 2026-11-25T00:00:00Z --json",
+        epilog="example:\n  dipc inquiries list --code 8896512345678123 --since 2026-11-25T00:00:00Z --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inquiry_list.add_argument("--code", dest="payment_code", help="only this payment code")
     inquiry_list.add_argument("--since", help="only inquiries received at or after this ISO 8601 time")

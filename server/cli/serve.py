@@ -297,6 +297,12 @@ async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
 
 def _print_demo_banner(settings: Settings, seeded: list) -> None:
     base = f"http://{settings.host}:{settings.port}"
+    # With an admin port, the admin API is only there (server/http/ports.py).
+    admin = (
+        f"http://{settings.admin_host or settings.host}:{settings.admin_port}"
+        if settings.admin_port
+        else base
+    )
     # The command as it was typed (".venv/bin/dipc"), so the examples can be pasted as they are.
     dipc = sys.argv[0] if Path(sys.argv[0]).name == "dipc" else "dipc"
     lines = [
@@ -313,8 +319,8 @@ def _print_demo_banner(settings: Settings, seeded: list) -> None:
         "Try it from another terminal:",
         f"  {dipc} simulate inquiry --demo --url {base} 8896512345678123",
         f"  {dipc} simulate flow --demo --url {base} 8896500000000777    # inquiry, then its payment",
-        f"  curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' {base}/v1/payment-codes",
-        f"  curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' '{base}/v1/events?wait=30'",
+        f"  curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' {admin}/v1/payment-codes",
+        f"  curl -H 'Authorization: Bearer {DEMO_ADMIN_TOKEN}' '{admin}/v1/events?wait=30'",
         f"  {dipc} exceptions list --demo    # conflicts and anomalies to close",
         "",
     ]
@@ -322,7 +328,8 @@ def _print_demo_banner(settings: Settings, seeded: list) -> None:
         lines[-1:-1] = [
             "",
             "Reconciliation (DOKU's Check Status) is off: --demo never calls DOKU. To rehearse a lost",
-            "notification, run a stand-in and point the demo at it (README, Money assurance):",
+            "notification, run a stand-in, stop this server and start it pointed at the stand-in",
+            "(README, Money assurance):",
             f"  {dipc} simulate doku-api --demo --port 8090",
             f"  DIPC_DOKU_API_URL=http://127.0.0.1:8090 DIPC_RECONCILE_SCHEDULE=5,30,60 {dipc} serve --demo",
         ]
