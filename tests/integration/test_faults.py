@@ -395,3 +395,57 @@ async def test_with_several_workers_the_supervisor_restarts_the_embedded_databas
         code = await asyncio.to_thread(dipc.stop)
     assert code == 0
     assert "embedded.restarted" in dipc.log_text()
+
+
+# --- dipc is stopped while the database hangs -------------------------------------------------------
+
+
+@pytest.mark.parametrize("reconcile", ["off", "on"])
+async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_timeout(
+    own_cluster, tmp_path, aiohttp_server, reconcile
+):
+    """A frozen database must not hold the stop: background work on it (the reconciler's claims and
+    checks, the pool) gives up within the shutdown timeout, and the exit is clean (not a SIGKILL from
+    the supervisor or the service manager)."""
+    from server.doku.standin import DokuStandIn
+
+    server, dsn = own_cluster
+    standin = await aiohttp_server(DokuStandIn({CLIENT_ID: CLIENT}).app())
+    shutdown_s = 8.0
+    dipc = Dipc(
+        dipc_env(
+            dsn,
+            **BUDGET_ENV,
+            DIPC_SHUTDOWN_TIMEOUT_S=str(shutdown_s),
+            DIPC_RECONCILE=reconcile,
+            DIPC_DOKU_API_URL=str(standin.make_url("")).rstrip("/"),
+            DIPC_RECONCILE_SCHEDULE="1,2,4",
+        ),
+        tmp_path / "dipc.log",
+    )
+    dipc.start()
+    codes = await register_codes(dsn, "6" if reconcile == "on" else "7", 20)
+    async with aiohttp.ClientSession() as session:
+        doku = DokuSimulator(session, dipc.url, CLIENT)
+        for code in codes:  # quoted invoices: the reconciler has work due while the database hangs
+            assert (await doku.inquiry(code)).status == 200
+    await asyncio.sleep(1.5)
+    pids = cluster_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(2.0)  # background work is now waiting on the frozen database
+        started = time.monotonic()
+        dipc.signal(signal.SIGTERM)
+        try:
+            code = await asyncio.to_thread(dipc.process.wait, shutdown_s + 10)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - started
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        dipc.stop()
+    assert code == 0, f"dipc did not exit by itself within {shutdown_s + 10} s:\n{dipc.log_text()[-3000:]}"
+    assert took < shutdown_s + SLACK_S, f"the stop took {took:.1f} s"
+    assert "Traceback" not in dipc.log_text()
