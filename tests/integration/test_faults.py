@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from server.doku.client import DokuSimulator, inquiry_body, notification_body
 from server.embedded import EmbeddedPostgres
@@ -400,9 +401,9 @@ async def test_with_several_workers_the_supervisor_restarts_the_embedded_databas
 # --- dipc is stopped while the database hangs -------------------------------------------------------
 
 
-@pytest.mark.parametrize("reconcile", ["off", "on"])
+@pytest.mark.parametrize(("reconcile", "webhooks"), [("off", False), ("on", False), ("off", True)])
 async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_timeout(
-    own_cluster, tmp_path, aiohttp_server, reconcile
+    own_cluster, tmp_path, aiohttp_server, reconcile, webhooks
 ):
     """A frozen database must not hold the stop: background work on it (the reconciler's claims and
     checks, the pool) gives up within the shutdown timeout, and the exit is clean (not a SIGKILL from
@@ -411,6 +412,16 @@ async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_ti
 
     server, dsn = own_cluster
     standin = await aiohttp_server(DokuStandIn({CLIENT_ID: CLIENT}).app())
+
+    async def accept(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", accept)
+    hooks = await aiohttp_server(receiver)
+    webhook_env = (
+        {"DIPC_WEBHOOK_URL": str(hooks.make_url("/hook")), "DIPC_WEBHOOK_SECRET": "s"} if webhooks else {}
+    )
     shutdown_s = 8.0
     dipc = Dipc(
         dipc_env(
@@ -420,15 +431,18 @@ async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_ti
             DIPC_RECONCILE=reconcile,
             DIPC_DOKU_API_URL=str(standin.make_url("")).rstrip("/"),
             DIPC_RECONCILE_SCHEDULE="1,2,4",
+            **webhook_env,
         ),
         tmp_path / "dipc.log",
     )
     dipc.start()
-    codes = await register_codes(dsn, "6" if reconcile == "on" else "7", 20)
+    codes = await register_codes(dsn, "6" if reconcile == "on" else "8" if webhooks else "7", 20)
     async with aiohttp.ClientSession() as session:
         doku = DokuSimulator(session, dipc.url, CLIENT)
         for code in codes:  # quoted invoices: the reconciler has work due while the database hangs
             assert (await doku.inquiry(code)).status == 200
+        for code, body in notifications_for(codes).items():  # events: the forwarder has work
+            assert (await doku.post("/doku/notification", body)).status == 200, code
     await asyncio.sleep(1.5)
     pids = cluster_pids(server)
     for pid in pids:
