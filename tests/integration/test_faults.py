@@ -10,6 +10,7 @@ every notification is recorded exactly once, every 200 has its row; and no perso
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -463,3 +464,50 @@ async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_ti
     assert code == 0, f"dipc did not exit by itself within {shutdown_s + 10} s:\n{dipc.log_text()[-3000:]}"
     assert took < shutdown_s + SLACK_S, f"the stop took {took:.1f} s"
     assert "Traceback" not in dipc.log_text()
+
+
+# --- the supervisor dies ----------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            children.append(int(status.parent.name))
+    return children
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"  # exited; its new parent has not reaped it yet
+
+
+def test_workers_of_a_killed_supervisor_stop_instead_of_serving_on(own_cluster, tmp_path):
+    """kill -9 (or the OOM killer) on the supervisor must not leave its workers serving the port: with
+    SO_REUSEPORT they would share it with the next generation, and answer 503 for ever once its
+    database is gone. They notice their parent is gone and drain."""
+    _, dsn = own_cluster
+    dipc = Dipc(dipc_env(dsn, **BUDGET_ENV, DIPC_WORKERS="2"), tmp_path / "dipc.log")
+    dipc.start()
+    assert dipc.process is not None
+    try:
+        wait_until(lambda: len(_children(dipc.process.pid)) == 2, 30, "two workers did not start")
+        workers = _children(dipc.process.pid)
+        dipc.signal(signal.SIGKILL)
+        dipc.process.wait(10)
+        took = wait_until(lambda: all(_gone(pid) for pid in workers), 15, "the orphaned workers still run")
+    finally:
+        dipc.stop()
+        for pid in workers if "workers" in locals() else []:  # the bug this tests: leave nothing running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert took < 5
+    assert http_status(f"{dipc.url}/healthz") is None  # nobody serves the port any more
+    assert "worker.orphaned" in dipc.log_text()
