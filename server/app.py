@@ -117,8 +117,9 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             reconciler = Reconciler(app[POOL], settings, api)
             task = asyncio.create_task(reconciler.run(), name="dipc-reconciler")
             yield
-            # Checks in flight finish (they are bounded by the call's timeout); the rest is next time's.
-            await reconciler.stop(settings.doku_api_timeout_s + 5)
+            # Checks in flight finish (they are bounded by the call's timeout, and the stop by half the
+            # shutdown timeout: a database that hangs must not hold the exit); the rest is next time's.
+            await reconciler.stop(min(settings.doku_api_timeout_s + 5, settings.shutdown_timeout_s / 2))
             await task
 
     async def release_long_polls(app: web.Application) -> None:

@@ -77,7 +77,11 @@ class Supervisor:
 
     def _spawn(self, index: int, *, restart: bool = False) -> None:
         # A replacement counts itself in dipc_worker_restarts_total (the supervisor writes no metrics).
-        env = self.env | {"DIPC_WORKER_INDEX": str(index), "DIPC_WORKER_RESTART": "1" if restart else ""}
+        env = self.env | {
+            "DIPC_WORKER_INDEX": str(index),
+            "DIPC_WORKER_RESTART": "1" if restart else "",
+            "DIPC_SUPERVISOR_PID": str(os.getpid()),  # a worker whose supervisor died stops (serve.py)
+        }
         child = subprocess.Popen(
             [sys.executable, "-m", "server", "serve", "--worker", *self.worker_args], env=env
         )

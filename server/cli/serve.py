@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -274,7 +275,30 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
     log.info("server.stopped")
 
 
+ORPHAN_CHECK_S = 0.5
+
+
+async def _stop_when_orphaned(supervisor_pid: int) -> None:
+    """A worker whose supervisor died (kill -9, the OOM killer) drains and exits, as on SIGTERM.
+
+    Otherwise it would serve on for ever: with SO_REUSEPORT beside the workers of the next ``dipc
+    serve``, and after that one stops, answering 503 with nobody to stop it or its database.
+    """
+    while True:
+        if os.getppid() != supervisor_pid:  # re-parented: to init, or to a subreaper
+            break
+        await asyncio.sleep(ORPHAN_CHECK_S)
+    log.warning("worker.orphaned", supervisor_pid=supervisor_pid, action="stopping")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
+    supervisor_pid = os.environ.get("DIPC_SUPERVISOR_PID", "") if reuse_port else ""
+    orphan_watch = (
+        asyncio.create_task(_stop_when_orphaned(int(supervisor_pid)), name="dipc-orphan-watch")
+        if supervisor_pid.isdigit()
+        else None
+    )
     app = make_app(settings, dsn)
     drain.install(app)
     runner = web.AppRunner(
@@ -289,6 +313,8 @@ async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
             await web.TCPSite(runner, admin_host, settings.admin_port, reuse_port=reuse_port).start()
         await asyncio.Future()  # until SIGTERM or SIGINT (GracefulExit) cancels this task
     finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
         try:
             await drain.answer_received(runner, app, settings.shutdown_timeout_s)
         finally:

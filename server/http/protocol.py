@@ -91,14 +91,17 @@ class EdgeRequestHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         parsed = self._request_count
+        # Bytes that end a body are not the next request's first bytes (checked before they are fed).
+        in_body = self._last_payload is not None and not self._last_payload.is_eof()
         super().data_received(data)
         if self._request_count != parsed:
             # Headers are complete; the body has a timeout of its own where it is read.
             self._stop_header_timer()
             if self._messages:
                 self._last_payload = self._messages[-1][1]
-        elif self._last_payload is None or self._last_payload.is_eof():
-            # Bytes after a complete request: the next request's headers have begun.
+        elif data and not in_body:
+            # Bytes after a complete request: the next request's headers have begun. (aiohttp calls
+            # this with b"" when it resumes reading: that is no byte from the client.)
             self._start_header_timer()
 
     def _start_header_timer(self) -> None:

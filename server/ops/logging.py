@@ -24,6 +24,28 @@ def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str
     return event
 
 
+class _OutageWithoutTraceback(logging.Filter):
+    """A library's warning about a database outage is one line, not a traceback per retry.
+
+    asyncpg's pool logs every failed attempt to reopen its minimum of connections with ``exc_info``:
+    during an outage, a traceback per worker per retry. A failure that only says the database is down
+    (``server.store.pool.UNAVAILABLE_ERRORS``) becomes an ``error`` field; anything else keeps its
+    traceback, since that would be a bug worth one.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith("asyncpg"):
+            from server.store.pool import UNAVAILABLE_ERRORS  # not at import: the pool imports metrics
+
+            error = record.exc_info[1]
+            if isinstance(error, UNAVAILABLE_ERRORS):
+                text = str(error)
+                record.error = f"{type(error).__name__}: {text}" if text else type(error).__name__
+                record.exc_info = None
+                record.exc_text = None
+        return True
+
+
 def _orjson_dumps(value: Any, **_kwargs: Any) -> bytes:
     return orjson.dumps(value, default=str)
 
@@ -56,7 +78,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
     )
 
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder({"error"})],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
@@ -65,6 +87,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(_OutageWithoutTraceback())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

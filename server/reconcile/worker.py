@@ -25,7 +25,7 @@ from server.doku.checkstatus import CheckStatusClient
 from server.ops import metrics
 from server.ops.masking import mask_code
 from server.store import reconciliation as store
-from server.store.pool import UNAVAILABLE_ERRORS
+from server.store.pool import UNAVAILABLE_ERRORS, deadline, terminate_held, tracking
 from server.store.reconciliation import Claimed, QuotedInvoice
 
 log = structlog.get_logger(component="dipc.reconcile")
@@ -33,6 +33,11 @@ log = structlog.get_logger(component="dipc.reconcile")
 IDLE_RECHECK_S = 1.0  # how long an idle reconciler sleeps before it looks for due invoices again
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 300.0
+# At a stop, how long the loop may take to notice, and how long a check that was cut short may take to
+# hand its invoice back; past them the connections they wait on are terminated (a database that hangs
+# must not hold the process's exit: the lease runs out and the invoice is checked again later).
+STOP_GRACE_S = 1.0
+RELEASE_DEADLINE_S = 1.0
 
 
 def lease_s(settings: Settings) -> float:
@@ -80,6 +85,9 @@ class Reconciler:
         self.lease_s = lease_s(settings)
         self._stopping = asyncio.Event()
         self._checks: set[asyncio.Task[None]] = set()
+        self._held: dict[asyncio.Task[None], list[Any]] = {}  # per check: the connections it holds
+        self._step_held: list[Any] = []  # the loop's current step: the connections it holds
+        self._run_task: asyncio.Task[Any] | None = None
         self._failures = 0  # consecutive 429/5xx answers: how long everyone backs off
 
     async def run(self) -> None:
@@ -89,9 +97,11 @@ class Reconciler:
             schedule=list(self.settings.reconcile_schedule),
             rps=self.settings.reconcile_rps,
         )
+        self._run_task = asyncio.current_task()
         while not self._stopping.is_set():
             try:
-                pause = await self.step()
+                with tracking([]) as self._step_held:
+                    pause = await self.step()
             except UNAVAILABLE_ERRORS as error:
                 log.warning("reconcile.database_unavailable", error=f"{type(error).__name__}: {error}")
                 pause = IDLE_RECHECK_S
@@ -114,20 +124,38 @@ class Reconciler:
             self.pool, limit=free, lease_s=self.lease_s, rps=self.settings.reconcile_rps
         )
         for item in claimed:
-            task = asyncio.create_task(self._check(item), name="dipc-reconcile-check")
+            held: list[Any] = []
+            with tracking(held):  # the task copies the context: its connections are recorded in held
+                task = asyncio.create_task(self._check(item), name="dipc-reconcile-check")
             self._checks.add(task)
-            task.add_done_callback(self._checks.discard)
+            self._held[task] = held
+            task.add_done_callback(self._forget)
         # Nothing granted: the shared budget is spent (or DOKU asked us to back off); try after one token.
         return 0.0 if claimed else max(1.0 / self.settings.reconcile_rps, 0.05)
 
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._checks.discard(task)
+        self._held.pop(task, None)
+
     async def stop(self, timeout_s: float) -> None:
-        """Start nothing new; let checks in flight finish within ``timeout_s``, then cancel them."""
+        """Start nothing new; let checks in flight finish within ``timeout_s``, then cut them short.
+
+        Whatever still waits on the database then (a database that hangs) has its connections
+        terminated, so the stop is bounded however the database behaves.
+        """
         self._stopping.set()
         if self._checks:
             _, pending = await asyncio.wait(set(self._checks), timeout=timeout_s)
             for task in pending:
+                terminate_held(self._held.get(task, []))
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:
+                await asyncio.wait(pending, timeout=RELEASE_DEADLINE_S + STOP_GRACE_S)
+        run_task = self._run_task
+        if run_task is not None and run_task is not asyncio.current_task() and not run_task.done():
+            _, stuck = await asyncio.wait({run_task}, timeout=STOP_GRACE_S)
+            if stuck:
+                terminate_held(self._step_held)
 
     def retry_s(self) -> float:
         return min(BACKOFF_BASE_S * 2**self._failures, BACKOFF_CAP_S)
@@ -137,8 +165,10 @@ class Reconciler:
             report = await check_claimed(self.pool, self.api, self.settings, claimed, retry_s=self.retry_s())
         except asyncio.CancelledError:
             # Stopping mid-check: hand the invoice back so a live process checks it now, not after the lease.
+            # Within a deadline: on a database that hangs the lease runs out instead.
             with contextlib.suppress(Exception):
-                await asyncio.shield(store.release(self.pool, claimed))
+                async with deadline(RELEASE_DEADLINE_S, "reconcile_release"):
+                    await asyncio.shield(store.release(self.pool, claimed))
             raise
         except UNAVAILABLE_ERRORS as error:
             log.warning("reconcile.database_unavailable", error=f"{type(error).__name__}: {error}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
@@ -188,6 +188,22 @@ async def deadline(seconds: float, what: str) -> AsyncIterator[None]:
         expiry.cancel()
         _HELD_CONNECTIONS.reset(token)
         metrics.DB_DURATION_SERIES(what, result).observe(time.perf_counter() - started)
+
+
+@contextmanager
+def tracking(held: list[Any]) -> Iterator[list[Any]]:
+    """Record in ``held`` every pooled connection the block (and tasks it starts) acquires, so that
+    background work stuck on a database that hangs can be unblocked with :func:`terminate_held`."""
+    token = _HELD_CONNECTIONS.set(held)
+    try:
+        yield held
+    finally:
+        _HELD_CONNECTIONS.reset(token)
+
+
+def terminate_held(held: list[Any]) -> None:
+    """Terminate the connections in ``held`` still in use: what waits on them fails at once."""
+    _terminate_held(held)
 
 
 def _terminate_held(held: list[Any]) -> None:

@@ -10,6 +10,7 @@ every notification is recorded exactly once, every 200 has its row; and no perso
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from server.doku.client import DokuSimulator, inquiry_body, notification_body
 from server.embedded import EmbeddedPostgres
@@ -395,3 +397,117 @@ async def test_with_several_workers_the_supervisor_restarts_the_embedded_databas
         code = await asyncio.to_thread(dipc.stop)
     assert code == 0
     assert "embedded.restarted" in dipc.log_text()
+
+
+# --- dipc is stopped while the database hangs -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reconcile", "webhooks"), [("off", False), ("on", False), ("off", True)])
+async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_timeout(
+    own_cluster, tmp_path, aiohttp_server, reconcile, webhooks
+):
+    """A frozen database must not hold the stop: background work on it (the reconciler's claims and
+    checks, the pool) gives up within the shutdown timeout, and the exit is clean (not a SIGKILL from
+    the supervisor or the service manager)."""
+    from server.doku.standin import DokuStandIn
+
+    server, dsn = own_cluster
+    standin = await aiohttp_server(DokuStandIn({CLIENT_ID: CLIENT}).app())
+
+    async def accept(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    receiver = web.Application()
+    receiver.router.add_post("/hook", accept)
+    hooks = await aiohttp_server(receiver)
+    webhook_env = (
+        {"DIPC_WEBHOOK_URL": str(hooks.make_url("/hook")), "DIPC_WEBHOOK_SECRET": "s"} if webhooks else {}
+    )
+    shutdown_s = 8.0
+    dipc = Dipc(
+        dipc_env(
+            dsn,
+            **BUDGET_ENV,
+            DIPC_SHUTDOWN_TIMEOUT_S=str(shutdown_s),
+            DIPC_RECONCILE=reconcile,
+            DIPC_DOKU_API_URL=str(standin.make_url("")).rstrip("/"),
+            DIPC_RECONCILE_SCHEDULE="1,2,4",
+            **webhook_env,
+        ),
+        tmp_path / "dipc.log",
+    )
+    dipc.start()
+    codes = await register_codes(dsn, "6" if reconcile == "on" else "8" if webhooks else "7", 20)
+    async with aiohttp.ClientSession() as session:
+        doku = DokuSimulator(session, dipc.url, CLIENT)
+        for code in codes:  # quoted invoices: the reconciler has work due while the database hangs
+            assert (await doku.inquiry(code)).status == 200
+        for code, body in notifications_for(codes).items():  # events: the forwarder has work
+            assert (await doku.post("/doku/notification", body)).status == 200, code
+    await asyncio.sleep(1.5)
+    pids = cluster_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(2.0)  # background work is now waiting on the frozen database
+        started = time.monotonic()
+        dipc.signal(signal.SIGTERM)
+        try:
+            code = await asyncio.to_thread(dipc.process.wait, shutdown_s + 10)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - started
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        dipc.stop()
+    assert code == 0, f"dipc did not exit by itself within {shutdown_s + 10} s:\n{dipc.log_text()[-3000:]}"
+    assert took < shutdown_s + SLACK_S, f"the stop took {took:.1f} s"
+    assert "Traceback" not in dipc.log_text()
+
+
+# --- the supervisor dies ----------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid:
+            children.append(int(status.parent.name))
+    return children
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"  # exited; its new parent has not reaped it yet
+
+
+def test_workers_of_a_killed_supervisor_stop_instead_of_serving_on(own_cluster, tmp_path):
+    """kill -9 (or the OOM killer) on the supervisor must not leave its workers serving the port: with
+    SO_REUSEPORT they would share it with the next generation, and answer 503 for ever once its
+    database is gone. They notice their parent is gone and drain."""
+    _, dsn = own_cluster
+    dipc = Dipc(dipc_env(dsn, **BUDGET_ENV, DIPC_WORKERS="2"), tmp_path / "dipc.log")
+    dipc.start()
+    assert dipc.process is not None
+    try:
+        wait_until(lambda: len(_children(dipc.process.pid)) == 2, 30, "two workers did not start")
+        workers = _children(dipc.process.pid)
+        dipc.signal(signal.SIGKILL)
+        dipc.process.wait(10)
+        took = wait_until(lambda: all(_gone(pid) for pid in workers), 15, "the orphaned workers still run")
+    finally:
+        dipc.stop()
+        for pid in workers if "workers" in locals() else []:  # the bug this tests: leave nothing running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert took < 5
+    assert http_status(f"{dipc.url}/healthz") is None  # nobody serves the port any more
+    assert "worker.orphaned" in dipc.log_text()
