@@ -6,7 +6,7 @@ from enum import StrEnum
 
 
 class InquiryOutcome(StrEnum):
-    """Why an inquiry was answered the way it was (our finer reason)."""
+    """Why an inquiry was answered the way it was (our finer reason); chosen by dipc_inquire in SQL."""
 
     SUCCESS = "SUCCESS"
     NOT_FOUND = "NOT_FOUND"

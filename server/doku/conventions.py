@@ -1,13 +1,10 @@
 """Our conventions where DOKU's public material is silent — the spec's [ours] parts, in one place.
 
-Change a convention here and nowhere else.
+Change a convention here and nowhere else; the inquiry's answers are the one exception, kept with the
+rules that choose them in the database function dipc_inquire (schemas/migrations/0005_inquire.sql).
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-
-from server.core.outcomes import InquiryOutcome
 
 # --- limits and windows --------------------------------------------------------------------------
 
@@ -22,34 +19,17 @@ INVOICE_PATTERN = r"^[A-Za-z0-9_/-]{1,64}$"
 
 # --- invoice numbers of reusable codes ---------------------------------------------------------
 
-# Every successful inquiry of a reusable code mints "<code invoice>-<sequence>", so each payment of the
-# code is its own transaction. The base invoice is kept short enough for any sequence to fit in 64.
-REUSABLE_INVOICE_SEPARATOR = "-"
-REUSABLE_INVOICE_BASE_MAX_LENGTH = INVOICE_MAX_LENGTH - len(REUSABLE_INVOICE_SEPARATOR) - 15
+# Every successful inquiry of a reusable code mints "<code invoice>-<sequence>" (in dipc_inquire, where
+# the inquiry's answers live: schemas/migrations/0005_inquire.sql), so each payment of the code is its
+# own transaction. The base invoice is kept short enough for "-" and any bigint sequence to fit in 64.
+REUSABLE_INVOICE_BASE_MAX_LENGTH = INVOICE_MAX_LENGTH - len("-") - 15
 
+# --- protocol errors ---------------------------------------------------------------------------
 
-def reusable_invoice_number(base: str, sequence: int) -> str:
-    return f"{base}{REUSABLE_INVOICE_SEPARATOR}{sequence}"
-
-
-# --- inquiry answers ---------------------------------------------------------------------------
-
-STATUS_SUCCESS = "success"
+# The answers to inquiries (status word and HTTP status per outcome) are rendered by dipc_inquire.
+# A request we could not use at all gets one of these words.
 STATUS_INVALID_SIGNATURE = "invalid_signature"
 STATUS_DECLINE = "decline"
-
-# Our finer outcome -> (DOKU status word, HTTP status). The finer outcome goes to logs, metrics and
-# the inquiry record; DOKU sees only the word.
-INQUIRY_ANSWERS: Mapping[InquiryOutcome, tuple[str, int]] = {
-    InquiryOutcome.SUCCESS: (STATUS_SUCCESS, 200),
-    InquiryOutcome.NOT_FOUND: ("billing_not_found", 404),
-    InquiryOutcome.UNKNOWN_BIN: ("billing_not_found", 404),
-    InquiryOutcome.OTHER_CLIENT: ("billing_not_found", 404),
-    InquiryOutcome.EXPIRED: ("billing_was_expired", 400),
-    InquiryOutcome.ALREADY_PAID: ("billing_already_paid", 400),
-    InquiryOutcome.CANCELLED: (STATUS_DECLINE, 400),
-    InquiryOutcome.CHANNEL_MISMATCH: (STATUS_DECLINE, 400),
-}
 
 
 def protocol_error_status(http_status: int) -> str:

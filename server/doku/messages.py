@@ -1,7 +1,8 @@
-"""DOKU message bodies: parse what DOKU sends, render what we answer (spec §3, §4).
+"""DOKU message bodies: parse what DOKU sends, render our protocol errors (spec §3, §4).
 
 Parsing is lenient: unknown members are ignored, and only what we need must be present and well formed.
-Rendering is byte-exact and compact (orjson keeps member order), since signatures cover the bytes.
+Rendering is byte-exact and compact (orjson keeps member order), since signatures cover the bytes. The
+answers to inquiries are rendered by the database function dipc_inquire, with the rules that choose them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from typing import Any
 
 import orjson
 
-from server.core.codes import Bill
 from server.core.documents import load_object
 from server.core.errors import DipcError, InvalidField
-from server.core.outcomes import InquiryOutcome
 from server.core.times import parse_timestamp
 from server.doku import channels, conventions
 
@@ -61,29 +60,6 @@ def channel_of(data: dict[str, Any]) -> str:
 def parse_inquiry(body: bytes) -> InquiryMessage:
     data = load_object(body)
     return InquiryMessage(payment_code=payment_code_of(data), channel=channel_of(data))
-
-
-def render_inquiry(outcome: InquiryOutcome, payment_code: str, bill: Bill | None) -> tuple[int, bytes]:
-    """HTTP status and exact body bytes of our answer to an inquiry."""
-    status_word, http_status = conventions.INQUIRY_ANSWERS[outcome]
-    if bill is None:
-        document: dict[str, Any] = {
-            "online_to_offline_info": {"payment_code": payment_code},
-            "online_to_offline_inquiry": {"status": status_word},
-        }
-        return http_status, orjson.dumps(document)
-    info: dict[str, str] = {"payment_code": bill.payment_code}
-    for name in ("info1", "info2", "info3"):
-        if text := getattr(bill, name):
-            info[name] = text
-    document = {
-        "order": {"invoice_number": bill.invoice_number, "amount": bill.amount},
-        "online_to_offline_info": info,
-        "online_to_offline_inquiry": {"status": status_word},
-        "customer": {"name": bill.customer_name, "email": bill.customer_email},
-        "additional_info": {},
-    }
-    return http_status, orjson.dumps(document)
 
 
 def render_inquiry_error(error: DipcError) -> bytes:

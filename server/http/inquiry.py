@@ -46,7 +46,6 @@ async def handle_inquiry(request: web.Request) -> web.Response:
                 body_sha256=auth.body_sha256,
             ),
             rules=settings.bins,
-            render=messages.render_inquiry,
             now=utcnow(),
             first_check_s=settings.reconcile_schedule[0],
         )

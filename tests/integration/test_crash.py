@@ -1,4 +1,8 @@
-"""SIGKILL in the middle of a burst of notifications: every 200 is on disk, no payment is doubled."""
+"""SIGKILL in the middle of a burst: every answer given is on disk, nothing is recorded or minted twice.
+
+Notifications: every 200 is on disk and no payment is doubled. Inquiries: every answer that left is the
+recorded one, byte for byte, with its minted invoice and its reconciliation row, and DOKU's resends get it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import subprocess
 
 import aiohttp
 
-from server.doku.client import DokuSimulator, notification_body
+from server.doku.client import DokuSimulator, inquiry_body, notification_body
 from tests.conftest import CLIENT, CLIENT_ID, dipc_env
 from tests.integration.test_cli import DIPC, free_port, wait_ready
 
@@ -104,3 +108,104 @@ async def test_a_killed_server_loses_no_acknowledged_notification_and_doubles_no
         await pool.fetchval("SELECT count(*) FROM payment_codes WHERE status = 'paid' AND paid_count = 1")
         == COUNT
     )
+
+
+INQUIRIES = 240
+TOPUP = "8896500000000777"
+
+
+async def ask_all(
+    port: int, requests: dict[str, tuple[str, bytes]], *, kill: subprocess.Popen | None = None
+) -> dict[str, tuple[int, bytes]]:
+    """Send every inquiry (Request-Id -> code, body) once, concurrently; return the answers that arrived.
+
+    With ``kill``, the server is SIGKILLed once a sixth of the answers are in.
+    """
+    answers: dict[str, tuple[int, bytes]] = {}
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=40), timeout=aiohttp.ClientTimeout(total=20)
+    ) as session:
+        doku = DokuSimulator(session, f"http://127.0.0.1:{port}", CLIENT)
+
+        async def ask(request_id: str, body: bytes) -> None:
+            try:
+                reply = await doku.post("/doku/inquiry", body, request_id=request_id)
+            except (aiohttp.ClientError, TimeoutError):
+                return
+            answers[request_id] = (reply.status, reply.body)
+            if kill is not None and len(answers) >= len(requests) // 6 and kill.returncode is None:
+                kill.send_signal(signal.SIGKILL)
+                kill.returncode = -signal.SIGKILL
+
+        await asyncio.gather(*(ask(request_id, body) for request_id, (_, body) in requests.items()))
+    return answers
+
+
+async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_twice(database_url, pool):
+    """The inquiry's writes (audit row, minted invoice, reconciliation row) are one transaction that
+    commits before the answer leaves: a kill at any moment loses no answer given, and a resend of any
+    inquiry, answered or not, gets one answer for good."""
+    one_shot = [f"88965{n:011d}" for n in range(INQUIRIES // 3)]
+    await pool.copy_records_to_table(
+        "payment_codes",
+        records=[(code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan", False) for code in one_shot]
+        + [(TOPUP, CLIENT_ID, "ANY", "TOPUP", 50_000, "Pelanggan", True)],
+        columns=[
+            "payment_code",
+            "client_id",
+            "channel",
+            "invoice_number",
+            "amount",
+            "customer_name",
+            "reusable",
+        ],
+    )
+    codes = one_shot + [TOPUP] * (INQUIRIES - len(one_shot))
+    requests = {f"inq-{n}": (code, inquiry_body(code)) for n, code in enumerate(codes)}
+    port = free_port()
+    server = start_server(database_url, port)
+    try:
+        answered = await ask_all(port, requests, kill=server)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    assert 0 < len(answered) < INQUIRIES, "the kill should land in the middle of the burst"
+
+    def recorded_rows():
+        return pool.fetch("SELECT request_id, http_status, response_body, invoice_number FROM inquiries")
+
+    # Every answer that left is recorded with its exact bytes.
+    recorded = {row["request_id"]: row for row in await recorded_rows()}
+    for request_id, (status, body) in answered.items():
+        assert (recorded[request_id]["http_status"], recorded[request_id]["response_body"]) == (status, body)
+
+    # DOKU resends everything: answered or not, each Request-Id now has its one answer, and those that
+    # were answered get the same bytes again.
+    server = start_server(database_url, port)
+    try:
+        again = await ask_all(port, requests)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    assert set(again) == set(requests)
+    for request_id, answer in answered.items():
+        assert again[request_id] == answer
+    recorded = {row["request_id"]: row for row in await recorded_rows()}
+    assert set(recorded) == set(requests)
+    assert all(recorded[request_id]["response_body"] == body for request_id, (_, body) in again.items())
+
+    # Every invoice quoted was minted once, is durable, and is reconciled.
+    minted = [
+        row["invoice_number"] for row in recorded.values() if row["invoice_number"].startswith("TOPUP-")
+    ]
+    assert len(minted) == INQUIRIES - len(one_shot)
+    assert len(set(minted)) == len(minted)
+    last = await pool.fetchval("SELECT invoice_seq FROM payment_codes WHERE payment_code = $1", TOPUP)
+    assert max(int(invoice.removeprefix("TOPUP-")) for invoice in minted) <= last
+    watched = {
+        (row["payment_code"], row["invoice_number"])
+        for row in await pool.fetch("SELECT payment_code, invoice_number FROM reconciliation")
+    }
+    assert watched == {
+        (requests[request_id][0], row["invoice_number"]) for request_id, row in recorded.items()
+    }

@@ -6,6 +6,7 @@ request, and the answer we trust, to another server.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
@@ -16,7 +17,6 @@ from aiohttp.test_utils import TestServer
 from server.app import make_app
 from server.doku.client import DokuSimulator, notification_body
 from server.doku.standin import DokuStandIn, Scripted
-from server.store import inquiries
 from tests.conftest import CLIENT, CLIENT_ID, CODE
 from tests.integration.test_reconciliation import (
     INVOICE,
@@ -229,34 +229,37 @@ async def test_a_quote_racing_the_payment_of_its_invoice_does_not_reopen_it(
     is still reopened by a quote, as ADR 6 says: it can still be paid."""
     await register(client, admin_headers)
     assert (await doku.inquiry(CODE)).status == 200
-    paid = await doku.notify(CODE, invoice_number=INVOICE, amount=150000, original_request_id="the-one")
-    assert paid.status == 200
-    settled = await row(pool, CODE, INVOICE)
-    assert settled["state"] == "paid"
 
-    async def racing_quote(request_id: str) -> None:  # what the inquiry writes after its decision
-        await inquiries.record(
-            pool,
-            payment_code=CODE,
-            request_id=request_id,
-            client_id=CLIENT_ID,
-            channel="ALFA",
-            body_sha256=b"\0" * 32,
-            outcome="SUCCESS",
-            invoice_number=INVOICE,
-            amount=150000,
-            http_status=200,
-            response_body=b"{}",
-            first_check_s=120,
+    # The race, for real: dipc_inquire reads the code as payable, then waits to record its inquiry
+    # behind an uncommitted twin with the same Request-Id; the payment commits meanwhile; the twin
+    # rolls back, and the inquiry records its quote of an invoice that is paid by now.
+    twin = await pool.acquire()
+    try:
+        await twin.execute("BEGIN")
+        await twin.execute(
+            "INSERT INTO inquiries (payment_code, request_id, client_id, channel, body_sha256, outcome,"
+            " http_status, response_body) VALUES ($1, 'racing-1', $2, 'ALFA', '', 'NOT_FOUND', 404, '')",
+            CODE,
+            CLIENT_ID,
         )
-
-    await racing_quote("racing-1")
+        quote = asyncio.create_task(
+            pool.fetchrow(
+                "SELECT * FROM dipc_inquire($1, 'racing-1', $2, 'ALFA', '\\x00', '{ALFA}', now(), 120)",
+                CODE,
+                CLIENT_ID,
+            )
+        )
+        await _waiting_for_a_lock(pool, "dipc_inquire")
+        paid = await doku.notify(CODE, invoice_number=INVOICE, amount=150000, original_request_id="the-one")
+        assert paid.status == 200
+        await twin.execute("ROLLBACK")
+    finally:
+        await pool.release(twin)
+    quoted = await quote
+    assert (quoted["outcome"], quoted["invoice_number"]) == ("SUCCESS", INVOICE)
+    payment_id = await pool.fetchval("SELECT id FROM payments WHERE payment_code = $1", CODE)
     after = await row(pool, CODE, INVOICE)
-    assert (after["state"], after["payment_id"], after["settled_by"]) == (
-        "paid",
-        settled["payment_id"],
-        "notification",
-    )
+    assert (after["state"], after["payment_id"], after["settled_by"]) == ("paid", payment_id, "notification")
 
     other = "8896512345678124"
     await register(client, admin_headers, payment_code=other, invoice_number="INV-ANOMALY")
@@ -266,3 +269,18 @@ async def test_a_quote_racing_the_payment_of_its_invoice_does_not_reopen_it(
     assert (await row(pool, other, "INV-ANOMALY"))["state"] == "paid"
     assert (await doku.inquiry(other)).status == 200  # still payable: quoted again
     assert (await row(pool, other, "INV-ANOMALY"))["state"] == "pending"
+
+
+async def _waiting_for_a_lock(pool, query_part: str) -> None:
+    """Until a backend running ``query_part`` waits for a lock (a real wait, seen by PostgreSQL)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        waiting = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+            query_part,
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no backend running {query_part} waited for a lock")

@@ -1,90 +1,21 @@
-"""The rules of payment codes: which inquiry succeeds, and what a registration must hold."""
+"""The rules of payment codes: what a registration must hold, and DOKU's BIN rules.
+
+Which inquiry a code answers is SQL: tests/integration/test_inquiry_rules.py.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 
-from server.core.codes import PaymentCode, bill_for, decide_inquiry
 from server.core.errors import ValidationFailed
-from server.core.outcomes import CodeStatus, InquiryOutcome
 from server.core.registration import parse_changes, parse_new_code
 from server.doku.channels import BinConfigError, BinTable, parse_bin_rule
 
 NOW = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
 BINS = BinTable.parse("ALFA:88965:direct,INDOMARET:33012,ALFA:889660")
 ALL = frozenset({"ALFA", "INDOMARET"})
-
-ACTIVE = PaymentCode(
-    payment_code="8896512345678123",
-    client_id="C1",
-    channel="ANY",
-    invoice_number="INV-1",
-    amount=150000,
-    customer_name="Budi",
-    customer_email="",
-    info1="",
-    info2="",
-    info3="",
-    reusable=False,
-    status=CodeStatus.ACTIVE,
-    expires_at=None,
-    paid_count=0,
-    invoice_seq=0,
-    created_at=NOW,
-    updated_at=NOW,
-    version=1,
-)
-
-
-def decide(code, *, client_id="C1", channel="ALFA", bin_channels=ALL):
-    return decide_inquiry(code, client_id=client_id, channel=channel, bin_channels=bin_channels, now=NOW)
-
-
-def test_an_active_code_is_payable():
-    assert decide(ACTIVE) is InquiryOutcome.SUCCESS
-
-
-@pytest.mark.parametrize(
-    ("change", "kwargs", "outcome"),
-    [
-        ({}, {"bin_channels": None}, InquiryOutcome.UNKNOWN_BIN),
-        ({}, {"client_id": "C2"}, InquiryOutcome.OTHER_CLIENT),
-        ({"status": CodeStatus.CANCELLED}, {}, InquiryOutcome.CANCELLED),
-        ({"status": CodeStatus.PAID, "paid_count": 1}, {}, InquiryOutcome.ALREADY_PAID),
-        ({"expires_at": NOW}, {}, InquiryOutcome.EXPIRED),
-        ({"expires_at": NOW - timedelta(seconds=1)}, {}, InquiryOutcome.EXPIRED),
-        ({"channel": "INDOMARET"}, {}, InquiryOutcome.CHANNEL_MISMATCH),
-        ({}, {"bin_channels": frozenset({"INDOMARET"})}, InquiryOutcome.CHANNEL_MISMATCH),
-    ],
-)
-def test_each_refusal_reason(change, kwargs, outcome):
-    assert decide(dataclasses.replace(ACTIVE, **change), **kwargs) is outcome
-
-
-def test_an_unknown_code_is_not_found():
-    assert decide(None) is InquiryOutcome.NOT_FOUND
-
-
-def test_paid_wins_over_expired_and_cancelled_over_paid():
-    paid_and_expired = dataclasses.replace(ACTIVE, status=CodeStatus.PAID, expires_at=NOW - timedelta(days=1))
-    assert decide(paid_and_expired) is InquiryOutcome.ALREADY_PAID
-
-
-def test_a_code_expiring_later_is_payable():
-    assert (
-        decide(dataclasses.replace(ACTIVE, expires_at=NOW + timedelta(seconds=1))) is InquiryOutcome.SUCCESS
-    )
-
-
-def test_a_reusable_bill_carries_the_minted_invoice_number():
-    reusable = dataclasses.replace(ACTIVE, reusable=True, invoice_number="TOPUP")
-    assert bill_for(reusable, invoice_seq=7).invoice_number == "TOPUP-7"
-    assert bill_for(ACTIVE).invoice_number == "INV-1"
-    with pytest.raises(ValueError, match="sequence"):
-        bill_for(reusable)
 
 
 # --- BIN rules (spec §2) ------------------------------------------------------------------------

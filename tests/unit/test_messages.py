@@ -5,9 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from server.core.codes import Bill
 from server.core.errors import InvalidField, InvalidJson, RequestIdReused, Unavailable
-from server.core.outcomes import InquiryOutcome
 from server.doku import messages
 from tests.conftest import spec_example
 
@@ -66,53 +64,6 @@ def test_unusable_bodies_are_refused_with_the_field_named(body, error):
         messages.parse_inquiry(body)
     if error is InvalidField:
         assert refused.value.field in ("online_to_offline_info.payment_code", "channel.id")
-
-
-def test_a_success_renders_exactly_the_spec_example():
-    bill = Bill(
-        payment_code="8896512345678123",
-        invoice_number="INV-2026-000123",
-        amount=150000,
-        customer_name="Budi Santoso",
-        customer_email="",
-        info1="Toko Contoh",
-        info2="",
-        info3="",
-    )
-    status, body = messages.render_inquiry(InquiryOutcome.SUCCESS, "8896512345678123", bill)
-    assert status == 200
-    assert body == spec_example("inquiry-response-success.json")
-
-
-def test_all_receipt_texts_render_in_order_and_amount_is_an_integer():
-    bill = Bill("1", "I", 10, "N", "n@example.com", "a", "b", "c")
-    _, body = messages.render_inquiry(InquiryOutcome.SUCCESS, "1", bill)
-    document = orjson.loads(body)
-    assert list(document["online_to_offline_info"]) == ["payment_code", "info1", "info2", "info3"]
-    assert isinstance(document["order"]["amount"], int)
-    assert b'"amount":10}' in body  # an integer, never 10.0
-
-
-@pytest.mark.parametrize(
-    ("outcome", "word", "status"),
-    [
-        (InquiryOutcome.NOT_FOUND, "billing_not_found", 404),
-        (InquiryOutcome.UNKNOWN_BIN, "billing_not_found", 404),
-        (InquiryOutcome.OTHER_CLIENT, "billing_not_found", 404),
-        (InquiryOutcome.EXPIRED, "billing_was_expired", 400),
-        (InquiryOutcome.ALREADY_PAID, "billing_already_paid", 400),
-        (InquiryOutcome.CANCELLED, "decline", 400),
-        (InquiryOutcome.CHANNEL_MISMATCH, "decline", 400),
-    ],
-)
-def test_refusals_keep_the_shape_with_their_status_word(outcome, word, status):
-    got_status, body = messages.render_inquiry(outcome, "0012", None)
-    assert got_status == status
-    assert body == (
-        b'{"online_to_offline_info":{"payment_code":"0012"},"online_to_offline_inquiry":{"status":"'
-        + word.encode()
-        + b'"}}'
-    )
 
 
 def test_protocol_errors_carry_doku_status_and_a_human_error():
