@@ -14,12 +14,14 @@ ALTER SCHEMA public OWNER TO dipc_owner;
 -- 3. As dipc_owner, connected to the database dipc, before the first `dipc migrate`:
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO dipc_app;
--- Tables and sequences that later migrations create are granted as they appear:
+-- Tables, sequences and functions that later migrations create are granted as they appear:
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO dipc_app;
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT USAGE, SELECT ON SEQUENCES TO dipc_app;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT EXECUTE ON FUNCTIONS TO dipc_app;
 -- Those that exist already (if dipc_owner migrated before dipc_app existed):
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO dipc_app;
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO dipc_app;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO dipc_app;
 
 -- 4. Then: DATABASE_URL=postgresql://dipc_owner:…@host/dipc dipc migrate
 --    and serve with DATABASE_URL=postgresql://dipc_app:…@host/dipc dipc serve

@@ -29,7 +29,7 @@ class RoleReport:
 
 
 async def check(conn: asyncpg.Connection) -> RoleReport:
-    """The privileges the connected role lacks for serving, over every table and sequence dipc made."""
+    """What the connected role lacks for serving, over every table, sequence and function dipc made."""
     rows = await conn.fetch(
         """
         SELECT c.relname AS name, c.relkind::text AS kind,
@@ -54,6 +54,18 @@ async def check(conn: asyncpg.Connection) -> RoleReport:
             continue
         wanted = ("SELECT",) if name == LEDGER_TABLE else tuple(ROW_PRIVILEGES.split(", "))
         missing += [f"{what} on {name}" for what in wanted if not row[f"can_{what.lower()}"]]
+    # Functions dipc calls (dipc_inquire answers every inquiry); trigger functions are not called.
+    functions = await conn.fetch(
+        """
+        SELECT p.proname AS name
+          FROM pg_proc p
+          JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname = current_schema() AND p.prokind = 'f'
+           AND p.prorettype <> 'trigger'::regtype AND NOT has_function_privilege(p.oid, 'EXECUTE')
+         ORDER BY p.proname
+        """
+    )
+    missing += [f"EXECUTE on function {row['name']}" for row in functions]
     facts = await conn.fetchrow(
         """
         SELECT current_user AS role,
