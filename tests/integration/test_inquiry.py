@@ -85,7 +85,7 @@ async def test_an_unknown_code_is_not_found(doku, pool):
     assert [r["outcome"] for r in await recorded(pool)] == ["NOT_FOUND"]
 
 
-async def test_a_code_outside_our_bins_is_not_found_without_a_lookup(doku, pool):
+async def test_a_code_outside_our_bins_is_not_found_and_recorded_as_unknown_bin(doku, pool):
     reply = await doku.inquiry("1234567890123")
     assert (reply.status, status_word(reply)) == (404, "billing_not_found")
     assert [r["outcome"] for r in await recorded(pool)] == ["UNKNOWN_BIN"]
