@@ -160,7 +160,7 @@ async def test_a_role_missing_a_grant_is_found_by_doctor_and_refused_by_serve(ro
     conn = await asyncpg.connect(roles.owner_dsn)
     await conn.execute(f'REVOKE DELETE ON inquiries FROM "{roles.app}"')
     await conn.execute(f'REVOKE USAGE ON SEQUENCE events_id_seq FROM "{roles.app}"')
-    await conn.execute("REVOKE EXECUTE ON FUNCTION dipc_inquire FROM PUBLIC")
+    await conn.execute(f'REVOKE EXECUTE ON FUNCTION dipc_inquire FROM PUBLIC, "{roles.app}"')
     await conn.close()
     app_env = dipc_env(roles.app_dsn)
     code, checks = doctor(app_env)
