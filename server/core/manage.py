@@ -228,6 +228,7 @@ async def import_codes(
     now: datetime,
     progress: Callable[[int], None] | None = None,
     keep: Callable[[ImportResult], bool] | None = None,
+    batch_size: int = IMPORT_BATCH,
 ) -> ImportResult:
     """Validate every row, COPY the valid ones in batches, and register them in one transaction.
 
@@ -239,7 +240,15 @@ async def import_codes(
     result = ImportResult()
     try:
         await _import(
-            pool, rows, result, rules=rules, client_ids=client_ids, now=now, progress=progress, keep=keep
+            pool,
+            rows,
+            result,
+            rules=rules,
+            client_ids=client_ids,
+            now=now,
+            progress=progress,
+            keep=keep,
+            batch_size=batch_size,
         )
     except _Discarded:
         result.saved = False
@@ -265,6 +274,7 @@ async def _import(
     now: datetime,
     progress: Callable[[int], None] | None,
     keep: Callable[[ImportResult], bool] | None,
+    batch_size: int,
 ) -> None:
     staged = 0
     async with pool.acquire() as conn, conn.transaction():
@@ -281,7 +291,7 @@ async def _import(
                 )
             except ValidationFailed as invalid:
                 result.reject(line, invalid.message)
-            if len(batch) >= IMPORT_BATCH:
+            if len(batch) >= batch_size:
                 await code_store.copy_import_batch(conn, batch)
                 staged += len(batch)
                 batch.clear()
