@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -46,8 +47,7 @@ RETURNING {COLUMNS}
 """  # noqa: S608 - column names are constants
 
 
-def _values(new: NewCode) -> tuple[Any, ...]:
-    return tuple(getattr(new, column) for column in NEW_CODE_COLUMNS)
+_values: Callable[[NewCode], tuple[Any, ...]] = operator.attrgetter(*NEW_CODE_COLUMNS)
 
 
 async def insert(conn: asyncpg.Connection, new: NewCode) -> PaymentCode | None:
