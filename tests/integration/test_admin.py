@@ -13,7 +13,7 @@ from server.app import make_app
 from server.core import manage
 from server.core.imports import lines_of, read_rows
 from server.core.times import utcnow
-from tests.conftest import CLIENT_ID, CODE, code_fields, make_settings
+from tests.conftest import ADMIN_TOKEN, CLIENT_ID, CODE, code_fields, make_settings
 
 
 async def events(pool: asyncpg.Pool) -> list[tuple[str, str | None]]:
@@ -411,6 +411,23 @@ async def test_an_import_rejects_the_same_lines_however_it_is_batched(client, re
         ("8896500000000007", "EXISTING-7"),
         ("8896500000000008", "INV-8"),
     ]
+
+
+async def test_an_upload_cut_off_after_batches_went_in_registers_nothing(aiohttp_client, pool, database_url):
+    client = await aiohttp_client(make_app(make_settings(import_max_bytes=1_000_000), database_url))
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "text/csv"}
+    rows = [f"8896510{n:09d},{1000 + n},INV-{n},Pelanggan,false" for n in range(40_000)]  # ~2 MB
+
+    async def upload():  # no Content-Length: the limit is met mid-stream, with batches already sent
+        body = csv_of(rows)
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    response = await client.post("/v1/payment-codes/import", data=upload(), headers=headers)
+    assert response.status == 413
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0
+    again = await client.post("/v1/payment-codes/import", data=csv_of(rows[:10]), headers=headers)
+    assert (await again.json())["imported"] == 10
 
 
 async def test_an_ndjson_import_streams_many_rows(client, admin_headers, pool):
