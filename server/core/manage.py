@@ -6,6 +6,7 @@ did not happen and never misses one that did.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -228,6 +229,7 @@ async def import_codes(
     now: datetime,
     progress: Callable[[int], None] | None = None,
     keep: Callable[[ImportResult], bool] | None = None,
+    batch_size: int = IMPORT_BATCH,
 ) -> ImportResult:
     """Validate every row, COPY the valid ones in batches, and register them in one transaction.
 
@@ -239,7 +241,15 @@ async def import_codes(
     result = ImportResult()
     try:
         await _import(
-            pool, rows, result, rules=rules, client_ids=client_ids, now=now, progress=progress, keep=keep
+            pool,
+            rows,
+            result,
+            rules=rules,
+            client_ids=client_ids,
+            now=now,
+            progress=progress,
+            keep=keep,
+            batch_size=batch_size,
         )
     except _Discarded:
         result.saved = False
@@ -265,41 +275,86 @@ async def _import(
     now: datetime,
     progress: Callable[[int], None] | None,
     keep: Callable[[ImportResult], bool] | None,
+    batch_size: int,
 ) -> None:
-    staged = 0
     async with pool.acquire() as conn, conn.transaction():
         await code_store.begin_import(conn, timeout_s=IMPORT_STATEMENT_TIMEOUT_S)
+        writer = _BatchWriter(conn, progress)
         batch: list[tuple[int, NewCode]] = []
-        async for row in rows:
-            if len(row) == 2:
-                result.reject(row[0], row[1])
-                continue
-            line, raw, text = row
-            try:
-                batch.append(
-                    (line, parse_new_code(raw, rules=rules, client_ids=client_ids, now=now, text=text))
-                )
-            except ValidationFailed as invalid:
-                result.reject(line, invalid.message)
-            if len(batch) >= IMPORT_BATCH:
-                await code_store.copy_import_batch(conn, batch)
-                staged += len(batch)
-                batch.clear()
-                if progress:
-                    progress(staged)
-        if batch:
-            await code_store.copy_import_batch(conn, batch)
-            staged += len(batch)
-        for line, payment_code, first_line in await code_store.finish_import(conn):
-            if first_line is None:
-                result.reject(line, f"payment_code: {payment_code} is already registered")
-            else:
-                result.reject(line, f"payment_code: {payment_code} repeats line {first_line}")
-            staged -= 1
-        result.imported = result.valid = staged
+        try:
+            async for row in rows:
+                if len(row) == 2:
+                    result.reject(row[0], row[1])
+                    continue
+                line, raw, text = row
+                try:
+                    batch.append(
+                        (line, parse_new_code(raw, rules=rules, client_ids=client_ids, now=now, text=text))
+                    )
+                except ValidationFailed as invalid:
+                    result.reject(line, invalid.message)
+                if len(batch) >= batch_size:
+                    await writer.send(batch)
+                    batch = []
+                elif writer.busy and line % _YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let the batch in flight take its next step
+            if batch:
+                await writer.send(batch)
+            await writer.wait()
+        finally:
+            await writer.abandon()
+        if writer.refused:
+            for line, payment_code, first_line in await code_store.refused_rows(conn):
+                if first_line is None:
+                    result.reject(line, f"payment_code: {payment_code} is already registered")
+                else:
+                    result.reject(line, f"payment_code: {payment_code} repeats line {first_line}")
+        result.imported = result.valid = writer.sent - writer.refused
         if keep is not None and not keep(result):
             raise _Discarded
-        if staged:
+        if result.imported:
             await outbox.append(
-                conn, "codes.imported", None, {"imported": staged, "rejected": result.rejected_count}
+                conn, "codes.imported", None, {"imported": result.imported, "rejected": result.rejected_count}
             )
+
+
+_YIELD_EVERY = 256  # lines checked between chances for the batch in flight to move on
+
+
+class _BatchWriter:
+    """Registers one batch while the next is read and checked, so PostgreSQL (on one core) and the
+    checks in Python (on another) work at once. One batch is in flight at a time: the connection
+    runs one statement at a time, and memory holds two batches at most."""
+
+    def __init__(self, conn: asyncpg.Connection, progress: Callable[[int], None] | None) -> None:
+        self.conn = conn
+        self.progress = progress
+        self.sent = 0
+        self.refused = 0
+        self._in_flight: asyncio.Task[int] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._in_flight is not None and not self._in_flight.done()
+
+    async def send(self, batch: list[tuple[int, NewCode]]) -> None:
+        await self.wait()
+        self._in_flight = asyncio.create_task(code_store.import_batch(self.conn, batch))
+        self.sent += len(batch)
+
+    async def wait(self) -> None:
+        """Until the batch in flight is registered; its error, if any, is raised here."""
+        if self._in_flight is not None:
+            task, self._in_flight = self._in_flight, None
+            self.refused += await task
+            if self.progress:
+                self.progress(self.sent)
+
+    async def abandon(self) -> None:
+        """After an error: stop the batch in flight, so the transaction can roll back."""
+        if self._in_flight is not None:
+            task, self._in_flight = self._in_flight, None
+            task.cancel()
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # the error being raised already says what went wrong

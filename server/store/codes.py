@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -46,8 +47,7 @@ RETURNING {COLUMNS}
 """  # noqa: S608 - column names are constants
 
 
-def _values(new: NewCode) -> tuple[Any, ...]:
-    return tuple(getattr(new, column) for column in NEW_CODE_COLUMNS)
+_values: Callable[[NewCode], tuple[Any, ...]] = operator.attrgetter(*NEW_CODE_COLUMNS)
 
 
 async def insert(conn: asyncpg.Connection, new: NewCode) -> PaymentCode | None:
@@ -173,50 +173,80 @@ async def upsert_fresh(conn: asyncpg.Connection, codes: Iterable[NewCode]) -> li
 
 
 # --- bulk import through COPY -------------------------------------------------------------------
+#
+# Each batch of validated rows is COPYed straight into payment_codes, PostgreSQL's fastest way in,
+# under a savepoint. A batch that meets a code already there (registered before, or earlier in this
+# file) rolls back to the savepoint and goes in through ON CONFLICT DO NOTHING instead, its refused
+# rows noted. Every row's line is kept, so that at the end a refused row can name the line it repeats.
 
-_STAGING = "dipc_import"
+_LINES = "dipc_import_lines"  # (payment_code, line) of every row offered
+_REFUSED = "dipc_import_refused"  # (line, payment_code) of the rows payment_codes did not take
+_BATCH = "dipc_import_batch"  # the batch that is going in row by row
 
 
 async def begin_import(conn: asyncpg.Connection, *, timeout_s: int) -> None:
-    """A staging table for one import, inside the caller's transaction, with its own statement timeout."""
-    await conn.execute(f"SET LOCAL statement_timeout = '{int(timeout_s)}s'")
+    """Temporary tables for one import, inside the caller's transaction, with its own statement timeout."""
     await conn.execute(
-        f"CREATE TEMP TABLE {_STAGING} (line integer NOT NULL, "
-        "LIKE payment_codes INCLUDING DEFAULTS) ON COMMIT DROP"
-    )
-
-
-async def copy_import_batch(conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]]) -> None:
-    await conn.copy_records_to_table(
-        _STAGING,
-        records=[(line, *_values(code)) for line, code in batch],
-        columns=["line", *NEW_CODE_COLUMNS],
-    )
-
-
-async def finish_import(conn: asyncpg.Connection) -> list[tuple[int, str, int | None]]:
-    """Move staged rows into payment_codes; return the rows that were not imported.
-
-    A rejected row is ``(line, payment_code, first_line)``: ``first_line`` is the earlier line of the
-    same file with the same code, or None when the code was registered before the import.
-    """
-    columns = ", ".join(NEW_CODE_COLUMNS)
-    rows = await conn.fetch(
         f"""
-        WITH staged AS (
-            SELECT line, {columns}, min(line) OVER (PARTITION BY payment_code) AS first_line
-              FROM {_STAGING}
+        SET LOCAL statement_timeout = '{int(timeout_s)}s';
+        CREATE TEMP TABLE {_LINES} (payment_code text NOT NULL, line integer NOT NULL) ON COMMIT DROP;
+        CREATE TEMP TABLE {_REFUSED} (line integer NOT NULL, payment_code text NOT NULL) ON COMMIT DROP;
+        CREATE TEMP TABLE {_BATCH} (line integer NOT NULL, LIKE payment_codes INCLUDING DEFAULTS)
+            ON COMMIT DROP;
+        """
+    )
+
+
+async def import_batch(conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]]) -> int:
+    """Register a batch of ``(line, code)``; return how many rows were refused (see :func:`refused_rows`)."""
+    try:
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "payment_codes", records=[_values(code) for _, code in batch], columns=NEW_CODE_COLUMNS
+            )
+        refused = 0
+    except asyncpg.UniqueViolationError:
+        refused = await _import_batch_one_by_one(conn, batch)
+    await conn.copy_records_to_table(_LINES, records=[(code.payment_code, line) for line, code in batch])
+    return refused
+
+
+async def _import_batch_one_by_one(conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]]) -> int:
+    await conn.execute(f"TRUNCATE {_BATCH}")
+    await conn.copy_records_to_table(
+        _BATCH, records=[(line, *_values(code)) for line, code in batch], columns=["line", *NEW_CODE_COLUMNS]
+    )
+    columns = ", ".join(NEW_CODE_COLUMNS)
+    status = await conn.execute(
+        f"""
+        WITH first AS (
+            SELECT DISTINCT ON (payment_code) line, {columns} FROM {_BATCH} ORDER BY payment_code, line
         ), inserted AS (
             INSERT INTO payment_codes ({columns})
-            SELECT {columns} FROM staged WHERE line = first_line ORDER BY payment_code
+            SELECT {columns} FROM first
             ON CONFLICT (payment_code) DO NOTHING
             RETURNING payment_code
         )
-        SELECT s.line, s.payment_code, CASE WHEN s.line <> s.first_line THEN s.first_line END AS first_line
-          FROM staged s
-         WHERE s.line <> s.first_line
-            OR NOT EXISTS (SELECT 1 FROM inserted i WHERE i.payment_code = s.payment_code)
-         ORDER BY s.line
+        INSERT INTO {_REFUSED} (line, payment_code)
+        SELECT line, payment_code FROM {_BATCH}
+         WHERE line NOT IN (SELECT f.line FROM first f JOIN inserted i USING (payment_code))
+        """  # noqa: S608 - identifiers are constants
+    )
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def refused_rows(conn: asyncpg.Connection) -> list[tuple[int, str, int | None]]:
+    """The rows of this import that payment_codes refused, as ``(line, payment_code, first_line)``.
+
+    ``first_line`` is the earlier line of the same file with the same code, or None when the code was
+    registered before the import.
+    """
+    rows = await conn.fetch(
+        f"""
+        SELECT r.line, r.payment_code, NULLIF(min(l.line), r.line) AS first_line
+          FROM {_REFUSED} r JOIN {_LINES} l USING (payment_code)
+         GROUP BY r.line, r.payment_code
+         ORDER BY r.line
         """  # noqa: S608 - identifiers are constants
     )
     return [(row["line"], row["payment_code"], row["first_line"]) for row in rows]

@@ -10,8 +10,10 @@ import orjson
 import pytest
 
 from server.app import make_app
+from server.core import manage
+from server.core.imports import lines_of, read_rows
 from server.core.times import utcnow
-from tests.conftest import CLIENT_ID, CODE, code_fields, make_settings
+from tests.conftest import ADMIN_TOKEN, CLIENT_ID, CODE, code_fields, make_settings
 
 
 async def events(pool: asyncpg.Pool) -> list[tuple[str, str | None]]:
@@ -354,6 +356,78 @@ async def test_a_csv_import_registers_valid_rows_and_reports_the_rest(client, re
         "imported": 2,
         "rejected": 4,
     }
+
+
+async def rows_of(body: bytes, fmt: str = "csv"):
+    async def chunks():
+        yield body
+
+    async for row in read_rows(lines_of(chunks()), fmt):
+        yield row
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 1000])
+async def test_an_import_rejects_the_same_lines_however_it_is_batched(client, register, pool, batch_size):
+    await register(payment_code="8896500000000003", invoice_number="EXISTING")
+    await register(payment_code="8896500000000007", invoice_number="EXISTING-7")
+    body = csv_of(
+        [
+            "8896500000000001,1000,INV-1,Budi,false",
+            "8896500000000003,3000,INV-3,Andi,false",  # registered before
+            "8896500000000004,4000,INV-4,Wati,false",
+            "8896500000000001,1000,INV-1,Budi,false",  # repeats line 2
+            "8896500000000003,3000,INV-3,Andi,false",  # repeats line 3 (registered before)
+            "8896500000000005,0,INV-5,Joko,false",  # amount
+            "8896500000000006,6000,INV-6,Rina,true",
+            "8896500000000004,4000,INV-4,Wati,false",  # repeats line 4
+            "8896500000000007,7000,INV-7,Eko,false",  # registered before
+            "8896500000000008,8000,INV-8,Tuti,false",
+        ]
+    )
+    settings = make_settings()
+    result = await manage.import_codes(
+        pool,
+        rows_of(body),
+        rules=settings.bins,
+        client_ids=settings.client_ids,
+        now=utcnow(),
+        batch_size=batch_size,
+    )
+    assert [(r.line, r.error) for r in result.rejected] == [
+        (3, "payment_code: 8896500000000003 is already registered"),
+        (5, "payment_code: 8896500000000001 repeats line 2"),
+        (6, "payment_code: 8896500000000003 repeats line 3"),
+        (7, "amount: must be greater than 0"),
+        (9, "payment_code: 8896500000000004 repeats line 4"),
+        (10, "payment_code: 8896500000000007 is already registered"),
+    ]
+    assert (result.imported, result.rejected_count) == (4, 6)
+    rows = await pool.fetch("SELECT payment_code, invoice_number FROM payment_codes ORDER BY 1")
+    assert [(r["payment_code"], r["invoice_number"]) for r in rows] == [
+        ("8896500000000001", "INV-1"),
+        ("8896500000000003", "EXISTING"),
+        ("8896500000000004", "INV-4"),
+        ("8896500000000006", "INV-6"),
+        ("8896500000000007", "EXISTING-7"),
+        ("8896500000000008", "INV-8"),
+    ]
+
+
+async def test_an_upload_cut_off_after_batches_went_in_registers_nothing(aiohttp_client, pool, database_url):
+    client = await aiohttp_client(make_app(make_settings(import_max_bytes=1_000_000), database_url))
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "text/csv"}
+    rows = [f"8896510{n:09d},{1000 + n},INV-{n},Pelanggan,false" for n in range(40_000)]  # ~2 MB
+
+    async def upload():  # no Content-Length: the limit is met mid-stream, with batches already sent
+        body = csv_of(rows)
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    response = await client.post("/v1/payment-codes/import", data=upload(), headers=headers)
+    assert response.status == 413
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0
+    again = await client.post("/v1/payment-codes/import", data=csv_of(rows[:10]), headers=headers)
+    assert (await again.json())["imported"] == 10
 
 
 async def test_an_ndjson_import_streams_many_rows(client, admin_headers, pool):
