@@ -30,7 +30,7 @@ T = TypeVar("T")
 MAX_PAGE = 1000
 REJECTIONS_REPORTED = 1000  # an import reports at most this many rejected lines (and counts them all)
 IMPORT_BATCH = 5000
-IMPORT_STATEMENT_TIMEOUT_S = 600  # the final INSERT of a multi-million-row import takes a while
+IMPORT_STATEMENT_TIMEOUT_S = 600  # per statement: the end-of-import lookup of refused rows can be long
 
 
 @dataclass(frozen=True, slots=True)
