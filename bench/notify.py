@@ -129,8 +129,10 @@ async def _quoted_bills(dsn: str, prefix: str) -> list[Bill]:
     try:
         rows = await conn.fetch(
             """
-            SELECT DISTINCT payment_code, invoice_number, amount FROM inquiries
+            SELECT DISTINCT payment_code, invoice_number, amount FROM inquiries i
              WHERE payment_code LIKE $1 AND invoice_number IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM payments p
+                                WHERE p.payment_code = i.payment_code AND p.invoice_number = i.invoice_number)
              ORDER BY payment_code, invoice_number
             """,
             prefix + "%",
@@ -141,7 +143,7 @@ async def _quoted_bills(dsn: str, prefix: str) -> list[Bill]:
 
 
 def quoted_bills(dsn: str, prefix: str) -> list[Bill]:
-    """Every bill an inquiry quoted for the codes under ``prefix``: what a customer can then pay."""
+    """Every bill an inquiry quoted for the codes under ``prefix`` and nobody paid yet."""
     return asyncio.run(_quoted_bills(dsn, prefix))
 
 

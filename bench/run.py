@@ -28,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -434,59 +435,64 @@ def _open_loop_figure(name: str, report: dict) -> Figure:
 INQUIRIES_PER_SECOND = 8_000
 
 
-def bench_notification(env, dsn, workdir, *, seconds, connections, workers) -> list[Figure]:
+def bench_notification(env, dsn, workdir, *, seconds, connections, workers, rounds) -> list[Figure]:
     """Notifications against inquiries on one server in one run (issue 10: ≥ 0.4 ×), then exactly once.
 
-    Each round of inquiries quotes the bills the round of notifications after it pays, as at a counter:
-    one-shot codes, then reusable codes (each inquiry mints the invoice one notification pays).
+    A round is a wrk run of inquiries, which quote bills as at a counter, then a wrk run of first-time
+    notifications paying them: one-shot codes (fresh codes each round), then reusable codes (each
+    inquiry mints the invoice one notification pays). Rounds alternate so that both kinds meet the same
+    neighbours on a shared machine; the ratio is the median of the rounds' ratios.
     """
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    requests = workdir / "requests.tsv"
-    inquiries = INQUIRIES_PER_SECOND * seconds
+    inquiries = INQUIRIES_PER_SECOND * seconds  # per round
     one_shot_csv, reusable_csv = workdir / "notify-one-shot.csv", workdir / "notify-reusable.csv"
-    write_codes_csv(one_shot_csv, inquiries, NOTIFY_ONE_SHOT_PREFIX, False)
+    write_codes_csv(one_shot_csv, inquiries * rounds, NOTIFY_ONE_SHOT_PREFIX, False)
     write_codes_csv(reusable_csv, 1000, NOTIFY_REUSABLE_PREFIX, True)
     for path in (one_shot_csv, reusable_csv):
         subprocess.run([DIPC, "codes", "import", str(path)], env=env, check=True, capture_output=True)
     server = start_server(env, port, workers)
     figures: list[Figure] = []
     try:
-        for label, prefix, count in (("one-shot codes", NOTIFY_ONE_SHOT_PREFIX, inquiries),
-                                     ("reusable codes", NOTIFY_REUSABLE_PREFIX, 1000)):  # fmt: skip
-            log(f"notification: inquiries, {label} (the baseline; they quote the bills paid next)")
-            presign(requests, [f"{prefix}{n:010d}" for n in range(count)], inquiries, "/doku/inquiry")
-            inquiry_rps, p50, p99, errors = run_wrk(
-                base, seconds=seconds, connections=connections, threads=2,
-                script_args=[str(requests), "2", "/doku/inquiry"],
-            )  # fmt: skip
-            figures.append(Figure(f"POST /doku/inquiry, {label}, before the notifications", inquiry_rps,
-                                  "req/s", p50, p99, errors))  # fmt: skip
-            figures += _notifications(base, dsn, workdir, label, prefix, inquiry_rps, seconds=seconds,
-                                      connections=connections)  # fmt: skip
+        for label, prefix in (
+            ("one-shot codes", NOTIFY_ONE_SHOT_PREFIX),
+            ("reusable codes", NOTIFY_REUSABLE_PREFIX),
+        ):
+            figures += _notification_rounds(base, dsn, workdir, label, prefix, rounds=rounds, seconds=seconds,
+                                            connections=connections, inquiries=inquiries)  # fmt: skip
     finally:
         stop_server(server)
     return figures
 
 
-def _notifications(base, dsn, workdir, label, prefix, inquiry_rps, *, seconds, connections) -> list[Figure]:
-    """A closed-loop round of first-time notifications, one per quoted bill; the checks; the replay."""
-    requests, answers_path = workdir / "notifications.tsv", workdir / "answers.tsv"
-    signed = notify.presign(CLIENT, notify.quoted_bills(dsn, prefix))
-    notify.write_requests(requests, signed)
-    log(f"notification: {label}, {len(signed):,} pre-signed, one per quoted bill")
-    rps, p50, p99, errors = run_wrk(
-        base, seconds=seconds, connections=connections, threads=2, script="notification.lua",
-        script_args=[str(requests), "2", notify.TARGET, str(answers_path)],
-    )  # fmt: skip
-    answers = notify.read_answers(answers_path)
-    if len(answers) >= len(signed) - connections:
-        log("notification: WARNING wrk ran out of notifications, so the rate is understated")
-    acknowledged = [n for n in signed if answers.get(n.request_id) == 200]
+def _notification_rounds(base, dsn, workdir, label, prefix, *, rounds, seconds, connections, inquiries):
+    """Rounds of inquiries then first-time notifications, one per quoted bill; the checks; the replay."""
+    requests, answers_path = workdir / "requests.tsv", workdir / "answers.tsv"
+    inquiry_runs, notification_runs, acknowledged = [], [], []
+    for n in range(rounds):
+        codes = range(n * inquiries, (n + 1) * inquiries) if prefix == NOTIFY_ONE_SHOT_PREFIX else range(1000)
+        presign(requests, [f"{prefix}{code:010d}" for code in codes], inquiries, "/doku/inquiry")
+        inquiry_runs.append(run_wrk(base, seconds=seconds, connections=connections, threads=2,
+                                    script_args=[str(requests), "2", "/doku/inquiry"]))  # fmt: skip
+        notify.ledger(dsn, prefix)  # what the last round left in flight is recorded: not quoted again
+        signed = notify.presign(CLIENT, notify.quoted_bills(dsn, prefix))
+        notify.write_requests(requests, signed)
+        notification_runs.append(run_wrk(
+            base, seconds=seconds, connections=connections, threads=2, script="notification.lua",
+            script_args=[str(requests), "2", notify.TARGET, str(answers_path)],
+        ))  # fmt: skip
+        answers = notify.read_answers(answers_path)
+        if len(answers) >= len(signed) - connections:
+            log("notification: WARNING wrk ran out of notifications, so the rate is understated")
+        acknowledged += [
+            notification for notification in signed if answers.get(notification.request_id) == 200
+        ]
+        log(f"notification: {label}, round {n + 1}: {inquiry_runs[-1][0]:,.0f} inquiries/s, "
+            f"{notification_runs[-1][0]:,.0f} notifications/s of {len(signed):,} pre-signed")  # fmt: skip
+
     before = notify.ledger(dsn, prefix)
     checks = notify.check(dsn, prefix, acknowledged, answered_times=1)
     log(f"notification: {checks}")
-
     log(f"notification: replaying the {len(acknowledged):,} acknowledged, byte for byte, as DOKU retries")
     replay = notify.replay(f"{base}{notify.TARGET}", CLIENT, acknowledged, connections=connections)
     after = notify.ledger(dsn, prefix)
@@ -497,16 +503,17 @@ def _notifications(base, dsn, workdir, label, prefix, inquiry_rps, *, seconds, c
         + (after.events - before.events)
         + (after.paid_count - before.paid_count)
     )
+    ratio = statistics.median(
+        notified[0] / inquired[0] for inquired, notified in zip(inquiry_runs, notification_runs, strict=True)
+    )
+    of_rounds = f"median of {rounds} round(s)"
     return [
-        Figure(
-            f"POST /doku/notification, {label}, first time",
-            rps,
-            "req/s",
-            p50,
-            p99,
-            errors,
+        _median_figure(f"POST /doku/inquiry, {label} ({of_rounds})", inquiry_runs),
+        _median_figure(
+            f"POST /doku/notification, {label}, first time ({of_rounds})",
+            notification_runs,
             baseline="inquiry",
-            ratio=rps / inquiry_rps,
+            ratio=ratio,
         ),
         Figure(
             "  exactly once: answered 200 without exactly one payment",
@@ -560,6 +567,12 @@ def _notifications(base, dsn, workdir, label, prefix, inquiry_rps, *, seconds, c
             must_be_zero=True,
         ),
     ]
+
+
+def _median_figure(name: str, runs: list[tuple[float, float, float, int]], **ratio) -> Figure:
+    """wrk runs as one figure: the medians of their rates and percentiles, the sum of their errors."""
+    rps, p50, p99 = (statistics.median(run[column] for run in runs) for column in range(3))
+    return Figure(name, rps, "req/s", p50, p99, sum(run[3] for run in runs), **ratio)
 
 
 def bench_memory(env, dsn, workdir, *, codes_count: int, seconds: int) -> list[Figure]:
@@ -708,6 +721,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000, help="codes to import (default 100,000)")
     parser.add_argument("--seconds", type=int, default=10, help="length of each load phase")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="inquiry/notification rounds in turn")
     parser.add_argument("--workers", type=int, default=1, help="DIPC_WORKERS for the inquiry phase")
     args = parser.parse_args()
 
@@ -741,7 +755,7 @@ def main() -> None:
                                      connections=args.connections, workers=args.workers,
                                      codes_count=rows)  # fmt: skip
         if args.only in (None, "notification"):
-            figures += bench_notification(env, dsn, workdir, seconds=args.seconds,
+            figures += bench_notification(env, dsn, workdir, seconds=args.seconds, rounds=args.rounds,
                                           connections=args.connections, workers=args.workers)  # fmt: skip
         if args.only in (None, "memory"):
             figures += bench_memory(env, dsn, workdir, codes_count=rows, seconds=args.seconds)
