@@ -11,6 +11,8 @@ Phases (see bench/README.md for what each baseline means):
                                                vs  GET /healthz on the same server (HTTP ceiling)
                                                vs  pgbench calling dipc_inquire (database ceiling)
            open loop at half the saturation    (bench/openloop.py: p50/p99 from the scheduled send time)
+  notification  payment notifications          vs  inquiries on the same server in the same run (target 0.4 x)
+                                               then exactly once, checked in the database, and a replay
   memory   RSS of the dipc worker with N codes, and under 1,000 slow clients, vs the ceiling server's
 
 It starts its own embedded PostgreSQL (durable: fsync on, as in production) and its own `dipc serve` in a
@@ -26,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import memory  # bench/memory.py: run.py runs as a script, with bench/ on sys.path
+import notify
 import orjson
 
 from server.core.times import utcnow
@@ -52,6 +56,8 @@ BINS = "ALFA:88965:direct"
 ONE_SHOT_PREFIX = "889651"  # + 10 digits
 REUSABLE_PREFIX = "889652"
 API_PREFIX = "889653"
+NOTIFY_ONE_SHOT_PREFIX = "889654"  # codes the notification phase pays, apart from the others
+NOTIFY_REUSABLE_PREFIX = "889655"
 ADMIN_TOKEN = "bench-admin-token"
 
 
@@ -65,6 +71,7 @@ class Figure:
     errors: int = 0
     baseline: str | None = None
     ratio: float | None = None
+    must_be_zero: bool = False  # errors here fail the run (exactly once)
 
 
 def log(message: str) -> None:
@@ -120,10 +127,18 @@ def _ms(text: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
-def run_wrk(url: str, *, seconds: int, connections: int, threads: int, script_args: list[str] | None = None):
+def run_wrk(
+    url: str,
+    *,
+    seconds: int,
+    connections: int,
+    threads: int,
+    script_args: list[str] | None = None,
+    script: str = "inquiry.lua",
+):
     command = [ensure_wrk(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if script_args is not None:
-        command += ["-s", str(ROOT / "bench" / "inquiry.lua"), url, "--", *script_args]
+        command += ["-s", str(ROOT / "bench" / script), url, "--", *script_args]
     else:
         command.append(url)
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -411,6 +426,151 @@ def _open_loop_figure(name: str, report: dict) -> Figure:
     )  # fmt: skip
 
 
+# Inquiries pre-signed per second of a load round in the notification phase: more than wrk can send, so
+# each one-shot code is quoted once (dipc answered 4,000-5,000/s on the bench machine).
+INQUIRIES_PER_SECOND = 8_000
+
+
+def bench_notification(env, dsn, workdir, *, seconds, connections, workers, rounds) -> list[Figure]:
+    """Notifications against inquiries on one server in one run (issue 10: ≥ 0.4 ×), then exactly once.
+
+    A round is a wrk run of inquiries, which quote bills as at a counter, then a wrk run of first-time
+    notifications paying them: one-shot codes (fresh codes each round), then reusable codes (each
+    inquiry mints the invoice one notification pays). Rounds alternate so that both kinds meet the same
+    neighbours on a shared machine; the ratio is the median of the rounds' ratios.
+    """
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    inquiries = INQUIRIES_PER_SECOND * seconds  # per round
+    one_shot_csv, reusable_csv = workdir / "notify-one-shot.csv", workdir / "notify-reusable.csv"
+    write_codes_csv(one_shot_csv, inquiries * rounds, NOTIFY_ONE_SHOT_PREFIX, False)
+    write_codes_csv(reusable_csv, 1000, NOTIFY_REUSABLE_PREFIX, True)
+    for path in (one_shot_csv, reusable_csv):
+        subprocess.run([DIPC, "codes", "import", str(path)], env=env, check=True, capture_output=True)
+    server = start_server(env, port, workers)
+    figures: list[Figure] = []
+    try:
+        for label, prefix in (
+            ("one-shot codes", NOTIFY_ONE_SHOT_PREFIX),
+            ("reusable codes", NOTIFY_REUSABLE_PREFIX),
+        ):
+            figures += _notification_rounds(base, dsn, workdir, label, prefix, rounds=rounds, seconds=seconds,
+                                            connections=connections, inquiries=inquiries)  # fmt: skip
+    finally:
+        stop_server(server)
+    return figures
+
+
+def _notification_rounds(base, dsn, workdir, label, prefix, *, rounds, seconds, connections, inquiries):
+    """Rounds of inquiries then first-time notifications, one per quoted bill; the checks; the replay."""
+    requests, answers_path = workdir / "requests.tsv", workdir / "answers.tsv"
+    inquiry_runs, notification_runs, acknowledged = [], [], []
+    for n in range(rounds):
+        codes = range(n * inquiries, (n + 1) * inquiries) if prefix == NOTIFY_ONE_SHOT_PREFIX else range(1000)
+        presign(requests, [f"{prefix}{code:010d}" for code in codes], inquiries, "/doku/inquiry")
+        inquiry_runs.append(run_wrk(base, seconds=seconds, connections=connections, threads=2,
+                                    script_args=[str(requests), "2", "/doku/inquiry"]))  # fmt: skip
+        notify.ledger(dsn, prefix)  # what the last round left in flight is recorded: not quoted again
+        signed = notify.presign(CLIENT, notify.quoted_bills(dsn, prefix))
+        notify.write_requests(requests, signed)
+        notification_runs.append(run_wrk(
+            base, seconds=seconds, connections=connections, threads=2, script="notification.lua",
+            script_args=[str(requests), "2", notify.TARGET, str(answers_path)],
+        ))  # fmt: skip
+        answers = notify.read_answers(answers_path)
+        if len(answers) >= len(signed) - connections:
+            log("notification: WARNING wrk ran out of notifications, so the rate is understated")
+        acknowledged += [
+            notification for notification in signed if answers.get(notification.request_id) == 200
+        ]
+        log(f"notification: {label}, round {n + 1}: {inquiry_runs[-1][0]:,.0f} inquiries/s, "
+            f"{notification_runs[-1][0]:,.0f} notifications/s of {len(signed):,} pre-signed")  # fmt: skip
+
+    before = notify.ledger(dsn, prefix)
+    checks = notify.check(dsn, prefix, acknowledged, answered_times=1)
+    log(f"notification: {checks}")
+    log(f"notification: replaying the {len(acknowledged):,} acknowledged, byte for byte, as DOKU retries")
+    replay = notify.replay(f"{base}{notify.TARGET}", CLIENT, acknowledged, connections=connections)
+    after = notify.ledger(dsn, prefix)
+    rechecks = notify.check(dsn, prefix, acknowledged, answered_times=2)
+    log(f"notification: replay {replay.sent:,} in {replay.seconds:.1f} s; before {before}, after {after}")
+    recorded_again = (
+        (after.payments - before.payments)
+        + (after.events - before.events)
+        + (after.paid_count - before.paid_count)
+    )
+    ratio = statistics.median(
+        notified[0] / inquired[0] for inquired, notified in zip(inquiry_runs, notification_runs, strict=True)
+    )
+    of_rounds = f"median of {rounds} round(s)"
+    return [
+        _median_figure(f"POST /doku/inquiry, {label} ({of_rounds})", inquiry_runs),
+        _median_figure(
+            f"POST /doku/notification, {label}, first time ({of_rounds})",
+            notification_runs,
+            baseline="inquiry",
+            ratio=ratio,
+        ),
+        Figure(
+            "  exactly once: answered 200 without exactly one payment",
+            checks.acknowledged,
+            "answers",
+            errors=checks.without_one_payment,
+            must_be_zero=True,
+        ),
+        Figure(
+            "  exactly once: answered 200, recorded as a conflict or anomaly",
+            checks.acknowledged,
+            "answers",
+            errors=checks.not_normal,
+            must_be_zero=True,
+        ),
+        Figure(
+            "  nothing lost: answered 200 without its raw notification",
+            checks.acknowledged,
+            "answers",
+            errors=checks.not_in_inbox,
+            must_be_zero=True,
+        ),
+        Figure(
+            "  exactly once: invoices paid more than once",
+            after.payments,
+            "payments",
+            errors=checks.paid_twice + rechecks.paid_twice,
+            must_be_zero=True,
+        ),
+        Figure(
+            "  replay (aiohttp client): not a signed 200 success",
+            replay.sent / replay.seconds,
+            "req/s",
+            _percentile(replay.latencies_ms, 0.5),
+            _percentile(replay.latencies_ms, 0.99),
+            replay.wrong,
+            must_be_zero=True,
+        ),
+        Figure(
+            "  replay: payments, payment events or paid counts added",
+            replay.sent,
+            "replays",
+            errors=recorded_again,
+            must_be_zero=True,
+        ),
+        Figure(
+            "  replay: not stored raw again",
+            replay.sent,
+            "replays",
+            errors=rechecks.inbox_rows_short + abs(after.inbox - before.inbox - replay.sent),
+            must_be_zero=True,
+        ),
+    ]
+
+
+def _median_figure(name: str, runs: list[tuple[float, float, float, int]], **ratio) -> Figure:
+    """wrk runs as one figure: the medians of their rates and percentiles, the sum of their errors."""
+    rps, p50, p99 = (statistics.median(run[column] for run in runs) for column in range(3))
+    return Figure(name, rps, "req/s", p50, p99, sum(run[3] for run in runs), **ratio)
+
+
 def bench_memory(env, dsn, workdir, *, codes_count: int, seconds: int) -> list[Figure]:
     """RSS of one dipc worker with ``codes_count`` codes registered: at rest, after load, slow clients."""
     port, ceiling_port = free_port(), free_port()
@@ -539,6 +699,8 @@ def render(figures: list[Figure]) -> str:
     ]
     for f in figures:
         ratio = f"{f.ratio:.2f} × {f.baseline}" if f.ratio is not None else "baseline"
+        if f.must_be_zero:
+            ratio = "must be 0 errors"
         p50 = f"{f.p50_ms:.2f}" if f.p50_ms is not None else ""
         p99 = f"{f.p99_ms:.2f}" if f.p99_ms is not None else ""
         value = f"{f.value:,.2f} {f.unit}" if f.unit in ("s", "ms") else f"{f.value:,.0f} {f.unit}"
@@ -550,11 +712,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["import", "inquiry", "feed", "memory"])
+    parser.add_argument("--only", choices=["import", "inquiry", "notification", "feed", "memory"])
     parser.add_argument("--feed-samples", type=int, default=200)
     parser.add_argument("--rows", type=int, default=100_000, help="codes to import (default 100,000)")
     parser.add_argument("--seconds", type=int, default=10, help="length of each load phase")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="inquiry/notification rounds in turn")
     parser.add_argument("--workers", type=int, default=1, help="DIPC_WORKERS for the inquiry phase")
     args = parser.parse_args()
 
@@ -587,6 +750,9 @@ def main() -> None:
             figures += bench_inquiry(env, dsn, host, workdir, seconds=args.seconds,
                                      connections=args.connections, workers=args.workers,
                                      codes_count=rows)  # fmt: skip
+        if args.only in (None, "notification"):
+            figures += bench_notification(env, dsn, workdir, seconds=args.seconds, rounds=args.rounds,
+                                          connections=args.connections, workers=args.workers)  # fmt: skip
         if args.only in (None, "memory"):
             figures += bench_memory(env, dsn, workdir, codes_count=rows, seconds=args.seconds)
     finally:
@@ -594,6 +760,9 @@ def main() -> None:
         shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
         shutil.rmtree(workdir, ignore_errors=True)
     print(render(figures))
+    failed = [f.name.strip() for f in figures if f.must_be_zero and f.errors]
+    if failed:
+        sys.exit(f"bench: exactly once failed: {'; '.join(failed)}")
 
 
 def _seed(workdir: Path, rows: int) -> Path:

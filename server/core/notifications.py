@@ -74,15 +74,20 @@ async def record_notification(
 
 async def record_rejected(pool: asyncpg.Pool, raw: RawNotification, payment_code: str) -> int:
     """Store a verified notification whose body we could not use, so that nothing is lost."""
-    return await inbox.insert(
-        pool,
+    return await inbox.insert(pool, _inbox_values(raw, payment_code, None, NotificationOutcome.REJECTED))
+
+
+def _inbox_values(
+    raw: RawNotification, payment_code: str, transaction_status: str | None, outcome: NotificationOutcome
+) -> tuple:
+    return inbox.values(
         payment_code=payment_code,
         client_id=raw.client_id,
         request_id=raw.request_id,
         headers=raw.headers,
         body=raw.body,
-        transaction_status=None,
-        outcome=NotificationOutcome.REJECTED,
+        transaction_status=transaction_status,
+        outcome=outcome,
         source=raw.source,
     )
 
@@ -93,18 +98,11 @@ async def _in_transaction(
     async with pool.acquire() as conn, conn.transaction():
         code = await code_store.get(conn, notice.payment_code, for_update=True)
 
+        def raw_values(outcome: NotificationOutcome) -> tuple:
+            return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
+
         async def store_raw(outcome: NotificationOutcome) -> int:
-            return await inbox.insert(
-                conn,
-                payment_code=notice.payment_code,
-                client_id=raw.client_id,
-                request_id=raw.request_id,
-                headers=raw.headers,
-                body=raw.body,
-                transaction_status=notice.transaction_status,
-                outcome=outcome,
-                source=raw.source,
-            )
+            return await inbox.insert(conn, raw_values(outcome))
 
         if not notice.paid:
             return NotificationResult(
@@ -122,8 +120,9 @@ async def _in_transaction(
             return NotificationResult(await store_raw(NotificationOutcome.REPEAT), NotificationOutcome.REPEAT)
 
         decision = decide_payment(notice, code, history, now)
-        notification_id = await store_raw(decision.outcome)
-        payment = await payment_store.insert(conn, notice, decision, notification_id, source=raw.source)
+        notification_id, payment = await payment_store.insert_with_notification(
+            conn, raw_values(decision.outcome), notice, decision
+        )
         if payment is None:
             # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
             await inbox.set_outcome(conn, notice.payment_code, notification_id, NotificationOutcome.REPEAT)

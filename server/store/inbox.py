@@ -45,8 +45,17 @@ def stored_headers(headers: Sequence[tuple[str, str]]) -> list[list[Any]]:
     return stored
 
 
-async def insert(
-    conn: asyncpg.Connection | asyncpg.Pool,
+# The inbox row of one notification, its parameters from ``values``. payments.insert_with_notification
+# runs it as the first part of the statement that also records the payment.
+INSERT = """
+INSERT INTO notifications (payment_code, client_id, request_id, headers, body, transaction_status, outcome,
+                           source)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+RETURNING id
+"""
+
+
+def values(
     *,
     payment_code: str,
     client_id: str,
@@ -56,15 +65,9 @@ async def insert(
     transaction_status: str | None,
     outcome: NotificationOutcome,
     source: str = "notification",
-) -> int:
-    """Store one notification exactly as received; return its id."""
-    notification_id: int = await conn.fetchval(
-        """
-        INSERT INTO notifications (payment_code, client_id, request_id, headers, body,
-                                   transaction_status, outcome, source)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-        RETURNING id
-        """,
+) -> tuple[Any, ...]:
+    """The parameters of :data:`INSERT`: one notification exactly as received."""
+    return (
         payment_code,
         client_id,
         storable_text(request_id),
@@ -74,6 +77,11 @@ async def insert(
         outcome.value,
         source,
     )
+
+
+async def insert(conn: asyncpg.Connection | asyncpg.Pool, notification: tuple[Any, ...]) -> int:
+    """Store one notification (its :func:`values`) exactly as received; return its id."""
+    notification_id: int = await conn.fetchval(INSERT, *notification)
     return notification_id
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
 from server.core.payments import Payment, PaymentDecision, PaymentHistory, PaymentNotice
+from server.store import inbox
 
 COLUMNS = (
     "id, payment_code, invoice_number, transaction_ref, kind, reason, amount, expected_amount, client_id, "
@@ -86,28 +88,33 @@ async def history(
     )
 
 
-async def insert(
+async def insert_with_notification(
     conn: asyncpg.Connection,
+    notification: tuple[Any, ...],
     notice: PaymentNotice,
     decision: PaymentDecision,
-    notification_id: int,
-    *,
-    source: str,
-) -> Payment | None:
-    """Record the payment; None when this transaction is recorded already (a racing retry).
+) -> tuple[int, Payment | None]:
+    """Store the notification (``inbox.values``) and record the payment it tells of, in one statement.
 
-    Only the payment's own identity is a tolerated conflict: a second normal payment for one invoice
-    violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
+    Returns the notification's id, and the payment: None when this transaction is recorded already (a
+    racing retry; the inbox row stays, as every notification does). Only the payment's own identity is a
+    tolerated conflict: a second normal payment for one invoice violates ``payments_one_normal_idx`` and
+    raises, so it can never pass silently.
     """
     row = await conn.fetchrow(
         f"""
-        INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, reason, amount,
-                              expected_amount, client_id, channel, agent_id, agent_store_id, agent_trx_id,
-                              paid_at, notification_id, source)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-        ON CONFLICT (payment_code, invoice_number, transaction_ref) DO NOTHING
-        RETURNING {COLUMNS}
-        """,  # noqa: S608 - column list is a constant
+        WITH inbox AS ({inbox.INSERT}),
+        payment AS (
+            INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, reason, amount,
+                                  expected_amount, client_id, channel, agent_id, agent_store_id, agent_trx_id,
+                                  paid_at, notification_id, source)
+            SELECT $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, inbox.id, $8 FROM inbox
+            ON CONFLICT (payment_code, invoice_number, transaction_ref) DO NOTHING
+            RETURNING {COLUMNS}
+        )
+        SELECT inbox.id AS inbox_id, payment.* FROM inbox LEFT JOIN payment ON true
+        """,  # noqa: S608 - constants
+        *notification,  # $1 to $8, the last the source (a notification, or a Check Status answer)
         notice.payment_code,
         notice.invoice_number,
         notice.transaction_ref,
@@ -121,7 +128,7 @@ async def insert(
         notice.agent_store_id,
         notice.agent_trx_id,
         notice.paid_at,
-        notification_id,
-        source,
     )
-    return payment_from_row(row) if row else None
+    record = dict(row)
+    notification_id = record.pop("inbox_id")
+    return notification_id, (Payment(**record) if record["id"] is not None else None)
