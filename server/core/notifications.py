@@ -27,7 +27,7 @@ from server.core.payments import (
 )
 from server.doku import conventions
 from server.store import codes as code_store
-from server.store import inbox, outbox, reconciliation
+from server.store import inbox, outbox
 from server.store import payments as payment_store
 
 log = structlog.get_logger(component="dipc.notifications")
@@ -120,18 +120,13 @@ async def _in_transaction(
             return NotificationResult(await store_raw(NotificationOutcome.REPEAT), NotificationOutcome.REPEAT)
 
         decision = decide_payment(notice, code, history, now)
-        notification_id, payment = await payment_store.insert_with_notification(
-            conn, raw_values(decision.outcome), notice, decision
-        )
+        recorded = await payment_store.record(conn, raw_values(decision.outcome), notice, decision)
+        notification_id, payment = recorded.notification_id, recorded.payment
         if payment is None:
             # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
             await inbox.set_outcome(conn, notice.payment_code, notification_id, NotificationOutcome.REPEAT)
             return NotificationResult(notification_id, NotificationOutcome.REPEAT)
-        if decision.kind is PaymentKind.NORMAL:
-            assert code is not None
-            code = await code_store.count_payment(conn, code.payment_code)
-        # A payment of any kind settles the invoice: reconciliation stops asking DOKU about it.
-        await reconciliation.settle(conn, notice.payment_code, notice.invoice_number)
+        code = recorded.counted or code  # a normal payment was counted on its code
         await outbox.append(conn, EVENT_TYPES[decision.kind], notice.payment_code, _event(payment, code))
     return NotificationResult(notification_id, decision.outcome, decision, payment)
 

@@ -25,9 +25,15 @@ def qualified_columns(alias: str) -> str:
     return ", ".join(f"{alias}.{column}" for column in _COLUMN_NAMES)
 
 
-def code_from_row(row: asyncpg.Record) -> PaymentCode:
-    values = {name: row[name] for name in _COLUMN_NAMES}
-    return PaymentCode(**(values | {"status": CodeStatus(row["status"])}))
+def code_from_row(row: asyncpg.Record, prefix: str = "") -> PaymentCode:
+    """The code in ``row``, whose columns may carry a ``prefix`` (see :func:`prefixed_columns`)."""
+    values = {name: row[f"{prefix}{name}"] for name in _COLUMN_NAMES}
+    return PaymentCode(**(values | {"status": CodeStatus(values["status"])}))
+
+
+def prefixed_columns(alias: str, prefix: str) -> str:
+    """The code columns as ``alias.column AS prefixcolumn``, for a row that holds another table's too."""
+    return ", ".join(f"{alias}.{column} AS {prefix}{column}" for column in _COLUMN_NAMES)
 
 
 async def get(conn: asyncpg.Connection, payment_code: str, *, for_update: bool = False) -> PaymentCode | None:
@@ -104,19 +110,19 @@ async def mint_invoice(conn: asyncpg.Connection, payment_code: str) -> int | Non
     )
 
 
+# Counting a normal payment: a one-shot code becomes paid, a reusable one stays active. Also run as a
+# part of the statement that records a notification's payment (payments.record).
+COUNT_PAYMENT = """
+UPDATE payment_codes
+   SET paid_count = paid_count + 1,
+       status = CASE WHEN reusable THEN status ELSE 'paid' END,
+       updated_at = now(), version = version + 1
+"""
+
+
 async def count_payment(conn: asyncpg.Connection, payment_code: str) -> PaymentCode:
-    """Count a normal payment: a one-shot code becomes paid, a reusable one stays active."""
-    row = await conn.fetchrow(
-        f"""
-        UPDATE payment_codes
-           SET paid_count = paid_count + 1,
-               status = CASE WHEN reusable THEN status ELSE 'paid' END,
-               updated_at = now(), version = version + 1
-         WHERE payment_code = $1
-        RETURNING {COLUMNS}
-        """,  # noqa: S608
-        payment_code,
-    )
+    """Count a normal payment (:data:`COUNT_PAYMENT`) and return the code as it is now."""
+    row = await conn.fetchrow(f"{COUNT_PAYMENT} WHERE payment_code = $1 RETURNING {COLUMNS}", payment_code)
     return code_from_row(row)
 
 

@@ -45,7 +45,7 @@ def stored_headers(headers: Sequence[tuple[str, str]]) -> list[list[Any]]:
     return stored
 
 
-# The inbox row of one notification, its parameters from ``values``. payments.insert_with_notification
+# The inbox row of one notification, its parameters from ``values``. payments.record
 # runs it as the first part of the statement that also records the payment.
 INSERT = """
 INSERT INTO notifications (payment_code, client_id, request_id, headers, body, transaction_status, outcome,

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from server.core.codes import PaymentCode
 from server.core.payments import Payment, PaymentDecision, PaymentHistory, PaymentNotice
-from server.store import inbox
+from server.store import codes as code_store
+from server.store import inbox, reconciliation
 
 COLUMNS = (
     "id, payment_code, invoice_number, transaction_ref, kind, reason, amount, expected_amount, client_id, "
     "channel, agent_id, agent_store_id, agent_trx_id, paid_at, notification_id, source, recorded_at"
 )
+
+
+_COLUMN_NAMES = COLUMNS.split(", ")
 
 
 def payment_from_row(row: asyncpg.Record) -> Payment:
@@ -88,19 +94,32 @@ async def history(
     )
 
 
-async def insert_with_notification(
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    notification_id: int
+    payment: Payment | None  # None: this transaction was recorded already (a racing retry)
+    counted: PaymentCode | None  # the code after counting a normal payment; None for other kinds
+
+
+async def record(
     conn: asyncpg.Connection,
     notification: tuple[Any, ...],
     notice: PaymentNotice,
     decision: PaymentDecision,
-) -> tuple[int, Payment | None]:
+) -> Recorded:
     """Store the notification (``inbox.values``) and record the payment it tells of, in one statement.
 
-    Returns the notification's id, and the payment: None when this transaction is recorded already (a
-    racing retry; the inbox row stays, as every notification does). Only the payment's own identity is a
-    tolerated conflict: a second normal payment for one invoice violates ``payments_one_normal_idx`` and
-    raises, so it can never pass silently.
+    The same statement counts a normal payment on its code (codes.COUNT_PAYMENT) and settles the
+    invoice's reconciliation row (any payment stops reconciliation asking DOKU about it). Run it holding
+    the code's row lock. When this transaction is recorded already (a racing retry) only the inbox row is
+    written, as for every notification. Only the payment's own identity is a tolerated conflict: a second
+    normal payment for one invoice violates ``payments_one_normal_idx`` and raises, so it can never pass
+    silently.
     """
+    recorded = (
+        "(SELECT id, source, kind, payment_code, invoice_number FROM payments"
+        " UNION ALL SELECT id, source, kind, payment_code, invoice_number FROM payment)"
+    )
     row = await conn.fetchrow(
         f"""
         WITH inbox AS ({inbox.INSERT}),
@@ -111,8 +130,18 @@ async def insert_with_notification(
             SELECT $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, inbox.id, $8 FROM inbox
             ON CONFLICT (payment_code, invoice_number, transaction_ref) DO NOTHING
             RETURNING {COLUMNS}
+        ),
+        counted AS (
+            {code_store.COUNT_PAYMENT}
+             WHERE payment_code = $9 AND EXISTS (SELECT 1 FROM payment WHERE kind = 'normal')
+            RETURNING *
+        ),
+        settled AS (
+            {reconciliation.settle_statement("$9", "$10", recorded)}
+               AND EXISTS (SELECT 1 FROM payment)
         )
-        SELECT inbox.id AS inbox_id, payment.* FROM inbox LEFT JOIN payment ON true
+        SELECT inbox.id AS inbox_id, payment.*, {code_store.prefixed_columns("counted", "code_")}
+          FROM inbox LEFT JOIN payment ON true LEFT JOIN counted ON true
         """,  # noqa: S608 - constants
         *notification,  # $1 to $8, the last the source (a notification, or a Check Status answer)
         notice.payment_code,
@@ -129,6 +158,6 @@ async def insert_with_notification(
         notice.agent_trx_id,
         notice.paid_at,
     )
-    record = dict(row)
-    notification_id = record.pop("inbox_id")
-    return notification_id, (Payment(**record) if record["id"] is not None else None)
+    payment = Payment(**{name: row[name] for name in _COLUMN_NAMES}) if row["id"] is not None else None
+    counted = code_store.code_from_row(row, "code_") if row["code_payment_code"] is not None else None
+    return Recorded(row["inbox_id"], payment, counted)

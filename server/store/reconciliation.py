@@ -181,25 +181,29 @@ async def record_check(
     return _invoice(row) if row else None
 
 
-async def settle(conn: asyncpg.Connection, payment_code: str, invoice_number: str) -> None:
-    """Close the invoice's row as paid by the payment recorded for it (a normal one first).
-
-    Run in the transaction that records a payment, and after a check that found one.
+def settle_statement(payment_code: str, invoice_number: str, recorded: str = "payments") -> str:
+    """The UPDATE that closes an invoice's row as paid by the payment recorded for it (a normal one
+    first). ``payment_code`` and ``invoice_number`` are the statement's placeholders for them, and
+    ``recorded`` is where the payments are read from (payments.record adds the one it is inserting).
     """
-    await conn.execute(
-        """
+    return f"""
         UPDATE reconciliation r
            SET state = 'paid', next_check_at = NULL, payment_id = p.id, settled_by = p.source,
                updated_at = now()
-          FROM (SELECT id, source FROM payments
-                 WHERE payment_code = $1 AND invoice_number = $2
-                 ORDER BY kind = 'normal' DESC, id
+          FROM (SELECT id, source FROM {recorded} recorded
+                 WHERE recorded.payment_code = {payment_code} AND recorded.invoice_number = {invoice_number}
+                 ORDER BY recorded.kind = 'normal' DESC, recorded.id
                  LIMIT 1) p
-         WHERE r.payment_code = $1 AND r.invoice_number = $2 AND r.state <> 'paid'
-        """,
-        payment_code,
-        invoice_number,
-    )
+         WHERE r.payment_code = {payment_code} AND r.invoice_number = {invoice_number} AND r.state <> 'paid'
+        """  # noqa: S608 - built from placeholders and table names
+
+
+async def settle(conn: asyncpg.Connection, payment_code: str, invoice_number: str) -> None:
+    """Close the invoice's row as paid by the payment recorded for it (a normal one first).
+
+    Run after a check that found one (a notification's payment settles in payments.record).
+    """
+    await conn.execute(settle_statement("$1", "$2"), payment_code, invoice_number)
 
 
 async def get(
