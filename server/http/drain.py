@@ -36,14 +36,14 @@ STOPPING = web.AppKey("stopping", Stopping)
 
 
 def install(app: web.Application) -> None:
-    app[STOPPING] = Stopping()
-    app.on_response_prepare.append(_close_after_response)
+    stopping = app[STOPPING] = Stopping()
 
+    async def close_after_response(request: web.Request, response: web.StreamResponse) -> None:
+        # Runs for every response: the flag is read from the closure, not looked up per request.
+        if stopping.now and not _has_waiting_request(request.protocol):
+            response.force_close()
 
-async def _close_after_response(request: web.Request, response: web.StreamResponse) -> None:
-    stopping = request.config_dict.get(STOPPING)
-    if stopping is not None and stopping.now and not _has_waiting_request(request.protocol):
-        response.force_close()
+    app.on_response_prepare.append(close_after_response)
 
 
 async def answer_received(runner: web.AppRunner, app: web.Application, timeout_s: float) -> None:
