@@ -65,7 +65,7 @@ def presign(client: Client, bills: list[Bill]) -> list[Notification]:
 
 
 def write_requests(path: Path, notifications: list[Notification]) -> None:
-    """The file bench/notification.lua reads (the format of bench/inquiry.lua's)."""
+    """The file bench/presigned.lua reads."""
     with path.open("w") as handle:
         for notification in notifications:
             h = notification.headers
@@ -76,7 +76,7 @@ def write_requests(path: Path, notifications: list[Notification]) -> None:
 
 
 def read_answers(path: Path) -> dict[str, int]:
-    """Request-Id → HTTP status, from bench/notification.lua's answers file."""
+    """Request-Id → HTTP status, from bench/presigned.lua's answers file."""
     answers = {}
     for line in path.read_text().splitlines():
         request_id, status = line.split("\t")

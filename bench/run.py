@@ -134,11 +134,10 @@ def run_wrk(
     connections: int,
     threads: int,
     script_args: list[str] | None = None,
-    script: str = "inquiry.lua",
 ):
     command = [ensure_wrk(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if script_args is not None:
-        command += ["-s", str(ROOT / "bench" / script), url, "--", *script_args]
+        command += ["-s", str(ROOT / "bench" / "presigned.lua"), url, "--", *script_args]
     else:
         command.append(url)
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -474,7 +473,7 @@ def _notification_rounds(base, dsn, workdir, label, prefix, *, rounds, seconds, 
         signed = notify.presign(CLIENT, notify.quoted_bills(dsn, prefix))
         notify.write_requests(requests, signed)
         notification_runs.append(run_wrk(
-            base, seconds=seconds, connections=connections, threads=2, script="notification.lua",
+            base, seconds=seconds, connections=connections, threads=2,
             script_args=[str(requests), "2", notify.TARGET, str(answers_path)],
         ))  # fmt: skip
         answers = notify.read_answers(answers_path)

@@ -1,11 +1,11 @@
--- wrk script: sends pre-signed DOKU payment notifications from a file, each at most once, and keeps
--- every answer's status with the Request-Id the server echoes, so bench/run.py can check each 200
--- against the database afterwards.
--- File lines as for inquiry.lua: Request-Id \t Request-Timestamp \t Signature \t Client-Id \t body
--- Each wrk thread takes every n-th line. Unlike inquiry.lua it never wraps round: a second send would be
--- a repeat, another path (bench/run.py replays on purpose, after this). A thread out of lines stops.
--- Usage: wrk -s bench/notification.lua URL -- FILE THREADS TARGET_PATH ANSWERS_FILE
--- ANSWERS_FILE gets one line per answer: Request-Id \t HTTP status.
+-- wrk script: sends pre-signed DOKU requests from a file, one line per request:
+--   Request-Id \t Request-Timestamp \t Signature \t Client-Id \t body
+-- Each wrk thread takes every n-th line, so no two threads send the same Request-Id.
+-- Usage: wrk -s bench/presigned.lua URL -- FILE THREADS TARGET_PATH [ANSWERS_FILE]
+-- Without ANSWERS_FILE the lines are sent round and round (inquiries: a line sent again is a replay).
+-- With it, each line is sent at most once (a notification sent again is a repeat, another path), a
+-- thread out of lines stops, and ANSWERS_FILE gets one line per answer: Request-Id \t HTTP status
+-- (the Request-Id dipc echoes), so bench/run.py can check each 200 against the database afterwards.
 
 local counter = 0
 local threads = {}
@@ -41,6 +41,10 @@ function init(args)
 end
 
 function request()
+  if answers_path == nil then
+    index = index % #requests + 1
+    return requests[index]
+  end
   if index == #requests then
     -- wrk wants a request from us; this one is written as the thread stops, and never read or counted.
     wrk.thread:stop()
@@ -51,11 +55,17 @@ function request()
 end
 
 function response(status, headers, body)
-  answers[#answers + 1] = (headers["Request-Id"] or "") .. "\t" .. status
+  if answers_path ~= nil then
+    answers[#answers + 1] = (headers["Request-Id"] or "") .. "\t" .. status
+  end
 end
 
 function done(summary, latency, requests)
-  local out = io.open(threads[1]:get("answers_path"), "w")
+  local path = threads[1]:get("answers_path")
+  if path == nil then
+    return
+  end
+  local out = io.open(path, "w")
   for _, thread in ipairs(threads) do
     for _, line in ipairs(thread:get("answers")) do
       out:write(line, "\n")
