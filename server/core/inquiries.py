@@ -16,6 +16,7 @@ import asyncpg
 from server.core.codes import CodeRules
 from server.core.errors import RequestIdReused
 from server.store import inquiries as inquiry_store
+from server.store.inquiries import RecordedInquiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,15 +28,6 @@ class InquiryRequest:
     body_sha256: bytes  # tells a repeated request from a reused Request-Id
 
 
-@dataclass(frozen=True, slots=True)
-class InquiryAnswer:
-    outcome: str
-    http_status: int
-    body: bytes
-    invoice_number: str | None
-    replayed: bool
-
-
 async def inquire(
     pool: asyncpg.Pool,
     request: InquiryRequest,
@@ -43,8 +35,11 @@ async def inquire(
     rules: CodeRules,
     now: datetime,
     first_check_s: float,
-) -> InquiryAnswer:
-    """Answer an inquiry; a quoted invoice is first checked with DOKU ``first_check_s`` later (spec §8)."""
+) -> RecordedInquiry:
+    """Answer an inquiry; a quoted invoice is first checked with DOKU ``first_check_s`` later (spec §8).
+
+    The answer is what ``dipc_inquire`` recorded: by this call, or earlier under the Request-Id (replayed).
+    """
     recorded = await inquiry_store.inquire(
         pool,
         payment_code=request.payment_code,
@@ -58,10 +53,4 @@ async def inquire(
     )
     if recorded.replayed and recorded.body_sha256 != request.body_sha256:
         raise RequestIdReused("this Request-Id was used before with a different body")
-    return InquiryAnswer(
-        outcome=recorded.outcome,
-        http_status=recorded.http_status,
-        body=recorded.response_body,
-        invoice_number=recorded.invoice_number,
-        replayed=recorded.replayed,
-    )
+    return recorded

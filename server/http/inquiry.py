@@ -51,4 +51,4 @@ async def handle_inquiry(request: web.Request) -> web.Response:
         )
     log_fields.update(outcome=answer.outcome, replayed=answer.replayed)
     metrics.INQUIRIES_SERIES(answer.outcome, message.channel, "true" if answer.replayed else "false").inc()
-    return endpoint.respond(request, answer.http_status, answer.body)
+    return endpoint.respond(request, answer.http_status, answer.response_body)
