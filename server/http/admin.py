@@ -117,6 +117,13 @@ def _timeout(request: web.Request) -> float:
     return request.config_dict[SETTINGS].admin_db_timeout_s
 
 
+async def _listed(request: web.Request, name: str, lister, render, **filters) -> web.Response:
+    """One page of a listing: ``lister(pool, **filters)`` within the admin deadline, each item rendered."""
+    async with deadline(_timeout(request), name):
+        page = await lister(request.config_dict[POOL], **filters)
+    return json_response(_page(page, render))
+
+
 @routes.post("/payment-codes")
 async def create_code(request: web.Request) -> web.Response:
     settings = request.config_dict[SETTINGS]
@@ -131,15 +138,16 @@ async def create_code(request: web.Request) -> web.Response:
 
 @routes.get("/payment-codes")
 async def list_codes(request: web.Request) -> web.Response:
-    async with deadline(_timeout(request), "admin.list_codes"):
-        page = await manage.list_codes(
-            request.config_dict[POOL],
-            status=_query_text(request, "status"),
-            client_id=_query_text(request, "client_id"),
-            after=_query_text(request, "after", digits=True),
-            limit=_query_int(request, "limit"),
-        )
-    return json_response(_page(page, code_document))
+    return await _listed(
+        request,
+        "admin.list_codes",
+        manage.list_codes,
+        code_document,
+        status=_query_text(request, "status"),
+        client_id=_query_text(request, "client_id"),
+        after=_query_text(request, "after", digits=True),
+        limit=_query_int(request, "limit"),
+    )
 
 
 @routes.post("/payment-codes/import")
@@ -191,16 +199,17 @@ async def cancel_code(request: web.Request) -> web.Response:
 
 @routes.get("/payments")
 async def list_payments(request: web.Request) -> web.Response:
-    async with deadline(_timeout(request), "admin.list_payments"):
-        page = await manage.list_payments(
-            request.config_dict[POOL],
-            payment_code=_query_text(request, "payment_code", digits=True),
-            kind=_query_text(request, "kind"),
-            since=_query_time(request, "since"),
-            after=_query_int(request, "after"),
-            limit=_query_int(request, "limit"),
-        )
-    return json_response(_page(page, payment_document))
+    return await _listed(
+        request,
+        "admin.list_payments",
+        manage.list_payments,
+        payment_document,
+        payment_code=_query_text(request, "payment_code", digits=True),
+        kind=_query_text(request, "kind"),
+        since=_query_time(request, "since"),
+        after=_query_int(request, "after"),
+        limit=_query_int(request, "limit"),
+    )
 
 
 @routes.get("/events")
@@ -224,14 +233,15 @@ async def read_events(request: web.Request) -> web.Response:
 
 @routes.get("/webhook-deliveries")
 async def list_deliveries(request: web.Request) -> web.Response:
-    async with deadline(_timeout(request), "admin.webhook_deliveries"):
-        page = await feed.list_deliveries(
-            request.config_dict[POOL],
-            status=_query_text(request, "status"),
-            after=_query_int(request, "after"),
-            limit=_query_int(request, "limit"),
-        )
-    return json_response(_page(page, feed.delivery_document))
+    return await _listed(
+        request,
+        "admin.webhook_deliveries",
+        feed.list_deliveries,
+        feed.delivery_document,
+        status=_query_text(request, "status"),
+        after=_query_int(request, "after"),
+        limit=_query_int(request, "limit"),
+    )
 
 
 @routes.post("/webhook-deliveries/redeliver")
@@ -248,14 +258,15 @@ async def redeliver(request: web.Request) -> web.Response:
 @routes.get("/reconciliation")
 async def list_reconciliation(request: web.Request) -> web.Response:
     """Quoted invoices and where their reconciliation with DOKU's Check Status stands (spec §8)."""
-    async with deadline(_timeout(request), "admin.reconciliation"):
-        page = await reconciliation.list_invoices(
-            request.config_dict[POOL],
-            state=request.query.get("state") or None,
-            after=request.query.get("after") or None,
-            limit=_query_int(request, "limit"),
-        )
-    return json_response(_page(page, reconciliation.invoice_document))
+    return await _listed(
+        request,
+        "admin.reconciliation",
+        reconciliation.list_invoices,
+        reconciliation.invoice_document,
+        state=request.query.get("state") or None,
+        after=request.query.get("after") or None,
+        limit=_query_int(request, "limit"),
+    )
 
 
 @routes.post("/reconciliation/check")

@@ -8,7 +8,7 @@ from aiohttp import web
 from server.core import audit, casework
 from server.core.errors import NotFound
 from server.core.times import utcnow
-from server.http.admin import _page, _query_int, _query_time, _timeout
+from server.http.admin import _listed, _query_int, _query_time, _timeout
 from server.http.bodies import json_response, read_json_object
 from server.http.keys import POOL, SETTINGS
 from server.ops import metrics
@@ -23,16 +23,17 @@ def _filter(request: web.Request, name: str) -> str | None:
 
 @routes.get("/exceptions")
 async def list_exceptions(request: web.Request) -> web.Response:
-    async with deadline(_timeout(request), "admin.list_exceptions"):
-        page = await casework.list_cases(
-            request.config_dict[POOL],
-            state=_filter(request, "state"),
-            kind=_filter(request, "kind"),
-            reason=_filter(request, "reason"),
-            after=_query_int(request, "after"),
-            limit=_query_int(request, "limit"),
-        )
-    return json_response(_page(page, casework.Case.document))
+    return await _listed(
+        request,
+        "admin.list_exceptions",
+        casework.list_cases,
+        casework.Case.document,
+        state=_filter(request, "state"),
+        kind=_filter(request, "kind"),
+        reason=_filter(request, "reason"),
+        after=_query_int(request, "after"),
+        limit=_query_int(request, "limit"),
+    )
 
 
 @routes.get(r"/exceptions/{payment_id:\d+}")
@@ -64,25 +65,27 @@ def _payment_id(request: web.Request) -> int:
 
 @routes.get("/inquiries")
 async def list_inquiries(request: web.Request) -> web.Response:
-    async with deadline(_timeout(request), "admin.list_inquiries"):
-        page = await audit.list_inquiries(
-            request.config_dict[POOL],
-            payment_code=_filter(request, "payment_code"),
-            since=_query_time(request, "since"),
-            after=_filter(request, "after"),
-            limit=_query_int(request, "limit"),
-        )
-    return json_response(_page(page, audit.inquiry_document))
+    return await _listed(
+        request,
+        "admin.list_inquiries",
+        audit.list_inquiries,
+        audit.inquiry_document,
+        payment_code=_filter(request, "payment_code"),
+        since=_query_time(request, "since"),
+        after=_filter(request, "after"),
+        limit=_query_int(request, "limit"),
+    )
 
 
 @routes.get("/notifications")
 async def list_notifications(request: web.Request) -> web.Response:
-    async with deadline(_timeout(request), "admin.list_notifications"):
-        page = await audit.list_notifications(
-            request.config_dict[POOL],
-            payment_code=_filter(request, "payment_code"),
-            outcome=_filter(request, "outcome"),
-            after=_query_int(request, "after"),
-            limit=_query_int(request, "limit"),
-        )
-    return json_response(_page(page, audit.notification_document))
+    return await _listed(
+        request,
+        "admin.list_notifications",
+        audit.list_notifications,
+        audit.notification_document,
+        payment_code=_filter(request, "payment_code"),
+        outcome=_filter(request, "outcome"),
+        after=_query_int(request, "after"),
+        limit=_query_int(request, "limit"),
+    )
