@@ -35,6 +35,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,16 +272,32 @@ def start_server(env: dict[str, str], port: int, workers: int) -> subprocess.Pop
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 60
+    wait_until_up(server, "dipc serve", _readyz(port), 60, lambda: server.stderr.read().decode())
+    return server
+
+
+def wait_until_up(
+    process: subprocess.Popen,
+    what: str,
+    probe: Callable[[], None],
+    timeout_s: float,
+    output: Callable[[], str],
+) -> None:
+    """Until ``probe`` stops raising OSError; exit with ``output`` if ``process`` ends first."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"bench: dipc serve exited: {server.stderr.read().decode()}")
+        if process.poll() is not None:
+            sys.exit(f"bench: {what} exited: {output()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                return server
+            probe()
+            return
         except OSError:
             time.sleep(0.2)
-    sys.exit("bench: dipc serve did not become ready")
+    sys.exit(f"bench: {what} did not become ready")
+
+
+def _readyz(port: int) -> Callable[[], None]:
+    return lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).close()
 
 
 def stop_server(server: subprocess.Popen) -> None:
@@ -300,16 +317,12 @@ def start_doku_standin(env: dict[str, str], workdir: Path) -> tuple[subprocess.P
         standin = subprocess.Popen(
             [DIPC, "simulate", "doku-api", "--port", str(port)], env=env, stdout=output, stderr=output
         )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if standin.poll() is not None:
-            sys.exit(f"bench: the DOKU stand-in exited: {log_path.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return standin, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.2)
-    sys.exit("bench: the DOKU stand-in did not start")
+
+    def listening() -> None:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    wait_until_up(standin, "the DOKU stand-in", listening, 30, log_path.read_text)
+    return standin, f"http://127.0.0.1:{port}"
 
 
 def start_ceiling(dsn: str, port: int) -> subprocess.Popen:
@@ -320,16 +333,8 @@ def start_ceiling(dsn: str, port: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if ceiling.poll() is not None:
-            sys.exit(f"bench: the ceiling server exited: {ceiling.stderr.read().decode()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                return ceiling
-        except OSError:
-            time.sleep(0.2)
-    sys.exit("bench: the ceiling server did not become ready")
+    wait_until_up(ceiling, "the ceiling server", _readyz(port), 30, lambda: ceiling.stderr.read().decode())
+    return ceiling
 
 
 def run_open_loop(port: int, *, rate: float, seconds: int, requests: Path | None = None) -> dict:
