@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import asyncpg
@@ -151,43 +152,126 @@ async def create_pool(
     )
 
 
-@asynccontextmanager
-async def deadline(seconds: float, what: str) -> AsyncIterator[None]:
+# How often one event loop's open deadlines are checked: a deadline fires up to this much late.
+DEADLINE_TICK_S = 0.05
+
+
+def deadline(seconds: float, what: str) -> Deadline:
     """Run database work under a deadline; turn every "database is down" failure into Unavailable.
 
+    ``async with deadline(0.8, "inquiry"): ...``. See :class:`Deadline`.
+    """
+    return Deadline(seconds, what)
+
+
+class Deadline:
+    """Database work under a deadline, and the one place "the database is down" becomes Unavailable.
+
     At the deadline the work is cancelled and every pooled connection it still holds is terminated, so
-    the caller has its answer within ``seconds`` whatever the database does: a server that hangs would
-    otherwise hold the cleanup (ROLLBACK, the release to the pool) for as long as it hangs. The pool
-    opens a new connection for the next request.
+    the caller has its answer within ``seconds`` (plus at most :data:`DEADLINE_TICK_S`) whatever the
+    database does: a server that hangs would otherwise hold the cleanup (ROLLBACK, the release to the
+    pool) for as long as it hangs. The pool opens a new connection for the next request.
+
+    The cancellation follows ``asyncio.timeout``: a cancellation that is ours becomes a timeout; one
+    from elsewhere (the client left, the server stops) goes on. What differs is the clock: rather than
+    two timers per scope (``asyncio.timeout``'s and the one that terminates connections), one
+    :class:`_Watchdog` per event loop checks every open scope each tick. A timer costs about 3 µs on
+    uvloop (a libuv handle made, started and closed), and this class replaced about 15 µs of the
+    inquiry's 210 µs of CPU.
 
     Also the one place the duration of a request's database work is measured (``what`` names it).
     """
-    started = time.perf_counter()
-    result = "error"
-    held: list[Any] = []
-    token = _HELD_CONNECTIONS.set(held)
-    expiry = asyncio.get_running_loop().call_later(seconds, _terminate_held, held)
-    try:
-        async with asyncio.timeout(seconds) as scope:
-            try:
-                yield
-            except UNAVAILABLE_ERRORS:
-                if scope.expired():  # the termination above, seen by the work before the cancellation
-                    raise TimeoutError from None
-                raise
-        result = "ok"
-    except TimeoutError:
-        result = "timeout"
-        log.warning("db.deadline_exceeded", what=what, seconds=seconds)
-        raise Unavailable(f"the database did not answer within {seconds:g} s") from None
-    except UNAVAILABLE_ERRORS as error:
-        result = "unavailable"
-        log.warning("db.unavailable", what=what, error=f"{type(error).__name__}: {error}")
-        raise Unavailable("the database is unavailable") from error
-    finally:
-        expiry.cancel()
-        _HELD_CONNECTIONS.reset(token)
-        metrics.DB_DURATION_SERIES(what, result).observe(time.perf_counter() - started)
+
+    __slots__ = ("_cancelling", "_expired", "_held", "_seconds", "_started", "_task", "_token", "_watchdog",
+                 "_what")  # fmt: skip
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self._seconds = seconds
+        self._what = what
+        self._expired = False
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("a deadline needs a task to cancel")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._started = time.perf_counter()
+        self._held: list[Any] = []
+        self._token = _HELD_CONNECTIONS.set(self._held)
+        self._watchdog = _Watchdog.of(asyncio.get_running_loop())
+        self._watchdog.watch(self, self._seconds)
+
+    def expire(self) -> None:
+        """The deadline passed (called by the watchdog): free what the work waits on, then cancel it."""
+        self._expired = True
+        _terminate_held(self._held)
+        self._task.cancel()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, error: BaseException | None, _traceback: Any
+    ) -> None:
+        self._watchdog.unwatch(self)
+        _HELD_CONNECTIONS.reset(self._token)
+        # Our cancellation, and nobody else's since: it (or the termination that preceded it, seen by
+        # the work first as a closed connection) is the timeout.
+        ours = self._expired and self._task.uncancel() <= self._cancelling
+        result = "ok" if exc_type is None else "error"
+        try:
+            if exc_type is None:
+                return
+            if (ours and issubclass(exc_type, (asyncio.CancelledError, *UNAVAILABLE_ERRORS))) or issubclass(
+                exc_type, TimeoutError
+            ):
+                result = "timeout"
+                log.warning("db.deadline_exceeded", what=self._what, seconds=self._seconds)
+                raise Unavailable(f"the database did not answer within {self._seconds:g} s") from None
+            if issubclass(exc_type, UNAVAILABLE_ERRORS):
+                result = "unavailable"
+                log.warning("db.unavailable", what=self._what, error=f"{exc_type.__name__}: {error}")
+                raise Unavailable("the database is unavailable") from error
+        finally:
+            metrics.DB_DURATION_SERIES(self._what, result).observe(time.perf_counter() - self._started)
+
+
+class _Watchdog:
+    """Every open :class:`Deadline` of one event loop, checked every :data:`DEADLINE_TICK_S` by one timer
+    that runs only while a deadline is open."""
+
+    __slots__ = ("_loop", "_open", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._open: dict[Deadline, float] = {}  # each open scope and when it expires (loop time)
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Watchdog:
+        watchdog = _WATCHDOGS.get(loop)
+        if watchdog is None:
+            watchdog = _WATCHDOGS[loop] = cls(loop)
+        return watchdog
+
+    def watch(self, scope: Deadline, seconds: float) -> None:
+        self._open[scope] = self._loop.time() + seconds
+        if self._timer is None:
+            self._timer = self._loop.call_later(DEADLINE_TICK_S, self._tick)
+
+    def unwatch(self, scope: Deadline) -> None:
+        self._open.pop(scope, None)
+
+    def _tick(self) -> None:
+        now = self._loop.time()
+        expired = [scope for scope, expiry in self._open.items() if expiry <= now]
+        for scope in expired:
+            del self._open[scope]
+        # Rearmed before anything else runs: a failure below must not stop every later deadline.
+        self._timer = self._loop.call_later(DEADLINE_TICK_S, self._tick) if self._open else None
+        for scope in expired:
+            scope.expire()
+
+
+_WATCHDOGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchdog] = weakref.WeakKeyDictionary()
 
 
 @contextmanager

@@ -1,12 +1,17 @@
-"""The connection pool serves waiters in arrival order, so no request starves under load."""
+"""The connection pool serves waiters in arrival order, so no request starves under load; deadlines
+bound the database work of a request."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import random
+import time
 
-from server.store.pool import create_pool
+import pytest
+
+from server.core.errors import Unavailable
+from server.store.pool import create_pool, deadline
 
 
 async def test_under_contention_connections_go_out_in_the_order_they_were_asked_for(database_url):
@@ -51,5 +56,65 @@ async def test_releasing_twice_frees_one_place(database_url):
         await pool.release(held[0])
         await pool.release(await third)
         await pool.release(held[1])
+    finally:
+        await pool.close()
+
+
+async def test_a_deadline_cancels_a_hanging_statement_and_frees_its_connection(database_url):
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match=r"did not answer within 0\.2 s"):
+            async with deadline(0.2, "test"):
+                await pool.fetchval("SELECT pg_sleep(30)")
+        assert time.monotonic() - started < 10  # the deadline spoke, not the statement
+        # The pool's one connection was terminated, not left to the hanging statement: a new one serves.
+        async with deadline(5, "test"):
+            assert await pool.fetchval("SELECT 1") == 1
+    finally:
+        await pool.close()
+
+
+async def test_a_deadline_also_bounds_the_wait_for_a_connection(database_url):
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        held = await pool.acquire()
+        with pytest.raises(Unavailable, match="did not answer"):
+            async with deadline(0.2, "test"):
+                await pool.fetchval("SELECT 1")  # waits for the one connection, held above
+        await pool.release(held)
+    finally:
+        await pool.close()
+
+
+async def test_a_cancellation_from_elsewhere_is_not_taken_for_the_deadline(database_url):
+    """The client went away or the server stops: the work's cancellation goes on as a cancellation."""
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+
+        async def work() -> None:
+            async with deadline(30, "test"):
+                await pool.fetchval("SELECT pg_sleep(30)")
+
+        task = asyncio.create_task(work())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+    finally:
+        pool.terminate()
+
+
+async def test_an_inner_deadline_expiring_leaves_the_outer_one_running(database_url):
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    try:
+        async with deadline(30, "outer"):
+            with pytest.raises(Unavailable):
+                async with deadline(0.2, "inner"):
+                    await pool.fetchval("SELECT pg_sleep(30)")
+            # The inner expiry was consumed where it belongs: the outer scope's work goes on.
+            assert await pool.fetchval("SELECT 2") == 2
+        assert asyncio.current_task().cancelling() == 0
     finally:
         await pool.close()
