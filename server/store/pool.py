@@ -43,6 +43,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 _HELD_CONNECTIONS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
     "dipc_held_connections", default=None
 )
+# Set inside a Deadline, whose expiry terminates what the scope holds: a release there needs no timeout.
+_UNDER_DEADLINE: contextvars.ContextVar[bool] = contextvars.ContextVar("dipc_under_deadline", default=False)
 # Outside a deadline (background work), a release gives up after this long and terminates the connection.
 RELEASE_TIMEOUT_S = 5.0
 
@@ -87,14 +89,15 @@ class FairPool(asyncpg.Pool):
         self._held: set[int] = set()  # ids of the proxies handed out through the gate
 
     async def _acquire(self, timeout: float | None) -> Any:  # noqa: ASYNC109 - asyncpg's signature
-        if self._gate.locked():
+        if timeout is not None and self._gate.locked():
             started = time.monotonic()
             async with asyncio.timeout(timeout):
                 await self._gate.acquire()
-            if timeout is not None:
-                timeout = max(timeout - (time.monotonic() - started), 0.001)
+            timeout = max(timeout - (time.monotonic() - started), 0.001)
         else:
-            await self._gate.acquire()  # a free permit is taken at once: no timeout to arm
+            # A free permit is taken at once, and without a timeout there is none to arm (the request's
+            # Deadline bounds the wait): asyncio.timeout costs a few µs even when it arms nothing.
+            await self._gate.acquire()
         try:
             proxy = await super()._acquire(timeout)
         except BaseException:
@@ -107,8 +110,18 @@ class FairPool(asyncpg.Pool):
         return proxy
 
     async def release(self, connection: Any, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Release ``connection``; outside a Deadline, within :data:`RELEASE_TIMEOUT_S`.
+
+        Under a Deadline the release is not timed on its own: the deadline terminates the connection if
+        the cleanup hangs, and a timed release arms a timer (asyncpg wraps it in ``asyncio.timeout``)
+        that cost the inquiry several µs. (A release cancelled from elsewhere, which only a shutdown
+        does here since aiohttp's handler cancellation is off, goes on unbounded, shielded by asyncpg;
+        closing the pool ends it.)
+        """
+        if timeout is None and not _UNDER_DEADLINE.get():
+            timeout = RELEASE_TIMEOUT_S
         try:
-            await super().release(connection, timeout=RELEASE_TIMEOUT_S if timeout is None else timeout)
+            await super().release(connection, timeout=timeout)
         finally:
             if id(connection) in self._held:  # a second release of one proxy frees nothing twice
                 self._held.discard(id(connection))
@@ -182,8 +195,8 @@ class Deadline:
     Also the one place the duration of a request's database work is measured (``what`` names it).
     """
 
-    __slots__ = ("_cancelling", "_expired", "_held", "_seconds", "_started", "_task", "_token", "_watchdog",
-                 "_what")  # fmt: skip
+    __slots__ = ("_bounded", "_cancelling", "_expired", "_held", "_seconds", "_started", "_task", "_token",
+                 "_watchdog", "_what")  # fmt: skip
 
     def __init__(self, seconds: float, what: str) -> None:
         self._seconds = seconds
@@ -199,6 +212,7 @@ class Deadline:
         self._started = time.perf_counter()
         self._held: list[Any] = []
         self._token = _HELD_CONNECTIONS.set(self._held)
+        self._bounded = _UNDER_DEADLINE.set(True)
         self._watchdog = _Watchdog.of(asyncio.get_running_loop())
         self._watchdog.watch(self, self._seconds)
 
@@ -213,6 +227,7 @@ class Deadline:
     ) -> None:
         self._watchdog.unwatch(self)
         _HELD_CONNECTIONS.reset(self._token)
+        _UNDER_DEADLINE.reset(self._bounded)
         # Our cancellation, and nobody else's since: it (or the termination that preceded it, seen by
         # the work first as a closed connection) is the timeout.
         ours = self._expired and self._task.uncancel() <= self._cancelling
