@@ -529,6 +529,7 @@ def bench_outage(env, dsn, workdir, *, seconds, rounds, rate, backlog, codes_cou
                     f"p99 {report['p99_ms']:.2f} ms, errors {report['errors']}, calls {calls}")  # fmt: skip
 
     figures = []
+    healthy_calls = 0.0
     off = [report for report, _ in runs["off"]]
     for state in outage.STATES:
         reports = [report for report, _ in runs[state]]
@@ -549,8 +550,13 @@ def bench_outage(env, dsn, workdir, *, seconds, rounds, rate, backlog, codes_cou
             totals = [sum(calls.values()) for _, calls in runs[state]]
             results = sorted({result for _, calls in runs[state] for result in calls})
             what = ", ".join(results) or "none"
-            figures.append(Figure(f"  Check Status calls finished in {seconds} s of load ({what})",
-                                  statistics.median(totals), "calls"))  # fmt: skip
+            made = Figure(f"  Check Status calls finished in {seconds} s of load ({what})",
+                          statistics.median(totals), "calls")  # fmt: skip
+            if state == "healthy":
+                healthy_calls = made.value
+            elif healthy_calls:
+                made.baseline, made.ratio = "healthy DOKU's", made.value / healthy_calls
+            figures.append(made)
     return figures
 
 
