@@ -152,7 +152,8 @@ RECONCILE_GAVE_UP = Counter(
 )
 RECONCILE_INVOICES = Gauge(
     "dipc_reconciliation_invoices",
-    "Quoted invoices still pending, and given up on, read from the database.",
+    "Quoted invoices still pending, and given up on, read from the database (exact up to 100,000 each, "
+    "PostgreSQL's estimate past that).",
     ["state"],
     multiprocess_mode="mostrecent",
 )
