@@ -882,8 +882,8 @@ def main() -> None:
     standin = None
     try:
         # dipc reconciles as in production, against a DOKU that answers: every quote the bench leaves
-        # unpaid is checked from 120 s on. (With DOKU's name unresolvable, as api.doku.com is from a
-        # machine without its network, the failing lookups alone doubled the inquiry's open-loop p99.)
+        # unpaid is checked from 120 s on. (api.doku.com does not resolve from a machine without its
+        # network: `--only outage` measures what a DOKU that does not answer costs.)
         standin, env["DIPC_DOKU_API_URL"] = start_doku_standin(env, workdir)
         asyncio.run(migrate.migrate_dsn(dsn))
         log(f"machine: {os.cpu_count()} CPUs; PostgreSQL durable (fsync on); workdir {workdir}")
