@@ -14,6 +14,8 @@ Phases (see bench/README.md for what each baseline means):
   notification  payment notifications          vs  inquiries on the same server in the same run (target 0.4 x)
                                                then exactly once, checked in the database, and a replay
   memory   RSS of the dipc worker with N codes, and under 1,000 slow clients, vs the ceiling server's
+  outage   (only with --only outage) open-loop inquiries while the reconciler has a backlog and DOKU's
+           API is healthy, unresolvable, refusing or hanging   vs  the same with DIPC_RECONCILE=off
 
 It starts its own embedded PostgreSQL (durable: fsync on, as in production) and its own `dipc serve` in a
 temporary directory, and leaves nothing behind. Needs `wrk` (installed with apt-get when run as root).
@@ -42,6 +44,7 @@ from pathlib import Path
 import memory  # bench/memory.py: run.py runs as a script, with bench/ on sys.path
 import notify
 import orjson
+import outage
 
 from server.core.times import utcnow
 from server.doku import auth
@@ -92,7 +95,7 @@ def ensure_wrk() -> str:
     return found
 
 
-# The ports bench/ listens on: a range of its own on a shared machine.
+# The ports bench/ listens on: a range of its own on a shared machine (--ports to take another).
 PORTS = range(18600, 18700)
 _used_ports: set[int] = set()
 
@@ -460,6 +463,103 @@ def _open_loop_figure(name: str, report: dict) -> Figure:
     )  # fmt: skip
 
 
+# The outage phase's reconciliation schedule: every quote is due 1 s after it, and a check that DOKU
+# answers moves its invoice a day on, so the backlog stays due for as long as DOKU does not answer.
+OUTAGE_SCHEDULE = "1,86400"
+OUTAGE_WARM_UP_S = 3  # of load after a start, unmeasured: the pool fills, the reconciler gets going
+
+
+def bench_outage(env, dsn, workdir, *, seconds, rounds, rate, backlog, codes_count) -> list[Figure]:
+    """Inquiry latency while the reconciler meets a DOKU that is down, against DIPC_RECONCILE=off.
+
+    ``backlog`` codes are quoted first (with the reconciler off), so that every state starts with that
+    many invoices due. Then, in each round, one `dipc serve` per DOKU state (bench/outage.py) serves
+    open-loop inquiries of other codes at ``rate`` (half the saturation rate when 0); the states take
+    turns within a round so that each meets the same neighbours. Figures are medians over the rounds,
+    and each ratio is the median of the rounds' ratios against that round's reconciler-off run. The
+    Check Status calls each state made during its load say whether a dead DOKU is hammered.
+    """
+    port = free_port()
+    refused_port, hanging_port = free_port(), free_port()
+    served = env | {"DIPC_RECONCILE_SCHEDULE": OUTAGE_SCHEDULE}
+    codes = [f"{ONE_SHOT_PREFIX}{n:010d}" for n in range(codes_count)]
+    backlog_codes, load_codes = codes[-backlog:], codes[:-backlog]
+    requests, warm_up = workdir / "requests.tsv", workdir / "warm-up.tsv"
+
+    server = start_server(served | {"DIPC_RECONCILE": "off"}, port, 1)
+    try:
+        log(f"outage: quoting {backlog:,} codes: the reconciler's backlog, due 1 s after each quote")
+        presign(requests, backlog_codes, backlog, "/doku/inquiry")
+        quoted = run_open_loop(
+            port, rate=min(backlog, 2000), seconds=max(1, backlog // 2000), requests=requests
+        )
+        if quoted["errors"]:
+            sys.exit(f"bench: quoting the backlog failed: {quoted}")
+        if not rate:
+            presign(requests, load_codes, 100_000, "/doku/inquiry")
+            saturated = run_wrk(f"http://127.0.0.1:{port}", seconds=5, connections=32, threads=2,
+                                script_args=[str(requests), "2", "/doku/inquiry"])[0]  # fmt: skip
+            rate = saturated / 2
+            log(f"outage: one-shot inquiries saturate at {saturated:,.0f}/s: the load is {rate:,.0f}/s")
+    finally:
+        stop_server(server)
+
+    runs: dict[str, list[tuple[dict, dict[str, int]]]] = {state: [] for state in outage.STATES}
+    with outage.closed_port(refused_port) as refused, outage.hanging_server(hanging_port) as hanging:
+        urls = {"off": env["DIPC_DOKU_API_URL"], "healthy": env["DIPC_DOKU_API_URL"],
+                "unresolvable": outage.UNRESOLVABLE_URL, "refused": refused, "hanging": hanging}  # fmt: skip
+        for n in range(rounds):
+            for state in outage.STATES:
+                switch = "off" if state == "off" else "on"
+                presign(warm_up, load_codes, int(rate * OUTAGE_WARM_UP_S) + 10, "/doku/inquiry")
+                presign(requests, load_codes, int(rate * seconds) + 10, "/doku/inquiry")
+                server = start_server(served | {"DIPC_DOKU_API_URL": urls[state], "DIPC_RECONCILE": switch},
+                                      port, 1)  # fmt: skip
+                try:
+                    # A fresh process opens its pool and prepares its statements on the first requests:
+                    # unmeasured, as is the reconciler's first claim of the backlog.
+                    run_open_loop(port, rate=rate, seconds=OUTAGE_WARM_UP_S, requests=warm_up)
+                    before = outage.check_calls(port)
+                    report = run_open_loop(port, rate=rate, seconds=seconds, requests=requests)
+                    calls = outage.calls_between(before, outage.check_calls(port))
+                finally:
+                    stop_server(server)
+                runs[state].append((report, calls))
+                log(f"outage: round {n + 1}, DOKU {state}: p50 {report['p50_ms']:.2f} ms, "
+                    f"p99 {report['p99_ms']:.2f} ms, errors {report['errors']}, calls {calls}")  # fmt: skip
+
+    figures = []
+    healthy_calls = 0.0
+    off = [report for report, _ in runs["off"]]
+    for state in outage.STATES:
+        reports = [report for report, _ in runs[state]]
+        p50 = statistics.median(report["p50_ms"] for report in reports)
+        p99 = statistics.median(report["p99_ms"] for report in reports)
+        name = f"open loop, one-shot codes, DOKU {state}" + (" (reconciler off)" if state == "off" else "")
+        figure = Figure(name, statistics.median(r["achieved_rate"] for r in reports), "req/s", p50, p99,
+                        sum(report["errors"] for report in reports))  # fmt: skip
+        if state != "off":
+            figure.baseline = "off p99"
+            figure.ratio = statistics.median(
+                r["p99_ms"] / o["p99_ms"] for r, o in zip(reports, off, strict=True)
+            )
+        figures.append(figure)
+        if state != "off":
+            ratio = statistics.median(r["p50_ms"] / o["p50_ms"] for r, o in zip(reports, off, strict=True))
+            figures.append(Figure("  same, p50", p50, "ms", p50, baseline="off p50", ratio=ratio))
+            totals = [sum(calls.values()) for _, calls in runs[state]]
+            results = sorted({result for _, calls in runs[state] for result in calls})
+            what = ", ".join(results) or "none"
+            made = Figure(f"  Check Status calls finished in {seconds} s of load ({what})",
+                          statistics.median(totals), "calls")  # fmt: skip
+            if state == "healthy":
+                healthy_calls = made.value
+            elif healthy_calls:
+                made.baseline, made.ratio = "healthy DOKU's", made.value / healthy_calls
+            figures.append(made)
+    return figures
+
+
 # Inquiries pre-signed per second of a load round in the notification phase: more than wrk can send, so
 # each one-shot code is quoted once (dipc answered 4,000-5,000/s on the bench machine).
 INQUIRIES_PER_SECOND = 8_000
@@ -743,17 +843,27 @@ def render(figures: list[Figure]) -> str:
 
 
 def main() -> None:
+    global PORTS
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["import", "inquiry", "notification", "feed", "memory"])
+    parser.add_argument("--only", choices=["import", "inquiry", "notification", "feed", "memory", "outage"])
     parser.add_argument("--feed-samples", type=int, default=200)
     parser.add_argument("--rows", type=int, default=100_000, help="codes to import (default 100,000)")
     parser.add_argument("--seconds", type=int, default=10, help="length of each load phase")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="inquiry/notification rounds in turn")
     parser.add_argument("--workers", type=int, default=1, help="DIPC_WORKERS for the inquiry phase")
+    parser.add_argument(
+        "--ports", default=f"{PORTS.start}-{PORTS.stop - 1}", help="ports to listen on: FIRST-LAST"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=0, help="outage: inquiries/s (default: half of saturation)"
+    )
+    parser.add_argument("--backlog", type=int, default=20_000, help="outage: invoices due at every start")
     args = parser.parse_args()
+    first, _, last = args.ports.partition("-")
+    PORTS = range(int(first), int(last) + 1)
 
     workdir = Path(tempfile.mkdtemp(prefix="dipc-bench-"))
     pg = EmbeddedPostgres(workdir / "data", durable=True)
@@ -772,8 +882,8 @@ def main() -> None:
     standin = None
     try:
         # dipc reconciles as in production, against a DOKU that answers: every quote the bench leaves
-        # unpaid is checked from 120 s on. (With DOKU's name unresolvable, as api.doku.com is from a
-        # machine without its network, the failing lookups alone doubled the inquiry's open-loop p99.)
+        # unpaid is checked from 120 s on. (api.doku.com does not resolve from a machine without its
+        # network: `--only outage` measures what a DOKU that does not answer costs.)
         standin, env["DIPC_DOKU_API_URL"] = start_doku_standin(env, workdir)
         asyncio.run(migrate.migrate_dsn(dsn))
         log(f"machine: {os.cpu_count()} CPUs; PostgreSQL durable (fsync on); workdir {workdir}")
@@ -794,6 +904,9 @@ def main() -> None:
                                           connections=args.connections, workers=args.workers)  # fmt: skip
         if args.only in (None, "memory"):
             figures += bench_memory(env, dsn, workdir, codes_count=rows, seconds=args.seconds)
+        if args.only == "outage":  # not part of a full run: it is a question about one failure
+            figures += bench_outage(env, dsn, workdir, seconds=args.seconds, rounds=args.rounds,
+                                    rate=args.rate, backlog=args.backlog, codes_count=rows)  # fmt: skip
     finally:
         if standin is not None:
             stop_server(standin)

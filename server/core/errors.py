@@ -172,7 +172,8 @@ class Unavailable(DipcError):
 
 
 class DokuBackoff(DipcError):
-    """DOKU answered 429 or 5xx lately: every reconciler holds back its Check Status calls for a while."""
+    """DOKU answered 429 or 5xx, or did not answer, lately: every reconciler holds back its Check Status
+    calls for a while."""
 
     code = "DOKU_BACKOFF"
     http_status = 503

@@ -73,23 +73,34 @@ class Outcome:
 
     state: str
     next_check_at: datetime | None
-    counted: bool  # an attempt at the invoice (a throttled call is not one)
+    counted: bool  # an attempt at the invoice (a throttled or unanswered call is not one)
 
 
 def after_check(
     invoice: QuotedInvoice, answer: CheckAnswer, schedule: Sequence[float], now: datetime, retry_s: float
 ) -> Outcome:
-    """The row after a check. A paid answer was recorded as a payment, which closed the row already."""
+    """The row after a check. A paid answer was recorded as a payment, which closed the row already.
+
+    A call DOKU throttled (429) or never answered (DOKU unreachable, or no reply in time) is not an
+    attempt at the invoice: it keeps its place on the schedule and its due check is asked again after
+    ``retry_s``. Otherwise a DOKU outage would use up the schedule of every invoice due during it, and
+    give them up without DOKU ever having been asked.
+    """
     result = answer.result
     if result is CheckResult.PAID:
         return Outcome("paid", None, True)
     if result is CheckResult.EXPIRED:
         return Outcome("expired", None, True)
+    counted = not (result is CheckResult.RATE_LIMITED or result.unanswered)
     if invoice.state != "pending":
         # A check by hand of an invoice already given up on (or expired) that found nothing final.
-        return Outcome(invoice.state, None, True)
-    if result is CheckResult.RATE_LIMITED:
-        return Outcome("pending", now + timedelta(seconds=retry_s), False)
+        return Outcome(invoice.state, None, counted)
+    if not counted:
+        retry_at = now + timedelta(seconds=retry_s)
+        # A check by hand of an invoice not due yet leaves its next scheduled check where it was.
+        if invoice.next_check_at is not None and invoice.next_check_at > retry_at:
+            retry_at = invoice.next_check_at
+        return Outcome("pending", retry_at, False)
     following = next_check(invoice.first_quoted_at, schedule, now)
     return Outcome("pending", following, True) if following else Outcome("gave_up", None, True)
 

@@ -52,6 +52,15 @@ class CheckResult(StrEnum):
         """DOKU is overloaded or failing: every reconciler slows down."""
         return self in (CheckResult.RATE_LIMITED, CheckResult.SERVER_ERROR)
 
+    @property
+    def unanswered(self) -> bool:
+        """No answer came at all (DNS, refused, reset, TLS, or no reply within the timeout).
+
+        Such a call tells nothing about the invoice, only that DOKU is not there: it is not an attempt
+        at the invoice, and every reconciler stops calling for a while.
+        """
+        return self in (CheckResult.UNREACHABLE, CheckResult.TIMEOUT)
+
 
 _STATUS_RESULTS = {
     conventions.CHECK_PAID: CheckResult.PAID,

@@ -152,7 +152,8 @@ RECONCILE_GAVE_UP = Counter(
 )
 RECONCILE_INVOICES = Gauge(
     "dipc_reconciliation_invoices",
-    "Quoted invoices still pending, and given up on, read from the database.",
+    "Quoted invoices still pending, and given up on, read from the database (exact up to 100,000 each, "
+    "PostgreSQL's estimate past that).",
     ["state"],
     multiprocess_mode="mostrecent",
 )
@@ -160,6 +161,12 @@ RECONCILE_LAG = Gauge(
     "dipc_reconciliation_lag_seconds",
     "How late the most overdue scheduled Check Status is (0 when none is): nobody is reconciling.",
     multiprocess_mode="mostrecent",
+)
+RECONCILE_DOKU_UNREACHABLE = Gauge(
+    "dipc_reconciliation_doku_unreachable",
+    "1 while this process's reconciler gets no answer from DOKU's API (DNS, refused, timeout) and holds "
+    "its Check Status calls back; 0 once DOKU answers again.",
+    multiprocess_mode="livemax",
 )
 WORKER_RESTARTS = Counter(
     "dipc_worker_restarts_total",
@@ -347,7 +354,7 @@ def exported_names() -> set[str]:
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
         EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST_OPEN, EXCEPTION_RESOLUTIONS, FEED_WAITERS, BUILD_INFO,
         RECONCILE_CHECKS, RECONCILE_RECOVERED, RECONCILE_GAVE_UP, RECONCILE_INVOICES, RECONCILE_LAG,
-        WORKER_RESTARTS, EMBEDDED_RESTARTS,
+        RECONCILE_DOKU_UNREACHABLE, WORKER_RESTARTS, EMBEDDED_RESTARTS,
     ):  # fmt: skip
         for family in metric.describe():
             if family.type == "counter":

@@ -4,13 +4,17 @@ It claims due invoices (``FOR UPDATE SKIP LOCKED`` and a lease, like the webhook
 Check Status about each without holding a transaction, and records the answer through the core. The
 calls of all processes together stay within ``DIPC_RECONCILE_RPS`` (a budget shared in PostgreSQL), at
 most ``DIPC_RECONCILE_CONCURRENCY`` at once per process, and all of them slow down when DOKU answers
-429 or 5xx. A process that dies mid-check forgets nothing: its lease runs out and another takes over.
+429 or 5xx, or does not answer at all (its name does not resolve, it refuses connections, it hangs): a
+dead DOKU gets one call per pause, not one per due invoice, and the invoices keep their place on the
+schedule until it answers. A process that dies mid-check forgets nothing: its lease runs out and
+another takes over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from typing import Any
 
 import asyncpg
@@ -21,7 +25,7 @@ from server.core import reconciliation
 from server.core.errors import BeingChecked, DokuBackoff, NotFound
 from server.core.reconciliation import CheckReport, invoice_document
 from server.core.times import utcnow
-from server.doku.checkstatus import CheckStatusClient
+from server.doku.checkstatus import CheckAnswer, CheckStatusClient
 from server.ops import metrics
 from server.ops.masking import mask_code
 from server.store import reconciliation as store
@@ -46,7 +50,11 @@ def lease_s(settings: Settings) -> float:
 
 
 def observe(report: CheckReport, previous_state: str) -> None:
-    """Count and log one check, wherever it ran (the reconciler, or a check by hand)."""
+    """Count and log one check, wherever it ran (the reconciler, or a check by hand).
+
+    A call DOKU never answered is counted but logged at debug only: through an outage the reconciler
+    logs DOKU going away and coming back (:class:`DokuReachability`), not every invoice it could not ask.
+    """
     answer, invoice = report.answer, report.invoice
     metrics.RECONCILE_CHECKS.labels(answer.result.value).inc()
     if report.recovered:
@@ -73,8 +81,47 @@ def observe(report: CheckReport, previous_state: str) -> None:
         log.warning("reconcile.recovered", **fields)  # DOKU's notification for it never came
     elif invoice.state == "gave_up" and previous_state == "pending":
         log.warning("reconcile.gave_up", **fields)
+    elif answer.result.unanswered:
+        log.debug("reconcile.unanswered", **fields)
     else:
         log.info("reconcile.checked", **fields)
+
+
+class DokuReachability:
+    """Whether DOKU's API answers this process's calls: one log line and a gauge per change, not per call.
+
+    DOKU is *unreachable* from the first call that got no answer (DNS, refused, reset, TLS, timeout)
+    until the next call that got any HTTP answer.
+    """
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # loop time of the first unanswered call; None while reachable
+        self.unanswered = 0  # calls without an answer since then
+        metrics.RECONCILE_DOKU_UNREACHABLE.set(0)
+
+    @property
+    def reachable(self) -> bool:
+        return self.since is None
+
+    def no_answer(self, result: str, detail: str, now: float, *, retry_s: float) -> None:
+        self.unanswered += 1
+        if self.since is None:
+            self.since = now
+            metrics.RECONCILE_DOKU_UNREACHABLE.set(1)
+            log.warning(
+                "reconcile.doku_unreachable", result=result, detail=detail, retry_in_s=retry_s,
+            )  # fmt: skip
+
+    def answered(self, now: float) -> None:
+        if self.since is None:
+            return
+        log.info(
+            "reconcile.doku_reachable",
+            unreachable_s=round(now - self.since, 1),
+            unanswered_calls=self.unanswered,
+        )
+        self.since, self.unanswered = None, 0
+        metrics.RECONCILE_DOKU_UNREACHABLE.set(0)
 
 
 class Reconciler:
@@ -88,7 +135,14 @@ class Reconciler:
         self._held: dict[asyncio.Task[None], list[Any]] = {}  # per check: the connections it holds
         self._step_held: list[Any] = []  # the loop's current step: the connections it holds
         self._run_task: asyncio.Task[Any] | None = None
-        self._failures = 0  # consecutive 429/5xx answers: how long everyone backs off
+        # Consecutive rounds of 429/5xx or unanswered calls: how long everyone backs off. A round is the
+        # calls started before the pause that their first failure began: the others in flight then fail
+        # for the same reason, and do not lengthen the pause again.
+        self._failures = 0
+        self._paused_at = -math.inf  # loop time the current pause began
+        self._paused_until = -math.inf  # ...and ends: this process claims nothing before (the shared
+        # budget holds back the others, and this one if the pause could not be written to it)
+        self.doku = DokuReachability()
 
     async def run(self) -> None:
         log.info(
@@ -116,6 +170,15 @@ class Reconciler:
         free = self.settings.reconcile_concurrency - len(self._checks)
         if free <= 0:
             return 0.05
+        paused = self._paused_until - asyncio.get_running_loop().time()
+        if paused > 0:
+            return paused
+        if not self.doku.reachable:
+            # DOKU gave no answer lately: one call at a time finds out whether it is back (a hanging
+            # DOKU would otherwise hold a whole concurrency's worth of calls per pause).
+            free = 1 - len(self._checks)
+            if free <= 0:
+                return 0.05
         due = await store.next_due(self.pool)
         now = utcnow()
         if due is None or due > now:
@@ -161,6 +224,8 @@ class Reconciler:
         return min(BACKOFF_BASE_S * 2**self._failures, BACKOFF_CAP_S)
 
     async def _check(self, claimed: Claimed) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             report = await check_claimed(self.pool, self.api, self.settings, claimed, retry_s=self.retry_s())
         except asyncio.CancelledError:
@@ -176,14 +241,35 @@ class Reconciler:
         except Exception:
             log.exception("reconcile.check_failed", invoice_number=claimed.invoice.invoice_number)
             return
-        if report.answer.result.backs_off:
-            self._failures += 1
-            pause = self.retry_s()
-            log.warning("reconcile.backing_off", result=report.answer.result.value, seconds=pause)
+        pause = self._after_call(report.answer, started)
+        if pause:  # every process holds back: the shared budget is emptied for the pause
             with contextlib.suppress(*UNAVAILABLE_ERRORS):
                 await store.slow_down(self.pool, rps=self.settings.reconcile_rps, seconds=pause)
-        elif report.answer.http_status is not None:
-            self._failures = 0
+
+    def _after_call(self, answer: CheckAnswer, started: float) -> float:
+        """What a call says about DOKU: back off as a whole on 429, 5xx or no answer; resume on answers.
+
+        Returns the pause that began with this call (0 when none did). Synchronous, so that no other
+        check or step sees the state between the answer and the pause.
+        """
+        now = asyncio.get_running_loop().time()
+        result = answer.result
+        if answer.http_status is not None:
+            self.doku.answered(now)
+        if not (result.backs_off or result.unanswered):
+            if answer.http_status is not None:
+                self._failures = 0
+            return 0.0
+        pause = 0.0
+        if started >= self._paused_at:  # the first failure of a round: pause (longer each round)
+            self._failures += 1
+            pause = self.retry_s()
+            self._paused_at, self._paused_until = now, now + pause
+            if result.backs_off:
+                log.warning("reconcile.backing_off", result=result.value, seconds=pause)
+        if result.unanswered:  # logged once per outage, not per call
+            self.doku.no_answer(result.value, answer.detail, now, retry_s=self._paused_until - now)
+        return pause
 
 
 async def check_claimed(
@@ -206,8 +292,9 @@ async def check_claimed(
 async def _take_budget(pool: asyncpg.Pool, rps: float, *, wait_s: float) -> None:
     """Wait up to ``wait_s`` for one call's worth of the rate budget all reconcilers share.
 
-    The budget is spent for long only when DOKU answered 429 or 5xx (every reconciler backs off, up to
-    5 minutes): a check by hand then says so, rather than wait out the backoff and its caller's deadline.
+    The budget is spent for long only when DOKU answered 429 or 5xx or did not answer (every reconciler
+    backs off, up to 5 minutes): a check by hand then says so, rather than wait out the backoff and its
+    caller's deadline.
     """
     waited_until = asyncio.get_running_loop().time() + wait_s
     while True:
@@ -217,8 +304,8 @@ async def _take_budget(pool: asyncpg.Pool, rps: float, *, wait_s: float) -> None
         pause = max(1.0 / rps, 0.05)
         if asyncio.get_running_loop().time() + pause > waited_until:
             raise DokuBackoff(
-                "DOKU answered 429 or 5xx lately, so every dipc process holds back its Check Status calls "
-                "for a while (up to 5 minutes); ask again later"
+                "DOKU answered 429 or 5xx, or did not answer, lately, so every dipc process holds back its "
+                "Check Status calls for a while (up to 5 minutes); ask again later"
             )
         await asyncio.sleep(pause)
 

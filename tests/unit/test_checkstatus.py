@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -167,7 +168,11 @@ def test_the_next_check_is_the_next_slot_of_the_schedule_after_now():
 
 @pytest.mark.parametrize(
     "result",
-    [r for r in CheckResult if r not in (CheckResult.PAID, CheckResult.EXPIRED, CheckResult.RATE_LIMITED)],
+    [
+        r
+        for r in CheckResult
+        if r not in (CheckResult.PAID, CheckResult.EXPIRED, CheckResult.RATE_LIMITED) and not r.unanswered
+    ],
 )
 def test_an_unknown_or_pending_answer_never_closes_an_invoice_before_the_schedule_ends(result):
     now = QUOTED + timedelta(minutes=3)
@@ -202,6 +207,31 @@ def test_a_throttled_call_is_not_an_attempt_and_comes_back_after_the_backoff():
         now + timedelta(seconds=8),
         False,
     )
+
+
+@pytest.mark.parametrize("result", [CheckResult.RATE_LIMITED, CheckResult.UNREACHABLE, CheckResult.TIMEOUT])
+def test_a_call_without_an_answer_is_not_an_attempt_even_after_the_schedule_ended(result):
+    """DOKU down through the last slot: the invoice waits for an answer, it is not given up on for it."""
+    now = QUOTED + timedelta(days=4)
+    outcome = after_check(quoted(), answer(result), DEFAULT_RECONCILE_SCHEDULE, now, retry_s=8)
+    assert (outcome.state, outcome.next_check_at, outcome.counted) == (
+        "pending",
+        now + timedelta(seconds=8),
+        False,
+    )
+
+
+def test_a_check_by_hand_without_an_answer_leaves_a_later_scheduled_check_where_it_was():
+    now = QUOTED + timedelta(minutes=3)
+    scheduled = replace(quoted(), next_check_at=QUOTED + timedelta(minutes=15))
+    outcome = after_check(scheduled, answer(CheckResult.UNREACHABLE), DEFAULT_RECONCILE_SCHEDULE, now, 2)
+    assert (outcome.state, outcome.next_check_at, outcome.counted) == (
+        "pending",
+        QUOTED + timedelta(minutes=15),
+        False,
+    )
+    given_up = after_check(quoted("gave_up"), answer(CheckResult.TIMEOUT), DEFAULT_RECONCILE_SCHEDULE, now, 2)
+    assert (given_up.state, given_up.counted) == ("gave_up", False)
 
 
 def test_a_check_by_hand_of_a_given_up_invoice_keeps_it_given_up_unless_final():

@@ -1,0 +1,141 @@
+"""DOKU's API down (spec §8: "polite client", "never read an unknown as unpaid"): the reconciler meets a
+DOKU whose name does not resolve, that refuses connections, or that never answers.
+
+A call that got no answer says nothing about the invoice: the invoice keeps its place on the schedule
+(no attempt counted, never given up for it) and is asked again later. And it says that DOKU is not
+there: the reconciler stops calling as a whole (not once per due invoice), tells ops once, and resumes
+by itself when DOKU answers again. The dead DOKUs here are real sockets on loopback; DOKU back is the
+stand-in on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from server.app import make_app
+from server.doku.client import DokuSimulator
+from server.doku.standin import DokuStandIn
+from tests.conftest import CLIENT, CLIENT_ID, make_settings
+from tests.integration.test_reconciliation import REUSABLE, eventually, register, samples
+
+INVOICES = 8  # more than one process checks at once (DIPC_RECONCILE_CONCURRENCY, 4)
+SCHEDULE = (1.0, 2.0, 3.0)
+UNREACHABLE = 'dipc_reconciliation_checks_total{result="unreachable"}'
+TIMEOUT = 'dipc_reconciliation_checks_total{result="timeout"}'
+DOWN = "dipc_reconciliation_doku_unreachable"
+
+
+@contextmanager
+def dead_doku(kind: str) -> Iterator[str]:
+    """A DOKU API URL that gets no answer: ``refused`` (bound, not listening), ``unresolvable`` (.invalid
+    never resolves), ``hanging`` (listening, never accepting: the request is sent, no answer comes)."""
+    if kind == "unresolvable":
+        yield "https://doku.invalid"
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        if kind == "hanging":
+            sock.listen(64)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def outage_settings(url: str, **overrides):
+    values = {
+        "doku_api_url": url,
+        "reconcile_schedule": SCHEDULE,
+        "reconcile_rps": 50.0,  # the rate limit is not what holds the calls back here
+        "doku_api_timeout_s": 0.5,
+    }
+    return make_settings(**(values | overrides))
+
+
+async def quote_invoices(dipc, admin_headers) -> list[str]:
+    """``INVOICES`` invoices of one reusable code, each quoted once: all due 1 s from now."""
+    await register(
+        dipc, admin_headers, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
+    )
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    return [(await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"] for _ in range(INVOICES)]
+
+
+async def invoices(pool) -> list:
+    return await pool.fetch("SELECT * FROM reconciliation ORDER BY invoice_number")
+
+
+def unanswered(found: dict[str, float]) -> float:
+    return found[UNREACHABLE] + found[TIMEOUT]
+
+
+@pytest.mark.parametrize("kind", ["refused", "unresolvable", "hanging"])
+async def test_while_doku_cannot_be_reached_no_invoice_loses_a_check_and_doku_is_not_hammered(
+    aiohttp_client, pool, database_url, admin_headers, captured_log, kind
+):
+    with dead_doku(kind) as url:
+        settings = outage_settings(url)
+        dipc = await aiohttp_client(make_app(settings, database_url))
+        before = await samples(dipc)
+        await quote_invoices(dipc, admin_headers)
+
+        async def doku_found_down():
+            found = await samples(dipc)
+            return found if unanswered(found) > unanswered(before) and found[DOWN] == 1 else None
+
+        await eventually(doku_found_down)
+        await asyncio.sleep(SCHEDULE[-1])  # the whole schedule passes while DOKU stays down
+        after = await samples(dipc)
+
+    rows = await invoices(pool)
+    assert len(rows) == INVOICES
+    for row in rows:  # nobody answered: no attempt, nothing given up, still waiting to be asked
+        assert (row["state"], row["attempts"], row["next_check_at"] is not None) == ("pending", 0, True)
+        assert row["last_result"] in (None, "unreachable", "timeout")
+    assert after["dipc_reconciliation_gave_up_total"] == before["dipc_reconciliation_gave_up_total"]
+    # Not one call per due invoice and slot (up to 24 here): the first calls in flight, then one call
+    # at a time after each pause, for the whole process.
+    calls = unanswered(after) - unanswered(before)
+    assert 1 <= calls <= settings.reconcile_concurrency + 2, calls
+    assert after[DOWN] == 1
+    # One line when DOKU went away, not one per invoice.
+    assert len(captured_log.events("reconcile.doku_unreachable")) == 1
+    assert captured_log.events("reconcile.checked") == []
+
+
+async def test_when_doku_answers_again_every_waiting_invoice_is_checked_on_its_own(
+    aiohttp_client, aiohttp_server, pool, database_url, admin_headers, captured_log
+):
+    with dead_doku("refused") as url:
+        dipc = await aiohttp_client(make_app(outage_settings(url), database_url))
+        quoted = await quote_invoices(dipc, admin_headers)
+
+        async def doku_found_down():
+            return (await samples(dipc))[DOWN] == 1
+
+        await eventually(doku_found_down)
+    # DOKU is back, on the same address; meanwhile the first invoice was paid at the counter.
+    doku = DokuStandIn({CLIENT_ID: CLIENT})
+    await aiohttp_server(doku.app(), port=int(url.rsplit(":", 1)[1]))
+    doku.pay(REUSABLE, quoted[0], 50000, agent_trx_id="1")
+
+    async def all_answered():
+        rows = await invoices(pool)
+        return rows if all(row["last_result"] in ("paid", "pending") for row in rows) else None
+
+    rows = await eventually(all_answered, seconds=30)
+    by_invoice = {row["invoice_number"]: row for row in rows}
+    assert by_invoice[quoted[0]]["state"] == "paid"
+    for invoice in quoted[1:]:
+        # One answered check each, the first that counts. When DOKU came back after the schedule's last
+        # slot, that one answer is what the invoice is given up on: never on the unanswered calls.
+        row = by_invoice[invoice]
+        assert (row["attempts"], row["last_result"]) == (1, "pending")
+        assert row["state"] in ("pending", "gave_up")
+    assert (await samples(dipc))[DOWN] == 0
+    assert len(captured_log.events("reconcile.doku_unreachable")) == 1
+    [back] = captured_log.events("reconcile.doku_reachable")
+    assert back["unanswered_calls"] >= 1
+    assert doku.problems == []
