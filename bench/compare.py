@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/compare.py --before HEAD~1            # the working tree against HEAD~1
     .venv/bin/python bench/compare.py --before HEAD~1 --rounds 5 --seconds 8 --kind reusable
+    .venv/bin/python bench/compare.py --before HEAD~1 --rounds 5 --seconds 8 --kind notification
 
 How each speed-up's commit message measures its effect: one embedded PostgreSQL, one set of codes, the
 ceiling (bench/ceiling.py), ``before`` (a ``git worktree`` of that revision) and the working tree served
@@ -10,6 +11,13 @@ neighbour costs all three alike. Prints each round and the medians, as ratios to
 server's CPU time per request (its own user + system time over the requests it answered), and
 PostgreSQL's (every process of the cluster, over the same requests): on a shared machine those figures
 move far less with the neighbours than throughput does.
+
+``--kind notification`` compares first-time payment notifications instead, without the ceiling: each round,
+on ``before`` then ``after`` (then the other way round), inquiries quote bills of fresh one-shot codes as in
+bench/run.py's notification phase, then notifications pay them. It prints each server's notification rate,
+its ratio to the inquiry rate of the same round (issue 10's figure), the server's CPU time per notification
+and PostgreSQL's (every backend of the cluster, over the notification run: only one server is loaded at a
+time).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import notify  # bench/notify.py
 import run  # bench/run.py: compare.py runs as a script, with bench/ on sys.path
 
 from server.embedded import EmbeddedPostgres
@@ -39,7 +48,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--codes", type=int, default=100_000)
-    parser.add_argument("--kind", choices=["one-shot", "reusable"], default="one-shot")
+    parser.add_argument("--kind", choices=["one-shot", "reusable", "notification"], default="one-shot")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="dipc-bench-compare-"))
@@ -54,6 +63,9 @@ def main() -> None:
     servers = []
     try:
         asyncio.run(migrate.migrate_dsn(dsn))
+        if args.kind == "notification":
+            compare_notifications(args, env, dsn, pg, before_tree, workdir, servers)
+            return
         reusable = args.kind == "reusable"
         prefix = run.REUSABLE_PREFIX if reusable else run.ONE_SHOT_PREFIX
         count = 1000 if reusable else args.codes
@@ -71,17 +83,18 @@ def main() -> None:
         rates: dict[str, list[float]] = {name: [] for name in ports}
         cpu_us: dict[str, list[float]] = {name: [] for name in ports}
         db_us: dict[str, list[float]] = {name: [] for name in ports}
+        postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
         requests = workdir / "requests.tsv"
         for round_ in range(args.rounds):
             for name, port in ports.items():
                 run.presign(requests, codes, 12_000 * args.seconds, "/doku/inquiry")
-                cpu_before, db_before = cpu_seconds(pids[name]), cluster_cpu_seconds(pg)
+                cpu_before, db_before = cpu_seconds(pids[name]), cluster_cpu_seconds(postmaster)
                 rps, p50, p99, errors = run.run_wrk(
                     f"http://127.0.0.1:{port}", seconds=args.seconds, connections=args.connections, threads=2,
                     script_args=[str(requests), "2", "/doku/inquiry"],
                 )  # fmt: skip
                 per_request = (cpu_seconds(pids[name]) - cpu_before) / (rps * args.seconds) * 1e6
-                db_per_request = (cluster_cpu_seconds(pg) - db_before) / (rps * args.seconds) * 1e6
+                db_per_request = (cluster_cpu_seconds(postmaster) - db_before) / (rps * args.seconds) * 1e6
                 rates[name].append(rps)
                 cpu_us[name].append(per_request)
                 db_us[name].append(db_per_request)
@@ -109,25 +122,77 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+# One-shot codes the notification comparison quotes and pays, one prefix per server (BIN 88965).
+NOTIFY_PREFIXES = {"before": "889657", "after": "889656"}
+
+
+def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> None:
+    inquiries = run.INQUIRIES_PER_SECOND * args.seconds  # per round, as bench/run.py
+    for name, prefix in NOTIFY_PREFIXES.items():
+        csv = workdir / f"{name}.csv"
+        run.write_codes_csv(csv, inquiries * args.rounds, prefix, False)
+        subprocess.run([run.DIPC, "codes", "import", str(csv)], env=env, check=True, capture_output=True)
+    ports = {"before": run.free_port(), "after": run.free_port()}
+    servers.append(run.start_server(env | {"PYTHONPATH": str(before_tree)}, ports["before"], 1))
+    servers.append(run.start_server(env, ports["after"], 1))
+    pids = dict(zip(ports, (server.pid for server in servers), strict=True))
+    postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+    rates, ratios, cpu_us, pg_us = ({name: [] for name in ports} for _ in range(4))
+    requests, answers = workdir / "requests.tsv", workdir / "answers.tsv"
+    for round_ in range(args.rounds):
+        order = list(ports) if round_ % 2 == 0 else list(reversed(ports))
+        for name in order:
+            base, prefix = f"http://127.0.0.1:{ports[name]}", NOTIFY_PREFIXES[name]
+            codes = [f"{prefix}{n:010d}" for n in range(round_ * inquiries, (round_ + 1) * inquiries)]
+            run.presign(requests, codes, inquiries, "/doku/inquiry")
+            inquired = run.run_wrk(base, seconds=args.seconds, connections=args.connections, threads=2,
+                                   script_args=[str(requests), "2", "/doku/inquiry"])[0]  # fmt: skip
+            notify.ledger(dsn, prefix)  # the last run's stragglers are recorded: not quoted again
+            notify.write_requests(requests, notify.presign(run.CLIENT, notify.quoted_bills(dsn, prefix)))
+            cpu_before, pg_before = cpu_seconds(pids[name]), cluster_cpu_seconds(postmaster)
+            rps, p50, p99, errors = run.run_wrk(
+                base, seconds=args.seconds, connections=args.connections, threads=2,
+                script_args=[str(requests), "2", notify.TARGET, str(answers)],
+            )  # fmt: skip
+            served = rps * args.seconds
+            cpu_us[name].append((cpu_seconds(pids[name]) - cpu_before) / served * 1e6)
+            pg_us[name].append((cluster_cpu_seconds(postmaster) - pg_before) / served * 1e6)
+            rates[name].append(rps)
+            ratios[name].append(rps / inquired)
+            print(f"round {round_ + 1} {name:6} {inquired:7,.0f} inquiries/s {rps:7,.0f} notifications/s"
+                  f" ({rps / inquired:.2f} x)  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  errors {errors}"
+                  f"  cpu {cpu_us[name][-1]:4.0f} us, postgres {pg_us[name][-1]:4.0f} us per notification",
+                  flush=True)  # fmt: skip
+    print(f"\nfirst-time notifications, one-shot codes, medians of {args.rounds} rounds of {args.seconds} s:")
+    for name in ports:
+        print(f"  {name:6} {statistics.median(rates[name]):7,.0f} notifications/s"
+              f"  {statistics.median(ratios[name]):.2f} x inquiry"
+              f"  server cpu {statistics.median(cpu_us[name]):4.0f} us"
+              f"  postgres cpu {statistics.median(pg_us[name]):4.0f} us per notification")  # fmt: skip
+    for what, values in (("rate", rates), ("ratio to inquiry", ratios), ("server cpu", cpu_us),
+                         ("postgres cpu", pg_us)):  # fmt: skip
+        change = statistics.median(values["after"]) / statistics.median(values["before"])
+        print(f"  {what}, after / before: {change:.3f}")
+
+
+def cluster_cpu_seconds(postmaster: int) -> float:
+    """User + system CPU time of the postmaster and every process it started (backends, WAL writer...)."""
+    total = cpu_seconds(postmaster)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == postmaster:
+                    total += cpu_seconds(int(entry.name))
+            except (OSError, ValueError):
+                continue  # ended meanwhile
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cluster_cpu_seconds(pg: EmbeddedPostgres) -> float:
-    """CPU time of the PostgreSQL cluster so far: its postmaster and every process it started, live
-    ones only (the bench's connections stay open, so each backend is counted while it serves)."""
-    postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
-    total = cpu_seconds(postmaster)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone since the listing
-            continue
-        if int(fields[1]) == postmaster:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 if __name__ == "__main__":

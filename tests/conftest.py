@@ -10,6 +10,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -199,6 +200,21 @@ async def table_locked(pool: asyncpg.Pool, table: str = "payment_codes") -> Asyn
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
         yield
+
+
+async def waiting_for_a_lock(pool: asyncpg.Pool, query_part: str) -> None:
+    """Until a backend running ``query_part`` waits for a lock (a real wait, seen by PostgreSQL)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        waiting = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
+            query_part,
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no backend running {query_part} waited for a lock")
 
 
 def clean_env() -> dict[str, str]:

@@ -26,7 +26,6 @@ from server.core.payments import (
     decide_payment,
 )
 from server.doku import conventions
-from server.store import codes as code_store
 from server.store import inbox, outbox
 from server.store import payments as payment_store
 
@@ -96,7 +95,14 @@ async def _in_transaction(
     pool: asyncpg.Pool, raw: RawNotification, notice: PaymentNotice, now: datetime
 ) -> NotificationResult:
     async with pool.acquire() as conn, conn.transaction():
-        code = await code_store.get(conn, notice.payment_code, for_update=True)
+        code, history = await payment_store.lock_and_read(
+            conn,
+            notice.payment_code,
+            notice.invoice_number,
+            notice.transaction_ref,
+            notice.amount,
+            unnamed_ref=conventions.check_status_reference(notice.invoice_number),
+        )
 
         def raw_values(outcome: NotificationOutcome) -> tuple:
             return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
@@ -108,14 +114,6 @@ async def _in_transaction(
             return NotificationResult(
                 await store_raw(NotificationOutcome.IGNORED), NotificationOutcome.IGNORED
             )
-        history = await payment_store.history(
-            conn,
-            notice.payment_code,
-            notice.invoice_number,
-            notice.transaction_ref,
-            notice.amount,
-            unnamed_ref=conventions.check_status_reference(notice.invoice_number),
-        )
         if history.repeat:
             return NotificationResult(await store_raw(NotificationOutcome.REPEAT), NotificationOutcome.REPEAT)
 

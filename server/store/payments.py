@@ -55,7 +55,13 @@ async def list_page(
     return [payment_from_row(row) for row in rows]
 
 
-async def history(
+_LOCK_AND_READ = f"""
+SELECT {code_store.prefixed_columns("(context.code)", "code_")}, repeat, invoice_paid, quoted_amounts
+  FROM dipc_payment_context($1, $2, $3, $4, $5) AS context
+"""  # noqa: S608 - constants
+
+
+async def lock_and_read(
     conn: asyncpg.Connection,
     payment_code: str,
     invoice_number: str,
@@ -63,35 +69,26 @@ async def history(
     amount: int,
     *,
     unnamed_ref: str,
-) -> PaymentHistory:
-    """What is recorded for this code and invoice. Run it after taking the code's row lock, in a
-    statement of its own, so its snapshot includes whatever the lock holder before us committed.
+) -> tuple[PaymentCode | None, PaymentHistory]:
+    """Lock the code's row, then read what is recorded for its invoice: in one round trip, inside the
+    caller's transaction, which holds the lock until it ends.
 
-    A repeat is the same transaction reference; and, where one side is a Check Status answer that named
-    no transaction (``unnamed_ref``, ``check-status:<invoice>``), the same amount for the same invoice:
-    such an answer and DOKU's notification of that payment cannot be told apart by reference, and one
-    payment must not become a conflict that tells finance to refund it (spec §8 rule 3).
+    The function ``dipc_payment_context`` (schemas/migrations/0006_payment_context.sql) reads the history
+    in a statement of its own after the lock is held, so it sees whatever the lock holder before us
+    committed. The code is None when it is not registered (no row to lock). A repeat is the same
+    transaction reference, or the same amount where one side is a Check Status answer that named no
+    transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule 3).
     """
     row = await conn.fetchrow(
-        """
-        SELECT EXISTS (SELECT 1 FROM payments
-                        WHERE payment_code = $1 AND invoice_number = $2
-                          AND (transaction_ref = $3
-                               OR (amount = $4 AND ($3 = $5 OR transaction_ref = $5)))) AS repeat,
-               EXISTS (SELECT 1 FROM payments
-                        WHERE payment_code = $1 AND invoice_number = $2 AND kind = 'normal') AS invoice_paid,
-               ARRAY(SELECT DISTINCT amount FROM inquiries
-                      WHERE payment_code = $1 AND invoice_number = $2 AND amount IS NOT NULL) AS quoted
-        """,
-        payment_code,
-        invoice_number,
-        transaction_ref,
-        amount,
-        unnamed_ref,
+        _LOCK_AND_READ, payment_code, invoice_number, transaction_ref, amount, unnamed_ref
     )
-    return PaymentHistory(
-        repeat=row["repeat"], invoice_paid=row["invoice_paid"], quoted_amounts=frozenset(row["quoted"])
+    code = code_store.code_from_row(row, "code_") if row["code_payment_code"] is not None else None
+    history = PaymentHistory(
+        repeat=row["repeat"],
+        invoice_paid=row["invoice_paid"],
+        quoted_amounts=frozenset(row["quoted_amounts"]),
     )
+    return code, history
 
 
 @dataclass(frozen=True, slots=True)

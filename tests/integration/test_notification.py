@@ -10,10 +10,23 @@ import orjson
 import pytest
 
 from server.app import make_app
+from server.core.payments import NotificationOutcome, PaymentDecision, PaymentKind, PaymentNotice
 from server.core.times import utcnow
+from server.doku import conventions
 from server.doku.auth import Client
 from server.doku.client import DokuSimulator, notification_body
-from tests.conftest import CLIENT, CLIENT_ID, CODE, OTHER_CLIENT_ID, make_settings, spec_example, table_locked
+from server.store import inbox as inbox_store
+from server.store import payments as payment_store
+from tests.conftest import (
+    CLIENT,
+    CLIENT_ID,
+    CODE,
+    OTHER_CLIENT_ID,
+    make_settings,
+    spec_example,
+    table_locked,
+    waiting_for_a_lock,
+)
 
 INVOICE = "INV-2026-000123"
 ACK = b'{"status":"success"}'
@@ -375,6 +388,51 @@ async def test_a_notification_waits_for_a_cancel_in_progress_and_then_sees_it(do
     assert (await notification).status == 200
     assert [(row["kind"], row["reason"]) for row in await payments(pool)] == [("anomaly", "CANCELLED")]
     assert tuple(await code_row(pool)) == ("cancelled", 0)
+
+
+async def test_a_notification_waiting_for_the_lock_reads_what_its_holder_recorded(doku, register, pool):
+    """What is recorded is read after the code's row lock is held, in a statement of its own, so it
+    includes what the lock's previous holder committed. Here that holder is reconciliation recording the
+    payment from a Check Status answer that named no transaction; DOKU's notification of the same payment
+    (same invoice and amount) waits for it, then must be a repeat. Read with a snapshot from before the
+    wait it would become a conflict: a refund of money the customer paid once."""
+    await register()
+    unnamed = PaymentNotice(
+        client_id=CLIENT_ID,
+        payment_code=CODE,
+        invoice_number=INVOICE,
+        amount=150000,
+        transaction_ref=conventions.check_status_reference(INVOICE),
+        channel="ALFA",
+        paid=True,
+        transaction_status="SUCCESS",
+        paid_at=None,
+        agent_id=None,
+        agent_store_id=None,
+        agent_trx_id=None,
+    )
+    answer = inbox_store.values(
+        payment_code=CODE,
+        client_id=CLIENT_ID,
+        request_id="check-1",
+        headers=[],
+        body=b"{}",
+        transaction_status="SUCCESS",
+        outcome=NotificationOutcome.NORMAL,
+        source="check_status",
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM payment_codes WHERE payment_code = $1 FOR UPDATE", CODE)
+        notification = asyncio.create_task(pay(doku))
+        await waiting_for_a_lock(pool, "dipc_payment_context")
+        # What reconciliation records for that answer (core/reconciliation.py), under the same lock.
+        await payment_store.record(conn, answer, unnamed, PaymentDecision(PaymentKind.NORMAL, None, 150000))
+    assert (await notification).status == 200
+    assert [(row["transaction_ref"], row["kind"]) for row in await payments(pool)] == [
+        (f"check-status:{INVOICE}", "normal")
+    ]
+    assert [row["outcome"] for row in await inbox(pool)] == ["normal", "repeat"]
+    assert tuple(await code_row(pool)) == ("paid", 1)
 
 
 @pytest.mark.parametrize(

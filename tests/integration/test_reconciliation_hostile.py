@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from server.app import make_app
 from server.doku.client import DokuSimulator, notification_body
 from server.doku.standin import DokuStandIn, Scripted
-from tests.conftest import CLIENT, CLIENT_ID, CODE
+from tests.conftest import CLIENT, CLIENT_ID, CODE, waiting_for_a_lock
 from tests.integration.test_reconciliation import (
     INVOICE,
     eventually,
@@ -249,7 +249,7 @@ async def test_a_quote_racing_the_payment_of_its_invoice_does_not_reopen_it(
                 CLIENT_ID,
             )
         )
-        await _waiting_for_a_lock(pool, "dipc_inquire")
+        await waiting_for_a_lock(pool, "dipc_inquire")
         paid = await doku.notify(CODE, invoice_number=INVOICE, amount=150000, original_request_id="the-one")
         assert paid.status == 200
         await twin.execute("ROLLBACK")
@@ -269,18 +269,3 @@ async def test_a_quote_racing_the_payment_of_its_invoice_does_not_reopen_it(
     assert (await row(pool, other, "INV-ANOMALY"))["state"] == "paid"
     assert (await doku.inquiry(other)).status == 200  # still payable: quoted again
     assert (await row(pool, other, "INV-ANOMALY"))["state"] == "pending"
-
-
-async def _waiting_for_a_lock(pool, query_part: str) -> None:
-    """Until a backend running ``query_part`` waits for a lock (a real wait, seen by PostgreSQL)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        waiting = await pool.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()",
-            query_part,
-        )
-        if waiting:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"no backend running {query_part} waited for a lock")
