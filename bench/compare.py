@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import notify  # bench/notify.py
@@ -51,16 +49,20 @@ def main() -> None:
     parser.add_argument("--kind", choices=["one-shot", "reusable", "notification"], default="one-shot")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="dipc-bench-compare-"))
-    before_tree = workdir / "before"
-    subprocess.run(["git", "-C", str(run.ROOT), "worktree", "add", "--detach", str(before_tree), args.before],
-                   check=True, capture_output=True)  # fmt: skip
-    pg = EmbeddedPostgres(workdir / "data", durable=True)
-    dsn = pg.start()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
-    env |= {"DATABASE_URL": dsn, "DIPC_CLIENT_ID": run.CLIENT.client_id, "DIPC_BINS": run.BINS,
-            "DIPC_SECRET_KEY": run.CLIENT.secret_keys[0].decode(), "DIPC_LOG_FORMAT": "json"}  # fmt: skip
-    servers = []
+    with run.scratch_database("dipc-bench-compare-") as (workdir, pg, dsn):
+        before_tree = workdir / "before"
+        git = ["git", "-C", str(run.ROOT), "worktree"]
+        subprocess.run([*git, "add", "--detach", str(before_tree), args.before], check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            _compare(args, run.dipc_env(dsn), dsn, pg, before_tree, workdir)
+        finally:
+            subprocess.run([*git, "remove", "--force", str(before_tree)], check=False, capture_output=True)
+
+
+def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: EmbeddedPostgres, before_tree: Path,
+             workdir: Path) -> None:  # fmt: skip
+    servers: list[subprocess.Popen] = []
     try:
         asyncio.run(migrate.migrate_dsn(dsn))
         if args.kind == "notification":
@@ -115,11 +117,6 @@ def main() -> None:
     finally:
         for server in servers:
             run.stop_server(server)
-        pg.stop()
-        shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
-        subprocess.run(["git", "-C", str(run.ROOT), "worktree", "remove", "--force", str(before_tree)],
-                       check=False, capture_output=True)  # fmt: skip
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # One-shot codes the notification comparison quotes and pays, one prefix per server (BIN 88965).

@@ -19,49 +19,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import asyncpg
 import run  # bench/run.py: this runs as a script, with bench/ on sys.path
 import uvloop
+from ceiling import ONE_STATEMENT
 from compare import cpu_seconds
 
-from server.embedded import EmbeddedPostgres
 from server.store import migrate
-
-CEILING = """
-WITH code AS (
-    SELECT payment_code, invoice_number, amount, customer_name, customer_email, status
-      FROM payment_codes WHERE payment_code = $1
-), audit AS (
-    INSERT INTO inquiries (payment_code, request_id, client_id, channel, body_sha256, outcome,
-                           invoice_number, amount, http_status, response_body)
-    SELECT $1, $2, $3, 'ALFA', '\\x00'::bytea,
-           CASE WHEN code.status = 'active' THEN 'SUCCESS' ELSE 'NOT_FOUND' END,
-           code.invoice_number, code.amount, 200, ''::bytea
-      FROM (SELECT 1) one LEFT JOIN code ON true
-    ON CONFLICT DO NOTHING
-)
-SELECT * FROM code
-"""
 
 
 def _inquire(function: str) -> str:
-    return f"SELECT * FROM {function}($1, $2, $3, 'ALFA', '\\x00'::bytea, ARRAY['ALFA'], now(), 120)"  # noqa: S608
+    return f"SELECT * FROM {function}($1, $2, $3, $4, $5, ARRAY['ALFA'], now(), 120)"  # noqa: S608
 
 
 STATEMENTS = {
-    "ceiling's statement": CEILING,
+    "ceiling's statement": ONE_STATEMENT,
     "dipc_inquire": _inquire("dipc_inquire"),
     "  without the reconciliation row": _inquire("bench_inquire_no_reconciliation"),
     "  and without the answer's body": _inquire("bench_inquire_no_body"),
@@ -94,7 +74,8 @@ async def measure(dsn: str, rounds: int, connections: int, calls: int, codes: in
             async def caller(conn: asyncpg.Connection, statement: str = statement) -> None:
                 for _ in range(calls):
                     code = f"{run.ONE_SHOT_PREFIX}{rng.randrange(codes):010d}"
-                    await conn.fetchrow(statement, code, str(uuid.uuid4()), run.CLIENT.client_id)
+                    request_id = str(uuid.uuid4())
+                    await conn.fetchrow(statement, code, request_id, run.CLIENT.client_id, "ALFA", b"\x00")
 
             cpu_before, started = sum(map(cpu_seconds, backends)), time.perf_counter()
             await asyncio.gather(*(caller(conn) for conn in conns))
@@ -120,22 +101,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1500, help="per connection and statement, each round")
     parser.add_argument("--codes", type=int, default=100_000)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="dipc-bench-parts-"))
-    pg = EmbeddedPostgres(workdir / "data", durable=True)
-    dsn = pg.start()
-    try:
+    with run.scratch_database("dipc-bench-parts-") as (workdir, _pg, dsn):
         asyncio.run(migrate.migrate_dsn(dsn))
         csv = workdir / "codes.csv"
         run.write_codes_csv(csv, args.codes, run.ONE_SHOT_PREFIX, False)
-        env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE"))}
-        env |= {"DATABASE_URL": dsn, "DIPC_CLIENT_ID": run.CLIENT.client_id, "DIPC_BINS": run.BINS,
-                "DIPC_SECRET_KEY": run.CLIENT.secret_keys[0].decode()}  # fmt: skip
-        subprocess.run([run.DIPC, "codes", "import", str(csv)], env=env, check=True, capture_output=True)
+        subprocess.run([run.DIPC, "codes", "import", str(csv)], env=run.dipc_env(dsn), check=True,
+                       capture_output=True)  # fmt: skip
         uvloop.run(measure(dsn, args.rounds, args.connections, args.calls, args.codes))
-    finally:
-        pg.stop()
-        shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

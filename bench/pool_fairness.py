@@ -12,15 +12,12 @@ of a woken waiter (which then queues again at the back) shows a tail of starved 
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import asyncpg
+import run  # bench/run.py: this runs as a script, with bench/ on sys.path
 import uvloop
 
-from server.embedded import EmbeddedPostgres
 from server.store.pool import FairPool
 
 TASKS, CONNECTIONS, SECONDS = 32, 10, 8
@@ -62,15 +59,8 @@ async def measure(dsn: str) -> None:
 
 
 def main() -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="dipc-bench-pool-"))
-    pg = EmbeddedPostgres(workdir / "data", durable=True)
-    dsn = pg.start()
-    try:
+    with run.scratch_database("dipc-bench-pool-") as (_workdir, _pg, dsn):
         uvloop.run(measure(dsn))
-    finally:
-        pg.stop()
-        shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,34 @@ def run_pgbench(
     tps = float(re.search(r"tps = ([\d.]+)", output).group(1))
     latency = float(re.search(r"latency average = ([\d.]+) ms", output).group(1))
     return tps, latency
+
+
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[tuple[Path, EmbeddedPostgres, str]]:
+    """A temporary directory with a durable embedded PostgreSQL in it: (directory, cluster, DSN).
+
+    Everything is removed afterwards, the cluster too (as root it lives outside the directory)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    pg = EmbeddedPostgres(workdir / "data", durable=True)
+    dsn = pg.start()
+    try:
+        yield workdir, pg, dsn
+    finally:
+        pg.stop()
+        shutil.rmtree(pg.cluster_dir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def dipc_env(dsn: str) -> dict[str, str]:
+    """This process's environment without any DIPC_ or DATABASE_URL setting, plus the bench's own."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
+    return env | {
+        "DATABASE_URL": dsn,
+        "DIPC_CLIENT_ID": CLIENT.client_id,
+        "DIPC_SECRET_KEY": CLIENT.secret_keys[0].decode(),
+        "DIPC_BINS": BINS,
+        "DIPC_LOG_FORMAT": "json",
+    }
 
 
 # --- phases ---------------------------------------------------------------------------------------
@@ -865,19 +894,16 @@ def main() -> None:
     first, _, last = args.ports.partition("-")
     PORTS = range(int(first), int(last) + 1)
 
-    workdir = Path(tempfile.mkdtemp(prefix="dipc-bench-"))
-    pg = EmbeddedPostgres(workdir / "data", durable=True)
-    dsn = pg.start()
-    host = str(pg.socket_dir)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DIPC_", "DATABASE_URL"))}
-    env |= {
-        "DATABASE_URL": dsn,
-        "DIPC_CLIENT_ID": CLIENT.client_id,
-        "DIPC_SECRET_KEY": CLIENT.secret_keys[0].decode(),
-        "DIPC_BINS": BINS,
-        "DIPC_LOG_FORMAT": "json",
-        "DIPC_ADMIN_TOKEN": ADMIN_TOKEN,
-    }
+    with scratch_database("dipc-bench-") as (workdir, pg, dsn):
+        figures = _run_phases(args, workdir, str(pg.socket_dir), dsn)
+    print(render(figures))
+    failed = [f.name.strip() for f in figures if f.must_be_zero and f.errors]
+    if failed:
+        sys.exit(f"bench: exactly once failed: {'; '.join(failed)}")
+
+
+def _run_phases(args: argparse.Namespace, workdir: Path, host: str, dsn: str) -> list[Figure]:
+    env = dipc_env(dsn) | {"DIPC_ADMIN_TOKEN": ADMIN_TOKEN}
     figures: list[Figure] = []
     standin = None
     try:
@@ -910,13 +936,7 @@ def main() -> None:
     finally:
         if standin is not None:
             stop_server(standin)
-        pg.stop()
-        shutil.rmtree(pg.cluster_dir, ignore_errors=True)  # as root, outside the workdir
-        shutil.rmtree(workdir, ignore_errors=True)
-    print(render(figures))
-    failed = [f.name.strip() for f in figures if f.must_be_zero and f.errors]
-    if failed:
-        sys.exit(f"bench: exactly once failed: {'; '.join(failed)}")
+    return figures
 
 
 def _seed(workdir: Path, rows: int) -> Path:

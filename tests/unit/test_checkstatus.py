@@ -197,22 +197,12 @@ def test_expired_is_final_and_paid_was_settled_by_its_payment():
     assert after_check(quoted(), answer(CheckResult.PAID), DEFAULT_RECONCILE_SCHEDULE, now, 2).state == "paid"
 
 
-def test_a_throttled_call_is_not_an_attempt_and_comes_back_after_the_backoff():
-    now = QUOTED + timedelta(minutes=3)
-    outcome = after_check(
-        quoted(), answer(CheckResult.RATE_LIMITED), DEFAULT_RECONCILE_SCHEDULE, now, retry_s=8
-    )
-    assert (outcome.state, outcome.next_check_at, outcome.counted) == (
-        "pending",
-        now + timedelta(seconds=8),
-        False,
-    )
-
-
 @pytest.mark.parametrize("result", [CheckResult.RATE_LIMITED, CheckResult.UNREACHABLE, CheckResult.TIMEOUT])
-def test_a_call_without_an_answer_is_not_an_attempt_even_after_the_schedule_ended(result):
-    """DOKU down through the last slot: the invoice waits for an answer, it is not given up on for it."""
-    now = QUOTED + timedelta(days=4)
+@pytest.mark.parametrize("after", [timedelta(minutes=3), timedelta(days=4)], ids=["on schedule", "past it"])
+def test_a_throttled_or_unanswered_call_is_not_an_attempt_and_comes_back_after_the_backoff(result, after):
+    """Also past the last slot (DOKU down through it): the invoice waits for an answer, it is not given
+    up on for the want of one."""
+    now = QUOTED + after
     outcome = after_check(quoted(), answer(result), DEFAULT_RECONCILE_SCHEDULE, now, retry_s=8)
     assert (outcome.state, outcome.next_check_at, outcome.counted) == (
         "pending",
