@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import asyncpg
+import run  # bench/run.py: this runs as a script, with bench/ on sys.path
 
-from server.embedded import EmbeddedPostgres
 from server.store import migrate
 from server.store import reconciliation as store
 
@@ -55,10 +52,7 @@ async def explain(conn: asyncpg.Connection, sql: str, repeat: int) -> tuple[floa
 
 
 async def main(rows: int, repeat: int, queries: dict[str, str]) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="dipc-backlog-"))
-    pg = EmbeddedPostgres(workdir / "data", durable=True)
-    dsn = pg.start()
-    try:
+    with run.scratch_database("dipc-backlog-") as (_workdir, _pg, dsn):
         await migrate.migrate_dsn(dsn)
         conn = await asyncpg.connect(dsn)
         try:
@@ -77,15 +71,6 @@ async def main(rows: int, repeat: int, queries: dict[str, str]) -> None:
             print(f"\n### store.backlog(), as sampled: {min(times):.1f} ms (best of {repeat}): {found}")
         finally:
             await conn.close()
-    finally:
-        pg.stop()
-        shutil.rmtree(pg.cluster_dir, ignore_errors=True)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def sampler_queries() -> dict[str, str]:
-    """The statements the sampler's reconciliation sample runs (server/store/reconciliation.py)."""
-    return dict(store.BACKLOG_QUERIES)
 
 
 if __name__ == "__main__":
@@ -95,4 +80,4 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    asyncio.run(main(args.rows, args.repeat, sampler_queries()))
+    asyncio.run(main(args.rows, args.repeat, store.BACKLOG_QUERIES))

@@ -124,10 +124,10 @@ def pg_binary(name: str) -> str:
 # --- load tools -----------------------------------------------------------------------------------
 
 
-def psql(host: str, sql: str) -> None:
-    """Run one SQL command on the bench's database as its superuser."""
-    command = [pg_binary("psql"), "-X", "-q", "-h", host, "-U", "postgres", "-c", sql, "dipc"]
-    subprocess.run(command, check=True, capture_output=True)
+def psql(host: str, script: str) -> None:
+    """Run a psql script on the bench's database as its superuser, stopping at the first error."""
+    command = [pg_binary("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", host, "-U", "postgres", "dipc"]
+    subprocess.run(command, input=script, text=True, check=True, capture_output=True)
 
 
 def _ms(text: str) -> float:
@@ -226,7 +226,6 @@ def bench_import(env: dict[str, str], dsn: str, host: str, workdir: Path, rows: 
     path = workdir / "codes.csv"
     write_codes_csv(path, rows, ONE_SHOT_PREFIX, False)
     log(f"import: PostgreSQL COPY of {rows:,} rows (baseline)")
-    psql = [pg_binary("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", host, "-U", "postgres", "dipc"]
     script = (
         "CREATE TABLE bench_copy (LIKE payment_codes INCLUDING ALL);\n"
         "\\copy bench_copy (payment_code, amount, invoice_number, customer_name, info1, reusable, client_id) "
@@ -234,7 +233,7 @@ def bench_import(env: dict[str, str], dsn: str, host: str, workdir: Path, rows: 
         "DROP TABLE bench_copy;\n"
     )
     started = time.perf_counter()
-    subprocess.run(psql, input=script, text=True, check=True, capture_output=True)
+    psql(host, script)
     copy_s = time.perf_counter() - started
 
     log(f"import: dipc codes import of {rows:,} rows")
