@@ -7,8 +7,10 @@ recorded one, byte for byte, with its minted invoice and its reconciliation row,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
+from collections.abc import Iterator
 
 import aiohttp
 
@@ -26,35 +28,71 @@ def start_server(database_url: str, port: int) -> subprocess.Popen:
     return server
 
 
-async def send_all(port: int, bodies: dict[str, bytes], *, kill: subprocess.Popen | None = None) -> set[str]:
-    """Send every body once, concurrently; return the codes whose notification got a 200.
+@contextlib.contextmanager
+def serving(database_url: str, port: int) -> Iterator[None]:
+    """``dipc serve`` on ``port`` for the block, stopped with SIGTERM after it."""
+    server = start_server(database_url, port)
+    try:
+        yield
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+async def post_all(
+    port: int,
+    target: str,
+    bodies: dict[str, bytes],
+    *,
+    keys_are_request_ids: bool = False,
+    kill: subprocess.Popen | None = None,
+) -> dict[str, tuple[int, bytes]]:
+    """POST every body to ``target`` once, concurrently, signed as DOKU; return the answers that arrived
+    (status, body) by key. With ``keys_are_request_ids`` each key is also its request's Request-Id.
 
     With ``kill``, the server is SIGKILLed once a sixth of the answers are in.
     """
-    acknowledged: set[str] = set()
-    answered = 0
-    killed = asyncio.Event()
-
+    answers: dict[str, tuple[int, bytes]] = {}
+    killed = False
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=40), timeout=aiohttp.ClientTimeout(total=20)
     ) as session:
         doku = DokuSimulator(session, f"http://127.0.0.1:{port}", CLIENT)
 
-        async def send(code: str, body: bytes) -> None:
-            nonlocal answered
+        async def send(key: str, body: bytes) -> None:
+            nonlocal killed
             try:
-                reply = await doku.post("/doku/notification", body)
+                reply = await doku.post(target, body, request_id=key if keys_are_request_ids else None)
             except (aiohttp.ClientError, TimeoutError):
                 return
-            answered += 1
-            if reply.status == 200:
-                acknowledged.add(code)
-            if kill is not None and answered >= len(bodies) // 6 and not killed.is_set():
-                killed.set()
+            answers[key] = (reply.status, reply.body)
+            if kill is not None and len(answers) >= len(bodies) // 6 and not killed:
+                killed = True
                 kill.send_signal(signal.SIGKILL)
 
-        await asyncio.gather(*(send(code, body) for code, body in bodies.items()))
-    return acknowledged
+        await asyncio.gather(*(send(key, body) for key, body in bodies.items()))
+    return answers
+
+
+async def killed_mid_burst(database_url: str, port: int, target: str, bodies: dict[str, bytes], **options):
+    """``post_all`` to a ``dipc serve`` that is SIGKILLed in the middle of it; the answers that arrived."""
+    server = start_server(database_url, port)
+    try:
+        answers = await post_all(port, target, bodies, kill=server, **options)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    assert server.returncode == -signal.SIGKILL
+    return answers
+
+
+async def send_all(port: int, bodies: dict[str, bytes]) -> set[str]:
+    """Send every notification body once, concurrently; return the codes whose notification got a 200."""
+    return acknowledged(await post_all(port, "/doku/notification", bodies))
+
+
+def acknowledged(answers: dict[str, tuple[int, bytes]]) -> set[str]:
+    return {code for code, (status, _) in answers.items() if status == 200}
 
 
 async def test_a_killed_server_loses_no_acknowledged_notification_and_doubles_no_payment(
@@ -73,30 +111,20 @@ async def test_a_killed_server_loses_no_acknowledged_notification_and_doubles_no
         for code in codes
     }
     port = free_port()
-    server = start_server(database_url, port)
-    try:
-        acknowledged = await send_all(port, bodies, kill=server)
-    finally:
-        server.kill()
-        server.wait(timeout=30)
-    assert server.returncode == -signal.SIGKILL
-    assert 0 < len(acknowledged) < COUNT, "the kill should land in the middle of the burst"
+    acked = acknowledged(await killed_mid_burst(database_url, port, "/doku/notification", bodies))
+    assert 0 < len(acked) < COUNT, "the kill should land in the middle of the burst"
 
     # Every notification that got a 200 is on disk, with its payment.
     recorded = {row["payment_code"] for row in await pool.fetch("SELECT payment_code FROM payments")}
-    assert acknowledged <= recorded
+    assert acked <= recorded
     stored = {row["payment_code"] for row in await pool.fetch("SELECT payment_code FROM notifications")}
-    assert acknowledged <= stored
+    assert acked <= stored
 
     # DOKU resends what was not acknowledged (and, for good measure, everything else too).
-    server = start_server(database_url, port)
-    try:
-        missing = {code: body for code, body in bodies.items() if code not in acknowledged}
+    with serving(database_url, port):
+        missing = {code: body for code, body in bodies.items() if code not in acked}
         assert await send_all(port, missing) == set(missing)
-        assert await send_all(port, {code: bodies[code] for code in acknowledged}) == acknowledged
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+        assert await send_all(port, {code: bodies[code] for code in acked}) == acked
 
     rows = await pool.fetch(
         "SELECT payment_code, kind, count(*) OVER (PARTITION BY payment_code) AS n FROM payments"
@@ -112,33 +140,6 @@ async def test_a_killed_server_loses_no_acknowledged_notification_and_doubles_no
 
 INQUIRIES = 240
 TOPUP = "8896500000000777"
-
-
-async def ask_all(
-    port: int, requests: dict[str, tuple[str, bytes]], *, kill: subprocess.Popen | None = None
-) -> dict[str, tuple[int, bytes]]:
-    """Send every inquiry (Request-Id -> code, body) once, concurrently; return the answers that arrived.
-
-    With ``kill``, the server is SIGKILLed once a sixth of the answers are in.
-    """
-    answers: dict[str, tuple[int, bytes]] = {}
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=40), timeout=aiohttp.ClientTimeout(total=20)
-    ) as session:
-        doku = DokuSimulator(session, f"http://127.0.0.1:{port}", CLIENT)
-
-        async def ask(request_id: str, body: bytes) -> None:
-            try:
-                reply = await doku.post("/doku/inquiry", body, request_id=request_id)
-            except (aiohttp.ClientError, TimeoutError):
-                return
-            answers[request_id] = (reply.status, reply.body)
-            if kill is not None and len(answers) >= len(requests) // 6 and kill.returncode is None:
-                kill.send_signal(signal.SIGKILL)
-                kill.returncode = -signal.SIGKILL
-
-        await asyncio.gather(*(ask(request_id, body) for request_id, (_, body) in requests.items()))
-    return answers
 
 
 async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_twice(database_url, pool):
@@ -161,14 +162,12 @@ async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_t
         ],
     )
     codes = one_shot + [TOPUP] * (INQUIRIES - len(one_shot))
-    requests = {f"inq-{n}": (code, inquiry_body(code)) for n, code in enumerate(codes)}
+    code_of = {f"inq-{n}": code for n, code in enumerate(codes)}  # Request-Id -> code
+    requests = {request_id: inquiry_body(code) for request_id, code in code_of.items()}
     port = free_port()
-    server = start_server(database_url, port)
-    try:
-        answered = await ask_all(port, requests, kill=server)
-    finally:
-        server.kill()
-        server.wait(timeout=30)
+    answered = await killed_mid_burst(
+        database_url, port, "/doku/inquiry", requests, keys_are_request_ids=True
+    )
     assert 0 < len(answered) < INQUIRIES, "the kill should land in the middle of the burst"
 
     def recorded_rows():
@@ -181,12 +180,8 @@ async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_t
 
     # DOKU resends everything: answered or not, each Request-Id now has its one answer, and those that
     # were answered get the same bytes again.
-    server = start_server(database_url, port)
-    try:
-        again = await ask_all(port, requests)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
+    with serving(database_url, port):
+        again = await post_all(port, "/doku/inquiry", requests, keys_are_request_ids=True)
     assert set(again) == set(requests)
     for request_id, answer in answered.items():
         assert again[request_id] == answer
@@ -206,6 +201,4 @@ async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_t
         (row["payment_code"], row["invoice_number"])
         for row in await pool.fetch("SELECT payment_code, invoice_number FROM reconciliation")
     }
-    assert watched == {
-        (requests[request_id][0], row["invoice_number"]) for request_id, row in recorded.items()
-    }
+    assert watched == {(code_of[request_id], row["invoice_number"]) for request_id, row in recorded.items()}
