@@ -23,6 +23,7 @@ from server.ops import metrics
 from server.ops.health import HealthChecker
 from server.ops.sampler import DatabaseSampler
 from server.reconcile.worker import Reconciler
+from server.store import outbox
 from server.store.listener import EventListener
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 from server.webhooks.forwarder import WebhookForwarder
@@ -91,6 +92,14 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
         yield
         await listener.close()
 
+    async def sweep_context(app: web.Application) -> AsyncIterator[None]:
+        # Events whose writer died between its commit and their sequencing reach the feed within SWEEP_S.
+        task = asyncio.create_task(outbox.sweep_forever(app[POOL]), name="dipc-event-sweep")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
     async def forwarder_context(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession() as session:
             forwarder = WebhookForwarder(app[POOL], app[LISTENER], settings, session)
@@ -130,6 +139,7 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app.cleanup_ctx.append(pool_context)
     app.cleanup_ctx.append(health_context)
     app.cleanup_ctx.append(listener_context)
+    app.cleanup_ctx.append(sweep_context)
     app.on_shutdown.append(release_long_polls)
     if settings.webhook_url:
         app.cleanup_ctx.append(forwarder_context)

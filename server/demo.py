@@ -63,7 +63,7 @@ DESCRIPTIONS = {
 async def seed(pool: asyncpg.Pool, now: datetime) -> list[NewCode]:
     """Register the demo codes (or reset them), with the events a registration or a change makes."""
     codes = demo_codes(now)
-    async with pool.acquire() as conn, conn.transaction():
+    async with outbox.transaction(pool) as conn:
         for code, inserted in await code_store.upsert_fresh(conn, codes):
             kind = "code.created" if inserted else "code.updated"
             await outbox.append(conn, kind, code.payment_code, code_document(code))

@@ -47,6 +47,7 @@ TABLES = (
     "notifications",
     "payments",
     "events",
+    "events_pending",
     "webhook_deliveries",
     "webhook_subscribers",
     "reconciliation",

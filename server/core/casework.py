@@ -205,7 +205,7 @@ async def resolve(
     """Resolve an exception once, with its effect and its event, in one transaction."""
     if not 0 < payment_id <= MAX_PAYMENT_ID:
         raise NotFound(f"payment {payment_id} is not an exception")
-    async with pool.acquire() as conn, conn.transaction():
+    async with outbox.transaction(pool) as conn:
         payment = await store.get_payment(conn, payment_id)
         if payment is None or payment.kind not in EXCEPTION_KINDS:
             raise NotFound(f"payment {payment_id} is not an exception")

@@ -64,7 +64,7 @@ async def create_code(
     now: datetime,
 ) -> PaymentCode:
     new = parse_new_code(raw, rules=rules, client_ids=client_ids, now=now)
-    async with pool.acquire() as conn, conn.transaction():
+    async with outbox.transaction(pool) as conn:
         code = await code_store.insert(conn, new)
         if code is None:
             raise AlreadyExists(f"payment code {new.payment_code} is already registered")
@@ -84,7 +84,7 @@ async def update_code(
 ) -> PaymentCode:
     payment_code = checked_code(payment_code)
     changes = parse_changes(raw, now=now)
-    async with pool.acquire() as conn, conn.transaction():
+    async with outbox.transaction(pool) as conn:
         code = await code_store.update(conn, payment_code, dict(changes.values), changes.expected_version)
         if code is None:
             current = await code_store.get(conn, payment_code)
@@ -105,7 +105,7 @@ async def update_code(
 async def cancel_code(pool: asyncpg.Pool, payment_code: str) -> PaymentCode:
     """Cancel an active code. Cancelling a cancelled code answers it unchanged; a paid code refuses."""
     payment_code = checked_code(payment_code)
-    async with pool.acquire() as conn, conn.transaction():
+    async with outbox.transaction(pool) as conn:
         code = await code_store.cancel(conn, payment_code)
         if code is None:
             current = await code_store.get(conn, payment_code)
@@ -277,7 +277,7 @@ async def _import(
     keep: Callable[[ImportResult], bool] | None,
     batch_size: int,
 ) -> None:
-    async with pool.acquire() as conn, conn.transaction():
+    async with outbox.transaction(pool) as conn:
         await code_store.begin_import(conn, timeout_s=IMPORT_STATEMENT_TIMEOUT_S)
         writer = _BatchWriter(conn, progress)
         batch: list[tuple[int, NewCode]] = []

@@ -94,7 +94,7 @@ def _inbox_values(
 async def _in_transaction(
     pool: asyncpg.Pool, raw: RawNotification, notice: PaymentNotice, now: datetime
 ) -> NotificationResult:
-    async with pool.acquire() as conn, conn.transaction():
+    async with outbox.transaction(pool) as conn:
         code, history = await payment_store.lock_and_read(
             conn,
             notice.payment_code,

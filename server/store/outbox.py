@@ -1,42 +1,131 @@
-"""The ``events`` outbox: appended in the transaction of the change it reports.
+"""The ``events`` outbox: appended in the transaction of the change it reports, sequenced after commit.
 
 Event ids must become visible in id order, or a reader that keeps "the last id I saw" could step over an
-event whose transaction commits late. So appending takes a transaction-scoped advisory lock first: id
-allocation and commit are serialised across writers, held only from the append to the commit.
+event whose transaction commits late. Writers do not allocate them: an event is appended to
+``events_pending`` in the change's transaction, and once that has committed, ``dipc_sequence_events``
+(schemas/migrations/0007_event_sequencer.sql), alone under an advisory lock, moves committed events into
+``events`` in the order they were appended. Writers' commits therefore never wait on one another.
+
+Every writer goes through :func:`transaction`, which sequences its events before it returns: when an
+API call has answered, its event is in the feed. Events left pending by a process that died between its
+commit and that step are moved by the next sequencing anywhere, or by every server's sweep
+(:func:`sweep_forever`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import structlog
 
 from server.core.events import Event
+from server.store.pool import UNAVAILABLE_ERRORS
 
-EVENTS_LOCK_KEY = int.from_bytes(b"dipcevnt", "big") & 0x7FFF_FFFF_FFFF_FFFF
-CHANNEL = "dipc_events"  # LISTEN/NOTIFY channel that wakes long-polling readers
+log = structlog.get_logger(component="dipc.outbox")
+
+CHANNEL = "dipc_events"  # LISTEN/NOTIFY channel that wakes long-polling readers (sent by the sequencing)
+SEQUENCE_BATCH = 1000  # events moved per sequencing statement
+SWEEP_S = 5.0  # how often a server moves what a dead writer left pending
+
+
+@dataclass(slots=True)
+class _Appends:
+    count: int = 0
+
+
+_TRANSACTION: ContextVar[_Appends | None] = ContextVar("dipc_outbox_transaction", default=None)
+
+
+@contextlib.asynccontextmanager
+async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction on a pooled connection that may append events; they are in the feed when it exits.
+
+    On an exception the transaction rolls back and nothing is sequenced.
+    """
+    appends = _Appends()
+    token = _TRANSACTION.set(appends)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            yield conn
+    finally:
+        _TRANSACTION.reset(token)
+    if appends.count:
+        await sequence(pool)
 
 
 async def append(
     conn: asyncpg.Connection, event_type: str, payment_code: str | None, payload: dict[str, Any]
-) -> int:
-    """Append one event inside the caller's transaction; return its id. Call it last, just before commit."""
-    # One round trip: the lock is taken before the row (and so its id) exists; NOTIFY is delivered at
-    # commit, never for a rolled-back transaction.
-    event_id: int = await conn.fetchval(
-        """
-        WITH locked AS (SELECT pg_advisory_xact_lock($1))
-        INSERT INTO events (type, payment_code, payload)
-        SELECT $2, $3, $4 FROM locked
-        RETURNING id, pg_notify($5, id::text)
-        """,
-        EVENTS_LOCK_KEY,
+) -> None:
+    """Append one event inside the caller's :func:`transaction`."""
+    appends = _TRANSACTION.get()
+    if appends is None:
+        raise RuntimeError("outbox.append outside outbox.transaction: the event would not be sequenced")
+    await conn.execute(
+        "INSERT INTO events_pending (type, payment_code, payload) VALUES ($1, $2, $3)",
         event_type,
         payment_code,
         payload,
-        CHANNEL,
     )
-    return event_id
+    appends.count += 1
+
+
+class _Sequencer:
+    """Sequencing for one event loop: writers that committed meanwhile share the next pass."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.requested = 0  # passes asked for
+        self.covered = 0  # requests a finished pass started after
+
+    async def sequence(self, pool: asyncpg.Pool) -> None:
+        self.requested += 1
+        mine = self.requested
+        async with self.lock:
+            if self.covered >= mine:
+                return  # a pass that started after we asked (so after our commit) has finished
+            covers = self.requested
+            await _move_all(pool)
+            self.covered = covers
+
+
+_SEQUENCERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sequencer] = weakref.WeakKeyDictionary()
+
+
+async def sequence(pool: asyncpg.Pool) -> None:
+    """Return once every event committed before the call is in ``events``."""
+    loop = asyncio.get_running_loop()
+    sequencer = _SEQUENCERS.get(loop)
+    if sequencer is None:
+        sequencer = _SEQUENCERS[loop] = _Sequencer()
+    await sequencer.sequence(pool)
+
+
+async def _move_all(pool: asyncpg.Pool) -> int:
+    moved = 0
+    while True:
+        batch: int = await pool.fetchval("SELECT dipc_sequence_events($1)", SEQUENCE_BATCH)
+        moved += batch
+        if batch < SEQUENCE_BATCH:
+            return moved
+
+
+async def sweep_forever(pool: asyncpg.Pool, every_s: float = SWEEP_S) -> None:
+    """Move events a dead writer committed but never sequenced, now and every ``every_s`` seconds."""
+    while True:
+        try:
+            await sequence(pool)
+        except UNAVAILABLE_ERRORS as error:
+            log.warning("outbox.sweep_failed", error=f"{type(error).__name__}: {error}")
+        except Exception:
+            log.exception("outbox.sweep_error")  # keep sweeping: the next writer's sequencing also moves them
+        await asyncio.sleep(every_s)
 
 
 COLUMNS = "id, type, payment_code, payload, created_at"

@@ -55,7 +55,7 @@ def assert_no_5xx(status: int) -> None:
     assert status < 500 or status == 503, status
 
 
-TABLES = ("payment_codes", "inquiries", "notifications", "payments", "events")
+TABLES = ("payment_codes", "inquiries", "notifications", "payments", "events", "events_pending")
 
 
 async def counts(pool: asyncpg.Pool) -> dict[str, Any]:

@@ -136,6 +136,10 @@ async def test_a_killed_server_loses_no_acknowledged_notification_and_doubles_no
         await pool.fetchval("SELECT count(*) FROM payment_codes WHERE status = 'paid' AND paid_count = 1")
         == COUNT
     )
+    # Each payment reached the feed exactly once, whatever the kill left committed but unsequenced.
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+    events = await pool.fetch("SELECT payment_code FROM events WHERE type = 'payment.received' ORDER BY id")
+    assert sorted(row["payment_code"] for row in events) == sorted(codes)
 
 
 INQUIRIES = 240

@@ -99,30 +99,63 @@ async def test_consumers_before_and_after_a_burst_see_every_event_once_in_order(
     burst_done.set()
     expected = [row["id"] for row in await pool.fetch("SELECT id FROM events ORDER BY id")]
     assert len(expected) == 20 + 40 + 20  # created, payments (normal + conflict), created
+    # Causal order per code: the second payment waited for the first's row lock and saw it (a conflict),
+    # so its event comes after the first's, though both were sequenced after their commits.
+    by_code: dict[str, list[str]] = {}
+    for row in await pool.fetch("SELECT payment_code, type FROM events ORDER BY id"):
+        by_code.setdefault(row["payment_code"], []).append(row["type"])
+    assert {tuple(types) for code, types in by_code.items() if code in codes[:20]} == {
+        ("code.created", "payment.received", "payment.conflict")
+    }
 
     late = await consume(client, admin_headers, burst_done, expected)
     assert await early == expected
     assert late == expected
 
 
-async def test_an_event_committed_first_never_overtakes_an_earlier_id(client, admin_headers, pool):
+async def test_an_event_that_commits_late_comes_after_every_cursor_given_before(client, admin_headers, pool):
     from server.store import outbox
 
-    async def append_and_commit(code: str) -> int:
-        async with pool.acquire() as conn, conn.transaction():
-            return await outbox.append(conn, "code.created", code, {})
+    appended, release = asyncio.Event(), asyncio.Event()
 
-    async with pool.acquire() as conn:
-        transaction = conn.transaction()
-        await transaction.start()
-        first = await outbox.append(conn, "code.created", "1", {})  # id taken, not committed
-        second = asyncio.create_task(append_and_commit("2"))
-        await asyncio.sleep(0.2)  # room for the second to commit, were it allowed to
-        page = await feed(client, admin_headers, after=0)
-        assert page["items"] == []  # a reader must not see a later id while an earlier one is pending
-        await transaction.commit()
-    assert await second > first
-    assert [event["id"] for event in (await feed(client, admin_headers, after=0))["items"]] == [
-        first,
-        await second,
-    ]
+    async def slow_writer() -> None:
+        async with outbox.transaction(pool) as conn:
+            await outbox.append(conn, "code.created", "1", {})
+            appended.set()
+            await release.wait()  # appended, not committed
+
+    slow = asyncio.create_task(slow_writer())
+    await appended.wait()
+    async with asyncio.timeout(5):  # a writer never waits for another writer's commit
+        async with outbox.transaction(pool) as conn:
+            await outbox.append(conn, "code.created", "2", {})
+    page = await feed(client, admin_headers, after=0)
+    assert [event["payment_code"] for event in page["items"]] == ["2"]
+
+    release.set()
+    await slow
+    later = await feed(client, admin_headers, after=page["next"])
+    assert [event["payment_code"] for event in later["items"]] == ["1"]
+    assert later["items"][0]["id"] > page["next"]
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+
+
+async def test_events_a_dead_writer_left_unsequenced_reach_the_feed(client, admin_headers, pool):
+    # What a process killed between its commit and the sequencing leaves: committed, pending events.
+    await pool.executemany(
+        "INSERT INTO events_pending (type, payment_code, payload) VALUES ('code.created', $1, '{}')",
+        [("1",), ("2",)],
+    )
+    page = await feed(client, admin_headers, after=0, wait=15)  # the server's sweep moves them
+    assert [event["payment_code"] for event in page["items"]] in (["1", "2"], ["1"])
+    rest = await feed(client, admin_headers, after=page["next"], wait=15)
+    assert [event["payment_code"] for event in page["items"] + rest["items"]] == ["1", "2"]
+
+
+async def test_append_outside_an_outbox_transaction_is_refused(pool):
+    from server.store import outbox
+
+    async with pool.acquire() as conn, conn.transaction():
+        with pytest.raises(RuntimeError, match=r"outside outbox\.transaction"):
+            await outbox.append(conn, "code.created", "1", {})
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
