@@ -32,6 +32,7 @@ log = structlog.get_logger(component="dipc.outbox")
 
 CHANNEL = "dipc_events"  # LISTEN/NOTIFY channel that wakes long-polling readers (sent by the sequencing)
 SEQUENCE_BATCH = 1000  # events moved per sequencing statement
+SEQUENCE_GAP_S = 0.002  # the least time between two sequencing passes of one process
 SWEEP_S = 5.0  # how often a server moves what a dead writer left pending
 
 
@@ -77,12 +78,17 @@ async def append(
 
 
 class _Sequencer:
-    """Sequencing for one event loop: writers that committed meanwhile share the next pass."""
+    """Sequencing for one event loop: writers that committed meanwhile share the next pass.
+
+    Passes start at least SEQUENCE_GAP_S apart, so under load each moves many events (as commits share
+    a WAL flush); a writer that finds the last pass that long ago starts its own at once.
+    """
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.requested = 0  # passes asked for
         self.covered = 0  # requests a finished pass started after
+        self.last_start = -SEQUENCE_GAP_S
 
     async def sequence(self, pool: asyncpg.Pool) -> None:
         self.requested += 1
@@ -90,7 +96,11 @@ class _Sequencer:
         async with self.lock:
             if self.covered >= mine:
                 return  # a pass that started after we asked (so after our commit) has finished
+            loop = asyncio.get_running_loop()
+            if (gap := self.last_start + SEQUENCE_GAP_S - loop.time()) > 0:
+                await asyncio.sleep(gap)  # writers committing meanwhile join this pass
             covers = self.requested
+            self.last_start = loop.time()
             await _move_all(pool)
             self.covered = covers
 
