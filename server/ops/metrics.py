@@ -113,6 +113,12 @@ EVENTS_LAST_ID = Gauge(
     "Id of the newest event in the outbox (sampled; NaN while the database cannot be read).",
     multiprocess_mode="mostrecent",
 )
+EVENTS_UNSEQUENCED_AGE = Gauge(
+    "dipc_events_unsequenced_oldest_seconds",
+    "Age of the oldest event committed but not yet in the feed (0 when none; sampled; NaN while the "
+    "database cannot be read). Events are sequenced within milliseconds, or by a server's sweep.",
+    multiprocess_mode="mostrecent",
+)
 EXCEPTIONS_OPEN = Gauge(
     "dipc_exceptions_open",
     "Open exceptions (conflict and anomaly payments not yet resolved), by kind and reason "
@@ -352,6 +358,7 @@ def exported_names() -> set[str]:
     for metric in (
         HTTP_REQUESTS, HTTP_DURATION, INQUIRIES, NOTIFICATIONS, PAYMENTS, SIGNATURE_FAILURES, DB_DURATION,
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
+        EVENTS_UNSEQUENCED_AGE,
         EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST_OPEN, EXCEPTION_RESOLUTIONS, FEED_WAITERS, BUILD_INFO,
         RECONCILE_CHECKS, RECONCILE_RECOVERED, RECONCILE_GAVE_UP, RECONCILE_INVOICES, RECONCILE_LAG,
         RECONCILE_DOKU_UNREACHABLE, WORKER_RESTARTS, EMBEDDED_RESTARTS,

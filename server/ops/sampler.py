@@ -50,10 +50,12 @@ def _webhooks_unknown() -> None:
 
 async def _read_events(conn: asyncpg.Connection) -> None:
     metrics.EVENTS_LAST_ID.set(await outbox.last_id(conn))
+    metrics.EVENTS_UNSEQUENCED_AGE.set(await outbox.oldest_unsequenced_s(conn))
 
 
 def _events_unknown() -> None:
     metrics.mark_unknown(metrics.EVENTS_LAST_ID)
+    metrics.mark_unknown(metrics.EVENTS_UNSEQUENCED_AGE)
 
 
 _exception_series: set[tuple[str, str]] = set(metrics.EXCEPTION_SERIES)

@@ -155,6 +155,12 @@ async def last_id(conn: asyncpg.Connection | asyncpg.Pool) -> int:
     return await conn.fetchval("SELECT coalesce(max(id), 0) FROM events")
 
 
+async def oldest_unsequenced_s(conn: asyncpg.Connection | asyncpg.Pool) -> float:
+    """Seconds since the oldest committed event still waiting for its feed id was appended (0: none)."""
+    age = await conn.fetchval("SELECT extract(epoch FROM now() - min(created_at)) FROM events_pending")
+    return max(float(age), 0.0) if age is not None else 0.0
+
+
 async def read_ids(conn: asyncpg.Connection | asyncpg.Pool, ids: list[int]) -> list[Event]:
     rows = await conn.fetch(f"SELECT {COLUMNS} FROM events WHERE id = ANY($1::bigint[])", ids)  # noqa: S608
     return [Event(**dict(row)) for row in rows]

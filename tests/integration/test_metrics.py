@@ -130,3 +130,20 @@ async def test_every_exception_series_exists_from_the_start(client):
         assert ("dipc_exception_resolutions_total", (("resolution", resolution),)) in samples
     assert ("dipc_exceptions_oldest_open_seconds", ()) in samples
     assert len(metrics.EXCEPTION_SERIES) == 8
+
+
+async def test_events_kept_from_the_feed_are_reported_by_age_until_a_sweep_moves_them(client, pool):
+    async with pool.acquire() as sequencing, sequencing.transaction():
+        # The sequencing lock held elsewhere: no pass can move the event a writer committed meanwhile.
+        await sequencing.execute("SELECT pg_advisory_xact_lock(7235437848553746036)")
+        await pool.execute(
+            "INSERT INTO events_pending (type, payment_code, payload, created_at) "
+            "VALUES ('code.created', '1', '{}', now() - interval '90 seconds')"
+        )
+        deadline = asyncio.get_running_loop().time() + 5
+        while (age := value(await scrape(client), "dipc_events_unsequenced_oldest_seconds")) < 90:
+            assert asyncio.get_running_loop().time() < deadline, f"sampled age {age}"
+            await asyncio.sleep(0.05)
+    # Released: the server's sweep moves it, and the gauge falls back to 0.
+    await sampled(client, "dipc_events_unsequenced_oldest_seconds", 0, within_s=15)
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE payment_code = '1'") == 1

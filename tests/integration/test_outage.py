@@ -92,6 +92,7 @@ async def test_without_any_readiness_probe_the_sampler_reports_the_outage(aiohtt
         ("dipc_webhook_deliveries", {"status": "pending"}),
         ("dipc_webhook_oldest_pending_seconds", {}),
         ("dipc_events_last_id", {}),
+        ("dipc_events_unsequenced_oldest_seconds", {}),
         ("dipc_exceptions_open", {"kind": "conflict", "reason": "ALREADY_PAID"}),
         ("dipc_exceptions_oldest_open_seconds", {}),
     ):
