@@ -11,13 +11,8 @@
 -- committed) was appended after that one committed, so it has the larger pending id, and any snapshot
 -- that sees it sees the other too.
 
-CREATE TABLE events_pending (
-    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    type            text        NOT NULL,
-    payment_code    text,
-    payload         jsonb       NOT NULL,
-    created_at      timestamptz NOT NULL DEFAULT now()
-);
+-- The shape of events (its own identity: the order of appending), with no reader but the sequencing.
+CREATE TABLE events_pending (LIKE events INCLUDING ALL);
 
 -- Move up to p_limit committed pending events into the feed, oldest first; return how many moved.
 -- In READ COMMITTED each statement of a VOLATILE plpgsql function takes a fresh snapshot, so the move
