@@ -223,6 +223,7 @@ async def resolve(
                     f"payment {payment_id} was resolved as {existing.resolution} by {existing.resolved_by} "
                     f"at {iso(existing.resolved_at)}; resolutions are final"
                 )
+            outbox.replayed()  # answered as the first resolution was: once its event is in the feed
             return ResolveResult(Case(payment, existing), created=False)
         if pays:
             assert code is not None

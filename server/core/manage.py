@@ -112,6 +112,7 @@ async def cancel_code(pool: asyncpg.Pool, payment_code: str) -> PaymentCode:
             if current is None:
                 raise NotFound(f"no payment code {payment_code}")
             if current.status is CodeStatus.CANCELLED:
+                outbox.replayed()  # answered as the first cancel was: once its event is in the feed
                 return current
             raise NotModifiable(f"payment code {payment_code} is {current.status} and cannot be cancelled")
         await outbox.append(conn, "code.cancelled", code.payment_code, code_document(code))

@@ -115,6 +115,7 @@ async def _in_transaction(
                 await store_raw(NotificationOutcome.IGNORED), NotificationOutcome.IGNORED
             )
         if history.repeat:
+            outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
             return NotificationResult(await store_raw(NotificationOutcome.REPEAT), NotificationOutcome.REPEAT)
 
         decision = decide_payment(notice, code, history, now)
@@ -123,6 +124,7 @@ async def _in_transaction(
         if payment is None:
             # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
             await inbox.set_outcome(conn, notice.payment_code, notification_id, NotificationOutcome.REPEAT)
+            outbox.replayed()
             return NotificationResult(notification_id, NotificationOutcome.REPEAT)
         code = recorded.counted or code  # a normal payment was counted on its code
         await outbox.append(conn, EVENT_TYPES[decision.kind], notice.payment_code, _event(payment, code))

@@ -7,8 +7,10 @@ event whose transaction commits late. Writers do not allocate them: an event is 
 ``events`` in the order they were appended. Writers' commits therefore never wait on one another.
 
 Every writer goes through :func:`transaction`, which sequences its events before it returns: when an
-API call has answered, its event is in the feed. Events left pending by a process that died between its
-commit and that step are moved by the next sequencing anywhere, or by every server's sweep
+API call has answered, its event is in the feed (a repeat that appends nothing waits the same way, see
+:func:`replayed`). Events left pending by a process that died between its commit and that step, or whose
+sequencing could not finish within SEQUENCE_WAIT_S (the database in trouble; the change is committed and
+the answer says so), are moved by the next sequencing anywhere, or by every server's sweep
 (:func:`sweep_forever`).
 """
 
@@ -25,8 +27,9 @@ from typing import Any
 import asyncpg
 import structlog
 
+from server.core.errors import Unavailable
 from server.core.events import Event
-from server.store.pool import UNAVAILABLE_ERRORS
+from server.store.pool import DEADLINE_TICK_S, UNAVAILABLE_ERRORS, deadline, time_left
 
 log = structlog.get_logger(component="dipc.outbox")
 
@@ -34,11 +37,15 @@ CHANNEL = "dipc_events"  # LISTEN/NOTIFY channel that wakes long-polling readers
 SEQUENCE_BATCH = 1000  # events moved per sequencing statement
 SEQUENCE_GAP_S = 0.002  # the least time between two sequencing passes of one process
 SWEEP_S = 5.0  # how often a server moves what a dead writer left pending
+# The longest a writer waits, after its commit, for its event to be sequenced; a pass holds its process's
+# sequencer, so it is bounded wherever it runs (a lost connection would otherwise stop every writer).
+SEQUENCE_WAIT_S = 1.0
 
 
 @dataclass(slots=True)
 class _Appends:
     count: int = 0
+    replayed: bool = False  # the block answers a change made before, whose event may still be pending
 
 
 _TRANSACTION: ContextVar[_Appends | None] = ContextVar("dipc_outbox_transaction", default=None)
@@ -57,17 +64,38 @@ async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
             yield conn
     finally:
         _TRANSACTION.reset(token)
-    if appends.count:
-        await sequence(pool)
+    if appends.count or appends.replayed:
+        # Committed: whatever happens now, the answer says so. Within a request's deadline the wait ends
+        # early enough for that answer to leave before it; an event not sequenced by then is moved by
+        # the next pass anywhere, or by the sweep.
+        left = time_left()
+        wait = SEQUENCE_WAIT_S if left is None else min(SEQUENCE_WAIT_S, left - 2 * DEADLINE_TICK_S)
+        try:
+            if wait <= 0:
+                raise Unavailable("no time left in the request's deadline")
+            await sequence(pool, wait)
+        except Unavailable as error:
+            log.warning("outbox.sequencing_deferred", error=str(error))
+
+
+def replayed() -> None:
+    """The enclosing :func:`transaction` answers a change made before (a repeat): it sequences after its
+    commit too, so that, like the first answer, it comes only once that change's event is in the feed."""
+    _current("outbox.replayed").replayed = True
+
+
+def _current(what: str) -> _Appends:
+    appends = _TRANSACTION.get()
+    if appends is None:
+        raise RuntimeError(f"{what} outside outbox.transaction: the event would not be sequenced")
+    return appends
 
 
 async def append(
     conn: asyncpg.Connection, event_type: str, payment_code: str | None, payload: dict[str, Any]
 ) -> None:
     """Append one event inside the caller's :func:`transaction`."""
-    appends = _TRANSACTION.get()
-    if appends is None:
-        raise RuntimeError("outbox.append outside outbox.transaction: the event would not be sequenced")
+    appends = _current("outbox.append")
     await conn.execute(
         "INSERT INTO events_pending (type, payment_code, payload) VALUES ($1, $2, $3)",
         event_type,
@@ -105,16 +133,18 @@ class _Sequencer:
             self.covered = covers
 
 
-_SEQUENCERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sequencer] = weakref.WeakKeyDictionary()
+# One per pool: a pass covers the writers of its own database only, and goes with its pool.
+_SEQUENCERS: weakref.WeakKeyDictionary[asyncpg.Pool, _Sequencer] = weakref.WeakKeyDictionary()
 
 
-async def sequence(pool: asyncpg.Pool) -> None:
-    """Return once every event committed before the call is in ``events``."""
-    loop = asyncio.get_running_loop()
-    sequencer = _SEQUENCERS.get(loop)
+async def sequence(pool: asyncpg.Pool, wait: float = SEQUENCE_WAIT_S) -> None:
+    """Return once every event committed before the call is in ``events``; raise Unavailable if that
+    takes longer than ``wait`` seconds."""
+    sequencer = _SEQUENCERS.get(pool)
     if sequencer is None:
-        sequencer = _SEQUENCERS[loop] = _Sequencer()
-    await sequencer.sequence(pool)
+        sequencer = _SEQUENCERS[pool] = _Sequencer()
+    async with deadline(wait, "outbox.sequence"):
+        await sequencer.sequence(pool)
 
 
 async def _move_all(pool: asyncpg.Pool) -> int:
@@ -131,7 +161,7 @@ async def sweep_forever(pool: asyncpg.Pool, every_s: float = SWEEP_S) -> None:
     while True:
         try:
             await sequence(pool)
-        except UNAVAILABLE_ERRORS as error:
+        except (Unavailable, *UNAVAILABLE_ERRORS) as error:
             log.warning("outbox.sweep_failed", error=f"{type(error).__name__}: {error}")
         except Exception:
             log.exception("outbox.sweep_error")  # keep sweeping: the next writer's sequencing also moves them

@@ -43,8 +43,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 _HELD_CONNECTIONS: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
     "dipc_held_connections", default=None
 )
-# Set inside a Deadline, whose expiry terminates what the scope holds: a release there needs no timeout.
-_UNDER_DEADLINE: contextvars.ContextVar[bool] = contextvars.ContextVar("dipc_under_deadline", default=False)
+# Inside a Deadline, the loop time its innermost scope expires at; its expiry terminates what the scope
+# holds, so a release there needs no timeout of its own. None outside every deadline.
+_DEADLINE_AT: contextvars.ContextVar[float | None] = contextvars.ContextVar("dipc_deadline_at", default=None)
 # Outside a deadline (background work), a release gives up after this long and terminates the connection.
 RELEASE_TIMEOUT_S = 5.0
 
@@ -81,7 +82,7 @@ class FairPool(asyncpg.Pool):
     newcomer take an item ahead of a woken waiter): ``bench/pool_fairness.py`` measures both pools.
     """
 
-    __slots__ = ("_gate", "_held")
+    __slots__ = ("__weakref__", "_gate", "_held")  # weakly referenced: outbox keeps a sequencer per pool
 
     def __init__(self, *args: Any, max_size: int, **kwargs: Any) -> None:
         super().__init__(*args, max_size=max_size, **kwargs)
@@ -118,7 +119,7 @@ class FairPool(asyncpg.Pool):
         does here since aiohttp's handler cancellation is off, goes on unbounded, shielded by asyncpg;
         closing the pool ends it.)
         """
-        if timeout is None and not _UNDER_DEADLINE.get():
+        if timeout is None and _DEADLINE_AT.get() is None:
             timeout = RELEASE_TIMEOUT_S
         try:
             await super().release(connection, timeout=timeout)
@@ -177,6 +178,12 @@ def deadline(seconds: float, what: str) -> Deadline:
     return Deadline(seconds, what)
 
 
+def time_left() -> float | None:
+    """Seconds until the innermost open :class:`Deadline` of this task expires; None outside any."""
+    expiry = _DEADLINE_AT.get()
+    return None if expiry is None else expiry - asyncio.get_running_loop().time()
+
+
 class Deadline:
     """Database work under a deadline, and the one place "the database is down" becomes Unavailable.
 
@@ -212,8 +219,11 @@ class Deadline:
         self._started = time.perf_counter()
         self._held: list[Any] = []
         self._token = _HELD_CONNECTIONS.set(self._held)
-        self._bounded = _UNDER_DEADLINE.set(True)
-        self._watchdog = _Watchdog.of(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        enclosing = _DEADLINE_AT.get()
+        expiry = loop.time() + self._seconds
+        self._bounded = _DEADLINE_AT.set(expiry if enclosing is None else min(expiry, enclosing))
+        self._watchdog = _Watchdog.of(loop)
         self._watchdog.watch(self, self._seconds)
 
     def expire(self) -> None:
@@ -227,7 +237,7 @@ class Deadline:
     ) -> None:
         self._watchdog.unwatch(self)
         _HELD_CONNECTIONS.reset(self._token)
-        _UNDER_DEADLINE.reset(self._bounded)
+        _DEADLINE_AT.reset(self._bounded)
         # Our cancellation, and nobody else's since: it (or the termination that preceded it, seen by
         # the work first as a closed connection) is the timeout.
         ours = self._expired and self._task.uncancel() <= self._cancelling

@@ -12,6 +12,7 @@ import contextlib
 import signal
 import subprocess
 from collections.abc import Iterator
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -20,6 +21,13 @@ from tests.conftest import ADMIN_TOKEN, CLIENT, CLIENT_ID, dipc_env
 from tests.integration.test_cli import DIPC, free_port, wait_ready
 
 CODES = 60
+
+
+def serve(env: dict[str, str], port: int) -> subprocess.Popen:
+    """``dipc serve`` on ``port``, once it is ready."""
+    server = subprocess.Popen([*DIPC, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_ready(f"http://127.0.0.1:{port}/readyz", server)
+    return server
 
 
 @contextlib.contextmanager
@@ -31,11 +39,7 @@ def two_servers(database_url: str) -> Iterator[tuple[int, int]]:
             env = dipc_env(
                 database_url, DIPC_PORT=str(port), DIPC_ADMIN_TOKEN=ADMIN_TOKEN, DIPC_LOG_LEVEL="WARNING"
             )
-            server = subprocess.Popen(
-                [*DIPC, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-            )
-            servers.append(server)
-            wait_ready(f"http://127.0.0.1:{port}/readyz", server)
+            servers.append(serve(env, port))
         yield ports
     finally:
         for server in servers:
@@ -107,3 +111,100 @@ async def test_two_processes_sequence_one_feed_with_every_event_once_in_causal_o
         by_code.setdefault(row["payment_code"], []).append(row["type"])
     assert all(by_code[code] == ["payment.received", "payment.conflict"] for code in paid)
     assert all(by_code[code] == ["code.created"] for code in created)
+
+
+class SilencingProxy:
+    """TCP in front of PostgreSQL that can "lose" every connection open at one moment: the peer vanished
+    without a reset (a failover, a host that lost power, a firewall that forgot the flow), so those
+    sockets stay open and nothing ever comes back on them. Later connections work."""
+
+    def __init__(self, database_url: str) -> None:
+        parts = urlsplit(database_url)
+        query = dict(parse_qsl(parts.query))
+        self.upstream_port = parts.port or 5432
+        self.socket_dir = query.get("host") if query.get("host", "").startswith("/") else None
+        self.upstream_host = parts.hostname or "127.0.0.1"
+        self.pairs: list[dict[str, bool]] = []
+        self.port = free_port()
+        netloc = f"{parts.username}{':' + parts.password if parts.password else ''}@127.0.0.1:{self.port}"
+        rest = urlencode({k: v for k, v in query.items() if k != "host"})
+        self.url = urlunsplit(parts._replace(netloc=netloc, query=rest))
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.socket_dir:
+            return await asyncio.open_unix_connection(f"{self.socket_dir}/.s.PGSQL.{self.upstream_port}")
+        return await asyncio.open_connection(self.upstream_host, self.upstream_port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await self._open_upstream()
+        pair = {"silent": False}
+        self.pairs.append(pair)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await source.read(65536):
+                    if pair["silent"]:
+                        await asyncio.Event().wait()  # swallowed, and nothing ever answers
+                    sink.write(data)
+                    await sink.drain()
+            if not pair["silent"]:
+                sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    def lose_every_open_connection(self) -> None:
+        for pair in self.pairs:
+            pair["silent"] = True
+
+    def close(self) -> None:
+        self.server.close()
+
+
+async def test_connections_lost_without_a_word_stop_neither_writers_nor_the_feed_nor_shutdown(
+    database_url, pool, tmp_path
+):
+    codes = [f"88965{n:011d}" for n in range(CODES)]
+    await pool.copy_records_to_table(
+        "payment_codes",
+        records=[(code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan") for code in codes],
+        columns=["payment_code", "client_id", "channel", "invoice_number", "amount", "customer_name"],
+    )
+    proxy = SilencingProxy(database_url)
+    await proxy.start()
+    port = free_port()
+    env = dipc_env(
+        proxy.url, DIPC_PORT=str(port), DIPC_LOG_LEVEL="WARNING", DIPC_NOTIFICATION_DB_TIMEOUT_S="2"
+    )
+    server = await asyncio.to_thread(serve, env, port)
+    answers: list[tuple[int, int]] = []
+    try:
+        await asyncio.sleep(1)
+        proxy.lose_every_open_connection()
+        await asyncio.sleep(6)  # the sweep's next pass (every 5 s) takes a pooled connection: a lost one
+        async with aiohttp.ClientSession() as session:
+            doku = DokuSimulator(session, f"http://127.0.0.1:{port}", CLIENT)
+            for code in codes:
+                body = notification_body(
+                    code, invoice_number=f"INV-{code}", amount=10_000, original_request_id=code
+                )
+                reply = await doku.post("/doku/notification", body)
+                paid = await pool.fetchval("SELECT count(*) FROM payments WHERE payment_code = $1", code)
+                answers.append((reply.status, paid))
+                if [status for status, _ in answers[-3:]] == [200, 200, 200]:
+                    break
+        pending = await pool.fetchval("SELECT count(*) FROM events_pending")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(server.wait, 30)
+        server.kill()
+        proxy.close()
+    # Requests on lost connections are cut at their deadline (503, nothing committed) and the pool opens
+    # new ones; a 200 is a committed payment, whose event reached the feed before the answer.
+    assert answers[-3:] == [(200, 1)] * 3, answers
+    assert all(paid == (status == 200) for status, paid in answers), answers
+    assert pending == 0
+    assert server.returncode == 0  # SIGTERM: it stopped within the shutdown timeout, on its own

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.conftest import CODE
+from server.doku.client import notification_body
+from tests.conftest import CODE, code_fields
 
 INVOICE = "INV-2026-000123"
 
@@ -159,3 +162,200 @@ async def test_append_outside_an_outbox_transaction_is_refused(pool):
         with pytest.raises(RuntimeError, match=r"outside outbox\.transaction"):
             await outbox.append(conn, "code.created", "1", {})
     assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+
+
+# --- sequencing after the commit (ADR 3): repeats, trouble, other databases, the previous version ----
+
+SEQUENCING_LOCK = 7235437848553746036  # dipc_sequence_events' advisory lock
+
+
+@contextlib.asynccontextmanager
+async def sequencing_held(pool):
+    """Another process's sequencing pass, slow to finish: no pass anywhere moves an event meanwhile."""
+    async with pool.acquire() as holder:
+        await holder.execute("SELECT pg_advisory_lock($1)", SEQUENCING_LOCK)
+        try:
+            yield
+        finally:
+            await holder.execute("SELECT pg_advisory_unlock($1)", SEQUENCING_LOCK)
+
+
+async def until(pool, query: str) -> None:
+    """Wait (up to 5 s) until ``query`` returns something true."""
+    async with asyncio.timeout(5):
+        while True:
+            if await pool.fetchval(query):
+                return
+            await asyncio.sleep(0.01)
+
+
+async def payment_events(pool) -> int:
+    return await pool.fetchval("SELECT count(*) FROM events WHERE type = 'payment.received'")
+
+
+async def test_a_repeat_is_answered_only_once_the_first_payments_event_is_in_the_feed(
+    client, doku, register, pool
+):
+    await register()
+    body = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="t1")
+    async with sequencing_held(pool):
+        first = asyncio.create_task(doku.post("/doku/notification", body))
+        await until(pool, "SELECT count(*) FROM payments")  # committed; its event waits for the sequencing
+
+        async def twin_then_look() -> tuple[int, int]:
+            reply = await doku.post("/doku/notification", body)  # DOKU's retry: a repeat
+            return reply.status, await payment_events(pool)
+
+        twin = asyncio.create_task(twin_then_look())
+        await asyncio.sleep(0.4)
+        assert not twin.done()
+    status, in_feed_when_answered = await twin
+    assert (await first).status == 200
+    assert status == 200
+    assert in_feed_when_answered == 1
+
+
+async def test_a_committed_change_is_answered_so_when_its_sequencing_cannot_finish(
+    client, doku, register, pool, admin_headers
+):
+    await register(payment_code="8896500000000001", invoice_number="INV-1")
+    body = notification_body(
+        "8896500000000001", invoice_number="INV-1", amount=150000, original_request_id="t"
+    )
+    async with sequencing_held(pool):
+        paid = await doku.post("/doku/notification", body)
+        created = await client.post("/v1/payment-codes", json=code_fields(), headers=admin_headers)
+        # Both committed, and said so (a 503 would make DOKU, or the merchant, try again for nothing).
+        assert paid.status == 200
+        assert created.status == 201, await created.text()
+        assert await pool.fetchval("SELECT count(*) FROM payments") == 1
+        assert await pool.fetchval("SELECT count(*) FROM events_pending") == 2
+    # The next pass (here the server's sweep, at the latest) gives them their ids.
+    page = await feed(client, admin_headers, after=1, wait=15)
+    rest = await feed(client, admin_headers, after=page["next"], wait=1)
+    assert [event["type"] for event in page["items"] + rest["items"]] == ["payment.received", "code.created"]
+
+
+async def test_a_rollback_sequences_nothing_and_an_error_after_the_commit_loses_nothing(pool, monkeypatch):
+    from server.store import outbox
+
+    passes: list[int] = []
+    real = outbox._move_all
+
+    async def counted(p):
+        passes.append(1)
+        return await real(p)
+
+    monkeypatch.setattr(outbox, "_move_all", counted)
+
+    async def rolled_back() -> None:
+        async with outbox.transaction(pool) as conn:
+            await outbox.append(conn, "code.created", "rolled back", {})
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        await rolled_back()
+    assert passes == []
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+
+    async def lost(_pool):
+        raise ConnectionResetError("the connection went after the commit")
+
+    monkeypatch.setattr(outbox, "_move_all", lost)
+    async with outbox.transaction(pool) as conn:  # committed: no error reaches the caller
+        await outbox.append(conn, "code.created", "kept", {})
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 1
+    monkeypatch.undo()
+    await outbox.sequence(pool)
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE payment_code = 'kept'") == 1
+
+
+async def test_a_pass_on_another_database_does_not_cover_a_writer_of_this_one(
+    database_url, pool, monkeypatch
+):
+    from server.store import migrate, outbox
+    from server.store.pool import create_pool
+
+    other = "dipc_events_other"
+    await pool.execute(f"DROP DATABASE IF EXISTS {other} WITH (FORCE)")
+    await pool.execute(f"CREATE DATABASE {other}")
+    other_url = urlunsplit(urlsplit(database_url)._replace(path=f"/{other}"))
+    await migrate.migrate_dsn(other_url)
+    other_pool = await create_pool(other_url, min_size=1, max_size=2)
+    monkeypatch.setattr(outbox, "SEQUENCE_GAP_S", 0.3)  # passes far apart: a writer asks during one
+
+    async def writer(on, code: str) -> None:
+        async with outbox.transaction(on) as conn:
+            await outbox.append(conn, "code.created", code, {})
+
+    try:
+        await writer(pool, "warm")  # this database's last pass was just now
+        first = asyncio.create_task(writer(pool, "here"))  # waits out the gap, holding its pass
+        await asyncio.sleep(0.05)
+        await writer(other_pool, "there")
+        await first
+        assert await other_pool.fetchval("SELECT count(*) FROM events") == 1
+    finally:
+        await other_pool.close()
+        await pool.execute(f"DROP DATABASE IF EXISTS {other} WITH (FORCE)")
+
+
+async def test_a_server_of_the_previous_version_keeps_the_feed_in_causal_order(pool):
+    """Its append (ADR 3 before 0007): the insert into events under the lock, held to its commit."""
+    from server.store import outbox
+
+    previous_append = """
+        WITH locked AS (SELECT pg_advisory_xact_lock($1))
+        INSERT INTO events (type, payment_code, payload)
+        SELECT $2, $3, '{}' FROM locked
+        RETURNING id, pg_notify('dipc_events', id::text)
+    """
+    async with sequencing_held(pool):  # this version's writer is between its commit and its pass
+        committed_first = asyncio.create_task(_append(pool, "payment.received"))
+        await until(pool, "SELECT count(*) FROM events_pending")
+    await committed_first
+    # Rolled back to the previous version: its writers insert directly. What this version left pending
+    # goes first, though nobody of this version is left to sequence it.
+    await pool.execute(
+        "INSERT INTO events_pending (type, payment_code, payload) VALUES ('code.updated', 'X', '{}')"
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.fetchrow(previous_append, SEQUENCING_LOCK, "payment.conflict", "X")
+    assert [row["type"] for row in await pool.fetch("SELECT type FROM events ORDER BY id")] == [
+        "payment.received",
+        "code.updated",
+        "payment.conflict",
+    ]
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+    await outbox.sequence(pool)  # and a pass of this version after it finds nothing twice
+
+
+async def _append(pool, event_type: str) -> None:
+    from server.store import outbox
+
+    async with outbox.transaction(pool) as conn:
+        await outbox.append(conn, event_type, "X", {})
+
+
+async def test_a_payment_committed_late_in_its_budget_is_answered_200_not_503(
+    aiohttp_client, database_url, pool
+):
+    from server.app import make_app
+    from server.doku.client import DokuSimulator
+    from tests.conftest import CLIENT, make_settings
+
+    # A budget shorter than the sequencing's own wait: the wait ends before the request's deadline.
+    client = await aiohttp_client(make_app(make_settings(notification_db_timeout_s=0.6), database_url))
+    await pool.execute(
+        "INSERT INTO payment_codes (payment_code, client_id, channel, invoice_number, amount, customer_name) "
+        "VALUES ($1, $2, 'ALFA', $3, 150000, 'Budi')",
+        CODE,
+        CLIENT.client_id,
+        INVOICE,
+    )
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    body = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="late")
+    async with sequencing_held(pool):
+        reply = await doku.post("/doku/notification", body)
+        assert reply.status == 200
+        assert await pool.fetchval("SELECT count(*) FROM payments") == 1
