@@ -91,6 +91,17 @@ async def send_all(port: int, bodies: dict[str, bytes]) -> set[str]:
     return acknowledged(await post_all(port, "/doku/notification", bodies))
 
 
+async def one_shot_codes(pool, count: int) -> list[str]:
+    """Register ``count`` one-shot ALFA codes, invoice ``INV-<code>`` for Rp 10.000 each; return them."""
+    codes = [f"88965{n:011d}" for n in range(count)]
+    await pool.copy_records_to_table(
+        "payment_codes",
+        records=[(code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan") for code in codes],
+        columns=["payment_code", "client_id", "channel", "invoice_number", "amount", "customer_name"],
+    )
+    return codes
+
+
 def acknowledged(answers: dict[str, tuple[int, bytes]]) -> set[str]:
     return {code for code, (status, _) in answers.items() if status == 200}
 
@@ -98,12 +109,7 @@ def acknowledged(answers: dict[str, tuple[int, bytes]]) -> set[str]:
 async def test_a_killed_server_loses_no_acknowledged_notification_and_doubles_no_payment(
     database_url, pool, tmp_path
 ):
-    codes = [f"88965{n:011d}" for n in range(COUNT)]
-    await pool.copy_records_to_table(
-        "payment_codes",
-        records=[(code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan") for code in codes],
-        columns=["payment_code", "client_id", "channel", "invoice_number", "amount", "customer_name"],
-    )
+    codes = await one_shot_codes(pool, COUNT)
     bodies = {
         code: notification_body(
             code, invoice_number=f"INV-{code}", amount=10_000, original_request_id=f"trx-{code}"

@@ -19,6 +19,7 @@ import aiohttp
 from server.doku.client import DokuSimulator, notification_body
 from tests.conftest import ADMIN_TOKEN, CLIENT, CLIENT_ID, dipc_env
 from tests.integration.test_cli import DIPC, free_port, wait_ready
+from tests.integration.test_crash import one_shot_codes
 
 CODES = 60
 
@@ -49,13 +50,8 @@ def two_servers(database_url: str) -> Iterator[tuple[int, int]]:
 
 
 async def test_two_processes_sequence_one_feed_with_every_event_once_in_causal_order(database_url, pool):
-    codes = [f"88965{n:011d}" for n in range(CODES)]
-    paid, created = codes[: CODES // 2], codes[CODES // 2 :]
-    await pool.copy_records_to_table(
-        "payment_codes",
-        records=[(code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan") for code in paid],
-        columns=["payment_code", "client_id", "channel", "invoice_number", "amount", "customer_name"],
-    )
+    paid = await one_shot_codes(pool, CODES // 2)
+    created = [f"88965{n:011d}" for n in range(CODES // 2, CODES)]
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with two_servers(database_url) as (first, second):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -166,12 +162,7 @@ class SilencingProxy:
 async def test_connections_lost_without_a_word_stop_neither_writers_nor_the_feed_nor_shutdown(
     database_url, pool, tmp_path
 ):
-    codes = [f"88965{n:011d}" for n in range(CODES)]
-    await pool.copy_records_to_table(
-        "payment_codes",
-        records=[(code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan") for code in codes],
-        columns=["payment_code", "client_id", "channel", "invoice_number", "amount", "customer_name"],
-    )
+    codes = await one_shot_codes(pool, CODES)
     proxy = SilencingProxy(database_url)
     await proxy.start()
     port = free_port()
