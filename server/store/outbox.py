@@ -106,7 +106,7 @@ async def append(
 
 
 class _Sequencer:
-    """Sequencing for one event loop: writers that committed meanwhile share the next pass.
+    """Sequencing for one pool (one database): writers that committed meanwhile share the next pass.
 
     Passes start at least SEQUENCE_GAP_S apart, so under load each moves many events (as commits share
     a WAL flush); a writer that finds the last pass that long ago starts its own at once.
