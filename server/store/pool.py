@@ -224,7 +224,7 @@ class Deadline:
         expiry = loop.time() + self._seconds
         self._bounded = _DEADLINE_AT.set(expiry if enclosing is None else min(expiry, enclosing))
         self._watchdog = _Watchdog.of(loop)
-        self._watchdog.watch(self, self._seconds)
+        self._watchdog.watch(self, expiry)
 
     def expire(self) -> None:
         """The deadline passed (called by the watchdog): free what the work waits on, then cancel it."""
@@ -277,8 +277,9 @@ class _Watchdog:
             watchdog = _WATCHDOGS[loop] = cls(loop)
         return watchdog
 
-    def watch(self, scope: Deadline, seconds: float) -> None:
-        self._open[scope] = self._loop.time() + seconds
+    def watch(self, scope: Deadline, expiry: float) -> None:
+        """Expire ``scope`` at loop time ``expiry``."""
+        self._open[scope] = expiry
         if self._timer is None:
             self._timer = self._loop.call_later(DEADLINE_TICK_S, self._tick)
 
