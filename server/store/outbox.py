@@ -43,12 +43,15 @@ SEQUENCE_WAIT_S = 1.0
 
 
 @dataclass(slots=True)
-class _Appends:
-    count: int = 0
-    replayed: bool = False  # the block answers a change made before, whose event may still be pending
+class _Answer:
+    """What the enclosing :func:`transaction`'s answer must wait for once it has committed."""
+
+    # An event appended, or a change made before answered again (a repeat), whose event may still be
+    # pending: either way the answer comes once the feed has it.
+    waits_for_feed: bool = False
 
 
-_TRANSACTION: ContextVar[_Appends | None] = ContextVar("dipc_outbox_transaction", default=None)
+_TRANSACTION: ContextVar[_Answer | None] = ContextVar("dipc_outbox_transaction", default=None)
 
 
 @contextlib.asynccontextmanager
@@ -57,14 +60,14 @@ async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
 
     On an exception the transaction rolls back and nothing is sequenced.
     """
-    appends = _Appends()
-    token = _TRANSACTION.set(appends)
+    answer = _Answer()
+    token = _TRANSACTION.set(answer)
     try:
         async with pool.acquire() as conn, conn.transaction():
             yield conn
     finally:
         _TRANSACTION.reset(token)
-    if appends.count or appends.replayed:
+    if answer.waits_for_feed:
         # Committed: whatever happens now, the answer says so. Within a request's deadline the wait ends
         # early enough for that answer to leave before it; an event not sequenced by then is moved by
         # the next pass anywhere, or by the sweep.
@@ -81,28 +84,28 @@ async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
 def replayed() -> None:
     """The enclosing :func:`transaction` answers a change made before (a repeat): it sequences after its
     commit too, so that, like the first answer, it comes only once that change's event is in the feed."""
-    _current("outbox.replayed").replayed = True
+    _current("outbox.replayed").waits_for_feed = True
 
 
-def _current(what: str) -> _Appends:
-    appends = _TRANSACTION.get()
-    if appends is None:
+def _current(what: str) -> _Answer:
+    answer = _TRANSACTION.get()
+    if answer is None:
         raise RuntimeError(f"{what} outside outbox.transaction: the event would not be sequenced")
-    return appends
+    return answer
 
 
 async def append(
     conn: asyncpg.Connection, event_type: str, payment_code: str | None, payload: dict[str, Any]
 ) -> None:
     """Append one event inside the caller's :func:`transaction`."""
-    appends = _current("outbox.append")
+    answer = _current("outbox.append")
     await conn.execute(
         "INSERT INTO events_pending (type, payment_code, payload) VALUES ($1, $2, $3)",
         event_type,
         payment_code,
         payload,
     )
-    appends.count += 1
+    answer.waits_for_feed = True
 
 
 class _Sequencer:
