@@ -73,6 +73,8 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             asyncio.create_task(
                 DatabaseSampler(app[HEALTH], every_s=settings.metrics_sample_s).run(), name="dipc-db-sampler"
             ),
+            # Events whose writer died between its commit and their sequencing reach the feed within SWEEP_S.
+            asyncio.create_task(outbox.sweep_forever(app[POOL]), name="dipc-event-sweep"),
         ]
         yield
         for task in tasks:
@@ -91,14 +93,6 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
         app[LISTENER] = listener
         yield
         await listener.close()
-
-    async def sweep_context(app: web.Application) -> AsyncIterator[None]:
-        # Events whose writer died between its commit and their sequencing reach the feed within SWEEP_S.
-        task = asyncio.create_task(outbox.sweep_forever(app[POOL]), name="dipc-event-sweep")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
     async def forwarder_context(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession() as session:
@@ -139,7 +133,6 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app.cleanup_ctx.append(pool_context)
     app.cleanup_ctx.append(health_context)
     app.cleanup_ctx.append(listener_context)
-    app.cleanup_ctx.append(sweep_context)
     app.on_shutdown.append(release_long_polls)
     if settings.webhook_url:
         app.cleanup_ctx.append(forwarder_context)
