@@ -21,8 +21,9 @@ from tests.integration.test_cli import DIPC, free_port, wait_ready
 COUNT = 300
 
 
-def start_server(database_url: str, port: int) -> subprocess.Popen:
-    env = dipc_env(database_url, DIPC_PORT=str(port), DIPC_LOG_LEVEL="WARNING")
+def start_server(database_url: str, port: int, **extra: str) -> subprocess.Popen:
+    """``dipc serve`` on ``port`` (``extra``: more of its environment), once it is ready."""
+    env = dipc_env(database_url, DIPC_PORT=str(port), DIPC_LOG_LEVEL="WARNING", **extra)
     server = subprocess.Popen([*DIPC, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_ready(f"http://127.0.0.1:{port}/readyz", server)
     return server

@@ -17,18 +17,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 
 from server.doku.client import DokuSimulator, notification_body
-from tests.conftest import ADMIN_TOKEN, CLIENT, CLIENT_ID, dipc_env
-from tests.integration.test_cli import DIPC, free_port, wait_ready
-from tests.integration.test_crash import one_shot_codes
+from tests.conftest import ADMIN_TOKEN, CLIENT, CLIENT_ID
+from tests.integration.test_cli import free_port
+from tests.integration.test_crash import one_shot_codes, start_server
 
 CODES = 60
-
-
-def serve(env: dict[str, str], port: int) -> subprocess.Popen:
-    """``dipc serve`` on ``port``, once it is ready."""
-    server = subprocess.Popen([*DIPC, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_ready(f"http://127.0.0.1:{port}/readyz", server)
-    return server
 
 
 @contextlib.contextmanager
@@ -37,10 +30,7 @@ def two_servers(database_url: str) -> Iterator[tuple[int, int]]:
     servers = []
     try:
         for port in ports:
-            env = dipc_env(
-                database_url, DIPC_PORT=str(port), DIPC_ADMIN_TOKEN=ADMIN_TOKEN, DIPC_LOG_LEVEL="WARNING"
-            )
-            servers.append(serve(env, port))
+            servers.append(start_server(database_url, port, DIPC_ADMIN_TOKEN=ADMIN_TOKEN))
         yield ports
     finally:
         for server in servers:
@@ -166,10 +156,7 @@ async def test_connections_lost_without_a_word_stop_neither_writers_nor_the_feed
     proxy = SilencingProxy(database_url)
     await proxy.start()
     port = free_port()
-    env = dipc_env(
-        proxy.url, DIPC_PORT=str(port), DIPC_LOG_LEVEL="WARNING", DIPC_NOTIFICATION_DB_TIMEOUT_S="2"
-    )
-    server = await asyncio.to_thread(serve, env, port)
+    server = await asyncio.to_thread(start_server, proxy.url, port, DIPC_NOTIFICATION_DB_TIMEOUT_S="2")
     answers: list[tuple[int, int]] = []
     try:
         await asyncio.sleep(1)

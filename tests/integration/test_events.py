@@ -180,6 +180,14 @@ async def sequencing_held(pool):
             await holder.execute("SELECT pg_advisory_unlock($1)", SEQUENCING_LOCK)
 
 
+async def append_one(pool, event_type: str, payment_code: str) -> None:
+    """A writer of this version: one event, in a transaction of its own."""
+    from server.store import outbox
+
+    async with outbox.transaction(pool) as conn:
+        await outbox.append(conn, event_type, payment_code, {})
+
+
 async def until(pool, query: str) -> None:
     """Wait (up to 5 s) until ``query`` returns something true."""
     async with asyncio.timeout(5):
@@ -284,15 +292,12 @@ async def test_a_pass_on_another_database_does_not_cover_a_writer_of_this_one(
     other_pool = await create_pool(other_url, min_size=1, max_size=2)
     monkeypatch.setattr(outbox, "SEQUENCE_GAP_S", 0.3)  # passes far apart: a writer asks during one
 
-    async def writer(on, code: str) -> None:
-        async with outbox.transaction(on) as conn:
-            await outbox.append(conn, "code.created", code, {})
-
     try:
-        await writer(pool, "warm")  # this database's last pass was just now
-        first = asyncio.create_task(writer(pool, "here"))  # waits out the gap, holding its pass
+        await append_one(pool, "code.created", "warm")  # this database's last pass was just now
+        # Waits out the gap, holding its pass:
+        first = asyncio.create_task(append_one(pool, "code.created", "here"))
         await asyncio.sleep(0.05)
-        await writer(other_pool, "there")
+        await append_one(other_pool, "code.created", "there")
         await first
         assert await other_pool.fetchval("SELECT count(*) FROM events") == 1
     finally:
@@ -311,7 +316,7 @@ async def test_a_server_of_the_previous_version_keeps_the_feed_in_causal_order(p
         RETURNING id, pg_notify('dipc_events', id::text)
     """
     async with sequencing_held(pool):  # this version's writer is between its commit and its pass
-        committed_first = asyncio.create_task(_append(pool, "payment.received"))
+        committed_first = asyncio.create_task(append_one(pool, "payment.received", "X"))
         await until(pool, "SELECT count(*) FROM events_pending")
     await committed_first
     # Rolled back to the previous version: its writers insert directly. What this version left pending
@@ -328,13 +333,6 @@ async def test_a_server_of_the_previous_version_keeps_the_feed_in_causal_order(p
     ]
     assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
     await outbox.sequence(pool)  # and a pass of this version after it finds nothing twice
-
-
-async def _append(pool, event_type: str) -> None:
-    from server.store import outbox
-
-    async with outbox.transaction(pool) as conn:
-        await outbox.append(conn, event_type, "X", {})
 
 
 async def test_a_payment_committed_late_in_its_budget_is_answered_200_not_503(
