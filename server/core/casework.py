@@ -227,7 +227,8 @@ async def resolve(
             return ResolveResult(Case(payment, existing), created=False)
         if pays:
             assert code is not None
-            code = await code_store.count_payment(conn, code.payment_code)
+            code = code.counted(now)
+            await code_store.save_count(conn, code)
         case = Case(payment, stored)
         document = case.document() | {"code": code_document(code) if code else None}
         await outbox.append(conn, RESOLVED_EVENT, payment.payment_code, document)

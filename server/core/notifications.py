@@ -1,9 +1,13 @@
-"""Recording a payment notification: exactly once, in one transaction, before we answer (spec §4).
+"""Recording a payment notification: exactly once, before we answer (spec §4; ADR 4, ADR 11).
 
-The transaction: lock the code's row (serialising every notification, cancel and change of that code),
-read what is recorded, decide, then write the inbox row, the payment, the code's new state and the
-outbox event together. Retries of a transaction find their payment and record only themselves in the
-inbox. The payment's primary key and the one-normal-payment-per-invoice index back the locks up.
+Read, decide, record: read the code and what is recorded for the invoice, without a lock; decide
+(``decide_payment``, the one place the payment rules live); then one statement, its own transaction,
+takes the code's row lock (serialising every notification, cancel and change of that code), checks that
+what the decision rests on is still so, and writes the inbox row, the payment, the code's count, the
+reconciliation's settlement and the outbox event together. If anything changed, it writes nothing and
+the notification is read and decided again. Retries of a transaction find their payment and record only
+themselves in the inbox. The payment's primary key and the one-normal-payment-per-invoice index back
+the lock up.
 """
 
 from __future__ import annotations
@@ -62,13 +66,50 @@ async def record_notification(
     pool: asyncpg.Pool, raw: RawNotification, notice: PaymentNotice, *, now: datetime
 ) -> NotificationResult:
     """Store the notification and its effect; return only once both are committed."""
-    try:
-        return await _in_transaction(pool, raw, notice, now)
-    except asyncpg.UniqueViolationError as error:
-        # A second normal payment for one invoice reached the index, which only a race the row lock
-        # does not cover could do. Nothing was committed; the retry reads the winner and decides again.
-        log.warning("notification.retry_after_unique_violation", constraint=error.constraint_name)
-        return await _in_transaction(pool, raw, notice, now)
+
+    def raw_values(outcome: NotificationOutcome) -> tuple:
+        return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
+
+    if not notice.paid:
+        outcome = NotificationOutcome.IGNORED
+        return NotificationResult(await inbox.insert(pool, raw_values(outcome)), outcome)
+    async with outbox.connection(pool) as conn:
+        while True:
+            context = await payment_store.read_context(
+                conn,
+                notice.payment_code,
+                notice.invoice_number,
+                notice.transaction_ref,
+                notice.amount,
+                unnamed_ref=conventions.check_status_reference(notice.invoice_number),
+            )
+            if context.history.repeat:
+                outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
+                outcome = NotificationOutcome.REPEAT
+                return NotificationResult(await inbox.insert(conn, raw_values(outcome)), outcome)
+            decision = decide_payment(notice, context.code, context.history, now)
+            payment = planned_payment(notice, decision, context, raw.source)
+            counted = context.code.counted(context.at) if decision.kind is PaymentKind.NORMAL else None
+            code = counted or context.code
+            event = (EVENT_TYPES[decision.kind], _event(payment, code))
+            try:
+                recorded = await payment_store.record(
+                    conn, context, raw_values(decision.outcome), payment, counted, event
+                )
+            except asyncpg.UniqueViolationError as error:
+                # A second normal payment for one invoice reached the index, which only a race the row
+                # lock does not cover could do. Nothing was committed; read the winner and decide again.
+                log.warning("notification.retry_after_unique_violation", constraint=error.constraint_name)
+                continue
+            if recorded is None:
+                # The code or the invoice's history changed since the read: decide again on what is now.
+                log.info("notification.decided_again", payment_code=notice.payment_code)
+                continue
+            if recorded.payment is None:
+                # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
+                outbox.replayed()
+                return NotificationResult(payment.notification_id, NotificationOutcome.REPEAT)
+            return NotificationResult(payment.notification_id, decision.outcome, decision, payment)
 
 
 async def record_rejected(pool: asyncpg.Pool, raw: RawNotification, payment_code: str) -> int:
@@ -91,44 +132,29 @@ def _inbox_values(
     )
 
 
-async def _in_transaction(
-    pool: asyncpg.Pool, raw: RawNotification, notice: PaymentNotice, now: datetime
-) -> NotificationResult:
-    async with outbox.transaction(pool) as conn:
-        code, history = await payment_store.lock_and_read(
-            conn,
-            notice.payment_code,
-            notice.invoice_number,
-            notice.transaction_ref,
-            notice.amount,
-            unnamed_ref=conventions.check_status_reference(notice.invoice_number),
-        )
-
-        def raw_values(outcome: NotificationOutcome) -> tuple:
-            return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
-
-        async def store_raw(outcome: NotificationOutcome) -> int:
-            return await inbox.insert(conn, raw_values(outcome))
-
-        if not notice.paid:
-            return NotificationResult(
-                await store_raw(NotificationOutcome.IGNORED), NotificationOutcome.IGNORED
-            )
-        if history.repeat:
-            outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
-            return NotificationResult(await store_raw(NotificationOutcome.REPEAT), NotificationOutcome.REPEAT)
-
-        decision = decide_payment(notice, code, history, now)
-        recorded = await payment_store.record(conn, raw_values(decision.outcome), notice, decision)
-        notification_id, payment = recorded.notification_id, recorded.payment
-        if payment is None:
-            # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
-            await inbox.set_outcome(conn, notice.payment_code, notification_id, NotificationOutcome.REPEAT)
-            outbox.replayed()
-            return NotificationResult(notification_id, NotificationOutcome.REPEAT)
-        code = recorded.counted or code  # a normal payment was counted on its code
-        await outbox.append(conn, EVENT_TYPES[decision.kind], notice.payment_code, _event(payment, code))
-    return NotificationResult(notification_id, decision.outcome, decision, payment)
+def planned_payment(
+    notice: PaymentNotice, decision: PaymentDecision, context: payment_store.PaymentContext, source: str
+) -> Payment:
+    """The payment recording ``notice`` will write, with the ids and the time ``context`` holds for it."""
+    return Payment(
+        id=context.payment_id,
+        payment_code=notice.payment_code,
+        invoice_number=notice.invoice_number,
+        transaction_ref=notice.transaction_ref,
+        kind=decision.kind.value,
+        reason=decision.reason.value if decision.reason else None,
+        amount=notice.amount,
+        expected_amount=decision.expected_amount,
+        client_id=notice.client_id,
+        channel=notice.channel,
+        agent_id=notice.agent_id,
+        agent_store_id=notice.agent_store_id,
+        agent_trx_id=notice.agent_trx_id,
+        paid_at=notice.paid_at,
+        notification_id=context.notification_id,
+        source=source,
+        recorded_at=context.at,
+    )
 
 
 def _event(payment: Payment, code: PaymentCode | None) -> dict:

@@ -45,14 +45,9 @@ def stored_headers(headers: Sequence[tuple[str, str]]) -> list[list[Any]]:
     return stored
 
 
-# The inbox row of one notification, its parameters from ``values``. payments.record
-# runs it as the first part of the statement that also records the payment.
-INSERT = """
-INSERT INTO notifications (payment_code, client_id, request_id, headers, body, transaction_status, outcome,
-                           source)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-RETURNING id
-"""
+# The inbox row of one notification: its columns, in the order of ``values``.
+COLUMNS = "payment_code, client_id, request_id, headers, body, transaction_status, outcome, source"
+INSERT = f"INSERT INTO notifications ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id"  # noqa: S608
 
 
 def values(
@@ -83,14 +78,3 @@ async def insert(conn: asyncpg.Connection | asyncpg.Pool, notification: tuple[An
     """Store one notification (its :func:`values`) exactly as received; return its id."""
     notification_id: int = await conn.fetchval(INSERT, *notification)
     return notification_id
-
-
-async def set_outcome(
-    conn: asyncpg.Connection, payment_code: str, notification_id: int, outcome: NotificationOutcome
-) -> None:
-    await conn.execute(
-        "UPDATE notifications SET outcome = $3 WHERE payment_code = $1 AND id = $2",
-        payment_code,
-        notification_id,
-        outcome.value,
-    )

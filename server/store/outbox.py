@@ -6,9 +6,9 @@ event whose transaction commits late. Writers do not allocate them: an event is 
 (schemas/migrations/0007_event_sequencer.sql), alone under an advisory lock, moves committed events into
 ``events`` in the order they were appended. Writers' commits therefore never wait on one another.
 
-Every writer goes through :func:`transaction`, which sequences its events before it returns: when an
-API call has answered, its event is in the feed (a repeat that appends nothing waits the same way, see
-:func:`replayed`). Events left pending by a process that died between its commit and that step, or whose
+Every writer goes through :func:`transaction` (or :func:`connection`, for a change written by one
+statement), which sequences its events before it returns: when an API call has answered, its event is
+in the feed (a repeat that appends nothing waits the same way, see :func:`replayed`). Events left pending by a process that died between its commit and that step, or whose
 sequencing could not finish within SEQUENCE_WAIT_S (the database in trouble; the change is committed and
 the answer says so), are moved by the next sequencing anywhere, or by every server's sweep
 (:func:`sweep_forever`).
@@ -55,15 +55,13 @@ _TRANSACTION: ContextVar[_Answer | None] = ContextVar("dipc_outbox_transaction",
 
 
 @contextlib.asynccontextmanager
-async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
-    """A transaction on a pooled connection that may append events; they are in the feed when it exits.
-
-    On an exception the transaction rolls back and nothing is sequenced.
-    """
+async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection whose statements may append events, each statement its own transaction;
+    their events are in the feed when it exits."""
     answer = _Answer()
     token = _TRANSACTION.set(answer)
     try:
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire() as conn:
             yield conn
     finally:
         _TRANSACTION.reset(token)
@@ -81,6 +79,15 @@ async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
             log.warning("outbox.sequencing_deferred", error=str(error))
 
 
+@contextlib.asynccontextmanager
+async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction on a pooled :func:`connection` that may append events; they are in the feed when it
+    exits. On an exception the transaction rolls back and nothing is sequenced.
+    """
+    async with connection(pool) as conn, conn.transaction():
+        yield conn
+
+
 def replayed() -> None:
     """The enclosing :func:`transaction` answers a change made before (a repeat): it sequences after its
     commit too, so that, like the first answer, it comes only once that change's event is in the feed."""
@@ -90,8 +97,15 @@ def replayed() -> None:
 def _current(what: str) -> _Answer:
     answer = _TRANSACTION.get()
     if answer is None:
-        raise RuntimeError(f"{what} outside outbox.transaction: the event would not be sequenced")
+        raise RuntimeError(
+            f"{what} outside outbox.transaction or .connection: the event would not be sequenced"
+        )
     return answer
+
+
+# Appends one event; ``INSERT_PENDING VALUES (type, payment_code, payload)``, or a SELECT of the three
+# inside a statement that writes the change it reports (then call :func:`appended`).
+INSERT_PENDING = "INSERT INTO events_pending (type, payment_code, payload)"
 
 
 async def append(
@@ -99,13 +113,15 @@ async def append(
 ) -> None:
     """Append one event inside the caller's :func:`transaction`."""
     answer = _current("outbox.append")
-    await conn.execute(
-        "INSERT INTO events_pending (type, payment_code, payload) VALUES ($1, $2, $3)",
-        event_type,
-        payment_code,
-        payload,
-    )
+    if not conn.is_in_transaction():
+        raise RuntimeError("outbox.append outside a transaction: the event would not commit with its change")
+    await conn.execute(f"{INSERT_PENDING} VALUES ($1, $2, $3)", event_type, payment_code, payload)
     answer.waits_for_feed = True
+
+
+def appended() -> None:
+    """A statement run on the enclosing :func:`connection` appended an event (``INSERT_PENDING``)."""
+    _current("outbox.appended").waits_for_feed = True
 
 
 class _Sequencer:

@@ -9,9 +9,9 @@ from typing import Any
 import asyncpg
 
 from server.core.codes import PaymentCode
-from server.core.payments import Payment, PaymentDecision, PaymentHistory, PaymentNotice
+from server.core.payments import Payment, PaymentHistory
 from server.store import codes as code_store
-from server.store import inbox, reconciliation
+from server.store import inbox, outbox, reconciliation
 
 COLUMNS = (
     "id, payment_code, invoice_number, transaction_ref, kind, reason, amount, expected_amount, client_id, "
@@ -55,106 +55,168 @@ async def list_page(
     return [payment_from_row(row) for row in rows]
 
 
-_LOCK_AND_READ = f"""
-SELECT {code_store.prefixed_columns("(context.code)", "code_")}, repeat, invoice_paid, quoted_amounts
-  FROM dipc_payment_context($1, $2, $3, $4, $5) AS context
+@dataclass(frozen=True, slots=True)
+class PaymentContext:
+    """What a notice is decided on, and what recording it will write unless that has changed."""
+
+    code: PaymentCode | None  # None: not registered
+    history: PaymentHistory
+    payment_id: int  # the ids the payment and its inbox row will have (unused ids leave gaps)
+    notification_id: int
+    at: datetime  # the database's time of the read: the payment's recorded_at
+    unnamed_ref: str  # what a Check Status answer that named no transaction is recorded as
+    code_state: str | None  # what of the code the decision depends on (dipc_code_state)
+
+
+_READ_CONTEXT = f"""
+SELECT {code_store.prefixed_columns("code", "code_")}, history.repeat, history.invoice_paid,
+       history.quoted_amounts, nextval('payments_id_seq') AS payment_id,
+       nextval('notifications_id_seq') AS notification_id, now() AS at, dipc_code_state(code) AS code_state
+  FROM dipc_payment_history($1, $2, $3, $4, $5) AS history
+  LEFT JOIN payment_codes code ON code.payment_code = $1
 """  # noqa: S608 - constants
 
 
-async def lock_and_read(
-    conn: asyncpg.Connection,
+async def read_context(
+    conn: asyncpg.Connection | asyncpg.Pool,
     payment_code: str,
     invoice_number: str,
     transaction_ref: str,
     amount: int,
     *,
     unnamed_ref: str,
-) -> tuple[PaymentCode | None, PaymentHistory]:
-    """Lock the code's row, then read what is recorded for its invoice: in one round trip, inside the
-    caller's transaction, which holds the lock until it ends.
+) -> PaymentContext:
+    """Read a notice's code and what is recorded for its invoice, without a lock: :func:`record` writes
+    only if both are still so when it holds the code's row lock.
 
-    The function ``dipc_payment_context`` (schemas/migrations/0006_payment_context.sql) reads the history
-    in a statement of its own after the lock is held, so it sees whatever the lock holder before us
-    committed. The code is None when it is not registered (no row to lock). A repeat is the same
-    transaction reference, or the same amount where one side is a Check Status answer that named no
-    transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule 3).
+    ``dipc_payment_history`` (schemas/migrations/0008_payment_history.sql) says what is recorded: a
+    repeat is the same transaction reference, or the same amount where one side is a Check Status answer
+    that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule 3).
     """
     row = await conn.fetchrow(
-        _LOCK_AND_READ, payment_code, invoice_number, transaction_ref, amount, unnamed_ref
+        _READ_CONTEXT, payment_code, invoice_number, transaction_ref, amount, unnamed_ref
     )
-    code = code_store.code_from_row(row, "code_") if row["code_payment_code"] is not None else None
-    history = PaymentHistory(
-        repeat=row["repeat"],
-        invoice_paid=row["invoice_paid"],
-        quoted_amounts=frozenset(row["quoted_amounts"]),
+    return PaymentContext(
+        code=code_store.code_from_row(row, "code_") if row["code_payment_code"] is not None else None,
+        history=PaymentHistory(
+            repeat=row["repeat"],
+            invoice_paid=row["invoice_paid"],
+            quoted_amounts=frozenset(row["quoted_amounts"]),
+        ),
+        payment_id=row["payment_id"],
+        notification_id=row["notification_id"],
+        at=row["at"],
+        unnamed_ref=unnamed_ref,
+        code_state=row["code_state"],
     )
-    return code, history
 
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    notification_id: int
     payment: Payment | None  # None: this transaction was recorded already (a racing retry)
-    counted: PaymentCode | None  # the code after counting a normal payment; None for other kinds
+
+
+# The statement that records a payment (its parameters in ``record``). It first takes the code's row lock
+# and reads the history again with dipc_payment_context (migration 0008; its own statements have fresh
+# snapshots, so it sees what the lock's previous holder committed), and writes nothing unless the code
+# (its identity and version) and the history are what the caller decided on. The rest of the statement
+# has a snapshot from before the lock, which is safe for its writes: the payment's unique keys see every
+# committed row, and an UPDATE of a row changed since the snapshot re-reads that row and checks its
+# conditions again. The payment is inserted before its inbox row, so that a twin that recorded this
+# transaction meanwhile (only possible for a code we do not know: no row to lock) makes the inbox row a
+# repeat in the same statement.
+_RECORDED = (
+    "(SELECT id, source, kind, payment_code, invoice_number FROM payments"
+    " UNION ALL SELECT id, source, kind, payment_code, invoice_number FROM payment)"
+)
+_RECORD = f"""
+WITH context AS (
+    SELECT dipc_code_state(c.code) AS code_state, c.repeat, c.invoice_paid, c.quoted_amounts
+      FROM dipc_payment_context($9, $10, $11, $14, $27) AS c
+),
+unchanged AS (
+    SELECT FROM context
+     WHERE code_state IS NOT DISTINCT FROM $28 AND NOT repeat AND invoice_paid = $29
+       AND quoted_amounts = $30
+),
+payment AS (
+    INSERT INTO payments (id, payment_code, invoice_number, transaction_ref, kind, reason, amount,
+                          expected_amount, client_id, channel, agent_id, agent_store_id, agent_trx_id,
+                          paid_at, notification_id, source, recorded_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT $22, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $23, $8, $24 FROM unchanged
+    ON CONFLICT (payment_code, invoice_number, transaction_ref) DO NOTHING
+    RETURNING id, source, kind, payment_code, invoice_number
+),
+inbox AS (
+    INSERT INTO notifications (id, {inbox.COLUMNS}, received_at) OVERRIDING SYSTEM VALUE
+    SELECT $23, $1, $2, $3, $4, $5, $6, CASE WHEN EXISTS (SELECT FROM payment) THEN $7 ELSE 'repeat' END,
+           $8, $24
+      FROM unchanged
+    RETURNING id
+),
+counted AS (
+    {code_store.save_count_statement("$9", 31)}
+       AND EXISTS (SELECT FROM payment WHERE kind = 'normal')
+),
+settled AS (
+    {reconciliation.settle_statement("$9", "$10", _RECORDED)}
+       AND EXISTS (SELECT FROM payment)
+),
+event AS (
+    {outbox.INSERT_PENDING} SELECT $25, $9, $26::jsonb FROM payment
+)
+SELECT EXISTS (SELECT FROM inbox) AS written, EXISTS (SELECT FROM payment) AS paid
+"""  # noqa: S608 - constants
 
 
 async def record(
     conn: asyncpg.Connection,
+    context: PaymentContext,
     notification: tuple[Any, ...],
-    notice: PaymentNotice,
-    decision: PaymentDecision,
-) -> Recorded:
-    """Store the notification (``inbox.values``) and record the payment it tells of, in one statement.
+    payment: Payment,
+    counted: PaymentCode | None,
+    event: tuple[str, dict[str, Any]],
+) -> Recorded | None:
+    """Store the notification (``inbox.values``), the payment it tells of, the code it counted on
+    (``counted``, for a normal payment), the invoice's reconciliation settled (any payment stops
+    reconciliation asking DOKU about it) and the payment's event: in one statement, its own transaction,
+    on an :func:`outbox.connection`. None, and nothing written, when the code or the history is no longer
+    the ``context`` the payment was decided on: read it again and decide again.
 
-    The same statement counts a normal payment on its code (codes.COUNT_PAYMENT) and settles the
-    invoice's reconciliation row (any payment stops reconciliation asking DOKU about it). Run it holding
-    the code's row lock. When this transaction is recorded already (a racing retry) only the inbox row is
-    written, as for every notification. Only the payment's own identity is a tolerated conflict: a second
-    normal payment for one invoice violates ``payments_one_normal_idx`` and raises, so it can never pass
-    silently.
+    When this transaction is recorded already (a racing retry), only the inbox row is written, as a
+    repeat. Only the payment's own identity is a tolerated conflict: a second normal payment for one
+    invoice violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
     """
-    recorded = (
-        "(SELECT id, source, kind, payment_code, invoice_number FROM payments"
-        " UNION ALL SELECT id, source, kind, payment_code, invoice_number FROM payment)"
-    )
     row = await conn.fetchrow(
-        f"""
-        WITH inbox AS ({inbox.INSERT}),
-        payment AS (
-            INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, reason, amount,
-                                  expected_amount, client_id, channel, agent_id, agent_store_id, agent_trx_id,
-                                  paid_at, notification_id, source)
-            SELECT $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, inbox.id, $8 FROM inbox
-            ON CONFLICT (payment_code, invoice_number, transaction_ref) DO NOTHING
-            RETURNING {COLUMNS}
-        ),
-        counted AS (
-            {code_store.COUNT_PAYMENT}
-             WHERE payment_code = $9 AND EXISTS (SELECT 1 FROM payment WHERE kind = 'normal')
-            RETURNING *
-        ),
-        settled AS (
-            {reconciliation.settle_statement("$9", "$10", recorded)}
-               AND EXISTS (SELECT 1 FROM payment)
-        )
-        SELECT inbox.id AS inbox_id, payment.*, {code_store.prefixed_columns("counted", "code_")}
-          FROM inbox LEFT JOIN payment ON true LEFT JOIN counted ON true
-        """,  # noqa: S608 - constants
+        _RECORD,
         *notification,  # $1 to $8, the last the source (a notification, or a Check Status answer)
-        notice.payment_code,
-        notice.invoice_number,
-        notice.transaction_ref,
-        decision.kind.value,
-        decision.reason.value if decision.reason else None,
-        notice.amount,
-        decision.expected_amount,
-        notice.client_id,
-        notice.channel,
-        notice.agent_id,
-        notice.agent_store_id,
-        notice.agent_trx_id,
-        notice.paid_at,
+        payment.payment_code,
+        payment.invoice_number,
+        payment.transaction_ref,
+        payment.kind,
+        payment.reason,
+        payment.amount,
+        payment.expected_amount,
+        payment.client_id,
+        payment.channel,
+        payment.agent_id,
+        payment.agent_store_id,
+        payment.agent_trx_id,
+        payment.paid_at,  # $21
+        payment.id,
+        payment.notification_id,
+        payment.recorded_at,
+        *event,  # $25, $26
+        context.unnamed_ref,
+        context.code_state,  # $28 to $30: what the payment was decided on
+        context.history.invoice_paid,
+        sorted(context.history.quoted_amounts),
+        *(code_store.count_values(counted) if counted else (None, None, None, None)),  # $31 to $34
     )
-    payment = Payment(**{name: row[name] for name in _COLUMN_NAMES}) if row["id"] is not None else None
-    counted = code_store.code_from_row(row, "code_") if row["code_payment_code"] is not None else None
-    return Recorded(row["inbox_id"], payment, counted)
+    if not row["written"]:
+        return None
+    if not row["paid"]:
+        return Recorded(None)
+    outbox.appended()
+    return Recorded(payment)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import aiohttp
 
 from server.doku.client import DokuSimulator, inquiry_body, notification_body
-from tests.conftest import CLIENT, CLIENT_ID, dipc_env
+from tests.conftest import CLIENT, CLIENT_ID, dipc_env, waiting_for_a_lock
 from tests.integration.test_cli import DIPC, free_port, wait_ready
 
 COUNT = 300
@@ -213,3 +213,45 @@ async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_t
         for row in await pool.fetch("SELECT payment_code, invoice_number FROM reconciliation")
     }
     assert watched == {(code_of[request_id], row["invoice_number"]) for request_id, row in recorded.items()}
+
+
+async def test_a_server_killed_while_its_recording_waits_for_the_lock_records_the_payment_once(
+    database_url, pool
+):
+    """The worst moment for a notification: decided and sent, its recording statement waiting for the
+    code's row lock, when the server dies. The statement goes on without its process: once the lock is
+    free it commits the payment (and its event, pending) that nobody was told of. DOKU resends; the
+    resend is a repeat, and the one payment reaches the feed once."""
+    [code] = await one_shot_codes(pool, 1)
+    body = notification_body(code, invoice_number=f"INV-{code}", amount=10_000, original_request_id="trx-1")
+    port = free_port()
+    server = start_server(database_url, port)
+    try:
+        async with pool.acquire() as holder:
+            async with holder.transaction():
+                await holder.execute("SELECT 1 FROM payment_codes WHERE payment_code = $1 FOR UPDATE", code)
+                sent = asyncio.create_task(post_all(port, "/doku/notification", {code: body}))
+                await waiting_for_a_lock(pool, "dipc_payment_context")
+                server.send_signal(signal.SIGKILL)
+                server.wait(timeout=30)
+                assert await sent == {}  # no answer
+            # The lock is free: the dead server's statement commits what it was sent.
+            for _ in range(100):
+                if await pool.fetchval("SELECT count(*) FROM payments") == 1:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    assert [row["kind"] for row in await pool.fetch("SELECT kind FROM payments")] == ["normal"]
+
+    with serving(database_url, port):
+        # A repeat is answered once its payment's event is in the feed, as the first answer would have been.
+        assert await send_all(port, {code: body}) == {code}
+        events = await pool.fetch("SELECT payment_code FROM events WHERE type = 'payment.received'")
+    outcomes = await pool.fetch("SELECT outcome FROM notifications ORDER BY id")
+    assert [row["outcome"] for row in outcomes] == ["normal", "repeat"]
+    assert [row["kind"] for row in await pool.fetch("SELECT kind FROM payments")] == ["normal"]
+    assert tuple(await pool.fetchrow("SELECT status, paid_count FROM payment_codes")) == ("paid", 1)
+    assert [row["payment_code"] for row in events] == [code]
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0

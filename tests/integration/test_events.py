@@ -161,6 +161,10 @@ async def test_append_outside_an_outbox_transaction_is_refused(pool):
     async with pool.acquire() as conn, conn.transaction():
         with pytest.raises(RuntimeError, match=r"outside outbox\.transaction"):
             await outbox.append(conn, "code.created", "1", {})
+    # On an outbox connection, but with no transaction: the event would commit without its change.
+    async with outbox.connection(pool) as conn:
+        with pytest.raises(RuntimeError, match=r"outside a transaction"):
+            await outbox.append(conn, "code.created", "1", {})
     assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
 
 

@@ -10,12 +10,14 @@ import orjson
 import pytest
 
 from server.app import make_app
-from server.core.payments import NotificationOutcome, PaymentDecision, PaymentKind, PaymentNotice
+from server.core.notifications import planned_payment
+from server.core.payments import NotificationOutcome, PaymentKind, PaymentNotice, decide_payment
 from server.core.times import utcnow
 from server.doku import conventions
 from server.doku.auth import Client
 from server.doku.client import DokuSimulator, notification_body
 from server.store import inbox as inbox_store
+from server.store import outbox
 from server.store import payments as payment_store
 from tests.conftest import (
     CLIENT,
@@ -390,19 +392,101 @@ async def test_a_notification_waits_for_a_cancel_in_progress_and_then_sees_it(do
     assert tuple(await code_row(pool)) == ("cancelled", 0)
 
 
-async def test_a_notification_waiting_for_the_lock_reads_what_its_holder_recorded(doku, register, pool):
-    """What is recorded is read after the code's row lock is held, in a statement of its own, so it
-    includes what the lock's previous holder committed. Here that holder is reconciliation recording the
-    payment from a Check Status answer that named no transaction; DOKU's notification of the same payment
-    (same invoice and amount) waits for it, then must be a repeat. Read with a snapshot from before the
-    wait it would become a conflict: a refund of money the customer paid once."""
+@pytest.mark.parametrize(
+    ("cancelled", "kind", "reason", "code_after"),
+    [(False, "normal", None, ("paid", 1)), (True, "anomaly", "CANCELLED", ("cancelled", 0))],
+)
+async def test_a_notification_waiting_for_the_lock_reads_what_its_holder_recorded(
+    client, doku, register, admin_headers, pool, cancelled, kind, reason, code_after
+):
+    """A notification is decided on what it read without a lock, and recorded only if that is still so
+    once it holds the code's row lock. Here the lock's holder is reconciliation recording the payment
+    from a Check Status answer that named no transaction; DOKU's notification of the same payment (same
+    invoice and amount) waits for it, then must be a repeat. Recorded on what it read before the wait it
+    would be a second payment: a conflict, or for a cancelled code a second anomaly, either a refund of
+    money the customer paid once. (For the active code the one-normal-payment index would catch it too.)"""
     await register()
-    unnamed = PaymentNotice(
+    if cancelled:
+        assert (await client.post(f"/v1/payment-codes/{CODE}/cancel", headers=admin_headers)).status == 200
+    answer = inbox_store.values(
+        payment_code=CODE,
+        client_id=CLIENT_ID,
+        request_id="check-1",
+        headers=[],
+        body=b"{}",
+        transaction_status="SUCCESS",
+        outcome=NotificationOutcome(kind),
+        source="check_status",
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM payment_codes WHERE payment_code = $1 FOR UPDATE", CODE)
+        notification = asyncio.create_task(pay(doku))
+        await waiting_for_a_lock(pool, "dipc_payment_context")
+        # What reconciliation records for that answer (core/reconciliation.py), under the same lock.
+        notification_id = await inbox_store.insert(conn, answer)
+        await conn.execute(
+            """
+            INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, reason, amount,
+                                  expected_amount, client_id, channel, notification_id, source)
+            VALUES ($1, $2, $3, $4, $5, 150000, 150000, $6, 'ALFA', $7, 'check_status')
+            """,
+            CODE,
+            INVOICE,
+            conventions.check_status_reference(INVOICE),
+            kind,
+            reason,
+            CLIENT_ID,
+            notification_id,
+        )
+        if not cancelled:
+            await conn.execute(
+                "UPDATE payment_codes SET status = 'paid', paid_count = 1, version = version + 1"
+                " WHERE payment_code = $1",
+                CODE,
+            )
+    assert (await notification).status == 200
+    assert [(row["transaction_ref"], row["kind"]) for row in await payments(pool)] == [
+        (f"check-status:{INVOICE}", kind)
+    ]
+    assert [row["outcome"] for row in await inbox(pool)] == [kind, "repeat"]
+    assert tuple(await code_row(pool)) == code_after
+
+
+# What may change between a notification's read and its recording, each a fact the decision rests on.
+# None of them changes the code's version: the recording compares the facts themselves.
+CHANGES = {  # each with the code ($1), the invoice ($2) and the transaction's reference ($3)
+    "the code": (
+        "UPDATE payment_codes SET customer_name = 'Siti'"
+        " WHERE payment_code = $1 AND invoice_number = $2 AND $3::text IS NOT NULL"
+    ),
+    "this very transaction recorded": (
+        "INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, reason, amount,"
+        " client_id, channel, notification_id)"
+        " VALUES ($1, $2, $3, 'anomaly', 'EXPIRED', 150000, 'X', 'ALFA', 0)"
+    ),
+    "the invoice paid": (
+        "INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,"
+        " channel, notification_id) VALUES ($1, $2, $3 || '-other', 'normal', 150000, 'X', 'ALFA', 0)"
+    ),
+    "another amount quoted": (
+        "INSERT INTO inquiries (payment_code, request_id, client_id, channel, body_sha256, outcome,"
+        " invoice_number, amount, http_status, response_body)"
+        " VALUES ($1, $3, 'X', 'ALFA', '', 'SUCCESS', $2, 175000, 200, '')"
+    ),
+}
+
+
+@pytest.mark.parametrize("change", [None, *CHANGES])
+async def test_a_recording_writes_only_what_it_was_decided_on(register, pool, change):
+    """``payments.record`` writes nothing when any fact the notice was decided on changed since it was
+    read (without a lock); the notification is then read and decided again. Without a change it writes."""
+    await register()
+    notice = PaymentNotice(
         client_id=CLIENT_ID,
         payment_code=CODE,
         invoice_number=INVOICE,
         amount=150000,
-        transaction_ref=conventions.check_status_reference(INVOICE),
+        transaction_ref="ref:trx-1",
         channel="ALFA",
         paid=True,
         transaction_status="SUCCESS",
@@ -411,28 +495,42 @@ async def test_a_notification_waiting_for_the_lock_reads_what_its_holder_recorde
         agent_store_id=None,
         agent_trx_id=None,
     )
-    answer = inbox_store.values(
-        payment_code=CODE,
-        client_id=CLIENT_ID,
-        request_id="check-1",
-        headers=[],
-        body=b"{}",
-        transaction_status="SUCCESS",
-        outcome=NotificationOutcome.NORMAL,
-        source="check_status",
-    )
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT 1 FROM payment_codes WHERE payment_code = $1 FOR UPDATE", CODE)
-        notification = asyncio.create_task(pay(doku))
-        await waiting_for_a_lock(pool, "dipc_payment_context")
-        # What reconciliation records for that answer (core/reconciliation.py), under the same lock.
-        await payment_store.record(conn, answer, unnamed, PaymentDecision(PaymentKind.NORMAL, None, 150000))
-    assert (await notification).status == 200
-    assert [(row["transaction_ref"], row["kind"]) for row in await payments(pool)] == [
-        (f"check-status:{INVOICE}", "normal")
-    ]
-    assert [row["outcome"] for row in await inbox(pool)] == ["normal", "repeat"]
-    assert tuple(await code_row(pool)) == ("paid", 1)
+    async with outbox.connection(pool) as conn:
+        context = await payment_store.read_context(
+            conn, CODE, INVOICE, notice.transaction_ref, notice.amount, unnamed_ref="check-status:x"
+        )
+        decision = decide_payment(notice, context.code, context.history, utcnow())
+        assert decision.kind is PaymentKind.NORMAL
+        if change is not None:
+            await pool.execute(CHANGES[change], CODE, INVOICE, notice.transaction_ref)
+        payment = planned_payment(notice, decision, context, "notification")
+        values = inbox_store.values(
+            payment_code=CODE,
+            client_id=CLIENT_ID,
+            request_id="r-1",
+            headers=[],
+            body=b"{}",
+            transaction_status="SUCCESS",
+            outcome=decision.outcome,
+        )
+        assert context.code is not None
+        counted = context.code.counted(context.at)
+        event = ("payment.received", {"id": payment.id})
+        recorded = await payment_store.record(conn, context, values, payment, counted, event)
+    written = await pool.fetchval("SELECT count(*) FROM payments WHERE id = $1", payment.id)
+    if change is None:
+        assert recorded is not None
+        assert recorded.payment == payment
+        assert written == 1
+        assert tuple(await code_row(pool)) == ("paid", 1)
+        assert [row["outcome"] for row in await inbox(pool)] == ["normal"]
+        assert await event_types(pool) == ["payment.received"]
+    else:
+        assert recorded is None
+        assert written == 0
+        assert tuple(await code_row(pool)) == ("active", 0)
+        assert await inbox(pool) == []
+        assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
 
 
 @pytest.mark.parametrize(
