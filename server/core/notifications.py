@@ -5,16 +5,18 @@ Read, decide, record: read the code and what is recorded for the invoice, withou
 takes the code's row lock (serialising every notification, cancel and change of that code), checks that
 what the decision rests on is still so, and writes the inbox row, the payment, the code's count, the
 reconciliation's settlement and the outbox event together. If anything changed, it writes nothing and
-the notification is read and decided again. Retries of a transaction find their payment and record only
-themselves in the inbox. The payment's primary key and the one-normal-payment-per-invoice index back
-the lock up.
+the notification is read and decided again, this time holding the lock from the read to the commit.
+Retries of a transaction find their payment and record only themselves in the inbox. The payment's
+primary key and the one-normal-payment-per-invoice index back the lock up.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 
 import asyncpg
 import structlog
@@ -66,50 +68,78 @@ async def record_notification(
     pool: asyncpg.Pool, raw: RawNotification, notice: PaymentNotice, *, now: datetime
 ) -> NotificationResult:
     """Store the notification and its effect; return only once both are committed."""
-
-    def raw_values(outcome: NotificationOutcome) -> tuple:
-        return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
-
     if not notice.paid:
         outcome = NotificationOutcome.IGNORED
-        return NotificationResult(await inbox.insert(pool, raw_values(outcome)), outcome)
+        values = _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
+        return NotificationResult(await inbox.insert(pool, values), outcome)
     async with outbox.connection(pool) as conn:
+        # First without a lock: the common case costs two round trips. If the code or the invoice's
+        # history changed before the recording held the lock (a cancel, another payment), or the payment
+        # counts on a reusable code (which others may be paying at the same moment), read and decide
+        # again holding the lock until the recording is committed (as before ADR 11).
+        lock = False
         while True:
-            context = await payment_store.read_context(
-                conn,
-                notice.payment_code,
-                notice.invoice_number,
-                notice.transaction_ref,
-                notice.amount,
-                unnamed_ref=conventions.check_status_reference(notice.invoice_number),
-            )
-            if context.history.repeat:
-                outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
-                outcome = NotificationOutcome.REPEAT
-                return NotificationResult(await inbox.insert(conn, raw_values(outcome)), outcome)
-            decision = decide_payment(notice, context.code, context.history, now)
-            payment = planned_payment(notice, decision, context, raw.source)
-            counted = context.code.counted(context.at) if decision.kind is PaymentKind.NORMAL else None
-            code = counted or context.code
-            event = (EVENT_TYPES[decision.kind], _event(payment, code))
             try:
-                recorded = await payment_store.record(
-                    conn, context, raw_values(decision.outcome), payment, counted, event
-                )
+                async with conn.transaction() if lock else contextlib.nullcontext():
+                    result = await _decide_and_record(conn, raw, notice, now, lock=lock)
             except asyncpg.UniqueViolationError as error:
                 # A second normal payment for one invoice reached the index, which only a race the row
                 # lock does not cover could do. Nothing was committed; read the winner and decide again.
                 log.warning("notification.retry_after_unique_violation", constraint=error.constraint_name)
-                continue
-            if recorded is None:
-                # The code or the invoice's history changed since the read: decide again on what is now.
-                log.info("notification.decided_again", payment_code=notice.payment_code)
-                continue
-            if recorded.payment is None:
-                # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
-                outbox.replayed()
-                return NotificationResult(payment.notification_id, NotificationOutcome.REPEAT)
-            return NotificationResult(payment.notification_id, decision.outcome, decision, payment)
+                result = _Again.CHANGED
+            if isinstance(result, NotificationResult):
+                return result
+            if result is _Again.CHANGED:
+                log.info("notification.decided_again", payment_code=notice.payment_code, locked=lock)
+            lock = True
+
+
+class _Again(Enum):
+    """Why a notification is read and decided again, holding the code's row lock."""
+
+    CHANGED = "what the decision rests on changed before the recording held the lock"
+    # Every normal payment of a reusable code moves the code's count, so payments of one code at the
+    # same moment would each find the code changed and be decided twice; under the lock, once.
+    COUNTS_ON_REUSABLE = "a normal payment of a reusable code"
+
+
+async def _decide_and_record(
+    conn: asyncpg.Connection, raw: RawNotification, notice: PaymentNotice, now: datetime, *, lock: bool
+) -> NotificationResult | _Again:
+    """Read, decide and record once, or say why not."""
+
+    def raw_values(outcome: NotificationOutcome) -> tuple:
+        return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
+
+    context = await payment_store.read_context(
+        conn,
+        notice.payment_code,
+        notice.invoice_number,
+        notice.transaction_ref,
+        notice.amount,
+        unnamed_ref=conventions.check_status_reference(notice.invoice_number),
+        lock=lock,
+    )
+    if context.history.repeat:
+        outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
+        outcome = NotificationOutcome.REPEAT
+        return NotificationResult(await inbox.insert(conn, raw_values(outcome)), outcome)
+    decision = decide_payment(notice, context.code, context.history, now)
+    code = context.code
+    if not lock and code is not None and code.reusable and decision.kind is PaymentKind.NORMAL:
+        return _Again.COUNTS_ON_REUSABLE
+    payment = planned_payment(notice, decision, context, raw.source)
+    counted = code.counted(context.at) if code and decision.kind is PaymentKind.NORMAL else None
+    event = (EVENT_TYPES[decision.kind], _event(payment, counted or code))
+    values = raw_values(decision.outcome)
+    recorded = await payment_store.record(conn, context, values, payment, counted, event)
+    if recorded is None:
+        return _Again.CHANGED
+    if recorded.payment is None:
+        # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
+        outbox.replayed()
+        return NotificationResult(payment.notification_id, NotificationOutcome.REPEAT)
+    return NotificationResult(payment.notification_id, decision.outcome, decision, payment)
 
 
 async def record_rejected(pool: asyncpg.Pool, raw: RawNotification, payment_code: str) -> int:

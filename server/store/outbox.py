@@ -8,10 +8,10 @@ event whose transaction commits late. Writers do not allocate them: an event is 
 
 Every writer goes through :func:`transaction` (or :func:`connection`, for a change written by one
 statement), which sequences its events before it returns: when an API call has answered, its event is
-in the feed (a repeat that appends nothing waits the same way, see :func:`replayed`). Events left pending by a process that died between its commit and that step, or whose
-sequencing could not finish within SEQUENCE_WAIT_S (the database in trouble; the change is committed and
-the answer says so), are moved by the next sequencing anywhere, or by every server's sweep
-(:func:`sweep_forever`).
+in the feed (a repeat that appends nothing waits the same way, see :func:`replayed`). Events left
+pending by a process that died between its commit and that step, or whose sequencing could not finish
+within SEQUENCE_WAIT_S (the database in trouble; the change is committed and the answer says so), are
+moved by the next sequencing anywhere, or by every server's sweep (:func:`sweep_forever`).
 """
 
 from __future__ import annotations

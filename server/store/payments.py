@@ -68,13 +68,25 @@ class PaymentContext:
     code_state: str | None  # what of the code the decision depends on (dipc_code_state)
 
 
-_READ_CONTEXT = f"""
-SELECT {code_store.prefixed_columns("code", "code_")}, history.repeat, history.invoice_paid,
-       history.quoted_amounts, nextval('payments_id_seq') AS payment_id,
-       nextval('notifications_id_seq') AS notification_id, now() AS at, dipc_code_state(code) AS code_state
-  FROM dipc_payment_history($1, $2, $3, $4, $5) AS history
-  LEFT JOIN payment_codes code ON code.payment_code = $1
-"""  # noqa: S608 - constants
+def _read_context(code: str, source: str) -> str:
+    return f"""
+    SELECT {code_store.prefixed_columns(code, "code_")},
+           facts.repeat, facts.invoice_paid, facts.quoted_amounts,
+           nextval('payments_id_seq') AS payment_id, nextval('notifications_id_seq') AS notification_id,
+           now() AS at, dipc_code_state({code}) AS code_state
+      FROM {source}
+    """  # noqa: S608 - constants
+
+
+_READ_CONTEXT = {
+    False: _read_context(
+        "code",
+        "dipc_payment_history($1, $2, $3, $4, $5) AS facts"
+        " LEFT JOIN payment_codes code ON code.payment_code = $1",
+    ),
+    # dipc_payment_context takes the code's row lock, then reads the history (migration 0008).
+    True: _read_context("(facts.code)", "dipc_payment_context($1, $2, $3, $4, $5) AS facts"),
+}
 
 
 async def read_context(
@@ -85,16 +97,18 @@ async def read_context(
     amount: int,
     *,
     unnamed_ref: str,
+    lock: bool = False,
 ) -> PaymentContext:
-    """Read a notice's code and what is recorded for its invoice, without a lock: :func:`record` writes
-    only if both are still so when it holds the code's row lock.
+    """Read a notice's code and what is recorded for its invoice: :func:`record` writes only if both are
+    still so when it holds the code's row lock. With ``lock``, take that lock first (in the caller's
+    transaction, which holds it until it ends): what is read cannot change before the recording.
 
     ``dipc_payment_history`` (schemas/migrations/0008_payment_history.sql) says what is recorded: a
     repeat is the same transaction reference, or the same amount where one side is a Check Status answer
     that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule 3).
     """
     row = await conn.fetchrow(
-        _READ_CONTEXT, payment_code, invoice_number, transaction_ref, amount, unnamed_ref
+        _READ_CONTEXT[lock], payment_code, invoice_number, transaction_ref, amount, unnamed_ref
     )
     return PaymentContext(
         code=code_store.code_from_row(row, "code_") if row["code_payment_code"] is not None else None,
@@ -119,7 +133,7 @@ class Recorded:
 # The statement that records a payment (its parameters in ``record``). It first takes the code's row lock
 # and reads the history again with dipc_payment_context (migration 0008; its own statements have fresh
 # snapshots, so it sees what the lock's previous holder committed), and writes nothing unless the code
-# (its identity and version) and the history are what the caller decided on. The rest of the statement
+# (dipc_code_state) and the history are what the caller decided on (ADR 11). The rest of the statement
 # has a snapshot from before the lock, which is safe for its writes: the payment's unique keys see every
 # committed row, and an UPDATE of a row changed since the snapshot re-reads that row and checks its
 # conditions again. The payment is inserted before its inbox row, so that a twin that recorded this

@@ -185,6 +185,29 @@ async def test_each_invoice_of_a_reusable_code_is_one_payment(doku, register, po
     assert (await doku.inquiry(CODE)).status == 200  # still payable
 
 
+async def test_payments_of_one_reusable_code_at_once_are_each_counted_once_under_its_lock(
+    doku, register, pool, capsys
+):
+    """Every normal payment of a reusable code moves its count, so payments of one code at once would
+    find it changed between their read and their recording, and be decided again. They are recorded
+    holding the code's row lock from the read on, so none is; each event shows the code as its own
+    payment left it."""
+    await register(reusable=True, invoice_number="TOPUP")
+    count = 24
+    quotes = [await doku.inquiry(CODE) for _ in range(count)]
+    capsys.readouterr()
+    invoices = [(quote.json()["order"]["invoice_number"], quote.request_id) for quote in quotes]
+    replies = await asyncio.gather(*(pay(doku, invoice=invoice, ref=ref) for invoice, ref in invoices))
+    assert {reply.status for reply in replies} == {200}
+    assert {row["kind"] for row in await payments(pool)} == {"normal"}
+    assert tuple(await code_row(pool)) == ("active", count)
+    events = await pool.fetch("SELECT payload FROM events WHERE type = 'payment.received'")
+    codes = [event["payload"]["code"] for event in events]
+    assert sorted(code["paid_count"] for code in codes) == list(range(1, count + 1))
+    assert len({code["version"] for code in codes}) == count
+    assert capsys.readouterr().out.count("notification.decided_again") == 0
+
+
 async def test_a_second_transaction_for_one_reusable_invoice_is_a_conflict(doku, register, pool):
     await register(reusable=True, invoice_number="TOPUP")
     invoice = (await doku.inquiry(CODE)).json()["order"]["invoice_number"]
