@@ -138,8 +138,8 @@ async def _decide_and_record(
     if recorded.payment is None:
         # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
         outbox.replayed()
-        return NotificationResult(payment.notification_id, NotificationOutcome.REPEAT)
-    return NotificationResult(payment.notification_id, decision.outcome, decision, payment)
+        return NotificationResult(recorded.notification_id, NotificationOutcome.REPEAT)
+    return NotificationResult(recorded.notification_id, decision.outcome, decision, recorded.payment)
 
 
 async def record_rejected(pool: asyncpg.Pool, raw: RawNotification, payment_code: str) -> int:
@@ -165,9 +165,9 @@ def _inbox_values(
 def planned_payment(
     notice: PaymentNotice, decision: PaymentDecision, context: payment_store.PaymentContext, source: str
 ) -> Payment:
-    """The payment recording ``notice`` will write, with the ids and the time ``context`` holds for it."""
+    """The payment recording ``notice`` will write, at the time of ``context``'s read, before its ids."""
     return Payment(
-        id=context.payment_id,
+        id=0,  # the ids are given by the recording (payments.record), once it holds the code's lock
         payment_code=notice.payment_code,
         invoice_number=notice.invoice_number,
         transaction_ref=notice.transaction_ref,
@@ -181,7 +181,7 @@ def planned_payment(
         agent_store_id=notice.agent_store_id,
         agent_trx_id=notice.agent_trx_id,
         paid_at=notice.paid_at,
-        notification_id=context.notification_id,
+        notification_id=0,
         source=source,
         recorded_at=context.at,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -61,8 +61,6 @@ class PaymentContext:
 
     code: PaymentCode | None  # None: not registered
     history: PaymentHistory
-    payment_id: int  # the ids the payment and its inbox row will have (unused ids leave gaps)
-    notification_id: int
     at: datetime  # the database's time of the read: the payment's recorded_at
     unnamed_ref: str  # what a Check Status answer that named no transaction is recorded as
     code_state: str | None  # what of the code the decision depends on (dipc_code_state)
@@ -72,7 +70,6 @@ def _read_context(code: str, source: str) -> str:
     return f"""
     SELECT {code_store.prefixed_columns(code, "code_")},
            facts.repeat, facts.invoice_paid, facts.quoted_amounts,
-           nextval('payments_id_seq') AS payment_id, nextval('notifications_id_seq') AS notification_id,
            now() AS at, dipc_code_state({code}) AS code_state
       FROM {source}
     """  # noqa: S608 - constants
@@ -117,8 +114,6 @@ async def read_context(
             invoice_paid=row["invoice_paid"],
             quoted_amounts=frozenset(row["quoted_amounts"]),
         ),
-        payment_id=row["payment_id"],
-        notification_id=row["notification_id"],
         at=row["at"],
         unnamed_ref=unnamed_ref,
         code_state=row["code_state"],
@@ -127,18 +122,21 @@ async def read_context(
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
+    notification_id: int
     payment: Payment | None  # None: this transaction was recorded already (a racing retry)
 
 
 # The statement that records a payment (its parameters in ``record``). It first takes the code's row lock
 # and reads the history again with dipc_payment_context (migration 0008; its own statements have fresh
 # snapshots, so it sees what the lock's previous holder committed), and writes nothing unless the code
-# (dipc_code_state) and the history are what the caller decided on (ADR 11). The rest of the statement
-# has a snapshot from before the lock, which is safe for its writes: the payment's unique keys see every
-# committed row, and an UPDATE of a row changed since the snapshot re-reads that row and checks its
-# conditions again. The payment is inserted before its inbox row, so that a twin that recorded this
-# transaction meanwhile (only possible for a code we do not know: no row to lock) makes the inbox row a
-# repeat in the same statement.
+# (dipc_code_state) and the history are what the caller decided on (ADR 11). The ids are taken after
+# that, so a recording that waited for the lock does not commit an id smaller than one a reader paging
+# by id has already seen; the statement writes them into the event's document (payment_document's "id"
+# and "notification_id"). The rest of the statement has a snapshot from before the lock, which is safe
+# for its writes: the payment's unique keys see every committed row, and an UPDATE of a row changed since
+# the snapshot re-reads that row and checks its conditions again. The payment is inserted before its
+# inbox row, so that a twin that recorded this transaction meanwhile (only possible for a code we do not
+# know: no row to lock) makes the inbox row a repeat in the same statement.
 _RECORDED = (
     "(SELECT id, source, kind, payment_code, invoice_number FROM payments"
     " UNION ALL SELECT id, source, kind, payment_code, invoice_number FROM payment)"
@@ -146,31 +144,37 @@ _RECORDED = (
 _RECORD = f"""
 WITH context AS (
     SELECT dipc_code_state(c.code) AS code_state, c.repeat, c.invoice_paid, c.quoted_amounts
-      FROM dipc_payment_context($9, $10, $11, $14, $27) AS c
+      FROM dipc_payment_context($9, $10, $11, $14, $25) AS c
 ),
 unchanged AS (
     SELECT FROM context
-     WHERE code_state IS NOT DISTINCT FROM $28 AND NOT repeat AND invoice_paid = $29
-       AND quoted_amounts = $30
+     WHERE code_state IS NOT DISTINCT FROM $26 AND NOT repeat AND invoice_paid = $27
+       AND quoted_amounts = $28
+),
+ids AS (
+    SELECT nextval('payments_id_seq') AS payment_id, nextval('notifications_id_seq') AS notification_id
+      FROM unchanged
 ),
 payment AS (
     INSERT INTO payments (id, payment_code, invoice_number, transaction_ref, kind, reason, amount,
                           expected_amount, client_id, channel, agent_id, agent_store_id, agent_trx_id,
                           paid_at, notification_id, source, recorded_at)
     OVERRIDING SYSTEM VALUE
-    SELECT $22, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $23, $8, $24 FROM unchanged
+    SELECT ids.payment_id, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21,
+           ids.notification_id, $8, $22
+      FROM ids
     ON CONFLICT (payment_code, invoice_number, transaction_ref) DO NOTHING
-    RETURNING id, source, kind, payment_code, invoice_number
+    RETURNING id, source, kind, payment_code, invoice_number, notification_id
 ),
 inbox AS (
     INSERT INTO notifications (id, {inbox.COLUMNS}, received_at) OVERRIDING SYSTEM VALUE
-    SELECT $23, $1, $2, $3, $4, $5, $6, CASE WHEN EXISTS (SELECT FROM payment) THEN $7 ELSE 'repeat' END,
-           $8, $24
-      FROM unchanged
+    SELECT ids.notification_id, $1, $2, $3, $4, $5, $6,
+           CASE WHEN EXISTS (SELECT FROM payment) THEN $7 ELSE 'repeat' END, $8, $22
+      FROM ids
     RETURNING id
 ),
 counted AS (
-    {code_store.save_count_statement("$9", 31)}
+    {code_store.save_count_statement("$9", 29)}
        AND EXISTS (SELECT FROM payment WHERE kind = 'normal')
 ),
 settled AS (
@@ -178,9 +182,11 @@ settled AS (
        AND EXISTS (SELECT FROM payment)
 ),
 event AS (
-    {outbox.INSERT_PENDING} SELECT $25, $9, $26::jsonb FROM payment
+    {outbox.INSERT_PENDING}
+    SELECT $23, $9, $24::jsonb || jsonb_build_object('id', id, 'notification_id', notification_id)
+      FROM payment
 )
-SELECT EXISTS (SELECT FROM inbox) AS written, EXISTS (SELECT FROM payment) AS paid
+SELECT (SELECT id FROM inbox) AS notification_id, (SELECT id FROM payment) AS payment_id
 """  # noqa: S608 - constants
 
 
@@ -218,19 +224,20 @@ async def record(
         payment.agent_store_id,
         payment.agent_trx_id,
         payment.paid_at,  # $21
-        payment.id,
-        payment.notification_id,
         payment.recorded_at,
-        *event,  # $25, $26
+        *event,  # $23, $24: the event's document without the ids, which the statement adds
         context.unnamed_ref,
-        context.code_state,  # $28 to $30: what the payment was decided on
+        context.code_state,  # $26 to $28: what the payment was decided on
         context.history.invoice_paid,
         sorted(context.history.quoted_amounts),
-        *(code_store.count_values(counted) if counted else (None, None, None, None)),  # $31 to $34
+        *(code_store.count_values(counted) if counted else (None, None, None, None)),  # $29 to $32
     )
-    if not row["written"]:
+    if row["notification_id"] is None:
         return None
-    if not row["paid"]:
-        return Recorded(None)
+    if row["payment_id"] is None:
+        return Recorded(row["notification_id"], None)
     outbox.appended()
-    return Recorded(payment)
+    return Recorded(
+        row["notification_id"],
+        replace(payment, id=row["payment_id"], notification_id=row["notification_id"]),
+    )
