@@ -58,6 +58,38 @@ async def pay(doku: DokuSimulator, *, code=CODE, invoice=INVOICE, amount=150000,
     return await doku.notify(code, invoice_number=invoice, amount=amount, original_request_id=ref, **kwargs)
 
 
+def paid_notice(code=CODE, invoice=INVOICE, amount=150000, ref="ref:trx-1") -> PaymentNotice:
+    """A successful store transaction's notice, as the protocol adapter hands it to the core."""
+    return PaymentNotice(
+        client_id=CLIENT_ID,
+        payment_code=code,
+        invoice_number=invoice,
+        amount=amount,
+        transaction_ref=ref,
+        channel="ALFA",
+        paid=True,
+        transaction_status="SUCCESS",
+        paid_at=None,
+        agent_id=None,
+        agent_store_id=None,
+        agent_trx_id=None,
+    )
+
+
+def stored(outcome: NotificationOutcome, request_id: str, source: str = "notification") -> tuple:
+    """The inbox values of a notification with an empty body."""
+    return inbox_store.values(
+        payment_code=CODE,
+        client_id=CLIENT_ID,
+        request_id=request_id,
+        headers=[],
+        body=b"{}",
+        transaction_status="SUCCESS",
+        outcome=outcome,
+        source=source,
+    )
+
+
 # --- the normal case -------------------------------------------------------------------------------
 
 
@@ -432,16 +464,7 @@ async def test_a_notification_waiting_for_the_lock_reads_what_its_holder_recorde
     await register()
     if cancelled:
         assert (await client.post(f"/v1/payment-codes/{CODE}/cancel", headers=admin_headers)).status == 200
-    answer = inbox_store.values(
-        payment_code=CODE,
-        client_id=CLIENT_ID,
-        request_id="check-1",
-        headers=[],
-        body=b"{}",
-        transaction_status="SUCCESS",
-        outcome=NotificationOutcome(kind),
-        source="check_status",
-    )
+    answer = stored(NotificationOutcome(kind), "check-1", "check_status")
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT 1 FROM payment_codes WHERE payment_code = $1 FOR UPDATE", CODE)
         notification = asyncio.create_task(pay(doku))
@@ -540,20 +563,7 @@ async def test_a_recording_writes_only_what_it_was_decided_on(register, pool, ch
     """``payments.record`` writes nothing when any fact the notice was decided on changed since it was
     read (without a lock); the notification is then read and decided again. Without a change it writes."""
     await register()
-    notice = PaymentNotice(
-        client_id=CLIENT_ID,
-        payment_code=CODE,
-        invoice_number=INVOICE,
-        amount=150000,
-        transaction_ref="ref:trx-1",
-        channel="ALFA",
-        paid=True,
-        transaction_status="SUCCESS",
-        paid_at=None,
-        agent_id=None,
-        agent_store_id=None,
-        agent_trx_id=None,
-    )
+    notice = paid_notice()
     async with outbox.connection(pool) as conn:
         context = await payment_store.read_context(
             conn, CODE, INVOICE, notice.transaction_ref, notice.amount, unnamed_ref="check-status:x"
@@ -563,15 +573,7 @@ async def test_a_recording_writes_only_what_it_was_decided_on(register, pool, ch
         if change is not None:
             await pool.execute(CHANGES[change], CODE, INVOICE, notice.transaction_ref)
         payment = planned_payment(notice, decision, context, "notification")
-        values = inbox_store.values(
-            payment_code=CODE,
-            client_id=CLIENT_ID,
-            request_id="r-1",
-            headers=[],
-            body=b"{}",
-            transaction_status="SUCCESS",
-            outcome=decision.outcome,
-        )
+        values = stored(decision.outcome, "r-1")
         assert context.code is not None
         counted = context.code.counted(context.at)
         event = ("payment.received", {"id": payment.id})

@@ -18,11 +18,11 @@ import orjson
 
 from server.app import make_app
 from server.core.notifications import RawNotification, record_notification
-from server.core.payments import PaymentNotice
 from server.core.times import utcnow
 from server.doku import conventions
 from server.doku.client import DokuSimulator, notification_body
 from tests.conftest import CLIENT, CLIENT_ID, CODE, make_settings, waiting_for_a_lock
+from tests.integration.test_notification import paid_notice
 
 INVOICE = "INV-2026-000123"
 
@@ -36,20 +36,7 @@ async def check_status_record(pool: asyncpg.Pool, code: str, invoice: str, amoun
     raw = RawNotification(
         client_id=CLIENT_ID, request_id=request_id, headers=[], body=b"{}", source="check_status"
     )
-    notice = PaymentNotice(
-        client_id=CLIENT_ID,
-        payment_code=code,
-        invoice_number=invoice,
-        amount=amount,
-        transaction_ref=conventions.check_status_reference(invoice),
-        channel="ALFA",
-        paid=True,
-        transaction_status="SUCCESS",
-        paid_at=None,
-        agent_id=None,
-        agent_store_id=None,
-        agent_trx_id=None,
-    )
+    notice = paid_notice(code, invoice, amount, ref=conventions.check_status_reference(invoice))
     return await record_notification(pool, raw, notice, now=utcnow())
 
 
