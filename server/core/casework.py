@@ -227,8 +227,7 @@ async def resolve(
             return ResolveResult(Case(payment, existing), created=False)
         if pays:
             assert code is not None
-            code = code.counted(now)
-            await code_store.save_count(conn, code)
+            code = await code_store.count_payment(conn, code.payment_code)
         case = Case(payment, stored)
         document = case.document() | {"code": code_document(code) if code else None}
         await outbox.append(conn, RESOLVED_EVENT, payment.payment_code, document)

@@ -6,7 +6,7 @@ Which inquiry a code answers is decided in the database, by dipc_inquire
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -61,14 +61,3 @@ class PaymentCode(NewCode):
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
-
-    def counted(self, at: datetime) -> PaymentCode:
-        """The code once a normal payment is counted on it at ``at``: a one-shot code becomes paid, a
-        reusable one stays active."""
-        return replace(
-            self,
-            paid_count=self.paid_count + 1,
-            status=self.status if self.reusable else CodeStatus.PAID,
-            updated_at=at,
-            version=self.version + 1,
-        )

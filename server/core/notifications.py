@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from enum import Enum
 
 import asyncpg
 import structlog
@@ -74,9 +73,8 @@ async def record_notification(
         return NotificationResult(await inbox.insert(pool, values), outcome)
     async with outbox.connection(pool) as conn:
         # First without a lock: the common case costs two round trips. If the code or the invoice's
-        # history changed before the recording held the lock (a cancel, another payment), or the payment
-        # counts on a reusable code (which others may be paying at the same moment), read and decide
-        # again holding the lock until the recording is committed (as before ADR 11).
+        # history changed before the recording held the lock (a cancel, another payment of the invoice),
+        # read and decide again holding the lock until the recording is committed (as before ADR 11).
         lock = False
         while True:
             try:
@@ -86,27 +84,18 @@ async def record_notification(
                 # A second normal payment for one invoice reached the index, which only a race the row
                 # lock does not cover could do. Nothing was committed; read the winner and decide again.
                 log.warning("notification.retry_after_unique_violation", constraint=error.constraint_name)
-                result = _Again.CHANGED
-            if isinstance(result, NotificationResult):
+                result = None
+            if result is not None:
                 return result
-            if result is _Again.CHANGED:
-                log.info("notification.decided_again", payment_code=notice.payment_code, locked=lock)
+            log.info("notification.decided_again", payment_code=notice.payment_code, locked=lock)
             lock = True
-
-
-class _Again(Enum):
-    """Why a notification is read and decided again, holding the code's row lock."""
-
-    CHANGED = "what the decision rests on changed before the recording held the lock"
-    # Every normal payment of a reusable code moves the code's count, so payments of one code at the
-    # same moment would each find the code changed and be decided twice; under the lock, once.
-    COUNTS_ON_REUSABLE = "a normal payment of a reusable code"
 
 
 async def _decide_and_record(
     conn: asyncpg.Connection, raw: RawNotification, notice: PaymentNotice, now: datetime, *, lock: bool
-) -> NotificationResult | _Again:
-    """Read, decide and record once, or say why not."""
+) -> NotificationResult | None:
+    """Read, decide and record once; None when what the decision rests on changed before the recording
+    held the code's row lock (nothing is written then)."""
 
     def raw_values(outcome: NotificationOutcome) -> tuple:
         return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
@@ -125,16 +114,14 @@ async def _decide_and_record(
         outcome = NotificationOutcome.REPEAT
         return NotificationResult(await inbox.insert(conn, raw_values(outcome)), outcome)
     decision = decide_payment(notice, context.code, context.history, now)
-    code = context.code
-    if not lock and code is not None and code.reusable and decision.kind is PaymentKind.NORMAL:
-        return _Again.COUNTS_ON_REUSABLE
     payment = planned_payment(notice, decision, context, raw.source)
-    counted = code.counted(context.at) if code and decision.kind is PaymentKind.NORMAL else None
-    event = (EVENT_TYPES[decision.kind], _event(payment, counted or code))
-    values = raw_values(decision.outcome)
-    recorded = await payment_store.record(conn, context, values, payment, counted, event)
+    code = context.code
+    if code is not None and decision.kind is PaymentKind.NORMAL:
+        code = replace(code, updated_at=context.at)  # counted then; the count itself is the statement's
+    event = (EVENT_TYPES[decision.kind], _event(payment, code))
+    recorded = await payment_store.record(conn, context, raw_values(decision.outcome), payment, event)
     if recorded is None:
-        return _Again.CHANGED
+        return None
     if recorded.payment is None:
         # Only for a code we do not know (no row to lock): a twin of this transaction got there first.
         outbox.replayed()

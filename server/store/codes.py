@@ -110,26 +110,23 @@ async def mint_invoice(conn: asyncpg.Connection, payment_code: str) -> int | Non
     )
 
 
-def save_count_statement(payment_code: str, first: int) -> str:
-    """The UPDATE that writes a counted code (:meth:`PaymentCode.counted`, the one place the rule is):
-    ``payment_code`` is its placeholder, the counted columns are ``$first`` and the three after it (see
-    :func:`count_values`). Run it holding the code's row lock, the code read under it; also a part of
+def count_statement(payment_code: str, at: str) -> str:
+    """The UPDATE that counts a normal payment on its code: a one-shot code becomes paid, a reusable one
+    stays active. ``payment_code`` and ``at`` (the time of the count) are SQL: placeholders, or ``now()``.
+    Run it holding the code's row lock; it counts relative to the row as it is, so it is also a part of
     the statement that records a notification's payment (payments.record)."""
-    paid_count, status, updated_at, version = (f"${first + i}" for i in range(4))
     return f"""
         UPDATE payment_codes
-           SET paid_count = {paid_count}, status = {status}, updated_at = {updated_at}, version = {version}
+           SET paid_count = paid_count + 1, status = CASE WHEN reusable THEN status ELSE 'paid' END,
+               updated_at = {at}, version = version + 1
          WHERE payment_code = {payment_code}
-        """  # noqa: S608 - placeholders only
+        """  # noqa: S608 - SQL expressions of the caller's
 
 
-def count_values(counted: PaymentCode) -> tuple[int, str, datetime, int]:
-    return counted.paid_count, counted.status.value, counted.updated_at, counted.version
-
-
-async def save_count(conn: asyncpg.Connection, counted: PaymentCode) -> None:
-    """Write a code a normal payment was counted on (see :func:`save_count_statement`)."""
-    await conn.execute(save_count_statement("$1", 2), counted.payment_code, *count_values(counted))
+async def count_payment(conn: asyncpg.Connection, payment_code: str) -> PaymentCode:
+    """Count a normal payment (:func:`count_statement`) and return the code as it is now."""
+    row = await conn.fetchrow(f"{count_statement('$1', 'now()')} RETURNING {COLUMNS}", payment_code)
+    return code_from_row(row)
 
 
 async def list_page(

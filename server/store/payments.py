@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from server.core.codes import PaymentCode
-from server.core.payments import Payment, PaymentHistory
+from server.core.payments import Payment, PaymentHistory, PaymentKind
 from server.store import codes as code_store
 from server.store import inbox, outbox, reconciliation
 
@@ -64,13 +64,15 @@ class PaymentContext:
     at: datetime  # the database's time of the read: the payment's recorded_at
     unnamed_ref: str  # what a Check Status answer that named no transaction is recorded as
     code_state: str | None  # what of the code the decision depends on (dipc_code_state)
+    counting_state: str | None  # the same for a payment counted on the code
 
 
 def _read_context(code: str, source: str) -> str:
     return f"""
     SELECT {code_store.prefixed_columns(code, "code_")},
            facts.repeat, facts.invoice_paid, facts.quoted_amounts,
-           now() AS at, dipc_code_state({code}) AS code_state
+           now() AS at, dipc_code_state({code}, false) AS code_state,
+           dipc_code_state({code}, true) AS counting_state
       FROM {source}
     """  # noqa: S608 - constants
 
@@ -117,6 +119,7 @@ async def read_context(
         at=row["at"],
         unnamed_ref=unnamed_ref,
         code_state=row["code_state"],
+        counting_state=row["counting_state"],
     )
 
 
@@ -143,7 +146,7 @@ _RECORDED = (
 )
 _RECORD = f"""
 WITH context AS (
-    SELECT dipc_code_state(c.code) AS code_state, c.repeat, c.invoice_paid, c.quoted_amounts
+    SELECT dipc_code_state(c.code, $29) AS code_state, c.repeat, c.invoice_paid, c.quoted_amounts
       FROM dipc_payment_context($9, $10, $11, $14, $25) AS c
 ),
 unchanged AS (
@@ -174,8 +177,9 @@ inbox AS (
     RETURNING id
 ),
 counted AS (
-    {code_store.save_count_statement("$9", 29)}
+    {code_store.count_statement("$9", "$22")}
        AND EXISTS (SELECT FROM payment WHERE kind = 'normal')
+    RETURNING paid_count, status, version
 ),
 settled AS (
     {reconciliation.settle_statement("$9", "$10", _RECORDED)}
@@ -183,7 +187,10 @@ settled AS (
 ),
 event AS (
     {outbox.INSERT_PENDING}
-    SELECT $23, $9, $24::jsonb || jsonb_build_object('id', id, 'notification_id', notification_id)
+    SELECT $23, $9,
+           $24::jsonb || jsonb_build_object('id', id, 'notification_id', notification_id)
+           || coalesce((SELECT jsonb_build_object('code', ($24::jsonb -> 'code') || to_jsonb(counted))
+                          FROM counted), '{{}}')
       FROM payment
 )
 SELECT (SELECT id FROM inbox) AS notification_id, (SELECT id FROM payment) AS payment_id
@@ -195,19 +202,24 @@ async def record(
     context: PaymentContext,
     notification: tuple[Any, ...],
     payment: Payment,
-    counted: PaymentCode | None,
     event: tuple[str, dict[str, Any]],
 ) -> Recorded | None:
-    """Store the notification (``inbox.values``), the payment it tells of, the code it counted on
-    (``counted``, for a normal payment), the invoice's reconciliation settled (any payment stops
-    reconciliation asking DOKU about it) and the payment's event: in one statement, its own transaction,
-    on an :func:`outbox.connection`. None, and nothing written, when the code or the history is no longer
-    the ``context`` the payment was decided on: read it again and decide again.
+    """Store the notification (``inbox.values``), the payment it tells of, a normal payment's count on
+    its code (codes.count_statement, at the payment's ``recorded_at``), the invoice's reconciliation
+    settled (any payment stops reconciliation asking DOKU about it) and the payment's event: in one
+    statement, its own transaction, on an :func:`outbox.connection`. None, and nothing written, when the
+    code or the history is no longer the ``context`` the payment was decided on: read it again and
+    decide again.
+
+    The event's document comes without the ids, which the statement adds, and for a normal payment with
+    its code as read but for what counting moves: the statement writes the count, status and version it
+    left, and the time of the count is ``recorded_at``.
 
     When this transaction is recorded already (a racing retry), only the inbox row is written, as a
     repeat. Only the payment's own identity is a tolerated conflict: a second normal payment for one
     invoice violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
     """
+    counting = payment.kind == PaymentKind.NORMAL
     row = await conn.fetchrow(
         _RECORD,
         *notification,  # $1 to $8, the last the source (a notification, or a Check Status answer)
@@ -227,10 +239,11 @@ async def record(
         payment.recorded_at,
         *event,  # $23, $24: the event's document without the ids, which the statement adds
         context.unnamed_ref,
-        context.code_state,  # $26 to $28: what the payment was decided on
+        # $26 to $29: what the payment was decided on (of the code, what counting does not move)
+        context.counting_state if counting else context.code_state,
         context.history.invoice_paid,
         sorted(context.history.quoted_amounts),
-        *(code_store.count_values(counted) if counted else (None, None, None, None)),  # $29 to $32
+        counting,
     )
     if row["notification_id"] is None:
         return None

@@ -218,13 +218,12 @@ async def test_each_invoice_of_a_reusable_code_is_one_payment(doku, register, po
     assert (await doku.inquiry(CODE)).status == 200  # still payable
 
 
-async def test_payments_of_one_reusable_code_at_once_are_each_counted_once_under_its_lock(
-    doku, register, pool, capsys
+async def test_payments_of_one_reusable_code_at_once_are_each_counted_once_and_decided_once(
+    client, admin_headers, doku, register, pool, capsys
 ):
-    """Every normal payment of a reusable code moves its count, so payments of one code at once would
-    find it changed between their read and their recording, and be decided again. They are recorded
-    holding the code's row lock from the read on, so none is; each event shows the code as its own
-    payment left it."""
+    """Every normal payment of a reusable code moves its count. The recording counts relative to the row
+    as it is and compares the code without what counting moves, so payments of one code at once are not
+    decided again; each event shows the code exactly as its own payment left it."""
     await register(reusable=True, invoice_number="TOPUP")
     count = 24
     quotes = [await doku.inquiry(CODE) for _ in range(count)]
@@ -234,10 +233,13 @@ async def test_payments_of_one_reusable_code_at_once_are_each_counted_once_under
     assert {reply.status for reply in replies} == {200}
     assert {row["kind"] for row in await payments(pool)} == {"normal"}
     assert tuple(await code_row(pool)) == ("active", count)
-    events = await pool.fetch("SELECT payload FROM events WHERE type = 'payment.received'")
+    events = await pool.fetch("SELECT payload FROM events WHERE type = 'payment.received' ORDER BY id")
     codes = [event["payload"]["code"] for event in events]
     assert sorted(code["paid_count"] for code in codes) == list(range(1, count + 1))
     assert len({code["version"] for code in codes}) == count
+    # The last count's event shows the code as the API does now, member for member.
+    last = max(codes, key=lambda code: code["paid_count"])
+    assert last == await (await client.get(f"/v1/payment-codes/{CODE}", headers=admin_headers)).json()
     assert capsys.readouterr().out.count("notification.decided_again") == 0
 
 
@@ -574,10 +576,8 @@ async def test_a_recording_writes_only_what_it_was_decided_on(register, pool, ch
             await pool.execute(CHANGES[change], CODE, INVOICE, notice.transaction_ref)
         payment = planned_payment(notice, decision, context, "notification")
         values = stored(decision.outcome, "r-1")
-        assert context.code is not None
-        counted = context.code.counted(context.at)
-        event = ("payment.received", {"id": payment.id})
-        recorded = await payment_store.record(conn, context, values, payment, counted, event)
+        event = ("payment.received", {"code": {}})
+        recorded = await payment_store.record(conn, context, values, payment, event)
     mine = "FROM payments WHERE transaction_ref = $1 AND kind = 'normal'"
     written = await pool.fetchval(f"SELECT count(*) {mine}", notice.transaction_ref)
     if change is None:
