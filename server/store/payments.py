@@ -134,12 +134,14 @@ class Recorded:
 # snapshots, so it sees what the lock's previous holder committed), and writes nothing unless the code
 # (dipc_code_state) and the history are what the caller decided on (ADR 11). The ids are taken after
 # that, so a recording that waited for the lock does not commit an id smaller than one a reader paging
-# by id has already seen; the statement writes them into the event's document (payment_document's "id"
-# and "notification_id"). The rest of the statement has a snapshot from before the lock, which is safe
-# for its writes: the payment's unique keys see every committed row, and an UPDATE of a row changed since
-# the snapshot re-reads that row and checks its conditions again. The payment is inserted before its
-# inbox row, so that a twin that recorded this transaction meanwhile (only possible for a code we do not
-# know: no row to lock) makes the inbox row a repeat in the same statement.
+# by id has already seen. The statement writes them into the event's document (payment_document's "id"
+# and "notification_id"), and a normal payment's count, status and version into its "code" (the columns
+# count_statement moves, under code_document's names for them). The rest of the statement has a snapshot
+# from before the lock, which is safe for its writes: the payment's unique keys see every committed row,
+# and an UPDATE of a row changed since the snapshot re-reads that row and checks its conditions again.
+# The payment is inserted before its inbox row, so that a twin that recorded this transaction meanwhile
+# (only possible for a code we do not know: no row to lock) makes the inbox row a repeat in the same
+# statement.
 _RECORDED = (
     "(SELECT id, source, kind, payment_code, invoice_number FROM payments"
     " UNION ALL SELECT id, source, kind, payment_code, invoice_number FROM payment)"
