@@ -6,16 +6,11 @@
 -- differ in what they compare.
 
 -- What of a code a payment is decided on and reports: all of it but the invoice sequence, which every
--- successful inquiry of a reusable code moves. For a payment that will be counted on the code
--- (`counting`), also without what counting moves (the count, the version, the time of change): the
--- recording counts relative to the row as it is then, so payments of one reusable code at the same
--- moment do not make each other decide again. NULL for no code (plpgsql's empty row too).
-CREATE FUNCTION dipc_code_state(code payment_codes, counting boolean) RETURNS text
+-- successful inquiry of a reusable code moves (a notification must not wait for a quiet moment). NULL
+-- for no code (plpgsql's empty row too).
+CREATE FUNCTION dipc_code_state(code payment_codes) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN code.payment_code IS NOT NULL THEN
-               CASE WHEN counting THEN to_jsonb(code) - '{invoice_seq,paid_count,version,updated_at}'::text[]
-                    ELSE to_jsonb(code) - 'invoice_seq' END::text
-           END
+    SELECT CASE WHEN code.payment_code IS NOT NULL THEN (to_jsonb(code) - 'invoice_seq')::text END
 $$;
 
 -- What is recorded for an invoice. The amounts come sorted, so that two reads of the same facts compare
