@@ -14,7 +14,6 @@ import random
 from collections import defaultdict
 
 import asyncpg
-import orjson
 
 from server.app import make_app
 from server.core.notifications import RawNotification, record_notification
@@ -22,13 +21,7 @@ from server.core.times import utcnow
 from server.doku import conventions
 from server.doku.client import DokuSimulator, notification_body
 from tests.conftest import CLIENT, CLIENT_ID, CODE, make_settings, waiting_for_a_lock
-from tests.integration.test_notification import paid_notice
-
-INVOICE = "INV-2026-000123"
-
-
-def as_doc(value):
-    return orjson.loads(value) if isinstance(value, str | bytes) else value
+from tests.integration.test_notification import INVOICE, paid_notice, pay
 
 
 async def check_status_record(pool: asyncpg.Pool, code: str, invoice: str, amount: int, request_id: str):
@@ -76,13 +69,13 @@ async def check_invariants(pool: asyncpg.Pool) -> None:
     seen: dict[int, int] = defaultdict(int)
     for event in events:
         if event["type"].startswith("payment."):
-            seen[as_doc(event["payload"])["id"]] += 1
+            seen[event["payload"]["id"]] += 1
     assert {row["id"]: 1 for row in payments} == dict(seen)
     # The code documents of the feed: per code, versions never go back, one version is one document,
     # and the last one is the row.
     docs: dict[str, list[dict]] = defaultdict(list)
     for event in events:
-        payload = as_doc(event["payload"])
+        payload = event["payload"]
         doc = payload if event["type"].startswith("code.") else payload.get("code")
         if doc:
             doc = {k: v for k, v in doc.items() if k != "changed"}
@@ -100,10 +93,6 @@ async def check_invariants(pool: asyncpg.Pool) -> None:
             row["paid_count"],
             row["status"],
         ), (code, last, dict(row))
-
-
-async def pay(doku, code, invoice, ref, amount=150000):
-    return await doku.notify(code, invoice_number=invoice, amount=amount, original_request_id=ref)
 
 
 # --- one-shot codes: twins, a second transaction, cancel, PATCH, Check Status, all at once ------------
@@ -129,8 +118,8 @@ async def test_one_shot_codes_paid_twice_cancelled_edited_and_checked_at_once(
 
     work = []
     for i, code in enumerate(codes):
-        ops = [pay(doku, code, INVOICE, "trx-A") for _ in range(3)]
-        ops += [pay(doku, code, INVOICE, "trx-B")]
+        ops = [pay(doku, code=code, ref="trx-A") for _ in range(3)]
+        ops += [pay(doku, code=code, ref="trx-B")]
         ops += [check_status_record(pool, code, INVOICE, 150000, f"cs-{code}")]
         if i % 3 == 0:
             ops.append(cancel(code))
@@ -159,8 +148,8 @@ async def test_a_reusable_code_paid_edited_and_minting_invoices_at_once(
         minted.append(reply.json()["order"]["invoice_number"])
     work = []
     for n, invoice in enumerate(minted):
-        work += [pay(doku, CODE, invoice, f"s-{invoice}") for _ in range(2)]
-        work += [pay(doku, CODE, invoice, f"t-{invoice}")]
+        work += [pay(doku, invoice=invoice, ref=f"s-{invoice}") for _ in range(2)]
+        work += [pay(doku, invoice=invoice, ref=f"t-{invoice}")]
         work += [check_status_record(pool, CODE, invoice, 150000, f"cs-{n}")]
         work += [doku.inquiry(CODE) for _ in range(3)]
     work += [
@@ -184,7 +173,7 @@ async def test_twins_of_a_notification_racing_their_codes_registration(client, d
     codes = [f"88965200000{n:05d}" for n in range(24)]
     work = []
     for code in codes:
-        work += [pay(doku, code, INVOICE, "trx-1") for _ in range(4)]
+        work += [pay(doku, code=code, ref="trx-1") for _ in range(4)]
         work.append(register(payment_code=code))
     random.Random(3).shuffle(work)
     results = await asyncio.gather(*work, return_exceptions=True)
@@ -208,7 +197,7 @@ async def test_an_accepted_anomaly_racing_the_codes_normal_payment(
     codes = [f"88965300000{n:05d}" for n in range(16)]
     for code in codes:
         await register(payment_code=code)
-        assert (await pay(doku, code, INVOICE, "wrong", amount=1)).status == 200
+        assert (await pay(doku, code=code, ref="wrong", amount=1)).status == 200
     ids = {
         row["payment_code"]: row["id"]
         for row in await pool.fetch("SELECT payment_code, id FROM payments WHERE kind = 'anomaly'")
@@ -224,7 +213,7 @@ async def test_an_accepted_anomaly_racing_the_codes_normal_payment(
 
     work = []
     for code in codes:
-        work += [accept(code), pay(doku, code, INVOICE, "ok"), pay(doku, code, INVOICE, "ok")]
+        work += [accept(code), pay(doku, code=code, ref="ok"), pay(doku, code=code, ref="ok")]
     random.Random(7).shuffle(work)
     results = await asyncio.gather(*work, return_exceptions=True)
     assert not [r for r in results if isinstance(r, BaseException)], results
@@ -302,7 +291,7 @@ async def test_a_recording_whose_backend_is_terminated_while_it_waits(client, do
     await register()
     async with pool.acquire() as holder, holder.transaction():
         await holder.execute("SELECT 1 FROM payment_codes WHERE payment_code = $1 FOR UPDATE", CODE)
-        waiting = asyncio.create_task(pay(doku, CODE, INVOICE, "trx-1"))
+        waiting = asyncio.create_task(pay(doku, ref="trx-1"))
         await waiting_for_a_lock(pool, "dipc_payment_context")
         await pool.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
@@ -311,5 +300,5 @@ async def test_a_recording_whose_backend_is_terminated_while_it_waits(client, do
         first = await waiting
     assert first.status == 503
     assert await pool.fetchval("SELECT count(*) FROM payments") == 0
-    assert (await pay(doku, CODE, INVOICE, "trx-1")).status == 200
+    assert (await pay(doku, ref="trx-1")).status == 200
     await check_invariants(pool)
