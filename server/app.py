@@ -15,7 +15,7 @@ from server.config import Settings
 from server.doku.checkstatus import CheckStatusClient
 from server.http import admin, casework, inquiry, notification, ops
 from server.http.bodies import BODY_READS, BodyReads
-from server.http.keys import CHECK_STATUS, HEALTH, LISTENER, POOL, SETTINGS
+from server.http.keys import CHECK_STATUS, HEALTH, INQUIRY_BATCHES, LISTENER, POOL, SETTINGS
 from server.http.middleware import observe
 from server.http.ports import split_by_port
 from server.http.protocol import EdgeApplication
@@ -24,6 +24,7 @@ from server.ops.health import HealthChecker
 from server.ops.sampler import DatabaseSampler
 from server.reconcile.worker import Reconciler
 from server.store import outbox
+from server.store.inquiries import InquiryBatches
 from server.store.listener import EventListener
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 from server.webhooks.forwarder import WebhookForwarder
@@ -63,7 +64,14 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
                 connect_timeout=settings.db_connect_timeout_s,
                 statement_cache_size=settings.db_statement_cache_size,
             )
+        app[INQUIRY_BATCHES] = InquiryBatches(
+            app[POOL],
+            first_check_s=settings.reconcile_schedule[0],
+            timeout_s=settings.doku_db_timeout_s,
+            lanes=settings.inquiry_batches,
+        )
         yield
+        await app[INQUIRY_BATCHES].close()
         await _close_pool(app[POOL])
 
     async def health_context(app: web.Application) -> AsyncIterator[None]:

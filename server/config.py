@@ -66,6 +66,9 @@ class Settings:
     # A notification is not waited on at a counter, but DOKU's call has a timeout of its own.
     notification_db_timeout_s: float = 5.0
     admin_db_timeout_s: float = 30.0
+    # Batches of inquiries one worker has at the database at once; the inquiries that arrive meanwhile
+    # wait and share the next batch's statement and commit (store/inquiries.py, InquiryBatches).
+    inquiry_batches: int = 1
     db_pool_min: int = 2
     db_pool_max: int = 10
     db_connect_timeout_s: float = 5.0
@@ -344,6 +347,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         doku_db_timeout_s=_float(env, "DIPC_DOKU_DB_TIMEOUT_S", 0.8),
         notification_db_timeout_s=_float(env, "DIPC_NOTIFICATION_DB_TIMEOUT_S", 5.0),
         admin_db_timeout_s=_float(env, "DIPC_ADMIN_DB_TIMEOUT_S", 30.0),
+        inquiry_batches=_int(env, "DIPC_INQUIRY_BATCHES", 1, minimum=1),
         db_pool_min=_int(env, "DIPC_DB_POOL_MIN", 2, minimum=0),
         db_pool_max=_int(env, "DIPC_DB_POOL_MAX", 10, minimum=1),
         db_connect_timeout_s=_float(env, "DIPC_DB_CONNECT_TIMEOUT_S", 5.0),
@@ -378,4 +382,8 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         raise ConfigError(f"DIPC_ADMIN_PORT={settings.admin_port} is not a TCP port")
     if settings.db_pool_min > settings.db_pool_max:
         raise ConfigError("DIPC_DB_POOL_MIN must not exceed DIPC_DB_POOL_MAX")
+    if settings.inquiry_batches > settings.db_pool_max:
+        raise ConfigError(
+            "DIPC_INQUIRY_BATCHES must not exceed DIPC_DB_POOL_MAX: each batch holds a connection"
+        )
     return settings

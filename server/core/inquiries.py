@@ -1,8 +1,9 @@
 """Answering an inquiry: one call of the database's ``dipc_inquire``, which decides, mints and records.
 
 The rules (which code answers which inquiry) and the exact bytes of each answer are SQL, in
-schemas/migrations/0005_inquire.sql, so the hot path costs one round trip. What stays here is what
-only the process knows: the BIN rules of its configuration, its clock, and the reconciliation schedule.
+schemas/migrations/0005_inquire.sql, so the hot path costs one round trip, shared with the worker's
+other inquiries of the moment (store/inquiries.py, ``InquiryBatches``). What stays here is what only the
+process knows: the BIN rules of its configuration, its clock, and the reconciliation schedule.
 A repeated Request-Id is answered with the bytes recorded the first time; with another body it is a reuse.
 """
 
@@ -11,12 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg
-
 from server.core.codes import CodeRules
 from server.core.errors import RequestIdReused
-from server.store import inquiries as inquiry_store
-from server.store.inquiries import RecordedInquiry
+from server.store.inquiries import Inquiry, InquiryBatches, RecordedInquiry
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,27 +27,22 @@ class InquiryRequest:
 
 
 async def inquire(
-    pool: asyncpg.Pool,
-    request: InquiryRequest,
-    *,
-    rules: CodeRules,
-    now: datetime,
-    first_check_s: float,
+    batches: InquiryBatches, request: InquiryRequest, *, rules: CodeRules, now: datetime
 ) -> RecordedInquiry:
-    """Answer an inquiry; a quoted invoice is first checked with DOKU ``first_check_s`` later (spec §8).
+    """Answer an inquiry; a quoted invoice is reconciled with DOKU on the process's schedule (spec §8).
 
     The answer is what ``dipc_inquire`` recorded: by this call, or earlier under the Request-Id (replayed).
     """
-    recorded = await inquiry_store.inquire(
-        pool,
-        payment_code=request.payment_code,
-        request_id=request.request_id,
-        client_id=request.client_id,
-        channel=request.channel,
-        body_sha256=request.body_sha256,
-        bin_channels=rules.channels_for(request.payment_code),
-        at=now,
-        first_check_s=first_check_s,
+    recorded = await batches.inquire(
+        Inquiry(
+            payment_code=request.payment_code,
+            request_id=request.request_id,
+            client_id=request.client_id,
+            channel=request.channel,
+            body_sha256=request.body_sha256,
+            bin_channels=rules.channels_for(request.payment_code),
+            at=now,
+        )
     )
     if recorded.replayed and recorded.body_sha256 != request.body_sha256:
         raise RequestIdReused("this Request-Id was used before with a different body")

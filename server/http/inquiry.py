@@ -8,7 +8,7 @@ from server.core.inquiries import InquiryRequest, inquire
 from server.core.times import utcnow
 from server.doku import messages
 from server.http.doku import DokuEndpoint
-from server.http.keys import LOG_FIELDS, POOL, SETTINGS
+from server.http.keys import INQUIRY_BATCHES, LOG_FIELDS, SETTINGS
 from server.ops import metrics
 from server.ops.masking import mask_code
 from server.store.pool import deadline
@@ -37,7 +37,7 @@ async def handle_inquiry(request: web.Request) -> web.Response:
     log_fields.update(payment_code=mask_code(message.payment_code), channel=message.channel)
     async with deadline(settings.doku_db_timeout_s, "inquiry"):
         answer = await inquire(
-            request.app[POOL],
+            request.app[INQUIRY_BATCHES],
             InquiryRequest(
                 client_id=auth.client.client_id,
                 request_id=auth.request_id,
@@ -47,7 +47,6 @@ async def handle_inquiry(request: web.Request) -> web.Response:
             ),
             rules=settings.bins,
             now=utcnow(),
-            first_check_s=settings.reconcile_schedule[0],
         )
     log_fields.update(outcome=answer.outcome, replayed=answer.replayed)
     metrics.INQUIRIES_SERIES(answer.outcome, message.channel, "true" if answer.replayed else "false").inc()

@@ -80,6 +80,11 @@ DB_DURATION = Histogram(
     ["operation", "result"],
     buckets=LATENCY_BUCKETS,
 )
+INQUIRY_BATCH_SIZE = Histogram(
+    "dipc_inquiry_batch_size",
+    "Inquiries recorded by one statement and one commit (a worker's inquiries share round trips).",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 DB_POOL = Gauge(
     "dipc_db_pool_connections",
     "Connections of the pools, summed over live processes: size, in_use, max.",
@@ -333,7 +338,7 @@ def preinitialise(*, doku_routes: Sequence[str], client_ids: Iterable[str]) -> N
         for client_id in (*client_ids, "unknown"):
             for reason in SIGNATURE_FAILURE_REASONS:
                 SIGNATURE_FAILURES.labels(route, client_id, reason)
-    for operation in ("inquiry", "notification", "notification.rejected"):
+    for operation in ("inquiry", "inquiry.batch", "notification", "notification.rejected"):
         for result in ("unavailable", "timeout"):
             DB_DURATION.labels(operation, result)
     for status in WEBHOOK_STATUSES:
@@ -357,6 +362,7 @@ def exported_names() -> set[str]:
     names: set[str] = set()
     for metric in (
         HTTP_REQUESTS, HTTP_DURATION, INQUIRIES, NOTIFICATIONS, PAYMENTS, SIGNATURE_FAILURES, DB_DURATION,
+        INQUIRY_BATCH_SIZE,
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
         EVENTS_UNSEQUENCED_AGE,
         EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST_OPEN, EXCEPTION_RESOLUTIONS, FEED_WAITERS, BUILD_INFO,

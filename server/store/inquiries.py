@@ -2,15 +2,23 @@
 
 Deciding, minting and recording an inquiry is one call of the server-side function ``dipc_inquire``
 (schemas/migrations/0005_inquire.sql), where the rules and the answer's bytes live: one round trip.
+A worker's inquiries share round trips and commits (:class:`InquiryBatches`, migration 0010).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+
+from server.core.errors import Unavailable
+from server.ops import metrics
+from server.store.pool import deadline
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,28 +39,147 @@ SELECT replayed, outcome, http_status, response_body, invoice_number, body_sha25
 """
 
 
-async def inquire(
-    conn: asyncpg.Connection | asyncpg.Pool,
-    *,
-    payment_code: str,
-    request_id: str,
-    client_id: str,
-    channel: str,
-    body_sha256: bytes,
-    bin_channels: Iterable[str] | None,
-    at: datetime,
-    first_check_s: float,
-) -> RecordedInquiry:
-    """Answer and record an inquiry in one statement (see ``dipc_inquire`` for what it writes)."""
-    row = await conn.fetchrow(
-        _INQUIRE,
-        payment_code,
-        request_id,
-        client_id,
-        channel,
-        body_sha256,
-        None if bin_channels is None else list(bin_channels),
-        at,
-        first_check_s,
-    )
-    return RecordedInquiry(*row)
+@dataclass(frozen=True, slots=True)
+class Inquiry:
+    """One inquiry as ``dipc_inquire`` takes it (the first check's delay is the process's)."""
+
+    payment_code: str
+    request_id: str
+    client_id: str
+    channel: str
+    body_sha256: bytes
+    bin_channels: frozenset[str] | None  # None: no BIN fits the code
+    at: datetime
+
+
+_INQUIRE_EACH = """
+SELECT replayed, outcome, http_status, response_body, invoice_number, body_sha256
+  FROM dipc_inquire_each($1, $2, $3, $4, $5, $6, $7, $8, $9)
+"""
+
+# A batch gives up on a lock after this long, and its inquiries are recorded one by one: what another
+# transaction holds delays the inquiries of one code, not those that share its batch. Locks a batch
+# meets normally (a reusable code minting in another batch, a payment of the same code) last a commit.
+BATCH_LOCK_TIMEOUT_MS = 100
+# At most this many inquiries in one batch: a bound on how long one batch holds its connection.
+MAX_BATCH = 64
+
+
+class InquiryBatches:
+    """One worker's inquiries, recorded in batches: while a batch is at the database, the inquiries that
+    arrive wait, and go together in the next (``dipc_inquire_each``: one statement, one commit, each
+    inquiry still its own call of ``dipc_inquire``, and answered only after that commit).
+
+    ``lanes`` batches may be at the database at once. A code's inquiries always take the same lane, one
+    batch after the other, so that the worker's batches never wait for each other's locks (a reusable
+    code's minting holds its row until the commit). An inquiry that finds its lane idle goes at once,
+    alone. A batch the database refuses (a lock held past :data:`BATCH_LOCK_TIMEOUT_MS`, any error) is
+    rolled back whole, and each of its inquiries is then recorded alone by its own request, so that one
+    inquiry cannot fail another. A batch the database does not answer within ``timeout_s`` fails all its
+    inquiries with Unavailable, as it would have each of them; one whose request gave up meanwhile may
+    still be recorded (its answer was a 503, and a resend of its Request-Id gets the recorded one).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, first_check_s: float, timeout_s: float, lanes: int) -> None:
+        self._pool = pool
+        self._first_check_s = first_check_s
+        self._timeout_s = timeout_s
+        self._lanes: list[deque[tuple[Inquiry, asyncio.Future[RecordedInquiry | None]]]] = [
+            deque() for _ in range(lanes)
+        ]
+        self._senders: dict[int, asyncio.Task[None]] = {}  # by lane, while it has a batch out
+
+    async def inquire(self, inquiry: Inquiry) -> RecordedInquiry:
+        """Answer and record ``inquiry``; its answer exists once it is committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RecordedInquiry | None] = loop.create_future()
+        lane = hash(inquiry.payment_code) % len(self._lanes)
+        self._lanes[lane].append((inquiry, future))
+        if lane not in self._senders:
+            # A context of its own: the sender outlives this request, and must not inherit its deadline.
+            self._senders[lane] = loop.create_task(
+                self._send_while_waiting(lane), context=contextvars.Context()
+            )
+        recorded = await future
+        return recorded if recorded is not None else await self._record_alone(inquiry)
+
+    @property
+    def waiting(self) -> int:
+        """Inquiries waiting for their lane's next batch."""
+        return sum(map(len, self._lanes))
+
+    async def close(self) -> None:
+        """Wait for the batches at the database (called after the last request, before the pool closes)."""
+        await asyncio.gather(*self._senders.values(), return_exceptions=True)
+
+    async def _send_while_waiting(self, lane: int) -> None:
+        waiting = self._lanes[lane]
+        try:
+            while waiting:
+                batch = []
+                while waiting and len(batch) < MAX_BATCH:
+                    inquiry, future = waiting.popleft()
+                    if not future.done():  # done: its request gave up waiting
+                        batch.append((inquiry, future))
+                # In one order for every batch, so that batches of two workers cannot deadlock.
+                batch.sort(key=lambda each: (each[0].payment_code, each[0].request_id))
+                if batch:
+                    await self._send(batch)
+        finally:
+            del self._senders[lane]
+
+    async def _send(self, batch: list[tuple[Inquiry, asyncio.Future[RecordedInquiry | None]]]) -> None:
+        metrics.INQUIRY_BATCH_SIZE.observe(len(batch))
+        results: Sequence[RecordedInquiry | None] = [None] * len(batch)  # None: record it alone
+        failure: Exception | None = None
+        try:
+            async with deadline(self._timeout_s, "inquiry.batch"):
+                inquiries = [inquiry for inquiry, _ in batch]
+                if len(inquiries) == 1:
+                    results = [await self._record_alone(inquiries[0])]
+                else:
+                    results = await self._record_together(inquiries)
+        except asyncpg.PostgresError:
+            pass  # rolled back whole
+        except Exception as error:  # Unavailable: the database is down or too slow
+            failure = error
+        except BaseException:  # cancelled: dipc stops
+            failure = Unavailable("dipc is stopping")
+            raise
+        finally:
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if failure is not None:
+                    future.set_exception(failure)
+                else:
+                    future.set_result(result)
+
+    async def _record_alone(self, one: Inquiry) -> RecordedInquiry:
+        row = await self._pool.fetchrow(
+            _INQUIRE,
+            one.payment_code,
+            one.request_id,
+            one.client_id,
+            one.channel,
+            one.body_sha256,
+            None if one.bin_channels is None else sorted(one.bin_channels),
+            one.at,
+            self._first_check_s,
+        )
+        return RecordedInquiry(*row)
+
+    async def _record_together(self, inquiries: list[Inquiry]) -> list[RecordedInquiry]:
+        rows = await self._pool.fetch(
+            _INQUIRE_EACH,
+            [one.payment_code for one in inquiries],
+            [one.request_id for one in inquiries],
+            [one.client_id for one in inquiries],
+            [one.channel for one in inquiries],
+            [one.body_sha256 for one in inquiries],
+            [None if one.bin_channels is None else ",".join(sorted(one.bin_channels)) for one in inquiries],
+            [one.at for one in inquiries],
+            self._first_check_s,
+            BATCH_LOCK_TIMEOUT_MS,
+        )
+        return [RecordedInquiry(*row) for row in rows]
