@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.doku.client import DokuSimulator, inquiry_body, notification_body
 from tests.conftest import CLIENT, CLIENT_ID, dipc_env, waiting_for_a_lock
@@ -47,11 +48,13 @@ async def post_all(
     *,
     keys_are_request_ids: bool = False,
     kill: subprocess.Popen | None = None,
+    before_kill: Callable[[DokuSimulator], Awaitable[None]] | None = None,
 ) -> dict[str, tuple[int, bytes]]:
     """POST every body to ``target`` once, concurrently, signed as DOKU; return the answers that arrived
     (status, body) by key. With ``keys_are_request_ids`` each key is also its request's Request-Id.
 
-    With ``kill``, the server is SIGKILLed once a sixth of the answers are in.
+    With ``kill``, the server is SIGKILLed once a sixth of the answers are in (``before_kill`` runs just
+    before, while the others are in flight).
     """
     answers: dict[str, tuple[int, bytes]] = {}
     killed = False
@@ -69,6 +72,8 @@ async def post_all(
             answers[key] = (reply.status, reply.body)
             if kill is not None and len(answers) >= len(bodies) // 6 and not killed:
                 killed = True
+                if before_kill is not None:
+                    await before_kill(doku)
                 kill.send_signal(signal.SIGKILL)
 
         await asyncio.gather(*(send(key, body) for key, body in bodies.items()))
@@ -154,9 +159,9 @@ TOPUP = "8896500000000777"
 
 
 async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_twice(database_url, pool):
-    """The inquiry's writes (audit row, minted invoice, reconciliation row) are one transaction that
-    commits before the answer leaves: a kill at any moment loses no answer given, and a resend of any
-    inquiry, answered or not, gets one answer for good."""
+    """The inquiry's writes (audit row, minted invoice, reconciliation row) are in the transaction of its
+    batch, which commits before any of the batch's answers leaves: a kill at any moment loses no answer
+    given, and a resend of any inquiry, answered or not, gets one answer for good."""
     one_shot = [f"88965{n:011d}" for n in range(INQUIRIES // 3)]
     await pool.copy_records_to_table(
         "payment_codes",
@@ -176,10 +181,21 @@ async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_t
     code_of = {f"inq-{n}": code for n, code in enumerate(codes)}  # Request-Id -> code
     requests = {request_id: inquiry_body(code) for request_id, code in code_of.items()}
     port = free_port()
+    batches: dict[str, float] = {}
+
+    async def count_batches(doku: DokuSimulator) -> None:
+        async with doku.session.get(f"{doku.base_url}/metrics") as response:
+            for family in text_string_to_metric_families(await response.text()):
+                batches.update(
+                    (s.name, s.value) for s in family.samples if s.name.startswith("dipc_inquiry_batch")
+                )
+
     answered = await killed_mid_burst(
-        database_url, port, "/doku/inquiry", requests, keys_are_request_ids=True
+        database_url, port, "/doku/inquiry", requests, keys_are_request_ids=True, before_kill=count_batches
     )
     assert 0 < len(answered) < INQUIRIES, "the kill should land in the middle of the burst"
+    # What the kill interrupted was batches: the inquiries answered so far shared commits (ADR 12).
+    assert batches["dipc_inquiry_batch_size_sum"] > batches["dipc_inquiry_batch_size_count"] > 0
 
     def recorded_rows():
         return pool.fetch("SELECT request_id, http_status, response_body, invoice_number FROM inquiries")
