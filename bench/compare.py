@@ -3,6 +3,7 @@
     .venv/bin/python bench/compare.py --before HEAD~1            # the working tree against HEAD~1
     .venv/bin/python bench/compare.py --before HEAD~1 --rounds 5 --seconds 8 --kind reusable
     .venv/bin/python bench/compare.py --before HEAD~1 --rounds 5 --seconds 8 --kind notification
+    .venv/bin/python bench/compare.py --before HEAD~1 --open-loop 2400    # and the tail at 2,400/s
 
 How each speed-up's commit message measures its effect: one embedded PostgreSQL, one set of codes, the
 ceiling (bench/ceiling.py), ``before`` (a ``git worktree`` of that revision) and the working tree served
@@ -11,6 +12,10 @@ neighbour costs all three alike. Prints each round and the medians, as ratios to
 server's CPU time per request (its own user + system time over the requests it answered), and
 PostgreSQL's (every process of the cluster, over the same requests): on a shared machine those figures
 move far less with the neighbours than throughput does.
+
+``--open-loop RATE`` then measures the tail of the three at one fixed rate, in interleaved rounds of 10 s
+(bench/openloop.py, as bench/run.py's open loop, whose rate is half of each saturation rate and so moves
+with the change measured): a change's effect on p99 at the same load.
 
 ``--kind notification`` compares first-time payment notifications instead, without the ceiling: each round,
 on ``before`` then ``after`` (then the other way round), inquiries quote bills of fresh one-shot codes as in
@@ -28,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import notify  # bench/notify.py
@@ -47,6 +53,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--codes", type=int, default=100_000)
     parser.add_argument("--kind", choices=["one-shot", "reusable", "notification"], default="one-shot")
+    parser.add_argument("--open-loop", type=float, default=0, metavar="RATE",
+                        help="then p50/p99 of each server at RATE inquiries/s, open loop")  # fmt: skip
     args = parser.parse_args()
 
     with run.scratch_database("dipc-bench-compare-") as (workdir, pg, dsn):
@@ -114,9 +122,35 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
         print(f"  after / before: {after / before:.3f}")
         cpu_after, cpu_before = statistics.median(cpu_us["after"]), statistics.median(cpu_us["before"])
         print(f"  server cpu per request, after / before: {cpu_after / cpu_before:.3f}")
+        if args.open_loop:
+            compare_open_loop(args, pg, ports, codes, requests)
     finally:
         for server in servers:
             run.stop_server(server)
+
+
+OPEN_LOOP_S = 10
+
+
+def compare_open_loop(args, pg, ports, codes, requests) -> None:
+    """p50/p99 of each server at one rate, rounds interleaved, after the bursts have settled."""
+    run.psql(str(pg.socket_dir), "CHECKPOINT")
+    time.sleep(5)
+    p99s: dict[str, list[float]] = {name: [] for name in ports}
+    for round_ in range(args.rounds):
+        for name, port in ports.items():
+            run.presign(requests, codes, int(args.open_loop * OPEN_LOOP_S) + 10, "/doku/inquiry")
+            report = run.run_open_loop(port, rate=args.open_loop, seconds=OPEN_LOOP_S, requests=requests)
+            p99s[name].append(report["p99_ms"])
+            print(f"round {round_ + 1} {name:8} open loop at {args.open_loop:,.0f}/s"
+                  f"  p50 {report['p50_ms']:6.2f} ms  p99 {report['p99_ms']:6.2f} ms"
+                  f"  errors {report['errors']}  generator cpu {report['generator_cpu_share']:.0%}",
+                  flush=True)  # fmt: skip
+    print(f"\nopen loop at {args.open_loop:,.0f} {args.kind} inquiries/s,"
+          f" p99 of {args.rounds} rounds of {OPEN_LOOP_S} s:")  # fmt: skip
+    for name, values in p99s.items():
+        each = ", ".join(f"{value:.2f}" for value in values)
+        print(f"  {name:8} median {statistics.median(values):6.2f} ms  ({each})")
 
 
 # One-shot codes the notification comparison quotes and pays, one prefix per server (BIN 88965).

@@ -85,6 +85,11 @@ INQUIRY_BATCH_SIZE = Histogram(
     "Inquiries recorded by one statement and one commit (a worker's inquiries share round trips).",
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+INQUIRIES_QUEUED = Gauge(
+    "dipc_inquiries_queued",
+    "Inquiries waiting for their lane's next batch, at the last scrape, summed over live processes.",
+    multiprocess_mode="livesum",
+)
 DB_POOL = Gauge(
     "dipc_db_pool_connections",
     "Connections of the pools, summed over live processes: size, in_use, max.",
@@ -362,7 +367,7 @@ def exported_names() -> set[str]:
     names: set[str] = set()
     for metric in (
         HTTP_REQUESTS, HTTP_DURATION, INQUIRIES, NOTIFICATIONS, PAYMENTS, SIGNATURE_FAILURES, DB_DURATION,
-        INQUIRY_BATCH_SIZE,
+        INQUIRY_BATCH_SIZE, INQUIRIES_QUEUED,
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
         EVENTS_UNSEQUENCED_AGE,
         EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST_OPEN, EXCEPTION_RESOLUTIONS, FEED_WAITERS, BUILD_INFO,

@@ -59,16 +59,22 @@ async def test_sigterm_lets_every_accepted_request_finish_and_exits_0(database_u
                     f"http://127.0.0.1:{port}/v1/events?wait=60", headers={"Authorization": "Bearer t"}
                 )
             )
-            # Accepted, and inside the server: all twenty are waiting on the lock in PostgreSQL.
+            # Accepted, and inside the server: each waits on the lock in PostgreSQL, or for its batch
+            # to follow one that does (ADR 12; a batch that meets the lock is recorded one by one).
             for _ in range(200):
                 waiting = await pool.fetchval(
                     "SELECT count(*) FROM pg_stat_activity "
                     "WHERE application_name = 'dipc' AND wait_event_type = 'Lock'"
                 )
-                if waiting == 20:
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    families = text_string_to_metric_families(await response.text())
+                    [queued] = [
+                        s.value for f in families for s in f.samples if s.name == "dipc_inquiries_queued"
+                    ]
+                if waiting + queued == 20:
                     break
                 await asyncio.sleep(0.05)
-            assert waiting == 20
+            assert waiting + queued == 20
             server.send_signal(signal.SIGTERM)
             poll_response = await asyncio.wait_for(long_poll, 5)  # a parked long-poll answers at once
             assert poll_response.status == 200
