@@ -57,10 +57,11 @@ SELECT replayed, outcome, http_status, response_body, invoice_number, body_sha25
   FROM dipc_inquire_each($1, $2, $3, $4, $5, $6, $7, $8, $9)
 """
 
-# A batch gives up on a lock after this long, and its inquiries are recorded one by one: what another
-# transaction holds delays the inquiries of one code, not those that share its batch. Locks a batch
-# meets normally (a reusable code minting in another batch, a payment of the same code) last a commit.
-BATCH_LOCK_TIMEOUT_MS = 100
+# A batch may wait for locks until this long after it started; past that it fails, and its inquiries
+# are recorded one by one: what another transaction holds delays the inquiries of one code, not those
+# that share its batch. Locks a batch meets normally (a reusable code minting in another worker's batch,
+# a payment of the same code) last a commit.
+BATCH_LOCK_WAIT_MS = 100
 # At most this many inquiries in one batch: a bound on how long one batch holds its connection.
 MAX_BATCH = 64
 
@@ -72,10 +73,11 @@ class InquiryBatches:
 
     ``lanes`` batches may be at the database at once. A code's inquiries always take the same lane, one
     batch after the other, so that the worker's batches never wait for each other's locks (a reusable
-    code's minting holds its row until the commit). An inquiry that finds its lane idle goes at once,
-    alone. A batch the database refuses (a lock held past :data:`BATCH_LOCK_TIMEOUT_MS`, any error) is
-    rolled back whole, and each of its inquiries is then recorded alone by its own request, so that one
-    inquiry cannot fail another. A batch the database does not answer within ``timeout_s`` fails all its
+    code's minting holds its row until the commit). An inquiry that finds its lane idle goes at once, a
+    batch of one. A batch the database refuses (a lock still awaited :data:`BATCH_LOCK_WAIT_MS` after it
+    started, any error) is rolled back whole, and each of its inquiries is then recorded alone by its own
+    request (under its own deadline, outside the lane), so that one inquiry cannot hold up or fail
+    another. A batch the database does not answer within ``timeout_s`` fails all its
     inquiries with Unavailable, as it would have each of them; one whose request gave up meanwhile may
     still be recorded (its answer was a 503, and a resend of its Request-Id gets the recorded one).
     """
@@ -87,7 +89,7 @@ class InquiryBatches:
         self._lanes: list[deque[tuple[Inquiry, asyncio.Future[RecordedInquiry | None]]]] = [
             deque() for _ in range(lanes)
         ]
-        self._senders: dict[int, asyncio.Task[None]] = {}  # by lane, while it has a batch out
+        self._senders: dict[int, asyncio.Task[None]] = {}  # by lane: the last one started
 
     async def inquire(self, inquiry: Inquiry) -> RecordedInquiry:
         """Answer and record ``inquiry``; its answer exists once it is committed."""
@@ -95,8 +97,10 @@ class InquiryBatches:
         future: asyncio.Future[RecordedInquiry | None] = loop.create_future()
         lane = hash(inquiry.payment_code) % len(self._lanes)
         self._lanes[lane].append((inquiry, future))
-        if lane not in self._senders:
-            # A context of its own: the sender outlives this request, and must not inherit its deadline.
+        sender = self._senders.get(lane)
+        if sender is None or sender.done():
+            # A context of its own: the sender serves the requests after this one too, and carries nothing
+            # of this one's (its deadline's bookkeeping, the connections that deadline would terminate).
             self._senders[lane] = loop.create_task(
                 self._send_while_waiting(lane), context=contextvars.Context()
             )
@@ -121,12 +125,18 @@ class InquiryBatches:
                     inquiry, future = waiting.popleft()
                     if not future.done():  # done: its request gave up waiting
                         batch.append((inquiry, future))
-                # In one order for every batch, so that batches of two workers cannot deadlock.
+                # In one order for every batch, so that two workers' batches take the rows they share
+                # in one order (the lock wait's bound ends what cycles remain: ADR 12).
                 batch.sort(key=lambda each: (each[0].payment_code, each[0].request_id))
                 if batch:
                     await self._send(batch)
-        finally:
-            del self._senders[lane]
+        except BaseException:
+            # Cancelled (dipc stops): what still waits for this lane is answered now, not left to wait.
+            while waiting:
+                _, future = waiting.popleft()
+                if not future.done():
+                    future.set_exception(Unavailable("dipc is stopping"))
+            raise
 
     async def _send(self, batch: list[tuple[Inquiry, asyncio.Future[RecordedInquiry | None]]]) -> None:
         metrics.INQUIRY_BATCH_SIZE.observe(len(batch))
@@ -134,11 +144,7 @@ class InquiryBatches:
         failure: Exception | None = None
         try:
             async with deadline(self._timeout_s, "inquiry.batch"):
-                inquiries = [inquiry for inquiry, _ in batch]
-                if len(inquiries) == 1:
-                    results = [await self._record_alone(inquiries[0])]
-                else:
-                    results = await self._record_together(inquiries)
+                results = await self._record_together([inquiry for inquiry, _ in batch])
         except asyncpg.PostgresError:
             pass  # rolled back whole
         except Exception as error:  # Unavailable: the database is down or too slow
@@ -180,6 +186,6 @@ class InquiryBatches:
             [None if one.bin_channels is None else ",".join(sorted(one.bin_channels)) for one in inquiries],
             [one.at for one in inquiries],
             self._first_check_s,
-            BATCH_LOCK_TIMEOUT_MS,
+            BATCH_LOCK_WAIT_MS,
         )
         return [RecordedInquiry(*row) for row in rows]
