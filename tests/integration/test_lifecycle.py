@@ -48,46 +48,51 @@ async def test_sigterm_lets_every_accepted_request_finish_and_exits_0(database_u
         database_url, port, DIPC_DOKU_DB_TIMEOUT_S="20", DIPC_DB_POOL_MAX="30", DIPC_SHUTDOWN_TIMEOUT_S="15"
     )
     server = spawn(env)
-    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+    try:
+        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
 
-    async with aiohttp.ClientSession() as session:
-        doku = DokuSimulator(session, f"http://127.0.0.1:{port}", CLIENT)
-        async with table_locked(pool):  # every inquiry now waits in PostgreSQL
-            inquiries = [asyncio.create_task(doku.inquiry(CODE)) for _ in range(20)]
-            long_poll = asyncio.create_task(
-                session.get(
-                    f"http://127.0.0.1:{port}/v1/events?wait=60", headers={"Authorization": "Bearer t"}
+        async with aiohttp.ClientSession() as session:
+            doku = DokuSimulator(session, f"http://127.0.0.1:{port}", CLIENT)
+            async with table_locked(pool):  # every inquiry now waits in PostgreSQL
+                inquiries = [asyncio.create_task(doku.inquiry(CODE)) for _ in range(20)]
+                long_poll = asyncio.create_task(
+                    session.get(
+                        f"http://127.0.0.1:{port}/v1/events?wait=60", headers={"Authorization": "Bearer t"}
+                    )
                 )
-            )
-            # Accepted, and inside the server: each waits on the lock in PostgreSQL, or for its batch
-            # to follow one that does (ADR 12; a batch that meets the lock is recorded one by one).
-            for _ in range(200):
-                waiting = await pool.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE application_name = 'dipc' AND wait_event_type = 'Lock'"
-                )
-                async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
-                    families = text_string_to_metric_families(await response.text())
-                    [queued] = [
-                        s.value for f in families for s in f.samples if s.name == "dipc_inquiries_queued"
-                    ]
-                if waiting + queued == 20:
-                    break
-                await asyncio.sleep(0.05)
-            assert waiting + queued == 20
-            server.send_signal(signal.SIGTERM)
-            poll_response = await asyncio.wait_for(long_poll, 5)  # a parked long-poll answers at once
-            assert poll_response.status == 200
-            await asyncio.sleep(0.5)
-            assert server.poll() is None  # still draining
-            with _refused():
-                async with session.get(f"http://127.0.0.1:{port}/healthz") as _:
-                    pass
-        replies = await asyncio.gather(*inquiries)
-    assert [reply.status for reply in replies] == [200] * 20
-    assert all(reply.signature_valid for reply in replies)
-    code = await asyncio.to_thread(server.wait, 20)
-    assert code == 0, server.stderr.read().decode()
+                # Accepted, and inside the server: each waits on the lock in PostgreSQL, or for its batch
+                # to follow one that does (ADR 12; a batch that meets the lock is recorded one by one).
+                for _ in range(200):
+                    waiting = await pool.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE application_name = 'dipc' AND wait_event_type = 'Lock'"
+                    )
+                    async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                        families = text_string_to_metric_families(await response.text())
+                        [queued] = [
+                            s.value for f in families for s in f.samples if s.name == "dipc_inquiries_queued"
+                        ]
+                    if waiting + queued == 20:
+                        break
+                    await asyncio.sleep(0.05)
+                assert waiting + queued == 20
+                server.send_signal(signal.SIGTERM)
+                poll_response = await asyncio.wait_for(long_poll, 5)  # a parked long-poll answers at once
+                assert poll_response.status == 200
+                await asyncio.sleep(0.5)
+                assert server.poll() is None  # still draining
+                with _refused():
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as _:
+                        pass
+            replies = await asyncio.gather(*inquiries)
+        assert [reply.status for reply in replies] == [200] * 20
+        assert all(reply.signature_valid for reply in replies)
+        code = await asyncio.to_thread(server.wait, 20)
+        assert code == 0, server.stderr.read().decode()
+    finally:
+        if server.poll() is None:  # a failed assertion must not leave it serving
+            server.kill()
+            server.wait()
 
 
 class _refused:
