@@ -64,6 +64,11 @@ SELECT replayed, outcome, http_status, response_body, invoice_number, body_sha25
 BATCH_LOCK_WAIT_MS = 100
 # At most this many inquiries in one batch: a bound on how long one batch holds its connection.
 MAX_BATCH = 64
+# A code whose inquiry, recorded alone, waited longer than a batch may wait (its row held by a long
+# transaction) has its inquiries recorded alone, outside the lanes, for this long after each such wait:
+# otherwise every batch it joined would wait BATCH_LOCK_WAIT_MS and be refused, and its lane would
+# answer the other codes a batch per 100 ms.
+HELD_CODE_S = 1.0
 
 
 class InquiryBatches:
@@ -75,11 +80,13 @@ class InquiryBatches:
     batch after the other, so that the worker's batches never wait for each other's locks (a reusable
     code's minting holds its row until the commit). An inquiry that finds its lane idle goes at once, a
     batch of one. A batch the database refuses (a lock still awaited :data:`BATCH_LOCK_WAIT_MS` after it
-    started, any error) is rolled back whole, and each of its inquiries is then recorded alone by its own
-    request (under its own deadline, outside the lane), so that one inquiry cannot hold up or fail
-    another. A batch the database does not answer within ``timeout_s`` fails all its
-    inquiries with Unavailable, as it would have each of them; one whose request gave up meanwhile may
-    still be recorded (its answer was a 503, and a resend of its Request-Id gets the recorded one).
+    started, or an error of one of its inquiries) is rolled back whole, and each of its inquiries is then
+    recorded alone by its own request (under its own deadline, outside the lane), so that one inquiry
+    cannot hold up or fail another; a code whose row turns out held goes alone for a while
+    (:data:`HELD_CODE_S`). A batch cancelled or terminated at the database fails all its inquiries with
+    Unavailable, as does one the database does not answer within ``timeout_s``, as it would have each of
+    them; one whose request gave up meanwhile may still be recorded (its answer was a 503, and a resend
+    of its Request-Id gets the recorded one).
     """
 
     def __init__(self, pool: asyncpg.Pool, *, first_check_s: float, timeout_s: float, lanes: int) -> None:
@@ -90,10 +97,13 @@ class InquiryBatches:
             deque() for _ in range(lanes)
         ]
         self._senders: dict[int, asyncio.Task[None]] = {}  # by lane: the last one started
+        self._held: dict[str, float] = {}  # code -> until when (loop time) its inquiries go alone
 
     async def inquire(self, inquiry: Inquiry) -> RecordedInquiry:
         """Answer and record ``inquiry``; its answer exists once it is committed."""
         loop = asyncio.get_running_loop()
+        if self._held and self._held.get(inquiry.payment_code, 0.0) > loop.time():
+            return await self._record_outside(inquiry)
         future: asyncio.Future[RecordedInquiry | None] = loop.create_future()
         lane = hash(inquiry.payment_code) % len(self._lanes)
         self._lanes[lane].append((inquiry, future))
@@ -105,7 +115,7 @@ class InquiryBatches:
                 self._send_while_waiting(lane), context=contextvars.Context()
             )
         recorded = await future
-        return recorded if recorded is not None else await self._record_alone(inquiry)
+        return recorded if recorded is not None else await self._record_outside(inquiry)
 
     @property
     def waiting(self) -> int:
@@ -160,6 +170,22 @@ class InquiryBatches:
                     future.set_exception(failure)
                 else:
                     future.set_result(result)
+
+    async def _record_outside(self, one: Inquiry) -> RecordedInquiry:
+        """``one`` alone, in its request's task and under its deadline, without a batch's bound on lock
+        waits; a wait longer than that bound marks its code held (:data:`HELD_CODE_S`)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await self._record_alone(one)
+        finally:
+            now = loop.time()
+            if now - started > BATCH_LOCK_WAIT_MS / 1000:
+                if len(self._held) >= 1024:  # codes no longer held are forgotten
+                    self._held = {code: until for code, until in self._held.items() if until > now}
+                self._held[one.payment_code] = now + HELD_CODE_S
+            else:
+                self._held.pop(one.payment_code, None)
 
     async def _record_alone(self, one: Inquiry) -> RecordedInquiry:
         row = await self._pool.fetchrow(

@@ -355,3 +355,33 @@ async def test_an_inquiry_the_database_refuses_fails_alone(pool, codes, batches,
     finally:
         await pool.execute("DROP TRIGGER test_refuse_poison ON inquiries; DROP FUNCTION test_refuse_poison()")
     assert await pool.fetchval("SELECT count(*) FROM inquiries") == len(ONE_SHOT)
+
+
+async def test_a_code_whose_row_is_held_goes_alone_and_leaves_the_batches_to_the_others(
+    database_url, codes, batches, gate
+):
+    """(Found by the second review.) A code whose row a long transaction holds would join batch after
+    batch, each waiting BATCH_LOCK_WAIT_MS to be refused: the lane would answer the other codes a batch
+    per 100 ms. Once an inquiry of it has waited alone longer than a batch may, its next inquiries go
+    alone (HELD_CODE_S), and the batches of the others are not refused."""
+
+    async def within_budget(code: str, request_id: str) -> RecordedInquiry:
+        async with deadline(0.3, "test"):
+            return await batches.inquire(inquiry(code, request_id))
+
+    async with rows_held(database_url, TOPUP):
+        with pytest.raises(Unavailable):  # refused in its batch, then waited alone until its budget
+            await within_budget(TOPUP, "held-1")
+        sent_before, held_before = batch_sizes()
+        first = asyncio.create_task(batches.inquire(inquiry(SLOW, "slow")))
+        await gate.reached()
+        again = asyncio.create_task(within_budget(TOPUP, "held-2"))
+        others = [asyncio.create_task(batches.inquire(inquiry(code, f"r-{code}"))) for code in ONE_SHOT]
+        await queued(batches, len(ONE_SHOT))  # the held code's inquiry is not among them
+        await gate.open()
+        await first
+        assert [(await other).outcome for other in others] == ["SUCCESS"] * len(ONE_SHOT)
+        with pytest.raises(Unavailable):
+            await again
+    sent, held = batch_sizes()
+    assert (sent - sent_before, held - held_before) == (2, 1 + len(ONE_SHOT))
