@@ -64,10 +64,10 @@ SELECT replayed, outcome, http_status, response_body, invoice_number, body_sha25
 BATCH_LOCK_WAIT_MS = 100
 # At most this many inquiries in one batch: a bound on how long one batch holds its connection.
 MAX_BATCH = 64
-# A code whose inquiry, recorded alone, waited longer than a batch may wait (its row held by a long
-# transaction) has its inquiries recorded alone, outside the lanes, for this long after each such wait:
-# otherwise every batch it joined would wait BATCH_LOCK_WAIT_MS and be refused, and its lane would
-# answer the other codes a batch per 100 ms.
+# A code whose inquiry, recorded alone, has waited as long as a batch may wait (its row held by a long
+# transaction) has its inquiries recorded alone, outside the lanes and one at a time, for this long
+# after: otherwise every batch it joined would wait BATCH_LOCK_WAIT_MS and be refused, its lane would
+# answer the other codes a batch per 100 ms, and its waits would take the pool's connections.
 HELD_CODE_S = 1.0
 
 
@@ -98,12 +98,14 @@ class InquiryBatches:
         ]
         self._senders: dict[int, asyncio.Task[None]] = {}  # by lane: the last one started
         self._held: dict[str, float] = {}  # code -> until when (loop time) its inquiries go alone
+        # A held code's inquiries go one at a time: one connection waits for its row, not the pool.
+        self._one_at_a_time: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     async def inquire(self, inquiry: Inquiry) -> RecordedInquiry:
         """Answer and record ``inquiry``; its answer exists once it is committed."""
         loop = asyncio.get_running_loop()
         if self._held and self._held.get(inquiry.payment_code, 0.0) > loop.time():
-            return await self._record_outside(inquiry)
+            return await self._record_held(inquiry)
         future: asyncio.Future[RecordedInquiry | None] = loop.create_future()
         lane = hash(inquiry.payment_code) % len(self._lanes)
         self._lanes[lane].append((inquiry, future))
@@ -171,21 +173,37 @@ class InquiryBatches:
                 else:
                     future.set_result(result)
 
+    async def _record_held(self, one: Inquiry) -> RecordedInquiry:
+        """An inquiry of a held code: outside the lanes, after the code's inquiries before it."""
+        lock, users = self._one_at_a_time.setdefault(one.payment_code, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                return await self._record_outside(one)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._one_at_a_time[one.payment_code]
+
     async def _record_outside(self, one: Inquiry) -> RecordedInquiry:
         """``one`` alone, in its request's task and under its deadline, without a batch's bound on lock
-        waits; a wait longer than that bound marks its code held (:data:`HELD_CODE_S`)."""
+        waits; once it has waited as long as that bound, its code is held (:data:`HELD_CODE_S`)."""
         loop = asyncio.get_running_loop()
+        bound_s = BATCH_LOCK_WAIT_MS / 1000
         started = loop.time()
+        marking = loop.call_later(bound_s, self._mark_held, one.payment_code)
         try:
             return await self._record_alone(one)
         finally:
-            now = loop.time()
-            if now - started > BATCH_LOCK_WAIT_MS / 1000:
-                if len(self._held) >= 1024:  # codes no longer held are forgotten
-                    self._held = {code: until for code, until in self._held.items() if until > now}
-                self._held[one.payment_code] = now + HELD_CODE_S
-            else:
+            marking.cancel()
+            if loop.time() - started < bound_s:
                 self._held.pop(one.payment_code, None)
+
+    def _mark_held(self, code: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if len(self._held) >= 1024:  # codes no longer held are forgotten
+            self._held = {held: until for held, until in self._held.items() if until > now}
+        self._held[code] = now + HELD_CODE_S
 
     async def _record_alone(self, one: Inquiry) -> RecordedInquiry:
         row = await self._pool.fetchrow(
