@@ -97,15 +97,17 @@ class InquiryBatches:
             deque() for _ in range(lanes)
         ]
         self._senders: dict[int, asyncio.Task[None]] = {}  # by lane: the last one started
-        self._held: dict[str, float] = {}  # code -> until when (loop time) its inquiries go alone
-        # A held code's inquiries go one at a time: one connection waits for its row, not the pool.
-        self._one_at_a_time: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        # Held codes: until when (loop time) their inquiries go alone, and the lock that has them go one
+        # at a time (one connection waits for the row, not the pool).
+        self._held: dict[str, tuple[float, asyncio.Lock]] = {}
 
     async def inquire(self, inquiry: Inquiry) -> RecordedInquiry:
         """Answer and record ``inquiry``; its answer exists once it is committed."""
         loop = asyncio.get_running_loop()
-        if self._held and self._held.get(inquiry.payment_code, 0.0) > loop.time():
-            return await self._record_held(inquiry)
+        held = self._held.get(inquiry.payment_code) if self._held else None
+        if held is not None and held[0] > loop.time():
+            async with held[1]:
+                return await self._record_outside(inquiry)
         future: asyncio.Future[RecordedInquiry | None] = loop.create_future()
         lane = hash(inquiry.payment_code) % len(self._lanes)
         self._lanes[lane].append((inquiry, future))
@@ -173,18 +175,6 @@ class InquiryBatches:
                 else:
                     future.set_result(result)
 
-    async def _record_held(self, one: Inquiry) -> RecordedInquiry:
-        """An inquiry of a held code: outside the lanes, after the code's inquiries before it."""
-        lock, users = self._one_at_a_time.setdefault(one.payment_code, (asyncio.Lock(), [0]))
-        users[0] += 1
-        try:
-            async with lock:
-                return await self._record_outside(one)
-        finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._one_at_a_time[one.payment_code]
-
     async def _record_outside(self, one: Inquiry) -> RecordedInquiry:
         """``one`` alone, in its request's task and under its deadline, without a batch's bound on lock
         waits; once it has waited as long as that bound, its code is held (:data:`HELD_CODE_S`)."""
@@ -202,8 +192,9 @@ class InquiryBatches:
     def _mark_held(self, code: str) -> None:
         now = asyncio.get_running_loop().time()
         if len(self._held) >= 1024:  # codes no longer held are forgotten
-            self._held = {held: until for held, until in self._held.items() if until > now}
-        self._held[code] = now + HELD_CODE_S
+            self._held = {held: entry for held, entry in self._held.items() if entry[0] > now}
+        _, one_at_a_time = self._held.get(code, (0.0, None))
+        self._held[code] = (now + HELD_CODE_S, one_at_a_time or asyncio.Lock())
 
     async def _record_alone(self, one: Inquiry) -> RecordedInquiry:
         row = await self._pool.fetchrow(

@@ -176,13 +176,15 @@ async def test_inquiries_that_arrive_while_a_batch_is_out_share_the_next_commit(
     assert await pool.fetchval("SELECT count(*) FROM reconciliation") == 2 + len(ONE_SHOT)
 
 
-async def test_an_inquiry_alone_at_a_held_lock_does_not_hold_up_the_others(client, doku, database_url, codes):
+async def test_an_inquiry_alone_at_a_held_lock_does_not_hold_up_the_others(
+    client, doku, pool, database_url, codes
+):
     """(Found by review.) The inquiry waits for its code's row; those behind it in its lane are answered
     within their budget all the same. (A lone inquiry waited without the lock-wait bound at first, until
     its batch's deadline, and every inquiry of its lane got a 503.)"""
     async with rows_held(database_url, TOPUP):
         stuck = asyncio.create_task(doku.post("/doku/inquiry", inquiry_body(TOPUP), request_id="stuck"))
-        await waiting_for_a_lock(client.app[INQUIRY_BATCHES]._pool, "dipc_inquire")
+        await waiting_for_a_lock(pool, "dipc_inquire")
         others = [
             asyncio.create_task(doku.post("/doku/inquiry", inquiry_body(code), request_id=f"r-{code}"))
             for code in ONE_SHOT
