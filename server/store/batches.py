@@ -1,0 +1,191 @@
+"""Writes of one worker that share round trips and commits (ADR 12).
+
+A commit is most of what a small write costs PostgreSQL, and a round trip much of what it costs dipc.
+:class:`Batches` records a worker's writes of one kind together: while a batch is at the database, the
+writes that arrive wait, and go together in the next, one statement and one commit, each still its own
+statement or call inside it, and each answered only after that commit. A write that finds its lane idle
+goes at once, a batch of one.
+
+What sharing risks is one write holding up the others: one that waits for a row lock (a code held by a
+long transaction, a lock cycle with another worker's batch), or one the database refuses. So a batch
+may wait for locks only until :data:`BATCH_LOCK_WAIT_MS` after it started, and a batch the database
+refuses (that bound passed, or an error of one of its writes) is rolled back whole; each of its writes is
+then made alone by its own request (under its own deadline, outside the lane). A code whose row turns out
+held goes alone for a while (:data:`HELD_CODE_S`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import Sequence
+from typing import Generic, TypeVar
+
+import asyncpg
+from prometheus_client import Histogram
+
+from server.core.errors import Unavailable
+from server.store.pool import deadline
+
+# A batch may wait for locks until this long after it started; past that it fails, and its writes are
+# made one by one: what another transaction holds delays the writes of one code, not those that share
+# its batch. Locks a batch meets normally (a reusable code minting in another worker's batch, a payment
+# of the same code) last a commit.
+BATCH_LOCK_WAIT_MS = 100
+# At most this many writes in one batch: a bound on how long one batch holds its connection.
+MAX_BATCH = 64
+# A code whose write, made alone, has waited as long as a batch may wait (its row held by a long
+# transaction) has its writes made alone, outside the lanes and one at a time, for this long after:
+# otherwise every batch it joined would wait BATCH_LOCK_WAIT_MS and be refused, its lane would serve the
+# other codes a batch per 100 ms, and its waits would take the pool's connections.
+HELD_CODE_S = 1.0
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class _Alone:
+    """A batch's result for a write that its request must make alone (the batch was refused)."""
+
+
+ALONE = _Alone()
+
+
+class Batches(Generic[Item, Result]):
+    """One worker's writes of one kind, recorded in batches (the module's docstring says how).
+
+    ``lanes`` batches may be at the database at once. A code's writes always take the same lane, one
+    batch after the other, so that the worker's batches never wait for each other's locks. A batch is
+    ordered by :meth:`order`, so that two workers' batches take the rows they share in one order (the
+    lock wait's bound ends what cycles remain). A batch cancelled or terminated at the database fails all
+    its writes with Unavailable, as does one the database does not answer within ``timeout_s``, as it
+    would have each of them; one whose request gave up meanwhile may still be committed (its answer was
+    a 503, and the client's retry finds it).
+
+    A kind implements :meth:`together` (one statement and one commit, lock waits bounded by
+    BATCH_LOCK_WAIT_MS from its start), :meth:`alone` and :meth:`order`.
+    """
+
+    def __init__(
+        self, pool: asyncpg.Pool, *, timeout_s: float, lanes: int, operation: str, sizes: Histogram
+    ) -> None:
+        self._pool = pool
+        self._timeout_s = timeout_s
+        self._operation = operation  # the batch's round trip, in dipc_db_operation_duration_seconds
+        self._sizes = sizes
+        self._lanes: list[deque[tuple[Item, asyncio.Future[Result | _Alone]]]] = [
+            deque() for _ in range(lanes)
+        ]
+        self._senders: dict[int, asyncio.Task[None]] = {}  # by lane: the last one started
+        # Held codes: until when (loop time) their writes go alone, and the lock that has them go one at a
+        # time (one connection waits for the row, not the pool).
+        self._held: dict[str, tuple[float, asyncio.Lock]] = {}
+
+    async def together(self, items: list[Item]) -> Sequence[Result]:
+        """Make ``items`` in this order, in one transaction; raise PostgresError to have each made alone."""
+        raise NotImplementedError
+
+    async def alone(self, item: Item) -> Result:
+        """Make ``item`` by itself, without a bound on its lock waits."""
+        raise NotImplementedError
+
+    def order(self, item: Item) -> tuple[str, ...]:
+        """Where ``item`` goes in its batch; the first member is its payment code."""
+        raise NotImplementedError
+
+    async def submit(self, item: Item) -> Result:
+        """Make ``item`` with the writes that arrive with it; its result exists once it is committed."""
+        loop = asyncio.get_running_loop()
+        code = self.order(item)[0]
+        held = self._held.get(code) if self._held else None
+        if held is not None and held[0] > loop.time():
+            async with held[1]:
+                return await self._outside(code, item)
+        future: asyncio.Future[Result | _Alone] = loop.create_future()
+        lane = hash(code) % len(self._lanes)
+        self._lanes[lane].append((item, future))
+        sender = self._senders.get(lane)
+        if sender is None or sender.done():
+            # A context of its own: the sender serves the requests after this one too, and carries nothing
+            # of this one's (its deadline's bookkeeping, the connections that deadline would terminate).
+            self._senders[lane] = loop.create_task(
+                self._send_while_waiting(lane), context=contextvars.Context()
+            )
+        result = await future
+        return await self._outside(code, item) if isinstance(result, _Alone) else result
+
+    @property
+    def waiting(self) -> int:
+        """Writes waiting for their lane's next batch."""
+        return sum(map(len, self._lanes))
+
+    async def close(self) -> None:
+        """Wait for the batches at the database (called after the last request, before the pool closes)."""
+        await asyncio.gather(*self._senders.values(), return_exceptions=True)
+
+    async def _send_while_waiting(self, lane: int) -> None:
+        waiting = self._lanes[lane]
+        try:
+            while waiting:
+                batch = []
+                while waiting and len(batch) < MAX_BATCH:
+                    item, future = waiting.popleft()
+                    if not future.done():  # done: its request gave up waiting
+                        batch.append((item, future))
+                batch.sort(key=lambda each: self.order(each[0]))
+                if batch:
+                    await self._send(batch)
+        except BaseException:
+            # Cancelled (dipc stops): what still waits for this lane is answered now, not left to wait.
+            while waiting:
+                _, future = waiting.popleft()
+                if not future.done():
+                    future.set_exception(Unavailable("dipc is stopping"))
+            raise
+
+    async def _send(self, batch: list[tuple[Item, asyncio.Future[Result | _Alone]]]) -> None:
+        self._sizes.observe(len(batch))
+        results: Sequence[Result | _Alone] = [ALONE] * len(batch)
+        failure: Exception | None = None
+        try:
+            async with deadline(self._timeout_s, self._operation):
+                results = await self.together([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} came back with {len(results)} results")
+        except asyncpg.PostgresError:
+            results = [ALONE] * len(batch)  # rolled back whole
+        except Exception as error:  # Unavailable: the database is down or too slow
+            failure = error
+        except BaseException:  # cancelled: dipc stops
+            failure = Unavailable("dipc is stopping")
+            raise
+        finally:
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if failure is not None:
+                    future.set_exception(failure)
+                else:
+                    future.set_result(result)
+
+    async def _outside(self, code: str, item: Item) -> Result:
+        """``item`` alone, in its request's task and under its deadline, without a batch's bound on lock
+        waits; once it has waited as long as that bound, its code is held (:data:`HELD_CODE_S`)."""
+        loop = asyncio.get_running_loop()
+        bound_s = BATCH_LOCK_WAIT_MS / 1000
+        started = loop.time()
+        marking = loop.call_later(bound_s, self._mark_held, code)
+        try:
+            return await self.alone(item)
+        finally:
+            marking.cancel()
+            if loop.time() - started < bound_s:
+                self._held.pop(code, None)
+
+    def _mark_held(self, code: str) -> None:
+        now = asyncio.get_running_loop().time()
+        if len(self._held) >= 1024:  # codes no longer held are forgotten
+            self._held = {held: entry for held, entry in self._held.items() if entry[0] > now}
+        _, one_at_a_time = self._held.get(code, (0.0, None))
+        self._held[code] = (now + HELD_CODE_S, one_at_a_time or asyncio.Lock())
