@@ -15,7 +15,7 @@ from server.config import Settings
 from server.doku.checkstatus import CheckStatusClient
 from server.http import admin, casework, inquiry, notification, ops
 from server.http.bodies import BODY_READS, BodyReads
-from server.http.keys import CHECK_STATUS, HEALTH, INQUIRY_BATCHES, LISTENER, POOL, SETTINGS
+from server.http.keys import CHECK_STATUS, HEALTH, INQUIRY_BATCHES, LISTENER, PAYMENT_BATCHES, POOL, SETTINGS
 from server.http.middleware import observe
 from server.http.ports import split_by_port
 from server.http.protocol import EdgeApplication
@@ -26,6 +26,7 @@ from server.reconcile.worker import Reconciler
 from server.store import outbox
 from server.store.inquiries import InquiryBatches
 from server.store.listener import EventListener
+from server.store.payments import PaymentBatches
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 from server.webhooks.forwarder import WebhookForwarder
 
@@ -70,8 +71,10 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             timeout_s=settings.doku_db_timeout_s,
             lanes=settings.inquiry_batches,
         )
+        app[PAYMENT_BATCHES] = PaymentBatches(app[POOL], timeout_s=settings.notification_db_timeout_s)
         yield
         await app[INQUIRY_BATCHES].close()
+        await app[PAYMENT_BATCHES].close()
         await _close_pool(app[POOL])
 
     async def health_context(app: web.Application) -> AsyncIterator[None]:

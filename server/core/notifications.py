@@ -12,7 +12,6 @@ primary key and the one-normal-payment-per-invoice index back the lock up.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -64,22 +63,31 @@ class NotificationResult:
 
 
 async def record_notification(
-    pool: asyncpg.Pool, raw: RawNotification, notice: PaymentNotice, *, now: datetime
+    pool: asyncpg.Pool,
+    raw: RawNotification,
+    notice: PaymentNotice,
+    *,
+    now: datetime,
+    batches: payment_store.PaymentBatches | None = None,
 ) -> NotificationResult:
-    """Store the notification and its effect; return only once both are committed."""
+    """Store the notification and its effect; return only once both are committed. With ``batches``, the
+    recording shares its round trip and commit with those that arrive with it (ADR 13)."""
     if not notice.paid:
         outcome = NotificationOutcome.IGNORED
         values = _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
         return NotificationResult(await inbox.insert(pool, values), outcome)
-    async with outbox.connection(pool) as conn:
+    async with outbox.sequenced(pool):
         # First without a lock: the common case costs two round trips. If the code or the invoice's
         # history changed before the recording held the lock (a cancel, another payment of the invoice),
         # read and decide again holding the lock until the recording is committed (as before ADR 11).
         lock = False
         while True:
             try:
-                async with conn.transaction() if lock else contextlib.nullcontext():
-                    result = await _decide_and_record(conn, raw, notice, now, lock=lock)
+                if lock:
+                    async with pool.acquire() as conn, conn.transaction():
+                        result = await _decide_and_record(conn, raw, notice, now, lock=True)
+                else:
+                    result = await _decide_and_record(pool, raw, notice, now, batches=batches)
             except asyncpg.UniqueViolationError as error:
                 # A second normal payment for one invoice reached the index, which only a race the row
                 # lock does not cover could do. Nothing was committed; read the winner and decide again.
@@ -92,10 +100,17 @@ async def record_notification(
 
 
 async def _decide_and_record(
-    conn: asyncpg.Connection, raw: RawNotification, notice: PaymentNotice, now: datetime, *, lock: bool
+    conn: asyncpg.Connection | asyncpg.Pool,
+    raw: RawNotification,
+    notice: PaymentNotice,
+    now: datetime,
+    *,
+    lock: bool = False,
+    batches: payment_store.PaymentBatches | None = None,
 ) -> NotificationResult | None:
     """Read, decide and record once; None when what the decision rests on changed before the recording
-    held the code's row lock (nothing is written then)."""
+    held the code's row lock (nothing is written then). With ``lock``, ``conn`` is a connection in a
+    transaction, which the read's lock holds until it ends."""
 
     def raw_values(outcome: NotificationOutcome) -> tuple:
         return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
@@ -119,7 +134,11 @@ async def _decide_and_record(
     if code is not None and decision.kind is PaymentKind.NORMAL:
         code = replace(code, updated_at=context.at)  # counted then; the count itself is the statement's
     event = (EVENT_TYPES[decision.kind], _event(payment, code))
-    recorded = await payment_store.record(conn, context, raw_values(decision.outcome), payment, event)
+    recording = (context, raw_values(decision.outcome), payment, event)
+    if batches is not None:
+        recorded = await batches.record(*recording)
+    else:
+        recorded = await payment_store.record(conn, *recording)
     if recorded is None:
         return None
     if recorded.payment is None:

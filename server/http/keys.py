@@ -15,11 +15,13 @@ from server.doku.checkstatus import CheckStatusClient
 from server.ops.health import HealthChecker
 from server.store.inquiries import InquiryBatches
 from server.store.listener import EventListener
+from server.store.payments import PaymentBatches
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
 # The worker's inquiries on their way to the database, recorded in batches over POOL.
 INQUIRY_BATCHES = web.AppKey("inquiry_batches", InquiryBatches)
+PAYMENT_BATCHES = web.AppKey("payment_batches", PaymentBatches)
 LISTENER = web.AppKey("listener", EventListener)
 HEALTH = web.AppKey("health", HealthChecker)
 # DOKU's Check Status API, when this deployment has one (DIPC_DOKU_API_URL; --demo has none by default).

@@ -10,7 +10,7 @@ from server.core.payments import PaymentNotice
 from server.core.times import utcnow
 from server.doku import conventions, messages
 from server.http.doku import DokuEndpoint
-from server.http.keys import LOG_FIELDS, POOL, SETTINGS
+from server.http.keys import LOG_FIELDS, PAYMENT_BATCHES, POOL, SETTINGS
 from server.ops import metrics
 from server.ops.masking import mask_code
 from server.store.pool import deadline
@@ -81,7 +81,9 @@ async def handle_notification(request: web.Request) -> web.Response:
         agent_trx_id=message.agent_trx_id,
     )
     async with deadline(settings.notification_db_timeout_s, "notification"):
-        result = await record_notification(pool, raw, notice, now=utcnow())
+        result = await record_notification(
+            pool, raw, notice, now=utcnow(), batches=request.app[PAYMENT_BATCHES]
+        )
     log_fields.update(outcome=result.outcome.value, notification_id=result.notification_id)
     metrics.NOTIFICATIONS.labels(result.outcome.value).inc()
     if result.payment is not None and result.decision is not None:

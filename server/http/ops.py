@@ -8,7 +8,7 @@ import os
 from aiohttp import web
 
 from server.http.bodies import json_response
-from server.http.keys import HEALTH, INQUIRY_BATCHES, POOL
+from server.http.keys import HEALTH, INQUIRY_BATCHES, PAYMENT_BATCHES, POOL
 from server.ops import metrics
 
 routes = web.RouteTableDef()
@@ -44,3 +44,4 @@ def sample_pool(app: web.Application) -> None:
     metrics.DB_POOL.labels("in_use").set(size - pool.get_idle_size())
     metrics.DB_POOL.labels("max").set(pool.get_max_size())
     metrics.INQUIRIES_QUEUED.set(app[INQUIRY_BATCHES].waiting)
+    metrics.PAYMENTS_QUEUED.set(app[PAYMENT_BATCHES].waiting)

@@ -90,6 +90,16 @@ INQUIRIES_QUEUED = Gauge(
     "Inquiries waiting for their lane's next batch, at the last scrape, summed over live processes.",
     multiprocess_mode="livesum",
 )
+PAYMENT_BATCH_SIZE = Histogram(
+    "dipc_payment_batch_size",
+    "Payments recorded in one round trip and one commit (a worker's payment recordings share them).",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+PAYMENTS_QUEUED = Gauge(
+    "dipc_payments_queued",
+    "Payment recordings waiting for the next batch, at the last scrape, summed over live processes.",
+    multiprocess_mode="livesum",
+)
 DB_POOL = Gauge(
     "dipc_db_pool_connections",
     "Connections of the pools, summed over live processes: size, in_use, max.",
@@ -343,7 +353,7 @@ def preinitialise(*, doku_routes: Sequence[str], client_ids: Iterable[str]) -> N
         for client_id in (*client_ids, "unknown"):
             for reason in SIGNATURE_FAILURE_REASONS:
                 SIGNATURE_FAILURES.labels(route, client_id, reason)
-    for operation in ("inquiry", "inquiry.batch", "notification", "notification.rejected"):
+    for operation in ("inquiry", "inquiry.batch", "notification", "notification.rejected", "payment.batch"):
         for result in ("unavailable", "timeout"):
             DB_DURATION.labels(operation, result)
     for status in WEBHOOK_STATUSES:
@@ -367,7 +377,7 @@ def exported_names() -> set[str]:
     names: set[str] = set()
     for metric in (
         HTTP_REQUESTS, HTTP_DURATION, INQUIRIES, NOTIFICATIONS, PAYMENTS, SIGNATURE_FAILURES, DB_DURATION,
-        INQUIRY_BATCH_SIZE, INQUIRIES_QUEUED,
+        INQUIRY_BATCH_SIZE, INQUIRIES_QUEUED, PAYMENT_BATCH_SIZE, PAYMENTS_QUEUED,
         DB_POOL, DATABASE_UP, WEBHOOK_ATTEMPTS, WEBHOOK_DELIVERIES, WEBHOOK_OLDEST_PENDING, EVENTS_LAST_ID,
         EVENTS_UNSEQUENCED_AGE,
         EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST_OPEN, EXCEPTION_RESOLUTIONS, FEED_WAITERS, BUILD_INFO,

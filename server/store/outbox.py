@@ -58,11 +58,18 @@ _TRANSACTION: ContextVar[_Answer | None] = ContextVar("dipc_outbox_transaction",
 async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection whose statements may append events, each statement its own transaction;
     their events are in the feed when it exits."""
+    async with sequenced(pool), pool.acquire() as conn:
+        yield conn
+
+
+@contextlib.asynccontextmanager
+async def sequenced(pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """Statements run meanwhile, on any connection of ``pool``, may append events (each statement its
+    own transaction); their events are in the feed when it exits."""
     answer = _Answer()
     token = _TRANSACTION.set(answer)
     try:
-        async with pool.acquire() as conn:
-            yield conn
+        yield
     finally:
         _TRANSACTION.reset(token)
     if answer.waits_for_feed:

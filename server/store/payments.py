@@ -10,8 +10,10 @@ import asyncpg
 
 from server.core.codes import PaymentCode
 from server.core.payments import Payment, PaymentHistory, PaymentKind
+from server.ops import metrics
 from server.store import codes as code_store
 from server.store import inbox, outbox, reconciliation
+from server.store.batches import BATCH_LOCK_WAIT_MS, Batches
 
 COLUMNS = (
     "id, payment_code, invoice_number, transaction_ref, kind, reason, amount, expected_amount, client_id, "
@@ -149,7 +151,7 @@ _RECORDED = (
 _RECORD = f"""
 WITH context AS (
     SELECT dipc_code_state(c.code, $29) AS code_state, c.repeat, c.invoice_paid, c.quoted_amounts
-      FROM dipc_payment_context($9, $10, $11, $14, $25) AS c
+      FROM dipc_payment_context_within($9, $10, $11, $14, $25, $30) AS c
 ),
 unchanged AS (
     SELECT FROM context
@@ -200,7 +202,7 @@ SELECT (SELECT id FROM inbox) AS notification_id, (SELECT id FROM payment) AS pa
 
 
 async def record(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection | asyncpg.Pool,
     context: PaymentContext,
     notification: tuple[Any, ...],
     payment: Payment,
@@ -209,9 +211,9 @@ async def record(
     """Store the notification (``inbox.values``), the payment it tells of, a normal payment's count on
     its code (codes.count_statement, at the payment's ``recorded_at``), the invoice's reconciliation
     settled (any payment stops reconciliation asking DOKU about it) and the payment's event: in one
-    statement, its own transaction, on an :func:`outbox.connection`. None, and nothing written, when the
-    code or the history is no longer the ``context`` the payment was decided on: read it again and
-    decide again.
+    statement, its own transaction unless ``conn`` is in one, inside an :func:`outbox.sequenced`. None,
+    and nothing written, when the code or the history is no longer the ``context`` the payment was
+    decided on: read it again and decide again.
 
     The event's document comes without the ids, which the statement adds, and for a normal payment with
     its code as read but for what counting moves: the statement writes the count, status and version it
@@ -221,9 +223,52 @@ async def record(
     repeat. Only the payment's own identity is a tolerated conflict: a second normal payment for one
     invoice violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
     """
+    row = await conn.fetchrow(_RECORD, *_record_args(context, notification, payment, event), None)
+    return _recorded(row, payment)
+
+
+class PaymentBatches(Batches[tuple[Any, ...], asyncpg.Record]):
+    """One worker's payment recordings (:func:`record`'s statement), made in batches (ADR 13): those that
+    arrive while a batch is out go together in the next, each its own statement, pipelined in one round
+    trip and one transaction (asyncpg's ``fetchmany``), in the order of their codes, invoices and
+    transaction references. Each statement waits for its code's row lock only until BATCH_LOCK_WAIT_MS
+    after the batch began (``dipc_payment_context_within``, migration 0011).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, timeout_s: float) -> None:
+        super().__init__(
+            pool, timeout_s=timeout_s, lanes=1, operation="payment.batch", sizes=metrics.PAYMENT_BATCH_SIZE
+        )
+
+    async def record(
+        self,
+        context: PaymentContext,
+        notification: tuple[Any, ...],
+        payment: Payment,
+        event: tuple[str, dict[str, Any]],
+    ) -> Recorded | None:
+        """:func:`record`, with the recordings that arrive with it."""
+        return _recorded(await self.submit(_record_args(context, notification, payment, event)), payment)
+
+    def order(self, item: tuple[Any, ...]) -> tuple[str, ...]:
+        return (item[8], item[9], item[10])  # the payment code, the invoice, the transaction reference
+
+    async def alone(self, item: tuple[Any, ...]) -> asyncpg.Record:
+        return await self._pool.fetchrow(_RECORD, *item, None)
+
+    async def together(self, items: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
+        return await self._pool.fetchmany(_RECORD, [(*item, BATCH_LOCK_WAIT_MS) for item in items])
+
+
+def _record_args(
+    context: PaymentContext,
+    notification: tuple[Any, ...],
+    payment: Payment,
+    event: tuple[str, dict[str, Any]],
+) -> tuple[Any, ...]:
+    """:func:`record`'s statement's parameters, $1 to $29 ($30 is the bound on its lock wait)."""
     counting = payment.kind == PaymentKind.NORMAL
-    row = await conn.fetchrow(
-        _RECORD,
+    return (
         *notification,  # $1 to $8, the last the source (a notification, or a Check Status answer)
         payment.payment_code,
         payment.invoice_number,
@@ -247,6 +292,9 @@ async def record(
         sorted(context.history.quoted_amounts),
         counting,
     )
+
+
+def _recorded(row: asyncpg.Record, payment: Payment) -> Recorded | None:
     if row["notification_id"] is None:
         return None
     if row["payment_id"] is None:

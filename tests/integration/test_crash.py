@@ -108,6 +108,17 @@ async def one_shot_codes(pool, count: int) -> list[str]:
     return codes
 
 
+def batch_counter(prefix: str, into: dict[str, float]) -> Callable[[DokuSimulator], Awaitable[None]]:
+    """A ``before_kill`` that copies the server's samples whose names start with ``prefix`` ``into``."""
+
+    async def count_batches(doku: DokuSimulator) -> None:
+        async with doku.session.get(f"{doku.base_url}/metrics") as response:
+            for family in text_string_to_metric_families(await response.text()):
+                into.update((s.name, s.value) for s in family.samples if s.name.startswith(prefix))
+
+    return count_batches
+
+
 def acknowledged(answers: dict[str, tuple[int, bytes]]) -> set[str]:
     return {code for code, (status, _) in answers.items() if status == 200}
 
@@ -123,8 +134,18 @@ async def test_a_killed_server_loses_no_acknowledged_notification_and_doubles_no
         for code in codes
     }
     port = free_port()
-    acked = acknowledged(await killed_mid_burst(database_url, port, "/doku/notification", bodies))
+    batches: dict[str, float] = {}
+    answers = await killed_mid_burst(
+        database_url,
+        port,
+        "/doku/notification",
+        bodies,
+        before_kill=batch_counter("dipc_payment_batch", batches),
+    )
+    acked = acknowledged(answers)
     assert 0 < len(acked) < COUNT, "the kill should land in the middle of the burst"
+    # What the kill interrupted was batches: the payments recorded so far shared commits (ADR 13).
+    assert batches["dipc_payment_batch_size_sum"] > batches["dipc_payment_batch_size_count"] > 0
 
     # Every notification that got a 200 is on disk, with its payment.
     recorded = {row["payment_code"] for row in await pool.fetch("SELECT payment_code FROM payments")}
@@ -182,16 +203,13 @@ async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_t
     requests = {request_id: inquiry_body(code) for request_id, code in code_of.items()}
     port = free_port()
     batches: dict[str, float] = {}
-
-    async def count_batches(doku: DokuSimulator) -> None:
-        async with doku.session.get(f"{doku.base_url}/metrics") as response:
-            for family in text_string_to_metric_families(await response.text()):
-                batches.update(
-                    (s.name, s.value) for s in family.samples if s.name.startswith("dipc_inquiry_batch")
-                )
-
     answered = await killed_mid_burst(
-        database_url, port, "/doku/inquiry", requests, keys_are_request_ids=True, before_kill=count_batches
+        database_url,
+        port,
+        "/doku/inquiry",
+        requests,
+        keys_are_request_ids=True,
+        before_kill=batch_counter("dipc_inquiry_batch", batches),
     )
     assert 0 < len(answered) < INQUIRIES, "the kill should land in the middle of the burst"
     # What the kill interrupted was batches: the inquiries answered so far shared commits (ADR 12).

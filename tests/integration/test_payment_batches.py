@@ -1,0 +1,217 @@
+"""Payment recordings in batches (store/payments.py, PaymentBatches; migration 0011; ADR 13): the
+notifications whose recordings arrive while a batch is at the database share the next round trip and
+commit, are recorded as they would be one after the other, and cannot hold each other up for longer
+than the batch's lock wait (store/batches.py, BATCH_LOCK_WAIT_MS).
+
+To hold the lane busy, a test pays the code SLOW first: a trigger keeps the batch that records its
+payment at the database, working and waiting for no lock, until the test opens a gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from server.doku.client import DokuSimulator, inquiry_body, notification_body
+from server.http.keys import PAYMENT_BATCHES
+from server.ops import metrics
+from server.store.batches import Batches
+from tests.conftest import CLIENT_ID
+from tests.integration.test_inquiry_batches import rows_held
+
+SLOW = "8896500000000779"  # one-shot: its payment holds the lane at the gate
+ONE_SHOT = [f"88965{n:011d}" for n in range(1, 9)]
+HELD = "8896500000000780"  # one-shot, whose row another transaction holds
+REFUSED = "8896500000000781"  # one-shot, whose payment the database refuses inside a batch
+TOPUP = "8896500000000777"  # reusable: two of its invoices are paid in one batch
+COLUMNS = ["payment_code", "client_id", "channel", "invoice_number", "amount", "customer_name", "reusable"]
+
+
+@pytest.fixture
+async def codes(pool: asyncpg.Pool) -> None:
+    await pool.copy_records_to_table(
+        "payment_codes",
+        records=[
+            (code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan", False)
+            for code in [SLOW, HELD, REFUSED, *ONE_SHOT]
+        ]
+        + [(TOPUP, CLIENT_ID, "ANY", "TOP77", 50_000, "Pelanggan", True)],
+        columns=COLUMNS,
+    )
+
+
+class Gate:
+    """Where the batch that records SLOW's payment waits, at the database, until :meth:`open`."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def reached(self) -> None:
+        for _ in range(500):
+            if await self.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event = 'PgSleep' AND query LIKE '%dipc_payment_context_within%'"
+            ):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no batch reached the gate")
+
+    async def open(self) -> None:
+        await self.pool.execute("INSERT INTO test_gate VALUES (true)")
+
+
+@pytest.fixture
+async def gate(pool: asyncpg.Pool) -> AsyncIterator[Gate]:
+    await pool.execute(
+        f"""
+        CREATE TABLE test_gate (open boolean NOT NULL);
+        CREATE FUNCTION test_wait_at_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            WHILE NEW.payment_code = '{SLOW}' AND NOT EXISTS (SELECT FROM test_gate WHERE open) LOOP
+                PERFORM pg_sleep(0.01);
+            END LOOP;
+            -- A batch sets lock_timeout (migration 0011); a recording alone does not.
+            IF NEW.payment_code = '{REFUSED}' AND current_setting('lock_timeout') <> '0' THEN
+                RAISE EXCEPTION 'refused in a batch';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER test_wait_at_gate BEFORE INSERT ON payments
+            FOR EACH ROW EXECUTE FUNCTION test_wait_at_gate();
+        """
+    )
+    gate = Gate(pool)
+    try:
+        yield gate
+    finally:
+        await gate.open()
+        await pool.execute("DROP TRIGGER test_wait_at_gate ON payments; DROP FUNCTION test_wait_at_gate();"
+                           "DROP TABLE test_gate")  # fmt: skip
+
+
+def pay(doku: DokuSimulator, code: str, invoice: str, transaction: str, amount: int = 10_000) -> asyncio.Task:
+    body = notification_body(code, invoice_number=invoice, amount=amount, original_request_id=transaction)
+    return asyncio.create_task(doku.post("/doku/notification", body))
+
+
+async def queued(batches: Batches, count: int) -> None:
+    """Until ``count`` recordings wait for the next batch."""
+    for _ in range(500):
+        if batches.waiting == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{batches.waiting} recordings wait, not {count}")
+
+
+def batch_sizes() -> tuple[float, float]:
+    """How many batches were sent so far, and how many recordings they held."""
+    [family] = metrics.PAYMENT_BATCH_SIZE.collect()
+    totals = {sample.name: sample.value for sample in family.samples}
+    return totals["dipc_payment_batch_size_count"], totals["dipc_payment_batch_size_sum"]
+
+
+async def payments(pool: asyncpg.Pool) -> dict[tuple[str, str], list[str]]:
+    """The kinds of the payments recorded, by code and invoice."""
+    recorded: dict[tuple[str, str], list[str]] = {}
+    for row in await pool.fetch("SELECT payment_code, invoice_number, kind FROM payments ORDER BY id"):
+        recorded.setdefault((row["payment_code"], row["invoice_number"]), []).append(row["kind"])
+    return recorded
+
+
+async def test_payments_that_arrive_while_a_batch_is_out_share_the_next_commit(
+    client, doku, pool, codes, gate
+):
+    """Ten payments behind a slow one: two commits, each payment recorded once with its notification
+    and its event, and a reusable code's two invoices counted one after the other in one batch."""
+    for _ in range(2):  # TOP77-1 and TOP77-2
+        assert (await doku.post("/doku/inquiry", inquiry_body(TOPUP))).status == 200
+    sent_before, held_before = batch_sizes()
+    first = pay(doku, SLOW, f"INV-{SLOW}", "trx-slow")
+    await gate.reached()
+    others = [pay(doku, code, f"INV-{code}", f"trx-{code}") for code in ONE_SHOT]
+    others += [pay(doku, TOPUP, f"TOP77-{n}", f"trx-top-{n}", 50_000) for n in (1, 2)]
+    await queued(client.app[PAYMENT_BATCHES], len(others))
+    await gate.open()
+    replies = [await first, *[await other for other in others]]
+
+    assert [reply.status for reply in replies] == [200] * len(replies)
+    assert all(reply.signature_valid for reply in replies)
+    sent, held = batch_sizes()
+    assert (sent - sent_before, held - held_before) == (2, len(replies))
+    expected = {(code, f"INV-{code}"): ["normal"] for code in [SLOW, *ONE_SHOT]}
+    expected |= {(TOPUP, "TOP77-1"): ["normal"], (TOPUP, "TOP77-2"): ["normal"]}
+    assert await payments(pool) == expected
+    assert await pool.fetchval("SELECT paid_count FROM payment_codes WHERE payment_code = $1", TOPUP) == 2
+    assert await pool.fetchval("SELECT count(*) FROM notifications WHERE outcome = 'normal'") == len(
+        replies
+    )
+    # Every event is in the feed once its answer has left, each with its own payment's ids.
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+    events = await pool.fetch("SELECT payload FROM events WHERE type = 'payment.received'")
+    ids = await pool.fetch("SELECT id, notification_id FROM payments")
+    assert sorted(
+        (event["payload"]["id"], event["payload"]["notification_id"]) for event in events
+    ) == sorted((row["id"], row["notification_id"]) for row in ids)
+
+
+async def test_a_batch_that_meets_a_held_code_lets_its_other_payments_through(
+    client, doku, pool, database_url, codes, gate
+):
+    """The payment of a code whose row another transaction holds fails its batch after
+    BATCH_LOCK_WAIT_MS; the others are then recorded alone and answered while the row is still held
+    (without the bound, the batch would wait with it), and it is recorded once the row is free."""
+    async with rows_held(database_url, HELD):
+        first = pay(doku, SLOW, f"INV-{SLOW}", "trx-slow")
+        await gate.reached()
+        stuck = pay(doku, HELD, f"INV-{HELD}", "trx-held")
+        others = [pay(doku, code, f"INV-{code}", f"trx-{code}") for code in ONE_SHOT]
+        await queued(client.app[PAYMENT_BATCHES], 1 + len(others))
+        await gate.open()
+        replies = [await first, *[await other for other in others]]
+        assert [reply.status for reply in replies] == [200] * len(replies)
+        assert not stuck.done()  # alone now, waiting for the row
+    assert (await stuck).status == 200
+    assert await payments(pool) == {(code, f"INV-{code}"): ["normal"] for code in [SLOW, HELD, *ONE_SHOT]}
+
+
+async def test_a_batch_the_database_refuses_records_each_of_its_payments_alone(
+    client, doku, pool, codes, gate
+):
+    """An error of one recording rolls its batch back whole; each is then recorded alone, so the others
+    are answered, and so is that one when alone it succeeds."""
+    sent_before, held_before = batch_sizes()
+    first = pay(doku, SLOW, f"INV-{SLOW}", "trx-slow")
+    await gate.reached()
+    others = [pay(doku, code, f"INV-{code}", f"trx-{code}") for code in [REFUSED, *ONE_SHOT]]
+    await queued(client.app[PAYMENT_BATCHES], len(others))
+    await gate.open()
+    replies = [await first, *[await other for other in others]]
+
+    assert [reply.status for reply in replies] == [200] * len(replies)
+    assert batch_sizes() == (sent_before + 2, held_before + len(replies))
+    assert await payments(pool) == {(code, f"INV-{code}"): ["normal"] for code in [SLOW, REFUSED, *ONE_SHOT]}
+    assert await pool.fetchval("SELECT count(*) FROM notifications") == len(replies)
+
+
+async def test_two_payments_of_one_invoice_in_one_batch_are_decided_as_one_after_the_other(
+    client, doku, pool, codes, gate
+):
+    """Both were decided before either was recorded, each as the invoice's payment. In the batch the
+    first is recorded; the second finds the invoice paid, writes nothing, and is read and decided again
+    under the lock: a conflict (money taken twice), recorded once, never a second normal payment."""
+    first = pay(doku, SLOW, f"INV-{SLOW}", "trx-slow")
+    await gate.reached()
+    code = ONE_SHOT[0]
+    twice = [pay(doku, code, f"INV-{code}", f"trx-{n}") for n in (1, 2)]
+    await queued(client.app[PAYMENT_BATCHES], 2)
+    await gate.open()
+    replies = [await first, *[await each for each in twice]]
+
+    assert [reply.status for reply in replies] == [200] * 3
+    assert sorted((await payments(pool))[(code, f"INV-{code}")]) == ["conflict", "normal"]
+    rows = await pool.fetch("SELECT kind, transaction_ref FROM payments WHERE payment_code = $1", code)
+    assert {row["transaction_ref"] for row in rows} == {"trx-1", "trx-2"}
+    assert await pool.fetchval("SELECT paid_count FROM payment_codes WHERE payment_code = $1", code) == 1
