@@ -115,15 +115,12 @@ async def _decide_and_record(
     def raw_values(outcome: NotificationOutcome) -> tuple:
         return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
 
-    context = await payment_store.read_context(
-        conn,
-        notice.payment_code,
-        notice.invoice_number,
-        notice.transaction_ref,
-        notice.amount,
-        unnamed_ref=conventions.check_status_reference(notice.invoice_number),
-        lock=lock,
-    )
+    facts = (notice.payment_code, notice.invoice_number, notice.transaction_ref, notice.amount)
+    unnamed_ref = conventions.check_status_reference(notice.invoice_number)
+    if batches is not None:
+        context = await batches.read_context(*facts, unnamed_ref=unnamed_ref)
+    else:
+        context = await payment_store.read_context(conn, *facts, unnamed_ref=unnamed_ref, lock=lock)
     if context.history.repeat:
         outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
         outcome = NotificationOutcome.REPEAT

@@ -92,12 +92,15 @@ INQUIRIES_QUEUED = Gauge(
 )
 PAYMENT_BATCH_SIZE = Histogram(
     "dipc_payment_batch_size",
-    "Payments recorded in one round trip and one commit (a worker's payment recordings share them).",
+    "Payment notifications read (statement=read) or recorded (statement=record) in one round trip and"
+    " one transaction (a worker's notifications share them).",
+    ["statement"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
 PAYMENTS_QUEUED = Gauge(
     "dipc_payments_queued",
-    "Payment recordings waiting for the next batch, at the last scrape, summed over live processes.",
+    "Payment reads and recordings waiting for their next batch, at the last scrape, summed over live"
+    " processes.",
     multiprocess_mode="livesum",
 )
 DB_POOL = Gauge(

@@ -111,6 +111,10 @@ async def read_context(
     row = await conn.fetchrow(
         _READ_CONTEXT[lock], payment_code, invoice_number, transaction_ref, amount, unnamed_ref
     )
+    return _context(row, unnamed_ref)
+
+
+def _context(row: asyncpg.Record, unnamed_ref: str) -> PaymentContext:
     return PaymentContext(
         code=code_store.code_from_row(row, "code_") if row["code_payment_code"] is not None else None,
         history=PaymentHistory(
@@ -227,18 +231,27 @@ async def record(
     return _recorded(row, payment)
 
 
-class PaymentBatches(Batches[tuple[Any, ...], asyncpg.Record]):
-    """One worker's payment recordings (:func:`record`'s statement), made in batches (ADR 13): those that
-    arrive while a batch is out go together in the next, each its own statement, pipelined in one round
-    trip and one transaction (asyncpg's ``fetchmany``), in the order of their codes, invoices and
-    transaction references. Each statement waits for its code's row lock only until BATCH_LOCK_WAIT_MS
-    after the batch began (``dipc_payment_context_within``, migration 0011).
+class PaymentBatches:
+    """One worker's payment notifications, read and recorded in batches (ADR 13): the reads (as
+    :func:`read_context` without the lock) that arrive while a batch of them is out go together in the
+    next, and so do the recordings (:func:`record`'s statement); each read or recording is still its own
+    statement, and a batch is one round trip (asyncpg's ``fetchmany``, pipelined) and one transaction.
+    A recording waits for its code's row lock only until BATCH_LOCK_WAIT_MS after its batch began
+    (``dipc_payment_context_within``, migration 0011).
     """
 
     def __init__(self, pool: asyncpg.Pool, *, timeout_s: float) -> None:
-        super().__init__(
-            pool, timeout_s=timeout_s, lanes=1, operation="payment.batch", sizes=metrics.PAYMENT_BATCH_SIZE
-        )
+        self._reads = _Reads(pool, timeout_s=timeout_s, lanes=1, operation="payment.read_batch",
+                             sizes=metrics.PAYMENT_BATCH_SIZE.labels("read"))  # fmt: skip
+        self._recordings = _Recordings(pool, timeout_s=timeout_s, lanes=1, operation="payment.batch",
+                                       sizes=metrics.PAYMENT_BATCH_SIZE.labels("record"))  # fmt: skip
+
+    async def read_context(
+        self, payment_code: str, invoice_number: str, transaction_ref: str, amount: int, *, unnamed_ref: str
+    ) -> PaymentContext:
+        """:func:`read_context` (without the lock), with the reads that arrive with it."""
+        item = (payment_code, invoice_number, transaction_ref, amount, unnamed_ref)
+        return _context(await self._reads.submit(item), unnamed_ref)
 
     async def record(
         self,
@@ -248,8 +261,32 @@ class PaymentBatches(Batches[tuple[Any, ...], asyncpg.Record]):
         event: tuple[str, dict[str, Any]],
     ) -> Recorded | None:
         """:func:`record`, with the recordings that arrive with it."""
-        return _recorded(await self.submit(_record_args(context, notification, payment, event)), payment)
+        return _recorded(
+            await self._recordings.submit(_record_args(context, notification, payment, event)), payment
+        )
 
+    @property
+    def waiting(self) -> int:
+        """Reads and recordings waiting for their next batch."""
+        return self._reads.waiting + self._recordings.waiting
+
+    async def close(self) -> None:
+        await self._reads.close()
+        await self._recordings.close()
+
+
+class _Reads(Batches[tuple[Any, ...], asyncpg.Record]):
+    def order(self, item: tuple[Any, ...]) -> tuple[str, ...]:
+        return item[:3]  # the payment code, the invoice, the transaction reference
+
+    async def alone(self, item: tuple[Any, ...]) -> asyncpg.Record:
+        return await self._pool.fetchrow(_READ_CONTEXT[False], *item)
+
+    async def together(self, items: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
+        return await self._pool.fetchmany(_READ_CONTEXT[False], items)
+
+
+class _Recordings(Batches[tuple[Any, ...], asyncpg.Record]):
     def order(self, item: tuple[Any, ...]) -> tuple[str, ...]:
         return (item[8], item[9], item[10])  # the payment code, the invoice, the transaction reference
 

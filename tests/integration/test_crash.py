@@ -108,13 +108,20 @@ async def one_shot_codes(pool, count: int) -> list[str]:
     return codes
 
 
-def batch_counter(prefix: str, into: dict[str, float]) -> Callable[[DokuSimulator], Awaitable[None]]:
-    """A ``before_kill`` that copies the server's samples whose names start with ``prefix`` ``into``."""
+def batch_counter(
+    prefix: str, into: dict[str, float], **labels: str
+) -> Callable[[DokuSimulator], Awaitable[None]]:
+    """A ``before_kill`` that copies the server's samples whose names start with ``prefix`` (and that
+    have ``labels``) ``into``."""
 
     async def count_batches(doku: DokuSimulator) -> None:
         async with doku.session.get(f"{doku.base_url}/metrics") as response:
             for family in text_string_to_metric_families(await response.text()):
-                into.update((s.name, s.value) for s in family.samples if s.name.startswith(prefix))
+                into.update(
+                    (s.name, s.value)
+                    for s in family.samples
+                    if s.name.startswith(prefix) and labels.items() <= s.labels.items()
+                )
 
     return count_batches
 
@@ -140,7 +147,7 @@ async def test_a_killed_server_loses_no_acknowledged_notification_and_doubles_no
         port,
         "/doku/notification",
         bodies,
-        before_kill=batch_counter("dipc_payment_batch", batches),
+        before_kill=batch_counter("dipc_payment_batch", batches, statement="record"),
     )
     acked = acknowledged(answers)
     assert 0 < len(acked) < COUNT, "the kill should land in the middle of the burst"
