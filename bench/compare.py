@@ -207,8 +207,10 @@ def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> 
 
 
 def cluster_cpu_seconds(postmaster: int) -> float:
-    """User + system CPU time of the postmaster and every process it started (backends, WAL writer...)."""
-    total = cpu_seconds(postmaster)
+    """User + system CPU time of the postmaster and every process it started (backends, WAL writer...),
+    those that have ended included: a backend that ends between two readings (a connection closed
+    meanwhile) takes its time from the live ones into the postmaster's, which waited for it."""
+    total = cpu_seconds(postmaster, ended_children=True)
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -220,10 +222,12 @@ def cluster_cpu_seconds(postmaster: int) -> float:
     return total
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
+def cpu_seconds(pid: int, *, ended_children: bool = False) -> float:
+    """User + system CPU time a process has used so far (Linux /proc), and with ``ended_children`` that
+    of its children it has waited for."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    used = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if ended_children else 0)
+    return used / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
