@@ -288,8 +288,10 @@ async def _stop_when_orphaned(supervisor_pid: int) -> None:
         if os.getppid() != supervisor_pid:  # re-parented: to init, or to a subreaper
             break
         await asyncio.sleep(ORPHAN_CHECK_S)
-    log.warning("worker.orphaned", supervisor_pid=supervisor_pid, action="stopping")
+    # Signal first: the log's reader often died with the supervisor, and then the line fails (EPIPE).
     os.kill(os.getpid(), signal.SIGTERM)
+    with contextlib.suppress(OSError):
+        log.warning("worker.orphaned", supervisor_pid=supervisor_pid, action="stopping")
 
 
 async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:

@@ -511,3 +511,33 @@ def test_workers_of_a_killed_supervisor_stop_instead_of_serving_on(own_cluster, 
     assert took < 5
     assert http_status(f"{dipc.url}/healthz") is None  # nobody serves the port any more
     assert "worker.orphaned" in dipc.log_text()
+
+
+def test_workers_of_a_killed_supervisor_stop_even_when_nobody_reads_their_log(database_url):
+    """(Found by review.) The supervisor's log reader often dies with it: a pipe to a process manager, a
+    shell that went away. Then the workers' first log line fails (EPIPE); their check that their parent
+    is gone must stop them all the same. It logged before it signalled, and the workers served on."""
+    port = free_port()
+    read_end, write_end = os.pipe()
+    env = dipc_env(database_url, **BUDGET_ENV, DIPC_WORKERS="2", DIPC_PORT=str(port))
+    supervisor = subprocess.Popen([*DIPC, "serve"], env=env, stdout=write_end, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    workers: list[int] = []
+    try:
+        wait_until(lambda: len(_children(supervisor.pid)) == 2, 30, "two workers did not start")
+        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, 30, "nobody serves")
+        workers = _children(supervisor.pid)
+        os.close(read_end)  # the reader goes first, then the supervisor
+        supervisor.kill()
+        supervisor.wait(10)
+        wait_until(lambda: all(_gone(pid) for pid in workers), 15, "the orphaned workers still run")
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(read_end)
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait(10)
+        for pid in workers:  # the bug this tests: leave nothing running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert http_status(f"http://127.0.0.1:{port}/healthz") is None  # nobody serves the port any more
