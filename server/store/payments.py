@@ -155,7 +155,7 @@ _RECORDED = (
 _RECORD = f"""
 WITH context AS (
     SELECT dipc_code_state(c.code, $29) AS code_state, c.repeat, c.invoice_paid, c.quoted_amounts
-      FROM dipc_payment_context_within($9, $10, $11, $14, $25, $30) AS c
+      FROM dipc_payment_context_within($9, $10, $11, $14, $25, $30, $31) AS c
 ),
 unchanged AS (
     SELECT FROM context
@@ -227,7 +227,7 @@ async def record(
     repeat. Only the payment's own identity is a tolerated conflict: a second normal payment for one
     invoice violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
     """
-    row = await conn.fetchrow(_RECORD, *_record_args(context, notification, payment, event), None)
+    row = await conn.fetchrow(_RECORD, *_record_args(context, notification, payment, event), None, None)
     return _recorded(row, payment)
 
 
@@ -291,10 +291,14 @@ class _Recordings(Batches[tuple[Any, ...], asyncpg.Record]):
         return (item[8], item[9], item[10])  # the payment code, the invoice, the transaction reference
 
     async def alone(self, item: tuple[Any, ...]) -> asyncpg.Record:
-        return await self._pool.fetchrow(_RECORD, *item, None)
+        return await self._pool.fetchrow(_RECORD, *item, None, None)
 
     async def together(self, items: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
-        return await self._pool.fetchmany(_RECORD, [(*item, BATCH_LOCK_WAIT_MS) for item in items])
+        # The first takes every code's row lock, before any takes its ids (migration 0011).
+        codes = sorted({item[8] for item in items})
+        return await self._pool.fetchmany(
+            _RECORD, [(*item, BATCH_LOCK_WAIT_MS, codes if n == 0 else None) for n, item in enumerate(items)]
+        )
 
 
 def _record_args(
@@ -303,7 +307,8 @@ def _record_args(
     payment: Payment,
     event: tuple[str, dict[str, Any]],
 ) -> tuple[Any, ...]:
-    """:func:`record`'s statement's parameters, $1 to $29 ($30 is the bound on its lock wait)."""
+    """:func:`record`'s statement's parameters, $1 to $29 ($30 and $31 are a batch's: the bound on its
+    lock waits, and the codes whose rows its first recording locks)."""
     counting = payment.kind == PaymentKind.NORMAL
     return (
         *notification,  # $1 to $8, the last the source (a notification, or a Check Status answer)
