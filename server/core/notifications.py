@@ -1,13 +1,14 @@
-"""Recording a payment notification: exactly once, before we answer (spec §4; ADR 4, ADR 11).
+"""Recording a payment notification: exactly once, before we answer (spec §4; ADR 4, ADR 11, ADR 13).
 
 Read, decide, record: read the code and what is recorded for the invoice, without a lock; decide
-(``decide_payment``, the one place the payment rules live); then one statement, its own transaction,
-takes the code's row lock (serialising every notification, cancel and change of that code), checks that
-what the decision rests on is still so, and writes the inbox row, the payment, the code's count, the
-reconciliation's settlement and the outbox event together. If anything changed, it writes nothing and
-the notification is read and decided again, this time holding the lock from the read to the commit.
-Retries of a transaction find their payment and record only themselves in the inbox. The payment's
-primary key and the one-normal-payment-per-invoice index back the lock up.
+(``decide_payment``, the one place the payment rules live); then one statement (its own transaction, or
+with a worker's other recordings in one batch's, ADR 13) takes the code's row lock (serialising every
+notification, cancel and change of that code), checks that what the decision rests on is still so, and
+writes the inbox row, the payment, the code's count, the reconciliation's settlement and the outbox
+event together. If anything changed, it writes nothing and the notification is read and decided again,
+this time holding the lock from the read to the commit. Retries of a transaction find their payment and
+record only themselves in the inbox. The payment's primary key and the one-normal-payment-per-invoice
+index back the lock up.
 """
 
 from __future__ import annotations

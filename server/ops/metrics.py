@@ -356,7 +356,14 @@ def preinitialise(*, doku_routes: Sequence[str], client_ids: Iterable[str]) -> N
         for client_id in (*client_ids, "unknown"):
             for reason in SIGNATURE_FAILURE_REASONS:
                 SIGNATURE_FAILURES.labels(route, client_id, reason)
-    for operation in ("inquiry", "inquiry.batch", "notification", "notification.rejected", "payment.batch"):
+    for operation in (
+        "inquiry",
+        "inquiry.batch",
+        "notification",
+        "notification.rejected",
+        "payment.read_batch",
+        "payment.batch",
+    ):
         for result in ("unavailable", "timeout"):
             DB_DURATION.labels(operation, result)
     for status in WEBHOOK_STATUSES:
