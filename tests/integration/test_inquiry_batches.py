@@ -24,6 +24,7 @@ from server.ops import metrics
 from server.store.inquiries import Inquiry, InquiryBatches, RecordedInquiry
 from server.store.pool import deadline
 from tests.conftest import CLIENT_ID, make_settings, waiting_for_a_lock
+from tests.integration.gates import Gate, gate_on
 
 TOPUP = "8896500000000777"  # reusable: an inquiry of it mints, under the code's row lock
 OTHER_TOPUP = "8896500000000778"
@@ -45,52 +46,15 @@ async def codes(pool: asyncpg.Pool) -> None:
     )
 
 
-class Gate:
-    """Where the batch that records Request-Id ``slow`` (or a body hashed to GATED) waits, at the database,
-    until :meth:`open`."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-
-    async def reached(self) -> None:
-        """Until a batch waits at the gate."""
-        for _ in range(500):
-            if await self.pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event = 'PgSleep' AND query LIKE '%dipc_inquire%'"
-            ):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("no batch reached the gate")
-
-    async def open(self) -> None:
-        await self.pool.execute("INSERT INTO test_gate VALUES (true)")
-
-
 @pytest.fixture
 async def gate(pool: asyncpg.Pool) -> AsyncIterator[Gate]:
-    await pool.execute(
-        """
-        CREATE TABLE test_gate (open boolean NOT NULL);
-        CREATE FUNCTION test_wait_at_gate() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            WHILE (NEW.request_id = 'slow' OR NEW.body_sha256 = '\\x00'::bytea)
-                  AND NOT EXISTS (SELECT FROM test_gate WHERE open) LOOP
-                PERFORM pg_sleep(0.01);
-            END LOOP;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER test_wait_at_gate BEFORE INSERT ON inquiries
-            FOR EACH ROW EXECUTE FUNCTION test_wait_at_gate();
-        """
-    )
-    gate = Gate(pool)
-    try:
+    async with gate_on(
+        pool,
+        table="inquiries",
+        where="NEW.request_id = 'slow' OR NEW.body_sha256 = '\\x00'::bytea",
+        query_part="dipc_inquire",
+    ) as gate:
         yield gate
-    finally:
-        await gate.open()
-        await pool.execute("DROP TRIGGER test_wait_at_gate ON inquiries; DROP FUNCTION test_wait_at_gate();"
-                           "DROP TABLE test_gate")  # fmt: skip
 
 
 def inquiry(code: str, request_id: str, body_sha256: bytes = b"\x01") -> Inquiry:

@@ -21,6 +21,7 @@ from server.doku.client import DokuSimulator, notification_body
 from server.http.keys import PAYMENT_BATCHES, POOL
 from server.store import payments as payment_store
 from tests.conftest import ADMIN_TOKEN, CLIENT, make_settings, waiting_for_a_lock
+from tests.integration.gates import Gate, gate_on
 from tests.integration.test_inquiry_batches import rows_held
 from tests.integration.test_payment_batches import (  # noqa: F401 - fixtures
     ONE_SHOT,
@@ -181,27 +182,15 @@ GATED = ONE_SHOT[7]  # its payment waits at a second gate, in whatever batch it 
 
 
 @pytest.fixture
-async def second_gate(pool: asyncpg.Pool) -> AsyncIterator[None]:
-    await pool.execute(
-        f"""
-        CREATE TABLE review_gate (open boolean NOT NULL);
-        CREATE FUNCTION review_wait() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            WHILE NEW.payment_code = '{GATED}' AND NOT EXISTS (SELECT FROM review_gate WHERE open) LOOP
-                PERFORM pg_sleep(0.01);
-            END LOOP;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER review_wait BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION review_wait();
-        """
-    )
-    try:
-        yield
-    finally:
-        await pool.execute("INSERT INTO review_gate VALUES (true)")
-        await pool.execute(
-            "DROP TRIGGER review_wait ON payments; DROP FUNCTION review_wait(); DROP TABLE review_gate"
-        )
+async def second_gate(pool: asyncpg.Pool) -> AsyncIterator[Gate]:
+    async with gate_on(
+        pool,
+        table="payments",
+        where=f"NEW.payment_code = '{GATED}'",
+        query_part="dipc_payment_context_within",
+        name="review_gate",
+    ) as gate:
+        yield gate
 
 
 @pytest.mark.parametrize("how", ["pg_terminate_backend", "pg_cancel_backend"])
@@ -225,7 +214,7 @@ async def test_a_batch_whose_backend_is_ended_is_a_503_for_each_and_loses_nothin
     statuses = [reply.status for reply in replies]
     assert statuses == [503] * len(batch), statuses
     assert await pool.fetchval("SELECT count(*) FROM payments WHERE payment_code <> $1", SLOW) == 0
-    await pool.execute("INSERT INTO review_gate VALUES (true)")
+    await second_gate.open()
     # DOKU resends: each is then recorded once.
     again = [pay(doku, code, f"INV-{code}", f"trx-{code}") for code in batch]
     assert [(await each).status for each in again] == [200] * len(batch)

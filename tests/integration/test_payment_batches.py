@@ -20,6 +20,7 @@ from server.http.keys import PAYMENT_BATCHES
 from server.ops import metrics
 from server.store.batches import Batches
 from tests.conftest import CLIENT_ID
+from tests.integration.gates import Gate, gate_on
 from tests.integration.test_inquiry_batches import rows_held
 
 SLOW = "8896500000000779"  # one-shot: its payment holds the lane at the gate
@@ -43,53 +44,19 @@ async def codes(pool: asyncpg.Pool) -> None:
     )
 
 
-class Gate:
-    """Where the batch that records SLOW's payment waits, at the database, until :meth:`open`."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-
-    async def reached(self) -> None:
-        for _ in range(500):
-            if await self.pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event = 'PgSleep' AND query LIKE '%dipc_payment_context_within%'"
-            ):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("no batch reached the gate")
-
-    async def open(self) -> None:
-        await self.pool.execute("INSERT INTO test_gate VALUES (true)")
-
-
 @pytest.fixture
 async def gate(pool: asyncpg.Pool) -> AsyncIterator[Gate]:
-    await pool.execute(
-        f"""
-        CREATE TABLE test_gate (open boolean NOT NULL);
-        CREATE FUNCTION test_wait_at_gate() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            WHILE NEW.payment_code = '{SLOW}' AND NOT EXISTS (SELECT FROM test_gate WHERE open) LOOP
-                PERFORM pg_sleep(0.01);
-            END LOOP;
-            -- A batch sets lock_timeout (migration 0011); a recording alone does not.
-            IF NEW.payment_code = '{REFUSED}' AND current_setting('lock_timeout') <> '0' THEN
-                RAISE EXCEPTION 'refused in a batch';
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER test_wait_at_gate BEFORE INSERT ON payments
-            FOR EACH ROW EXECUTE FUNCTION test_wait_at_gate();
-        """
-    )
-    gate = Gate(pool)
-    try:
+    async with gate_on(
+        pool,
+        table="payments",
+        where=f"NEW.payment_code = '{SLOW}'",
+        query_part="dipc_payment_context_within",
+        # A batch sets lock_timeout (migration 0011); a recording alone does not.
+        then=f"""IF NEW.payment_code = '{REFUSED}' AND current_setting('lock_timeout') <> '0' THEN
+                     RAISE EXCEPTION 'refused in a batch';
+                 END IF;""",
+    ) as gate:
         yield gate
-    finally:
-        await gate.open()
-        await pool.execute("DROP TRIGGER test_wait_at_gate ON payments; DROP FUNCTION test_wait_at_gate();"
-                           "DROP TABLE test_gate")  # fmt: skip
 
 
 def pay(doku: DokuSimulator, code: str, invoice: str, transaction: str, amount: int = 10_000) -> asyncio.Task:

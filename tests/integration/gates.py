@@ -1,0 +1,63 @@
+"""A gate at the database: holds a batch (of inquiries, of payment recordings) busy without a lock.
+
+A trigger keeps the statement that inserts a matching row working (pg_sleep, waiting for no lock) until
+the test opens the gate; what arrives meanwhile queues for the lane's next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+
+class Gate:
+    def __init__(self, pool: asyncpg.Pool, name: str, query_part: str) -> None:
+        self.pool = pool
+        self.name = name
+        self.query_part = query_part
+
+    async def reached(self) -> None:
+        """Until a statement running ``query_part`` waits at the gate."""
+        for _ in range(500):
+            if await self.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event = 'PgSleep' AND query LIKE '%' || $1 || '%'",
+                self.query_part,
+            ):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no batch reached the gate")
+
+    async def open(self) -> None:
+        await self.pool.execute(f"INSERT INTO {self.name} VALUES (true)")  # noqa: S608 - a test's constant
+
+
+@asynccontextmanager
+async def gate_on(
+    pool: asyncpg.Pool, *, table: str, where: str, query_part: str, name: str = "test_gate", then: str = ""
+) -> AsyncIterator[Gate]:
+    """A gate for the rows inserted into ``table`` that match ``where`` (on NEW), recognised by
+    ``query_part`` in their statement; ``then`` is more PL/pgSQL for the trigger to run after the gate."""
+    await pool.execute(
+        f"""
+        CREATE TABLE {name} (open boolean NOT NULL);
+        CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            WHILE ({where}) AND NOT EXISTS (SELECT FROM {name} WHERE open) LOOP
+                PERFORM pg_sleep(0.01);
+            END LOOP;
+            {then}
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER {name} BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {name}();
+        """
+    )
+    gate = Gate(pool, name, query_part)
+    try:
+        yield gate
+    finally:
+        await gate.open()
+        await pool.execute(f"DROP TRIGGER {name} ON {table}; DROP FUNCTION {name}(); DROP TABLE {name}")
