@@ -7,7 +7,9 @@ through the same processors and renderer, so every line a dipc process writes ha
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -46,6 +48,43 @@ class _OutageWithoutTraceback(logging.Filter):
         return True
 
 
+class _Sink:
+    """Where log lines go: a stream whose reader may go away (a pipe to a process manager or a log
+    shipper that died). Then a write fails with EPIPE, or another OSError, in the middle of whatever was
+    logging, a request's answer included. The lines are lost, not the work: on the first failure the
+    stream's file descriptor is pointed at /dev/null, so that every later line (and what the stream still
+    buffers) is dropped without another error. dipc does not reopen the stream; restart it to log again.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, data: Any) -> Any:
+        try:
+            return self._stream.write(data)
+        except OSError:
+            self._lost()
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError:
+            self._lost()
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def _lost(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # a stream without a descriptor keeps failing alone
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+            self._stream.flush()  # what it still held goes to /dev/null now
+
+
 def _orjson_dumps(value: Any, **_kwargs: Any) -> bytes:
     return orjson.dumps(value, default=str)
 
@@ -62,13 +101,13 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
     renderer: Any
     if use_json:
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-        factory: Any = structlog.BytesLoggerFactory(stream.buffer)
+        factory: Any = structlog.BytesLoggerFactory(_Sink(stream.buffer))
         foreign_renderer: Any = structlog.processors.JSONRenderer(
             serializer=lambda value, **kw: orjson.dumps(value, default=str).decode()
         )
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
-        factory = structlog.PrintLoggerFactory(stream)
+        factory = structlog.PrintLoggerFactory(_Sink(stream))
         foreign_renderer = renderer
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
@@ -85,7 +124,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
             foreign_renderer,
         ],
     )
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(_Sink(stream))
     handler.setFormatter(formatter)
     handler.addFilter(_OutageWithoutTraceback())
     root = logging.getLogger()

@@ -513,6 +513,32 @@ def test_workers_of_a_killed_supervisor_stop_instead_of_serving_on(own_cluster, 
     assert "worker.orphaned" in dipc.log_text()
 
 
+def test_a_server_whose_log_reader_went_away_still_answers(database_url):
+    """stdout is a pipe to whatever keeps the logs (a process manager, `| tee`, a log shipper). If that
+    reader goes away, each log line fails (EPIPE): the lines are lost, the requests must not be. Every
+    request's line used to raise in the middle of its answer, and nothing was answered at all."""
+    port = free_port()
+    read_end, write_end = os.pipe()
+    env = dipc_env(database_url, **BUDGET_ENV, DIPC_PORT=str(port))
+    server = subprocess.Popen([*DIPC, "serve"], env=env, stdout=write_end, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    try:
+        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, 30, "nobody serves")
+        os.close(read_end)
+        assert [http_status(f"http://127.0.0.1:{port}{path}") for path in ("/healthz", "/readyz")] == [
+            200,
+            200,
+        ]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(20) == 0
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(read_end)
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+
+
 def test_workers_of_a_killed_supervisor_stop_even_when_nobody_reads_their_log(database_url):
     """(Found by review.) The supervisor's log reader often dies with it: a pipe to a process manager, a
     shell that went away. Then the workers' first log line fails (EPIPE); their check that their parent
