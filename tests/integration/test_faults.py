@@ -513,57 +513,65 @@ def test_workers_of_a_killed_supervisor_stop_instead_of_serving_on(own_cluster, 
     assert "worker.orphaned" in dipc.log_text()
 
 
+@dataclass
+class PipedServer:
+    """A ``dipc serve`` whose stdout is a pipe the test reads from, until :meth:`close_reader`."""
+
+    process: subprocess.Popen
+    url: str
+    read_end: int
+
+    def close_reader(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.read_end)
+
+
+@contextlib.contextmanager
+def serving_into_a_pipe(database_url: str, **env: str) -> Iterator[PipedServer]:
+    """``dipc serve`` (ready) with its log going into a pipe; killed, and the pipe closed, at the end."""
+    port = free_port()
+    read_end, write_end = os.pipe()
+    environment = dipc_env(database_url, **BUDGET_ENV, DIPC_PORT=str(port), **env)
+    process = subprocess.Popen([*DIPC, "serve"], env=environment, stdout=write_end, stderr=subprocess.DEVNULL)
+    os.close(write_end)
+    server = PipedServer(process, f"http://127.0.0.1:{port}", read_end)
+    try:
+        wait_until(lambda: http_status(f"{server.url}/healthz") == 200, 30, "nobody serves")
+        yield server
+    finally:
+        server.close_reader()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
 def test_a_server_whose_log_reader_went_away_still_answers(database_url):
     """stdout is a pipe to whatever keeps the logs (a process manager, `| tee`, a log shipper). If that
     reader goes away, each log line fails (EPIPE): the lines are lost, the requests must not be. Every
     request's line used to raise in the middle of its answer, and nothing was answered at all."""
-    port = free_port()
-    read_end, write_end = os.pipe()
-    env = dipc_env(database_url, **BUDGET_ENV, DIPC_PORT=str(port))
-    server = subprocess.Popen([*DIPC, "serve"], env=env, stdout=write_end, stderr=subprocess.DEVNULL)
-    os.close(write_end)
-    try:
-        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, 30, "nobody serves")
-        os.close(read_end)
-        assert [http_status(f"http://127.0.0.1:{port}{path}") for path in ("/healthz", "/readyz")] == [
-            200,
-            200,
-        ]
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(20) == 0
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(read_end)
-        if server.poll() is None:
-            server.kill()
-            server.wait(10)
+    with serving_into_a_pipe(database_url) as server:
+        server.close_reader()
+        assert [http_status(f"{server.url}{path}") for path in ("/healthz", "/readyz")] == [200, 200]
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(20) == 0
 
 
 def test_workers_of_a_killed_supervisor_stop_even_when_nobody_reads_their_log(database_url):
     """(Found by review.) The supervisor's log reader often dies with it: a pipe to a process manager, a
     shell that went away. Then the workers' first log line fails (EPIPE); their check that their parent
     is gone must stop them all the same. It logged before it signalled, and the workers served on."""
-    port = free_port()
-    read_end, write_end = os.pipe()
-    env = dipc_env(database_url, **BUDGET_ENV, DIPC_WORKERS="2", DIPC_PORT=str(port))
-    supervisor = subprocess.Popen([*DIPC, "serve"], env=env, stdout=write_end, stderr=subprocess.DEVNULL)
-    os.close(write_end)
     workers: list[int] = []
     try:
-        wait_until(lambda: len(_children(supervisor.pid)) == 2, 30, "two workers did not start")
-        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200, 30, "nobody serves")
-        workers = _children(supervisor.pid)
-        os.close(read_end)  # the reader goes first, then the supervisor
-        supervisor.kill()
-        supervisor.wait(10)
-        wait_until(lambda: all(_gone(pid) for pid in workers), 15, "the orphaned workers still run")
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(read_end)
-        if supervisor.poll() is None:
+        with serving_into_a_pipe(database_url, DIPC_WORKERS="2") as server:
+            supervisor = server.process
+            wait_until(lambda: len(_children(supervisor.pid)) == 2, 30, "two workers did not start")
+            workers = _children(supervisor.pid)
+            server.close_reader()  # the reader goes first, then the supervisor
             supervisor.kill()
             supervisor.wait(10)
+            wait_until(lambda: all(_gone(pid) for pid in workers), 15, "the orphaned workers still run")
+    finally:
         for pid in workers:  # the bug this tests: leave nothing running
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    assert http_status(f"http://127.0.0.1:{port}/healthz") is None  # nobody serves the port any more
+    assert http_status(f"{server.url}/healthz") is None  # nobody serves the port any more
