@@ -97,9 +97,10 @@ async def send_all(port: int, bodies: dict[str, bytes]) -> set[str]:
     return acknowledged(await post_all(port, "/doku/notification", bodies))
 
 
-async def one_shot_codes(pool, count: int) -> list[str]:
-    """Register ``count`` one-shot ALFA codes, invoice ``INV-<code>`` for Rp 10.000 each; return them."""
-    codes = [f"88965{n:011d}" for n in range(count)]
+async def one_shot_codes(pool, count: int, *, start: int = 0) -> list[str]:
+    """Register ``count`` one-shot ALFA codes (``88965`` and ``start``, ``start`` + 1, ... in 11 digits),
+    invoice ``INV-<code>`` for Rp 10.000 each; return them."""
+    codes = [f"88965{n:011d}" for n in range(start, start + count)]
     await pool.copy_records_to_table(
         "payment_codes",
         records=[(code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan") for code in codes],
@@ -190,20 +191,12 @@ async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_t
     """The inquiry's writes (audit row, minted invoice, reconciliation row) are in the transaction of its
     batch, which commits before any of the batch's answers leaves: a kill at any moment loses no answer
     given, and a resend of any inquiry, answered or not, gets one answer for good."""
-    one_shot = [f"88965{n:011d}" for n in range(INQUIRIES // 3)]
-    await pool.copy_records_to_table(
-        "payment_codes",
-        records=[(code, CLIENT_ID, "ALFA", f"INV-{code}", 10_000, "Pelanggan", False) for code in one_shot]
-        + [(TOPUP, CLIENT_ID, "ANY", "TOPUP", 50_000, "Pelanggan", True)],
-        columns=[
-            "payment_code",
-            "client_id",
-            "channel",
-            "invoice_number",
-            "amount",
-            "customer_name",
-            "reusable",
-        ],
+    one_shot = await one_shot_codes(pool, INQUIRIES // 3)
+    await pool.execute(
+        "INSERT INTO payment_codes (payment_code, client_id, channel, invoice_number, amount, customer_name,"
+        " reusable) VALUES ($1, $2, 'ANY', 'TOPUP', 50000, 'Pelanggan', true)",
+        TOPUP,
+        CLIENT_ID,
     )
     codes = one_shot + [TOPUP] * (INQUIRIES - len(one_shot))
     code_of = {f"inq-{n}": code for n, code in enumerate(codes)}  # Request-Id -> code

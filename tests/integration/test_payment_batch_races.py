@@ -22,6 +22,7 @@ from server.http.keys import PAYMENT_BATCHES, POOL
 from server.store import payments as payment_store
 from tests.conftest import ADMIN_TOKEN, CLIENT, make_settings, waiting_for_a_lock
 from tests.integration.gates import Gate, gate_on
+from tests.integration.test_crash import one_shot_codes
 from tests.integration.test_inquiry_batches import rows_held
 from tests.integration.test_payment_batches import (  # noqa: F401 - fixtures
     ONE_SHOT,
@@ -268,7 +269,6 @@ async def test_batches_in_flight_when_the_database_freezes(aiohttp_client, tmp_p
 
     from server.embedded import EmbeddedPostgres
     from server.store import migrate
-    from tests.conftest import CLIENT_ID
     from tests.integration.test_outage import SLACK_S, frozen
 
     server = EmbeddedPostgres(tmp_path / "pg", durable=False)
@@ -278,21 +278,8 @@ async def test_batches_in_flight_when_the_database_freezes(aiohttp_client, tmp_p
         budget = 1.5
         app_client = await aiohttp_client(make_app(make_settings(notification_db_timeout_s=budget), dsn))
         simulator = DokuSimulator(app_client.session, str(app_client.make_url("")), CLIENT)
-        codes_ = [f"88965{n:011d}" for n in range(100, 148)]
         setup = await asyncpg.connect(dsn)
-        await setup.copy_records_to_table(
-            "payment_codes",
-            records=[(c, CLIENT_ID, "ALFA", f"INV-{c}", 10_000, "Pelanggan", False) for c in codes_],
-            columns=[
-                "payment_code",
-                "client_id",
-                "channel",
-                "invoice_number",
-                "amount",
-                "customer_name",
-                "reusable",
-            ],
-        )
+        codes_ = await one_shot_codes(setup, 48, start=100)
         await setup.close()
         bodies = {
             c: notification_body(c, invoice_number=f"INV-{c}", amount=10_000, original_request_id=f"t-{c}")
