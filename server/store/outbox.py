@@ -37,6 +37,9 @@ CHANNEL = "dipc_events"  # LISTEN/NOTIFY channel that wakes long-polling readers
 SEQUENCE_BATCH = 1000  # events moved per sequencing statement
 SEQUENCE_GAP_S = 0.002  # the least time between two sequencing passes of one process
 SWEEP_S = 5.0  # how often a server moves what a dead writer left pending
+# The longest a transaction waits for the sequencing lock to move its own events (sequence_in_commit):
+# the lock's holders hold it for a move and a commit, and a transaction that waits holds its row locks.
+SEQUENCE_IN_COMMIT_WAIT_MS = 5
 # The longest a writer waits, after its commit, for its event to be sequenced; a pass holds its process's
 # sequencer, so it is bounded wherever it runs (a lost connection would otherwise stop every writer).
 SEQUENCE_WAIT_S = 1.0
@@ -171,6 +174,18 @@ async def sequence(pool: asyncpg.Pool, wait: float = SEQUENCE_WAIT_S) -> None:
         sequencer = _SEQUENCERS[pool] = _Sequencer()
     async with deadline(wait, "outbox.sequence"):
         await sequencer.sequence(pool)
+
+
+async def sequence_in_commit(conn: asyncpg.Connection) -> bool:
+    """Last in a transaction that appended events: move them into the feed in this transaction, with
+    every event committed before (they are in the feed once it has committed, and need no pass). False,
+    having moved nothing, if another sequencing held on for SEQUENCE_IN_COMMIT_WAIT_MS (migration 0013).
+    """
+    if not conn.is_in_transaction():
+        raise RuntimeError("outbox.sequence_in_commit outside a transaction: its events committed already")
+    return await conn.fetchval(
+        "SELECT dipc_sequence_events_in_commit($1, $2)", SEQUENCE_BATCH, SEQUENCE_IN_COMMIT_WAIT_MS
+    )
 
 
 async def _move_all(pool: asyncpg.Pool) -> int:

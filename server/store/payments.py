@@ -235,9 +235,11 @@ class PaymentBatches:
     """One worker's payment notifications, read and recorded in batches (ADR 13): the reads (as
     :func:`read_context` without the lock) that arrive while a batch of them is out go together in the
     next, and so do the recordings (:func:`record`'s statement); each read or recording is still its own
-    statement, and a batch is one round trip (asyncpg's ``fetchmany``, pipelined) and one transaction.
-    A recording waits for its code's row lock only until BATCH_LOCK_WAIT_MS after its batch began
-    (``dipc_payment_context_within``, migration 0011).
+    statement, sent in one round trip (asyncpg's ``fetchmany``, pipelined), and a batch is one
+    transaction. A recording waits for its code's row lock only until BATCH_LOCK_WAIT_MS after its
+    batch began (``dipc_payment_context_within``, migration 0011). A batch of recordings moves its events
+    into the feed in its own commit (:func:`outbox.sequence_in_commit`), so that its writers need no
+    sequencing pass after it, unless another sequencing holds on.
     """
 
     def __init__(self, pool: asyncpg.Pool, *, timeout_s: float) -> None:
@@ -261,9 +263,8 @@ class PaymentBatches:
         event: tuple[str, dict[str, Any]],
     ) -> Recorded | None:
         """:func:`record`, with the recordings that arrive with it."""
-        return _recorded(
-            await self._recordings.submit(_record_args(context, notification, payment, event)), payment
-        )
+        row, in_feed = await self._recordings.submit(_record_args(context, notification, payment, event))
+        return _recorded(row, payment, in_feed=in_feed)
 
     @property
     def waiting(self) -> int:
@@ -286,19 +287,26 @@ class _Reads(Batches[tuple[Any, ...], asyncpg.Record]):
         return await self._pool.fetchmany(_READ_CONTEXT[False], items)
 
 
-class _Recordings(Batches[tuple[Any, ...], asyncpg.Record]):
+class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
+    """Recordings, each with whether its event is in the feed at its commit."""
+
     def order(self, item: tuple[Any, ...]) -> tuple[str, ...]:
         return (item[8], item[9], item[10])  # the payment code, the invoice, the transaction reference
 
-    async def alone(self, item: tuple[Any, ...]) -> asyncpg.Record:
-        return await self._pool.fetchrow(_RECORD, *item, None, None)
+    async def alone(self, item: tuple[Any, ...]) -> tuple[asyncpg.Record, bool]:
+        return await self._pool.fetchrow(_RECORD, *item, None, None), False
 
-    async def together(self, items: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
+    async def together(self, items: list[tuple[Any, ...]]) -> list[tuple[asyncpg.Record, bool]]:
         # The first takes every code's row lock, before any takes its ids (migration 0011).
         codes = sorted({item[8] for item in items})
-        return await self._pool.fetchmany(
-            _RECORD, [(*item, BATCH_LOCK_WAIT_MS, codes if n == 0 else None) for n, item in enumerate(items)]
-        )
+        args = [(*item, BATCH_LOCK_WAIT_MS, codes if n == 0 else None) for n, item in enumerate(items)]
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetchmany(_RECORD, args)
+            # The batch's events go into the feed with its commit, unless another sequencing is under way
+            # or holds on (migration 0013): its writers then need no pass after it.
+            appended = any(row["payment_id"] is not None for row in rows)
+            in_feed = appended and await outbox.sequence_in_commit(conn)
+        return [(row, in_feed) for row in rows]
 
 
 def _record_args(
@@ -336,12 +344,13 @@ def _record_args(
     )
 
 
-def _recorded(row: asyncpg.Record, payment: Payment) -> Recorded | None:
+def _recorded(row: asyncpg.Record, payment: Payment, *, in_feed: bool = False) -> Recorded | None:
     if row["notification_id"] is None:
         return None
     if row["payment_id"] is None:
         return Recorded(row["notification_id"], None)
-    outbox.appended()
+    if not in_feed:
+        outbox.appended()  # its event is pending: the enclosing outbox.sequenced waits for a pass
     return Recorded(
         row["notification_id"],
         replace(payment, id=row["payment_id"], notification_id=row["notification_id"]),

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.doku.client import DokuSimulator, inquiry_body, notification_body
 from tests.conftest import CLIENT, CLIENT_ID, dipc_env, waiting_for_a_lock
 from tests.integration.test_cli import DIPC, free_port, wait_ready
+from tests.integration.test_events import until
 
 COUNT = 300
 
@@ -253,9 +254,10 @@ async def test_a_server_killed_while_its_recording_waits_for_the_lock_records_th
     database_url, pool
 ):
     """The worst moment for a notification: decided and sent, its recording statement waiting for the
-    code's row lock, when the server dies. The statement goes on without its process: once the lock is
-    free it commits the payment (and its event, pending) that nobody was told of. DOKU resends; the
-    resend is a repeat, and the one payment reaches the feed once."""
+    code's row lock, when the server dies. The statement goes on without its process once the lock is
+    free, but its batch's transaction commits only when dipc asks (ADR 13: its events may go into the
+    feed in that commit), so it rolls back: nothing is recorded that nobody was told of. DOKU resends;
+    the resend records the payment, once, and it reaches the feed once."""
     [code] = await one_shot_codes(pool, 1)
     body = notification_body(code, invoice_number=f"INV-{code}", amount=10_000, original_request_id="trx-1")
     port = free_port()
@@ -269,19 +271,17 @@ async def test_a_server_killed_while_its_recording_waits_for_the_lock_records_th
                 server.send_signal(signal.SIGKILL)
                 server.wait(timeout=30)
                 assert await sent == {}  # no answer
-            # The lock is free: the dead server's statement commits what it was sent.
-            for _ in range(100):
-                if await pool.fetchval("SELECT count(*) FROM payments") == 1:
-                    break
-                await asyncio.sleep(0.1)
+            # The lock is free: the dead server's statement ends, and its transaction with it.
+            await until_no_backend_runs(pool, "dipc_payment_context")
     finally:
         server.kill()
         server.wait(timeout=30)
-    assert [row["kind"] for row in await pool.fetch("SELECT kind FROM payments")] == ["normal"]
+    assert await pool.fetchval("SELECT count(*) FROM payments") == 0
+    assert await pool.fetchval("SELECT count(*) FROM notifications") == 0
 
     with serving(database_url, port):
-        # A repeat is answered once its payment's event is in the feed, as the first answer would have been.
         assert await send_all(port, {code: body}) == {code}
+        assert await send_all(port, {code: body}) == {code}  # and DOKU's retry of it is a repeat
         events = await pool.fetch("SELECT payment_code FROM events WHERE type = 'payment.received'")
     outcomes = await pool.fetch("SELECT outcome FROM notifications ORDER BY id")
     assert [row["outcome"] for row in outcomes] == ["normal", "repeat"]
@@ -289,3 +289,79 @@ async def test_a_server_killed_while_its_recording_waits_for_the_lock_records_th
     assert tuple(await pool.fetchrow("SELECT status, paid_count FROM payment_codes")) == ("paid", 1)
     assert [row["payment_code"] for row in events] == [code]
     assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+
+
+COMMIT_GATE = 2026112701  # an advisory lock the test holds, which commits that moved events wait for
+
+
+@contextlib.asynccontextmanager
+async def commits_that_move_events_held(pool):
+    """While inside, a transaction that inserted into ``events`` waits in its COMMIT (a deferred
+    constraint trigger that takes COMMIT_GATE), after its moves, before its commit record."""
+    await pool.execute(
+        f"""
+        CREATE FUNCTION test_commit_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM set_config('lock_timeout', '0', true);  -- not the batch's bound on its lock waits
+            PERFORM pg_advisory_xact_lock_shared({COMMIT_GATE});
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER test_commit_gate AFTER INSERT ON events
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_commit_gate();
+        """
+    )
+    try:
+        async with pool.acquire() as gate:
+            await gate.execute("SELECT pg_advisory_lock($1)", COMMIT_GATE)
+            try:
+                yield
+            finally:
+                await gate.execute("SELECT pg_advisory_unlock($1)", COMMIT_GATE)
+    finally:
+        await pool.execute("DROP TRIGGER test_commit_gate ON events; DROP FUNCTION test_commit_gate()")
+
+
+async def test_a_server_killed_while_a_batch_commits_its_payments_and_their_events_records_them_once(
+    database_url, pool
+):
+    """The worst moment of a batch that moves its own events into the feed (ADR 13): its COMMIT sent,
+    the events moved, the commit not yet made, when the server dies. The commit goes on without its
+    process: the payment and its event are in the feed, and nobody was told. DOKU resends; the resend is
+    a repeat, and the feed holds the payment once."""
+    [code] = await one_shot_codes(pool, 1)
+    body = notification_body(code, invoice_number=f"INV-{code}", amount=10_000, original_request_id="trx-1")
+    port = free_port()
+    server = start_server(database_url, port)
+    try:
+        async with commits_that_move_events_held(pool):
+            sent = asyncio.create_task(post_all(port, "/doku/notification", {code: body}))
+            await waiting_for_a_lock(pool, "COMMIT")
+            assert await pool.fetchval("SELECT count(*) FROM payments") == 0  # not committed yet
+            server.send_signal(signal.SIGKILL)
+            server.wait(timeout=30)
+            assert await sent == {}  # no answer
+        await until_no_backend_runs(pool, "COMMIT")
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    assert [row["kind"] for row in await pool.fetch("SELECT kind FROM payments")] == ["normal"]
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE type = 'payment.received'") == 1
+
+    with serving(database_url, port):
+        assert await send_all(port, {code: body}) == {code}
+    outcomes = await pool.fetch("SELECT outcome FROM notifications ORDER BY id")
+    assert [row["outcome"] for row in outcomes] == ["normal", "repeat"]
+    assert tuple(await pool.fetchrow("SELECT status, paid_count FROM payment_codes")) == ("paid", 1)
+    events = await pool.fetch("SELECT payment_code FROM events WHERE type = 'payment.received'")
+    assert [row["payment_code"] for row in events] == [code]
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+
+
+async def until_no_backend_runs(pool, query_part: str) -> None:
+    """Until no backend but ours is running ``query_part`` (or in the transaction it was part of)."""
+    await until(
+        pool,
+        "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE query LIKE '%' || $1 || '%'"
+        " AND state <> 'idle' AND pid <> pg_backend_pid())",
+        query_part,
+    )

@@ -192,11 +192,11 @@ async def append_one(pool, event_type: str, payment_code: str) -> None:
         await outbox.append(conn, event_type, payment_code, {})
 
 
-async def until(pool, query: str) -> None:
+async def until(pool, query: str, *args) -> None:
     """Wait (up to 5 s) until ``query`` returns something true."""
     async with asyncio.timeout(5):
         while True:
-            if await pool.fetchval(query):
+            if await pool.fetchval(query, *args):
                 return
             await asyncio.sleep(0.01)
 
@@ -386,3 +386,35 @@ async def test_a_pass_finds_pending_events_by_their_index_not_by_reading_what_pa
     assert (after["seq_scan"] - before["seq_scan"], after["idx_scan"] > before["idx_scan"]) == (0, True)
     assert await pool.fetchval("SELECT count(*) FROM events") == 5002
 
+
+async def test_a_transaction_moves_its_own_events_in_its_commit_unless_another_sequencing_holds_on(pool):
+    from server.store import outbox
+
+    await pool.execute(  # committed by a writer that died before its pass
+        "INSERT INTO events_pending (type, payment_code, payload) VALUES ('code.created', 'before', '{}')"
+    )
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '100ms'")  # a batch's bound on its lock waits
+            await conn.execute(f"{outbox.INSERT_PENDING} VALUES ('payment.received', 'mine', '{{}}')")
+            async with sequencing_held(pool):
+                assert await outbox.sequence_in_commit(conn) is False  # gave up after a few ms
+            assert await conn.fetchval("SELECT count(*) FROM events_pending") == 2  # its own still there
+            assert await outbox.sequence_in_commit(conn) is True
+            assert await conn.fetchval("SELECT current_setting('lock_timeout')") == "100ms"
+            # Nobody else sees them before the commit, and no other move runs meanwhile.
+            assert await pool.fetchval("SELECT count(*) FROM events") == 0
+            other = asyncio.create_task(outbox.sequence(pool))
+            await asyncio.sleep(0.2)
+            assert not other.done()
+        await other
+    assert [
+        row["payment_code"] for row in await pool.fetch("SELECT payment_code FROM events ORDER BY id")
+    ] == [
+        "before",
+        "mine",
+    ]
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+    async with pool.acquire() as conn:
+        with pytest.raises(RuntimeError, match="outside a transaction"):
+            await outbox.sequence_in_commit(conn)
