@@ -35,7 +35,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import notify  # bench/notify.py
 import run  # bench/run.py: compare.py runs as a script, with bench/ on sys.path
 
@@ -81,13 +83,14 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
         count = 1000 if reusable else args.codes
         csv = workdir / "codes.csv"
         run.write_codes_csv(csv, count, prefix, reusable)
-        subprocess.run([run.DIPC, "codes", "import", str(csv)], env=env, check=True, capture_output=True)
+        run.import_codes(csv, env)
         codes = [f"{prefix}{n:010d}" for n in range(count)]
 
         ports = {"ceiling": run.free_port(), "before": run.free_port(), "after": run.free_port()}
         servers.append(run.start_ceiling(dsn, ports["ceiling"]))
-        # The revision before, imported from its worktree ahead of the installed (editable) working tree.
-        servers.append(run.start_server(env | {"PYTHONPATH": str(before_tree)}, ports["before"], 1))
+        _, before_env = before_database(dsn, env, before_tree)
+        run.import_codes(csv, before_env)
+        servers.append(run.start_server(before_env, ports["before"], 1))
         servers.append(run.start_server(env, ports["after"], 1))
         pids = dict(zip(ports, (server.pid for server in servers), strict=True))
         rates: dict[str, list[float]] = {name: [] for name in ports}
@@ -153,18 +156,42 @@ def compare_open_loop(args, pg, ports, codes, requests) -> None:
         print(f"  {name:8} median {statistics.median(values):6.2f} ms  ({each})")
 
 
+def before_database(dsn: str, env: dict[str, str], before_tree: Path) -> tuple[str, dict[str, str]]:
+    """A database of its own for the revision before, in the same cluster, made by its own migrations;
+    returns its DSN and the environment that runs that revision's `dipc` on it. In one database both
+    servers would run the SQL functions of the working tree, and a change to one would not be measured."""
+    parts = urlsplit(dsn)
+    name = f"{parts.path.lstrip('/')}_before"
+    asyncio.run(_create_database(dsn, name))
+    before_dsn = urlunsplit(parts._replace(path=f"/{name}"))
+    # The revision before, imported from its worktree ahead of the installed (editable) working tree.
+    before_env = env | {"DATABASE_URL": before_dsn, "PYTHONPATH": str(before_tree)}
+    subprocess.run([run.DIPC, "migrate"], env=before_env, check=True, capture_output=True)
+    return before_dsn, before_env
+
+
+async def _create_database(dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
 # One-shot codes the notification comparison quotes and pays, one prefix per server (BIN 88965).
 NOTIFY_PREFIXES = {"before": "889657", "after": "889656"}
 
 
 def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> None:
     inquiries = run.INQUIRIES_PER_SECOND * args.seconds  # per round, as bench/run.py
+    before_dsn, before_env = before_database(dsn, env, before_tree)
+    dsns, envs = {"before": before_dsn, "after": dsn}, {"before": before_env, "after": env}
     for name, prefix in NOTIFY_PREFIXES.items():
         csv = workdir / f"{name}.csv"
         run.write_codes_csv(csv, inquiries * args.rounds, prefix, False)
-        subprocess.run([run.DIPC, "codes", "import", str(csv)], env=env, check=True, capture_output=True)
+        run.import_codes(csv, envs[name])
     ports = {"before": run.free_port(), "after": run.free_port()}
-    servers.append(run.start_server(env | {"PYTHONPATH": str(before_tree)}, ports["before"], 1))
+    servers.append(run.start_server(before_env, ports["before"], 1))
     servers.append(run.start_server(env, ports["after"], 1))
     pids = dict(zip(ports, (server.pid for server in servers), strict=True))
     postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
@@ -178,8 +205,9 @@ def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> 
             run.presign(requests, codes, inquiries, "/doku/inquiry")
             inquired = run.run_wrk(base, seconds=args.seconds, connections=args.connections, threads=2,
                                    script_args=[str(requests), "2", "/doku/inquiry"])[0]  # fmt: skip
-            notify.ledger(dsn, prefix)  # the last run's stragglers are recorded: not quoted again
-            notify.write_requests(requests, notify.presign(run.CLIENT, notify.quoted_bills(dsn, prefix)))
+            notify.ledger(dsns[name], prefix)  # the last run's stragglers are recorded: not quoted again
+            bills = notify.quoted_bills(dsns[name], prefix)
+            notify.write_requests(requests, notify.presign(run.CLIENT, bills))
             cpu_before, pg_before = cpu_seconds(pids[name]), cluster_cpu_seconds(postmaster)
             rps, p50, p99, errors = run.run_wrk(
                 base, seconds=args.seconds, connections=args.connections, threads=2,

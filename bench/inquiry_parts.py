@@ -22,7 +22,6 @@ import asyncio
 import random
 import re
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -105,8 +104,7 @@ def main() -> None:
         asyncio.run(migrate.migrate_dsn(dsn))
         csv = workdir / "codes.csv"
         run.write_codes_csv(csv, args.codes, run.ONE_SHOT_PREFIX, False)
-        subprocess.run([run.DIPC, "codes", "import", str(csv)], env=run.dipc_env(dsn), check=True,
-                       capture_output=True)  # fmt: skip
+        run.import_codes(csv, run.dipc_env(dsn))
         uvloop.run(measure(dsn, args.rounds, args.connections, args.calls, args.codes))
 
 

@@ -222,6 +222,11 @@ def write_codes_csv(path: Path, rows: int, prefix: str, reusable: bool) -> None:
             )
 
 
+def import_codes(path: Path, env: dict[str, str]) -> None:
+    """`dipc codes import` of a CSV the bench wrote, into the database of ``env``."""
+    subprocess.run([DIPC, "codes", "import", str(path)], env=env, check=True, capture_output=True)
+
+
 def bench_import(env: dict[str, str], dsn: str, host: str, workdir: Path, rows: int) -> list[Figure]:
     path = workdir / "codes.csv"
     write_codes_csv(path, rows, ONE_SHOT_PREFIX, False)
@@ -397,7 +402,7 @@ def bench_inquiry(env, dsn, host, workdir, *, seconds, connections, workers, cod
     one_shot = [f"{ONE_SHOT_PREFIX}{n:010d}" for n in range(codes_count)]
     reusable_csv = workdir / "reusable.csv"
     write_codes_csv(reusable_csv, 1000, REUSABLE_PREFIX, True)
-    subprocess.run([DIPC, "codes", "import", str(reusable_csv)], env=env, check=True, capture_output=True)
+    import_codes(reusable_csv, env)
     reusable = [f"{REUSABLE_PREFIX}{n:010d}" for n in range(1000)]
     # The codes were just loaded (at --rows 1,000,000, twice a million by the import phase): left to
     # itself, autovacuum would go through them during whichever closed-loop run came first, and that
@@ -620,7 +625,7 @@ def bench_notification(env, dsn, workdir, *, seconds, connections, workers, roun
     write_codes_csv(one_shot_csv, inquiries * rounds, NOTIFY_ONE_SHOT_PREFIX, False)
     write_codes_csv(reusable_csv, 1000, NOTIFY_REUSABLE_PREFIX, True)
     for path in (one_shot_csv, reusable_csv):
-        subprocess.run([DIPC, "codes", "import", str(path)], env=env, check=True, capture_output=True)
+        import_codes(path, env)
     server = start_server(env, port, workers)
     figures: list[Figure] = []
     try:
@@ -931,8 +936,7 @@ def _run_phases(args: argparse.Namespace, workdir: Path, host: str, dsn: str) ->
         if args.only in (None, "import"):
             figures += bench_import(env, dsn, host, workdir, rows)
         else:
-            subprocess.run([DIPC, "codes", "import", str(_seed(workdir, rows))], env=env, check=True,
-                           capture_output=True)  # fmt: skip
+            import_codes(_seed(workdir, rows), env)
         if args.only in (None, "feed"):
             figures += bench_feed(env, workdir, samples=args.feed_samples)
         if args.only in (None, "inquiry"):
