@@ -182,3 +182,21 @@ async def test_two_payments_of_one_invoice_in_one_batch_are_decided_as_one_after
     rows = await pool.fetch("SELECT kind, transaction_ref FROM payments WHERE payment_code = $1", code)
     assert {row["transaction_ref"] for row in rows} == {"trx-1", "trx-2"}
     assert await pool.fetchval("SELECT paid_count FROM payment_codes WHERE payment_code = $1", code) == 1
+
+
+async def test_the_statements_run_the_history_and_the_codes_state_inline(pool):
+    # Not as functions of their own, each with its own executor (migration 0014): PostgreSQL inlines a
+    # SQL function only if its body is no more volatile than it claims, and in FROM only if it returns a
+    # set.
+    from server.store import payments
+
+    read = await pool.fetch(f"EXPLAIN VERBOSE {payments._READ_CONTEXT[False]}", SLOW, "INV", "T", 1, "U")
+    record = await pool.fetch(
+        "EXPLAIN VERBOSE SELECT dipc_code_state(c, $1) FROM payment_codes c WHERE payment_code = $2",
+        True,
+        SLOW,
+    )
+    plans = "\n".join(row[0] for row in [*read, *record])
+    assert "dipc_payment_history" not in plans
+    assert "dipc_code_state" not in plans
+    assert "to_jsonb" in plans  # the state, computed in the statement itself
