@@ -88,8 +88,10 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
 
         ports = {"ceiling": run.free_port(), "before": run.free_port(), "after": run.free_port()}
         servers.append(run.start_ceiling(dsn, ports["ceiling"]))
-        _, before_env = before_database(dsn, env, before_tree)
+        before_dsn, before_env = before_database(dsn, env, before_tree)
         run.import_codes(csv, before_env)
+        for database in (dsn, before_dsn):
+            run.settle(database)
         servers.append(run.start_server(before_env, ports["before"], 1))
         servers.append(run.start_server(env, ports["after"], 1))
         pids = dict(zip(ports, (server.pid for server in servers), strict=True))
@@ -190,6 +192,7 @@ def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> 
         csv = workdir / f"{name}.csv"
         run.write_codes_csv(csv, inquiries * args.rounds, prefix, False)
         run.import_codes(csv, envs[name])
+        run.settle(dsns[name])
     ports = {"before": run.free_port(), "after": run.free_port()}
     servers.append(run.start_server(before_env, ports["before"], 1))
     servers.append(run.start_server(env, ports["after"], 1))

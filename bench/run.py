@@ -130,6 +130,16 @@ def psql(host: str, script: str) -> None:
     subprocess.run(command, input=script, text=True, check=True, capture_output=True)
 
 
+def settle(dsn: str) -> None:
+    """VACUUM (ANALYZE) and CHECKPOINT the database at ``dsn`` once codes are loaded. Left to itself,
+    autovacuum would go through them during whichever measured run came first, and that run alone would
+    pay for it (a one-shot phase at 0.49 x the ceiling in one run, 0.70 x in the interleaved
+    bench/compare.py straight after; notification rounds at 3 to 6 x the usual database CPU)."""
+    for statement in ("VACUUM (ANALYZE)", "CHECKPOINT"):
+        command = [pg_binary("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", statement, dsn]
+        subprocess.run(command, check=True, capture_output=True)
+
+
 def _ms(text: str) -> float:
     match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
     if match is None:
@@ -404,13 +414,10 @@ def bench_inquiry(env, dsn, host, workdir, *, seconds, connections, workers, cod
     write_codes_csv(reusable_csv, 1000, REUSABLE_PREFIX, True)
     import_codes(reusable_csv, env)
     reusable = [f"{REUSABLE_PREFIX}{n:010d}" for n in range(1000)]
-    # The codes were just loaded (at --rows 1,000,000, twice a million by the import phase): left to
-    # itself, autovacuum would go through them during whichever closed-loop run came first, and that
-    # run alone would pay for it (a one-shot phase at 0.49 x the ceiling in one run, 0.70 x in the
-    # interleaved bench/compare.py straight after). Every server starts on a vacuumed database.
+    # The codes were just loaded (at --rows 1,000,000, twice a million by the import phase): every
+    # server starts on a vacuumed database.
     log("inquiry: VACUUM (ANALYZE) and CHECKPOINT after loading the codes")
-    psql(host, "VACUUM (ANALYZE)")
-    psql(host, "CHECKPOINT")
+    settle(dsn)
 
     log(f"inquiry: pgbench calling dipc_inquire, {min(connections, 16)} clients (database ceiling)")
     pg_tps, pg_latency = run_pgbench(
@@ -626,6 +633,7 @@ def bench_notification(env, dsn, workdir, *, seconds, connections, workers, roun
     write_codes_csv(reusable_csv, 1000, NOTIFY_REUSABLE_PREFIX, True)
     for path in (one_shot_csv, reusable_csv):
         import_codes(path, env)
+    settle(dsn)
     server = start_server(env, port, workers)
     figures: list[Figure] = []
     try:
