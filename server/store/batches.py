@@ -12,14 +12,20 @@ may wait for locks only until :data:`BATCH_LOCK_WAIT_MS` after it started, and a
 refuses (that bound passed, or an error of one of its writes) is rolled back whole; each of its writes is
 then made alone by its own request (under its own deadline, outside the lane). A code whose row turns out
 held goes alone for a while (:data:`HELD_CODE_S`).
+
+A batch of several round trips (payment recordings: BEGIN, the writes, the move of their events, COMMIT)
+answers the batch before it only once its own first round trip is back (:meth:`Batches.answer_previous`):
+the previous batch's answers, each a request's continuation, then run while the database works on this
+batch, instead of delaying the event loop's reading of that round trip's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import asyncpg
@@ -40,6 +46,8 @@ MAX_BATCH = 64
 # otherwise every batch it joined would wait BATCH_LOCK_WAIT_MS and be refused, its lane would serve the
 # other codes a batch per 100 ms, and its waits would take the pool's connections.
 HELD_CODE_S = 1.0
+# The longest a committed batch's answers wait for the next batch's first round trip (answer_previous).
+ANSWER_HOLD_S = 0.002
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -64,8 +72,12 @@ class Batches(Generic[Item, Result]):
     a 503, and the client's retry finds it).
 
     A kind implements :meth:`together` (one statement and one commit, lock waits bounded by
-    BATCH_LOCK_WAIT_MS from its start), :meth:`alone` and :meth:`order`.
+    BATCH_LOCK_WAIT_MS from its start), :meth:`alone` and :meth:`order`. One whose :meth:`together`
+    takes several round trips sets ANSWERS_AFTER_NEXT_BEGINS and calls :meth:`answer_previous` once its
+    first is back.
     """
+
+    ANSWERS_AFTER_NEXT_BEGINS = False
 
     def __init__(
         self, pool: asyncpg.Pool, *, timeout_s: float, lanes: int, operation: str, sizes: Histogram
@@ -81,6 +93,8 @@ class Batches(Generic[Item, Result]):
         # Held codes: until when (loop time) their writes go alone, and the lock that has them go one at a
         # time (one connection waits for the row, not the pool).
         self._held: dict[str, tuple[float, asyncio.Lock]] = {}
+        # Committed batches whose answers wait for the next batch's first round trip, with their timers.
+        self._unanswered: list[tuple[Callable[[], None], asyncio.TimerHandle]] = []
 
     async def together(self, items: list[Item]) -> Sequence[Result]:
         """Make ``items`` in this order, in one transaction; raise PostgresError to have each made alone."""
@@ -115,6 +129,14 @@ class Batches(Generic[Item, Result]):
         result = await future
         return await self._outside(code, item) if isinstance(result, _Alone) else result
 
+    def answer_previous(self) -> None:
+        """Answer the batches committed before this one (called by :meth:`together` once its first round
+        trip is back: the answers' continuations then run while the database works on this batch)."""
+        unanswered, self._unanswered = self._unanswered, []
+        for answer, timer in unanswered:
+            timer.cancel()
+            answer()
+
     @property
     def waiting(self) -> int:
         """Writes waiting for their lane's next batch."""
@@ -135,8 +157,10 @@ class Batches(Generic[Item, Result]):
                         batch.append((item, future))
                 batch.sort(key=lambda each: self.order(each[0]))
                 if batch:
-                    await self._send(batch)
+                    await self._send(batch, waiting)
+            self.answer_previous()  # held for a next batch whose writes all gave up waiting
         except BaseException:
+            self.answer_previous()
             # Cancelled (dipc stops): what still waits for this lane is answered now, not left to wait.
             while waiting:
                 _, future = waiting.popleft()
@@ -144,7 +168,9 @@ class Batches(Generic[Item, Result]):
                     future.set_exception(Unavailable("dipc is stopping"))
             raise
 
-    async def _send(self, batch: list[tuple[Item, asyncio.Future[Result | _Alone]]]) -> None:
+    async def _send(
+        self, batch: list[tuple[Item, asyncio.Future[Result | _Alone]]], waiting: deque[object]
+    ) -> None:
         self._sizes.observe(len(batch))
         results: Sequence[Result | _Alone] = [ALONE] * len(batch)
         failure: Exception | None = None
@@ -161,13 +187,13 @@ class Batches(Generic[Item, Result]):
             failure = Unavailable("dipc is stopping")
             raise
         finally:
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if failure is not None:
-                    future.set_exception(failure)
-                else:
-                    future.set_result(result)
+            self.answer_previous()  # if together() did not
+            answer = functools.partial(_answer, batch, results, failure)
+            if self.ANSWERS_AFTER_NEXT_BEGINS and waiting and failure is None:
+                timer = asyncio.get_running_loop().call_later(ANSWER_HOLD_S, self.answer_previous)
+                self._unanswered.append((answer, timer))
+            else:
+                answer()
 
     async def _outside(self, code: str, item: Item) -> Result:
         """``item`` alone, in its request's task and under its deadline, without a batch's bound on lock
@@ -189,3 +215,17 @@ class Batches(Generic[Item, Result]):
             self._held = {held: entry for held, entry in self._held.items() if entry[0] > now}
         _, one_at_a_time = self._held.get(code, (0.0, None))
         self._held[code] = (now + HELD_CODE_S, one_at_a_time or asyncio.Lock())
+
+
+def _answer(
+    batch: Sequence[tuple[object, asyncio.Future[Result | _Alone]]],
+    results: Sequence[Result | _Alone],
+    failure: Exception | None,
+) -> None:
+    for (_, future), result in zip(batch, results, strict=True):
+        if future.done():
+            continue
+        if failure is not None:
+            future.set_exception(failure)
+        else:
+            future.set_result(result)

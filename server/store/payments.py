@@ -290,6 +290,8 @@ class _Reads(Batches[tuple[Any, ...], asyncpg.Record]):
 class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
     """Recordings, each with whether its event is in the feed at its commit."""
 
+    ANSWERS_AFTER_NEXT_BEGINS = True  # a batch is four round trips
+
     def order(self, item: tuple[Any, ...]) -> tuple[str, ...]:
         return (item[8], item[9], item[10])  # the payment code, the invoice, the transaction reference
 
@@ -301,6 +303,7 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
         codes = sorted({item[8] for item in items})
         args = [(*item, BATCH_LOCK_WAIT_MS, codes if n == 0 else None) for n, item in enumerate(items)]
         async with self._pool.acquire() as conn, conn.transaction():
+            self.answer_previous()
             rows = await conn.fetchmany(_RECORD, args)
             # The batch's events go into the feed with its commit, unless another sequencing is under way
             # or holds on (migration 0013): its writers then need no pass after it.

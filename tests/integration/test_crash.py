@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.doku.client import DokuSimulator, inquiry_body, notification_body
 from tests.conftest import CLIENT, CLIENT_ID, dipc_env, waiting_for_a_lock
 from tests.integration.test_cli import DIPC, free_port, wait_ready
-from tests.integration.test_events import until
+from tests.integration.test_events import advisory_lock_held, until
 
 COUNT = 300
 
@@ -266,11 +266,7 @@ async def test_a_server_killed_while_its_recording_waits_for_the_lock_records_th
         async with pool.acquire() as holder:
             async with holder.transaction():
                 await holder.execute("SELECT 1 FROM payment_codes WHERE payment_code = $1 FOR UPDATE", code)
-                sent = asyncio.create_task(post_all(port, "/doku/notification", {code: body}))
-                await waiting_for_a_lock(pool, "dipc_payment_context")
-                server.send_signal(signal.SIGKILL)
-                server.wait(timeout=30)
-                assert await sent == {}  # no answer
+                await killed_while_waiting(pool, server, port, {code: body}, "dipc_payment_context")
             # The lock is free: the dead server's statement ends, and its transaction with it.
             await until_no_backend_runs(pool, "dipc_payment_context")
     finally:
@@ -311,12 +307,8 @@ async def commits_that_move_events_held(pool):
         """
     )
     try:
-        async with pool.acquire() as gate:
-            await gate.execute("SELECT pg_advisory_lock($1)", COMMIT_GATE)
-            try:
-                yield
-            finally:
-                await gate.execute("SELECT pg_advisory_unlock($1)", COMMIT_GATE)
+        async with advisory_lock_held(pool, COMMIT_GATE):
+            yield
     finally:
         await pool.execute("DROP TRIGGER test_commit_gate ON events; DROP FUNCTION test_commit_gate()")
 
@@ -334,12 +326,8 @@ async def test_a_server_killed_while_a_batch_commits_its_payments_and_their_even
     server = start_server(database_url, port)
     try:
         async with commits_that_move_events_held(pool):
-            sent = asyncio.create_task(post_all(port, "/doku/notification", {code: body}))
-            await waiting_for_a_lock(pool, "COMMIT")
+            await killed_while_waiting(pool, server, port, {code: body}, "COMMIT")
             assert await pool.fetchval("SELECT count(*) FROM payments") == 0  # not committed yet
-            server.send_signal(signal.SIGKILL)
-            server.wait(timeout=30)
-            assert await sent == {}  # no answer
         await until_no_backend_runs(pool, "COMMIT")
     finally:
         server.kill()
@@ -355,6 +343,16 @@ async def test_a_server_killed_while_a_batch_commits_its_payments_and_their_even
     events = await pool.fetch("SELECT payment_code FROM events WHERE type = 'payment.received'")
     assert [row["payment_code"] for row in events] == [code]
     assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+
+
+async def killed_while_waiting(pool, server, port: int, bodies: dict[str, bytes], query_part: str) -> None:
+    """Send ``bodies`` as notifications, and SIGKILL the server once a backend running ``query_part``
+    waits for a lock: none is answered."""
+    sent = asyncio.create_task(post_all(port, "/doku/notification", bodies))
+    await waiting_for_a_lock(pool, query_part)
+    server.send_signal(signal.SIGKILL)
+    server.wait(timeout=30)
+    assert await sent == {}
 
 
 async def until_no_backend_runs(pool, query_part: str) -> None:

@@ -174,14 +174,19 @@ SEQUENCING_LOCK = 7235437848553746036  # dipc_sequence_events' advisory lock
 
 
 @contextlib.asynccontextmanager
-async def sequencing_held(pool):
-    """Another process's sequencing pass, slow to finish: no pass anywhere moves an event meanwhile."""
+async def advisory_lock_held(pool, key: int):
+    """The advisory lock ``key``, held by a connection of the test's own until the block ends."""
     async with pool.acquire() as holder:
-        await holder.execute("SELECT pg_advisory_lock($1)", SEQUENCING_LOCK)
+        await holder.execute("SELECT pg_advisory_lock($1)", key)
         try:
             yield
         finally:
-            await holder.execute("SELECT pg_advisory_unlock($1)", SEQUENCING_LOCK)
+            await holder.execute("SELECT pg_advisory_unlock($1)", key)
+
+
+def sequencing_held(pool):
+    """Another process's sequencing pass, slow to finish: no pass anywhere moves an event meanwhile."""
+    return advisory_lock_held(pool, SEQUENCING_LOCK)
 
 
 async def append_one(pool, event_type: str, payment_code: str) -> None:

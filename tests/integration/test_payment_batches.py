@@ -10,13 +10,14 @@ payment at the database, working and waiting for no lock, until the test opens a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
 from server.doku.client import DokuSimulator, inquiry_body, notification_body
-from server.http.keys import PAYMENT_BATCHES
+from server.http.keys import PAYMENT_BATCHES, POOL
 from server.ops import metrics
 from server.store.batches import Batches
 from tests.conftest import CLIENT_ID
@@ -200,3 +201,30 @@ async def test_the_statements_run_the_history_and_the_codes_state_inline(pool):
     assert "dipc_payment_history" not in plans
     assert "dipc_code_state" not in plans
     assert "to_jsonb" in plans  # the state, computed in the statement itself
+
+
+async def test_a_committed_batch_is_answered_though_the_next_cannot_begin(client, doku, pool, codes, gate):
+    """A batch's answers wait for the next batch's first round trip (store/batches.py, ANSWER_HOLD_S),
+    no longer: here the next batch cannot get a connection, and the first is answered all the same."""
+    first = pay(doku, SLOW, f"INV-{SLOW}", "trx-slow")
+    await gate.reached()
+    second = pay(doku, ONE_SHOT[0], f"INV-{ONE_SHOT[0]}", "trx-second")
+    await queued(client.app[PAYMENT_BATCHES], 1)
+    app_pool = client.app[POOL]
+    taken = []
+    with contextlib.suppress(TimeoutError):
+        while True:  # every connection the lane does not hold
+            taken.append(await asyncio.wait_for(app_pool.acquire(), 0.5))
+    # And the one it holds, once it is released: the pool gives it to the first in line.
+    after_the_lane = asyncio.ensure_future(app_pool.acquire())
+    try:
+        await asyncio.sleep(0.1)
+        await gate.open()
+        assert (await asyncio.wait_for(first, 5)).status == 200
+        taken.append(await after_the_lane)
+        assert not second.done()
+    finally:
+        for conn in taken:
+            await app_pool.release(conn)
+    assert (await second).status == 200
+    assert await payments(pool) == {(code, f"INV-{code}"): ["normal"] for code in (SLOW, ONE_SHOT[0])}
