@@ -8,7 +8,13 @@
 -- p_wait_ms: past that, it returns false having moved nothing, and the batch's writers wait for a pass
 -- after their commit, as every other writer does. The wait is in a block of its own, whose failure
 -- leaves the batch's transaction as it was; after it, the batch's lock_timeout is back.
-CREATE FUNCTION dipc_sequence_events_in_commit(p_limit integer, p_wait_ms integer) RETURNS boolean
+--
+-- Unlike a pass, a batch holds the lock across a round trip of its client: between this call's answer
+-- and dipc's COMMIT. A client that stops there (a frozen process, a lost network) would hold the whole
+-- database's sequencing. So the transaction may stay idle only p_idle_ms from then on: past that,
+-- PostgreSQL ends the session, the batch rolls back (nothing of it was answered) and the lock is free.
+CREATE FUNCTION dipc_sequence_events_in_commit(p_limit integer, p_wait_ms integer, p_idle_ms integer)
+RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     lock_timeout text := current_setting('lock_timeout');
@@ -22,6 +28,7 @@ BEGIN
     EXCEPTION WHEN lock_not_available THEN
         RETURN false;
     END;
+    PERFORM set_config('idle_in_transaction_session_timeout', p_idle_ms || 'ms', true);
     LOOP
         step := dipc_move_pending_events(p_limit);
         moved := moved + step;

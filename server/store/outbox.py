@@ -40,6 +40,9 @@ SWEEP_S = 5.0  # how often a server moves what a dead writer left pending
 # The longest a transaction waits for the sequencing lock to move its own events (sequence_in_commit):
 # the lock's holders hold it for a move and a commit, and a transaction that waits holds its row locks.
 SEQUENCE_IN_COMMIT_WAIT_MS = 5
+# The longest such a transaction, holding that lock, may then wait for its COMMIT: a client frozen
+# between the two loses its session (and its uncommitted batch) instead of stopping every sequencing.
+SEQUENCE_IN_COMMIT_IDLE_MS = 500
 # The longest a writer waits, after its commit, for its event to be sequenced; a pass holds its process's
 # sequencer, so it is bounded wherever it runs (a lost connection would otherwise stop every writer).
 SEQUENCE_WAIT_S = 1.0
@@ -180,11 +183,15 @@ async def sequence_in_commit(conn: asyncpg.Connection) -> bool:
     """Last in a transaction that appended events: move them into the feed in this transaction, with
     every event committed before (they are in the feed once it has committed, and need no pass). False,
     having moved nothing, if another sequencing held on for SEQUENCE_IN_COMMIT_WAIT_MS (migration 0013).
+    Commit at once: if the transaction then stays idle SEQUENCE_IN_COMMIT_IDLE_MS, its session ends.
     """
     if not conn.is_in_transaction():
         raise RuntimeError("outbox.sequence_in_commit outside a transaction: its events committed already")
     return await conn.fetchval(
-        "SELECT dipc_sequence_events_in_commit($1, $2)", SEQUENCE_BATCH, SEQUENCE_IN_COMMIT_WAIT_MS
+        "SELECT dipc_sequence_events_in_commit($1, $2, $3)",
+        SEQUENCE_BATCH,
+        SEQUENCE_IN_COMMIT_WAIT_MS,
+        SEQUENCE_IN_COMMIT_IDLE_MS,
     )
 
 

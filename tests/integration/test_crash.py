@@ -253,11 +253,12 @@ async def test_a_killed_server_keeps_every_answer_it_gave_and_mints_no_invoice_t
 async def test_a_server_killed_while_its_recording_waits_for_the_lock_records_the_payment_once(
     database_url, pool
 ):
-    """The worst moment for a notification: decided and sent, its recording statement waiting for the
-    code's row lock, when the server dies. The statement goes on without its process once the lock is
-    free, but its batch's transaction commits only when dipc asks (ADR 13: its events may go into the
-    feed in that commit), so it rolls back: nothing is recorded that nobody was told of. DOKU resends;
-    the resend records the payment, once, and it reaches the feed once."""
+    """The worst moment for a notification: decided and sent, its recording waiting for the code's row
+    lock, when the server dies. What waits goes on without its process once the lock is free: the
+    batch's transaction, which then rolls back (it commits only on dipc's COMMIT, ADR 13), or, once the
+    batch has given up on the lock (after 100 ms), the recording alone, its own transaction, which
+    commits what nobody was told of. DOKU resends; either way the payment is recorded once and reaches
+    the feed once."""
     [code] = await one_shot_codes(pool, 1)
     body = notification_body(code, invoice_number=f"INV-{code}", amount=10_000, original_request_id="trx-1")
     port = free_port()
@@ -272,15 +273,16 @@ async def test_a_server_killed_while_its_recording_waits_for_the_lock_records_th
     finally:
         server.kill()
         server.wait(timeout=30)
-    assert await pool.fetchval("SELECT count(*) FROM payments") == 0
-    assert await pool.fetchval("SELECT count(*) FROM notifications") == 0
+    committed = await pool.fetchval("SELECT count(*) FROM payments")
+    assert committed in (0, 1)
+    assert await pool.fetchval("SELECT count(*) FROM notifications") == committed
 
     with serving(database_url, port):
         assert await send_all(port, {code: body}) == {code}
         assert await send_all(port, {code: body}) == {code}  # and DOKU's retry of it is a repeat
         events = await pool.fetch("SELECT payment_code FROM events WHERE type = 'payment.received'")
     outcomes = await pool.fetch("SELECT outcome FROM notifications ORDER BY id")
-    assert [row["outcome"] for row in outcomes] == ["normal", "repeat"]
+    assert [row["outcome"] for row in outcomes] == ["normal"] + ["repeat"] * (1 + committed)
     assert [row["kind"] for row in await pool.fetch("SELECT kind FROM payments")] == ["normal"]
     assert tuple(await pool.fetchrow("SELECT status, paid_count FROM payment_codes")) == ("paid", 1)
     assert [row["payment_code"] for row in events] == [code]

@@ -7,6 +7,7 @@ import contextlib
 import time
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from server.doku.client import notification_body
@@ -404,6 +405,7 @@ async def test_a_transaction_moves_its_own_events_in_its_commit_unless_another_s
             await conn.execute(f"{outbox.INSERT_PENDING} VALUES ('payment.received', 'mine', '{{}}')")
             async with sequencing_held(pool):
                 assert await outbox.sequence_in_commit(conn) is False  # gave up after a few ms
+            assert await conn.fetchval("SELECT current_setting('lock_timeout')") == "100ms"
             assert await conn.fetchval("SELECT count(*) FROM events_pending") == 2  # its own still there
             assert await outbox.sequence_in_commit(conn) is True
             assert await conn.fetchval("SELECT current_setting('lock_timeout')") == "100ms"
@@ -423,3 +425,25 @@ async def test_a_transaction_moves_its_own_events_in_its_commit_unless_another_s
     async with pool.acquire() as conn:
         with pytest.raises(RuntimeError, match="outside a transaction"):
             await outbox.sequence_in_commit(conn)
+
+
+async def test_a_transaction_frozen_after_moving_its_events_loses_its_session_not_the_feed(
+    pool, database_url
+):
+    # It holds the sequencing lock until its COMMIT, which its client sends: a client that froze there
+    # (a stopped process, a lost network) would stop every sequencing of the database.
+    from server.store import outbox
+
+    frozen = await asyncpg.connect(database_url)
+    try:
+        await frozen.execute("BEGIN")
+        await frozen.execute(f"{outbox.INSERT_PENDING} VALUES ('payment.received', 'frozen', '{{}}')")
+        assert await outbox.sequence_in_commit(frozen) is True
+        await pool.execute(f"{outbox.INSERT_PENDING} VALUES ('code.created', 'other', '{{}}')")
+        await outbox.sequence(pool)  # a pass elsewhere gets through (Unavailable after 1 s if not)
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+            await frozen.execute("COMMIT")  # the session was ended: the batch is not committed
+    finally:
+        await frozen.close()
+    assert [row["payment_code"] for row in await pool.fetch("SELECT payment_code FROM events")] == ["other"]
+    assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
