@@ -303,7 +303,7 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
         codes = sorted({item[8] for item in items})
         args = [(*item, BATCH_LOCK_WAIT_MS, codes if n == 0 else None) for n, item in enumerate(items)]
         async with self._pool.acquire() as conn, conn.transaction():
-            self.answer_previous()
+            self.answer_previous()  # BEGIN is back: the batch before is answered while this one runs
             rows = await conn.fetchmany(_RECORD, args)
             # The batch's events go into the feed with its commit, unless another sequencing is under way
             # or holds on (migration 0013): its writers then need no pass after it.
