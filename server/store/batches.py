@@ -158,15 +158,15 @@ class Batches(Generic[Item, Result]):
                 batch.sort(key=lambda each: self.order(each[0]))
                 if batch:
                     await self._send(batch, waiting)
-            self.answer_previous()  # held for a next batch whose writes all gave up waiting
         except BaseException:
-            self.answer_previous()
             # Cancelled (dipc stops): what still waits for this lane is answered now, not left to wait.
             while waiting:
                 _, future = waiting.popleft()
                 if not future.done():
                     future.set_exception(Unavailable("dipc is stopping"))
             raise
+        finally:
+            self.answer_previous()  # the last batch's, held for a next one whose writes all gave up waiting
 
     async def _send(
         self, batch: list[tuple[Item, asyncio.Future[Result | _Alone]]], waiting: deque[object]
