@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import notify  # bench/notify.py
 import run  # bench/run.py: compare.py runs as a script, with bench/ on sys.path
 
@@ -128,7 +127,7 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
         cpu_after, cpu_before = statistics.median(cpu_us["after"]), statistics.median(cpu_us["before"])
         print(f"  server cpu per request, after / before: {cpu_after / cpu_before:.3f}")
         if args.open_loop:
-            compare_open_loop(args, pg, ports, codes, requests)
+            compare_open_loop(args, dsn, ports, codes, requests)
     finally:
         for server in servers:
             run.stop_server(server)
@@ -137,9 +136,9 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
 OPEN_LOOP_S = 10
 
 
-def compare_open_loop(args, pg, ports, codes, requests) -> None:
+def compare_open_loop(args, dsn, ports, codes, requests) -> None:
     """p50/p99 of each server at one rate, rounds interleaved, after the bursts have settled."""
-    run.psql(str(pg.socket_dir), "CHECKPOINT")
+    run.psql(dsn, "CHECKPOINT")
     time.sleep(5)
     p99s: dict[str, list[float]] = {name: [] for name in ports}
     for round_ in range(args.rounds):
@@ -164,20 +163,12 @@ def before_database(dsn: str, env: dict[str, str], before_tree: Path) -> tuple[s
     servers would run the SQL functions of the working tree, and a change to one would not be measured."""
     parts = urlsplit(dsn)
     name = f"{parts.path.lstrip('/')}_before"
-    asyncio.run(_create_database(dsn, name))
+    run.psql(dsn, f'CREATE DATABASE "{name}";')
     before_dsn = urlunsplit(parts._replace(path=f"/{name}"))
     # The revision before, imported from its worktree ahead of the installed (editable) working tree.
     before_env = env | {"DATABASE_URL": before_dsn, "PYTHONPATH": str(before_tree)}
     subprocess.run([run.DIPC, "migrate"], env=before_env, check=True, capture_output=True)
     return before_dsn, before_env
-
-
-async def _create_database(dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
 
 
 # One-shot codes the notification comparison quotes and pays, one prefix per server (BIN 88965).

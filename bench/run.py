@@ -124,9 +124,10 @@ def pg_binary(name: str) -> str:
 # --- load tools -----------------------------------------------------------------------------------
 
 
-def psql(host: str, script: str) -> None:
-    """Run a psql script on the bench's database as its superuser, stopping at the first error."""
-    command = [pg_binary("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", host, "-U", "postgres", "dipc"]
+def psql(dsn: str, script: str) -> None:
+    """Run a psql script on the database at ``dsn`` (the bench's connect as the superuser), stopping at the
+    first error; each statement is its own transaction."""
+    command = [pg_binary("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", dsn]
     subprocess.run(command, input=script, text=True, check=True, capture_output=True)
 
 
@@ -140,9 +141,7 @@ def settle(dsn: str) -> None:
     cache would read them sequentially as the rounds fill them, until autovacuum analyzes them again
     (compare.py's first notification rounds fell to a fifth of their rate, 1,100-2,700 us of database
     CPU per notification)."""
-    for statement in ("VACUUM (ANALYZE) payment_codes", "CHECKPOINT"):
-        command = [pg_binary("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", statement, dsn]
-        subprocess.run(command, check=True, capture_output=True)
+    psql(dsn, "VACUUM (ANALYZE) payment_codes;\nCHECKPOINT;\n")
 
 
 def _ms(text: str) -> float:
@@ -242,7 +241,7 @@ def import_codes(path: Path, env: dict[str, str]) -> None:
     subprocess.run([DIPC, "codes", "import", str(path)], env=env, check=True, capture_output=True)
 
 
-def bench_import(env: dict[str, str], dsn: str, host: str, workdir: Path, rows: int) -> list[Figure]:
+def bench_import(env: dict[str, str], dsn: str, workdir: Path, rows: int) -> list[Figure]:
     path = workdir / "codes.csv"
     write_codes_csv(path, rows, ONE_SHOT_PREFIX, False)
     log(f"import: PostgreSQL COPY of {rows:,} rows (baseline)")
@@ -253,7 +252,7 @@ def bench_import(env: dict[str, str], dsn: str, host: str, workdir: Path, rows: 
         "DROP TABLE bench_copy;\n"
     )
     started = time.perf_counter()
-    psql(host, script)
+    psql(dsn, script)
     copy_s = time.perf_counter() - started
 
     log(f"import: dipc codes import of {rows:,} rows")
@@ -480,7 +479,7 @@ def bench_inquiry(env, dsn, host, workdir, *, seconds, connections, workers, cod
         # straight after them, whichever server came first paid for it: 54.6 ms p99 for dipc's one-shot
         # open loop in one run, 9.2 ms with the ceiling's 10 s before it in the next. Both start settled.
         log(f"open loop: letting the bursts settle first (CHECKPOINT, then {OPEN_LOOP_SETTLE_S} s idle)")
-        psql(host, "CHECKPOINT")
+        psql(dsn, "CHECKPOINT")
         time.sleep(OPEN_LOOP_SETTLE_S)
         figures += _open_loop(port, ceiling_port, requests, one_shot, reusable, saturation, seconds)
     finally:
@@ -947,7 +946,7 @@ def _run_phases(args: argparse.Namespace, workdir: Path, host: str, dsn: str) ->
         log(f"machine: {os.cpu_count()} CPUs; PostgreSQL durable (fsync on); workdir {workdir}")
         rows = args.rows
         if args.only in (None, "import"):
-            figures += bench_import(env, dsn, host, workdir, rows)
+            figures += bench_import(env, dsn, workdir, rows)
         else:
             import_codes(_seed(workdir, rows), env)
         if args.only in (None, "feed"):
