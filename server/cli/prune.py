@@ -10,16 +10,23 @@ from server.cli.common import EXIT_USAGE, CommandFailed, open_database, print_js
 from server.config import load_settings
 from server.store import retention
 
-DEFAULT_DAYS = {"inquiries": 90, "notifications": 400, "webhook_deliveries": 30, "events": 90}
+DEFAULT_DAYS = {
+    "inquiries": 90,
+    "notifications": 400,
+    "webhook_deliveries": 30,
+    "events": 90,
+    "reconciliation": 90,
+}
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     prune = commands.add_parser(
         "prune",
-        help="delete old inquiries, notifications, delivered webhooks and events",
+        help="delete old inquiries, notifications, delivered webhooks, events and ended reconciliation",
         description="Delete rows older than the given number of days, in batches of "
         f"{retention.BATCH:,}. Payments and payment codes are never deleted. Events still needed by an "
-        "undelivered webhook stay. Run it daily (cron, a systemd timer, a Kubernetes CronJob).",
+        "undelivered webhook stay, and so do invoices still reconciled or given up (reconciliation goes "
+        "once paid or expired). Run it daily (cron, a systemd timer, a Kubernetes CronJob).",
         epilog="example: dipc prune --dry-run",
     )
     for table, days in DEFAULT_DAYS.items():

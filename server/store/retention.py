@@ -1,6 +1,7 @@
 """Retention: delete what has served its purpose, in small batches so no lock is held for long.
 
-Payments and payment codes are never deleted: they are the money.
+Payments and payment codes are never deleted: they are the money. Nor is what is still to do: pending
+webhook deliveries and the events they need, invoices still reconciled or given up.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ PRUNABLE: dict[str, tuple[str, str]] = {
         "created_at",
         "NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = events.id)",
     ),
+    # Invoices whose reconciliation ended paid or expired. A pending one is work still to do; one given
+    # up waits for a person (the backlog's metric and `dipc reconcile` show it). An inquiry that quotes
+    # a pruned invoice again starts its reconciliation again, as it would the row's.
+    "reconciliation": ("updated_at", "state IN ('paid', 'expired')"),
 }
 
 

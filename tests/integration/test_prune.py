@@ -1,4 +1,5 @@
-"""`dipc prune` deletes what has served its purpose, and never money or pending work."""
+"""`dipc prune` deletes what has served its purpose, and never money, pending work or what waits for a
+person."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from tests.conftest import CODE
 from tests.integration.test_cli import run_async
 
 
-async def test_prune_keeps_recent_rows_payments_and_events_webhooks_still_need(env, doku, register, pool):
+async def test_prune_keeps_recent_rows_money_and_unfinished_work(env, doku, register, pool):
     await register()
     for _ in range(3):
         await doku.inquiry(CODE)
@@ -22,6 +23,18 @@ async def test_prune_keeps_recent_rows_payments_and_events_webhooks_still_need(e
     await pool.execute("UPDATE notifications SET received_at = now() - interval '500 days' WHERE id = 1")
     await pool.execute("UPDATE events SET created_at = now() - interval '100 days'")
     await pool.execute("UPDATE payments SET recorded_at = now() - interval '1000 days'")
+    # The invoice paid above was reconciled long ago; of the other invoices quoted long ago, one expired,
+    # one was given up (a person must look at it) and one is still being checked; one expired lately.
+    await pool.execute("UPDATE reconciliation SET updated_at = now() - interval '100 days'")
+    await pool.execute(
+        "INSERT INTO reconciliation (payment_code, invoice_number, client_id, channel, amount, state, "
+        "next_check_at, updated_at) VALUES "
+        "($1, 'OLD-EXPIRED', 'MCH-1', 'ALFA', 1, 'expired', NULL, now() - interval '100 days'), "
+        "($1, 'OLD-GAVE-UP', 'MCH-1', 'ALFA', 1, 'gave_up', NULL, now() - interval '100 days'), "
+        "($1, 'OLD-PENDING', 'MCH-1', 'ALFA', 1, 'pending', now(), now() - interval '100 days'), "
+        "($1, 'NEW-EXPIRED', 'MCH-1', 'ALFA', 1, 'expired', NULL, now() - interval '80 days')",
+        CODE,
+    )
     # Event 2 was delivered long ago; event 3 is still to be delivered.
     await pool.execute(
         "INSERT INTO webhook_deliveries (event_id, payment_code, status, delivered_at) VALUES "
@@ -32,7 +45,7 @@ async def test_prune_keeps_recent_rows_payments_and_events_webhooks_still_need(e
     code, stdout, _ = await run_async("prune", "--dry-run", "--json", env=env)
     assert code == 0
     # Event 2 can go too once its delivered delivery goes in the same run: the dry run counts it.
-    expected = {"inquiries": 2, "notifications": 1, "webhook_deliveries": 1, "events": 2}
+    expected = {"inquiries": 2, "notifications": 1, "webhook_deliveries": 1, "events": 2, "reconciliation": 2}
     assert orjson.loads(stdout) == {"dry_run": True, "rows": expected}
     assert await pool.fetchval("SELECT count(*) FROM inquiries") == 3  # a dry run deletes nothing
 
@@ -44,6 +57,8 @@ async def test_prune_keeps_recent_rows_payments_and_events_webhooks_still_need(e
     assert [row["id"] for row in await pool.fetch("SELECT id FROM events")] == [3]
     assert await pool.fetchval("SELECT count(*) FROM payments") == 2  # money is never pruned
     assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 1
+    left = await pool.fetch("SELECT invoice_number FROM reconciliation ORDER BY invoice_number")
+    assert [row["invoice_number"] for row in left] == ["NEW-EXPIRED", "OLD-GAVE-UP", "OLD-PENDING"]
 
 
 async def test_prune_refuses_a_retention_under_a_day(env):
