@@ -25,6 +25,7 @@ from tests.conftest import (
     spec_example,
     table_locked,
 )
+from tests.integration.test_events import until
 
 
 async def recorded(pool: asyncpg.Pool) -> list[asyncpg.Record]:
@@ -320,6 +321,29 @@ async def test_a_request_id_reused_with_another_body_is_refused(doku, register, 
     assert error_code(reply) == "REQUEST_ID_REUSED"
     assert reply.signature_valid
     assert len(await recorded(pool)) == 1
+
+
+async def test_a_request_id_used_for_two_codes_at_once_is_answered_once(doku, register, pool):
+    """The second of two inquiries under one Request-Id, for two codes, waits for the first's commit and
+    is refused: it must not find the Request-Id unused because the first has not committed yet."""
+    await register()
+    await register(payment_code="8896512345678124", invoice_number="INV-2")
+    async with pool.acquire() as conn, conn.transaction():
+        # The first inquiry, recorded by dipc_inquire as a batch records it, and not committed yet.
+        first = await conn.fetchrow(
+            "SELECT * FROM dipc_inquire($1, 'same-id', $2, 'ALFA', '\\x01', ARRAY['ALFA'], now(), 60)",
+            CODE,
+            CLIENT_ID,
+        )
+        assert first["outcome"] == "SUCCESS"
+        second = asyncio.create_task(doku.inquiry("8896512345678124", request_id="same-id"))
+        # It waits for this transaction (were it answered meanwhile, this would time out and fail).
+        await until(pool, "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)")
+        assert not second.done()
+    reply = await second
+    assert reply.status == 409
+    assert error_code(reply) == "REQUEST_ID_REUSED"
+    assert [row["payment_code"] for row in await recorded(pool)] == [CODE]
 
 
 async def test_concurrent_copies_of_one_reusable_inquiry_get_one_answer(doku, register, pool):
