@@ -293,14 +293,14 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
     ANSWERS_AFTER_NEXT_BEGINS = True  # a batch is four round trips
 
     def order(self, item: tuple[Any, ...]) -> tuple[str, ...]:
-        return (item[8], item[9], item[10])  # the payment code, the invoice, the transaction reference
+        return item[_PAYMENT_KEY]
 
     async def alone(self, item: tuple[Any, ...]) -> tuple[asyncpg.Record, bool]:
         return await self._pool.fetchrow(_RECORD, *item, None, None), False
 
     async def together(self, items: list[tuple[Any, ...]]) -> list[tuple[asyncpg.Record, bool]]:
         # The first takes every code's row lock, before any takes its ids (migration 0011).
-        codes = sorted({item[8] for item in items})
+        codes = sorted({self.order(item)[0] for item in items})
         args = [(*item, BATCH_LOCK_WAIT_MS, codes if n == 0 else None) for n, item in enumerate(items)]
         async with self._pool.acquire() as conn, conn.transaction():
             self.answer_previous()  # BEGIN is back: the batch before is answered while this one runs
@@ -310,6 +310,10 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
             appended = any(row["payment_id"] is not None for row in rows)
             in_feed = appended and await outbox.sequence_in_commit(conn)
         return [(row, in_feed) for row in rows]
+
+
+# In :func:`_record_args`, the payment's identity: its code, invoice and transaction reference ($9 to $11).
+_PAYMENT_KEY = slice(8, 11)
 
 
 def _record_args(
