@@ -10,8 +10,9 @@ What sharing risks is one write holding up the others: one that waits for a row 
 long transaction, a lock cycle with another worker's batch), or one the database refuses. So a batch
 may wait for locks only until :data:`BATCH_LOCK_WAIT_MS` after it started, and a batch the database
 refuses (that bound passed, or an error of one of its writes) is rolled back whole; each of its writes is
-then made alone by its own request (under its own deadline, outside the lane). A code whose row turns out
-held goes alone for a while (:data:`HELD_CODE_S`).
+then made alone by its own request (under its own deadline, outside the lane). The writes of one code made
+alone go one at a time, so that a held row keeps one connection waiting, not the pool's. A code whose row
+turns out held goes alone for a while (:data:`HELD_CODE_S`).
 
 A batch of several round trips (payment recordings: BEGIN, the writes, the move of their events, COMMIT)
 answers the batch before it only once its own first round trip is back (:meth:`Batches.answer_previous`):
@@ -57,6 +58,15 @@ class _Alone:
     """A batch's result for a write that its request must make alone (the batch was refused)."""
 
 
+class _Turns:
+    """The writes of one code made alone: one at a time (one connection waits for a held row, not the
+    pool's), in the order they came."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.writes = 0  # waiting or being made
+
+
 ALONE = _Alone()
 
 
@@ -90,9 +100,10 @@ class Batches(Generic[Item, Result]):
             deque() for _ in range(lanes)
         ]
         self._senders: dict[int, asyncio.Task[None]] = {}  # by lane: the last one started
-        # Held codes: until when (loop time) their writes go alone, and the lock that has them go one at a
-        # time (one connection waits for the row, not the pool).
-        self._held: dict[str, tuple[float, asyncio.Lock]] = {}
+        # Held codes: until when (loop time) their writes go alone.
+        self._held: dict[str, float] = {}
+        # Codes with writes being made alone, which go one at a time.
+        self._alone: dict[str, _Turns] = {}
         # Committed batches whose answers wait for the next batch's first round trip, with their timers.
         self._unanswered: list[tuple[Callable[[], None], asyncio.TimerHandle]] = []
 
@@ -112,10 +123,8 @@ class Batches(Generic[Item, Result]):
         """Make ``item`` with the writes that arrive with it; its result exists once it is committed."""
         loop = asyncio.get_running_loop()
         code = self.order(item)[0]
-        held = self._held.get(code) if self._held else None
-        if held is not None and held[0] > loop.time():
-            async with held[1]:
-                return await self._outside(code, item)
+        if self._held and self._held.get(code, 0.0) > loop.time():
+            return await self._outside(code, item)
         future: asyncio.Future[Result | _Alone] = loop.create_future()
         lane = hash(code) % len(self._lanes)
         self._lanes[lane].append((item, future))
@@ -197,24 +206,34 @@ class Batches(Generic[Item, Result]):
 
     async def _outside(self, code: str, item: Item) -> Result:
         """``item`` alone, in its request's task and under its deadline, without a batch's bound on lock
-        waits; once it has waited as long as that bound, its code is held (:data:`HELD_CODE_S`)."""
-        loop = asyncio.get_running_loop()
-        bound_s = BATCH_LOCK_WAIT_MS / 1000
-        started = loop.time()
-        marking = loop.call_later(bound_s, self._mark_held, code)
+        waits, after the code's other writes made alone; once it has waited at the database as long as
+        that bound, its code is held (:data:`HELD_CODE_S`)."""
+        turns = self._alone.get(code)
+        if turns is None:
+            turns = self._alone[code] = _Turns()
+        turns.writes += 1
         try:
-            return await self.alone(item)
+            async with turns.lock:
+                loop = asyncio.get_running_loop()
+                bound_s = BATCH_LOCK_WAIT_MS / 1000
+                started = loop.time()
+                marking = loop.call_later(bound_s, self._mark_held, code)
+                try:
+                    return await self.alone(item)
+                finally:
+                    marking.cancel()
+                    if loop.time() - started < bound_s:
+                        self._held.pop(code, None)
         finally:
-            marking.cancel()
-            if loop.time() - started < bound_s:
-                self._held.pop(code, None)
+            turns.writes -= 1
+            if not turns.writes:
+                del self._alone[code]
 
     def _mark_held(self, code: str) -> None:
         now = asyncio.get_running_loop().time()
         if len(self._held) >= 1024:  # codes no longer held are forgotten
-            self._held = {held: entry for held, entry in self._held.items() if entry[0] > now}
-        _, one_at_a_time = self._held.get(code, (0.0, None))
-        self._held[code] = (now + HELD_CODE_S, one_at_a_time or asyncio.Lock())
+            self._held = {held: until for held, until in self._held.items() if until > now}
+        self._held[code] = now + HELD_CODE_S
 
 
 def _answer(

@@ -22,6 +22,7 @@ from server.ops import metrics
 from server.store.batches import Batches
 from tests.conftest import CLIENT_ID
 from tests.integration.gates import Gate, gate_on
+from tests.integration.test_events import until
 from tests.integration.test_inquiry_batches import rows_held
 
 SLOW = "8896500000000779"  # one-shot: its payment holds the lane at the gate
@@ -143,6 +144,39 @@ async def test_a_batch_that_meets_a_held_code_lets_its_other_payments_through(
         assert not stuck.done()  # alone now, waiting for the row
     assert (await stuck).status == 200
     assert await payments(pool) == {(code, f"INV-{code}"): ["normal"] for code in [SLOW, HELD, *ONE_SHOT]}
+
+
+async def dipc_backends_waiting_for_a_lock(pool: asyncpg.Pool) -> int:
+    return await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dipc' AND wait_event_type = 'Lock'"
+    )
+
+
+async def test_a_held_codes_payments_made_alone_wait_for_its_row_one_at_a_time(
+    client, doku, pool, database_url, codes, gate
+):
+    """When a batch is refused at a held row, its payments are made alone. Those of the held code go one
+    at a time: the row keeps one of the pool's connections waiting, not all of them (with every one
+    waiting, any other payment would find none and get a 503)."""
+    pool_max = client.app[POOL].get_max_size()
+    async with rows_held(database_url, HELD) as [holder]:
+        first = pay(doku, SLOW, f"INV-{SLOW}", "trx-slow")
+        await gate.reached()
+        stuck = [pay(doku, HELD, f"INV-{HELD}", f"trx-held-{n}") for n in range(pool_max + 2)]
+        others = [pay(doku, code, f"INV-{code}", f"trx-{code}") for code in ONE_SHOT]
+        await queued(client.app[PAYMENT_BATCHES], len(stuck) + len(others))
+        await gate.open()
+        replies = [await first, *[await other for other in others]]
+        assert [reply.status for reply in replies] == [200] * len(replies)
+        await until(pool, "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        assert await dipc_backends_waiting_for_a_lock(pool) == 1
+        late = pay(doku, ONE_SHOT[0], f"INV-{ONE_SHOT[0]}", "trx-late")  # a retry, while the row is held
+        assert (await late).status == 200
+        assert not any(each.done() for each in stuck)
+        await holder.execute("COMMIT")
+        held_replies = [await each for each in stuck]
+    assert [reply.status for reply in held_replies] == [200] * len(stuck)
+    assert (await payments(pool))[(HELD, f"INV-{HELD}")] == ["normal"] + ["conflict"] * (len(stuck) - 1)
 
 
 async def test_a_batch_the_database_refuses_records_each_of_its_payments_alone(
