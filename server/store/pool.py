@@ -50,6 +50,14 @@ _DEADLINE_AT: contextvars.ContextVar[float | None] = contextvars.ContextVar("dip
 RELEASE_TIMEOUT_S = 5.0
 
 
+# How often PostgreSQL checks that the client of a running statement is still there. A deadline closes
+# dipc's side of a connection, but a backend that waits for a lock does not notice: it waited on until the
+# statement timeout (30 s), and under load a lock held past the requests' deadlines left one such backend
+# per request, until max_connections was reached and every request got 503.
+CLIENT_CHECK_INTERVAL_MS = 1000
+_client_check_unavailable = False
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb",
@@ -58,6 +66,22 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         decoder=orjson.loads,
         format="text",
     )
+    await _check_client(conn)
+
+
+async def _check_client(conn: asyncpg.Connection) -> None:
+    """Have the session check its client every CLIENT_CHECK_INTERVAL_MS. A session setting rather than a
+    startup parameter: a pgbouncer that does not list it in ignore_startup_parameters would refuse the
+    connection (behind pgbouncer, set it on the role as well, README). Where the platform has no such
+    check (PostgreSQL on Windows), sessions go without, as before."""
+    global _client_check_unavailable  # said once per process, not once per connection
+    if _client_check_unavailable:
+        return
+    try:
+        await conn.execute(f"SET client_connection_check_interval = {CLIENT_CHECK_INTERVAL_MS}")
+    except (asyncpg.exceptions.InvalidParameterValueError, asyncpg.exceptions.UndefinedObjectError) as error:
+        _client_check_unavailable = True
+        log.warning("db.client_check_unavailable", error=str(error))
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -65,7 +89,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
     asyncpg still rolls back an open transaction before calling this. The default reset (RESET ALL,
     UNLISTEN *, advisory unlock, CLOSE ALL) costs a round trip per release, on the inquiry hot path too,
-    and there is nothing for it to undo: pooled connections never SET session state (only SET LOCAL),
+    and there is nothing for it to undo: pooled connections never SET session state (only SET LOCAL,
+    and once, when they connect, the client check that RESET ALL would undo),
     never LISTEN (the event feed listens on a connection of its own), and release session advisory
     locks in ``finally`` (migrations).
     """

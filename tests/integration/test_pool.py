@@ -118,3 +118,25 @@ async def test_an_inner_deadline_expiring_leaves_the_outer_one_running(database_
         assert asyncio.current_task().cancelling() == 0
     finally:
         await pool.close()
+
+
+async def test_a_backend_whose_connection_a_deadline_terminated_stops_waiting_for_a_lock(database_url):
+    """PostgreSQL does not notice a closed client while it waits for a lock: without checking the client
+    (client_connection_check_interval), each request that gave up on a held lock left a backend waiting
+    until the statement timeout, and under load they filled max_connections."""
+    pool = await create_pool(database_url, min_size=1, max_size=2)
+    holder = await pool.acquire()
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT pg_advisory_xact_lock(42)")
+        with pytest.raises(Unavailable):
+            async with deadline(0.2, "test"):
+                await pool.fetchval("SELECT pg_advisory_xact_lock(42)")
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        assert await holder.fetchval(waiting) == 1  # the terminated connection's backend, still waiting
+        async with asyncio.timeout(5):
+            while await holder.fetchval(waiting):
+                await asyncio.sleep(0.05)
+    finally:
+        await pool.release(holder)
+        await pool.close()
