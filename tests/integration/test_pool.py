@@ -12,6 +12,7 @@ import pytest
 
 from server.core.errors import Unavailable
 from server.store.pool import create_pool, deadline
+from tests.integration.test_events import until
 
 
 async def test_under_contention_connections_go_out_in_the_order_they_were_asked_for(database_url):
@@ -134,9 +135,7 @@ async def test_a_backend_whose_connection_a_deadline_terminated_stops_waiting_fo
                 await pool.fetchval("SELECT pg_advisory_xact_lock(42)")
         waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
         assert await holder.fetchval(waiting) == 1  # the terminated connection's backend, still waiting
-        async with asyncio.timeout(5):
-            while await holder.fetchval(waiting):
-                await asyncio.sleep(0.05)
+        await until(holder, f"SELECT ({waiting}) = 0")  # within 5 s, or the test fails
     finally:
         await pool.release(holder)
         await pool.close()
