@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import weakref
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
@@ -141,28 +142,49 @@ class _Sequencer:
     """Sequencing for one pool (one database): writers that committed meanwhile share the next pass.
 
     Passes start at least SEQUENCE_GAP_S apart, so under load each moves many events (as commits share
-    a WAL flush); a writer that finds the last pass that long ago starts its own at once.
+    a WAL flush); a writer that finds the last pass that long ago starts its own at once. A pass runs one
+    at a time, in a task of its own under a deadline of its own (SEQUENCE_WAIT_S), and each writer waits
+    for it under the writer's: a writer that gives up leaves the pass running for the others. (When a
+    pass ran under the deadline of the writer that started it, a held sequencing lock cost a backend and
+    a new connection per writer, as each one's pass was terminated when it gave up.)
     """
 
     def __init__(self) -> None:
-        self.lock = asyncio.Lock()
         self.requested = 0  # passes asked for
         self.covered = 0  # requests a finished pass started after
         self.last_start = -SEQUENCE_GAP_S
+        self.running: asyncio.Task[None] | None = None
 
     async def sequence(self, pool: asyncpg.Pool) -> None:
         self.requested += 1
         mine = self.requested
-        async with self.lock:
-            if self.covered >= mine:
-                return  # a pass that started after we asked (so after our commit) has finished
+        while self.covered < mine:  # a pass that started after we asked (so after our commit) covers us
+            if self.running is None:
+                # A context of its own: the pass is nobody's request (nor under anybody's deadline).
+                self.running = asyncio.get_running_loop().create_task(
+                    self._pass(pool), context=contextvars.Context()
+                )
+                self.running.add_done_callback(_seen)  # its waiters may all have given up before it ended
+            await asyncio.shield(self.running)  # its failure is every waiting writer's
+
+    async def _pass(self, pool: asyncpg.Pool) -> None:
+        try:
             loop = asyncio.get_running_loop()
             if (gap := self.last_start + SEQUENCE_GAP_S - loop.time()) > 0:
                 await asyncio.sleep(gap)  # writers committing meanwhile join this pass
             covers = self.requested
             self.last_start = loop.time()
-            await _move_all(pool)
+            async with deadline(SEQUENCE_WAIT_S, "outbox.sequence"):
+                await _move_all(pool)
             self.covered = covers
+        finally:
+            self.running = None
+
+
+def _seen(task: asyncio.Task[None]) -> None:
+    """Take a finished pass's failure, which its waiters have had (asyncio would log it as never seen)."""
+    if not task.cancelled():
+        task.exception()
 
 
 # One per pool: a pass covers the writers of its own database only, and goes with its pool.

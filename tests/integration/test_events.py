@@ -451,3 +451,34 @@ async def test_a_transaction_frozen_after_moving_its_events_loses_its_session_no
         await frozen.close()
     assert [row["payment_code"] for row in await pool.fetch("SELECT payment_code FROM events")] == ["other"]
     assert await pool.fetchval("SELECT count(*) FROM events_pending") == 0
+
+
+async def test_writers_that_give_up_on_a_held_sequencing_lock_share_one_pass(pool, database_url):
+    """A pass ran under the deadline of the writer that started it: when that writer gave up, its pass's
+    connection was terminated and the next writer started another, so a held lock took a new backend
+    (and connection) for each writer, as many as writers arrived. Now a process runs one pass at a time
+    under its own deadline, and writers wait for it under theirs."""
+    from server.core.errors import Unavailable
+    from server.store import outbox
+
+    watcher = await asyncpg.connect(database_url)
+    try:
+        async with sequencing_held(pool):
+            waiters: set[int] = set()
+            writers = [
+                asyncio.create_task(outbox.sequence(pool, 0.1 + 0.04 * n)) for n in range(20)
+            ]  # they give up one after the other, over 0.9 s
+            while not all(writer.done() for writer in writers):
+                waiters |= {
+                    row["pid"]
+                    for row in await watcher.fetch(
+                        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    )
+                }
+                await asyncio.sleep(0.01)
+            for writer in writers:
+                with pytest.raises(Unavailable):
+                    writer.result()
+        assert len(waiters) == 1
+    finally:
+        await watcher.close()
