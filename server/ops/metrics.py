@@ -87,7 +87,8 @@ INQUIRY_BATCH_SIZE = Histogram(
 )
 INQUIRIES_QUEUED = Gauge(
     "dipc_inquiries_queued",
-    "Inquiries waiting for their lane's next batch, at the last scrape, summed over live processes.",
+    "Inquiries waiting for their lane's next batch, or for their turn to be recorded alone (after their"
+    " code's other inquiries recorded alone), at the last scrape, summed over live processes.",
     multiprocess_mode="livesum",
 )
 PAYMENT_BATCH_SIZE = Histogram(
@@ -99,8 +100,8 @@ PAYMENT_BATCH_SIZE = Histogram(
 )
 PAYMENTS_QUEUED = Gauge(
     "dipc_payments_queued",
-    "Payment reads and recordings waiting for their next batch, at the last scrape, summed over live"
-    " processes.",
+    "Payment reads and recordings waiting for their next batch, or for their turn to be made alone (after"
+    " their code's others made alone), at the last scrape, summed over live processes.",
     multiprocess_mode="livesum",
 )
 DB_POOL = Gauge(

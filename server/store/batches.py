@@ -65,6 +65,7 @@ class _Turns:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.writes = 0  # waiting or being made
+        self.waiting = 0  # waiting for their turn
 
 
 ALONE = _Alone()
@@ -148,8 +149,8 @@ class Batches(Generic[Item, Result]):
 
     @property
     def waiting(self) -> int:
-        """Writes waiting for their lane's next batch."""
-        return sum(map(len, self._lanes))
+        """Writes waiting for their lane's next batch, or for their turn to be made alone."""
+        return sum(map(len, self._lanes)) + sum(turns.waiting for turns in self._alone.values())
 
     async def close(self) -> None:
         """Wait for the batches at the database (called after the last request, before the pool closes)."""
@@ -213,7 +214,12 @@ class Batches(Generic[Item, Result]):
             turns = self._alone[code] = _Turns()
         turns.writes += 1
         try:
-            async with turns.lock:
+            turns.waiting += 1
+            try:
+                await turns.lock.acquire()
+            finally:
+                turns.waiting -= 1
+            try:
                 loop = asyncio.get_running_loop()
                 bound_s = BATCH_LOCK_WAIT_MS / 1000
                 started = loop.time()
@@ -224,6 +230,8 @@ class Batches(Generic[Item, Result]):
                     marking.cancel()
                     if loop.time() - started < bound_s:
                         self._held.pop(code, None)
+            finally:
+                turns.lock.release()
         finally:
             turns.writes -= 1
             if not turns.writes:

@@ -60,8 +60,9 @@ async def test_sigterm_lets_every_accepted_request_finish_and_exits_0(database_u
                         f"http://127.0.0.1:{port}/v1/events?wait=60", headers={"Authorization": "Bearer t"}
                     )
                 )
-                # Accepted, and inside the server: each waits on the lock in PostgreSQL, or for its batch
-                # to follow one that does (ADR 12; a batch that meets the lock is recorded one by one).
+                # Accepted, and inside the server: each waits on the lock in PostgreSQL, for its batch to
+                # follow one that does, or for its turn behind the code's other inquiries recorded alone
+                # (ADR 12: a batch that meets the lock is recorded one by one, a code's one at a time).
                 for _ in range(200):
                     waiting = await pool.fetchval(
                         "SELECT count(*) FROM pg_stat_activity "
