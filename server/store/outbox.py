@@ -154,6 +154,7 @@ class _Sequencer:
         self.covered = 0  # requests a finished pass started after
         self.last_start = -SEQUENCE_GAP_S
         self.running: asyncio.Task[None] | None = None
+        self.running_for = 0  # the requests made before the running pass was started: it covers them
 
     async def sequence(self, pool: asyncpg.Pool) -> None:
         self.requested += 1
@@ -165,7 +166,14 @@ class _Sequencer:
                     self._pass(pool), context=contextvars.Context()
                 )
                 self.running.add_done_callback(_seen)  # its waiters may all have given up before it ended
-            await asyncio.shield(self.running)  # its failure is every waiting writer's
+                self.running_for = self.requested
+            ours = self.running_for >= mine
+            try:
+                await asyncio.shield(self.running)
+            except Unavailable:
+                if ours:
+                    raise  # the pass that would have covered us failed: so do we
+                # One that began before we asked failed: the next is ours, within our own wait.
 
     async def _pass(self, pool: asyncpg.Pool) -> None:
         try:
@@ -174,7 +182,7 @@ class _Sequencer:
                 await asyncio.sleep(gap)  # writers committing meanwhile join this pass
             covers = self.requested
             self.last_start = loop.time()
-            async with deadline(SEQUENCE_WAIT_S, "outbox.sequence"):
+            async with deadline(SEQUENCE_WAIT_S, "outbox.pass"):
                 await _move_all(pool)
             self.covered = covers
         finally:

@@ -482,3 +482,45 @@ async def test_writers_that_give_up_on_a_held_sequencing_lock_share_one_pass(poo
         assert len(waiters) == 1
     finally:
         await watcher.close()
+
+
+async def test_a_writer_that_asked_after_a_pass_began_waits_for_the_next_not_that_ones_failure(
+    pool, database_url
+):
+    """A pass that began before a writer committed cannot cover it, so its failure is not the writer's:
+    the writer starts or joins the next pass, within its own wait (ADR 3: the answer comes once the feed
+    has its event, if that takes less than the wait)."""
+    from server.core.errors import Unavailable
+    from server.store import outbox
+
+    async with sequencing_held(pool):
+        # Its pass waits for the lock SEQUENCE_WAIT_S (1 s) and fails; the writer would wait 3 s.
+        first = asyncio.create_task(outbox.sequence(pool, 3))
+        await until(pool, "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)")
+        await pool.execute(f"{outbox.INSERT_PENDING} VALUES ('code.created', 'late', '{{}}')")
+        late = asyncio.create_task(outbox.sequence(pool, 5))  # a writer that committed after the pass began
+        with pytest.raises(Unavailable):
+            await first  # its pass's failure
+        assert not late.done()  # the failed pass was not its own: it waits for the next
+    await late  # which finds the lock free
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE payment_code = 'late'") == 1
+
+
+async def test_a_writers_wait_for_a_pass_is_measured_once(pool):
+    """dipc_db_operation_duration_seconds{operation="outbox.sequence"} is a writer's wait (README); the
+    pass it waits for is "outbox.pass"."""
+    from server.ops import metrics
+    from server.store import outbox
+
+    def observed(operation: str) -> float:
+        [family] = metrics.DB_DURATION.collect()
+        return sum(
+            sample.value
+            for sample in family.samples
+            if sample.name.endswith("_count") and sample.labels["operation"] == operation
+        )
+
+    await pool.execute(f"{outbox.INSERT_PENDING} VALUES ('code.created', 'measured', '{{}}')")
+    before = observed("outbox.sequence"), observed("outbox.pass")
+    await outbox.sequence(pool)
+    assert (observed("outbox.sequence") - before[0], observed("outbox.pass") - before[1]) == (1, 1)
