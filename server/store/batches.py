@@ -40,6 +40,7 @@ from server.store.pool import deadline
 # its batch. Locks a batch meets normally (a reusable code minting in another worker's batch, a payment
 # of the same code) last a commit.
 BATCH_LOCK_WAIT_MS = 100
+_BOUND_S = BATCH_LOCK_WAIT_MS / 1000
 # At most this many writes in one batch: a bound on how long one batch holds its connection.
 MAX_BATCH = 64
 # A code whose write, made alone, has waited as long as a batch may wait (its row held by a long
@@ -66,6 +67,7 @@ class _Turns:
         self.lock = asyncio.Lock()
         self.writes = 0  # waiting or being made
         self.waiting = 0  # waiting for their turn
+        self.out_since: float | None = None  # when the one being made went to the database (loop time)
 
 
 ALONE = _Alone()
@@ -122,10 +124,10 @@ class Batches(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         """Make ``item`` with the writes that arrive with it; its result exists once it is committed."""
-        loop = asyncio.get_running_loop()
         code = self.order(item)[0]
-        if self._held and self._held.get(code, 0.0) > loop.time():
+        if self._is_held(code):
             return await self._outside(code, item)
+        loop = asyncio.get_running_loop()
         future: asyncio.Future[Result | _Alone] = loop.create_future()
         lane = hash(code) % len(self._lanes)
         self._lanes[lane].append((item, future))
@@ -205,10 +207,19 @@ class Batches(Generic[Item, Result]):
             else:
                 answer()
 
+    def _is_held(self, code: str) -> bool:
+        """Whether ``code``'s writes skip the lanes: a write of it made alone has waited at the database
+        as long as a batch may wait for locks, and still waits, or did less than HELD_CODE_S ago."""
+        now = asyncio.get_running_loop().time()
+        turns = self._alone.get(code) if self._alone else None
+        if turns is not None and turns.out_since is not None and now - turns.out_since >= _BOUND_S:
+            return True
+        return bool(self._held) and self._held.get(code, 0.0) > now
+
     async def _outside(self, code: str, item: Item) -> Result:
         """``item`` alone, in its request's task and under its deadline, without a batch's bound on lock
-        waits, after the code's other writes made alone; once it has waited at the database as long as
-        that bound, its code is held (:data:`HELD_CODE_S`)."""
+        waits, after the code's other writes made alone. A write that waited at the database as long as
+        that bound, or gave up there, leaves its code held for HELD_CODE_S; one made at once, not."""
         turns = self._alone.get(code)
         if turns is None:
             turns = self._alone[code] = _Turns()
@@ -219,19 +230,21 @@ class Batches(Generic[Item, Result]):
                 await turns.lock.acquire()
             finally:
                 turns.waiting -= 1
+            loop = asyncio.get_running_loop()
+            turns.out_since = started = loop.time()
             try:
-                loop = asyncio.get_running_loop()
-                bound_s = BATCH_LOCK_WAIT_MS / 1000
-                started = loop.time()
-                marking = loop.call_later(bound_s, self._mark_held, code)
-                try:
-                    return await self.alone(item)
-                finally:
-                    marking.cancel()
-                    if loop.time() - started < bound_s:
-                        self._held.pop(code, None)
+                result = await self.alone(item)
+            except (Unavailable, asyncio.CancelledError):
+                self._mark_held(code)  # it gave up waiting, for the code's row most likely
+                raise
             finally:
+                turns.out_since = None
                 turns.lock.release()
+            if loop.time() - started < _BOUND_S:
+                self._held.pop(code, None)  # made at once: the row is free
+            else:
+                self._mark_held(code)
+            return result
         finally:
             turns.writes -= 1
             if not turns.writes:

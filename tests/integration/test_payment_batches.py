@@ -19,6 +19,7 @@ import pytest
 from server.doku.client import DokuSimulator, inquiry_body, notification_body
 from server.http.keys import PAYMENT_BATCHES, POOL
 from server.ops import metrics
+from server.store import batches as batches_module
 from server.store.batches import Batches
 from tests.conftest import CLIENT_ID
 from tests.integration.gates import Gate, gate_on
@@ -177,6 +178,28 @@ async def test_a_held_codes_payments_made_alone_wait_for_its_row_one_at_a_time(
         held_replies = [await each for each in stuck]
     assert [reply.status for reply in held_replies] == [200] * len(stuck)
     assert (await payments(pool))[(HELD, f"INV-{HELD}")] == ["normal"] + ["conflict"] * (len(stuck) - 1)
+
+
+async def test_a_code_stays_held_while_a_write_of_it_still_waits_for_its_row(
+    client, doku, pool, database_url, codes, monkeypatch
+):
+    """A held code's writes skip the lanes for HELD_CODE_S after it is marked. The mark ran out while
+    the write that made it still waited for the row (a notification may wait 5 s): the code's next
+    payments went back into batches, each refused after BATCH_LOCK_WAIT_MS, holding up the lane's other
+    payments. Now a code is held for as long as one of its writes made alone has waited that long."""
+    monkeypatch.setattr(batches_module, "HELD_CODE_S", 0.2)
+    recordings = client.app[PAYMENT_BATCHES]
+    async with rows_held(database_url, HELD) as [holder]:
+        first = pay(doku, HELD, f"INV-{HELD}", "trx-held-1")  # a batch of one, refused: then alone
+        await until(pool, "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        await asyncio.sleep(0.5)  # past the first mark's HELD_CODE_S; the write still waits
+        sent_before, _ = batch_sizes()
+        second = pay(doku, HELD, f"INV-{HELD}", "trx-held-2")
+        await queued(recordings, 1)  # waiting for its turn behind the first
+        assert batch_sizes()[0] == sent_before  # it joined no batch
+        await holder.execute("COMMIT")
+        replies = [await first, await second]
+    assert [reply.status for reply in replies] == [200, 200]
 
 
 async def test_a_batch_the_database_refuses_records_each_of_its_payments_alone(
