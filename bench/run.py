@@ -177,14 +177,12 @@ def run_wrk(
     return rps, p50, p99, errors
 
 
-def run_pgbench(
-    dsn_parts: dict[str, str], script: str, *, seconds: int, clients: int, variables: dict[str, str]
-):
+def run_pgbench(dsn: str, script: str, *, seconds: int, clients: int, variables: dict[str, str]):
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as handle:
         handle.write(script)
     command = [
         pg_binary("pgbench"), "-n", "-M", "prepared", "-f", handle.name, "-c", str(clients), "-j", "2",
-        "-T", str(seconds), "-h", dsn_parts["host"], "-U", "postgres", "dipc",
+        "-T", str(seconds), dsn,
     ]  # fmt: skip
     for name, value in variables.items():
         command += ["-D", f"{name}={value}"]
@@ -410,7 +408,7 @@ SELECT * FROM dipc_inquire('889651' || lpad(:n::text, 10, '0'), 'pgbench-' || :c
 """
 
 
-def bench_inquiry(env, dsn, host, workdir, *, seconds, connections, workers, codes_count) -> list[Figure]:
+def bench_inquiry(env, dsn, workdir, *, seconds, connections, workers, codes_count) -> list[Figure]:
     port, ceiling_port = free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     one_shot = [f"{ONE_SHOT_PREFIX}{n:010d}" for n in range(codes_count)]
@@ -425,7 +423,7 @@ def bench_inquiry(env, dsn, host, workdir, *, seconds, connections, workers, cod
 
     log(f"inquiry: pgbench calling dipc_inquire, {min(connections, 16)} clients (database ceiling)")
     pg_tps, pg_latency = run_pgbench(
-        {"host": host},
+        dsn,
         PGBENCH_HOT_PATH,
         seconds=seconds,
         clients=min(connections, 16),
@@ -925,15 +923,15 @@ def main() -> None:
     first, _, last = args.ports.partition("-")
     PORTS = range(int(first), int(last) + 1)
 
-    with scratch_database("dipc-bench-") as (workdir, pg, dsn):
-        figures = _run_phases(args, workdir, str(pg.socket_dir), dsn)
+    with scratch_database("dipc-bench-") as (workdir, _pg, dsn):
+        figures = _run_phases(args, workdir, dsn)
     print(render(figures))
     failed = [f.name.strip() for f in figures if f.must_be_zero and f.errors]
     if failed:
         sys.exit(f"bench: exactly once failed: {'; '.join(failed)}")
 
 
-def _run_phases(args: argparse.Namespace, workdir: Path, host: str, dsn: str) -> list[Figure]:
+def _run_phases(args: argparse.Namespace, workdir: Path, dsn: str) -> list[Figure]:
     env = dipc_env(dsn) | {"DIPC_ADMIN_TOKEN": ADMIN_TOKEN}
     figures: list[Figure] = []
     standin = None
@@ -952,7 +950,7 @@ def _run_phases(args: argparse.Namespace, workdir: Path, host: str, dsn: str) ->
         if args.only in (None, "feed"):
             figures += bench_feed(env, workdir, samples=args.feed_samples)
         if args.only in (None, "inquiry"):
-            figures += bench_inquiry(env, dsn, host, workdir, seconds=args.seconds,
+            figures += bench_inquiry(env, dsn, workdir, seconds=args.seconds,
                                      connections=args.connections, workers=args.workers,
                                      codes_count=rows)  # fmt: skip
         if args.only in (None, "notification"):
