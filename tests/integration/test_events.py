@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from server.doku.client import notification_body
-from tests.conftest import CODE, code_fields
+from tests.conftest import CODE, code_fields, waiting_for_a_lock
 
 INVOICE = "INV-2026-000123"
 
@@ -496,7 +496,7 @@ async def test_a_writer_that_asked_after_a_pass_began_waits_for_the_next_not_tha
     async with sequencing_held(pool):
         # Its pass waits for the lock SEQUENCE_WAIT_S (1 s) and fails; the writer would wait 3 s.
         first = asyncio.create_task(outbox.sequence(pool, 3))
-        await until(pool, "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)")
+        await waiting_for_a_lock(pool, "dipc_sequence_events")
         await pool.execute(f"{outbox.INSERT_PENDING} VALUES ('code.created', 'late', '{{}}')")
         late = asyncio.create_task(outbox.sequence(pool, 5))  # a writer that committed after the pass began
         with pytest.raises(Unavailable):

@@ -24,8 +24,8 @@ from tests.conftest import (
     make_settings,
     spec_example,
     table_locked,
+    waiting_for_a_lock,
 )
-from tests.integration.test_events import until
 
 
 async def recorded(pool: asyncpg.Pool) -> list[asyncpg.Record]:
@@ -338,7 +338,7 @@ async def test_a_request_id_used_for_two_codes_at_once_is_answered_once(doku, re
         assert first["outcome"] == "SUCCESS"
         second = asyncio.create_task(doku.inquiry("8896512345678124", request_id="same-id"))
         # It waits for this transaction (were it answered meanwhile, this would time out and fail).
-        await until(pool, "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)")
+        await waiting_for_a_lock(pool, "dipc_inquire")
         assert not second.done()
     reply = await second
     assert reply.status == 409

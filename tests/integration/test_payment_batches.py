@@ -21,9 +21,8 @@ from server.http.keys import PAYMENT_BATCHES, POOL
 from server.ops import metrics
 from server.store import batches as batches_module
 from server.store.batches import Batches
-from tests.conftest import CLIENT_ID
+from tests.conftest import CLIENT_ID, waiting_for_a_lock
 from tests.integration.gates import Gate, gate_on
-from tests.integration.test_events import until
 from tests.integration.test_inquiry_batches import rows_held
 
 SLOW = "8896500000000779"  # one-shot: its payment holds the lane at the gate
@@ -169,7 +168,7 @@ async def test_a_held_codes_payments_made_alone_wait_for_its_row_one_at_a_time(
         await gate.open()
         replies = [await first, *[await other for other in others]]
         assert [reply.status for reply in replies] == [200] * len(replies)
-        await until(pool, "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        await waiting_for_a_lock(pool, "dipc_payment_context_within")
         assert await dipc_backends_waiting_for_a_lock(pool) == 1
         late = pay(doku, ONE_SHOT[0], f"INV-{ONE_SHOT[0]}", "trx-late")  # a retry, while the row is held
         assert (await late).status == 200
@@ -191,7 +190,7 @@ async def test_a_code_stays_held_while_a_write_of_it_still_waits_for_its_row(
     recordings = client.app[PAYMENT_BATCHES]
     async with rows_held(database_url, HELD) as [holder]:
         first = pay(doku, HELD, f"INV-{HELD}", "trx-held-1")  # a batch of one, refused: then alone
-        await until(pool, "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+        await waiting_for_a_lock(pool, "dipc_payment_context_within")
         await asyncio.sleep(0.5)  # past the first mark's HELD_CODE_S; the write still waits
         sent_before, _ = batch_sizes()
         second = pay(doku, HELD, f"INV-{HELD}", "trx-held-2")
