@@ -137,9 +137,10 @@ class Recorded:
 
 # The statement that records a payment (its parameters in ``record``). It first takes the code's row lock
 # and reads the history again with dipc_payment_context (migration 0008; its own statements have fresh
-# snapshots, so it sees what the lock's previous holder committed), and writes nothing unless the code
+# snapshots, so it sees what the lock's previous holder committed), then takes the lock of the invoice's
+# reconciliation row, which it settles (migration 0016), and writes nothing unless the code
 # (dipc_code_state) and the history are what the caller decided on (ADR 11). The ids are taken after
-# that, so a recording that waited for the lock does not commit an id smaller than one a reader paging
+# those locks, so a recording that waited for one does not commit an id smaller than one a reader paging
 # by id has already seen. The statement writes them into the event's document (payment_document's "id"
 # and "notification_id"), and a normal payment's count, status and version into its "code" (the columns
 # count_statement moves, under code_document's names for them). The rest of the statement has a snapshot
@@ -155,7 +156,7 @@ _RECORDED = (
 _RECORD = f"""
 WITH context AS (
     SELECT dipc_code_state(c.code, $29) AS code_state, c.repeat, c.invoice_paid, c.quoted_amounts
-      FROM dipc_payment_context_within($9, $10, $11, $14, $25, $30, $31) AS c
+      FROM dipc_payment_context_within($9, $10, $11, $14, $25, $30, $31, $32) AS c
 ),
 unchanged AS (
     SELECT FROM context
@@ -227,7 +228,7 @@ async def record(
     repeat. Only the payment's own identity is a tolerated conflict: a second normal payment for one
     invoice violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
     """
-    row = await conn.fetchrow(_RECORD, *_record_args(context, notification, payment, event), None, None)
+    row = await conn.fetchrow(_RECORD, *_record_args(context, notification, payment, event), None, None, None)
     return _recorded(row, payment)
 
 
@@ -296,12 +297,14 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
         return item[_PAYMENT_KEY]
 
     async def alone(self, item: tuple[Any, ...]) -> tuple[asyncpg.Record, bool]:
-        return await self._pool.fetchrow(_RECORD, *item, None, None), False
+        return await self._pool.fetchrow(_RECORD, *item, None, None, None), False
 
     async def together(self, items: list[tuple[Any, ...]]) -> list[tuple[asyncpg.Record, bool]]:
-        # The first takes every code's row lock, before any takes its ids (migration 0011).
-        codes = sorted({self.order(item)[0] for item in items})
-        args = [(*item, BATCH_LOCK_WAIT_MS, codes if n == 0 else None) for n, item in enumerate(items)]
+        # The first takes every code's row lock and every invoice's reconciliation row lock, before any
+        # takes its ids (migrations 0011 and 0016).
+        codes, invoices = zip(*sorted({self.order(item)[:2] for item in items}), strict=True)
+        locks = [(list(codes), list(invoices))] + [(None, None)] * (len(items) - 1)
+        args = [(*item, BATCH_LOCK_WAIT_MS, *lock) for item, lock in zip(items, locks, strict=True)]
         async with self._pool.acquire() as conn, conn.transaction():
             self.answer_previous()  # BEGIN is back: the batch before is answered while this one runs
             rows = await conn.fetchmany(_RECORD, args)
@@ -322,8 +325,8 @@ def _record_args(
     payment: Payment,
     event: tuple[str, dict[str, Any]],
 ) -> tuple[Any, ...]:
-    """:func:`record`'s statement's parameters, $1 to $29 ($30 and $31 are a batch's: the bound on its
-    lock waits, and the codes whose rows its first recording locks)."""
+    """:func:`record`'s statement's parameters, $1 to $29 ($30 to $32 are a batch's: the bound on its
+    lock waits, and the codes and invoices whose rows its first recording locks)."""
     counting = payment.kind == PaymentKind.NORMAL
     return (
         *notification,  # $1 to $8, the last the source (a notification, or a Check Status answer)

@@ -70,14 +70,17 @@ def inquiry(code: str, request_id: str, body_sha256: bytes = b"\x01") -> Inquiry
 
 
 @asynccontextmanager
-async def rows_held(database_url: str, *codes: str) -> AsyncIterator[list[asyncpg.Connection]]:
-    """Another transaction for each of ``codes`` holds its row, until the block ends or the test commits
-    that transaction (the connections, in the order of ``codes``)."""
+async def rows_held(
+    database_url: str, *codes: str, table: str = "payment_codes"
+) -> AsyncIterator[list[asyncpg.Connection]]:
+    """Another transaction for each of ``codes`` holds its rows of ``table`` (its row of payment_codes,
+    its invoices' of reconciliation), until the block ends or the test commits that transaction (the
+    connections, in the order of ``codes``)."""
     holders = [await asyncpg.connect(database_url) for _ in codes]
     try:
         for conn, code in zip(holders, codes, strict=True):
             await conn.execute("BEGIN")
-            await conn.execute("SELECT FROM payment_codes WHERE payment_code = $1 FOR UPDATE", code)
+            await conn.execute(f"SELECT FROM {table} WHERE payment_code = $1 FOR UPDATE", code)
         yield holders
     finally:
         for conn in holders:

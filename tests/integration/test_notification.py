@@ -30,6 +30,7 @@ from tests.conftest import (
     table_locked,
     waiting_for_a_lock,
 )
+from tests.integration.test_inquiry_batches import rows_held
 
 INVOICE = "INV-2026-000123"
 ACK = b'{"status":"success"}'
@@ -558,6 +559,60 @@ async def test_a_payment_that_waited_for_its_code_lock_is_not_left_behind_a_read
     ]
     row = await pool.fetchrow("SELECT id, notification_id FROM payments WHERE payment_code = $1", CODE)
     assert (event["id"], event["notification_id"]) == (row["id"], row["notification_id"])
+
+
+async def test_a_payment_recorded_alone_takes_its_ids_after_its_invoices_lock(
+    client, doku, register, admin_headers, pool, database_url
+):
+    """(Found by review.) The same for the invoice's reconciliation row, which the recording settles:
+    whoever holds it (an inquiry's batch that quoted the invoice and waits for another lock, a
+    reconciler) is waited for before the recording takes its ids, not after. A recording alone (its
+    batch refused, or decided again under the lock) locks it itself (migration 0016)."""
+    await register()
+    assert (await doku.inquiry(CODE)).status == 200  # quoted: the invoice has its reconciliation row
+    notice = paid_notice()
+    held = rows_held(database_url, CODE, table="reconciliation")
+    async with held as [holder], outbox.connection(pool) as conn:
+        context = await payment_store.read_context(
+            conn, CODE, INVOICE, notice.transaction_ref, notice.amount, unnamed_ref="check-status:x"
+        )
+        decision = decide_payment(notice, context.code, context.history, utcnow())
+        payment = planned_payment(notice, decision, context, "notification")
+        event = ("payment.received", {"code": {}})
+        recording = asyncio.create_task(
+            payment_store.record(conn, context, stored(decision.outcome, "r-1"), payment, event)
+        )
+        await waiting_for_a_lock(pool, "dipc_payment_context_within")
+        other = await pay(doku, code="8896599999999999", invoice="INV-X", ref="trx-2")  # no code to lock
+        assert other.status == 200
+        page = await (await client.get("/v1/payments", headers=admin_headers)).json()
+        cursor = max(item["id"] for item in page["items"])
+        await holder.execute("COMMIT")
+        assert await recording is not None
+    after = await (await client.get(f"/v1/payments?after={cursor}", headers=admin_headers)).json()
+    assert [item["payment_code"] for item in after["items"]] == [CODE]
+
+
+async def test_a_recording_of_a_dipc_from_before_migration_0016_still_records(register, pool):
+    """While a deploy replaces the workers, those from before migration 0016 call the recording's function
+    with seven arguments: that one is kept, as the new one without a batch's invoices."""
+    await register()
+    notice = paid_notice()
+    before_0016 = payment_store._RECORD.replace("$30, $31, $32) AS c", "$30, $31) AS c")
+    assert before_0016 != payment_store._RECORD
+    async with outbox.connection(pool) as conn:
+        context = await payment_store.read_context(
+            conn, CODE, INVOICE, notice.transaction_ref, notice.amount, unnamed_ref="check-status:x"
+        )
+        decision = decide_payment(notice, context.code, context.history, utcnow())
+        payment = planned_payment(notice, decision, context, "notification")
+        args = payment_store._record_args(
+            context, stored(decision.outcome, "r-1"), payment, ("payment.received", {"code": {}})
+        )
+        row = await conn.fetchrow(before_0016, *args, None, None)
+    assert row["payment_id"] is not None
+    assert tuple(await code_row(pool)) == ("paid", 1)
+    assert [row["outcome"] for row in await inbox(pool)] == ["normal"]
 
 
 @pytest.mark.parametrize("change", [None, *CHANGES])

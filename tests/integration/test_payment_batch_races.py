@@ -55,19 +55,24 @@ async def page_of_payments(client, after: int | None = None) -> list[dict]:
 # --- 1. ids and commit order (ADR 11, "Ids follow commit order"; ADR 13) --------------------------------
 
 
+@pytest.mark.parametrize("table", ["payment_codes", "reconciliation"])
 async def test_a_batched_payment_is_not_left_behind_a_reader_paging_by_id(
-    client, doku, pool, database_url, aiohttp_client, codes, gate, monkeypatch
+    client, doku, pool, database_url, aiohttp_client, codes, gate, monkeypatch, table
 ):
-    """(Found by review.) A batch whose second payment's code row is held (another worker's payment of
-    that code, a cancel) waits for it. Meanwhile another worker commits a payment, and finance, paging
-    /v1/payments by id, keeps its id as the cursor. Had the batch taken its first payment's ids before
-    that wait, it would commit them below the cursor, and the reader would never see that payment: the
-    first recording of a batch takes every code's row lock before any takes its ids (migration 0011).
-    The bound is stretched here only so that the test need not race it."""
+    """(Found by review, twice.) A batch whose second payment's code row is held (another worker's
+    payment of that code, a cancel), or its invoice's reconciliation row (an inquiry's batch that quoted
+    it and waits for another lock, a reconciler), waits for it. Meanwhile another worker commits a
+    payment, and finance, paging /v1/payments by id, keeps its id as the cursor. Had the batch taken its
+    first payment's ids before that wait, it would commit them below the cursor, and the reader would
+    never see that payment: the first recording of a batch takes every code's row lock and every
+    invoice's reconciliation row lock before any takes its ids (migrations 0011 and 0016). The bound is
+    stretched here only so that the test need not race it."""
     monkeypatch.setattr(payment_store, "BATCH_LOCK_WAIT_MS", 3000)
     first_code, held_code, other_code = ONE_SHOT[0], ONE_SHOT[1], ONE_SHOT[2]
     _, other_doku = await second_worker(aiohttp_client, database_url)
-    async with rows_held(database_url, held_code) as [holder]:
+    for code in (first_code, held_code):
+        assert (await doku.inquiry(code)).status == 200  # quoted: the invoice has its reconciliation row
+    async with rows_held(database_url, held_code, table=table) as [holder]:
         slow = pay(doku, SLOW, f"INV-{SLOW}", "trx-slow")
         await gate.reached()
         batched = [pay(doku, code, f"INV-{code}", f"trx-{code}") for code in (first_code, held_code)]
@@ -90,10 +95,11 @@ async def test_a_batched_payment_is_not_left_behind_a_reader_paging_by_id(
     ids = {
         row["payment_code"]: row["id"] for row in await pool.fetch("SELECT payment_code, id FROM payments")
     }
-    assert first_code in shown, (
-        f"{first_code} committed with id {ids[first_code]} after the reader's cursor {cursor}"
-        f" ({other_code}: {ids[other_code]}): a reader paging by id never sees it"
-    )
+    for code in (first_code, held_code):
+        assert code in shown, (
+            f"{code} committed with id {ids[code]} after the reader's cursor {cursor}"
+            f" ({other_code}: {ids[other_code]}): a reader paging by id never sees it"
+        )
 
 
 # --- 2. what held: exactly once under two workers' batches ---------------------------------------------
