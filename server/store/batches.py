@@ -33,7 +33,7 @@ import asyncpg
 from prometheus_client import Histogram
 
 from server.core.errors import Unavailable
-from server.store.pool import deadline
+from server.store.pool import UNAVAILABLE_ERRORS, deadline
 
 # A batch may wait for locks until this long after it started; past that it fails, and its writes are
 # made one by one: what another transaction holds delays the writes of one code, not those that share
@@ -114,8 +114,8 @@ class Batches(Generic[Item, Result]):
         """Make ``items`` in this order, in one transaction; raise PostgresError to have each made alone."""
         raise NotImplementedError
 
-    async def alone(self, item: Item) -> Result:
-        """Make ``item`` by itself, without a bound on its lock waits."""
+    async def alone(self, conn: asyncpg.Connection, item: Item) -> Result:
+        """Make ``item`` by itself on ``conn``, without a bound on its lock waits."""
         raise NotImplementedError
 
     def order(self, item: Item) -> tuple[str, ...]:
@@ -231,14 +231,20 @@ class Batches(Generic[Item, Result]):
             finally:
                 turns.waiting -= 1
             loop = asyncio.get_running_loop()
-            turns.out_since = started = loop.time()
             try:
-                result = await self.alone(item)
-            except (Unavailable, asyncio.CancelledError):
-                self._mark_held(code)  # it gave up waiting, for the code's row most likely
-                raise
+                async with self._pool.acquire() as conn:
+                    # Timed from here: a wait for a connection says nothing of the code's row.
+                    turns.out_since = started = loop.time()
+                    try:
+                        result = await self.alone(conn, item)
+                    except (asyncio.CancelledError, *UNAVAILABLE_ERRORS):
+                        # Its deadline ended its wait (cancelled, or its connection terminated first),
+                        # for the code's row most likely.
+                        self._mark_held(code)
+                        raise
+                    finally:
+                        turns.out_since = None
             finally:
-                turns.out_since = None
                 turns.lock.release()
             if loop.time() - started < _BOUND_S:
                 self._held.pop(code, None)  # made at once: the row is free

@@ -76,8 +76,8 @@ class InquiryBatches(Batches[Inquiry, RecordedInquiry]):
     def order(self, item: Inquiry) -> tuple[str, ...]:
         return (item.payment_code, item.request_id)
 
-    async def alone(self, one: Inquiry) -> RecordedInquiry:
-        row = await self._pool.fetchrow(
+    async def alone(self, conn: asyncpg.Connection, one: Inquiry) -> RecordedInquiry:
+        row = await conn.fetchrow(
             _INQUIRE,
             one.payment_code,
             one.request_id,

@@ -281,8 +281,8 @@ class _Reads(Batches[tuple[Any, ...], asyncpg.Record]):
     def order(self, item: tuple[Any, ...]) -> tuple[str, ...]:
         return item[:3]  # the payment code, the invoice, the transaction reference
 
-    async def alone(self, item: tuple[Any, ...]) -> asyncpg.Record:
-        return await self._pool.fetchrow(_READ_CONTEXT[False], *item)
+    async def alone(self, conn: asyncpg.Connection, item: tuple[Any, ...]) -> asyncpg.Record:
+        return await conn.fetchrow(_READ_CONTEXT[False], *item)
 
     async def together(self, items: list[tuple[Any, ...]]) -> list[asyncpg.Record]:
         return await self._pool.fetchmany(_READ_CONTEXT[False], items)
@@ -296,8 +296,8 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
     def order(self, item: tuple[Any, ...]) -> tuple[str, ...]:
         return item[_PAYMENT_KEY]
 
-    async def alone(self, item: tuple[Any, ...]) -> tuple[asyncpg.Record, bool]:
-        return await self._pool.fetchrow(_RECORD, *item, None, None, None), False
+    async def alone(self, conn: asyncpg.Connection, item: tuple[Any, ...]) -> tuple[asyncpg.Record, bool]:
+        return await conn.fetchrow(_RECORD, *item, None, None, None), False
 
     async def together(self, items: list[tuple[Any, ...]]) -> list[tuple[asyncpg.Record, bool]]:
         # The first takes every code's row lock and every invoice's reconciliation row lock, before any

@@ -31,8 +31,9 @@ class Gate:
             await asyncio.sleep(0.01)
         raise AssertionError("no batch reached the gate")
 
-    async def open(self) -> None:
-        await self.pool.execute(f"INSERT INTO {self.name} VALUES (true)")  # noqa: S608 - a test's constant
+    async def open(self, conn: asyncpg.Connection | None = None) -> None:
+        """Open the gate, through ``conn`` when the test holds the pool's connections."""
+        await (conn or self.pool).execute(f"INSERT INTO {self.name} VALUES (true)")  # noqa: S608 - a test's constant
 
 
 @asynccontextmanager

@@ -354,3 +354,43 @@ async def test_a_code_whose_row_is_held_goes_alone_and_leaves_the_batches_to_the
             await again
     sent, held = batch_sizes()
     assert (sent - sent_before, held - held_before) == (2, 1 + len(ONE_SHOT))
+
+
+async def test_a_code_whose_write_alone_waited_for_a_connection_is_not_held(
+    pool, database_url, codes, batches, gate
+):
+    """(Found by review.) A code is held when a write of it made alone waited at the database as long as
+    a batch may: its row is held. A write that waited that long for one of the pool's connections says
+    nothing of its row, and its code's next inquiries still go in batches (had they gone alone, each on a
+    connection of its own, batching would turn itself off exactly when connections are short)."""
+    free_code = OTHER_TOPUP  # nothing holds its row
+
+    async def within(code: str, request_id: str, seconds: float) -> RecordedInquiry:
+        async with deadline(seconds, "test"):
+            return await batches.inquire(inquiry(code, request_id))
+
+    async with rows_held(database_url, TOPUP) as [holder]:
+        first = asyncio.create_task(batches.inquire(inquiry(SLOW, "slow")))
+        await gate.reached()
+        held_write = asyncio.create_task(within(TOPUP, "held", 2.0))
+        free_write = asyncio.create_task(within(free_code, "free", 3.0))
+        await queued(batches, 2)
+        # Every other connection of the pool is busy for a while (other requests, other work).
+        taken = [await pool.acquire() for _ in range(pool.get_max_size() - 1)]
+        try:
+            await gate.open(taken[0])
+            assert (await first).outcome == "SUCCESS"
+            # The batch [TOPUP, OTHER_TOPUP] is refused at TOPUP's row after 100 ms and both are made
+            # alone: TOPUP's on the connection the lane gave back, waiting for its row; OTHER_TOPUP's
+            # waits for a connection.
+            await asyncio.sleep(0.4)
+        finally:
+            for conn in taken:
+                await pool.release(conn)
+        assert (await free_write).outcome == "SUCCESS"
+        sent_before, _ = batch_sizes()
+        assert (await within(free_code, "free-again", 1.0)).outcome == "SUCCESS"
+        sent_after, _ = batch_sizes()
+        await holder.execute("COMMIT")
+        assert (await held_write).outcome == "SUCCESS"
+    assert sent_after == sent_before + 1, "OTHER_TOPUP's inquiry went alone: its code was taken for held"
