@@ -7,8 +7,8 @@
 -- queue or the inbox by id, who never saw that payment. A review found it.
 --
 -- So a batch's first recording also locks the reconciliation rows of every invoice in the batch
--- (p_lock_codes and p_lock_invoices, pairs in the order of the codes, then of the invoices), after the
--- codes' rows: the order every writer of both takes them in. A recording alone (p_lock_wait_ms NULL)
+-- (p_lock_codes and p_lock_invoices, pairs sorted by code, then invoice), after the codes' rows: the
+-- order every writer of both takes them in. A recording alone (p_lock_wait_ms NULL)
 -- locks its own after its code's (dipc_payment_context). A row that does not exist yet (an inquiry
 -- still inserting it) is not waited for: the settling UPDATE does not see it either.
 CREATE FUNCTION dipc_payment_context_within(
@@ -27,11 +27,13 @@ BEGIN
     END IF;
     IF p_lock_codes IS NOT NULL THEN
         PERFORM FROM payment_codes WHERE payment_code = ANY (p_lock_codes) ORDER BY payment_code FOR UPDATE;
-        PERFORM FROM reconciliation r
-                JOIN unnest(p_lock_codes, p_lock_invoices) AS l (payment_code, invoice_number)
-                     USING (payment_code, invoice_number)
-          ORDER BY r.payment_code, r.invoice_number
-            FOR UPDATE OF r;
+        -- One lookup by the key each: a join with the pairs would be planned by the table's size, and a
+        -- plan kept from when it was small scans all of it at every batch.
+        FOR i IN 1 .. coalesce(cardinality(p_lock_invoices), 0) LOOP
+            PERFORM FROM reconciliation
+              WHERE payment_code = p_lock_codes[i] AND invoice_number = p_lock_invoices[i]
+                FOR UPDATE;
+        END LOOP;
     END IF;
     SELECT * INTO context FROM dipc_payment_context(p_payment_code, p_invoice_number, p_transaction_ref,
                                                     p_amount, p_unnamed_ref);
