@@ -17,6 +17,7 @@ from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, print_err
 from server.config import ConfigError
 from server.core.errors import DipcError
 from server.ops.logging import configure_logging
+from server.store.pool import CONTENDED_ERRORS, contended
 
 DESCRIPTION = """\
 dipc answers DOKU's Direct Inquiry Payment Code requests (Alfamart, Alfamidi, Lawson, Indomaret …)
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except DipcError as error:
         print_error(error)
+        return EXIT_FAILURE
+    except CONTENDED_ERRORS as error:
+        print_error(contended(error))
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

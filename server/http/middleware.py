@@ -14,6 +14,7 @@ from server.http.callers import caller_address
 from server.http.keys import ERROR_RENDERER, LOG_FIELDS, SETTINGS
 from server.ops import metrics
 from server.ops.masking import for_log
+from server.store.pool import CONTENDED_ERRORS, contended
 
 log = structlog.get_logger(component="dipc.http")
 
@@ -43,6 +44,9 @@ def _render_failure(request: web.Request, failure: Exception) -> web.StreamRespo
             response.headers["Allow"] = failure.headers["Allow"]
         return response
     render = request.get(ERROR_RENDERER, render_json_error)
+    if isinstance(failure, CONTENDED_ERRORS):
+        log.warning("db.contended", path=for_log(request.path), error=f"{type(failure).__name__}: {failure}")
+        failure = contended(failure)
     if isinstance(failure, DipcError):
         fields.setdefault("outcome", failure.code)
         if isinstance(failure, AuthenticationFailed):

@@ -35,6 +35,23 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 
+# What PostgreSQL answers when it gave a transaction up for another's: a lock cycle (40P01), a lock wait
+# past a lock_timeout (55P03), a serialization failure (40001). Nothing of it was written, and the same
+# request again is the cure: the HTTP routes answer 503 UNAVAILABLE, the CLI says to run it again. (A
+# batch refused so is made write by write instead: store/batches.py.)
+CONTENDED_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.LockNotAvailableError,
+)
+
+
+def contended(error: BaseException) -> Unavailable:
+    """The :class:`Unavailable` for one of CONTENDED_ERRORS."""
+    return Unavailable(
+        f"the database gave this transaction up for another's ({type(error).__name__}: {error});"
+        " nothing of it was written: try again"
+    )
+
 
 # Cleaning up a connection whose statement was cancelled (ROLLBACK, asyncpg's reset) is a round trip to
 # the server, and asyncpg first waits for the server to acknowledge the cancellation. A server that hangs

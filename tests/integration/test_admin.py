@@ -13,7 +13,7 @@ from server.app import make_app
 from server.core import manage
 from server.core.imports import lines_of, read_rows
 from server.core.times import utcnow
-from tests.conftest import ADMIN_TOKEN, CLIENT_ID, CODE, code_fields, make_settings
+from tests.conftest import ADMIN_TOKEN, CLIENT_ID, CODE, code_fields, make_settings, waiting_for_a_lock
 
 
 async def events(pool: asyncpg.Pool) -> list[tuple[str, str | None]]:
@@ -428,6 +428,56 @@ async def test_an_upload_cut_off_after_batches_went_in_registers_nothing(aiohttp
     assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0
     again = await client.post("/v1/payment-codes/import", data=csv_of(rows[:10]), headers=headers)
     assert (await again.json())["imported"] == 10
+
+
+async def test_an_import_the_database_gives_up_for_a_deadlock_is_answered_503(client, admin_headers, pool):
+    """(Found by review.) An import holds the codes it has copied, uncommitted, until its end; a second
+    import of the same codes in another order (a corrected file sent while the first still runs, or
+    `dipc codes import` meanwhile) waits for the first's while holding its own: a cycle, which
+    PostgreSQL breaks by giving one of them up. That one imported nothing and is answered 503, to be sent
+    again; not a 500. Here the other import (manage.import_codes, what the CLI runs) has copied Y and,
+    once the upload has copied X and waits for Y, copies X."""
+    first, second = "8896511110000001", "8896511110000002"
+    second_row = asyncio.Event()
+
+    async def other_file():
+        yield csv_of([f"{second},1000,INV-{second},Budi,false"])
+        await second_row.wait()
+        yield f"{first},1000,INV-{first},Budi,false,{CLIENT_ID}\n".encode()
+
+    settings = make_settings()
+    other = asyncio.create_task(
+        manage.import_codes(
+            pool,
+            read_rows(lines_of(other_file()), "csv"),
+            rules=settings.bins,
+            client_ids=settings.client_ids,
+            now=utcnow(),
+            batch_size=1,
+        )
+    )
+    for _ in range(500):  # the other import holds Y, uncommitted
+        if await pool.fetchval(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE a.query LIKE 'COPY%payment_codes%' AND l.locktype = 'transactionid'"
+        ):
+            break
+        await asyncio.sleep(0.01)
+    upload = asyncio.create_task(
+        client.post(
+            "/v1/payment-codes/import",
+            data=csv_of([f"{code},1000,INV-{code},Budi,false" for code in (first, second)]),
+            headers=admin_headers | {"Content-Type": "text/csv"},
+        )
+    )
+    await waiting_for_a_lock(pool, "COPY")  # the upload: X copied, waits for the other's Y
+    second_row.set()
+    response = await upload
+    result = await asyncio.wait_for(other, 10)
+    assert response.status == 503, await response.text()
+    assert (await response.json())["error"]["code"] == "UNAVAILABLE"
+    assert result.imported == 2  # the other one went on
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 2
 
 
 async def test_an_ndjson_import_streams_many_rows(client, admin_headers, pool):

@@ -118,3 +118,25 @@ def test_the_help_explains_resolutions_with_examples():
     top = subprocess.run([*DIPC, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("exceptions", "inquiries", "notifications"):
         assert command in top
+
+
+async def test_a_command_the_database_gives_up_for_a_lock_says_to_run_it_again(
+    env, register, pool, database_url
+):
+    """A role with a lock_timeout (a common production setting) and a code whose row another
+    transaction holds: PostgreSQL refuses the cancel's lock wait (55P03), as it would break a lock cycle
+    (40P01). Nothing was written; the command says so and to run it again, in one line, not a
+    traceback."""
+    await register()
+    separator = "&" if "?" in database_url else "?"
+    impatient = env | {"DATABASE_URL": f"{database_url}{separator}lock_timeout=200"}
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT FROM payment_codes WHERE payment_code = $1 FOR UPDATE", CODE)
+        cancelled = await dipc("codes", "cancel", CODE, env=impatient)
+    stderr = cancelled.stderr.decode()
+    assert cancelled.returncode == 1, stderr
+    assert "LockNotAvailableError" in stderr, stderr
+    assert "try again" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    assert await pool.fetchval("SELECT status FROM payment_codes WHERE payment_code = $1", CODE) == "active"
+    assert (await dipc("codes", "cancel", CODE, env=env)).returncode == 0  # run again

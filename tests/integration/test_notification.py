@@ -17,6 +17,7 @@ from server.core.times import utcnow
 from server.doku import conventions
 from server.doku.auth import Client
 from server.doku.client import DokuSimulator, notification_body
+from server.ops import metrics
 from server.store import inbox as inbox_store
 from server.store import outbox
 from server.store import payments as payment_store
@@ -591,6 +592,54 @@ async def test_a_payment_recorded_alone_takes_its_ids_after_its_invoices_lock(
         assert await recording is not None
     after = await (await client.get(f"/v1/payments?after={cursor}", headers=admin_headers)).json()
     assert [item["payment_code"] for item in after["items"]] == [CODE]
+
+
+def refused_payment_batches() -> float:
+    """Batches of recordings refused by the database so far (their writes then made alone)."""
+    [family] = metrics.DB_DURATION.collect()
+    return sum(
+        sample.value
+        for sample in family.samples
+        if sample.name.endswith("_count")
+        and sample.labels == {"operation": "payment.batch", "result": "error"}
+    )
+
+
+async def test_a_notification_the_database_gives_up_for_a_deadlock_is_answered_503(
+    client, doku, register, pool, database_url
+):
+    """(Found by review.) A transaction that takes an invoice's reconciliation row and then its code's
+    (an operator closing an unpaid bill by hand) and a recording alone, which takes them the other way
+    round, form a cycle; PostgreSQL breaks it by giving one of them up (40P01). When that one is dipc's,
+    nothing was written: DOKU gets a 503, as for a database that could not serve it, and retries. So does
+    a write refused by a lock_timeout (55P03) outside a batch. Not a 500 and a traceback."""
+    await register()
+    assert (await doku.inquiry(CODE)).status == 200  # quoted: the invoice has its reconciliation row
+    refused_before = refused_payment_batches()
+    operator = await asyncpg.connect(database_url)
+    try:
+        await operator.execute("BEGIN")
+        await operator.execute(
+            "UPDATE reconciliation SET state = 'expired', next_check_at = NULL WHERE payment_code = $1", CODE
+        )
+        paid = asyncio.create_task(pay(doku))
+        for _ in range(500):  # its batch of one waits 100 ms for the invoice's row, is refused, goes alone
+            if refused_payment_batches() > refused_before:
+                break
+            await asyncio.sleep(0.01)
+        await waiting_for_a_lock(pool, "dipc_payment_context_within")  # alone: holds the code's row
+        closing = asyncio.create_task(
+            operator.execute("UPDATE payment_codes SET status = 'cancelled' WHERE payment_code = $1", CODE)
+        )
+        reply = await paid
+        await asyncio.wait_for(closing, 5)  # PostgreSQL gave the recording up, not the operator
+        await operator.execute("ROLLBACK")
+    finally:
+        await operator.close()
+    assert reply.status == 503, reply.body
+    assert reply.json()["error"]["code"] == "UNAVAILABLE"
+    assert await pool.fetchval("SELECT count(*) FROM payments") == 0
+    assert (await pay(doku)).status == 200  # DOKU's retry
 
 
 async def test_a_recording_of_a_dipc_from_before_migration_0016_still_records(register, pool):
