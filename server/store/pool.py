@@ -46,9 +46,10 @@ CONTENDED_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def contended(error: BaseException) -> Unavailable:
-    """The :class:`Unavailable` for one of CONTENDED_ERRORS."""
+    """The :class:`Unavailable` for one of CONTENDED_ERRORS (its detail, with the server's process and
+    transaction ids, is for the log, not for the caller)."""
     return Unavailable(
-        f"the database gave this transaction up for another's ({type(error).__name__}: {error});"
+        f"the database gave this transaction up for another's ({type(error).__name__});"
         " nothing of it was written: try again"
     )
 

@@ -226,16 +226,47 @@ async def find_invoice(conn: asyncpg.Connection | asyncpg.Pool, invoice_number: 
     return [_invoice(row) for row in rows]
 
 
-async def check_soon(conn: asyncpg.Connection | asyncpg.Pool, since: datetime) -> int:
-    """Make every unsettled invoice (pending or gave_up) first quoted at or after ``since`` due now."""
-    status = await conn.execute(
-        """
-        UPDATE reconciliation SET state = 'pending', next_check_at = now(), updated_at = now()
-         WHERE state IN ('pending', 'gave_up') AND first_quoted_at >= $1
-        """,
-        since,
-    )
-    return int(status.rsplit(" ", 1)[-1])
+# How many invoices check_soon makes due in one transaction: the longest an inquiry quoting one of them
+# again, or a payment of one, waits for it is one such chunk.
+CHECK_SOON_CHUNK = 1000
+
+
+async def check_soon(pool: asyncpg.Pool, since: datetime) -> int:
+    """Make every unsettled invoice (pending or gave_up) first quoted at or after ``since`` due now; say
+    how many.
+
+    In chunks of CHECK_SOON_CHUNK, each its own transaction, taken in the order of
+    reconciliation_state_idx: no invoice is held for longer than a chunk, and two of these at once take
+    the invoices they share in one order (one statement over all of them held every row until its
+    commit, and two took them in their plans' orders: a lock cycle).
+    """
+    scheduled = 0
+    for state in ("pending", "gave_up"):
+        after: tuple[datetime, str, str] = (since, "", "")  # first_quoted_at >= since: every code is > ''
+        while True:
+            rows = await pool.fetch(
+                """
+                WITH chunk AS (
+                    SELECT payment_code, invoice_number FROM reconciliation
+                     WHERE state = $1 AND (first_quoted_at, payment_code, invoice_number) > ($2, $3, $4)
+                     ORDER BY first_quoted_at, payment_code, invoice_number
+                     LIMIT $5
+                       FOR UPDATE
+                )
+                UPDATE reconciliation r SET state = 'pending', next_check_at = now(), updated_at = now()
+                  FROM chunk
+                 WHERE r.payment_code = chunk.payment_code AND r.invoice_number = chunk.invoice_number
+                RETURNING r.first_quoted_at, r.payment_code, r.invoice_number
+                """,
+                state,
+                *after,
+                CHECK_SOON_CHUNK,
+            )
+            scheduled += len(rows)
+            if len(rows) < CHECK_SOON_CHUNK:
+                break
+            after = max(tuple(row) for row in rows)
+    return scheduled
 
 
 async def due_within(conn: asyncpg.Connection | asyncpg.Pool, since: datetime) -> list[QuotedInvoice]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -428,6 +429,83 @@ async def test_a_check_since_a_date_puts_unsettled_invoices_back_in_line(
         lambda: payments(pool), seconds=10
     )  # not an hour: the reconciler took it now
     assert payment["source"] == "check_status"
+
+
+async def quoted_backlog(pool, rows: int, *, quoted: str) -> None:
+    """``rows`` pending invoices of other codes, first quoted at ``quoted`` (an SQL expression)."""
+    await pool.execute(
+        f"""
+        INSERT INTO reconciliation (payment_code, invoice_number, client_id, channel, amount,
+                                    first_quoted_at, next_check_at)
+        SELECT '88966' || lpad(g::text, 11, '0'), 'BACKLOG-' || g, $1, 'ALFA', 1000, {quoted},
+               now() + interval '1 hour'
+          FROM generate_series(1, {rows}) g
+        """,  # noqa: S608 - a test's constants
+        CLIENT_ID,
+    )
+
+
+async def test_a_check_since_a_date_holds_no_invoice_for_long(client, doku, pool, admin):
+    """(Found by review.) Scheduling every unsettled invoice since a date touched them in one UPDATE,
+    each row locked until its commit (seconds for a few hundred thousand): an inquiry quoting one of
+    them again (its upsert locks the row) waited past its budget and was answered 503, and a payment
+    of one waited as long. It goes in chunks, each its own short transaction, as `dipc prune` does."""
+    await register(client, admin)
+    assert (await doku.inquiry(CODE)).status == 200  # pending, and the first in the table
+    await quoted_backlog(pool, 300_000, quoted="now() - interval '1 day'")
+    scheduling = asyncio.create_task(
+        client.post("/v1/reconciliation/check", json={"since": "2020-01-01T00:00:00Z"}, headers=admin)
+    )
+    for _ in range(500):
+        if await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+            " AND query LIKE '%UPDATE reconciliation%next_check_at = now()%' AND pid <> pg_backend_pid()"
+        ):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    again = await doku.inquiry(CODE)  # the customer asks for the bill again meanwhile
+    scheduled = await scheduling
+    assert scheduled.status == 202, await scheduled.text()
+    assert (await scheduled.json())["scheduled"] == 300_001
+    assert again.status == 200, f"the inquiry was answered {again.status} while the check was scheduled"
+
+
+async def test_two_checks_since_two_dates_at_once_take_the_invoices_in_one_order(
+    client, pool, database_url, admin
+):
+    """(Found by review.) Two schedulings at once (two operators, a script and an operator) locked the
+    invoices they share in their plans' orders, a scan of the table for an old date and an index for a
+    recent one: a lock cycle, which PostgreSQL broke by giving one of them up. Both are answered 202 now.
+    Here R1 (recent, quoted last) is first in the table, then old ones, then R2 (recent, quoted before
+    R1), and a third transaction holding an old row lines the two up."""
+    recent_row = """INSERT INTO reconciliation (payment_code, invoice_number, client_id, channel, amount,
+                                                first_quoted_at, next_check_at)
+                    VALUES ($1, $2, $3, 'ALFA', 1000, now() - $4::interval, now() + interval '1 hour')"""
+    await pool.execute(recent_row, "8896511110000001", "R1", CLIENT_ID, timedelta(0))
+    await quoted_backlog(pool, 20_000, quoted="now() - interval '10 days'")
+    await pool.execute(recent_row, "8896511110000002", "R2", CLIENT_ID, timedelta(minutes=1))
+    await pool.execute("ANALYZE reconciliation")
+    recent = (await pool.fetchval("SELECT now() - interval '10 minutes'")).isoformat()
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("SELECT FROM reconciliation WHERE invoice_number = 'BACKLOG-1' FOR UPDATE")
+        everything = asyncio.create_task(
+            client.post("/v1/reconciliation/check", json={"since": "2020-01-01T00:00:00Z"}, headers=admin)
+        )
+        lately = asyncio.create_task(
+            client.post("/v1/reconciliation/check", json={"since": recent}, headers=admin)
+        )
+        for _ in range(500):  # until both wait for a lock (each holding what the other needs), or one is done
+            waiting = await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%UPDATE reconciliation%next_check_at = now()%'"
+            )
+            if waiting == 2 or lately.done():
+                break
+            await asyncio.sleep(0.01)
+    answers = [await each for each in (everything, lately)]
+    assert [answer.status for answer in answers] == [202, 202], [await answer.text() for answer in answers]
+    assert [(await answer.json())["scheduled"] for answer in answers] == [20_002, 2]
 
 
 async def test_without_a_doku_api_a_check_by_hand_says_what_to_configure(client, doku, admin):
