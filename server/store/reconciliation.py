@@ -157,15 +157,20 @@ async def record_check(
 ) -> QuotedInvoice | None:
     """Write what a check found and end the lease; None when the lease was lost meanwhile.
 
-    A row that became paid meanwhile (a notification, or this very check's payment) stays paid.
+    A row that became paid meanwhile (a notification, or this very check's payment) stays paid. One
+    quoted again meanwhile (an inquiry reopened its reconciliation, from a new first quote) keeps the
+    state, schedule and attempts that quote gave it: ``state`` and ``next_check_at`` were computed
+    from the row as claimed.
     """
     row = await conn.fetchrow(
         f"""
         UPDATE reconciliation
-           SET attempts = attempts + $4::int,
+           SET attempts = attempts + CASE WHEN first_quoted_at = $9 THEN $4::int ELSE 0 END,
                last_checked_at = now(), last_result = $5, last_detail = $6,
-               state = CASE WHEN state = 'paid' THEN state ELSE $7 END,
-               next_check_at = CASE WHEN state = 'paid' THEN NULL ELSE $8::timestamptz END,
+               state = CASE WHEN state = 'paid' OR first_quoted_at <> $9 THEN state ELSE $7 END,
+               next_check_at = CASE WHEN state = 'paid' THEN NULL
+                                    WHEN first_quoted_at <> $9 THEN next_check_at
+                                    ELSE $8::timestamptz END,
                lease_until = NULL, lease_token = NULL, updated_at = now()
          WHERE payment_code = $1 AND invoice_number = $2 AND lease_token = $3
         RETURNING {COLUMNS}
@@ -178,6 +183,7 @@ async def record_check(
         detail[:500],
         state,
         next_check_at,
+        claimed.invoice.first_quoted_at,
     )
     return _invoice(row) if row else None
 

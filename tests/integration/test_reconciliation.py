@@ -508,6 +508,48 @@ async def test_two_checks_since_two_dates_at_once_take_the_invoices_in_one_order
     assert [(await answer.json())["scheduled"] for answer in answers] == [20_002, 2]
 
 
+async def test_a_check_by_hand_keeps_a_quote_made_while_doku_answered(
+    aiohttp_client, pool, database_url, standin, admin
+):
+    """(Found by review.) A check by hand leases a given-up invoice (the lease, not a row lock, is what
+    reconcilers hold) and asks DOKU. Meanwhile the customer asks for the bill again, and the inquiry
+    reopens the invoice's reconciliation (pending, attempts 0, a first check scheduled): the customer may
+    pay it now. DOKU then answers "not paid". The check's result is recorded, but not the state and
+    schedule it computed from the row it claimed: the invoice stays pending, or a payment after the new
+    quote whose notification is lost would never be asked about."""
+    doku, server = standin
+    dipc = await aiohttp_client(make_app(reconciling_settings(server, reconcile=False), database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin)
+    assert (await doku_sim.inquiry(CODE)).status == 200
+    await pool.execute(  # its schedule ran out three days ago, unpaid
+        "UPDATE reconciliation SET state = 'gave_up', next_check_at = NULL, attempts = 3,"
+        " first_quoted_at = now() - interval '4 days' WHERE invoice_number = $1",
+        INVOICE,
+    )
+    doku.script(INVOICE, Scripted(delay_s=1.0))  # not paid, after a second
+    check = asyncio.create_task(
+        dipc.post("/v1/reconciliation/check", json={"invoice_number": INVOICE}, headers=admin)
+    )
+    lease = "SELECT lease_token IS NOT NULL FROM reconciliation WHERE invoice_number = $1"
+    for _ in range(200):
+        if await pool.fetchval(lease, INVOICE):
+            break
+        await asyncio.sleep(0.01)
+    assert (await doku_sim.inquiry(CODE)).status == 200  # quoted again while DOKU is asked
+    state = "SELECT state, attempts, next_check_at, last_result FROM reconciliation WHERE invoice_number = $1"
+    reopened = await pool.fetchrow(state, INVOICE)
+    assert (reopened["state"], reopened["attempts"]) == ("pending", 0)
+    assert (await check).status == 200
+    after = await pool.fetchrow(state, INVOICE)
+    assert (after["state"], after["attempts"], after["next_check_at"]) == (
+        "pending",
+        0,
+        reopened["next_check_at"],
+    ), f"the invoice quoted again is {after['state']}, next check {after['next_check_at']}"
+    assert after["last_result"] is not None  # what DOKU said is still recorded
+
+
 async def test_without_a_doku_api_a_check_by_hand_says_what_to_configure(client, doku, admin):
     await register(client, admin)
     await doku.inquiry(CODE)
