@@ -7,9 +7,10 @@
 -- queue or the inbox by id, who never saw that payment. A review found it.
 --
 -- So a batch's first recording also locks the reconciliation rows of every invoice in the batch
--- (p_lock_codes and p_lock_invoices, pairs sorted by code, then invoice), after the codes' rows: the
--- order every writer of both takes them in. A recording alone (p_lock_wait_ms NULL)
--- locks its own after its code's (dipc_payment_context). A row that does not exist yet (an inquiry
+-- (p_lock_codes and p_lock_invoices, pairs sorted by code, then invoice), after the codes' rows, the
+-- order in which a write alone takes a code's row and its invoice's (an inquiry's batch may take one
+-- code's invoice before another code's row; the batches' 100 ms bound ends such a cycle). A recording
+-- alone (p_lock_wait_ms NULL) locks its own after its code's (dipc_payment_context). A row that does not exist yet (an inquiry
 -- still inserting it) is not waited for: the settling UPDATE does not see it either.
 CREATE FUNCTION dipc_payment_context_within(
     p_payment_code text, p_invoice_number text, p_transaction_ref text, p_amount bigint, p_unnamed_ref text,
