@@ -64,9 +64,24 @@ async def count_all(conn: asyncpg.Connection | asyncpg.Pool, ages: dict[str, tim
     return counted
 
 
+# Run once before a table's batches. A subscriber's webhooks continue from the highest event it has a
+# delivery of (deliveries.enqueue): before its delivered ones go, that position is kept in its own row,
+# or the next round would enqueue every event still kept, all sent a second time.
+_BEFORE_PRUNING = {
+    "webhook_deliveries": """
+        UPDATE webhook_subscribers s
+           SET started_after = greatest(s.started_after,
+                                        (SELECT max(d.event_id) FROM webhook_deliveries d
+                                          WHERE d.subscriber = s.subscriber))
+        """,
+}
+
+
 async def prune(conn: asyncpg.Connection | asyncpg.Pool, table: str, older_than: timedelta) -> int:
     """Delete rows of ``table`` older than ``older_than``; return how many went."""
     column, condition = PRUNABLE[table]
+    if table in _BEFORE_PRUNING:
+        await conn.execute(_BEFORE_PRUNING[table])
     deleted = 0
     while True:
         status = await conn.execute(

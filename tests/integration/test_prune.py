@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import orjson
 
+from server.store import deliveries as delivery_store
 from tests.conftest import CODE
 from tests.integration.test_cli import run_async
 
@@ -65,3 +66,32 @@ async def test_prune_refuses_a_retention_under_a_day(env):
     code, _, stderr = await run_async("prune", "--inquiries", "0", env=env)
     assert code == 2
     assert b"at least 1 day" in stderr
+
+
+async def test_pruning_delivered_webhooks_does_not_send_their_events_again(env, pool):
+    """(Found by review.) The forwarder enqueues every event above the highest one its subscriber has a
+    delivery of. Once prune had deleted all of them (30 days without an event, a shorter
+    --webhook-deliveries), that position was gone, and the next round enqueued every event still kept
+    (up to 60 days of them): each sent to the merchant a second time. Prune keeps it in the
+    subscriber's row first."""
+    await delivery_store.ensure_subscriber(pool, "default", "http://127.0.0.1:9/hook")
+    await pool.execute(
+        """
+        INSERT INTO events (type, payment_code, payload, created_at)
+        SELECT 'payment.received', '88965' || lpad(g::text, 11, '0'), '{}'::jsonb, now() - interval '40 days'
+          FROM generate_series(1, 500) g
+        """
+    )
+    assert await delivery_store.enqueue(pool, "default") == 500
+    await pool.execute(
+        "UPDATE webhook_deliveries SET status = 'delivered', attempts = 1, last_status = 200,"
+        " delivered_at = now() - interval '40 days'"
+    )
+    code, stdout, stderr = await run_async("prune", "--json", env=env)
+    assert code == 0, stderr
+    assert orjson.loads(stdout)["rows"]["webhook_deliveries"] == 500
+    assert await delivery_store.enqueue(pool, "default") == 0  # the forwarder's next round
+    await pool.execute(
+        "INSERT INTO events (type, payment_code, payload) VALUES ('code.created', $1, '{}')", CODE
+    )
+    assert await delivery_store.enqueue(pool, "default") == 1  # and a new event is still sent
