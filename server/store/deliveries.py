@@ -73,6 +73,16 @@ async def enqueue(conn: asyncpg.Connection | asyncpg.Pool, subscriber: str) -> i
     return int(status.rsplit(" ", 1)[-1])
 
 
+# A delivery ``d`` waits behind every earlier one of its code that is not delivered (ADR 5): only the
+# first of each code's can be claimed, so only those say when the next claim can succeed.
+_FIRST_OF_ITS_CODE = """NOT EXISTS (
+                    SELECT 1 FROM webhook_deliveries earlier
+                     WHERE earlier.subscriber = d.subscriber
+                       AND earlier.payment_code = d.payment_code
+                       AND earlier.event_id < d.event_id
+                       AND earlier.status <> 'delivered')"""
+
+
 async def claim(
     conn: asyncpg.Connection | asyncpg.Pool, subscriber: str, *, limit: int, lease_s: float
 ) -> list[tuple[Delivery, Event]]:
@@ -83,12 +93,7 @@ async def claim(
             SELECT d.event_id
               FROM webhook_deliveries d
              WHERE d.subscriber = $1 AND d.status = 'pending' AND d.next_attempt_at <= now()
-               AND NOT EXISTS (
-                    SELECT 1 FROM webhook_deliveries earlier
-                     WHERE earlier.subscriber = d.subscriber
-                       AND earlier.payment_code = d.payment_code
-                       AND earlier.event_id < d.event_id
-                       AND earlier.status <> 'delivered')
+               AND {_FIRST_OF_ITS_CODE}
              ORDER BY d.event_id
              LIMIT $2
              FOR UPDATE SKIP LOCKED
@@ -165,8 +170,14 @@ async def mark_attempt_failed(
 
 
 async def next_due(conn: asyncpg.Connection | asyncpg.Pool, subscriber: str) -> datetime | None:
+    """When the next claim can succeed: the earliest attempt due among the first pending delivery of
+    each code. The ones behind a delivery that waits out its backoff, or failed for good, were due when
+    enqueued; counting them, the forwarder never slept while a receiver was down."""
     return await conn.fetchval(
-        "SELECT min(next_attempt_at) FROM webhook_deliveries WHERE subscriber = $1 AND status = 'pending'",
+        f"""
+        SELECT min(d.next_attempt_at) FROM webhook_deliveries d
+         WHERE d.subscriber = $1 AND d.status = 'pending' AND {_FIRST_OF_ITS_CODE}
+        """,  # noqa: S608 - a constant
         subscriber,
     )
 

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from server.app import make_app
 from server.doku.client import DokuSimulator
+from server.store import deliveries as delivery_store
 from server.webhooks import signing
 from server.webhooks.forwarder import backoff_s
 from tests.conftest import CLIENT, make_settings
@@ -243,3 +244,48 @@ async def test_a_resolution_reaches_the_webhook_after_the_conflict_it_closes(
         "RF-9",
         "paid",
     )
+
+
+async def test_the_forwarder_sleeps_while_every_pending_delivery_waits_behind_an_earlier_one(
+    aiohttp_client, receiver, database_url, pool, monkeypatch
+):
+    """(Found by review.) A receiver that was down: each of 5,000 codes has a delivery that failed for
+    good and three later ones held back behind it (ADR 5). Nothing can be claimed, so the forwarder
+    sleeps until something changes. It took the earliest attempt of any pending delivery for the next
+    due, and the held-back ones were due when enqueued: it claimed back to back for as long as the
+    backlog lasted, each claim a scan of every pending delivery, in every process, on the database
+    that answers DOKU."""
+    claims: list[float] = []
+    claim = delivery_store.claim
+
+    async def counted_claim(*args, **kwargs):
+        claims.append(time.monotonic())
+        return await claim(*args, **kwargs)
+
+    monkeypatch.setattr(delivery_store, "claim", counted_claim)
+    await start(aiohttp_client, database_url, pool, webhook_settings(receiver))
+    start_after = await pool.fetchval("SELECT started_after FROM webhook_subscribers")
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            """
+            INSERT INTO events (type, payment_code, payload)
+            SELECT 'payment.received', '88965' || lpad((g % 5000)::text, 11, '0'), '{}'::jsonb
+              FROM generate_series(1, 20000) g
+            """
+        )
+        await conn.execute(  # the first event of each code failed for good; three wait behind it
+            """
+            INSERT INTO webhook_deliveries (event_id, subscriber, payment_code, status, attempts,
+                                            next_attempt_at, created_at)
+            SELECT id, 'default', payment_code, CASE WHEN id <= $1 + 5000 THEN 'failed' ELSE 'pending' END,
+                   CASE WHEN id <= $1 + 5000 THEN 20 ELSE 0 END, now() - interval '1 hour',
+                   now() - interval '1 hour'
+              FROM events WHERE id > $1
+            """,
+            start_after,
+        )
+    await asyncio.sleep(1.0)  # woken by the events' NOTIFY, it finds nothing to claim
+    claims.clear()
+    await asyncio.sleep(6.0)
+    assert len(claims) <= 2, f"nothing claimable, yet {len(claims)} claims in 6 s: the forwarder never slept"
+    assert receiver.requests == []  # nothing was sendable
