@@ -239,12 +239,13 @@ CHECK_SOON_CHUNK = 1000
 
 async def check_soon(pool: asyncpg.Pool, since: datetime) -> int:
     """Make every unsettled invoice (pending or gave_up) first quoted at or after ``since`` due now; say
-    how many.
+    how many were not due yet.
 
     In chunks of CHECK_SOON_CHUNK, each its own transaction, taken in the order of
     reconciliation_state_idx: no invoice is held for longer than a chunk, and two of these at once take
     the invoices they share in one order (one statement over all of them held every row until its
-    commit, and two took them in their plans' orders: a lock cycle).
+    commit, and two took them in their plans' orders: a lock cycle). Invoices due already are left as
+    they are, so that a request that ran out of its budget, asked again, goes on where it stopped.
     """
     scheduled = 0
     for state in ("pending", "gave_up"):
@@ -255,6 +256,7 @@ async def check_soon(pool: asyncpg.Pool, since: datetime) -> int:
                 WITH chunk AS (
                     SELECT payment_code, invoice_number FROM reconciliation
                      WHERE state = $1 AND (first_quoted_at, payment_code, invoice_number) > ($2, $3, $4)
+                       AND (next_check_at IS NULL OR next_check_at > now())
                      ORDER BY first_quoted_at, payment_code, invoice_number
                      LIMIT $5
                        FOR UPDATE
