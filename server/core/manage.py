@@ -305,11 +305,16 @@ async def _import(
         finally:
             await writer.abandon()
         if writer.refused:
-            for line, payment_code, first_line in await code_store.refused_rows(conn):
+            # Only those it can report are read; the others are counted.
+            listed = await code_store.refused_rows(
+                conn, limit=max(REJECTIONS_REPORTED - len(result.rejected), 0)
+            )
+            for line, payment_code, first_line in listed:
                 if first_line is None:
                     result.reject(line, f"payment_code: {payment_code} is already registered")
                 else:
                     result.reject(line, f"payment_code: {payment_code} repeats line {first_line}")
+            result.rejected_count += writer.refused - len(listed)
         result.imported = result.valid = writer.sent - writer.refused
         if keep is not None and not keep(result):
             raise _Discarded

@@ -244,8 +244,10 @@ async def _import_batch_one_by_one(conn: asyncpg.Connection, batch: Sequence[tup
     return int(status.rsplit(" ", 1)[1])
 
 
-async def refused_rows(conn: asyncpg.Connection) -> list[tuple[int, str, int | None]]:
-    """The rows of this import that payment_codes refused, as ``(line, payment_code, first_line)``.
+async def refused_rows(conn: asyncpg.Connection, limit: int) -> list[tuple[int, str, int | None]]:
+    """The first ``limit`` rows of this import that payment_codes refused, by line, as ``(line,
+    payment_code, first_line)`` (a re-upload of a million registered codes is a million of them, and
+    an import reports a thousand).
 
     ``first_line`` is the earlier line of the same file with the same code, or None when the code was
     registered before the import.
@@ -256,6 +258,8 @@ async def refused_rows(conn: asyncpg.Connection) -> list[tuple[int, str, int | N
           FROM {_REFUSED} r JOIN {_LINES} l USING (payment_code)
          GROUP BY r.line, r.payment_code
          ORDER BY r.line
-        """  # noqa: S608 - identifiers are constants
+         LIMIT $1
+        """,  # noqa: S608 - identifiers are constants
+        limit,
     )
     return [(row["line"], row["payment_code"], row["first_line"]) for row in rows]
