@@ -15,7 +15,7 @@ from datetime import datetime
 import asyncpg
 
 from server.core.events import Event
-from server.store import outbox
+from server.store import counts, outbox
 
 COLUMNS = (
     "event_id, subscriber, payment_code, status, attempts, next_attempt_at, last_error, last_status, "
@@ -239,16 +239,32 @@ async def statuses_of(conn: asyncpg.Connection | asyncpg.Pool, event_ids: Sequen
     return {row["event_id"]: row["status"] for row in rows}
 
 
+_STATUSES = ("pending", "failed", "delivered")
+# What the sampler runs (counts.py says why the counts are bounded: pending and failed deliveries are
+# never pruned, delivered ones only after 30 days). The oldest undelivered delivery is the first of each
+# status in event order (deliveries are enqueued in event order): two index entries.
+_COUNTS = ", ".join(
+    counts.bounded("webhook_deliveries", f"status = '{status}'") + f" AS {status}" for status in _STATUSES
+)
+STATS = f"""
+    SELECT {_COUNTS},
+           coalesce(extract(epoch FROM now() - (
+               SELECT min(first.created_at) FROM (
+                   (SELECT created_at FROM webhook_deliveries
+                     WHERE status = 'pending' ORDER BY event_id LIMIT 1)
+                   UNION ALL
+                   (SELECT created_at FROM webhook_deliveries
+                     WHERE status = 'failed' ORDER BY event_id LIMIT 1)
+               ) first)), 0) AS oldest
+"""  # noqa: S608 - constants
+
+
 async def stats(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[dict[str, int], float]:
-    """Deliveries per status, and the age in seconds of the oldest undelivered one (0 when none)."""
-    rows = await conn.fetch(
-        """
-        SELECT status, count(*) AS n,
-               coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE status <> 'delivered')), 0)
-                   AS oldest
-          FROM webhook_deliveries GROUP BY status
-        """
-    )
-    counts = {row["status"]: row["n"] for row in rows}
-    oldest = max((float(row["oldest"]) for row in rows), default=0.0)
-    return counts, oldest
+    """Deliveries per status (exact up to counts.EXACT_UP_TO, estimated past it), and the age in seconds
+    of the oldest undelivered one (0 when none)."""
+    row = await conn.fetchrow(STATS)
+    by_status = {
+        status: await counts.past_exact(conn, "webhook_deliveries", f"status = '{status}'", row[status])
+        for status in _STATUSES
+    }
+    return by_status, max(float(row["oldest"]), 0.0)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
-import orjson
+
+from server.store import counts
 
 COLUMNS = (
     "payment_code, invoice_number, client_id, channel, amount, state, first_quoted_at, attempts, "
@@ -352,40 +353,27 @@ async def list_page(
     return [_invoice(row) for row in rows]
 
 
-# Up to this many invoices in a state are counted exactly (a bounded index scan); past it, the sampled
-# figure is PostgreSQL's estimate from its statistics (planned, never run). Given-up invoices are never
-# pruned (abandoned quotes end there), so an exact count grows without bound, every
-# DIPC_METRICS_SAMPLE_S in every process: at a million rows it took 92 ms and three backends
-# (bench/backlog_cost.py), against the sampler's 1 s for all its samples, past which it takes the
-# database for down.
-EXACT_UP_TO = 100_000
-
-BACKLOG = """
-    SELECT (SELECT count(*) FROM (SELECT FROM reconciliation WHERE state = 'pending' LIMIT $1) p) AS pending,
-           (SELECT count(*) FROM (SELECT FROM reconciliation WHERE state = 'gave_up' LIMIT $1) g) AS gave_up,
+# What the sampler runs (counts.py says why the counts are bounded); by name, for EXPLAIN ANALYZE
+# (bench/backlog_cost.py, tests).
+BACKLOG = f"""
+    SELECT {counts.bounded("reconciliation", "state = 'pending'")} AS pending,
+           {counts.bounded("reconciliation", "state = 'gave_up'")} AS gave_up,
            (SELECT coalesce(extract(epoch FROM now() - min(next_check_at)), 0)
               FROM reconciliation WHERE state = 'pending') AS lag_s
-"""
-ESTIMATES = {
-    state: f"EXPLAIN (FORMAT JSON) SELECT FROM reconciliation WHERE state = '{state}'"
-    for state in ("pending", "gave_up")
-}
-# What the sampler runs, by name, for EXPLAIN ANALYZE (bench/backlog_cost.py, tests): the estimates are
-# only planned.
-BACKLOG_QUERIES = {"backlog": BACKLOG.replace("$1", str(EXACT_UP_TO + 1))}
+"""  # noqa: S608 - constants
+BACKLOG_QUERIES = {"backlog": BACKLOG}
 
 
 async def backlog(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[dict[str, int], float]:
     """Invoices still pending and given up (paid and expired rows are not counted: they only grow), and
     how many seconds the most overdue pending check is late (0 when none is).
 
-    A count is exact up to :data:`EXACT_UP_TO`, and PostgreSQL's estimate past it: what costs the same
+    A count is exact up to counts.EXACT_UP_TO, and PostgreSQL's estimate past it: what costs the same
     at any size (the lag is one index entry).
     """
-    row = await conn.fetchrow(BACKLOG, EXACT_UP_TO + 1)
-    counts = {"pending": row["pending"], "gave_up": row["gave_up"]}
-    for state, counted in counts.items():
-        if counted > EXACT_UP_TO:
-            plan = orjson.loads(await conn.fetchval(ESTIMATES[state]))
-            counts[state] = max(int(plan[0]["Plan"]["Plan Rows"]), counted)
-    return counts, max(float(row["lag_s"]), 0.0)
+    row = await conn.fetchrow(BACKLOG)
+    states = {
+        state: await counts.past_exact(conn, "reconciliation", f"state = '{state}'", row[state])
+        for state in ("pending", "gave_up")
+    }
+    return states, max(float(row["lag_s"]), 0.0)

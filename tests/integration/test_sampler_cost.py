@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from server.store import counts, deliveries
 from server.store import reconciliation as store
 
 GAVE_UP = 150_000  # more than are counted exactly
@@ -47,7 +48,7 @@ async def test_the_reconciliation_sample_reads_a_bounded_number_of_rows_at_any_s
     await fill(pool)
     for name, sql in store.BACKLOG_QUERIES.items():
         plan = orjson.loads(await pool.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}"))
-        assert max(rows_read(plan[0]["Plan"])) <= store.EXACT_UP_TO + 1, name
+        assert max(rows_read(plan[0]["Plan"])) <= counts.EXACT_UP_TO + 1, name
 
 
 async def test_the_sampled_counts_are_exact_when_small_and_an_estimate_when_large(pool):
@@ -56,3 +57,35 @@ async def test_the_sampled_counts_are_exact_when_small_and_an_estimate_when_larg
     assert counts["pending"] == PENDING
     assert abs(counts["gave_up"] - GAVE_UP) <= GAVE_UP * 0.1
     assert lag == 0.0  # every pending check is an hour away
+
+
+async def test_the_webhook_sample_reads_a_bounded_number_of_rows_at_any_size(pool):
+    """(Found by review.) Pending and failed webhook deliveries are never pruned (a receiver down for
+    months keeps every event since as one), and the webhook figures counted every delivery."""
+    await pool.execute(
+        """
+        INSERT INTO events (type, payment_code, payload, created_at)
+        SELECT 'code.created', lpad(n::text, 16, '8'), '{}'::jsonb, now() - interval '2 hours'
+          FROM generate_series(1, $1::int) AS n
+        """,
+        GAVE_UP,
+    )
+    await pool.execute(
+        """
+        INSERT INTO webhook_deliveries (event_id, subscriber, payment_code, status, attempts, created_at)
+        SELECT id, 'default', payment_code, CASE WHEN id % 3 = 0 THEN 'failed' ELSE 'pending' END, 20,
+               created_at + (id % 7) * interval '1 minute'
+          FROM events
+        """
+    )
+    await pool.execute("ANALYZE webhook_deliveries")
+    plan = orjson.loads(await pool.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {deliveries.STATS}"))
+    assert max(rows_read(plan[0]["Plan"])) <= counts.EXACT_UP_TO + 1
+    by_status, oldest = await deliveries.stats(pool)
+    assert abs(by_status["pending"] - GAVE_UP * 2 / 3) <= GAVE_UP * 0.1
+    assert by_status["failed"] == GAVE_UP // 3
+    assert by_status["delivered"] == 0
+    first = await pool.fetchval(
+        "SELECT extract(epoch FROM now() - created_at) FROM webhook_deliveries ORDER BY event_id LIMIT 1"
+    )
+    assert abs(oldest - float(first)) < 5  # the first event's delivery, two hours ago
