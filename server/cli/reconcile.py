@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,9 @@ from server.reconcile import worker
 from server.store import reconciliation as store
 
 COLUMNS = ["payment_code", "invoice_number", "amount", "result", "state", "attempts", "detail"]
+# A run asks about at most this many invoices: a year's unsettled ones would be hours of checks, all in
+# memory before the first line is printed.
+DEFAULT_LIMIT = 1000
 
 HELP = """\
 Ask DOKU's Check Status about quoted invoices that have no payment yet, now, and print what DOKU said.
@@ -44,6 +48,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--demo", action="store_true", help="the demo client of `serve --demo` (needs a stand-in)"
     )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"ask about at most this many invoices, oldest first (default {DEFAULT_LIMIT:,}; at DOKU's rate"
+        " budget a check takes about 0.2 s); to have the servers' reconcilers ask about every one, POST"
+        ' /v1/reconciliation/check {"since": ...}',
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run_reconcile)
 
@@ -67,32 +79,53 @@ def run_reconcile(args: argparse.Namespace) -> int:
         since = parse_timestamp(args.since) if args.since else None
     except ValueError as problem:
         raise CommandFailed(f"--since: {problem}", EXIT_USAGE) from None
+    if args.limit < 1:
+        raise CommandFailed("--limit: at least 1", EXIT_USAGE)
 
     async def run() -> list[dict[str, Any]]:
         async with open_database(settings) as database, aiohttp.ClientSession() as session:
             api = CheckStatusClient(session, settings.doku_api_url, timeout_s=settings.doku_api_timeout_s)
-            return await _check(database.pool, api, settings, invoice=args.invoice, since=since)
+            return await _check(
+                database.pool, api, settings, invoice=args.invoice, since=since, limit=args.limit
+            )
 
-    documents = asyncio.run(run())
+    documents, more = asyncio.run(run())
     if args.json:
-        print_json({"items": documents})
+        print_json({"items": documents, "more": more})
     elif documents:
         print_table([_row(document) for document in documents], COLUMNS)
     else:
         print("nothing to check")
+    if more and not args.json:
+        print(
+            f"more unsettled invoices than --limit {args.limit:,}: run again, or have the servers'"
+            ' reconcilers ask about all of them (POST /v1/reconciliation/check {"since": ...})',
+            file=sys.stderr,
+        )
     return 0
 
 
 async def _check(
-    pool: asyncpg.Pool, api: CheckStatusClient, settings: Settings, *, invoice: str | None, since: Any
-) -> list[dict[str, Any]]:
+    pool: asyncpg.Pool,
+    api: CheckStatusClient,
+    settings: Settings,
+    *,
+    invoice: str | None,
+    since: Any,
+    limit: int,
+) -> tuple[list[dict[str, Any]], bool]:
+    """What DOKU said of each invoice asked about, and whether more than ``limit`` were to ask about."""
     if invoice is not None:
-        return await worker.check_invoice_number(pool, api, settings, invoice)
-    invoices = await store.due_within(pool, since) if since is not None else await store.due_now(pool)
+        return await worker.check_invoice_number(pool, api, settings, invoice), False
+    if since is not None:
+        invoices = await store.due_within(pool, since, limit=limit + 1)
+    else:
+        invoices = await store.due_now(pool, limit=limit + 1)
+    more = len(invoices) > limit
     documents = []
-    for item in invoices:
+    for item in invoices[:limit]:
         try:
             documents.append(await worker.check_invoice(pool, api, settings, item))
         except BeingChecked as busy:  # a running server's reconciler has it right now
             documents.append(invoice_document(item) | {"check": {"result": "busy", "detail": busy.message}})
-    return documents
+    return documents, more

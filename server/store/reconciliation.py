@@ -278,27 +278,34 @@ async def check_soon(pool: asyncpg.Pool, since: datetime) -> int:
     return scheduled
 
 
-async def due_within(conn: asyncpg.Connection | asyncpg.Pool, since: datetime) -> list[QuotedInvoice]:
-    """Unsettled invoices first quoted at or after ``since``, oldest first (a check by hand)."""
+async def due_within(
+    conn: asyncpg.Connection | asyncpg.Pool, since: datetime, *, limit: int
+) -> list[QuotedInvoice]:
+    """The first ``limit`` unsettled invoices first quoted at or after ``since``, oldest first (a check
+    by hand)."""
     rows = await conn.fetch(
         f"""
         SELECT {COLUMNS} FROM reconciliation
          WHERE state IN ('pending', 'gave_up') AND first_quoted_at >= $1
          ORDER BY first_quoted_at, payment_code, invoice_number
+         LIMIT $2
         """,  # noqa: S608 - column list is a constant
         since,
+        limit,
     )
     return [_invoice(row) for row in rows]
 
 
-async def due_now(conn: asyncpg.Connection | asyncpg.Pool) -> list[QuotedInvoice]:
-    """Pending invoices whose scheduled check is due, in the order they fell due."""
+async def due_now(conn: asyncpg.Connection | asyncpg.Pool, *, limit: int) -> list[QuotedInvoice]:
+    """The first ``limit`` pending invoices whose scheduled check is due, in the order they fell due."""
     rows = await conn.fetch(
         f"""
         SELECT {COLUMNS} FROM reconciliation
          WHERE state = 'pending' AND next_check_at <= now()
          ORDER BY next_check_at
-        """  # noqa: S608 - column list is a constant
+         LIMIT $1
+        """,  # noqa: S608 - column list is a constant
+        limit,
     )
     return [_invoice(row) for row in rows]
 
