@@ -52,9 +52,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--limit",
         type=int,
         default=DEFAULT_LIMIT,
-        help=f"ask about at most this many invoices, oldest first (default {DEFAULT_LIMIT:,}; at DOKU's rate"
-        " budget a check takes about 0.2 s); to have the servers' reconcilers ask about every one, POST"
-        ' /v1/reconciliation/check {"since": ...}',
+        help=f"ask about at most this many invoices (default {DEFAULT_LIMIT:,}; at DOKU's rate budget a"
+        " check takes about 0.2 s): with --since, those checked least recently, never checked first, so"
+        " that a run again goes on to the others; to have the servers' reconcilers ask about every one,"
+        ' POST /v1/reconciliation/check {"since": ...}',
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(run=run_reconcile)

@@ -40,8 +40,10 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 # request again is the cure: the HTTP routes answer 503 UNAVAILABLE, the CLI says to run it again. (A
 # batch refused so is made write by write instead: store/batches.py.)
 CONTENDED_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.SerializationError,
+    # Not the rest of class 40: "statement completion unknown" (40003) may have written.
 )
 
 

@@ -281,13 +281,14 @@ async def check_soon(pool: asyncpg.Pool, since: datetime) -> int:
 async def due_within(
     conn: asyncpg.Connection | asyncpg.Pool, since: datetime, *, limit: int
 ) -> list[QuotedInvoice]:
-    """The first ``limit`` unsettled invoices first quoted at or after ``since``, oldest first (a check
-    by hand)."""
+    """``limit`` unsettled invoices first quoted at or after ``since`` (a check by hand): those checked
+    least recently, never checked first, then the oldest quotes. A run after one that stopped at its
+    limit goes on to the others."""
     rows = await conn.fetch(
         f"""
         SELECT {COLUMNS} FROM reconciliation
          WHERE state IN ('pending', 'gave_up') AND first_quoted_at >= $1
-         ORDER BY first_quoted_at, payment_code, invoice_number
+         ORDER BY last_checked_at NULLS FIRST, first_quoted_at, payment_code, invoice_number
          LIMIT $2
         """,  # noqa: S608 - column list is a constant
         since,

@@ -635,15 +635,17 @@ async def test_dipc_reconcile_asks_doku_by_hand_and_prints_what_it_found(
     assert since.returncode == 0, since.stderr
     assert topup.encode() in since.stdout  # the unpaid one was asked about; the paid one is not listed
     assert b"pending" in since.stdout
-    # At most --limit of them, oldest first (a year's would be hours of checks, all held in memory).
+    # At most --limit of them, those checked least recently first (a year's would be hours of checks, all
+    # held in memory), so that each run again goes on to the others (found by review: it asked the same).
     later = (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"]
     since_args = ("reconcile", "--since", "2020-01-01T00:00:00Z", "--limit", "1")
     limited = await asyncio.to_thread(run, *since_args, "--json", env=env)
     assert limited.returncode == 0, limited.stderr
     document = orjson.loads(limited.stdout)
-    assert ([item["invoice_number"] for item in document["items"]], document["more"]) == ([topup], True)
-    told = await asyncio.to_thread(run, *since_args, env=env)
+    assert ([item["invoice_number"] for item in document["items"]], document["more"]) == ([later], True)
+    told = await asyncio.to_thread(run, *since_args, env=env)  # run again, as told
     assert b"more unsettled invoices than --limit 1" in told.stderr
+    assert topup.encode() in told.stdout
     assert later.encode() not in told.stdout
     assert (await asyncio.to_thread(run, "reconcile", "--limit", "0", env=env)).returncode == 2
 
