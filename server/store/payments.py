@@ -228,7 +228,7 @@ async def record(
     repeat. Only the payment's own identity is a tolerated conflict: a second normal payment for one
     invoice violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
     """
-    row = await conn.fetchrow(_RECORD, *_record_args(context, notification, payment, event), None, None, None)
+    row = await conn.fetchrow(_RECORD, *_record_args(context, notification, payment, event), *_UNBATCHED)
     return _recorded(row, payment)
 
 
@@ -297,14 +297,15 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
         return item[_PAYMENT_KEY]
 
     async def alone(self, conn: asyncpg.Connection, item: tuple[Any, ...]) -> tuple[asyncpg.Record, bool]:
-        return await conn.fetchrow(_RECORD, *item, None, None, None), False
+        return await conn.fetchrow(_RECORD, *item, *_UNBATCHED), False
 
     async def together(self, items: list[tuple[Any, ...]]) -> list[tuple[asyncpg.Record, bool]]:
         # The first takes every code's row lock and every invoice's reconciliation row lock, before any
         # takes its ids (migrations 0011 and 0016).
         codes, invoices = zip(*sorted({self.order(item)[:2] for item in items}), strict=True)
-        locks = [(list(codes), list(invoices))] + [(None, None)] * (len(items) - 1)
-        args = [(*item, BATCH_LOCK_WAIT_MS, *lock) for item, lock in zip(items, locks, strict=True)]
+        first = (BATCH_LOCK_WAIT_MS, list(codes), list(invoices))
+        others = (BATCH_LOCK_WAIT_MS, None, None)
+        args = [(*item, *(others if n else first)) for n, item in enumerate(items)]
         async with self._pool.acquire() as conn, conn.transaction():
             self.answer_previous()  # BEGIN is back: the batch before is answered while this one runs
             rows = await conn.fetchmany(_RECORD, args)
@@ -317,6 +318,9 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
 
 # In :func:`_record_args`, the payment's identity: its code, invoice and transaction reference ($9 to $11).
 _PAYMENT_KEY = slice(8, 11)
+# The recording statement's last parameters ($30 to $32) for a recording made alone: no bound on its lock
+# waits, no batch's codes and invoices to lock first.
+_UNBATCHED = (None, None, None)
 
 
 def _record_args(
