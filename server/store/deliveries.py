@@ -73,6 +73,21 @@ async def enqueue(conn: asyncpg.Connection | asyncpg.Pool, subscriber: str) -> i
     return int(status.rsplit(" ", 1)[-1])
 
 
+async def keep_positions(conn: asyncpg.Connection | asyncpg.Pool) -> None:
+    """Write each subscriber's position in the stream (the highest event it has a delivery of, where
+    :func:`enqueue` continues) into its own row, which :func:`enqueue` also reads: run before delivered
+    deliveries are deleted, or once none were left the next round would enqueue every event still kept,
+    all sent a second time."""
+    await conn.execute(
+        """
+        UPDATE webhook_subscribers s
+           SET started_after = greatest(s.started_after,
+                                        (SELECT max(d.event_id) FROM webhook_deliveries d
+                                          WHERE d.subscriber = s.subscriber))
+        """
+    )
+
+
 # A delivery ``d`` waits behind every earlier one of its code that is not delivered (ADR 5): only the
 # first of each code's can be claimed, so only those say when the next claim can succeed.
 _FIRST_OF_ITS_CODE = """NOT EXISTS (

@@ -10,6 +10,8 @@ from datetime import timedelta
 
 import asyncpg
 
+from server.store import deliveries
+
 BATCH = 10_000
 
 # table -> (time column, extra condition): what may go once it is older than the retention.
@@ -64,24 +66,11 @@ async def count_all(conn: asyncpg.Connection | asyncpg.Pool, ages: dict[str, tim
     return counted
 
 
-# Run once before a table's batches. A subscriber's webhooks continue from the highest event it has a
-# delivery of (deliveries.enqueue): before its delivered ones go, that position is kept in its own row,
-# or the next round would enqueue every event still kept, all sent a second time.
-_BEFORE_PRUNING = {
-    "webhook_deliveries": """
-        UPDATE webhook_subscribers s
-           SET started_after = greatest(s.started_after,
-                                        (SELECT max(d.event_id) FROM webhook_deliveries d
-                                          WHERE d.subscriber = s.subscriber))
-        """,
-}
-
-
 async def prune(conn: asyncpg.Connection | asyncpg.Pool, table: str, older_than: timedelta) -> int:
     """Delete rows of ``table`` older than ``older_than``; return how many went."""
     column, condition = PRUNABLE[table]
-    if table in _BEFORE_PRUNING:
-        await conn.execute(_BEFORE_PRUNING[table])
+    if table == "webhook_deliveries":
+        await deliveries.keep_positions(conn)  # they are what the forwarder continues from
     deleted = 0
     while True:
         status = await conn.execute(
