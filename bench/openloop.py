@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import re
 import resource
 import time
@@ -93,6 +94,9 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
     statuses: dict[int, int] = {}
     errors = 0
 
+    running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+    all_answered = loop.create_future()
+
     async def one(scheduled: float, payload: bytes) -> None:
         nonlocal errors
         connection = await free.get()
@@ -105,22 +109,32 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
             latencies.append(time.perf_counter() - scheduled)
             statuses[status] = statuses.get(status, 0) + 1
         free.put_nowait(connection)
+        running.discard(asyncio.current_task())
+        if not running and sent == total:
+            all_answered.set_result(None)
 
+    # The generator's own pauses are charged to the server as latency, so it must not make any. Python's
+    # cyclic garbage collector stopped it for 20-160 ms at the same moments of every round (a full
+    # collection over the run's tasks, and a gather() over all of them at the end): with it running, the
+    # ceiling's p99 at 4,300/s was 37 ms; without, dipc's was 9-13 ms. Nothing here makes cycles that
+    # reference counting would not free, so it is simply off for the run.
+    gc.disable()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter() + 0.05
-    tasks = []
     sent = 0
     while sent < total:
         now = time.perf_counter()
         due = min(total, int((now - start) * rate) + 1) if now >= start else 0
         while sent < due:
             payload = requests[sent] if len(requests) > 1 else requests[0]
-            tasks.append(loop.create_task(one(start + sent / rate, payload)))
+            running.add(loop.create_task(one(start + sent / rate, payload)))
             sent += 1
         # A tick of 1 ms, not a spin: requests sent late by it are charged to the server (at most 1 ms).
         await asyncio.sleep(0.001)
-    await asyncio.gather(*tasks)
+    if running:
+        await all_answered
     wall = time.perf_counter() - start
+    gc.enable()
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     latencies.sort()
