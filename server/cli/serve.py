@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import os
 import signal
 import sys
@@ -313,6 +314,9 @@ async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
         if settings.admin_port is not None:  # the admin API and /metrics apart (server/http/ports.py)
             admin_host = settings.admin_host or settings.host
             await web.TCPSite(runner, admin_host, settings.admin_port, reuse_port=reuse_port).start()
+        # What exists now (modules, the app, the pool) lives as long as the process: out of the cyclic
+        # garbage collector's way, so its full collections under load walk only what requests left.
+        gc.freeze()
         await asyncio.Future()  # until SIGTERM or SIGINT (GracefulExit) cancels this task
     finally:
         if orphan_watch is not None:
