@@ -271,7 +271,13 @@ class EmbeddedPostgres:
             "shared_buffers": "'128MB'",
             "log_min_messages": "warning",
         }
-        if not self.durable:
+        if self.durable:
+            # A backend that evicts a dirty page hands it to the kernel, which left alone writes it back
+            # 30 s later, all at once: a burst of a few hundred MB that each commit's WAL flush then waits
+            # behind (50-100 ms stalls in bench/README.md, "The open loop's tail, found"). Asking for the
+            # writes every 256 kB keeps them a trickle.
+            settings["backend_flush_after"] = "'256kB'"
+        else:
             # Throw-away clusters (the test suite): a crash may lose them entirely, and that is fine.
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
         text = "".join(f"{name} = {value}\n" for name, value in settings.items())
