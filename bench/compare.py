@@ -33,7 +33,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -127,7 +126,7 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
         cpu_after, cpu_before = statistics.median(cpu_us["after"]), statistics.median(cpu_us["before"])
         print(f"  server cpu per request, after / before: {cpu_after / cpu_before:.3f}")
         if args.open_loop:
-            compare_open_loop(args, dsn, ports, codes, requests)
+            compare_open_loop(args, (dsn, before_dsn), ports, codes, requests)
     finally:
         for server in servers:
             run.stop_server(server)
@@ -136,10 +135,10 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
 OPEN_LOOP_S = 10
 
 
-def compare_open_loop(args, dsn, ports, codes, requests) -> None:
+def compare_open_loop(args, dsns, ports, codes, requests) -> None:
     """p50/p99 of each server at one rate, rounds interleaved, after the bursts have settled."""
-    run.psql(dsn, "CHECKPOINT")
-    time.sleep(5)
+    for dsn in dsns:
+        run.settle_bursts(dsn)
     p99s: dict[str, list[float]] = {name: [] for name in ports}
     for round_ in range(args.rounds):
         for name, port in ports.items():
