@@ -97,7 +97,7 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
     running: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
     all_answered = loop.create_future()
 
-    async def one(scheduled: float, payload: bytes) -> None:
+    async def exchange(scheduled: float, payload: bytes) -> None:
         nonlocal errors
         connection = await free.get()
         try:
@@ -109,9 +109,17 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
             latencies.append(time.perf_counter() - scheduled)
             statuses[status] = statuses.get(status, 0) + 1
         free.put_nowait(connection)
-        running.discard(asyncio.current_task())
-        if not running and sent == total:
-            all_answered.set_result(None)
+
+    async def one(scheduled: float, payload: bytes) -> None:
+        try:
+            await exchange(scheduled, payload)
+        except Exception as error:  # e.g. the server is gone for good (no new connection): the run fails
+            if not all_answered.done():
+                all_answered.set_exception(error)
+        finally:
+            running.discard(asyncio.current_task())
+            if not running and sent == total and not all_answered.done():
+                all_answered.set_result(None)
 
     # The generator's own pauses are charged to the server as latency, so it must not make any. Python's
     # cyclic garbage collector stopped it for 20-160 ms at the same moments of every round (a full
@@ -131,7 +139,7 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
             sent += 1
         # A tick of 1 ms, not a spin: requests sent late by it are charged to the server (at most 1 ms).
         await asyncio.sleep(0.001)
-    if running:
+    if running or all_answered.done():
         await all_answered
     wall = time.perf_counter() - start
     gc.enable()
