@@ -31,6 +31,22 @@ class Gate:
             await asyncio.sleep(0.01)
         raise AssertionError("no batch reached the gate")
 
+    async def end(self, how: str) -> int:
+        """End the statement waiting at the gate with ``how`` (``pg_cancel_backend`` or
+        ``pg_terminate_backend``); how many backends that ended. Between two of its sleeps the gate's
+        loop runs with no wait event, so a backend seen there is looked at again, not taken for gone."""
+        ended = 0
+        for _ in range(500):
+            ended = await self.pool.fetchval(
+                f"SELECT count({how}(pid)) FROM pg_stat_activity"  # noqa: S608 - a test's constant
+                " WHERE wait_event = 'PgSleep' AND query LIKE '%' || $1 || '%'",
+                self.query_part,
+            )
+            if ended:
+                break
+            await asyncio.sleep(0.001)
+        return ended
+
     async def open(self, conn: asyncpg.Connection | None = None) -> None:
         """Open the gate, through ``conn`` when the test holds the pool's connections."""
         await (conn or self.pool).execute(f"INSERT INTO {self.name} VALUES (true)")  # noqa: S608 - a test's constant

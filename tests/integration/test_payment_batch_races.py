@@ -1,4 +1,4 @@
-# ruff: noqa: F811, S608 - pytest fixtures imported by name; SQL built from constants
+# ruff: noqa: F811 - pytest fixtures imported by name
 """Payment recordings in batches (PaymentBatches, migration 0011, ADR 13) under races and faults, from
 a review: real concurrency against a real PostgreSQL, one or two workers (two apps on two pools in this
 process).
@@ -211,12 +211,8 @@ async def test_a_batch_whose_backend_is_ended_is_a_503_for_each_and_loses_nothin
     await queued(client.app[PAYMENT_BATCHES], len(batch))
     await gate.open()
     assert (await slow).status == 200
-    await gate.reached()  # the batch of the five, held by GATED's payment (the last)
-    ended = await pool.fetchval(
-        f"SELECT count({how}(pid)) FROM pg_stat_activity"
-        " WHERE wait_event = 'PgSleep' AND query LIKE '%dipc_payment_context_within%'"
-    )
-    assert ended == 1
+    await second_gate.reached()  # the batch of the five, held by GATED's payment (the last)
+    assert await second_gate.end(how) == 1
     replies = [await each for each in others]
     statuses = [reply.status for reply in replies]
     assert statuses == [503] * len(batch), statuses
