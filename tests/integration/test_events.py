@@ -151,9 +151,10 @@ async def test_events_a_dead_writer_left_unsequenced_reach_the_feed(client, admi
         [("1",), ("2",)],
     )
     page = await feed(client, admin_headers, after=0, wait=15)  # the server's sweep moves them
-    assert [event["payment_code"] for event in page["items"]] in (["1", "2"], ["1"])
-    rest = await feed(client, admin_headers, after=page["next"], wait=15)
-    assert [event["payment_code"] for event in page["items"] + rest["items"]] == ["1", "2"]
+    items = page["items"]
+    if len(items) == 1:  # the feed answered between the sweep's two moves: the other comes next
+        items += (await feed(client, admin_headers, after=page["next"], wait=15))["items"]
+    assert [event["payment_code"] for event in items] == ["1", "2"]
 
 
 async def test_append_outside_an_outbox_transaction_is_refused(pool):
