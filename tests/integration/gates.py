@@ -21,31 +21,29 @@ class Gate:
 
     async def reached(self) -> None:
         """Until a statement running ``query_part`` waits at the gate."""
-        for _ in range(500):
-            if await self.pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE wait_event = 'PgSleep' AND query LIKE '%' || $1 || '%'",
-                self.query_part,
-            ):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("no batch reached the gate")
+        if not await self._at_gate("count(*)", pause_s=0.01):
+            raise AssertionError("no batch reached the gate")
 
     async def end(self, how: str) -> int:
         """End the statement waiting at the gate with ``how`` (``pg_cancel_backend`` or
         ``pg_terminate_backend``); how many backends that ended. Between two of its sleeps the gate's
         loop runs with no wait event, so a backend seen there is looked at again, not taken for gone."""
-        ended = 0
+        return await self._at_gate(f"count({how}(pid))", pause_s=0.001)
+
+    async def _at_gate(self, select: str, *, pause_s: float) -> int:
+        """``select`` over the backends sleeping at the gate, asked again (up to 500 times, ``pause_s``
+        apart) until it is not 0; its last value."""
+        found = 0
         for _ in range(500):
-            ended = await self.pool.fetchval(
-                f"SELECT count({how}(pid)) FROM pg_stat_activity"  # noqa: S608 - a test's constant
+            found = await self.pool.fetchval(
+                f"SELECT {select} FROM pg_stat_activity"  # noqa: S608 - a test's constant
                 " WHERE wait_event = 'PgSleep' AND query LIKE '%' || $1 || '%'",
                 self.query_part,
             )
-            if ended:
+            if found:
                 break
-            await asyncio.sleep(0.001)
-        return ended
+            await asyncio.sleep(pause_s)
+        return found
 
     async def open(self, conn: asyncpg.Connection | None = None) -> None:
         """Open the gate, through ``conn`` when the test holds the pool's connections."""
