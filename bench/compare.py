@@ -137,8 +137,7 @@ OPEN_LOOP_S = 10
 
 def compare_open_loop(args, dsns, ports, codes, requests) -> None:
     """p50/p99 of each server at one rate, rounds interleaved, after the bursts have settled."""
-    for dsn in dsns:
-        run.settle_bursts(dsn)
+    run.settle_bursts(*dsns)
     p99s: dict[str, list[float]] = {name: [] for name in ports}
     for round_ in range(args.rounds):
         for name, port in ports.items():

@@ -496,8 +496,8 @@ def _rounds_named(name: str, runs: list[tuple[float, float, float, int]]) -> str
     return f"{name}, median of {len(runs)} rounds ({', '.join(f'{run[0]:,.0f}' for run in runs)} req/s)"
 
 
-def settle_bursts(dsn: str) -> None:
-    """Before an open loop: the work the closed-loop bursts left behind, done first.
+def settle_bursts(*dsns: str) -> None:
+    """Before an open loop: the work the closed-loop bursts left behind in each database, done first.
 
     Measured straight after them, whichever server came first paid for it: 54.6 ms p99 for dipc's
     one-shot open loop in one run, 9.2 ms with the ceiling's 10 s before it in the next. The bursts'
@@ -509,7 +509,8 @@ def settle_bursts(dsn: str) -> None:
     empty. Its one-shot rounds then fell to 242-509 notifications/s (0.31 x the inquiry rate, from
     0.45-0.50 x without)."""
     log(f"open loop: letting the bursts settle first (VACUUM, CHECKPOINT, then {OPEN_LOOP_SETTLE_S} s idle)")
-    psql(dsn, "VACUUM (ANALYZE) payment_codes, inquiries, reconciliation;\nCHECKPOINT;\n")
+    for dsn in dsns:
+        psql(dsn, "VACUUM (ANALYZE) payment_codes, inquiries, reconciliation;\nCHECKPOINT;\n")
     time.sleep(OPEN_LOOP_SETTLE_S)
 
 
