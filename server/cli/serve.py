@@ -31,7 +31,7 @@ from server.core.times import utcnow
 from server.embedded import EmbeddedError, EmbeddedPostgres, Watchdog
 from server.http import drain
 from server.ops import metrics
-from server.ops.logging import configure_logging
+from server.ops.logging import bind_process, configure_logging
 from server.store import migrate, privileges
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 from server.supervisor import Supervisor, worker_env
@@ -123,7 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, settings.log_level)
     if args.worker:
         # The supervisor prepared the database and passed it as DATABASE_URL.
-        structlog.contextvars.bind_contextvars(worker=int(os.environ.get("DIPC_WORKER_INDEX", "0")))
+        bind_process(worker=int(os.environ.get("DIPC_WORKER_INDEX", "0")))
         if os.environ.get("DIPC_WORKER_RESTART"):
             metrics.WORKER_RESTARTS.inc()
         assert settings.database_url is not None

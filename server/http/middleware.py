@@ -138,6 +138,7 @@ def _observe(request: web.Request, status: int, started: float) -> None:
         status=status,
         ms=round(elapsed * 1000, 3),
         request_id=for_log(request.headers.get("Request-Id") or None, 128),
-        remote=caller_address(request, request.config_dict[SETTINGS].trusted_proxies),
+        # The application's own settings (config_dict would build a view over every application).
+        remote=caller_address(request, request.app[SETTINGS].trusted_proxies),
         **fields,
     )

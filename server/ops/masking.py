@@ -34,13 +34,18 @@ def _escape(match: re.Match[str]) -> str:
 
 def escape(text: str, limit: int = 256) -> str:
     """``text`` with control characters and undecodable bytes as ``\\xNN``, cut at ``limit`` characters."""
-    escaped = _UNSAFE.sub(_escape, text)
+    # Printable ASCII, most of what reaches a log, has nothing to escape (and the check is far cheaper).
+    escaped = text if text.isascii() and text.isprintable() else _UNSAFE.sub(_escape, text)
     return escaped if len(escaped) <= limit else escaped[:limit] + "…"
 
 
 def mask_codes_in(text: str) -> str:
     """``text`` with every digit run that could be a payment code masked."""
-    return _CODE_RUN.sub(lambda match: mask_code(match.group()), text)
+    return _CODE_RUN.sub(_mask_match, text)
+
+
+def _mask_match(match: re.Match[str]) -> str:
+    return mask_code(match.group())
 
 
 def for_log(text: str | bytes | None, limit: int = 256) -> str | None:

@@ -47,3 +47,40 @@ def test_a_library_failure_that_is_not_an_outage_keeps_its_traceback(captured_lo
         logging.getLogger("asyncpg.pool").warning("something else", exc_info=True)
     (line,) = captured_log.lines()
     assert "ValueError: a bug" in line["exception"]
+
+
+def test_every_line_is_stamped_in_utc_to_the_microsecond(captured_log):
+    import re
+    from datetime import UTC, datetime
+
+    import structlog
+
+    before = datetime.now(UTC)
+    structlog.get_logger(component="test").info("ours")
+    logging.getLogger("asyncpg.pool").warning("theirs")
+    after = datetime.now(UTC)
+
+    lines = captured_log.lines()
+    assert [line["event"] for line in lines] == ["ours", "theirs"]
+    for line in lines:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", line["timestamp"]), line["timestamp"]
+        stamped = datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+        assert before <= stamped <= after
+
+
+def test_the_fields_bound_to_the_process_are_on_every_line_and_a_line_s_own_win(captured_log, monkeypatch):
+    import structlog
+
+    from server.ops import logging as dipc_logging
+
+    monkeypatch.setattr(dipc_logging, "_PROCESS_FIELDS", {})  # undone after the test
+    log = structlog.get_logger(component="test")
+    log.info("before")
+    dipc_logging.bind_process(worker=3)
+    log.info("after")
+    log.info("its own", worker="mine")
+    logging.getLogger("asyncpg.pool").warning("a library's")
+
+    lines = captured_log.lines()
+    assert "worker" not in lines[0]
+    assert [line.get("worker") for line in lines[1:]] == [3, "mine", 3]
