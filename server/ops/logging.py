@@ -12,11 +12,12 @@ import logging
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
 import structlog
+
+from server.core.times import iso_second
 
 _SECRET_FIELDS = frozenset({"secret", "secret_key", "signature", "token", "password", "authorization"})
 
@@ -38,25 +39,13 @@ def _add_process_fields(_logger: Any, _method: str, event: dict[str, Any]) -> di
     return event
 
 
-class _Timestamper:
+def _add_timestamp(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it
-    (``2026-11-27T15:29:13.742211Z``), with the date and time of day formatted once per second rather
-    than once per line."""
-
-    __slots__ = ("_second", "_text")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._text = ""
-
-    def __call__(self, _logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._second = second
-        event["timestamp"] = f"{self._text}.{int((now - second) * 1_000_000):06d}Z"
-        return event
+    (``2026-11-27T15:29:13.742211Z``), from the second's text formatted once (``iso_second``)."""
+    now = time.time()
+    second = int(now)
+    event["timestamp"] = f"{iso_second(second)}.{int((now - second) * 1_000_000):06d}Z"
+    return event
 
 
 def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +124,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
     shared: list[Any] = [
         _add_process_fields,
         structlog.processors.add_log_level,
-        _Timestamper(),
+        _add_timestamp,
         _drop_secrets,
     ]
     renderer: Any
