@@ -7,6 +7,7 @@ direct, 6 or more = DOKU exclusive); when written out it must agree.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -57,15 +58,15 @@ class BinRule:
     bin: str
     model: BinModel
 
-    def check(self, code: str) -> str | None:
-        """Why ``code`` breaks this BIN's length rule, or None when it keeps it."""
-        free = len(code) - len(self.bin)
+    def length_problem(self, length: int) -> str | None:
+        """Why a code of ``length`` digits under this BIN breaks its length rule, or None."""
+        free = length - len(self.bin)
         if free < 1:
             return f"must have digits after BIN {self.bin}"
-        if free > self.model.max_free_digits or len(code) > self.model.max_total:
+        if free > self.model.max_free_digits or length > self.model.max_total:
             return (
                 f"BIN {self.bin} ({self.model.name}) allows at most {self.model.max_free_digits} digits "
-                f"after the BIN and {self.model.max_total} in all; got {len(code)}"
+                f"after the BIN and {self.model.max_total} in all; got {length}"
             )
         return None
 
@@ -99,11 +100,15 @@ def parse_bin_rule(text: str) -> BinRule:
 class BinTable:
     """The configured BINs. An empty table means "no BIN check" (accepted, with a warning at start)."""
 
-    __slots__ = ("rules",)
+    __slots__ = ("_longest", "_verdict", "rules")
 
     def __init__(self, rules: Iterable[BinRule] = ()) -> None:
         # Longest BIN first, so a code under a longer, more specific BIN meets that rule first.
         self.rules: tuple[BinRule, ...] = tuple(sorted(rules, key=lambda rule: -len(rule.bin)))
+        # A code's verdict follows from its first digits (as many as the longest BIN has) and its
+        # length alone, so an import of a million codes under a few BINs works out a few verdicts.
+        self._longest = max((len(rule.bin) for rule in self.rules), default=0)
+        self._verdict = functools.lru_cache(maxsize=1024)(self._judge)
 
     @classmethod
     def parse(cls, spec: str | None) -> BinTable:
@@ -124,15 +129,20 @@ class BinTable:
         """
         if not self.rules:
             return frozenset(CHANNELS)
-        matching = [rule for rule in self.rules if code.startswith(rule.bin)]
+        channels, problem = self._verdict(code[: self._longest], len(code))
+        if problem is not None:
+            raise ValueError(problem)
+        return channels
+
+    def _judge(self, first_digits: str, length: int) -> tuple[frozenset[str], str | None]:
+        """The channels of a code that starts with ``first_digits`` and has ``length`` digits, or why none."""
+        matching = [rule for rule in self.rules if first_digits.startswith(rule.bin)]
         if not matching:
             known = ", ".join(sorted({rule.bin for rule in self.rules}))
-            raise ValueError(f"does not start with a configured BIN ({known})")
-        problems = [(rule, rule.check(code)) for rule in matching]
+            return frozenset(), f"does not start with a configured BIN ({known})"
+        problems = [(rule, rule.length_problem(length)) for rule in matching]
         channels = frozenset(rule.channel for rule, problem in problems if problem is None)
-        if not channels:
-            raise ValueError(problems[0][1])
-        return channels
+        return channels, None if channels else problems[0][1]
 
     def channels_for(self, code: str) -> frozenset[str] | None:
         """Like :meth:`check`, but None instead of an error when the code breaks the BIN rules."""

@@ -48,6 +48,24 @@ def test_codes_breaking_their_bin_rule(code, problem):
     assert BINS.channels_for(code) is None
 
 
+def test_codes_that_share_first_digits_get_their_own_verdicts():
+    # The verdicts are remembered by the code's first digits and length: asked in turn, each code must
+    # still meet the rules that its own digits and length call for.
+    table = BinTable.parse("ALFA:88965,INDOMARET:889651")
+    expected = [
+        ("889651" + "1" * 14, {"ALFA", "INDOMARET"}),  # under both BINs, 20 digits: both allow it
+        ("889651" + "1" * 15, {"ALFA"}),  # 21 digits: too long for the exclusive BIN
+        ("889652" + "1" * 14, {"ALFA"}),  # the same first five digits, under the direct BIN only
+        ("889651", {"ALFA"}),  # all of the exclusive BIN, but a digit after the direct one
+    ]
+    for _ in range(2):
+        for code, channels in expected:
+            assert table.check(code) == channels, code
+    with pytest.raises(ValueError, match="must have digits after BIN 88965"):
+        table.check("88965")
+    assert table.channels_for("88964" + "1" * 10) is None
+
+
 def test_without_bins_every_code_and_channel_is_allowed():
     assert BinTable.parse("").check("1") == ALL
     assert not BinTable.parse(None)
