@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -303,6 +304,9 @@ def run_import(args: argparse.Namespace) -> int:
                 handle.close()
 
     async def work(pool: asyncpg.Pool, settings: Settings) -> int:
+        # The modules and the pool live as long as the command: out of the way of the collector's full
+        # walks, which a million rows in flight set off again and again.
+        gc.freeze()
         keep = None
         if args.check:
             keep = lambda result: False  # noqa: E731 - a dry run keeps nothing
