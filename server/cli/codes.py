@@ -297,7 +297,6 @@ def run_import(args: argparse.Namespace) -> int:
             while chunk := handle.read(256 * 1024):
                 done += len(chunk)
                 progress.update(done / total if total else 0.0, f"{done / 1e6:,.1f} MB")
-                await asyncio.sleep(0)  # let COPY batches go out while we read
                 yield chunk
         finally:
             if path is not None:

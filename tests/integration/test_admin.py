@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import timedelta
 
 import asyncpg
@@ -511,6 +512,44 @@ async def test_an_import_the_database_gives_up_for_a_deadlock_is_answered_503(cl
     assert (await response.json())["error"]["code"] == "UNAVAILABLE"
     assert result.imported == 2  # the other one went on
     assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 2
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["valid rows", "rejected rows"])
+async def test_an_import_lets_the_other_work_of_its_worker_run(pool, broken):
+    """An upload's rows are checked on the event loop that answers the worker's inquiries. Rows that
+    arrive faster than they are checked (here: all of them at once) must still let other tasks run every
+    few hundred rows, whether or not a batch is at the database, and for rejected rows too."""
+    ticks = 0
+
+    async def ticker() -> None:  # counts the event loop's turns that other tasks get
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    count = 3_000  # under one batch: no COPY goes out until the end
+    amount = "0" if broken else "1000"
+    body = csv_of([f"88965200{n:08d},{amount},INV-{n},Budi,false" for n in range(count)])
+    turns_seen: list[int] = []
+
+    async def rows():
+        async for row in rows_of(body):
+            turns_seen.append(ticks)
+            yield row
+
+    settings = make_settings()
+    other_work = asyncio.create_task(ticker())
+    try:
+        result = await manage.import_codes(
+            pool, rows(), rules=settings.bins, client_ids=settings.client_ids, now=utcnow()
+        )
+    finally:
+        other_work.cancel()
+    assert (result.imported, result.rejected_count) == ((0, count) if broken else (count, 0))
+    assert len(turns_seen) == count
+    # The most rows checked one after the other while no other task ran:
+    longest = max(len(list(rows_in_one_turn)) for _, rows_in_one_turn in itertools.groupby(turns_seen))
+    assert longest <= manage.YIELD_EVERY_ROWS
 
 
 async def test_an_ndjson_import_streams_many_rows(client, admin_headers, pool):
