@@ -30,11 +30,6 @@ T = TypeVar("T")
 MAX_PAGE = 1000
 REJECTIONS_REPORTED = 1000  # an import reports at most this many rejected lines (and counts them all)
 IMPORT_BATCH = 5000
-# Rows checked between turns for the rest of the event loop: about 2.5 ms of checks on a slow machine.
-# Rows that arrive faster than they are checked (an upload already buffered, a file) would otherwise
-# hold it for the checks of a whole batch (about 200 ms there), and the worker's inquiries would wait,
-# as would the next step of the batch at the database.
-YIELD_EVERY_ROWS = 64
 IMPORT_STATEMENT_TIMEOUT_S = 600  # per statement: the end-of-import lookup of refused rows can be long
 
 
@@ -288,11 +283,7 @@ async def _import(
         writer = _BatchWriter(conn, progress)
         batch: list[tuple[int, NewCode]] = []
         try:
-            checked = 0
             async for row in rows:
-                checked += 1
-                if checked % YIELD_EVERY_ROWS == 0:
-                    await asyncio.sleep(0)
                 if len(row) == 2:
                     result.reject(row[0], row[1])
                     continue

@@ -12,7 +12,7 @@ import pytest
 
 from server.app import make_app
 from server.core import manage
-from server.core.imports import lines_of, read_rows
+from server.core.imports import YIELD_EVERY_LINES, lines_of, read_rows
 from server.core.times import utcnow
 from server.store import codes as code_store
 from tests.conftest import ADMIN_TOKEN, CLIENT_ID, CODE, code_fields, make_settings, waiting_for_a_lock
@@ -514,11 +514,11 @@ async def test_an_import_the_database_gives_up_for_a_deadlock_is_answered_503(cl
     assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 2
 
 
-@pytest.mark.parametrize("broken", [False, True], ids=["valid rows", "rejected rows"])
-async def test_an_import_lets_the_other_work_of_its_worker_run(pool, broken):
-    """An upload's rows are checked on the event loop that answers the worker's inquiries. Rows that
-    arrive faster than they are checked (here: all of them at once) must still let other tasks run every
-    few hundred rows, whether or not a batch is at the database, and for rejected rows too."""
+@pytest.mark.parametrize("lines", ["valid rows", "rejected rows", "blank lines"])
+async def test_an_import_lets_the_other_work_of_its_worker_run(pool, lines):
+    """An upload's lines are read and checked on the event loop that answers the worker's inquiries.
+    Lines that arrive faster than that (here: all of them at once) must still let other tasks run every
+    few dozen lines, whether or not a batch is at the database, whatever the lines hold."""
     ticks = 0
 
     async def ticker() -> None:  # counts the event loop's turns that other tasks get
@@ -528,28 +528,39 @@ async def test_an_import_lets_the_other_work_of_its_worker_run(pool, broken):
             ticks += 1
 
     count = 3_000  # under one batch: no COPY goes out until the end
-    amount = "0" if broken else "1000"
-    body = csv_of([f"88965200{n:08d},{amount},INV-{n},Budi,false" for n in range(count)])
+    amount = "0" if lines == "rejected rows" else "1000"
+    rows = [
+        "" if lines == "blank lines" else f"88965200{n:08d},{amount},INV-{n},Budi,false" for n in range(count)
+    ]
+    body = csv_of(rows) if lines != "blank lines" else csv_of([]) + b"\n" * count
     turns_seen: list[int] = []
 
-    async def rows():
-        async for row in rows_of(body):
+    async def one_chunk():
+        yield body
+
+    async def lines_read():
+        async for text in lines_of(one_chunk()):
             turns_seen.append(ticks)
-            yield row
+            yield text
 
     settings = make_settings()
     other_work = asyncio.create_task(ticker())
     try:
         result = await manage.import_codes(
-            pool, rows(), rules=settings.bins, client_ids=settings.client_ids, now=utcnow()
+            pool,
+            read_rows(lines_read(), "csv"),
+            rules=settings.bins,
+            client_ids=settings.client_ids,
+            now=utcnow(),
         )
     finally:
         other_work.cancel()
-    assert (result.imported, result.rejected_count) == ((0, count) if broken else (count, 0))
-    assert len(turns_seen) == count
-    # The most rows checked one after the other while no other task ran:
-    longest = max(len(list(rows_in_one_turn)) for _, rows_in_one_turn in itertools.groupby(turns_seen))
-    assert longest <= manage.YIELD_EVERY_ROWS
+    expected = {"valid rows": (count, 0), "rejected rows": (0, count), "blank lines": (0, 0)}[lines]
+    assert (result.imported, result.rejected_count) == expected
+    assert len(turns_seen) == count + 1  # and the header
+    # The most lines read one after the other while no other task ran:
+    longest = max(len(list(lines_in_one_turn)) for _, lines_in_one_turn in itertools.groupby(turns_seen))
+    assert longest <= YIELD_EVERY_LINES
 
 
 async def test_an_ndjson_import_streams_many_rows(client, admin_headers, pool):
