@@ -1,10 +1,16 @@
-"""Log lines that library code writes about a database outage: one line each, no traceback."""
+"""The log's lines: what library code writes about a database outage (one line each, no traceback),
+every line's timestamp, and the fields bound to the process."""
 
 from __future__ import annotations
 
 import logging
+import re
+from datetime import UTC, datetime
 
 import asyncpg
+import structlog
+
+from server.ops import logging as dipc_logging
 
 
 def _raised(error: BaseException) -> BaseException:
@@ -50,11 +56,6 @@ def test_a_library_failure_that_is_not_an_outage_keeps_its_traceback(captured_lo
 
 
 def test_every_line_is_stamped_in_utc_to_the_microsecond(captured_log):
-    import re
-    from datetime import UTC, datetime
-
-    import structlog
-
     before = datetime.now(UTC)
     structlog.get_logger(component="test").info("ours")
     logging.getLogger("asyncpg.pool").warning("theirs")
@@ -69,10 +70,6 @@ def test_every_line_is_stamped_in_utc_to_the_microsecond(captured_log):
 
 
 def test_the_fields_bound_to_the_process_are_on_every_line_and_a_line_s_own_win(captured_log, monkeypatch):
-    import structlog
-
-    from server.ops import logging as dipc_logging
-
     monkeypatch.setattr(dipc_logging, "_PROCESS_FIELDS", {})  # undone after the test
     log = structlog.get_logger(component="test")
     log.info("before")
