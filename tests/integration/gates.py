@@ -1,7 +1,7 @@
 """A gate at the database: holds a batch (of inquiries, of payment recordings) busy without a lock.
 
 A trigger keeps the statement that inserts a matching row working (pg_sleep, waiting for no lock) until
-the test opens the gate; what arrives meanwhile queues for the lane's next batch.
+the test opens the gate; what arrives meanwhile queues for the lane's next batch (:func:`queued`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+
+from server.store.batches import Batches
 
 
 class Gate:
@@ -48,6 +50,20 @@ class Gate:
     async def open(self, conn: asyncpg.Connection | None = None) -> None:
         """Open the gate, through ``conn`` when the test holds the pool's connections."""
         await (conn or self.pool).execute(f"INSERT INTO {self.name} VALUES (true)")  # noqa: S608 - a test's constant
+
+
+async def queued(batches: Batches, count: int, *, then_timeout_s: float | None = None) -> None:
+    """Until ``count`` writes wait for their lane's next batch; that batch and those after it then have
+    ``then_timeout_s`` at the database, if given. (The batch held at the gate is not what a test measures:
+    with a short budget from its start, a slow machine's queueing outlasted it, and the writes went out
+    one batch early.)"""
+    for _ in range(500):
+        if batches.waiting == count:
+            if then_timeout_s is not None:
+                batches._timeout_s = then_timeout_s  # read as each batch starts
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{batches.waiting} writes wait, not {count}")
 
 
 @asynccontextmanager

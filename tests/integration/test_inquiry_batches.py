@@ -24,7 +24,7 @@ from server.ops import metrics
 from server.store.inquiries import Inquiry, InquiryBatches, RecordedInquiry
 from server.store.pool import deadline
 from tests.conftest import CLIENT_ID, make_settings, waiting_for_a_lock
-from tests.integration.gates import Gate, gate_on
+from tests.integration.gates import Gate, gate_on, queued
 
 TOPUP = "8896500000000777"  # reusable: an inquiry of it mints, under the code's row lock
 OTHER_TOPUP = "8896500000000778"
@@ -87,18 +87,10 @@ async def rows_held(
             await conn.close()
 
 
-async def queued(batches: InquiryBatches, count: int) -> None:
-    """Until ``count`` inquiries wait for their lane's next batch."""
-    for _ in range(500):
-        if batches.waiting == count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{batches.waiting} inquiries wait, not {count}")
-
-
 @pytest.fixture
 def batches(pool: asyncpg.Pool) -> InquiryBatches:
-    return InquiryBatches(pool, first_check_s=120, timeout_s=0.8, lanes=1)
+    """One lane, whose batches have a minute at the database until a test's ``queued`` says otherwise."""
+    return InquiryBatches(pool, first_check_s=120, timeout_s=60, lanes=1)
 
 
 @pytest.fixture
@@ -173,7 +165,7 @@ async def test_a_batch_that_meets_a_held_lock_lets_its_other_inquiries_through(
         await gate.reached()
         locked = asyncio.create_task(batches.inquire(inquiry(TOPUP, "locked")))
         others = [asyncio.create_task(batches.inquire(inquiry(code, f"r-{code}"))) for code in ONE_SHOT]
-        await queued(batches, 1 + len(ONE_SHOT))
+        await queued(batches, 1 + len(ONE_SHOT), then_timeout_s=0.8)
         await gate.open()
         await first
         answered = [await other for other in others]
@@ -187,7 +179,7 @@ async def test_lock_waits_in_one_batch_do_not_add_up(pool, database_url, codes, 
     """(Found by review.) Rows freed one after the other, each within BATCH_LOCK_WAIT_MS, would add up
     past the batch's deadline if each wait had its own bound, and the inquiries that need no lock would
     fail with it. The bound is the batch's, from its start: they are answered."""
-    batches = InquiryBatches(pool, first_check_s=120, timeout_s=0.25, lanes=1)
+    batches = InquiryBatches(pool, first_check_s=120, timeout_s=60, lanes=1)
     held = HELD[:5]
     async with rows_held(database_url, *held) as holders:
         first = asyncio.create_task(batches.inquire(inquiry(SLOW, "slow")))
@@ -195,7 +187,7 @@ async def test_lock_waits_in_one_batch_do_not_add_up(pool, database_url, codes, 
         waiting = [
             asyncio.create_task(batches.inquire(inquiry(code, f"r-{code}"))) for code in ONE_SHOT + held
         ]
-        await queued(batches, len(waiting))
+        await queued(batches, len(waiting), then_timeout_s=0.25)
         await gate.open()
         await first
         for holder in holders:  # the rows are freed 60 ms apart: 300 ms in all

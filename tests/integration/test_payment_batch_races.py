@@ -21,7 +21,7 @@ from server.doku.client import DokuSimulator, notification_body
 from server.http.keys import PAYMENT_BATCHES, POOL
 from server.store import payments as payment_store
 from tests.conftest import ADMIN_TOKEN, CLIENT, make_settings, waiting_for_a_lock
-from tests.integration.gates import Gate, gate_on
+from tests.integration.gates import Gate, gate_on, queued
 from tests.integration.test_crash import one_shot_codes
 from tests.integration.test_inquiry_batches import rows_held
 from tests.integration.test_payment_batches import (  # noqa: F401 - fixtures
@@ -32,7 +32,6 @@ from tests.integration.test_payment_batches import (  # noqa: F401 - fixtures
     codes,
     gate,
     pay,
-    queued,
 )
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -20,9 +20,8 @@ from server.doku.client import DokuSimulator, inquiry_body, notification_body
 from server.http.keys import PAYMENT_BATCHES, POOL
 from server.ops import metrics
 from server.store import batches as batches_module
-from server.store.batches import Batches
 from tests.conftest import CLIENT_ID, waiting_for_a_lock
-from tests.integration.gates import Gate, gate_on
+from tests.integration.gates import Gate, gate_on, queued
 from tests.integration.test_inquiry_batches import rows_held
 
 SLOW = "8896500000000779"  # one-shot: its payment holds the lane at the gate
@@ -64,15 +63,6 @@ async def gate(pool: asyncpg.Pool) -> AsyncIterator[Gate]:
 def pay(doku: DokuSimulator, code: str, invoice: str, transaction: str, amount: int = 10_000) -> asyncio.Task:
     body = notification_body(code, invoice_number=invoice, amount=amount, original_request_id=transaction)
     return asyncio.create_task(doku.post("/doku/notification", body))
-
-
-async def queued(batches: Batches, count: int) -> None:
-    """Until ``count`` recordings wait for the next batch."""
-    for _ in range(500):
-        if batches.waiting == count:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{batches.waiting} recordings wait, not {count}")
 
 
 def batch_sizes() -> tuple[float, float]:
