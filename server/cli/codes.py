@@ -294,7 +294,9 @@ def run_import(args: argparse.Namespace) -> int:
         handle = sys.stdin.buffer if path is None else path.open("rb")
         done = 0
         try:
-            while chunk := handle.read(256 * 1024):
+            # Off the event loop, and what has come so far: a pipe that pauses leaves the batch at the
+            # database answered meanwhile, and its lines are checked as they come.
+            while chunk := await asyncio.to_thread(handle.read1, 256 * 1024):
                 done += len(chunk)
                 progress.update(done / total if total else 0.0, f"{done / 1e6:,.1f} MB")
                 yield chunk
