@@ -319,6 +319,7 @@ def run_import(args: argparse.Namespace) -> int:
             rules=settings.bins,
             client_ids=settings.client_ids,
             now=utcnow(),
+            step_timeout_s=settings.admin_db_timeout_s,
             keep=keep,
         )
         progress.update(1.0, "done", final=True)

@@ -7,23 +7,35 @@ did not happen and never misses one that did.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterable, Callable, Collection, Mapping
+from collections.abc import AsyncIterable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import asyncpg
+import structlog
 
 from server.core.codes import CodeRules, NewCode, PaymentCode
 from server.core.documents import code_document
-from server.core.errors import AlreadyExists, NotFound, NotModifiable, ValidationFailed, VersionConflict
+from server.core.errors import (
+    AlreadyExists,
+    NotFound,
+    NotModifiable,
+    Unavailable,
+    ValidationFailed,
+    VersionConflict,
+)
 from server.core.outcomes import CodeStatus
 from server.core.payments import Payment
 from server.core.registration import parse_changes, parse_new_code, parse_payment_code
 from server.store import codes as code_store
 from server.store import outbox
 from server.store import payments as payment_store
+from server.store.pool import UNAVAILABLE_ERRORS
+
+log = structlog.get_logger(component="dipc.manage")
 
 T = TypeVar("T")
 
@@ -228,6 +240,7 @@ async def import_codes(
     rules: CodeRules,
     client_ids: Collection[str],
     now: datetime,
+    step_timeout_s: float,
     progress: Callable[[int], None] | None = None,
     keep: Callable[[ImportResult], bool] | None = None,
     batch_size: int = IMPORT_BATCH,
@@ -236,7 +249,9 @@ async def import_codes(
 
     Codes registered before the import, and repeats within the file, are rejected by line number.
     ``keep``, asked once every row was checked, may discard the whole import (a dry run, or
-    all-or-nothing): then nothing is registered and ``saved`` is False.
+    all-or-nothing): then nothing is registered and ``saved`` is False. Each database step may take
+    ``step_timeout_s`` (:class:`_Steps`); a database that does not answer within it fails the import
+    with Unavailable, and nothing is registered.
     """
     started = time.perf_counter()
     result = ImportResult()
@@ -248,6 +263,7 @@ async def import_codes(
             rules=rules,
             client_ids=client_ids,
             now=now,
+            step_timeout_s=step_timeout_s,
             progress=progress,
             keep=keep,
             batch_size=batch_size,
@@ -274,52 +290,126 @@ async def _import(
     rules: CodeRules,
     client_ids: Collection[str],
     now: datetime,
+    step_timeout_s: float,
     progress: Callable[[int], None] | None,
     keep: Callable[[ImportResult], bool] | None,
     batch_size: int,
 ) -> None:
-    async with outbox.transaction(pool) as conn:
-        await code_store.begin_import(conn, timeout_s=IMPORT_STATEMENT_TIMEOUT_S)
-        writer = _BatchWriter(conn, progress)
-        batch: list[tuple[int, NewCode]] = []
+    async with outbox.connection(pool) as conn:
+        steps = _Steps(conn, step_timeout_s)
         try:
-            async for row in rows:
-                if len(row) == 2:
-                    result.reject(row[0], row[1])
-                    continue
-                line, raw, text = row
-                try:
-                    batch.append(
-                        (line, parse_new_code(raw, rules=rules, client_ids=client_ids, now=now, text=text))
-                    )
-                except ValidationFailed as invalid:
-                    result.reject(line, invalid.message)
-                if len(batch) >= batch_size:
-                    await writer.send(batch)
-                    batch = []
-            if batch:
+            transaction = conn.transaction()
+            with steps.step("begin"):
+                await transaction.start()
+                await code_store.begin_import(conn, timeout_s=IMPORT_STATEMENT_TIMEOUT_S)
+            try:
+                await _import_rows(conn, steps, rows, result, rules=rules, client_ids=client_ids, now=now,
+                                   progress=progress, keep=keep, batch_size=batch_size)  # fmt: skip
+            except BaseException:
+                if not conn.is_closed():
+                    with steps.step("rollback"):
+                        await transaction.rollback()
+                raise
+            with steps.step("commit"):
+                await transaction.commit()
+        except UNAVAILABLE_ERRORS:
+            if steps.expired is None:
+                raise
+            raise Unavailable(
+                f"the database did not answer the import ({steps.expired}) within {step_timeout_s:g} s"
+            ) from None
+
+
+async def _import_rows(
+    conn: asyncpg.Connection,
+    steps: _Steps,
+    rows: AsyncIterable[ImportRow],
+    result: ImportResult,
+    *,
+    rules: CodeRules,
+    client_ids: Collection[str],
+    now: datetime,
+    progress: Callable[[int], None] | None,
+    keep: Callable[[ImportResult], bool] | None,
+    batch_size: int,
+) -> None:
+    writer = _BatchWriter(conn, steps, progress)
+    batch: list[tuple[int, NewCode]] = []
+    try:
+        async for row in rows:
+            if len(row) == 2:
+                result.reject(row[0], row[1])
+                continue
+            line, raw, text = row
+            try:
+                batch.append(
+                    (line, parse_new_code(raw, rules=rules, client_ids=client_ids, now=now, text=text))
+                )
+            except ValidationFailed as invalid:
+                result.reject(line, invalid.message)
+            if len(batch) >= batch_size:
                 await writer.send(batch)
-            await writer.wait()
-        finally:
-            await writer.abandon()
-        if writer.refused:
-            # Only those it can report are read; the others are counted.
+                batch = []
+        if batch:
+            await writer.send(batch)
+        await writer.wait()
+    finally:
+        await writer.abandon()
+    if writer.refused:
+        # Only those it can report are read; the others are counted.
+        with steps.step("refused rows"):
             listed = await code_store.refused_rows(
                 conn, limit=max(REJECTIONS_REPORTED - len(result.rejected), 0)
             )
-            for line, payment_code, first_line in listed:
-                if first_line is None:
-                    result.reject(line, f"payment_code: {payment_code} is already registered")
-                else:
-                    result.reject(line, f"payment_code: {payment_code} repeats line {first_line}")
-            result.rejected_count += writer.refused - len(listed)
-        result.imported = result.valid = writer.sent - writer.refused
-        if keep is not None and not keep(result):
-            raise _Discarded
-        if result.imported:
+        for line, payment_code, first_line in listed:
+            if first_line is None:
+                result.reject(line, f"payment_code: {payment_code} is already registered")
+            else:
+                result.reject(line, f"payment_code: {payment_code} repeats line {first_line}")
+        result.rejected_count += writer.refused - len(listed)
+    result.imported = result.valid = writer.sent - writer.refused
+    if keep is not None and not keep(result):
+        raise _Discarded
+    if result.imported:
+        with steps.step("event"):
             await outbox.append(
                 conn, "codes.imported", None, {"imported": result.imported, "rejected": result.rejected_count}
             )
+
+
+class _Steps:
+    """An import's database steps, each bounded from its start: BEGIN with its temporary tables, each
+    batch's COPY, the lookup of refused rows, the event, the COMMIT (or ROLLBACK).
+
+    The import holds one connection in one transaction for as long as its rows take to come and be
+    checked, so no one deadline fits it. A step past its bound terminates that connection instead: what
+    waits on it fails at once (a database that hangs would otherwise hold the upload, and the
+    transaction's cleanup, for as long as it hangs), the uncommitted transaction is gone, and the import
+    ends as Unavailable with nothing registered.
+    """
+
+    def __init__(self, conn: asyncpg.Connection, seconds: float) -> None:
+        self._conn = conn
+        self._seconds = seconds
+        self.expired: str | None = None  # the step that ran out of time
+
+    def start(self, what: str) -> asyncio.TimerHandle:
+        """Bound a step that starts now; cancel the handle when it is done."""
+        return asyncio.get_running_loop().call_later(self._seconds, self._expire, what)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        timer = self.start(what)
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def _expire(self, what: str) -> None:
+        if self.expired is None:
+            self.expired = what
+            log.warning("db.deadline_exceeded", what=f"import.{what}", seconds=self._seconds)
+        self._conn.terminate()
 
 
 class _BatchWriter:
@@ -327,8 +417,11 @@ class _BatchWriter:
     checks in Python (on another) work at once. One batch is in flight at a time: the connection
     runs one statement at a time, and memory holds two batches at most."""
 
-    def __init__(self, conn: asyncpg.Connection, progress: Callable[[int], None] | None) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, steps: _Steps, progress: Callable[[int], None] | None
+    ) -> None:
         self.conn = conn
+        self.steps = steps
         self.progress = progress
         self.sent = 0
         self.refused = 0
@@ -337,6 +430,9 @@ class _BatchWriter:
     async def send(self, batch: list[tuple[int, NewCode]]) -> None:
         await self.wait()
         self._in_flight = asyncio.create_task(code_store.import_batch(self.conn, batch))
+        # Bounded from its start, while the next batch is read and checked as well as while it is waited for.
+        timer = self.steps.start("batch")
+        self._in_flight.add_done_callback(lambda _: timer.cancel())
         self.sent += len(batch)
 
     async def wait(self) -> None:

@@ -169,6 +169,7 @@ async def import_codes(request: web.Request) -> web.Response:
             rules=settings.bins,
             client_ids=settings.client_ids,
             now=utcnow(),
+            step_timeout_s=settings.admin_db_timeout_s,
         )
     return json_response(result.document())
 

@@ -393,6 +393,7 @@ async def test_an_import_rejects_the_same_lines_however_it_is_batched(client, re
         rules=settings.bins,
         client_ids=settings.client_ids,
         now=utcnow(),
+        step_timeout_s=settings.admin_db_timeout_s,
         batch_size=batch_size,
     )
     assert [(r.line, r.error) for r in result.rejected] == [
@@ -450,7 +451,12 @@ async def test_an_import_of_codes_registered_already_reads_only_the_rejections_i
 
     async def imported() -> manage.ImportResult:
         return await manage.import_codes(
-            pool, rows_of(csv_of(rows)), rules=settings.bins, client_ids=settings.client_ids, now=utcnow()
+            pool,
+            rows_of(csv_of(rows)),
+            rules=settings.bins,
+            client_ids=settings.client_ids,
+            now=utcnow(),
+            step_timeout_s=settings.admin_db_timeout_s,
         )
 
     assert ((new := await imported()).imported, new.rejected_count) == (5_000, 0)
@@ -487,6 +493,7 @@ async def test_an_import_the_database_gives_up_for_a_deadlock_is_answered_503(cl
             rules=settings.bins,
             client_ids=settings.client_ids,
             now=utcnow(),
+            step_timeout_s=settings.admin_db_timeout_s,
             batch_size=1,
         )
     )
@@ -552,6 +559,7 @@ async def test_an_import_lets_the_other_work_of_its_worker_run(pool, lines):
             rules=settings.bins,
             client_ids=settings.client_ids,
             now=utcnow(),
+            step_timeout_s=settings.admin_db_timeout_s,
         )
     finally:
         other_work.cancel()

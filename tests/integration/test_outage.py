@@ -10,13 +10,17 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from server.app import make_app
+from server.core import manage
 from server.doku.client import DokuSimulator
 from server.embedded import EmbeddedPostgres
 from server.store import migrate
-from tests.conftest import CLIENT, CODE, code_fields, make_settings
+from tests.conftest import CLIENT, CLIENT_ID, CODE, code_fields, dipc_env, make_settings
+from tests.integration.test_admin import csv_of
+from tests.integration.test_cli import DIPC
 from tests.integration.test_metrics import sampled
 
 SLACK_S = 0.5  # a loaded, shared machine: scheduling, not waiting on the database
@@ -245,3 +249,102 @@ async def test_a_frozen_database_keeps_the_money_routes_within_their_budget(
         assert time.monotonic() < deadline, "no recovery after the database came back"
         await asyncio.sleep(0.1)
     assert (await doku.inquiry(CODE)).status == 200
+
+
+def import_in_two_batches() -> tuple[bytes, bytes]:
+    """A CSV import of two batches: its first (with the header), and the rest."""
+    rows = [f"88965300{n:08d},1000,INV-{n},Budi,false" for n in range(2 * manage.IMPORT_BATCH)]
+    return csv_of(rows[: manage.IMPORT_BATCH]), "".join(
+        f"{row},{CLIENT_ID}\n" for row in rows[manage.IMPORT_BATCH :]
+    ).encode()
+
+
+async def first_batch_copied(dsn: str) -> None:
+    """Until an import's first batch is at the database (its lines are copied last)."""
+    watcher = await asyncpg.connect(dsn)
+    try:
+        for _ in range(1000):
+            if await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%dipc_import_lines%'"
+            ):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the import's first batch never reached the database")
+    finally:
+        await watcher.close()
+
+
+async def test_a_database_frozen_under_an_import_gets_it_a_503_within_a_step(
+    aiohttp_client, own_database, admin_headers
+):
+    """(Left open by the performance work.) An import holds one connection in one transaction while its
+    rows come, so no one deadline fits it, and a database frozen under an upload held it for the
+    import's hour. Each of its database steps now has the admin budget: the upload is answered 503 once
+    the step in flight outlasts it, nothing of it is registered, and the same file goes in once the
+    database is back."""
+    server, dsn = own_database
+    client = await aiohttp_client(make_app(make_settings(admin_db_timeout_s=1.0), dsn))
+    first, rest = import_in_two_batches()
+    frozen_now = asyncio.Event()
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield first  # one batch: it goes to the database
+        await frozen_now.wait()
+        yield rest  # the next batch waits for it
+
+    headers = admin_headers | {"Content-Type": "text/csv"}
+    posting = asyncio.create_task(client.post("/v1/payment-codes/import", data=upload(), headers=headers))
+    await first_batch_copied(dsn)
+    async with frozen(server, seconds=5.0):
+        frozen_now.set()
+        async with asyncio.timeout(4.0):  # not the import's hour: its step's second, and slack
+            answer = await posting
+    assert answer.status == 503, await answer.text()
+    error = (await answer.json())["error"]
+    assert error["code"] == "UNAVAILABLE"
+    assert "did not answer the import (batch) within 1 s" in error["message"]
+
+    deadline = time.monotonic() + 20
+    while (
+        again := await client.post("/v1/payment-codes/import", data=first + rest, headers=headers)
+    ).status != 200:
+        assert again.status == 503, await again.text()
+        assert time.monotonic() < deadline, "no recovery after the database came back"
+        await asyncio.sleep(0.1)
+    assert ((result := await again.json())["imported"], result["rejected_count"]) == (
+        2 * manage.IMPORT_BATCH,
+        0,
+    )
+
+
+async def test_a_database_frozen_under_a_cli_import_ends_it_within_a_step(own_database):
+    """The same for `dipc codes import`, which had no bound at all: it waited as long as the database
+    hung. It now fails within the admin budget (DIPC_ADMIN_DB_TIMEOUT_S), and registers nothing."""
+    server, dsn = own_database
+    first, rest = import_in_two_batches()
+    process = await asyncio.create_subprocess_exec(
+        *DIPC, "codes", "import", "--format", "csv", "-",
+        env=dipc_env(dsn, DIPC_ADMIN_DB_TIMEOUT_S="1"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdin is not None
+    try:
+        process.stdin.write(first)
+        await process.stdin.drain()
+        await first_batch_copied(dsn)
+        async with frozen(server, seconds=5.0):
+            process.stdin.write(rest)
+            process.stdin.close()
+            async with asyncio.timeout(4.0):
+                stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 1, (stdout, stderr)
+    assert b"did not answer the import (batch) within 1 s" in stderr, stderr
+    check = await asyncpg.connect(dsn)
+    try:
+        assert await check.fetchval("SELECT count(*) FROM payment_codes") == 0
+    finally:
+        await check.close()
