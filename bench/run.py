@@ -5,6 +5,7 @@
 
 Phases (see bench/README.md for what each baseline means):
   import   `dipc codes import` of N codes      vs  PostgreSQL's own COPY of the same file (psql \\copy)
+           the same file again (every line refused, as a re-upload)  vs  the same COPY
            POST /v1/payment-codes/import       vs  the same COPY
   feed     long-poll wake-ups                  vs  a plain GET /v1/events
   inquiry  DOKU inquiries through dipc         vs  bench/ceiling.py, a minimal aiohttp + asyncpg server
@@ -263,6 +264,17 @@ def bench_import(env: dict[str, str], dsn: str, workdir: Path, rows: int) -> lis
         sys.exit(f"bench: dipc codes import failed:\n{result.stdout}\n{result.stderr}")
     log(f"import: dipc says: {result.stdout.strip()}")
 
+    log(f"import: dipc codes import of the same {rows:,} rows again (a re-upload: every line refused)")
+    started = time.perf_counter()
+    again = subprocess.run(
+        [DIPC, "codes", "import", str(path)], env=env, capture_output=True, text=True, check=False
+    )
+    again_s = time.perf_counter() - started
+    refused = f"imported 0 codes, rejected {rows:,} lines"
+    if again.returncode != 1 or refused not in again.stdout:  # exit 1: nothing imported
+        sys.exit(f"bench: the re-upload did not refuse every line:\n{again.stdout}\n{again.stderr[-2000:]}")
+    log(f"import: dipc says: {again.stdout.strip()}")
+
     log(f"import: POST /v1/payment-codes/import of {rows:,} other rows")
     api_path = workdir / "codes-api.csv"
     write_codes_csv(api_path, rows, API_PREFIX, False)
@@ -292,6 +304,13 @@ def bench_import(env: dict[str, str], dsn: str, workdir: Path, rows: int) -> lis
         Figure("PostgreSQL COPY (psql \\copy), wall", copy_s, "s"),
         Figure(
             f"dipc codes import {rows:,} codes, wall", dipc_s, "s", baseline="COPY", ratio=dipc_s / copy_s
+        ),
+        Figure(
+            f"dipc codes import of the same {rows:,} codes again (all refused), wall",
+            again_s,
+            "s",
+            baseline="COPY",
+            ratio=again_s / copy_s,
         ),
         Figure(
             f"POST /v1/payment-codes/import {rows:,} codes, wall",
