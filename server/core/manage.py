@@ -425,11 +425,14 @@ class _BatchWriter:
         self.progress = progress
         self.sent = 0
         self.refused = 0
+        self._refused_last = False  # the last batch had refused rows
         self._in_flight: asyncio.Task[int] | None = None
 
     async def send(self, batch: list[tuple[int, NewCode]]) -> None:
         await self.wait()
-        self._in_flight = asyncio.create_task(code_store.import_batch(self.conn, batch))
+        self._in_flight = asyncio.create_task(
+            code_store.import_batch(self.conn, batch, refusals_expected=self._refused_last)
+        )
         # Bounded from its start, while the next batch is read and checked as well as while it is waited for.
         timer = self.steps.start("batch")
         self._in_flight.add_done_callback(lambda _: timer.cancel())
@@ -439,7 +442,9 @@ class _BatchWriter:
         """Until the batch in flight is registered; its error, if any, is raised here."""
         if self._in_flight is not None:
             task, self._in_flight = self._in_flight, None
-            self.refused += await task
+            refused = await task
+            self.refused += refused
+            self._refused_last = refused > 0
             if self.progress:
                 self.progress(self.sent)
 

@@ -206,15 +206,25 @@ async def begin_import(conn: asyncpg.Connection, *, timeout_s: int) -> None:
     )
 
 
-async def import_batch(conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]]) -> int:
-    """Register a batch of ``(line, code)``; return how many rows were refused (see :func:`refused_rows`)."""
-    try:
-        async with conn.transaction():
-            await conn.copy_records_to_table(
-                "payment_codes", records=[_values(code) for _, code in batch], columns=NEW_CODE_COLUMNS
-            )
-        refused = 0
-    except asyncpg.UniqueViolationError:
+async def import_batch(
+    conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]], *, refusals_expected: bool = False
+) -> int:
+    """Register a batch of ``(line, code)``; return how many rows were refused (see :func:`refused_rows`).
+
+    ``refusals_expected`` (the batch before had refused rows: a re-upload of registered codes, most
+    likely) sends the batch row by row at once, rather than a COPY that would be refused first.
+    """
+    refused = None
+    if not refusals_expected:
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "payment_codes", records=[_values(code) for _, code in batch], columns=NEW_CODE_COLUMNS
+                )
+            refused = 0
+        except asyncpg.UniqueViolationError:
+            pass
+    if refused is None:
         refused = await _import_batch_one_by_one(conn, batch)
     await conn.copy_records_to_table(_LINES, records=[(code.payment_code, line) for line, code in batch])
     return refused
