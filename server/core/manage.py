@@ -312,8 +312,8 @@ async def _import(
                 raise
             with steps.step("commit"):
                 await transaction.commit()
-        except UNAVAILABLE_ERRORS:
-            if steps.expired is None:
+        except (asyncio.CancelledError, *UNAVAILABLE_ERRORS) as error:
+            if not steps.ended(error):
                 raise
             raise Unavailable(
                 f"the database did not answer the import ({steps.expired}) within {step_timeout_s:g} s"
@@ -385,12 +385,16 @@ class _Steps:
     checked, so no one deadline fits it. A step past its bound terminates that connection instead: what
     waits on it fails at once (a database that hangs would otherwise hold the upload, and the
     transaction's cleanup, for as long as it hangs), the uncommitted transaction is gone, and the import
-    ends as Unavailable with nothing registered.
+    ends as Unavailable with nothing registered. It also cancels the import's task, which may be waiting
+    for rows meanwhile (a batch is at the database while the next is read): an upload or a pipe that
+    pauses would otherwise hold the import until it sent more.
     """
 
     def __init__(self, conn: asyncpg.Connection, seconds: float) -> None:
         self._conn = conn
         self._seconds = seconds
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task is not None else 0
         self.expired: str | None = None  # the step that ran out of time
 
     def start(self, what: str) -> asyncio.TimerHandle:
@@ -405,11 +409,22 @@ class _Steps:
         finally:
             timer.cancel()
 
+    def ended(self, error: BaseException) -> bool:
+        """Whether ``error`` is what a step's expiry made of the import: a cancellation that is ours and
+        nobody else's since, or a failure of the connection it terminated."""
+        if self.expired is None:
+            return False
+        if isinstance(error, asyncio.CancelledError):
+            return self._task is not None and self._task.uncancel() <= self._cancelling
+        return True
+
     def _expire(self, what: str) -> None:
+        self._conn.terminate()
         if self.expired is None:
             self.expired = what
             log.warning("db.deadline_exceeded", what=f"import.{what}", seconds=self._seconds)
-        self._conn.terminate()
+            if self._task is not None:
+                self._task.cancel()
 
 
 class _BatchWriter:

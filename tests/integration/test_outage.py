@@ -280,17 +280,18 @@ async def test_a_database_frozen_under_an_import_gets_it_a_503_within_a_step(
     """(Left open by the performance work.) An import holds one connection in one transaction while its
     rows come, so no one deadline fits it, and a database frozen under an upload held it for the
     import's hour. Each of its database steps now has the admin budget: the upload is answered 503 once
-    the step in flight outlasts it, nothing of it is registered, and the same file goes in once the
-    database is back."""
+    the step in flight outlasts it, also while the upload pauses, nothing of it is registered, and the
+    same file goes in once the database is back."""
     server, dsn = own_database
     client = await aiohttp_client(make_app(make_settings(admin_db_timeout_s=1.0), dsn))
     first, rest = import_in_two_batches()
-    frozen_now = asyncio.Event()
+    frozen_now, answered = asyncio.Event(), asyncio.Event()
 
     async def upload() -> AsyncIterator[bytes]:
         yield first  # one batch: it goes to the database
         await frozen_now.wait()
         yield rest  # the next batch waits for it
+        await answered.wait()  # and the upload pauses: the import does not wait for more
 
     headers = admin_headers | {"Content-Type": "text/csv"}
     posting = asyncio.create_task(client.post("/v1/payment-codes/import", data=upload(), headers=headers))
@@ -299,6 +300,7 @@ async def test_a_database_frozen_under_an_import_gets_it_a_503_within_a_step(
         frozen_now.set()
         async with asyncio.timeout(4.0):  # not the import's hour: its step's second, and slack
             answer = await posting
+    answered.set()
     assert answer.status == 503, await answer.text()
     error = (await answer.json())["error"]
     assert error["code"] == "UNAVAILABLE"
