@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -21,6 +23,7 @@ from server.cli.common import (
     open_database,
     print_json,
     print_table,
+    read_off_loop,
 )
 from server.config import Settings, load_settings
 from server.core import manage
@@ -291,18 +294,28 @@ def run_import(args: argparse.Namespace) -> int:
     progress = Progress(f"importing {args.file}")
 
     async def chunks() -> AsyncIterator[bytes]:
-        handle = sys.stdin.buffer if path is None else path.open("rb")
+        # The descriptor itself, read off the event loop (read_off_loop) for what has come so far: a pipe
+        # that pauses leaves the batch at the database answered meanwhile, and its lines are checked as
+        # they come. Not sys.stdin.buffer: a read left waiting in it at exit holds the lock that closing
+        # it at interpreter shutdown needs, and Python aborts.
+        fd = sys.stdin.fileno() if path is None else os.open(path, os.O_RDONLY)
         done = 0
+        reading = False
         try:
-            # Off the event loop, and what has come so far: a pipe that pauses leaves the batch at the
-            # database answered meanwhile, and its lines are checked as they come.
-            while chunk := await asyncio.to_thread(handle.read1, 256 * 1024):
+            while True:
+                reading = True
+                chunk = await read_off_loop(functools.partial(os.read, fd), 256 * 1024)
+                reading = False
+                if not chunk:
+                    break
                 done += len(chunk)
                 progress.update(done / total if total else 0.0, f"{done / 1e6:,.1f} MB")
                 yield chunk
         finally:
-            if path is not None:
-                handle.close()
+            # A read given up on may still come: its descriptor stays open (to the exit) rather than
+            # be reused by another file or socket under it.
+            if path is not None and not reading:
+                os.close(fd)
 
     async def work(pool: asyncpg.Pool, settings: Settings) -> int:
         # The modules and the pool live as long as the command: out of the way of the collector's full

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -132,6 +134,37 @@ async def open_database(
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+
+
+async def read_off_loop(read: Callable[[int], bytes], size: int) -> bytes:
+    """``read(size)`` in a daemon thread of its own, awaited on the event loop (which goes on meanwhile).
+
+    Not ``asyncio.to_thread``: its threads are joined when ``asyncio.run`` ends, so a command that fails
+    while the pipe it reads from stays open (a producer that pauses) could not exit until that pipe sent
+    more or closed. A daemon thread blocked in its read is left behind instead.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bytes] = loop.create_future()
+
+    def settle(data: bytes, error: BaseException | None) -> None:  # on the loop
+        if future.done():  # the command stopped waiting
+            return
+        if error is None:
+            future.set_result(data)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        data, error = b"", None
+        try:
+            data = read(size)
+        except BaseException as failure:  # handed to the task that awaits it
+            error = failure
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, data, error)
+
+    threading.Thread(target=run, name="dipc-read", daemon=True).start()
+    return await future
 
 
 def print_json(document: Any, stream: TextIO | None = None) -> None:

@@ -321,7 +321,8 @@ async def test_a_database_frozen_under_an_import_gets_it_a_503_within_a_step(
 
 async def test_a_database_frozen_under_a_cli_import_ends_it_within_a_step(own_database):
     """The same for `dipc codes import`, which had no bound at all: it waited as long as the database
-    hung. It now fails within the admin budget (DIPC_ADMIN_DB_TIMEOUT_S), and registers nothing."""
+    hung. It now fails within the admin budget (DIPC_ADMIN_DB_TIMEOUT_S), and registers nothing, also
+    while the pipe it reads from is still open (the read waiting on it must not hold the exit)."""
     server, dsn = own_database
     first, rest = import_in_two_batches()
     process = await asyncio.create_subprocess_exec(
@@ -335,14 +336,18 @@ async def test_a_database_frozen_under_a_cli_import_ends_it_within_a_step(own_da
         await process.stdin.drain()
         await first_batch_copied(dsn)
         async with frozen(server, seconds=5.0):
-            process.stdin.write(rest)
-            process.stdin.close()
+            process.stdin.write(rest)  # and the pipe stays open
+            await process.stdin.drain()
             async with asyncio.timeout(4.0):
-                stdout, stderr = await process.communicate()
+                await process.wait()
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
+        process.stdin.close()
+    assert process.stdout is not None
+    assert process.stderr is not None
+    stdout, stderr = await process.stdout.read(), await process.stderr.read()
     assert process.returncode == 1, (stdout, stderr)
     assert b"did not answer the import (batch) within 1 s" in stderr, stderr
     check = await asyncpg.connect(dsn)
