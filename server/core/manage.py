@@ -7,15 +7,13 @@ did not happen and never misses one that did.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterable, Callable, Collection, Iterator, Mapping
+from collections.abc import AsyncIterable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import asyncpg
-import structlog
 
 from server.core.codes import CodeRules, NewCode, PaymentCode
 from server.core.documents import code_document
@@ -33,9 +31,7 @@ from server.core.registration import parse_changes, parse_new_code, parse_paymen
 from server.store import codes as code_store
 from server.store import outbox
 from server.store import payments as payment_store
-from server.store.pool import UNAVAILABLE_ERRORS
-
-log = structlog.get_logger(component="dipc.manage")
+from server.store.pool import UNAVAILABLE_ERRORS, Steps
 
 T = TypeVar("T")
 
@@ -250,8 +246,8 @@ async def import_codes(
     Codes registered before the import, and repeats within the file, are rejected by line number.
     ``keep``, asked once every row was checked, may discard the whole import (a dry run, or
     all-or-nothing): then nothing is registered and ``saved`` is False. Each database step may take
-    ``step_timeout_s`` (:class:`_Steps`); a database that does not answer within it fails the import
-    with Unavailable, and nothing is registered.
+    ``step_timeout_s`` (:class:`~server.store.pool.Steps`); a database that does not answer within it
+    fails the import with Unavailable, and nothing is registered.
     """
     started = time.perf_counter()
     result = ImportResult()
@@ -296,7 +292,7 @@ async def _import(
     batch_size: int,
 ) -> None:
     async with outbox.connection(pool) as conn:
-        steps = _Steps(conn, step_timeout_s)
+        steps = Steps(conn, step_timeout_s, "import")
         try:
             transaction = conn.transaction()
             with steps.step("begin"):
@@ -322,7 +318,7 @@ async def _import(
 
 async def _import_rows(
     conn: asyncpg.Connection,
-    steps: _Steps,
+    steps: Steps,
     rows: AsyncIterable[ImportRow],
     result: ImportResult,
     *,
@@ -357,7 +353,7 @@ async def _import_rows(
         await writer.abandon()
     if writer.refused:
         # Only those it can report are read; the others are counted.
-        with steps.step("refused rows"):
+        with steps.step("refused_rows"):
             listed = await code_store.refused_rows(
                 conn, limit=max(REJECTIONS_REPORTED - len(result.rejected), 0)
             )
@@ -377,63 +373,13 @@ async def _import_rows(
             )
 
 
-class _Steps:
-    """An import's database steps, each bounded from its start: BEGIN with its temporary tables, each
-    batch's COPY, the lookup of refused rows, the event, the COMMIT (or ROLLBACK).
-
-    The import holds one connection in one transaction for as long as its rows take to come and be
-    checked, so no one deadline fits it. A step past its bound terminates that connection instead: what
-    waits on it fails at once (a database that hangs would otherwise hold the upload, and the
-    transaction's cleanup, for as long as it hangs), the uncommitted transaction is gone, and the import
-    ends as Unavailable with nothing registered. It also cancels the import's task, which may be waiting
-    for rows meanwhile (a batch is at the database while the next is read): an upload or a pipe that
-    pauses would otherwise hold the import until it sent more.
-    """
-
-    def __init__(self, conn: asyncpg.Connection, seconds: float) -> None:
-        self._conn = conn
-        self._seconds = seconds
-        self._task = asyncio.current_task()
-        self._cancelling = self._task.cancelling() if self._task is not None else 0
-        self.expired: str | None = None  # the step that ran out of time
-
-    def start(self, what: str) -> asyncio.TimerHandle:
-        """Bound a step that starts now; cancel the handle when it is done."""
-        return asyncio.get_running_loop().call_later(self._seconds, self._expire, what)
-
-    @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        timer = self.start(what)
-        try:
-            yield
-        finally:
-            timer.cancel()
-
-    def ended(self, error: BaseException) -> bool:
-        """Whether ``error`` is what a step's expiry made of the import: a cancellation that is ours and
-        nobody else's since, or a failure of the connection it terminated."""
-        if self.expired is None:
-            return False
-        if isinstance(error, asyncio.CancelledError):
-            return self._task is not None and self._task.uncancel() <= self._cancelling
-        return True
-
-    def _expire(self, what: str) -> None:
-        self._conn.terminate()
-        if self.expired is None:
-            self.expired = what
-            log.warning("db.deadline_exceeded", what=f"import.{what}", seconds=self._seconds)
-            if self._task is not None:
-                self._task.cancel()
-
-
 class _BatchWriter:
     """Registers one batch while the next is read and checked, so PostgreSQL (on one core) and the
     checks in Python (on another) work at once. One batch is in flight at a time: the connection
     runs one statement at a time, and memory holds two batches at most."""
 
     def __init__(
-        self, conn: asyncpg.Connection, steps: _Steps, progress: Callable[[int], None] | None
+        self, conn: asyncpg.Connection, steps: Steps, progress: Callable[[int], None] | None
     ) -> None:
         self.conn = conn
         self.steps = steps
@@ -449,8 +395,8 @@ class _BatchWriter:
             code_store.import_batch(self.conn, batch, refusals_expected=self._refused_last)
         )
         # Bounded from its start, while the next batch is read and checked as well as while it is waited for.
-        timer = self.steps.start("batch")
-        self._in_flight.add_done_callback(lambda _: timer.cancel())
+        done = self.steps.start("batch")
+        self._in_flight.add_done_callback(lambda task: done(None if task.cancelled() else task.exception()))
         self.sent += len(batch)
 
     async def wait(self) -> None:

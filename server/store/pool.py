@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -302,6 +302,68 @@ class Deadline:
                 raise Unavailable("the database is unavailable") from error
         finally:
             metrics.DB_DURATION_SERIES(self._what, result).observe(time.perf_counter() - self._started)
+
+
+class Steps:
+    """Long database work on one connection that it holds (an import), bounded step by step.
+
+    An import holds one connection in one transaction for as long as its rows take to come and be
+    checked, so no one :class:`Deadline` fits it, and a Deadline nested in it could not reach that
+    connection: it was acquired outside, and a batch's COPY runs in a task of its own. Each step (a
+    statement, a batch, the COMMIT) is bounded from its start instead. A step past its bound terminates
+    the connection, so what waits on it fails at once (a database that hangs would otherwise hold the
+    work, and its transaction's cleanup, for as long as it hangs), and cancels the task that entered,
+    which may be waiting for something else meanwhile (the next rows of an upload or a pipe that
+    pauses). :meth:`ended` tells the work that the failure it meets is that expiry. Each step's duration
+    is measured as ``<what>.<step>`` in dipc_db_operation_duration_seconds.
+    """
+
+    def __init__(self, conn: asyncpg.Connection, seconds: float, what: str) -> None:
+        self._conn = conn
+        self._seconds = seconds
+        self._what = what
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling() if self._task is not None else 0
+        self.expired: str | None = None  # the step that ran out of time
+
+    def start(self, step: str) -> Callable[[BaseException | None], None]:
+        """Bound a step that starts now; call what this returns once it is done, with its error or None."""
+        started = time.perf_counter()
+        timer = asyncio.get_running_loop().call_later(self._seconds, self._expire, step)
+
+        def done(error: BaseException | None) -> None:
+            timer.cancel()
+            result = "timeout" if self.expired == step else "ok" if error is None else "error"
+            metrics.DB_DURATION_SERIES(f"{self._what}.{step}", result).observe(time.perf_counter() - started)
+
+        return done
+
+    @contextmanager
+    def step(self, step: str) -> Iterator[None]:
+        done = self.start(step)
+        try:
+            yield
+        except BaseException as error:
+            done(error)
+            raise
+        done(None)
+
+    def ended(self, error: BaseException) -> bool:
+        """Whether ``error`` is what a step's expiry made of the work: a cancellation that is ours and
+        nobody else's since, or a failure of the connection it terminated."""
+        if self.expired is None:
+            return False
+        if isinstance(error, asyncio.CancelledError):
+            return self._task is not None and self._task.uncancel() <= self._cancelling
+        return True
+
+    def _expire(self, step: str) -> None:
+        self._conn.terminate()
+        if self.expired is None:
+            self.expired = step
+            log.warning("db.deadline_exceeded", what=f"{self._what}.{step}", seconds=self._seconds)
+            if self._task is not None:
+                self._task.cancel()
 
 
 class _Watchdog:

@@ -21,7 +21,7 @@ from server.store import migrate
 from tests.conftest import CLIENT, CLIENT_ID, CODE, code_fields, dipc_env, make_settings
 from tests.integration.test_admin import csv_of
 from tests.integration.test_cli import DIPC
-from tests.integration.test_metrics import sampled
+from tests.integration.test_metrics import sampled, scrape, value
 
 SLACK_S = 0.5  # a loaded, shared machine: scheduling, not waiting on the database
 
@@ -294,6 +294,7 @@ async def test_a_database_frozen_under_an_import_gets_it_a_503_within_a_step(
         await answered.wait()  # and the upload pauses: the import does not wait for more
 
     headers = admin_headers | {"Content-Type": "text/csv"}
+    before = await scrape(client)
     posting = asyncio.create_task(client.post("/v1/payment-codes/import", data=upload(), headers=headers))
     await first_batch_copied(dsn)
     async with frozen(server, seconds=5.0):
@@ -305,6 +306,15 @@ async def test_a_database_frozen_under_an_import_gets_it_a_503_within_a_step(
     error = (await answer.json())["error"]
     assert error["code"] == "UNAVAILABLE"
     assert "did not answer the import (batch) within 1 s" in error["message"]
+    after = await scrape(client)
+    for outcome in ("ok", "timeout"):  # the first batch, then the second
+        counts = [
+            value(
+                samples, "dipc_db_operation_duration_seconds_count", operation="import.batch", result=outcome
+            )
+            for samples in (before, after)
+        ]
+        assert counts[1] - counts[0] == 1, (outcome, counts)
 
     deadline = time.monotonic() + 20
     while (
