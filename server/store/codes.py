@@ -214,20 +214,24 @@ async def import_batch(
     ``refusals_expected`` (the batch before had refused rows: a re-upload of registered codes, most
     likely) sends the batch row by row at once, rather than a COPY that would be refused first.
     """
-    refused = None
-    if not refusals_expected:
-        try:
-            async with conn.transaction():
-                await conn.copy_records_to_table(
-                    "payment_codes", records=[_values(code) for _, code in batch], columns=NEW_CODE_COLUMNS
-                )
-            refused = 0
-        except asyncpg.UniqueViolationError:
-            pass
-    if refused is None:
+    if refusals_expected or not await _copied(conn, batch):
         refused = await _import_batch_one_by_one(conn, batch)
+    else:
+        refused = 0
     await conn.copy_records_to_table(_LINES, records=[(code.payment_code, line) for line, code in batch])
     return refused
+
+
+async def _copied(conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]]) -> bool:
+    """COPY the batch straight into payment_codes under a savepoint; False if a code was there already."""
+    try:
+        async with conn.transaction():
+            await conn.copy_records_to_table(
+                "payment_codes", records=[_values(code) for _, code in batch], columns=NEW_CODE_COLUMNS
+            )
+    except asyncpg.UniqueViolationError:
+        return False
+    return True
 
 
 async def _import_batch_one_by_one(conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]]) -> int:

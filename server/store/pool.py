@@ -322,8 +322,11 @@ class Steps:
         self._conn = conn
         self._seconds = seconds
         self._what = what
-        self._task = asyncio.current_task()
-        self._cancelling = self._task.cancelling() if self._task is not None else 0
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("steps need a task to cancel")
+        self._task = task
+        self._cancelling = task.cancelling()
         self.expired: str | None = None  # the step that ran out of time
 
     def start(self, step: str) -> Callable[[BaseException | None], None]:
@@ -354,7 +357,7 @@ class Steps:
         if self.expired is None:
             return False
         if isinstance(error, asyncio.CancelledError):
-            return self._task is not None and self._task.uncancel() <= self._cancelling
+            return self._task.uncancel() <= self._cancelling
         return True
 
     def _expire(self, step: str) -> None:
@@ -362,8 +365,7 @@ class Steps:
         if self.expired is None:
             self.expired = step
             log.warning("db.deadline_exceeded", what=f"{self._what}.{step}", seconds=self._seconds)
-            if self._task is not None:
-                self._task.cancel()
+            self._task.cancel()
 
 
 class _Watchdog:
