@@ -13,7 +13,8 @@ import aiohttp
 
 from server.cli.common import EXIT_FAILURE, CommandFailed, open_database, print_json
 from server.config import ConfigError, Settings, load_settings
-from server.doku.checkstatus import CheckAnswer, CheckResult, CheckStatusClient
+from server.core.outcomes import CheckResult
+from server.doku.checkstatus import CheckAnswer, CheckStatusClient
 from server.embedded import EmbeddedPostgres
 from server.store import migrate, privileges
 

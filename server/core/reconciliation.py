@@ -23,11 +23,12 @@ from server.core.documents import iso
 from server.core.errors import ValidationFailed
 from server.core.manage import Page, page_limit
 from server.core.notifications import NotificationResult, RawNotification, record_notification
+from server.core.outcomes import CheckResult
 from server.core.payments import PaymentNotice
 from server.core.times import parse_timestamp
 from server.doku import conventions
 from server.doku.auth import Client
-from server.doku.checkstatus import CheckAnswer, CheckResult, CheckStatusClient
+from server.doku.checkstatus import CheckAnswer, CheckStatusClient
 from server.store import reconciliation as store
 from server.store.reconciliation import Claimed, QuotedInvoice
 

@@ -33,12 +33,11 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.registry import Collector
 
 from server import __version__
-from server.core.outcomes import InquiryOutcome
+from server.core.outcomes import CheckResult, InquiryOutcome
 from server.core.payments import EXCEPTION_REASONS, NotificationOutcome, PaymentKind, Reason
 from server.core.resolutions import Resolution
 from server.doku.auth import SIGNATURE_FAILURE_REASONS
 from server.doku.channels import CHANNELS
-from server.doku.checkstatus import CheckResult
 
 # Inquiries are answered in milliseconds; the 1 s deadline sits inside the range.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)

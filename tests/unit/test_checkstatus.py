@@ -10,10 +10,11 @@ import pytest
 
 from server.config import DEFAULT_RECONCILE_SCHEDULE, ConfigError, load_settings
 from server.core.errors import DipcError
+from server.core.outcomes import CheckResult
 from server.core.reconciliation import after_check, next_check
 from server.doku import signature
 from server.doku.auth import Client, signed_headers
-from server.doku.checkstatus import CheckAnswer, CheckResult, CheckStatusClient
+from server.doku.checkstatus import CheckAnswer, CheckStatusClient
 from server.doku.messages import parse_check_status
 from server.store.reconciliation import QuotedInvoice
 from tests.conftest import CLIENT_ID, SECRET_KEY
