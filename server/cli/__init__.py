@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from server import __version__
-from server.cli import casework, codes, doctor, events, prune, reconcile, serve, simulate
+from server.cli import casework, codes, doctor, events, migrate, prune, reconcile, serve, simulate
 from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, print_error
 from server.config import ConfigError
 from server.core.errors import DipcError
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dipc {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     serve.register(commands)
+    migrate.register(commands)
     codes.register(commands)
     casework.register(commands)
     events.register(commands)

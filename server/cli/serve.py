@@ -1,4 +1,4 @@
-"""``dipc serve`` and ``dipc migrate``."""
+"""``dipc serve``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import signal
 import sys
 from pathlib import Path
 
-import asyncpg
 import structlog
 from aiohttp import web
 
@@ -24,7 +23,6 @@ from server.cli.common import (
     CommandFailed,
     database_failure,
     log_database_choice,
-    open_database,
 )
 from server.config import DEMO_ADMIN_TOKEN, DEMO_CLIENT_ID, DEMO_SECRET_KEY, Settings, load_settings
 from server.core.times import utcnow
@@ -78,39 +76,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     serve.set_defaults(run=run_serve)
-
-    migrate_parser = commands.add_parser(
-        "migrate",
-        help="apply pending database migrations",
-        description="Apply the SQL migrations in schemas/migrations that the database has not seen yet, "
-        "in order, each in its own transaction. Run it as the role that owns the schema, before "
-        "`dipc serve` starts on a new version. Safe to run while servers run, and from several places "
-        "at once (an advisory lock makes it happen once). Connect directly to PostgreSQL, not through "
-        "a transaction-pooling pgbouncer (the lock is held for the session).",
-    )
-    migrate_parser.add_argument(
-        "--demo", action="store_true", help="without DATABASE_URL: the embedded database of `serve --demo`"
-    )
-    migrate_parser.set_defaults(run=run_migrate)
-
-
-def run_migrate(args: argparse.Namespace) -> int:
-    settings = load_settings(demo=args.demo)
-
-    async def apply() -> list[str]:
-        async with open_database(settings, require_current=False) as db, db.pool.acquire() as conn:
-            try:
-                return await migrate.migrate(conn)
-            except asyncpg.InsufficientPrivilegeError as error:
-                raise CommandFailed(
-                    f"this role may not change the schema ({error}): run `dipc migrate` with the owner's "
-                    "DATABASE_URL (deploy/postgres/roles.sql)",
-                    EXIT_USAGE,
-                ) from None
-
-    applied = asyncio.run(apply())
-    print(f"applied {', '.join(applied)}" if applied else "the database is up to date")
-    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
