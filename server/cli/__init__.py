@@ -7,12 +7,12 @@ Exit codes: 0 done, 1 the command failed (the message says why), 2 usage or conf
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from server import __version__
-from server.cli import casework, codes, doctor, events, migrate, prune, reconcile, serve, simulate
 from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, print_error
 from server.config import ConfigError
 from server.core.errors import DipcError
@@ -48,7 +48,31 @@ environment variables; see the README.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Each command, in the order `dipc --help` lists them, and the module in server.cli whose `register` adds
+# it. Only the module of the command that runs is imported: all of them import aiohttp, the app and more,
+# which took most of a second at every start.
+COMMANDS = {
+    "serve": "serve",
+    "migrate": "migrate",
+    "codes": "codes",
+    "payments": "codes",
+    "exceptions": "casework",
+    "inquiries": "casework",
+    "notifications": "casework",
+    "events": "events",
+    "reconcile": "reconcile",
+    "simulate": "simulate",
+    "doctor": "doctor",
+    "prune": "prune",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of `command` (and its module's other commands) alone.
+
+    Whatever follows a command's name is parsed by that command: the others would only take the time to
+    import their modules.
+    """
     parser = argparse.ArgumentParser(
         prog="dipc",
         description=DESCRIPTION,
@@ -57,20 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dipc {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    serve.register(commands)
-    migrate.register(commands)
-    codes.register(commands)
-    casework.register(commands)
-    events.register(commands)
-    reconcile.register(commands)
-    simulate.register(commands)
-    doctor.register(commands)
-    prune.register(commands)
+    # A named command's module, or every module once, in the order of COMMANDS.
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
+        importlib.import_module(f"server.cli.{module}").register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The first argument is the command's name, or --help, --version or a mistake: then every command is
+    # registered, to be listed.
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     # Commands print their results on stdout; their logs go to stderr and only when they matter.
     # `serve` configures logging again from its settings.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import socket
@@ -12,7 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import orjson
+import pytest
 
+from server.cli import COMMANDS, build_parser
 from server.embedded import EmbeddedPostgres
 from tests.conftest import clean_env
 
@@ -37,6 +40,48 @@ def test_help_explains_every_command():
         [*DIPC, "codes", "import", "--help"], capture_output=True, text=True, check=True
     )
     assert "header row" in codes_help.stdout
+
+
+def command_names(parser: argparse.ArgumentParser) -> list[str]:
+    (commands,) = (action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return list(commands.choices)
+
+
+def test_each_command_is_registered_by_the_module_the_table_names():
+    assert command_names(build_parser()) == list(COMMANDS)  # `dipc --help` lists them in this order
+    for command in COMMANDS:
+        assert command in command_names(build_parser(command))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["codes"],
+        ["codes", "add"],
+        ["codes", "import"],
+        ["codes", "list"],
+        ["migrate"],
+        ["payments", "list"],
+        ["exceptions", "resolve"],
+        ["events", "tail"],
+        ["prune"],
+    ],
+    ids=" ".join,
+)
+def test_commands_that_call_no_http_start_without_aiohttp(command):
+    """A command imports what it runs: aiohttp (a quarter of a second) only for those that speak HTTP."""
+    check = (
+        "import sys\n"
+        "from server.cli import main\n"
+        "try:\n"
+        f"    main({[*command, '--help']!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "loaded = sorted(name for name in sys.modules if name.split('.')[0] == 'aiohttp')\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_code_is_added_shown_listed_and_cancelled(env):
