@@ -155,16 +155,23 @@ def _rupiah(value: Any) -> int:
     return value
 
 
+def _transaction_date(data: dict[str, Any]) -> datetime | None:
+    """When the store says the customer paid; None when it says nothing we can read (money was taken:
+    an unreadable date is never a reason to refuse the record)."""
+    text = member(data, "transaction.date")
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return parse_timestamp(text)
+    except ValueError:
+        return None
+
+
 def parse_notification(body: bytes) -> NotificationMessage:
     """A payment notification. Lenient where money was already taken: an unknown channel or an
     unreadable transaction date is kept as far as it goes, never a reason to refuse the record."""
     data = load_object(body)
     amount = _rupiah(member(data, "order.amount"))
-    date_text = member(data, "transaction.date")
-    try:
-        transaction_date = parse_timestamp(date_text) if isinstance(date_text, str) and date_text else None
-    except ValueError:
-        transaction_date = None
     channel = channels.channel_from_message(member(data, "channel.id"), member(data, "acquirer.id"))
     identifiers = _identifiers(data)
     return NotificationMessage(
@@ -176,7 +183,7 @@ def parse_notification(body: bytes) -> NotificationMessage:
         amount=amount,
         channel=channel or _channel_fallback(data),
         transaction_status=(_text_member(data, "transaction.status", required=True) or "").upper(),
-        transaction_date=transaction_date,
+        transaction_date=_transaction_date(data),
         original_request_id=_text_member(data, "transaction.original_request_id", required=False),
         agent_id=identifiers.get("AGENT_ID"),
         agent_store_id=identifiers.get("AGENT_STORE_ID"),
@@ -227,17 +234,12 @@ def parse_check_status(body: bytes, *, payment_code: str, invoice_number: str) -
     amount = _rupiah(member(data, "order.amount")) if paid else None
     if amount is not None and amount <= 0:
         raise InvalidField("order.amount", "must be greater than 0")
-    date_text = member(data, "transaction.date")
-    try:
-        transaction_date = parse_timestamp(date_text) if isinstance(date_text, str) and date_text else None
-    except ValueError:
-        transaction_date = None
     identifiers = _identifiers(data)
     return CheckStatusMessage(
         transaction_status=status,
         amount=amount,
         channel=channels.channel_from_message(member(data, "channel.id"), member(data, "acquirer.id")),
-        transaction_date=transaction_date,
+        transaction_date=_transaction_date(data),
         original_request_id=_text_member(data, "transaction.original_request_id", required=False),
         agent_id=identifiers.get("AGENT_ID"),
         agent_store_id=identifiers.get("AGENT_STORE_ID"),

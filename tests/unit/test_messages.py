@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import orjson
 import pytest
 
@@ -107,3 +109,27 @@ def test_the_spec_notification_parses():
     assert message.transaction_status == "SUCCESS"
     assert message.transaction_reference("ignored") == "5b8e438f-fac1-4103-9e0e-ebfdc38b5acb"
     assert (message.agent_id, message.agent_store_id, message.agent_trx_id) == ("ALFAMART", "TZ01", "1246")
+
+
+@pytest.mark.parametrize(
+    ("date", "read_as"),
+    [
+        ("2026-11-25T15:47:10+07:00", datetime(2026, 11, 25, 8, 47, 10, tzinfo=UTC)),
+        ("2026-11-25T08:47:10Z", datetime(2026, 11, 25, 8, 47, 10, tzinfo=UTC)),
+        ("2026-11-25T08:47:10", None),  # no offset: not a moment we can place
+        ("9999-12-31T23:59:59-23:59", None),  # out of range once in UTC
+        ("25/11/2026", None),
+        ("", None),
+        (20261125, None),
+        (None, None),
+    ],
+)
+def test_a_transaction_date_is_read_where_it_can_be_and_never_refuses_the_payment(date, read_as):
+    notification = orjson.loads(spec_example("notification-alfa.json"))
+    notification["transaction"]["date"] = date
+    assert messages.parse_notification(orjson.dumps(notification)).transaction_date == read_as
+    check_answer = {"order": {"amount": 150000}, "transaction": {"status": "SUCCESS", "date": date}}
+    message = messages.parse_check_status(
+        orjson.dumps(check_answer), payment_code="8896512345678123", invoice_number="INV-2026-000123"
+    )
+    assert message.transaction_date == read_as
