@@ -302,7 +302,7 @@ async def _import(
                 await _import_rows(conn, steps, rows, result, rules=rules, client_ids=client_ids, now=now,
                                    progress=progress, keep=keep, batch_size=batch_size)  # fmt: skip
             except BaseException:
-                if not conn.is_closed():
+                if not steps.terminated and not conn.is_closed():
                     with steps.step("rollback"):
                         await transaction.rollback()
                 raise
@@ -410,9 +410,16 @@ class _BatchWriter:
                 self.progress(self.sent)
 
     async def abandon(self) -> None:
-        """After an error: stop the batch in flight, so the transaction can roll back."""
+        """After an error: end the batch in flight, and with it the import's transaction.
+
+        The connection is closed rather than rolled back: a ROLLBACK would first wait for the database to
+        finish the batch, and the database may be what hangs (an upload that stalls meanwhile would then
+        be answered only after the rollback's own step). PostgreSQL rolls back a transaction whose
+        connection is gone, and the pool opens another."""
         if self._in_flight is not None:
             task, self._in_flight = self._in_flight, None
+            if not task.done():
+                self.steps.terminate()
             task.cancel()
             await asyncio.wait([task])
             if not task.cancelled():

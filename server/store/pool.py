@@ -328,6 +328,7 @@ class Steps:
         self._task = task
         self._cancelling = task.cancelling()
         self.expired: str | None = None  # the step that ran out of time
+        self.terminated = False  # closed here (terminate): its transaction is over, nothing to roll back
 
     def start(self, step: str) -> Callable[[BaseException | None], None]:
         """Bound a step that starts now; call what this returns once it is done, with its error or None."""
@@ -360,8 +361,14 @@ class Steps:
             return self._task.uncancel() <= self._cancelling
         return True
 
-    def _expire(self, step: str) -> None:
+    def terminate(self) -> None:
+        """Close the connection, and with it the work's transaction (PostgreSQL rolls back a transaction
+        whose connection is gone), without waiting for the database."""
+        self.terminated = True
         self._conn.terminate()
+
+    def _expire(self, step: str) -> None:
+        self.terminate()
         if self.expired is None:
             self.expired = step
             log.warning("db.deadline_exceeded", what=f"{self._what}.{step}", seconds=self._seconds)

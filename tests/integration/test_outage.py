@@ -329,6 +329,52 @@ async def test_a_database_frozen_under_an_import_gets_it_a_503_within_a_step(
     )
 
 
+async def test_an_upload_that_stalls_on_a_frozen_database_is_answered_without_waiting_for_it(
+    aiohttp_client, own_database, admin_headers
+):
+    """An upload that stalls while its batch is at a database that hangs: the import has failed on its own
+    (408), and nothing of it can be kept. It used to roll back over the wire, which waits for the
+    database to finish the batch first: the answer came only after the rollback's own step budget (43 s
+    with the defaults). Its connection is now closed instead (PostgreSQL rolls back a transaction whose
+    connection is gone): the answer comes at the body timeout, nothing is registered, and the same file
+    goes in once the database is back."""
+    server, dsn = own_database
+    app = make_app(make_settings(admin_db_timeout_s=4.0, body_timeout_s=1.0), dsn)
+    client = await aiohttp_client(app)
+    first, rest = import_in_two_batches()
+    frozen_now, answered = asyncio.Event(), asyncio.Event()
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield first
+        await frozen_now.wait()
+        yield rest  # a batch that goes to the frozen database
+        await answered.wait()  # and the upload stalls past the body timeout
+
+    headers = admin_headers | {"Content-Type": "text/csv"}
+    posting = asyncio.create_task(client.post("/v1/payment-codes/import", data=upload(), headers=headers))
+    await first_batch_copied(dsn)
+    async with frozen(server, seconds=6.0):
+        frozen_now.set()
+        async with asyncio.timeout(3.0):  # the body timeout and slack, not the step budget of 4 s
+            answer = await posting
+        answered.set()
+        assert answer.status == 408, await answer.text()
+        assert "stalled" in (await answer.json())["error"]["message"]
+        assert (await client.get("/healthz")).status == 200
+
+    deadline = time.monotonic() + 20
+    while (
+        again := await client.post("/v1/payment-codes/import", data=first + rest, headers=headers)
+    ).status != 200:
+        assert again.status == 503, await again.text()
+        assert time.monotonic() < deadline, "no recovery after the database came back"
+        await asyncio.sleep(0.1)
+    assert ((result := await again.json())["imported"], result["rejected_count"]) == (
+        2 * manage.IMPORT_BATCH,
+        0,
+    )
+
+
 async def test_a_database_frozen_under_a_cli_import_ends_it_within_a_step(own_database):
     """The same for `dipc codes import`, which had no bound at all: it waited as long as the database
     hung. It now fails within the admin budget (DIPC_ADMIN_DB_TIMEOUT_S), and registers nothing, also
