@@ -274,6 +274,20 @@ async def first_batch_copied(dsn: str) -> None:
         await watcher.close()
 
 
+async def imports_whole_once_back(client, body: bytes, headers: dict[str, str]) -> None:
+    """``body`` (two batches), sent again until the database is back, imports whole: nothing of an import
+    that failed under it was registered."""
+    deadline = time.monotonic() + 20
+    while (again := await client.post("/v1/payment-codes/import", data=body, headers=headers)).status != 200:
+        assert again.status == 503, await again.text()
+        assert time.monotonic() < deadline, "no recovery after the database came back"
+        await asyncio.sleep(0.1)
+    assert ((result := await again.json())["imported"], result["rejected_count"]) == (
+        2 * manage.IMPORT_BATCH,
+        0,
+    )
+
+
 async def test_a_database_frozen_under_an_import_gets_it_a_503_within_a_step(
     aiohttp_client, own_database, admin_headers
 ):
@@ -316,17 +330,7 @@ async def test_a_database_frozen_under_an_import_gets_it_a_503_within_a_step(
         ]
         assert counts[1] - counts[0] == 1, (outcome, counts)
 
-    deadline = time.monotonic() + 20
-    while (
-        again := await client.post("/v1/payment-codes/import", data=first + rest, headers=headers)
-    ).status != 200:
-        assert again.status == 503, await again.text()
-        assert time.monotonic() < deadline, "no recovery after the database came back"
-        await asyncio.sleep(0.1)
-    assert ((result := await again.json())["imported"], result["rejected_count"]) == (
-        2 * manage.IMPORT_BATCH,
-        0,
-    )
+    await imports_whole_once_back(client, first + rest, headers)
 
 
 async def test_an_upload_that_stalls_on_a_frozen_database_is_answered_without_waiting_for_it(
@@ -362,17 +366,7 @@ async def test_an_upload_that_stalls_on_a_frozen_database_is_answered_without_wa
         assert "stalled" in (await answer.json())["error"]["message"]
         assert (await client.get("/healthz")).status == 200
 
-    deadline = time.monotonic() + 20
-    while (
-        again := await client.post("/v1/payment-codes/import", data=first + rest, headers=headers)
-    ).status != 200:
-        assert again.status == 503, await again.text()
-        assert time.monotonic() < deadline, "no recovery after the database came back"
-        await asyncio.sleep(0.1)
-    assert ((result := await again.json())["imported"], result["rejected_count"]) == (
-        2 * manage.IMPORT_BATCH,
-        0,
-    )
+    await imports_whole_once_back(client, first + rest, headers)
 
 
 async def test_a_database_frozen_under_a_cli_import_ends_it_within_a_step(own_database):
