@@ -410,12 +410,13 @@ class _BatchWriter:
                 self.progress(self.sent)
 
     async def abandon(self) -> None:
-        """After an error: end the batch in flight, and with it the import's transaction.
+        """After an error: end the batch in flight, if any.
 
-        The connection is closed rather than rolled back: a ROLLBACK would first wait for the database to
-        finish the batch, and the database may be what hangs (an upload that stalls meanwhile would then
-        be answered only after the rollback's own step). PostgreSQL rolls back a transaction whose
-        connection is gone, and the pool opens another."""
+        One still at the database closes the connection, and with it the import's transaction: a ROLLBACK
+        would first wait for the database to finish the batch, and the database may be what hangs (an
+        upload that stalls meanwhile would then be answered only after the rollback's own step).
+        PostgreSQL rolls back a transaction whose connection is gone, and the pool opens another. With no
+        batch out, the import rolls back as usual."""
         if self._in_flight is not None:
             task, self._in_flight = self._in_flight, None
             if not task.done():
