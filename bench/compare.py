@@ -126,7 +126,7 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
         cpu_after, cpu_before = statistics.median(cpu_us["after"]), statistics.median(cpu_us["before"])
         print(f"  server cpu per request, after / before: {cpu_after / cpu_before:.3f}")
         if args.open_loop:
-            compare_open_loop(args, (dsn, before_dsn), ports, codes, requests)
+            compare_open_loop(args, (dsn, before_dsn), ports, codes, requests, pids, postmaster)
     finally:
         for server in servers:
             run.stop_server(server)
@@ -135,24 +135,34 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
 OPEN_LOOP_S = 10
 
 
-def compare_open_loop(args, dsns, ports, codes, requests) -> None:
-    """p50/p99 of each server at one rate, rounds interleaved, after the bursts have settled."""
+def compare_open_loop(args, dsns, ports, codes, requests, pids, postmaster) -> None:
+    """p50/p99 of each server at one rate, rounds interleaved, after the bursts have settled, and the CPU
+    each server and PostgreSQL spent per request at that rate (where batches are short)."""
     run.settle_bursts(*dsns)
     p99s: dict[str, list[float]] = {name: [] for name in ports}
+    cpu_us: dict[str, list[float]] = {name: [] for name in ports}
+    db_us: dict[str, list[float]] = {name: [] for name in ports}
     for round_ in range(args.rounds):
         for name, port in ports.items():
             run.presign(requests, codes, int(args.open_loop * OPEN_LOOP_S) + 10, "/doku/inquiry")
+            cpu_before, db_before = cpu_seconds(pids[name]), cluster_cpu_seconds(postmaster)
             report = run.run_open_loop(port, rate=args.open_loop, seconds=OPEN_LOOP_S, requests=requests)
+            answered = args.open_loop * OPEN_LOOP_S
+            cpu_us[name].append((cpu_seconds(pids[name]) - cpu_before) / answered * 1e6)
+            db_us[name].append((cluster_cpu_seconds(postmaster) - db_before) / answered * 1e6)
             p99s[name].append(report["p99_ms"])
             print(f"round {round_ + 1} {name:8} open loop at {args.open_loop:,.0f}/s"
                   f"  p50 {report['p50_ms']:6.2f} ms  p99 {report['p99_ms']:6.2f} ms"
-                  f"  errors {report['errors']}  generator cpu {report['generator_cpu_share']:.0%}",
+                  f"  errors {report['errors']}  generator cpu {report['generator_cpu_share']:.0%}"
+                  f"  cpu {cpu_us[name][-1]:4.0f} us/req  db {db_us[name][-1]:4.0f} us/req",
                   flush=True)  # fmt: skip
     print(f"\nopen loop at {args.open_loop:,.0f} {args.kind} inquiries/s,"
           f" p99 of {args.rounds} rounds of {OPEN_LOOP_S} s:")  # fmt: skip
     for name, values in p99s.items():
         each = ", ".join(f"{value:.2f}" for value in values)
-        print(f"  {name:8} median {statistics.median(values):6.2f} ms  ({each})")
+        print(f"  {name:8} median {statistics.median(values):6.2f} ms  ({each})"
+              f"  server cpu {statistics.median(cpu_us[name]):4.0f} us/req"
+              f"  database cpu {statistics.median(db_us[name]):4.0f} us/req")  # fmt: skip
 
 
 def before_database(dsn: str, env: dict[str, str], before_tree: Path) -> tuple[str, dict[str, str]]:
