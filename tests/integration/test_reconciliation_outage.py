@@ -19,7 +19,7 @@ import pytest
 
 from server.app import make_app
 from server.doku.client import DokuSimulator
-from server.doku.standin import DokuStandIn
+from server.doku.standin import DokuStandIn, Scripted
 from tests.conftest import CLIENT, CLIENT_ID, make_settings
 from tests.integration.test_reconciliation import REUSABLE, eventually, register, samples
 
@@ -139,3 +139,32 @@ async def test_when_doku_answers_again_every_waiting_invoice_is_checked_on_its_o
     [back] = captured_log.events("reconcile.doku_reachable")
     assert back["unanswered_calls"] >= 1
     assert doku.problems == []
+
+
+async def test_doku_that_answers_and_then_goes_quiet_costs_no_invoice_a_slot(
+    aiohttp_client, aiohttp_server, pool, database_url, admin_headers
+):
+    """The tests above start with DOKU gone. Here every invoice is answered once, then DOKU hangs for all
+    of them through the rest of their schedule: the silences after an answer are an outage's too."""
+    doku = DokuStandIn({CLIENT_ID: CLIENT})
+    server = await aiohttp_server(doku.app())
+    settings = outage_settings(str(server.make_url("")).rstrip("/"), reconcile_schedule=(1.0, 3.0, 5.0))
+    dipc = await aiohttp_client(make_app(settings, database_url))
+    before = await samples(dipc)
+    quoted = await quote_invoices(dipc, admin_headers)
+
+    async def all_answered_once():
+        return all(row["attempts"] == 1 for row in await invoices(pool))
+
+    await eventually(all_answered_once)
+    for invoice in quoted:
+        doku.script(invoice, *[Scripted(delay_s=5.0)] * 100)
+    await asyncio.sleep(6)  # the slots at 3 s and 5 s pass in silence
+    after = await samples(dipc)
+    assert after[TIMEOUT] > before[TIMEOUT]
+    rows = await invoices(pool)
+    for row in rows:  # one call per pause while DOKU is quiet: not every invoice was asked again
+        assert (row["state"], row["attempts"]) == ("pending", 1), dict(row)
+        assert row["last_result"] in ("pending", "timeout")
+    assert any(row["last_result"] == "timeout" for row in rows)
+    assert after["dipc_reconciliation_gave_up_total"] == before["dipc_reconciliation_gave_up_total"]
