@@ -33,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -101,13 +102,12 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
         for round_ in range(args.rounds):
             for name, port in ports.items():
                 run.presign(requests, codes, 12_000 * args.seconds, "/doku/inquiry")
-                cpu_before, db_before = cpu_seconds(pids[name]), cluster_cpu_seconds(postmaster)
+                cpu_since = cpu_meter(pids[name], postmaster)
                 rps, p50, p99, errors = run.run_wrk(
                     f"http://127.0.0.1:{port}", seconds=args.seconds, connections=args.connections, threads=2,
                     script_args=[str(requests), "2", "/doku/inquiry"],
                 )  # fmt: skip
-                per_request = (cpu_seconds(pids[name]) - cpu_before) / (rps * args.seconds) * 1e6
-                db_per_request = (cluster_cpu_seconds(postmaster) - db_before) / (rps * args.seconds) * 1e6
+                per_request, db_per_request = cpu_since(rps * args.seconds)
                 rates[name].append(rps)
                 cpu_us[name].append(per_request)
                 db_us[name].append(db_per_request)
@@ -145,11 +145,11 @@ def compare_open_loop(args, dsns, ports, codes, requests, pids, postmaster) -> N
     for round_ in range(args.rounds):
         for name, port in ports.items():
             run.presign(requests, codes, int(args.open_loop * OPEN_LOOP_S) + 10, "/doku/inquiry")
-            cpu_before, db_before = cpu_seconds(pids[name]), cluster_cpu_seconds(postmaster)
+            cpu_since = cpu_meter(pids[name], postmaster)
             report = run.run_open_loop(port, rate=args.open_loop, seconds=OPEN_LOOP_S, requests=requests)
-            answered = args.open_loop * OPEN_LOOP_S
-            cpu_us[name].append((cpu_seconds(pids[name]) - cpu_before) / answered * 1e6)
-            db_us[name].append((cluster_cpu_seconds(postmaster) - db_before) / answered * 1e6)
+            server_us, database_us = cpu_since(args.open_loop * OPEN_LOOP_S)
+            cpu_us[name].append(server_us)
+            db_us[name].append(database_us)
             p99s[name].append(report["p99_ms"])
             print(f"round {round_ + 1} {name:8} open loop at {args.open_loop:,.0f}/s"
                   f"  p50 {report['p50_ms']:6.2f} ms  p99 {report['p99_ms']:6.2f} ms"
@@ -210,14 +210,14 @@ def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> 
             notify.ledger(dsns[name], prefix)  # the last run's stragglers are recorded: not quoted again
             bills = notify.quoted_bills(dsns[name], prefix)
             notify.write_requests(requests, notify.presign(run.CLIENT, bills))
-            cpu_before, pg_before = cpu_seconds(pids[name]), cluster_cpu_seconds(postmaster)
+            cpu_since = cpu_meter(pids[name], postmaster)
             rps, p50, p99, errors = run.run_wrk(
                 base, seconds=args.seconds, connections=args.connections, threads=2,
                 script_args=[str(requests), "2", notify.TARGET, str(answers)],
             )  # fmt: skip
-            served = rps * args.seconds
-            cpu_us[name].append((cpu_seconds(pids[name]) - cpu_before) / served * 1e6)
-            pg_us[name].append((cluster_cpu_seconds(postmaster) - pg_before) / served * 1e6)
+            server_us, postgres_us = cpu_since(rps * args.seconds)
+            cpu_us[name].append(server_us)
+            pg_us[name].append(postgres_us)
             rates[name].append(rps)
             ratios[name].append(rps / inquired)
             print(f"round {round_ + 1} {name:6} {inquired:7,.0f} inquiries/s {rps:7,.0f} notifications/s"
@@ -234,6 +234,20 @@ def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> 
                          ("postgres cpu", pg_us)):  # fmt: skip
         change = statistics.median(values["after"]) / statistics.median(values["before"])
         print(f"  {what}, after / before: {change:.3f}")
+
+
+def cpu_meter(pid: int, postmaster: int) -> Callable[[float], tuple[float, float]]:
+    """From now: what returns the CPU time, in µs per request over ``served`` requests, that the server
+    ``pid`` and PostgreSQL (every process of the cluster) have spent since."""
+    server, database = cpu_seconds(pid), cluster_cpu_seconds(postmaster)
+
+    def per_request(served: float) -> tuple[float, float]:
+        return (
+            (cpu_seconds(pid) - server) / served * 1e6,
+            (cluster_cpu_seconds(postmaster) - database) / served * 1e6,
+        )
+
+    return per_request
 
 
 def cluster_cpu_seconds(postmaster: int) -> float:
