@@ -33,6 +33,11 @@ from server.store import reconciliation as store
 from server.store.reconciliation import Claimed, QuotedInvoice
 
 STATES = ("pending", "paid", "expired", "gave_up")
+# An invoice whose calls time out again and again waits longer each time: its retry after the n-th in a
+# row is the pause's times 2 ** (n - 1), up to this (after_check).
+TIMEOUT_RETRY_CAP_S = 900.0
+# At this many timeouts in a row, the reconciler warns once that DOKU does not answer about the invoice.
+TIMEOUTS_WARNED = 3
 SOURCE = "check_status"
 _INVOICE_RE = re.compile(conventions.INVOICE_PATTERN)
 
@@ -47,6 +52,7 @@ def invoice_document(invoice: QuotedInvoice) -> dict[str, Any]:
         "state": invoice.state,
         "first_quoted_at": iso(invoice.first_quoted_at),
         "attempts": invoice.attempts,
+        "timeouts_in_a_row": invoice.timeouts_in_a_row,
         "next_check_at": iso(invoice.next_check_at),
         "last_checked_at": iso(invoice.last_checked_at),
         "last_result": invoice.last_result,
@@ -75,6 +81,7 @@ class Outcome:
     state: str
     next_check_at: datetime | None
     counted: bool  # an attempt at the invoice (a throttled or unanswered call is not one)
+    timeouts_in_a_row: int  # the invoice's calls in a row that got no answer in time, this one included
 
 
 def after_check(
@@ -86,24 +93,40 @@ def after_check(
     attempt at the invoice: it keeps its place on the schedule and its due check is asked again after
     ``retry_s``. Otherwise a DOKU outage would use up the schedule of every invoice due during it, and
     give them up without DOKU ever having been asked.
+
+    But a timeout may be the invoice's own (DOKU answers about the others and hangs on this one), and
+    then it would be asked after every pause for ever. So each timeout in a row doubles the invoice's
+    wait (:func:`retry_after`): never given up on silence, asked less and less. An answer about it, or a
+    counted error, starts the count again; a 429 or a connection that failed says nothing about one
+    invoice and leaves the count as it was.
     """
     result = answer.result
     if result is CheckResult.PAID:
-        return Outcome("paid", None, True)
+        return Outcome("paid", None, True, 0)
     if result is CheckResult.EXPIRED:
-        return Outcome("expired", None, True)
+        return Outcome("expired", None, True, 0)
     counted = not (result is CheckResult.RATE_LIMITED or result.unanswered)
+    timeouts = 0 if counted else invoice.timeouts_in_a_row + int(result is CheckResult.TIMEOUT)
     if invoice.state != "pending":
         # A check by hand of an invoice already given up on (or expired) that found nothing final.
-        return Outcome(invoice.state, None, counted)
+        return Outcome(invoice.state, None, counted, timeouts)
     if not counted:
-        retry_at = now + timedelta(seconds=retry_s)
+        retry_at = now + timedelta(seconds=retry_after(retry_s, timeouts))
         # A check by hand of an invoice not due yet leaves its next scheduled check where it was.
         if invoice.next_check_at is not None and invoice.next_check_at > retry_at:
             retry_at = invoice.next_check_at
-        return Outcome("pending", retry_at, False)
+        return Outcome("pending", retry_at, False, timeouts)
     following = next_check(invoice.first_quoted_at, schedule, now)
-    return Outcome("pending", following, True) if following else Outcome("gave_up", None, True)
+    state = "pending" if following else "gave_up"
+    return Outcome(state, following, True, timeouts)
+
+
+def retry_after(retry_s: float, timeouts_in_a_row: int) -> float:
+    """Seconds until an unanswered or throttled invoice is asked again: ``retry_s`` (the pause every
+    reconciler takes), doubled for each of its timeouts in a row after the first, up to
+    :data:`TIMEOUT_RETRY_CAP_S` (never below ``retry_s``)."""
+    doublings = min(max(timeouts_in_a_row - 1, 0), 20)  # 2 ** 20 pauses is far past the cap
+    return max(retry_s, min(retry_s * 2**doublings, TIMEOUT_RETRY_CAP_S))
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +194,7 @@ async def check(
             state=outcome.state,
             next_check_at=outcome.next_check_at,
             counted=outcome.counted,
+            timeouts_in_a_row=outcome.timeouts_in_a_row,
         )
     if updated is None:  # the lease ran out while DOKU answered: whoever holds it now writes the result
         updated = await store.get(pool, invoice.payment_code, invoice.invoice_number) or invoice

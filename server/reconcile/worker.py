@@ -22,8 +22,10 @@ import structlog
 
 from server.config import Settings
 from server.core import reconciliation
+from server.core.documents import iso
 from server.core.errors import BeingChecked, DokuBackoff, NotFound
-from server.core.reconciliation import CheckReport, invoice_document
+from server.core.outcomes import CheckResult
+from server.core.reconciliation import TIMEOUTS_WARNED, CheckReport, invoice_document
 from server.core.times import utcnow
 from server.doku.checkstatus import CheckAnswer, CheckStatusClient
 from server.ops import metrics
@@ -81,6 +83,10 @@ def observe(report: CheckReport, previous_state: str) -> None:
         log.warning("reconcile.recovered", **fields)  # DOKU's notification for it never came
     elif invoice.state == "gave_up" and previous_state == "pending":
         log.warning("reconcile.gave_up", **fields)
+    elif answer.result is CheckResult.TIMEOUT and invoice.timeouts_in_a_row == TIMEOUTS_WARNED:
+        # Once per run of timeouts: DOKU may be answering the other invoices and hanging on this one.
+        log.warning("reconcile.invoice_unanswered", timeouts_in_a_row=invoice.timeouts_in_a_row,
+                    next_check_at=iso(invoice.next_check_at), **fields)  # fmt: skip
     elif answer.result.unanswered:
         log.debug("reconcile.unanswered", **fields)
     else:

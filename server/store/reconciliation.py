@@ -18,7 +18,8 @@ from server.store import counts
 
 COLUMNS = (
     "payment_code, invoice_number, client_id, channel, amount, state, first_quoted_at, attempts, "
-    "next_check_at, last_checked_at, last_result, last_detail, payment_id, settled_by, updated_at"
+    "timeouts_in_a_row, next_check_at, last_checked_at, last_result, last_detail, payment_id, settled_by, "
+    "updated_at"
 )
 
 
@@ -34,6 +35,7 @@ class QuotedInvoice:
     state: str  # pending, paid, expired, gave_up
     first_quoted_at: datetime
     attempts: int
+    timeouts_in_a_row: int  # calls about it in a row that got no answer in time (migration 0017)
     next_check_at: datetime | None
     last_checked_at: datetime | None
     last_result: str | None
@@ -155,18 +157,20 @@ async def record_check(
     state: str,
     next_check_at: datetime | None,
     counted: bool,
+    timeouts_in_a_row: int,
 ) -> QuotedInvoice | None:
     """Write what a check found and end the lease; None when the lease was lost meanwhile.
 
     A row that became paid meanwhile (a notification, or this very check's payment) stays paid. One
     quoted again meanwhile (an inquiry reopened its reconciliation, from a new first quote) keeps the
-    state, schedule and attempts that quote gave it: ``state`` and ``next_check_at`` were computed
-    from the row as claimed.
+    state, schedule and counts that quote gave it: ``state``, ``next_check_at`` and
+    ``timeouts_in_a_row`` were computed from the row as claimed.
     """
     row = await conn.fetchrow(
         f"""
         UPDATE reconciliation
            SET attempts = attempts + CASE WHEN first_quoted_at = $9 THEN $4::int ELSE 0 END,
+               timeouts_in_a_row = CASE WHEN first_quoted_at = $9 THEN $10::int ELSE timeouts_in_a_row END,
                last_checked_at = now(), last_result = $5, last_detail = $6,
                state = CASE WHEN state = 'paid' OR first_quoted_at <> $9 THEN state ELSE $7 END,
                next_check_at = CASE WHEN state = 'paid' THEN NULL
@@ -185,6 +189,7 @@ async def record_check(
         state,
         next_check_at,
         claimed.invoice.first_quoted_at,
+        timeouts_in_a_row,
     )
     return _invoice(row) if row else None
 

@@ -11,6 +11,7 @@ stand-in on the same port.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -168,3 +169,50 @@ async def test_doku_that_answers_and_then_goes_quiet_costs_no_invoice_a_slot(
         assert row["last_result"] in ("pending", "timeout")
     assert any(row["last_result"] == "timeout" for row in rows)
     assert after["dipc_reconciliation_gave_up_total"] == before["dipc_reconciliation_gave_up_total"]
+
+
+async def test_an_invoice_doku_never_answers_in_time_is_asked_less_and_less_and_never_given_up(
+    aiohttp_client, aiohttp_server, pool, database_url, admin_headers, captured_log
+):
+    """DOKU answers about every invoice but one, whose calls time out each time. A timeout is not an
+    attempt (it may be an outage's), so the invoice keeps its schedule and is never given up on it; but it
+    was asked again after every pause, for ever, each time pausing every reconciler and marking DOKU
+    unreachable. Each timeout in a row now doubles the invoice's own wait (up to 15 minutes)."""
+    doku = DokuStandIn({CLIENT_ID: CLIENT})
+    server = await aiohttp_server(doku.app())
+    settings = outage_settings(str(server.make_url("")).rstrip("/"), reconcile_schedule=(1.0, 3600.0))
+    dipc = await aiohttp_client(make_app(settings, database_url))
+    await register(
+        dipc, admin_headers, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
+    )
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    silent = (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"]
+    doku.script(silent, *[Scripted(delay_s=5.0)] * 100)
+
+    async def a_busy_counter():  # other customers keep being quoted, and DOKU answers about them
+        while True:
+            await doku_sim.inquiry(REUSABLE)
+            await asyncio.sleep(0.3)
+
+    async def four_timeouts():
+        found = await pool.fetchrow("SELECT * FROM reconciliation WHERE invoice_number = $1", silent)
+        return found if found["timeouts_in_a_row"] >= 4 else None
+
+    counter = asyncio.create_task(a_busy_counter())
+    try:
+        row = await eventually(four_timeouts, seconds=45)
+    finally:
+        counter.cancel()
+    asked = [seen.started for seen in doku.checks_of(silent)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
+    # The pause after each timeout is 4 s, and was all the invoice waited. After its third timeout in a
+    # row it waits at least 2 s (the shortest pause) times 2 ** 2.
+    assert gaps[2] >= 7.5, gaps
+    assert (row["state"], row["attempts"], row["last_result"]) == ("pending", 0, "timeout"), dict(row)
+    assert (row["timeouts_in_a_row"], len(asked)) == (4, 4), dict(row)
+    # Its next wait, at least 2 s times 2 ** 3, is ahead of it, and ops were told once.
+    assert (row["next_check_at"] - row["last_checked_at"]).total_seconds() >= 15, dict(row)
+    [line] = captured_log.events("reconcile.invoice_unanswered")
+    assert (line["invoice_number"], line["timeouts_in_a_row"], line["attempts"]) == (silent, 3, 0)
+    assert any(seen.status == 200 for seen in doku.seen if seen.invoice_number != silent)
+    assert doku.problems == []

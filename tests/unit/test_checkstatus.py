@@ -11,7 +11,7 @@ import pytest
 from server.config import DEFAULT_RECONCILE_SCHEDULE, ConfigError, load_settings
 from server.core.errors import DipcError
 from server.core.outcomes import CheckResult
-from server.core.reconciliation import after_check, next_check
+from server.core.reconciliation import after_check, next_check, retry_after
 from server.doku import signature
 from server.doku.auth import Client, signed_headers
 from server.doku.checkstatus import CheckAnswer, CheckStatusClient
@@ -149,7 +149,8 @@ QUOTED = datetime(2026, 11, 25, 8, 0, 0, tzinfo=UTC)
 def quoted(state: str = "pending") -> QuotedInvoice:
     return QuotedInvoice(
         payment_code=CODE, invoice_number=INVOICE, client_id=CLIENT_ID, channel="ALFA", amount=150000,
-        state=state, first_quoted_at=QUOTED, attempts=0, next_check_at=None, last_checked_at=None,
+        state=state, first_quoted_at=QUOTED, attempts=0, timeouts_in_a_row=0, next_check_at=None,
+        last_checked_at=None,
         last_result=None, last_detail=None, payment_id=None, settled_by=None, updated_at=QUOTED,
     )  # fmt: skip
 
@@ -210,6 +211,44 @@ def test_a_throttled_or_unanswered_call_is_not_an_attempt_and_comes_back_after_t
         now + timedelta(seconds=8),
         False,
     )
+
+
+def test_each_timeout_in_a_row_doubles_the_invoices_wait_up_to_15_minutes_and_never_gives_it_up():
+    """DOKU may answer about the others and hang on this invoice: asked less and less, never given up."""
+    invoice, now, waits = quoted(), QUOTED + timedelta(days=4), []
+    for _ in range(12):
+        outcome = after_check(
+            invoice, answer(CheckResult.TIMEOUT), DEFAULT_RECONCILE_SCHEDULE, now, retry_s=4
+        )
+        assert (outcome.state, outcome.counted) == ("pending", False)
+        assert outcome.next_check_at is not None
+        waits.append((outcome.next_check_at - now).total_seconds())
+        invoice = replace(invoice, timeouts_in_a_row=outcome.timeouts_in_a_row)
+    assert waits == [4, 8, 16, 32, 64, 128, 256, 512, 900, 900, 900, 900]
+    assert invoice.timeouts_in_a_row == 12
+    # A longer pause of every reconciler (DOKU slow for all) is never cut short by the cap.
+    assert retry_after(300, 1) == 300
+    assert retry_after(1200, 5) == 1200
+    assert retry_after(300, 10**9) == 900
+
+
+@pytest.mark.parametrize("result", [CheckResult.RATE_LIMITED, CheckResult.UNREACHABLE])
+def test_a_429_or_a_failed_connection_says_nothing_about_the_invoice_and_keeps_its_timeouts(result):
+    now = QUOTED + timedelta(minutes=3)
+    timed_out = replace(quoted(), timeouts_in_a_row=3)
+    outcome = after_check(timed_out, answer(result), DEFAULT_RECONCILE_SCHEDULE, now, retry_s=2)
+    assert (outcome.timeouts_in_a_row, outcome.next_check_at) == (3, now + timedelta(seconds=8))
+
+
+@pytest.mark.parametrize(
+    "result", [r for r in CheckResult if r not in (CheckResult.RATE_LIMITED,) and not r.unanswered]
+)
+def test_any_answer_about_the_invoice_or_counted_error_starts_its_timeouts_again(result):
+    now = QUOTED + timedelta(minutes=3)
+    outcome = after_check(
+        replace(quoted(), timeouts_in_a_row=7), answer(result), DEFAULT_RECONCILE_SCHEDULE, now, 2
+    )
+    assert (outcome.timeouts_in_a_row, outcome.counted) == (0, True)
 
 
 def test_a_check_by_hand_without_an_answer_leaves_a_later_scheduled_check_where_it_was():

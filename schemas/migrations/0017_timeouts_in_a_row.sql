@@ -1,0 +1,11 @@
+-- An invoice whose Check Status calls time out each time while DOKU answers about the others (spec §8:
+-- "a timeout is unknown: try again later"). A timeout is not an attempt at the invoice (it may be an
+-- outage's, and an outage must not use up schedules), so such an invoice stays pending and is never given
+-- up on silence. But it was asked again after every pause, for ever, and each of its silences paused every
+-- reconciler and marked DOKU unreachable.
+--
+-- How many of its calls in a row timed out: each doubles how long the invoice waits before it is asked
+-- again, up to 15 minutes (server/core/reconciliation.py, after_check). Any other answer about it starts
+-- the count again. A constant default: no table rewrite, and the inquiry's statement that inserts the row
+-- does not name the column.
+ALTER TABLE reconciliation ADD COLUMN timeouts_in_a_row integer NOT NULL DEFAULT 0;
