@@ -4,8 +4,9 @@
 -- up on silence. But it was asked again after every pause, for ever, and each of its silences paused every
 -- reconciler and marked DOKU unreachable.
 --
--- How many of its calls in a row timed out: each doubles how long the invoice waits before it is asked
--- again, up to 15 minutes (server/core/reconciliation.py, after_check). Any other answer about it starts
--- the count again. A constant default: no table rewrite, and the inquiry's statement that inserts the row
--- does not name the column.
+-- How many of its calls in a row timed out: each after the first doubles how long the invoice waits
+-- before it is asked again, up to 15 minutes (server/core/reconciliation.py, after_check). An answer
+-- about it, or an error that counts as an attempt, starts the count again, and a row that leaves pending
+-- drops it (so a row an inquiry reopens starts without). A constant default: no table rewrite, and the
+-- inquiry's statement that inserts the row does not name the column.
 ALTER TABLE reconciliation ADD COLUMN timeouts_in_a_row integer NOT NULL DEFAULT 0;

@@ -95,10 +95,11 @@ def after_check(
     give them up without DOKU ever having been asked.
 
     But a timeout may be the invoice's own (DOKU answers about the others and hangs on this one), and
-    then it would be asked after every pause for ever. So each timeout in a row doubles the invoice's
-    wait (:func:`retry_after`): never given up on silence, asked less and less. An answer about it, or a
-    counted error, starts the count again; a 429 or a connection that failed says nothing about one
-    invoice and leaves the count as it was.
+    then it would be asked after every pause for ever. So each timeout in a row after the first doubles
+    the invoice's wait (:func:`retry_after`): never given up on silence, asked less and less. An answer
+    about it, or a counted error, starts the count again; a 429 or a connection that failed says nothing
+    about one invoice, and neither adds to the count nor clears it (the wait still follows the count).
+    A row that leaves ``pending`` drops its count (here, and in ``store.settle_statement``).
     """
     result = answer.result
     if result is CheckResult.PAID:
@@ -106,13 +107,14 @@ def after_check(
     if result is CheckResult.EXPIRED:
         return Outcome("expired", None, True, 0)
     counted = not (result is CheckResult.RATE_LIMITED or result.unanswered)
-    timeouts = 0 if counted else invoice.timeouts_in_a_row + int(result is CheckResult.TIMEOUT)
     if invoice.state != "pending":
-        # A check by hand of an invoice already given up on (or expired) that found nothing final.
-        return Outcome(invoice.state, None, counted, timeouts)
+        # A check by hand of an invoice already given up on (or expired) that found nothing final. Only
+        # a pending invoice keeps a count of timeouts: one quoted again starts without.
+        return Outcome(invoice.state, None, counted, 0)
+    timeouts = 0 if counted else invoice.timeouts_in_a_row + int(result is CheckResult.TIMEOUT)
     if not counted:
         retry_at = now + timedelta(seconds=retry_after(retry_s, timeouts))
-        # A check by hand of an invoice not due yet leaves its next scheduled check where it was.
+        # A check by hand of an invoice not due yet never brings its next scheduled check earlier.
         if invoice.next_check_at is not None and invoice.next_check_at > retry_at:
             retry_at = invoice.next_check_at
         return Outcome("pending", retry_at, False, timeouts)

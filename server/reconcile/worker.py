@@ -56,6 +56,7 @@ def observe(report: CheckReport, previous_state: str) -> None:
 
     A call DOKU never answered is counted but logged at debug only: through an outage the reconciler
     logs DOKU going away and coming back (:class:`DokuReachability`), not every invoice it could not ask.
+    Only an invoice's third timeout in a row is a warning: DOKU may be hanging on that invoice alone.
     """
     answer, invoice = report.answer, report.invoice
     metrics.RECONCILE_CHECKS.labels(answer.result.value).inc()

@@ -163,8 +163,8 @@ async def record_check(
 
     A row that became paid meanwhile (a notification, or this very check's payment) stays paid. One
     quoted again meanwhile (an inquiry reopened its reconciliation, from a new first quote) keeps the
-    state, schedule and counts that quote gave it: ``state``, ``next_check_at`` and
-    ``timeouts_in_a_row`` were computed from the row as claimed.
+    state, schedule and counts it has since: ``state``, ``next_check_at`` and ``timeouts_in_a_row``
+    were computed from the row as claimed.
     """
     row = await conn.fetchrow(
         f"""
@@ -202,7 +202,7 @@ def settle_statement(payment_code: str, invoice_number: str, recorded: str = "pa
     return f"""
         UPDATE reconciliation r
            SET state = 'paid', next_check_at = NULL, payment_id = p.id, settled_by = p.source,
-               updated_at = now()
+               timeouts_in_a_row = 0, updated_at = now()
           FROM (SELECT id, source FROM {recorded} recorded
                  WHERE recorded.payment_code = {payment_code} AND recorded.invoice_number = {invoice_number}
                  ORDER BY recorded.kind = 'normal' DESC, recorded.id

@@ -261,7 +261,11 @@ def test_a_check_by_hand_without_an_answer_leaves_a_later_scheduled_check_where_
         False,
     )
     given_up = after_check(quoted("gave_up"), answer(CheckResult.TIMEOUT), DEFAULT_RECONCILE_SCHEDULE, now, 2)
-    assert (given_up.state, given_up.counted) == ("gave_up", False)
+    assert (given_up.state, given_up.counted, given_up.timeouts_in_a_row) == ("gave_up", False, 0)
+    # One that timed out many times before may be asked again later than scheduled, never earlier.
+    silent = replace(scheduled, timeouts_in_a_row=9)
+    outcome = after_check(silent, answer(CheckResult.TIMEOUT), DEFAULT_RECONCILE_SCHEDULE, now, 2)
+    assert (outcome.next_check_at, outcome.timeouts_in_a_row) == (now + timedelta(seconds=900), 10)
 
 
 def test_a_check_by_hand_of_a_given_up_invoice_keeps_it_given_up_unless_final():
