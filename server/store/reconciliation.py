@@ -170,7 +170,9 @@ async def record_check(
         f"""
         UPDATE reconciliation
            SET attempts = attempts + CASE WHEN first_quoted_at = $9 THEN $4::int ELSE 0 END,
-               timeouts_in_a_row = CASE WHEN first_quoted_at = $9 THEN $10::int ELSE timeouts_in_a_row END,
+               timeouts_in_a_row = CASE WHEN state = 'paid' THEN 0
+                                        WHEN first_quoted_at = $9 THEN $10::int
+                                        ELSE timeouts_in_a_row END,
                last_checked_at = now(), last_result = $5, last_detail = $6,
                state = CASE WHEN state = 'paid' OR first_quoted_at <> $9 THEN state ELSE $7 END,
                next_check_at = CASE WHEN state = 'paid' THEN NULL

@@ -225,3 +225,36 @@ async def test_an_invoice_doku_never_answers_in_time_is_asked_less_and_less_and_
     row = await pool.fetchrow("SELECT * FROM reconciliation WHERE invoice_number = $1", silent)
     assert (row["state"], row["settled_by"], row["timeouts_in_a_row"]) == ("paid", "notification", 0)
     assert doku.problems == []
+
+
+async def test_a_timeout_recorded_after_the_invoice_was_paid_leaves_it_paid_without_a_count(
+    aiohttp_client, aiohttp_server, pool, database_url, admin_headers
+):
+    """DOKU's notification pays the invoice while a call about it is waiting to time out: the timeout is
+    written after the payment, and must not leave a count on the paid row (a quote that reopens a row
+    settled by an anomaly would start from it)."""
+    doku = DokuStandIn({CLIENT_ID: CLIENT})
+    server = await aiohttp_server(doku.app())
+    settings = outage_settings(str(server.make_url("")).rstrip("/"), doku_api_timeout_s=2.0)
+    dipc = await aiohttp_client(make_app(settings, database_url))
+    await register(
+        dipc, admin_headers, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
+    )
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    invoice = (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"]
+    doku.script(invoice, Scripted(delay_s=10.0))
+
+    async def asked():
+        return doku.checks_of(invoice)
+
+    await eventually(asked)
+    paid = await doku_sim.notify(REUSABLE, invoice_number=invoice, amount=50000, agent_trx_id="9")
+    assert paid.status == 200
+
+    async def timed_out():
+        found = await pool.fetchrow("SELECT * FROM reconciliation WHERE invoice_number = $1", invoice)
+        return found if found["last_result"] == "timeout" else None
+
+    row = await eventually(timed_out)
+    assert (row["state"], row["settled_by"], row["timeouts_in_a_row"]) == ("paid", "notification", 0)
+    assert len(doku.checks_of(invoice)) == 1
