@@ -55,17 +55,31 @@ def outage_settings(url: str, **overrides):
     return make_settings(**(values | overrides))
 
 
-async def quote_invoices(dipc, admin_headers) -> list[str]:
-    """``INVOICES`` invoices of one reusable code, each quoted once: all due 1 s from now."""
+async def counter(dipc, admin_headers) -> DokuSimulator:
+    """A store counter quoting the bills of one reusable code (registered here)."""
     await register(
         dipc, admin_headers, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
     )
-    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
-    return [(await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"] for _ in range(INVOICES)]
+    return DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+
+
+async def quote(doku_sim: DokuSimulator) -> str:
+    """A new invoice of the reusable code, quoted once: due 1 s from now."""
+    return (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"]
+
+
+async def quote_invoices(dipc, admin_headers) -> list[str]:
+    """``INVOICES`` invoices of one reusable code, each quoted once: all due 1 s from now."""
+    doku_sim = await counter(dipc, admin_headers)
+    return [await quote(doku_sim) for _ in range(INVOICES)]
 
 
 async def invoices(pool) -> list:
     return await pool.fetch("SELECT * FROM reconciliation ORDER BY invoice_number")
+
+
+async def invoice_row(pool, invoice_number: str):
+    return await pool.fetchrow("SELECT * FROM reconciliation WHERE invoice_number = $1", invoice_number)
 
 
 def unanswered(found: dict[str, float]) -> float:
@@ -183,28 +197,25 @@ async def test_an_invoice_doku_never_answers_in_time_is_asked_less_and_less_and_
     # Its schedule runs out while it is being asked: a timeout never gives it up.
     settings = outage_settings(str(server.make_url("")).rstrip("/"), reconcile_schedule=(1.0, 5.0))
     dipc = await aiohttp_client(make_app(settings, database_url))
-    await register(
-        dipc, admin_headers, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
-    )
-    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
-    silent = (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"]
+    doku_sim = await counter(dipc, admin_headers)
+    silent = await quote(doku_sim)
     doku.script(silent, *[Scripted(delay_s=5.0)] * 100)
 
     async def a_busy_counter():  # other customers keep being quoted, and DOKU answers about them
         while True:
-            await doku_sim.inquiry(REUSABLE)
+            await quote(doku_sim)
             await asyncio.sleep(0.3)
 
     async def four_timeouts():
-        found = await pool.fetchrow("SELECT * FROM reconciliation WHERE invoice_number = $1", silent)
+        found = await invoice_row(pool, silent)
         return found if found["timeouts_in_a_row"] >= 4 else None
 
-    counter = asyncio.create_task(a_busy_counter())
+    busy = asyncio.create_task(a_busy_counter())
     try:
         row = await eventually(four_timeouts, seconds=45)
-        assert not counter.done(), counter  # the other invoices were quoted and answered throughout
+        assert not busy.done(), busy  # the other invoices were quoted and answered throughout
     finally:
-        counter.cancel()
+        busy.cancel()
     asked = [seen.started for seen in doku.checks_of(silent)]
     assert len(asked) == 4, asked
     gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
@@ -222,7 +233,7 @@ async def test_an_invoice_doku_never_answers_in_time_is_asked_less_and_less_and_
     # quoted again, it would start without).
     paid = await doku_sim.notify(REUSABLE, invoice_number=silent, amount=50000, agent_trx_id="7")
     assert paid.status == 200
-    row = await pool.fetchrow("SELECT * FROM reconciliation WHERE invoice_number = $1", silent)
+    row = await invoice_row(pool, silent)
     assert (row["state"], row["settled_by"], row["timeouts_in_a_row"]) == ("paid", "notification", 0)
     assert doku.problems == []
 
@@ -237,11 +248,8 @@ async def test_a_timeout_recorded_after_the_invoice_was_paid_leaves_it_paid_with
     server = await aiohttp_server(doku.app())
     settings = outage_settings(str(server.make_url("")).rstrip("/"), doku_api_timeout_s=2.0)
     dipc = await aiohttp_client(make_app(settings, database_url))
-    await register(
-        dipc, admin_headers, payment_code=REUSABLE, invoice_number="TOPUP-777", reusable=True, amount=50000
-    )
-    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
-    invoice = (await doku_sim.inquiry(REUSABLE)).json()["order"]["invoice_number"]
+    doku_sim = await counter(dipc, admin_headers)
+    invoice = await quote(doku_sim)
     doku.script(invoice, Scripted(delay_s=10.0))
 
     async def asked():
@@ -252,7 +260,7 @@ async def test_a_timeout_recorded_after_the_invoice_was_paid_leaves_it_paid_with
     assert paid.status == 200
 
     async def timed_out():
-        found = await pool.fetchrow("SELECT * FROM reconciliation WHERE invoice_number = $1", invoice)
+        found = await invoice_row(pool, invoice)
         return found if found["last_result"] == "timeout" else None
 
     row = await eventually(timed_out)
