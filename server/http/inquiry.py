@@ -10,7 +10,6 @@ from server.doku import messages
 from server.http.doku import DokuEndpoint
 from server.http.keys import INQUIRY_BATCHES, LOG_FIELDS, SETTINGS
 from server.ops import metrics
-from server.ops.masking import mask_code
 from server.store.pool import deadline
 
 INQUIRY_ENDPOINT = web.AppKey("inquiry_endpoint", DokuEndpoint)
@@ -34,7 +33,7 @@ async def handle_inquiry(request: web.Request) -> web.Response:
     endpoint.check_request(request, auth)
     message = messages.parse_inquiry(body)
     log_fields = request[LOG_FIELDS]
-    log_fields.update(payment_code=mask_code(message.payment_code), channel=message.channel)
+    log_fields.update(payment_code=message.payment_code, channel=message.channel)
     async with deadline(settings.doku_db_timeout_s, "inquiry"):
         answer = await inquire(
             request.app[INQUIRY_BATCHES],

@@ -12,7 +12,6 @@ from server.doku import conventions, messages
 from server.http.doku import DokuEndpoint
 from server.http.keys import LOG_FIELDS, PAYMENT_BATCHES, POOL, SETTINGS
 from server.ops import metrics
-from server.ops.masking import mask_code
 from server.store.pool import deadline
 
 NOTIFICATION_ENDPOINT = web.AppKey("notification_endpoint", DokuEndpoint)
@@ -65,7 +64,7 @@ async def handle_notification(request: web.Request) -> web.Response:
         log_fields.update(outcome="rejected", error=error.code)
         metrics.NOTIFICATIONS.labels("rejected").inc()
         raise
-    log_fields.update(payment_code=mask_code(message.payment_code), channel=message.channel)
+    log_fields.update(payment_code=message.payment_code, channel=message.channel)
     notice = PaymentNotice(
         client_id=auth.client.client_id,
         payment_code=message.payment_code,

@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from server.core.times import iso_second
+from server.ops.masking import mask_code
 
 _SECRET_FIELDS = frozenset({"secret", "secret_key", "signature", "token", "password", "authorization"})
 
@@ -49,9 +50,13 @@ def _add_timestamp(_logger: Any, _method: str, event: dict[str, Any]) -> dict[st
 
 
 def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
-    """A last guard: a field named like a secret never reaches the output."""
+    """A last guard: a field named like a secret never reaches the output, and a payment code only
+    masked, whoever logs it."""
     for name in _SECRET_FIELDS.intersection(event):
         event[name] = "[redacted]"
+    code = event.get("payment_code")
+    if isinstance(code, str):
+        event["payment_code"] = mask_code(code)
     return event
 
 

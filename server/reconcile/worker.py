@@ -29,7 +29,6 @@ from server.core.reconciliation import TIMEOUTS_WARNED, CheckReport, invoice_doc
 from server.core.times import utcnow
 from server.doku.checkstatus import CheckAnswer, CheckStatusClient
 from server.ops import metrics
-from server.ops.masking import mask_code
 from server.store import reconciliation as store
 from server.store.pool import UNAVAILABLE_ERRORS, deadline, terminate_held, tracking
 from server.store.reconciliation import Claimed, QuotedInvoice
@@ -70,7 +69,7 @@ def observe(report: CheckReport, previous_state: str) -> None:
     if invoice.state == "gave_up" and previous_state == "pending":
         metrics.RECONCILE_GAVE_UP.inc()
     fields = {
-        "payment_code": mask_code(invoice.payment_code),
+        "payment_code": invoice.payment_code,  # masked by the log's processors
         "invoice_number": invoice.invoice_number,
         "result": answer.result.value,
         "detail": answer.detail,

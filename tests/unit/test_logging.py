@@ -81,3 +81,11 @@ def test_the_fields_bound_to_the_process_are_on_every_line_and_a_line_s_own_win(
     lines = captured_log.lines()
     assert "worker" not in lines[0]
     assert [line.get("worker") for line in lines[1:]] == [3, "mine", 3]
+
+
+def test_a_payment_code_is_masked_on_any_line_that_names_it(captured_log):
+    """(Found by review.) Call sites masked their codes one by one, and one did not."""
+    structlog.get_logger(component="test").info("ours", payment_code="8896512345678123")
+    structlog.get_logger(component="test").info("short", payment_code="123")
+    assert "8896512345678123" not in captured_log.text()
+    assert [line["payment_code"] for line in captured_log.lines()] == ["************8123", "***"]
