@@ -113,6 +113,11 @@ class Settings:
         return frozenset(self.clients)
 
     @property
+    def reconciling(self) -> bool:
+        """Whether this process runs a reconciler: DIPC_RECONCILE on, and DOKU's API to ask."""
+        return self.reconcile and self.doku_api_url is not None
+
+    @property
     def embedded(self) -> bool:
         return self.database_url is None
 

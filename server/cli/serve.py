@@ -216,7 +216,7 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
         clients=sorted(settings.clients),
         bins=str(settings.bins),
         doku_api=settings.doku_api_url,
-        reconcile=bool(settings.reconcile and settings.doku_api_url),
+        reconcile=settings.reconciling,
     )
     # What web.run_app does, with our own stop sequence (server/http/drain.py) before aiohttp's.
     loop = _new_loop()

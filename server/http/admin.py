@@ -280,7 +280,7 @@ async def check_reconciliation(request: web.Request) -> web.Response:
     if wanted.since is not None:
         async with deadline(_timeout(request), "admin.reconciliation_schedule"):
             scheduled = await reconciliation_store.check_soon(pool, wanted.since)
-        return json_response({"scheduled": scheduled, "reconciler": settings.reconcile}, status=202)
+        return json_response({"scheduled": scheduled, "reconciler": settings.reconciling}, status=202)
     api = request.config_dict.get(CHECK_STATUS)
     if api is None:
         raise NotConfigured("DOKU's API is not configured: set DIPC_DOKU_API_URL (under --demo, a stand-in)")

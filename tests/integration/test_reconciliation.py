@@ -425,11 +425,21 @@ async def test_a_check_since_a_date_puts_unsettled_invoices_back_in_line(
         "/v1/reconciliation/check", json={"since": "2020-01-01T00:00:00Z"}, headers=admin
     )
     assert response.status == 202
-    assert (await response.json())["scheduled"] == 1
+    assert await response.json() == {"scheduled": 1, "reconciler": True}
     [payment] = await eventually(
         lambda: payments(pool), seconds=10
     )  # not an hour: the reconciler took it now
     assert payment["source"] == "check_status"
+
+
+async def test_scheduling_checks_says_when_no_reconciler_runs_here(client, admin_headers):
+    """(Found by review.) DIPC_RECONCILE is on by default, but without DOKU's API no reconciler runs:
+    the answer said one did."""
+    response = await client.post(
+        "/v1/reconciliation/check", json={"since": "2020-01-01T00:00:00Z"}, headers=admin_headers
+    )
+    assert response.status == 202
+    assert await response.json() == {"scheduled": 0, "reconciler": False}
 
 
 async def quoted_backlog(pool, rows: int, *, quoted: str) -> None:
