@@ -7,7 +7,6 @@ Both lists are oldest first. Inquiries have no id, so their cursor is an opaque 
 from __future__ import annotations
 
 import base64
-import binascii
 from datetime import datetime
 from typing import Any
 
@@ -16,10 +15,9 @@ import orjson
 
 from server.core.documents import iso
 from server.core.errors import ValidationFailed
-from server.core.manage import Page, page_limit
+from server.core.manage import Page, key_cursor, page_limit, read_key_cursor
 from server.core.payments import NotificationOutcome
 from server.core.registration import parse_payment_code
-from server.core.times import parse_timestamp
 from server.store import audit
 from server.store.audit import InquiryCursor, InquiryRecord, NotificationRecord
 
@@ -34,22 +32,6 @@ def _code_filter(payment_code: str | None) -> str | None:
         return parse_payment_code(payment_code)
     except ValueError as problem:
         raise ValidationFailed({"payment_code": str(problem)}) from None
-
-
-def encode_cursor(record: InquiryRecord) -> str:
-    token = orjson.dumps([iso(record.received_at), record.payment_code, record.request_id])
-    return base64.urlsafe_b64encode(token).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> InquiryCursor:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        received_at, payment_code, request_id = orjson.loads(raw)
-        if not isinstance(payment_code, str) or not isinstance(request_id, str):
-            raise ValueError(cursor)
-        return parse_timestamp(received_at), payment_code, request_id
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
-        raise ValidationFailed({"after": "must be a cursor this API returned as next"}) from None
 
 
 def inquiry_document(record: InquiryRecord) -> dict[str, Any]:
@@ -105,12 +87,13 @@ async def list_inquiries(
     limit: int | None = None,
 ) -> Page[InquiryRecord]:
     code = _code_filter(payment_code)
-    cursor = decode_cursor(after) if after is not None else None
+    cursor: InquiryCursor | None = read_key_cursor(after) if after is not None else None
     size = page_limit(limit)
     items = await audit.inquiries(pool, payment_code=code, since=since, after=cursor, limit=size + 1)
-    more = len(items) > size
-    items = items[:size]
-    return Page(items=items, next=encode_cursor(items[-1]) if more else None)
+    if len(items) <= size:
+        return Page(items=items, next=None)
+    last = items[size - 1]
+    return Page(items=items[:size], next=key_cursor(last.received_at, last.payment_code, last.request_id))
 
 
 async def list_notifications(

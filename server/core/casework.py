@@ -11,7 +11,6 @@ advisory lock), so a resolution and a notification of one code never deadlock an
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +26,7 @@ from server.core.manage import Page, page_limit
 from server.core.outcomes import CodeStatus
 from server.core.payments import EXCEPTION_KINDS, EXCEPTION_REASONS, Payment, PaymentKind
 from server.core.resolutions import PaymentResolution, Resolution, ResolutionRequest
+from server.core.text import has_control
 from server.store import casework as store
 from server.store import codes as code_store
 from server.store import outbox
@@ -42,14 +42,6 @@ MAX_PAYMENT_ID = 2**63 - 1
 class CaseState(StrEnum):
     OPEN = "open"
     RESOLVED = "resolved"
-
-
-# Names and references are one line of plain text: no C0 or C1 control character, no DEL, and no bidi
-# override (which could make a terminal or a report show other text than is stored). A note is prose
-# and may also hold line breaks (LF, CR) and tabs.
-_BIDI = "\u202a-\u202e\u2066-\u2069"
-_CONTROL = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{_BIDI}]")
-_CONTROL_IN_PROSE = re.compile(f"[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f{_BIDI}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +95,7 @@ def _text(
     if len(value) > max_length:
         problems[name] = f"must be at most {max_length} characters"
         return None
-    if (_CONTROL_IN_PROSE if prose else _CONTROL).search(value):
+    if has_control(value, prose=prose):  # names and references are one line, a note is prose
         allowed = " (line breaks and tabs are allowed)" if prose else ""
         problems[name] = f"must not contain control characters{allowed}"
         return None

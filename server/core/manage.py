@@ -7,6 +7,8 @@ did not happen and never misses one that did.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import time
 from collections.abc import AsyncIterable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -14,9 +16,10 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import asyncpg
+import orjson
 
 from server.core.codes import CodeRules, NewCode, PaymentCode
-from server.core.documents import code_document
+from server.core.documents import code_document, iso
 from server.core.errors import (
     AlreadyExists,
     NotFound,
@@ -28,6 +31,7 @@ from server.core.errors import (
 from server.core.outcomes import CodeStatus
 from server.core.payments import Payment
 from server.core.registration import parse_changes, parse_new_code, parse_payment_code
+from server.core.times import parse_timestamp
 from server.store import codes as code_store
 from server.store import outbox
 from server.store import payments as payment_store
@@ -45,6 +49,23 @@ IMPORT_STATEMENT_TIMEOUT_S = 600  # per statement: the end-of-import lookup of r
 class Page(Generic[T]):
     items: list[T]
     next: str | None  # the cursor for the following page, None at the end
+
+
+def key_cursor(moment: datetime, first: str, second: str) -> str:
+    """The cursor of a page that ends at this key (a time, then two texts): opaque to clients."""
+    return base64.urlsafe_b64encode(orjson.dumps([iso(moment), first, second])).decode().rstrip("=")
+
+
+def read_key_cursor(cursor: str) -> tuple[datetime, str, str]:
+    """The key a :func:`key_cursor` holds, or a 422 naming ``after``. A hostile one is refused here, not
+    by PostgreSQL, which cannot compare a text holding NUL."""
+    try:
+        moment, first, second = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not (isinstance(first, str) and isinstance(second, str)) or "\x00" in first + second:
+            raise ValueError(cursor)
+        return parse_timestamp(moment), first, second
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise ValidationFailed({"after": "must be a cursor from an earlier page's next"}) from None
 
 
 def checked_code(payment_code: str) -> str:

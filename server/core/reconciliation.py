@@ -8,8 +8,6 @@ answer kept in the inbox as the payment's source.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,11 +15,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
-import orjson
 
 from server.core.documents import iso
 from server.core.errors import ValidationFailed
-from server.core.manage import Page, page_limit
+from server.core.manage import Page, key_cursor, page_limit, read_key_cursor
 from server.core.notifications import NotificationResult, RawNotification, record_notification
 from server.core.outcomes import CheckResult
 from server.core.payments import PaymentNotice
@@ -236,25 +233,6 @@ async def _record_payment(
 # --- what the admin API and the CLI ask -------------------------------------------------------------
 
 
-def _cursor(invoice: QuotedInvoice) -> str:
-    key = [iso(invoice.first_quoted_at), invoice.payment_code, invoice.invoice_number]
-    return base64.urlsafe_b64encode(orjson.dumps(key)).decode().rstrip("=")
-
-
-def _parse_cursor(cursor: str) -> tuple[datetime, str, str]:
-    try:
-        quoted_at, payment_code, invoice_number = orjson.loads(
-            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        )
-        if not (isinstance(payment_code, str) and isinstance(invoice_number, str)):
-            raise ValueError(cursor)
-        if "\x00" in payment_code or "\x00" in invoice_number:
-            raise ValueError(cursor)
-        return parse_timestamp(quoted_at), payment_code, invoice_number
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
-        raise ValidationFailed({"after": "must be a cursor from an earlier page's next"}) from None
-
-
 async def list_invoices(
     pool: asyncpg.Pool, *, state: str | None, after: str | None, limit: int | None
 ) -> Page[QuotedInvoice]:
@@ -262,11 +240,14 @@ async def list_invoices(
         raise ValidationFailed({"state": f"must be one of {', '.join(STATES)}"})
     size = page_limit(limit)
     items = await store.list_page(
-        pool, state=state, after=_parse_cursor(after) if after else None, limit=size + 1
+        pool, state=state, after=read_key_cursor(after) if after else None, limit=size + 1
     )
-    more = len(items) > size
-    items = items[:size]
-    return Page(items=items, next=_cursor(items[-1]) if more else None)
+    if len(items) <= size:
+        return Page(items=items, next=None)
+    last = items[size - 1]
+    return Page(
+        items=items[:size], next=key_cursor(last.first_quoted_at, last.payment_code, last.invoice_number)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from typing import Any
 
 from server.core.codes import ANY_CHANNEL, NEW_CODE_COLUMNS, CodeRules, NewCode
 from server.core.errors import ValidationFailed
+from server.core.text import TooLarge, has_control, whole_number
 from server.core.times import parse_timestamp
 from server.doku import conventions
 
@@ -22,7 +23,6 @@ EMAIL_MAX_LENGTH = 254
 CODE_CHANNELS = ("ALFA", "INDOMARET", ANY_CHANNEL)
 
 _INVOICE_RE = re.compile(conventions.INVOICE_PATTERN)
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 PATCHABLE_FIELDS = ("amount", "expires_at", "customer_name", "customer_email", "info1", "info2", "info3")
@@ -50,16 +50,19 @@ def _text(value: Any, *, max_length: int, required: bool = False) -> str:
         raise _Invalid("is required")
     if len(value) > max_length:
         raise _Invalid(f"must be at most {max_length} characters")
-    if not value.isprintable() and _CONTROL_RE.search(value):  # most text is printable: no regex
+    if has_control(value):
         raise _Invalid("must not contain control characters")
     return value
 
 
 def _amount(value: Any, text: bool) -> int:
     if text and isinstance(value, str):
-        if not value.isascii() or not value.strip().isdigit():
-            raise _Invalid("must be a whole number of rupiah")
-        value = int(value.strip())
+        try:
+            value = whole_number(value.strip(), maximum=MAX_AMOUNT)
+        except TooLarge:
+            raise _Invalid(f"must be at most {MAX_AMOUNT}") from None
+        except ValueError:
+            raise _Invalid("must be a whole number of rupiah") from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid("must be an integer number of rupiah")
     if value <= 0:

@@ -15,6 +15,7 @@ import orjson
 
 from server.core.documents import load_object
 from server.core.errors import DipcError, InvalidField
+from server.core.text import TooLarge, whole_number
 from server.core.times import parse_timestamp
 from server.doku import channels, conventions
 
@@ -145,7 +146,10 @@ def _rupiah(value: Any) -> int:
     if value is None or value == "":
         raise InvalidField("order.amount", "is required")
     if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
-        value = int(value.strip())
+        try:
+            value = whole_number(value.strip(), maximum=MAX_RUPIAH)
+        except TooLarge:
+            raise InvalidField("order.amount", "is out of range") from None
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):

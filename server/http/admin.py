@@ -23,6 +23,7 @@ from server.core.errors import (
 from server.core.events import MAX_WAIT_S
 from server.core.imports import MEDIA_TYPES, lines_of, read_rows
 from server.core.manage import Page
+from server.core.text import whole_number
 from server.core.times import parse_timestamp, utcnow
 from server.http.bodies import json_response, read_json_object, stream_chunks
 from server.http.keys import CHECK_STATUS, LISTENER, POOL, SETTINGS
@@ -72,12 +73,9 @@ def _typed(request: web.Request, name: str, parse: Callable[[str], T], problem: 
 
 def _query_int(request: web.Request, name: str) -> int | None:
     def parse(raw: str) -> int:
-        value = int(raw)
-        if not 0 <= value <= MAX_ID:
-            raise ValueError(raw)
-        return value
+        return whole_number(raw, maximum=MAX_ID)
 
-    return _typed(request, name, parse, f"must be an integer from 0 to {MAX_ID}")
+    return _typed(request, name, parse, f"must be an integer from 0 to {MAX_ID}, in the digits 0-9")
 
 
 def _query_seconds(request: web.Request, name: str, default: float, maximum: float) -> float:

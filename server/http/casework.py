@@ -7,6 +7,7 @@ from aiohttp import web
 
 from server.core import audit, casework
 from server.core.errors import NotFound
+from server.core.text import whole_number
 from server.core.times import utcnow
 from server.http.admin import _listed, _query_int, _query_time, _timeout
 from server.http.bodies import json_response, read_json_object
@@ -36,7 +37,7 @@ async def list_exceptions(request: web.Request) -> web.Response:
     )
 
 
-@routes.get(r"/exceptions/{payment_id:\d+}")
+@routes.get(r"/exceptions/{payment_id:[0-9]+}")  # ASCII: \d is any script's digits
 async def get_exception(request: web.Request) -> web.Response:
     payment_id = _payment_id(request)
     async with deadline(_timeout(request), "admin.get_exception"):
@@ -44,7 +45,7 @@ async def get_exception(request: web.Request) -> web.Response:
     return json_response(case.document())
 
 
-@routes.post(r"/exceptions/{payment_id:\d+}/resolve")
+@routes.post(r"/exceptions/{payment_id:[0-9]+}/resolve")
 async def resolve_exception(request: web.Request) -> web.Response:
     payment_id = _payment_id(request)
     raw = await read_json_object(request, request.config_dict[SETTINGS].max_body_bytes)
@@ -57,9 +58,13 @@ async def resolve_exception(request: web.Request) -> web.Response:
 
 
 def _payment_id(request: web.Request) -> int:
-    payment_id = int(request.match_info["payment_id"])
-    if not 0 < payment_id <= casework.MAX_PAYMENT_ID:
-        raise NotFound(f"payment {request.match_info['payment_id']} is not an exception")
+    written = request.match_info["payment_id"]
+    try:
+        payment_id = whole_number(written, maximum=casework.MAX_PAYMENT_ID)
+    except ValueError:
+        payment_id = 0
+    if payment_id == 0:
+        raise NotFound(f"payment {written if len(written) <= 20 else written[:20] + '…'} is not an exception")
     return payment_id
 
 

@@ -220,6 +220,9 @@ def test_a_signature_verifies_only_with_the_secret_the_body_and_a_fresh_time():
     assert not signing.verify(b"other", body, header, 1_700_000_100)
     assert not signing.verify(SECRET, body + b" ", header, 1_700_000_100)
     assert not signing.verify(SECRET, body, header, 1_700_000_000 + 301)
+    # A time that is not ASCII digits, or too long for int(), is a refusal, never an exception.
+    for hostile in ("\u00b2", "\u0663", "9" * 4301, "+1700000000", "1_700_000_000"):
+        assert not signing.verify(SECRET, body, header.replace("t=1700000000", f"t={hostile}"), 1_700_000_100)
 
 
 async def test_a_resolution_reaches_the_webhook_after_the_conflict_it_closes(

@@ -133,6 +133,7 @@ def test_a_pending_answer_needs_only_its_status():
         b'{"order":{},"transaction":{"status":"SUCCESS"}}',
         b'{"order":{"amount":"lots"},"transaction":{"status":"SUCCESS"}}',
         b'{"order":{"amount":0},"transaction":{"status":"SUCCESS"}}',
+        b'{"order":{"amount":"' + b"9" * 4301 + b'"},"transaction":{"status":"SUCCESS"}}',  # int() refuses it
         b'{"order":{"amount":150000},"transaction":{}}',
         b'{"order":{"amount":150000},"transaction":{"status":"SUCCESS"},'
         b'"online_to_offline_info":{"payment_code":"8896599999999999"}}',

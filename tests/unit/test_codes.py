@@ -131,6 +131,10 @@ def problems(raw, **kwargs) -> dict[str, str]:
         ({"invoice_number": "INV 1"}, "invoice_number", "letters, digits"),
         ({"invoice_number": "I" * 65}, "invoice_number", "at most 64"),
         ({"customer_name": "  "}, "customer_name", "required"),
+        ({"customer_name": "Budi \u202eSantoso"}, "customer_name", "control characters"),  # a bidi override
+        ({"customer_name": "Budi\u2028Santoso"}, "customer_name", "control characters"),
+        ({"customer_name": "Budi\x85Santoso"}, "customer_name", "control characters"),  # C1: NEL
+        ({"info1": "Lunas\u2066"}, "info1", "control characters"),
         ({"customer_email": "not-an-email"}, "customer_email", "email"),
         ({"info1": "x" * 41}, "info1", "at most 40"),
         ({"channel": "SHOPEE"}, "channel", "one of"),
@@ -174,6 +178,10 @@ def test_csv_text_values_are_understood():
     assert new.reusable is True
     assert new.expires_at is None
     assert "whole number" in problems(VALID | {"amount": "1e5"}, text=True)["amount"]
+    for other_digits in ("\u0661\u0665\u0660\u0660\u0660\u0660", "150_000", "+150000", "\u00b2"):
+        assert "whole number" in problems(VALID | {"amount": other_digits}, text=True)["amount"]
+    assert "at most" in problems(VALID | {"amount": "9" * 4301}, text=True)["amount"]  # past int()'s limit
+    assert register(VALID | {"amount": "0" * 5000 + "150000"}, text=True).amount == 150000
 
 
 def test_expiry_is_normalised_to_utc():
