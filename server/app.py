@@ -14,7 +14,7 @@ from aiohttp import web
 from server.config import Settings
 from server.doku.checkstatus import CheckStatusClient
 from server.http import admin, casework, inquiry, notification, ops
-from server.http.bodies import BODY_READS, BodyReads
+from server.http.bodies import BODY_READS, Slots
 from server.http.keys import CHECK_STATUS, HEALTH, INQUIRY_BATCHES, LISTENER, PAYMENT_BATCHES, POOL, SETTINGS
 from server.http.middleware import observe
 from server.http.ports import split_by_port
@@ -42,7 +42,10 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     metrics.preinitialise(
         doku_routes=(settings.inquiry_path, settings.notification_path), client_ids=settings.client_ids
     )
-    app[BODY_READS] = BodyReads(settings.max_body_reads)
+    app[BODY_READS] = Slots(settings.max_body_reads, "requests sending their bodies")
+    app[admin.IMPORTS] = Slots(
+        admin.import_slots(settings), "imports, each holding a database connection for its whole upload"
+    )
 
     async def pool_context(app: web.Application) -> AsyncIterator[None]:
         try:

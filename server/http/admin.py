@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from server.config import Settings
 from server.core import feed, manage, reconciliation
 from server.core.documents import code_document, payment_document
 from server.core.errors import (
@@ -25,7 +26,7 @@ from server.core.imports import MEDIA_TYPES, lines_of, read_rows
 from server.core.manage import Page
 from server.core.text import whole_number
 from server.core.times import parse_timestamp, utcnow
-from server.http.bodies import json_response, read_json_object, stream_chunks
+from server.http.bodies import Slots, json_response, read_json_object, stream_chunks
 from server.http.keys import CHECK_STATUS, LISTENER, POOL, SETTINGS
 from server.ops import metrics
 from server.ops.masking import is_clean_text
@@ -38,6 +39,14 @@ T = TypeVar("T")
 
 # An import streams from the client for as long as the upload takes; statements keep their own timeout.
 IMPORT_TIMEOUT_S = 3600.0
+# Uploads importing at once in one process: each holds a pool connection for as long as it lasts (up to
+# IMPORT_TIMEOUT_S), so more would take the connections DOKU's inquiries and notifications need.
+IMPORTS = web.AppKey("imports", Slots)
+
+
+def import_slots(settings: Settings) -> int:
+    """A quarter of the pool, at least one."""
+    return max(1, settings.db_pool_max // 4)
 
 
 @web.middleware
@@ -160,15 +169,16 @@ async def import_codes(request: web.Request) -> web.Response:
     limit = settings.import_max_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"the import is {request.content_length} bytes; the limit is {limit}")
-    async with deadline(IMPORT_TIMEOUT_S, "admin.import_codes"):
-        result = await manage.import_codes(
-            request.config_dict[POOL],
-            read_rows(lines_of(stream_chunks(request, limit)), fmt),
-            rules=settings.bins,
-            client_ids=settings.client_ids,
-            now=utcnow(),
-            step_timeout_s=settings.admin_db_timeout_s,
-        )
+    with request.config_dict[IMPORTS].slot():
+        async with deadline(IMPORT_TIMEOUT_S, "admin.import_codes"):
+            result = await manage.import_codes(
+                request.config_dict[POOL],
+                read_rows(lines_of(stream_chunks(request, limit)), fmt),
+                rules=settings.bins,
+                client_ids=settings.client_ids,
+                now=utcnow(),
+                step_timeout_s=settings.admin_db_timeout_s,
+            )
     return json_response(result.document())
 
 

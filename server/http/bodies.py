@@ -32,22 +32,24 @@ from server.ops.masking import escape
 JSON = "application/json"
 
 
-class BodyReads:
-    """How many bodies are being read at once; past ``limit`` a new read is refused, not queued.
+class Slots:
+    """How many of something run at once; past ``limit`` a new one is refused (503), not queued.
 
-    Refusing at once keeps memory bounded (each read may hold up to the body limit) and answers a flood
-    in microseconds; a genuine caller retries (DOKU does), and a read takes milliseconds when the
-    sender is not stalling on purpose.
+    Refusing at once bounds what they hold (bodies being read may each hold up to the body limit; an
+    import holds a database connection for its whole upload) and answers a flood in microseconds; a
+    genuine caller retries (DOKU does), and a body takes milliseconds when the sender is not stalling
+    on purpose.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, what: str) -> None:
         self.limit = limit
+        self.what = what  # "requests sending their bodies": what the refusal says is too many
         self.active = 0
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         if self.active >= self.limit:
-            raise Overloaded(f"too many requests are sending their bodies at once (limit {self.limit})")
+            raise Overloaded(f"too many {self.what} at once (limit {self.limit})")
         self.active += 1
         try:
             yield
@@ -55,7 +57,7 @@ class BodyReads:
             self.active -= 1
 
 
-BODY_READS = web.AppKey("body_reads", BodyReads)
+BODY_READS = web.AppKey("body_reads", Slots)
 
 
 class _TransportErrors:

@@ -14,8 +14,17 @@ from server.app import make_app
 from server.core import manage
 from server.core.imports import YIELD_EVERY_LINES, lines_of, read_rows
 from server.core.times import utcnow
+from server.doku.client import DokuSimulator
 from server.store import codes as code_store
-from tests.conftest import ADMIN_TOKEN, CLIENT_ID, CODE, code_fields, make_settings, waiting_for_a_lock
+from tests.conftest import (
+    ADMIN_TOKEN,
+    CLIENT,
+    CLIENT_ID,
+    CODE,
+    code_fields,
+    make_settings,
+    waiting_for_a_lock,
+)
 
 
 async def events(pool: asyncpg.Pool) -> list[tuple[str, str | None]]:
@@ -431,6 +440,49 @@ async def test_an_upload_cut_off_after_batches_went_in_registers_nothing(aiohttp
     assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0
     again = await client.post("/v1/payment-codes/import", data=csv_of(rows[:10]), headers=headers)
     assert (await again.json())["imported"] == 10
+
+
+async def test_slow_uploads_cannot_take_every_database_connection_from_doku(
+    aiohttp_client, pool, database_url
+):
+    """(Found by review.) An import holds a pool connection for its whole upload, which may last an
+    hour: as many slow uploads as the pool has connections left none for DOKU's inquiries, each a 503.
+    A quarter of the pool may import at once; an upload past that is refused at once."""
+    client = await aiohttp_client(make_app(make_settings(db_pool_min=1, db_pool_max=8), database_url))
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "text/csv"}
+    await client.post(
+        "/v1/payment-codes", json=code_fields(), headers={"Authorization": headers["Authorization"]}
+    )
+    finish = asyncio.Event()
+
+    async def slow_upload(n: int):  # the header, then its row only once the test says so
+        header, row = csv_of([f"88965100000{n:05d},1000,INV-{n},Pelanggan,false"]).split(b"\n", 1)
+        yield header + b"\n"
+        await finish.wait()
+        yield row
+
+    uploads = [
+        asyncio.create_task(client.post("/v1/payment-codes/import", data=slow_upload(n), headers=headers))
+        for n in range(8)
+    ]
+    for _ in range(100):  # all but two are refused at once (before: all eight waited, holding the pool)
+        if sum(upload.done() for upload in uploads) >= 6:
+            break
+        await asyncio.sleep(0.1)
+    refused = [upload.result() for upload in uploads if upload.done()]
+    importing = [upload for upload in uploads if not upload.done()]
+    assert [response.status for response in refused] == [503] * 6
+    assert {(await response.json())["error"]["code"] for response in refused} == {"OVERLOADED"}
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    assert [quote.status for quote in await asyncio.gather(*(doku.inquiry(CODE) for _ in range(8)))] == [
+        200
+    ] * 8
+
+    finish.set()
+    imported = [await upload for upload in importing]
+    assert [(await response.json())["imported"] for response in imported] == [1, 1]
+    again = await client.post("/v1/payment-codes/import", data=slow_upload(9), headers=headers)
+    assert (await again.json())["imported"] == 1
 
 
 async def test_an_import_of_codes_registered_already_reads_only_the_rejections_it_reports(pool, monkeypatch):
