@@ -11,7 +11,10 @@ GRANT CONNECT, TEMPORARY ON DATABASE dipc TO dipc_app;
 -- 2. Still as the superuser, connected to the database dipc (psql: \c dipc):
 ALTER SCHEMA public OWNER TO dipc_owner;
 
--- 3. As dipc_owner, connected to the database dipc, before the first `dipc migrate`:
+-- 3. As dipc_owner, connected to the database dipc, before the first `dipc migrate` (in the same
+--    superuser session as 1 and 2, SET ROLE makes what follows dipc_owner's; connected as dipc_owner,
+--    it changes nothing):
+SET ROLE dipc_owner;
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO dipc_app;
 -- Tables, sequences and functions that later migrations create are granted as they appear:

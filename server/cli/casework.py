@@ -8,7 +8,7 @@ import argparse
 import asyncpg
 
 from server.cli.codes import _print_page, _show, _with_db
-from server.cli.common import EXIT_USAGE, CommandFailed
+from server.cli.common import A_TIME, EXIT_USAGE, CommandFailed
 from server.config import Settings
 from server.core import audit, casework
 from server.core.payments import EXCEPTION_KINDS, EXCEPTION_REASONS
@@ -121,7 +121,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inquiry_list.add_argument("--code", dest="payment_code", help="only this payment code")
-    inquiry_list.add_argument("--since", help="only inquiries received at or after this ISO 8601 time")
+    inquiry_list.add_argument("--since", help=f"only inquiries received at or after {A_TIME}")
     inquiry_list.add_argument("--after", help="the previous page's cursor (printed after a full page)")
     _common(inquiry_list)
     inquiry_list.set_defaults(run=run_inquiries)

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from server.cli.common import (
+    A_TIME,
     EXIT_FAILURE,
     EXIT_USAGE,
     CommandFailed,
@@ -193,7 +194,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     plist.add_argument("--code", dest="payment_code", help="only this payment code")
     plist.add_argument("--kind", choices=list(manage.PAYMENT_KINDS), help="only this kind")
-    plist.add_argument("--since", help="only payments recorded at or after this ISO 8601 time")
+    plist.add_argument("--since", help=f"only payments recorded at or after {A_TIME}")
     plist.add_argument("--limit", type=int, default=50)
     plist.add_argument("--after", type=int, help="start after this payment id")
     plist.set_defaults(run=run_payments)

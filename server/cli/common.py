@@ -25,6 +25,8 @@ from server.store.pool import UNAVAILABLE_ERRORS, create_pool
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# What a --since takes (a time without its offset is refused: WIB or UTC?).
+A_TIME = "this ISO 8601 time, with its UTC offset (2026-11-20T00:00:00+07:00, or Z)"
 
 log = structlog.get_logger(component="dipc.cli")
 

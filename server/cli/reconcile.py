@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from server.cli.common import EXIT_USAGE, CommandFailed, open_database, print_json, print_table
+from server.cli.common import A_TIME, EXIT_USAGE, CommandFailed, open_database, print_json, print_table
 from server.config import Settings, load_settings
 from server.core.errors import BeingChecked
 from server.core.reconciliation import invoice_document
@@ -44,7 +44,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--invoice", help="this invoice number, whatever its schedule")
-    which.add_argument("--since", help="every unsettled invoice first quoted at or after this ISO 8601 time")
+    which.add_argument("--since", help=f"every unsettled invoice first quoted at or after {A_TIME}")
     parser.add_argument(
         "--demo", action="store_true", help="the demo client of `serve --demo` (needs a stand-in)"
     )

@@ -96,7 +96,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         epilog="example:\n"
         "  dipc simulate doku-api --demo --port 8090 &\n"
         "  DIPC_DOKU_API_URL=http://127.0.0.1:8090 DIPC_RECONCILE_SCHEDULE=5,30,60 dipc serve --demo &\n"
-        "  dipc simulate flow --demo --lost-notification --doku-api http://127.0.0.1:8090 8896512345678123",
+        "  dipc simulate flow --demo --lost-notification --doku-api http://127.0.0.1:8090 8896500000000777",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     standin.add_argument("--demo", action="store_true", help="answer the demo client of `serve --demo`")
