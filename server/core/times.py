@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import functools
+import re
 from datetime import UTC, datetime
+
+# RFC 3339's date-time (the profile of ISO 8601 the spec and the API name), with ISO 8601's leave to
+# omit the seconds, and its offset optional here so that a time without one is told so. Python's
+# fromisoformat alone also takes week dates, the basic format, other scripts' digits and (3.11) a NUL.
+_RFC_3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,6})?)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})?"
+)
+_UNREADABLE = "must be an ISO 8601 timestamp with a UTC offset, such as 2026-12-31T23:59:59Z or …+07:00"
 
 
 def utcnow() -> datetime:
@@ -26,10 +36,15 @@ def parse_timestamp(text: object) -> datetime:
     """
     if not isinstance(text, str):
         raise ValueError("must be an ISO 8601 timestamp string")
+    text = text.strip()
+    if not _RFC_3339.fullmatch(text):
+        if " " in text and _RFC_3339.fullmatch("+".join(text.rsplit(" ", 1))):
+            raise ValueError(f"{_UNREADABLE} (in a URL, write + as %2B)")
+        raise ValueError(_UNREADABLE)
     try:
-        parsed = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError("must be an ISO 8601 timestamp such as 2026-12-31T23:59:59Z") from None
+        parsed = datetime.fromisoformat(text.upper())
+    except ValueError:  # a month 13, a 25th hour
+        raise ValueError(_UNREADABLE) from None
     if parsed.tzinfo is None:
         raise ValueError("must carry a UTC offset or Z")
     try:
