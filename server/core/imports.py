@@ -197,8 +197,9 @@ class RowReader:
             raise BadRequest(f"CSV header line 1 is not CSV: {error}") from None
         unknown = [name for name in header if name not in NEW_CODE_COLUMNS]
         if unknown:
-            raise BadRequest(
-                f"CSV header line 1: unknown column(s) {', '.join(unknown)}; "
+            empty = " (an empty name: a comma at the end of the line?)" if "" in unknown else ""
+            raise BadRequest(  # quoted and escaped: an empty name, a BOM or a space would not show
+                f"CSV header line 1: unknown column(s) {', '.join(map(ascii, unknown))}{empty}; "
                 f"known columns are {', '.join(NEW_CODE_COLUMNS)}"
             )
         missing = [name for name in REQUIRED_COLUMNS if name not in header]

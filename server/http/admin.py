@@ -87,6 +87,15 @@ def _query_int(request: web.Request, name: str) -> int | None:
     return _typed(request, name, parse, f"must be an integer from 0 to {MAX_ID}, in the digits 0-9")
 
 
+def _query_limit(request: web.Request) -> int | None:
+    """A page's size, refused in the words manage.page_limit refuses 0 in."""
+
+    def parse(raw: str) -> int:
+        return whole_number(raw, maximum=manage.MAX_PAGE)
+
+    return _typed(request, "limit", parse, f"must be between 1 and {manage.MAX_PAGE}")
+
+
 def _query_seconds(request: web.Request, name: str, default: float, maximum: float) -> float:
     def parse(raw: str) -> float:
         value = float(raw)
@@ -153,7 +162,7 @@ async def list_codes(request: web.Request) -> web.Response:
         status=_query_text(request, "status"),
         client_id=_query_text(request, "client_id"),
         after=_query_text(request, "after", digits=True),
-        limit=_query_int(request, "limit"),
+        limit=_query_limit(request),
     )
 
 
@@ -217,7 +226,7 @@ async def list_payments(request: web.Request) -> web.Response:
         kind=_query_text(request, "kind"),
         since=_query_time(request, "since"),
         after=_query_int(request, "after"),
-        limit=_query_int(request, "limit"),
+        limit=_query_limit(request),
     )
 
 
@@ -232,7 +241,7 @@ async def read_events(request: web.Request) -> web.Response:
                 request.config_dict[POOL],
                 request.config_dict[LISTENER],
                 after=_query_int(request, "after") or 0,
-                limit=_query_int(request, "limit"),
+                limit=_query_limit(request),
                 wait=wait,
             )
     finally:
@@ -249,7 +258,7 @@ async def list_deliveries(request: web.Request) -> web.Response:
         feed.delivery_document,
         status=_query_text(request, "status"),
         after=_query_int(request, "after"),
-        limit=_query_int(request, "limit"),
+        limit=_query_limit(request),
     )
 
 
@@ -274,7 +283,7 @@ async def list_reconciliation(request: web.Request) -> web.Response:
         reconciliation.invoice_document,
         state=request.query.get("state") or None,
         after=request.query.get("after") or None,
-        limit=_query_int(request, "limit"),
+        limit=_query_limit(request),
     )
 
 

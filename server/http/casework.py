@@ -9,7 +9,7 @@ from server.core import audit, casework
 from server.core.errors import NotFound
 from server.core.text import whole_number
 from server.core.times import utcnow
-from server.http.admin import _listed, _query_int, _query_time, _timeout
+from server.http.admin import _listed, _query_int, _query_limit, _query_time, _timeout
 from server.http.bodies import json_response, read_json_object
 from server.http.keys import POOL, SETTINGS
 from server.ops import metrics
@@ -33,7 +33,7 @@ async def list_exceptions(request: web.Request) -> web.Response:
         kind=_filter(request, "kind"),
         reason=_filter(request, "reason"),
         after=_query_int(request, "after"),
-        limit=_query_int(request, "limit"),
+        limit=_query_limit(request),
     )
 
 
@@ -78,7 +78,7 @@ async def list_inquiries(request: web.Request) -> web.Response:
         payment_code=_filter(request, "payment_code"),
         since=_query_time(request, "since"),
         after=_filter(request, "after"),
-        limit=_query_int(request, "limit"),
+        limit=_query_limit(request),
     )
 
 
@@ -92,5 +92,5 @@ async def list_notifications(request: web.Request) -> web.Response:
         payment_code=_filter(request, "payment_code"),
         outcome=_filter(request, "outcome"),
         after=_query_int(request, "after"),
-        limit=_query_int(request, "limit"),
+        limit=_query_limit(request),
     )

@@ -655,7 +655,7 @@ async def test_an_import_with_a_bad_header_imports_nothing(client, admin_headers
         "/v1/payment-codes/import", data=body, headers=admin_headers | {"Content-Type": "text/csv"}
     )
     assert response.status == 400
-    assert "unknown column(s) ammount" in (await response.json())["error"]["message"]
+    assert "unknown column(s) 'ammount'" in (await response.json())["error"]["message"]
     assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0
 
 
