@@ -136,8 +136,11 @@ def run_deliveries(args: argparse.Namespace) -> int:
         documents = [feed.delivery_document(delivery) for delivery in page.items]
         if args.json:
             print_json({"items": documents, "next": page.next})
-        else:
-            print_table(documents, DELIVERY_COLUMNS)
+        else:  # only a pending delivery has a next attempt (the column holds a finished one's last lease)
+            print_table(
+                [row if row["status"] == "pending" else row | {"next_attempt_at": None} for row in documents],
+                DELIVERY_COLUMNS,
+            )
         return 0
 
     return asyncio.run(run())
@@ -164,8 +167,10 @@ def run_redeliver(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result.document())
     else:
-        print(f"{len(result.requeued)} failed deliveries put back in line")
-        print(f"{len(result.hurried)} pending deliveries due now")
+        if not args.all_pending:
+            print(f"{len(result.requeued)} failed deliveries put back in line")
+        if not args.all_failed:
+            print(f"{len(result.hurried)} pending deliveries due now")
         for event_id, status in result.skipped.items():
             reason = "it has no webhook delivery" if status == "none" else f"its delivery is {status}"
             print(f"event {event_id}: nothing to redeliver, {reason}", file=sys.stderr)

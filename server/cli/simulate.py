@@ -45,7 +45,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="the store chain asking (default: the channel of the code's BIN in DIPC_BINS, else ALFA)",
     )
     common.add_argument("--request-id", help="the Request-Id to send (default: a fresh UUID)")
-    common.add_argument("--json", action="store_true", help="print the reply as JSON only")
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print each reply as a line of JSON only (flow: the inquiry's, then the notification's)",
+    )
 
     inquiry = actions.add_parser(
         "inquiry",

@@ -101,7 +101,9 @@ async def test_an_exception_is_named_by_its_id_in_ascii_digits_only(
 async def test_a_limit_is_written_in_ascii_digits_alone(client, admin_headers, hostile_log, limit):
     response = await client.get(f"/v1/payments?limit={limit}", headers=admin_headers)
     assert response.status == 422, await response.text()
-    assert (await response.json())["error"]["fields"] == {"limit": "must be between 1 and 1000"}  # one wording
+    assert (await response.json())["error"]["fields"] == {
+        "limit": "must be between 1 and 1000"
+    }  # one wording
     assert_log_clean(hostile_log)
 
 

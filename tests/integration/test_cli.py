@@ -302,13 +302,16 @@ async def test_events_redeliver_puts_failed_deliveries_back(env, pool):
         "INSERT INTO webhook_deliveries (event_id, payment_code, status, attempts, last_error) "
         "VALUES (1, '1', 'failed', 20, 'HTTP 500')"
     )
+    await pool.execute("UPDATE webhook_deliveries SET next_attempt_at = '2030-01-01T00:00:00Z'")
     code, stdout, _ = await run_async("events", "deliveries", "--status", "failed", env=env)
     assert code == 0
     assert b"HTTP 500" in stdout
+    assert b"2030" not in stdout  # a failed delivery has no next attempt (the column held a lease's end)
     assert (await run_async("events", "redeliver", env=env))[0] == 2  # says what to redeliver
     code, stdout, _ = await run_async("events", "redeliver", "--all-failed", env=env)
     assert code == 0
     assert b"1 failed deliveries put back in line" in stdout
+    assert b"pending" not in stdout  # only what was asked (found by review)
     assert tuple(await pool.fetchrow("SELECT status, attempts FROM webhook_deliveries")) == ("pending", 0)
 
 
