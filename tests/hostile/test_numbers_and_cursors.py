@@ -13,7 +13,7 @@ import base64
 import orjson
 import pytest
 
-from tests.conftest import CLIENT_ID, CODE
+from tests.conftest import CODE
 from tests.hostile.conftest import assert_log_clean, counts
 from tests.hostile.test_admin import assert_error_shape
 
@@ -47,27 +47,6 @@ async def test_a_signed_notification_with_an_amount_too_long_for_int_is_stored_t
     assert await pool.fetchval("SELECT body FROM notifications ORDER BY id DESC LIMIT 1") == body
     assert (after["payments"], after["codes"]) == (before["payments"], before["codes"])
     assert_log_clean(hostile_log)
-
-
-async def test_an_import_line_with_an_amount_too_long_for_int_is_rejected_alone(
-    client, admin_headers, pool, hostile_log
-):
-    body = (
-        "payment_code,amount,invoice_number,customer_name,client_id\n"
-        f"8896577799990001,{TOO_LONG_FOR_INT},INV-1,Budi,{CLIENT_ID}\n"
-        f"8896577799990002,150000,INV-2,Sari,{CLIENT_ID}\n"
-    ).encode()
-    response = await client.post(
-        "/v1/payment-codes/import", data=body, headers=admin_headers | {"Content-Type": "text/csv"}
-    )
-    assert response.status == 200, await response.text()
-    document = await response.json()
-    assert document["imported"] == 1, document
-    (rejected,) = document["rejected"]
-    assert rejected["line"] == 2
-    assert rejected["error"] == "amount: must be at most 999999999999"
-    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 1
-    assert_log_clean(hostile_log, "8896577799990001", "8896577799990002")
 
 
 @pytest.fixture

