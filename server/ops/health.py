@@ -21,6 +21,9 @@ from server.store.pool import UNAVAILABLE_ERRORS
 
 CHECK_TIMEOUT_S = 1.0
 REUSE_S = 0.5
+# A database that reads but takes no writes answers every other check: a standby (after a failover that
+# left dipc's address pointing at it), or one set default_transaction_read_only. Every write would fail.
+READ_ONLY = "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +67,15 @@ class HealthChecker:
                         self.dsn, timeout=CHECK_TIMEOUT_S, statement_cache_size=self.statement_cache_size
                     )
                 state = await migrate.state(self._conn)
+                read_only = await self._conn.fetchval(READ_ONLY)
         except UNAVAILABLE_ERRORS as error:
             await self.close()
             detail = "did not answer within 1 s" if isinstance(error, TimeoutError) else type(error).__name__
             return Readiness(False, f"database unreachable ({detail})")
         if not state.current:
             return Readiness(False, "migrations not current", tuple(state.pending + state.changed))
+        if read_only:
+            return Readiness(False, "database is read-only (a standby, or default_transaction_read_only)")
         return Readiness(True)
 
     @asynccontextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -33,6 +34,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     # (ProtocolError, OutdatedSchemaCacheError) also describe the connection, never the request, and
     # a retry on another connection is the cure for all of them.
     asyncpg.exceptions.InternalClientError,
+    # A database that takes no writes: a standby after a failover, default_transaction_read_only. The
+    # request is sound and /readyz says why (server/ops/health.py); another database is the cure.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
 )
 
 # What PostgreSQL answers when it gave a transaction up for another's: a lock cycle (40P01), a lock wait
@@ -78,15 +82,27 @@ CLIENT_CHECK_INTERVAL_MS = 1000
 _client_check_unavailable = False
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec(
-        "jsonb",
-        schema="pg_catalog",
-        encoder=lambda value: orjson.dumps(value).decode(),
-        decoder=orjson.loads,
-        format="text",
-    )
-    await _check_client(conn)
+async def _init_connection(conn: asyncpg.Connection, *, timeout_s: float) -> None:
+    """Ready a new connection, within ``timeout_s``, or terminate it.
+
+    Behind pgbouncer the login completes without a server, so a database that hangs shows here first.
+    No deadline can reach this connection (no request holds it yet), and asyncpg closes one whose init
+    failed or was cancelled gracefully, waiting for the server's goodbye: the request that needed it
+    waited for as long as the database hung. Terminated here, that close returns at once.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await conn.set_type_codec(
+                "jsonb",
+                schema="pg_catalog",
+                encoder=lambda value: orjson.dumps(value).decode(),
+                decoder=orjson.loads,
+                format="text",
+            )
+            await _check_client(conn)
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 async def _check_client(conn: asyncpg.Connection) -> None:
@@ -198,7 +214,7 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size,
         timeout=connect_timeout,
-        init=_init_connection,
+        init=functools.partial(_init_connection, timeout_s=connect_timeout),
         reset=_keep_session,
         # Connections to a dead server are dropped quickly, so the pool recovers when it returns.
         max_inactive_connection_lifetime=60.0,

@@ -82,6 +82,49 @@ async def test_a_stopped_database_is_reported_within_seconds_and_recovered_from(
     ).status == 200
 
 
+async def test_a_read_only_database_is_unavailable_not_a_500(
+    aiohttp_client, own_database, admin_headers, captured_log
+):
+    """(Found by review.) After a failover to a standby, or with default_transaction_read_only, every
+    write failed with ReadOnlySQLTransactionError: a 500 and a traceback per request and per background
+    round, a signed notification refused before it was stored, while /readyz said ready."""
+    _, dsn = own_database
+    client = await aiohttp_client(make_app(make_settings(), dsn))
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    assert (await client.post("/v1/payment-codes", json=code_fields(), headers=admin_headers)).status == 201
+    admin = await asyncpg.connect(dsn)
+
+    async def every_session_reads_only(on: bool) -> None:
+        setting = "SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only"
+        await admin.execute(f"ALTER DATABASE {await admin.fetchval('SELECT current_database()')} {setting}")
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND datname = current_database()"
+        )
+
+    await every_session_reads_only(True)
+    await poll(client, "/readyz", 503, seconds=5.0)
+    assert "read-only" in (await (await client.get("/readyz")).json())["reason"]
+    for _ in range(3):  # the first may meet a terminated connection; every one must be a 503
+        reply = await doku.inquiry(CODE)
+        assert reply.status == 503, reply.body
+        assert reply.json()["error"]["code"] == "UNAVAILABLE"
+        paid = await doku.notify(
+            CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id="ro"
+        )
+        assert paid.status == 503, paid.body
+        created = await client.post(
+            "/v1/payment-codes", json=code_fields(payment_code="8896500000000999"), headers=admin_headers
+        )
+        assert created.status == 503, await created.text()
+    assert "Traceback" not in captured_log.text()
+
+    await every_session_reads_only(False)
+    await poll(client, "/readyz", 200, seconds=5.0)
+    assert (await doku.inquiry(CODE)).status == 200
+    await admin.close()
+
+
 async def test_without_any_readiness_probe_the_sampler_reports_the_outage(aiohttp_client, own_database):
     """Nobody calls /readyz (compose, systemd): dipc_database_up still goes 0, so DipcNotReady fires, and
     the database-derived gauges read NaN (unknown) instead of freezing at their last value."""

@@ -39,6 +39,7 @@ PGBOUNCER = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sb
 class Bouncer:
     url: str
     version: tuple[int, ...]
+    console: str  # pgbouncer's admin console (PAUSE, RESUME)
 
 
 def _server_of(dsn: str) -> str:
@@ -78,6 +79,7 @@ listen_addr = 127.0.0.1
 listen_port = {port}
 unix_socket_dir =
 auth_type = any
+admin_users = postgres
 pool_mode = transaction
 ; Fewer server connections than dipc's pool: clients really share them.
 default_pool_size = 2
@@ -112,7 +114,11 @@ pidfile = {home}/pgbouncer.pid
                 raise AssertionError(f"pgbouncer did not start: {process.stdout.read()!r} {log}") from None
             time.sleep(0.05)
     try:
-        yield Bouncer(url=f"postgresql://postgres@127.0.0.1:{port}/dipc", version=version)
+        yield Bouncer(
+            url=f"postgresql://postgres@127.0.0.1:{port}/dipc",
+            version=version,
+            console=f"postgresql://postgres@127.0.0.1:{port}/pgbouncer",
+        )
     finally:
         process.terminate()
         process.wait(10)
@@ -171,6 +177,47 @@ async def test_dipc_serves_through_a_transaction_pooling_pgbouncer(
     )
     assert imported.status == 200, await imported.text()
     assert (await imported.json())["imported"] == 300
+
+
+async def test_a_database_paused_behind_pgbouncer_is_a_503_within_the_budget(
+    aiohttp_client, pool, database_url, bouncer
+):
+    """(Found by review.) Behind pgbouncer a new connection's login completes without a server, so a
+    database that hangs shows first in the pool's init of it. No deadline could reach that connection (no
+    request holds it yet), and asyncpg closes a cancelled one gracefully, waiting for the server: requests
+    that needed a new connection waited until the database answered again, past their budget."""
+    settings = make_settings(
+        db_pool_min=1,
+        db_pool_max=6,
+        db_statement_cache_size=0,
+        listen_database_url=database_url,
+        admin_db_timeout_s=1.0,
+    )
+    client = await aiohttp_client(make_app(settings, bouncer.url))
+    headers = {"Authorization": "Bearer test-admin-token"}
+    console = await asyncpg.connect(bouncer.console, statement_cache_size=0)
+
+    async def timed_read() -> tuple[int, float]:  # each holds a connection of its own: most need a new one
+        started = time.monotonic()
+        response = await client.get("/v1/payment-codes", params={"limit": "5"}, headers=headers)
+        return response.status, time.monotonic() - started
+
+    async def resume_later() -> None:  # before the fix, the hung requests ended only here
+        await asyncio.sleep(8.0)
+        await console.execute("RESUME dipc")
+
+    await console.execute("PAUSE dipc")
+    resume = asyncio.create_task(resume_later())
+    try:
+        answered = await asyncio.gather(*(timed_read() for _ in range(6)))
+    finally:
+        if not resume.done():
+            resume.cancel()
+            await console.execute("RESUME dipc")
+    await console.close()
+    assert [status for status, _ in answered] == [503] * 6
+    assert max(seconds for _, seconds in answered) < 3.0, answered  # the budget is 1 s
+    assert (await client.get("/v1/payment-codes", headers=headers)).status == 200
 
 
 def test_the_cli_works_through_pgbouncer(bouncer, database_url, pool):
