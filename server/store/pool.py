@@ -306,14 +306,12 @@ class Deadline:
         try:
             if exc_type is None:
                 return
-            if (ours and issubclass(exc_type, (asyncio.CancelledError, *UNAVAILABLE_ERRORS))) or issubclass(
-                exc_type, TimeoutError
-            ):
+            if ours and issubclass(exc_type, (asyncio.CancelledError, *UNAVAILABLE_ERRORS)):
                 result = "timeout"
                 log.warning("db.deadline_exceeded", what=self._what, seconds=self._seconds)
                 raise Unavailable(f"the database did not answer within {self._seconds:g} s") from None
-            if issubclass(exc_type, UNAVAILABLE_ERRORS):
-                result = "unavailable"
+            if issubclass(exc_type, UNAVAILABLE_ERRORS):  # a TimeoutError of something else too (a connect)
+                result = "timeout" if issubclass(exc_type, TimeoutError) else "unavailable"
                 log.warning("db.unavailable", what=self._what, error=f"{exc_type.__name__}: {error}")
                 raise Unavailable("the database is unavailable") from error
         finally:

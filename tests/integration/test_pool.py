@@ -76,6 +76,16 @@ async def test_a_deadline_cancels_a_hanging_statement_and_frees_its_connection(d
         await pool.close()
 
 
+async def test_a_timeout_of_something_else_is_not_reported_as_the_deadline(captured_log):
+    """(Found by review.) A 503 said "did not answer within 30 s" after 5 s: the pool's connect timeout,
+    or any TimeoutError raised inside, was reported as the deadline's own expiry."""
+    with pytest.raises(Unavailable) as refused:
+        async with deadline(30, "test"):
+            raise TimeoutError  # as asyncpg's connect raises it, after DIPC_DB_CONNECT_TIMEOUT_S
+    assert "30 s" not in str(refused.value)
+    assert [line["event"] for line in captured_log.lines()] == ["db.unavailable"]
+
+
 async def test_a_deadline_also_bounds_the_wait_for_a_connection(database_url):
     pool = await create_pool(database_url, min_size=1, max_size=1)
     try:
