@@ -50,7 +50,7 @@ def _text(value: Any, *, max_length: int, required: bool = False) -> str:
         raise _Invalid("is required")
     if len(value) > max_length:
         raise _Invalid(f"must be at most {max_length} characters")
-    if has_control(value):
+    if not value.isprintable() and has_control(value):  # most text is printable: not even a call
         raise _Invalid("must not contain control characters")
     return value
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+_INT_DIGITS = 4000  # int() refuses more than 4,300; every bound dipc reads against has far fewer
+
 
 class TooLarge(ValueError):
     """Digits alone, but more than the bound allows."""
@@ -24,7 +26,7 @@ def whole_number(text: str, *, maximum: int) -> int:
     if not (text.isascii() and text.isdigit()):
         raise ValueError("must be written in the digits 0-9 alone")
     significant = text.lstrip("0") or "0"
-    if len(significant) > len(str(maximum)) or (value := int(significant)) > maximum:
+    if len(significant) > _INT_DIGITS or (value := int(significant)) > maximum:
         raise TooLarge(f"must be at most {maximum}")
     return value
 
