@@ -328,7 +328,8 @@ async def check_invoice(
         if current.state == "paid":
             return invoice_document(current) | {"check": None}
         raise BeingChecked(
-            f"invoice {invoice.invoice_number} is being checked by another dipc process; ask again soon"
+            f"invoice {invoice.invoice_number} is being checked right now (by a reconciler, or by another "
+            "check by hand); ask again soon"
         )
     try:
         await _take_budget(pool, settings.reconcile_rps, wait_s=settings.doku_api_timeout_s)
