@@ -69,15 +69,16 @@ async def bearer_auth(request: web.Request, handler: web.Handler) -> web.StreamR
 MAX_ID = feed.MAX_ID
 
 
-def _typed(request: web.Request, name: str, parse: Callable[[str], T], problem: str) -> T | None:
-    """A typed query parameter: absent is None; present but empty or malformed is a 422."""
+def _typed(request: web.Request, name: str, parse: Callable[[str], T], problem: str | None) -> T | None:
+    """A typed query parameter: absent is None; present but empty or malformed is a 422 saying
+    ``problem``, or (None) what the parser said."""
     raw = request.query.get(name)
     if raw is None:
         return None
     try:
         return parse(raw)
-    except ValueError:
-        raise ValidationFailed({name: problem}) from None
+    except ValueError as error:
+        raise ValidationFailed({name: problem or str(error)}) from None
 
 
 def _query_int(request: web.Request, name: str) -> int | None:
@@ -122,7 +123,7 @@ def _query_text(
 
 
 def _query_time(request: web.Request, name: str) -> datetime | None:
-    return _typed(request, name, parse_timestamp, "must be an ISO 8601 timestamp with a UTC offset")
+    return _typed(request, name, parse_timestamp, None)  # its words: a + the URL made a space, say
 
 
 def _page(page: Page, render) -> dict:
