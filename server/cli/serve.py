@@ -153,12 +153,18 @@ def _refuse_taken_ports(settings: Settings) -> None:
         ports.append((settings.admin_host or settings.host, settings.admin_port))
     for host, port in ports:
         try:
+            # As asyncio's create_server binds: "" is every interface, and a family the kernel lacks
+            # (IPv6 disabled) is skipped.
             for family, kind, proto, _name, address in socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             ):
-                with socket.socket(family, kind, proto) as probe:
+                try:
+                    probe = socket.socket(family, kind, proto)
+                except OSError:
+                    continue
+                with probe:
                     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:  # as asyncio's create_server binds it
+                    if family == socket.AF_INET6:
                         probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                     probe.bind(address)
         except OSError as error:
