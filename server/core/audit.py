@@ -90,10 +90,7 @@ async def list_inquiries(
     cursor: InquiryCursor | None = read_key_cursor(after) if after is not None else None
     size = page_limit(limit)
     items = await audit.inquiries(pool, payment_code=code, since=since, after=cursor, limit=size + 1)
-    if len(items) <= size:
-        return Page(items=items, next=None)
-    last = items[size - 1]
-    return Page(items=items[:size], next=key_cursor(last.received_at, last.payment_code, last.request_id))
+    return Page.of(items, size, lambda last: key_cursor(last.received_at, last.payment_code, last.request_id))
 
 
 async def list_notifications(
@@ -111,6 +108,4 @@ async def list_notifications(
         raise ValidationFailed({"after": "must be a notification id"})
     size = page_limit(limit)
     items = await audit.notifications(pool, payment_code=code, outcome=outcome, after=after, limit=size + 1)
-    more = len(items) > size
-    items = items[:size]
-    return Page(items=items, next=str(items[-1].id) if more else None)
+    return Page.of(items, size, lambda notification: str(notification.id))

@@ -173,9 +173,7 @@ async def list_cases(
     size = page_limit(limit)
     rows = await store.list_page(pool, state=state, kind=kind, reason=reason, after=after, limit=size + 1)
     cases = [Case(payment, resolution) for payment, resolution in rows]
-    more = len(cases) > size
-    cases = cases[:size]
-    return Page(items=cases, next=str(cases[-1].payment.id) if more else None)
+    return Page.of(cases, size, lambda case: str(case.payment.id))
 
 
 async def get_case(pool: asyncpg.Pool, payment_id: int) -> Case:

@@ -68,9 +68,7 @@ async def list_deliveries(
         raise ValidationFailed({"status": f"must be one of {', '.join(DELIVERY_STATUSES)}"})
     size = page_limit(limit)
     items = await deliveries.list_page(pool, status=status, after=after, limit=size + 1)
-    more = len(items) > size
-    items = items[:size]
-    return Page(items=items, next=str(items[-1].event_id) if more else None)
+    return Page.of(items, size, lambda delivery: str(delivery.event_id))
 
 
 @dataclass(frozen=True, slots=True)

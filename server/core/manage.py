@@ -50,6 +50,14 @@ class Page(Generic[T]):
     items: list[T]
     next: str | None  # the cursor for the following page, None at the end
 
+    @classmethod
+    def of(cls, items: list[T], size: int, cursor: Callable[[T], str]) -> Page[T]:
+        """The first ``size`` of ``items`` (read one more, to learn whether a page follows), and the
+        cursor of the last of them when one does."""
+        if len(items) <= size:
+            return cls(items=items, next=None)
+        return cls(items=items[:size], next=cursor(items[size - 1]))
+
 
 def key_cursor(moment: datetime, first: str, second: str) -> str:
     """The cursor of a page that ends at this key (a time, then two texts): opaque to clients."""
@@ -185,9 +193,7 @@ async def list_codes(
         expired_at=derived_at,
         expired=expired,
     )
-    more = len(items) > size
-    items = items[:size]
-    return Page(items=items, next=items[-1].payment_code if more else None)
+    return Page.of(items, size, lambda code: code.payment_code)
 
 
 PAYMENT_KINDS = ("normal", "conflict", "anomaly")
@@ -208,9 +214,7 @@ async def list_payments(
     items = await payment_store.list_page(
         pool, payment_code=payment_code, kind=kind, since=since, after=after, limit=size + 1
     )
-    more = len(items) > size
-    items = items[:size]
-    return Page(items=items, next=str(items[-1].id) if more else None)
+    return Page.of(items, size, lambda payment: str(payment.id))
 
 
 # --- bulk import ---------------------------------------------------------------------------------

@@ -242,11 +242,8 @@ async def list_invoices(
     items = await store.list_page(
         pool, state=state, after=read_key_cursor(after) if after else None, limit=size + 1
     )
-    if len(items) <= size:
-        return Page(items=items, next=None)
-    last = items[size - 1]
-    return Page(
-        items=items[:size], next=key_cursor(last.first_quoted_at, last.payment_code, last.invoice_number)
+    return Page.of(
+        items, size, lambda last: key_cursor(last.first_quoted_at, last.payment_code, last.invoice_number)
     )
 
 
