@@ -145,11 +145,13 @@ def _rupiah(value: Any) -> int:
     """An amount of whole rupiah; 150000, 150000.0 and "150000" all mean the same money."""
     if value is None or value == "":
         raise InvalidField("order.amount", "is required")
-    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+    if isinstance(value, str):
         try:
             value = whole_number(value.strip(), maximum=MAX_RUPIAH)
         except TooLarge:
             raise InvalidField("order.amount", "is out of range") from None
+        except ValueError:
+            pass  # not digits: refused below as not a whole number
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):

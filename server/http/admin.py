@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 from collections.abc import Callable
@@ -82,18 +83,13 @@ def _typed(request: web.Request, name: str, parse: Callable[[str], T], problem: 
 
 
 def _query_int(request: web.Request, name: str) -> int | None:
-    def parse(raw: str) -> int:
-        return whole_number(raw, maximum=MAX_ID)
-
+    parse = functools.partial(whole_number, maximum=MAX_ID)
     return _typed(request, name, parse, f"must be an integer from 0 to {MAX_ID}, in the digits 0-9")
 
 
 def _query_limit(request: web.Request) -> int | None:
     """A page's size, refused in the words manage.page_limit refuses 0 in."""
-
-    def parse(raw: str) -> int:
-        return whole_number(raw, maximum=manage.MAX_PAGE)
-
+    parse = functools.partial(whole_number, maximum=manage.MAX_PAGE)
     return _typed(request, "limit", parse, f"must be between 1 and {manage.MAX_PAGE}")
 
 
