@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from server.core.documents import iso
-from server.core.errors import ValidationFailed
+from server.core.errors import ClientAborted, ValidationFailed
 from server.core.events import MAX_WAIT_S, Event
 from server.core.manage import Page, page_limit
 from server.store import deliveries, outbox
@@ -21,13 +21,25 @@ DELIVERY_STATUSES = ("pending", "delivered", "failed")
 MAX_ID = 2**63 - 1  # event ids and cursors are bigint
 
 
+# A long poll looks this often whether its client is still there: aiohttp lets a handler run on after its
+# client has gone, and the wait would hold its waiter (woken, and a query made, by every event) to the end.
+CLIENT_CHECK_S = 1.0
+
+
 async def read_feed(
-    pool: asyncpg.Pool, listener: EventListener, *, after: int, limit: int | None, wait: float
+    pool: asyncpg.Pool,
+    listener: EventListener,
+    *,
+    after: int,
+    limit: int | None,
+    wait: float,
+    gone: Callable[[], bool] = lambda: False,
 ) -> tuple[list[Event], int]:
     """Events with ids above ``after`` (at most ``limit``), waiting up to ``wait`` seconds for the first.
 
     Returns the events and the cursor to pass as ``after`` next time. The generation is read before each
-    query, so an event committed between the query and the wait still wakes us.
+    query, so an event committed between the query and the wait still wakes us. Raises ClientAborted once
+    ``gone()`` says the client has gone (asked every :data:`CLIENT_CHECK_S` of the wait).
     """
     if after < 0:
         raise ValidationFailed({"after": "must be 0 or an event id"})
@@ -42,8 +54,14 @@ async def read_feed(
         remaining = deadline - loop.time()
         if events or remaining <= 0:
             return events, (events[-1].id if events else after)
-        if not await listener.wait_for_change(seen, remaining) and listener.releasing:
-            return events, after  # shutting down: answer now rather than hold the drain
+        while not await listener.wait_for_change(seen, min(remaining, CLIENT_CHECK_S)):
+            if listener.releasing:
+                return events, after  # shutting down: answer now rather than hold the drain
+            if gone():
+                raise ClientAborted("the client closed the connection during the wait")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
 
 
 def delivery_document(delivery: Delivery) -> dict[str, object]:

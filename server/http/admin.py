@@ -29,6 +29,7 @@ from server.core.text import whole_number
 from server.core.times import parse_timestamp, utcnow
 from server.http.bodies import Slots, json_response, read_json_object, stream_chunks
 from server.http.keys import CHECK_STATUS, LISTENER, POOL, SETTINGS
+from server.http.middleware import client_gone
 from server.ops import metrics
 from server.ops.masking import is_clean_text
 from server.reconcile import worker as reconciler
@@ -240,6 +241,7 @@ async def read_events(request: web.Request) -> web.Response:
                 after=_query_int(request, "after") or 0,
                 limit=_query_limit(request),
                 wait=wait,
+                gone=lambda: client_gone(request),
             )
     finally:
         metrics.FEED_WAITERS.dec()

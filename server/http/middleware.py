@@ -52,7 +52,7 @@ def _render_failure(request: web.Request, failure: Exception) -> web.StreamRespo
         if isinstance(failure, AuthenticationFailed):
             _count_signature_failure(request, failure)
         return render(request, failure)
-    if isinstance(failure, ConnectionError) and _client_gone(request):
+    if isinstance(failure, ConnectionError) and client_gone(request):
         # The client went away (mid-body, say): its doing. Counted apart, one line, no traceback.
         aborted = ClientAborted(f"the client closed the connection: {type(failure).__name__}")
         fields.setdefault("outcome", aborted.code)
@@ -62,7 +62,8 @@ def _render_failure(request: web.Request, failure: Exception) -> web.StreamRespo
     return render(request, DipcError("internal error; the incident is logged"))
 
 
-def _client_gone(request: web.Request) -> bool:
+def client_gone(request: web.Request) -> bool:
+    """Whether the client has closed its connection (or it broke)."""
     transport = request.transport
     return transport is None or transport.is_closing()
 
@@ -104,7 +105,7 @@ async def observe(request: web.Request, handler: web.Handler) -> web.StreamRespo
     except asyncio.CancelledError:
         # A server that cancels handlers when the client goes away (aiohttp's handler_cancellation):
         # still one line for the abort, then let the cancellation run its course.
-        if _client_gone(request):
+        if client_gone(request):
             fields.setdefault("outcome", ClientAborted.code)
             _observe(request, ClientAborted.http_status, started)
         raise

@@ -13,6 +13,7 @@ import pytest
 
 from server.app import make_app
 from server.doku.client import notification_body
+from server.ops import metrics
 from tests.conftest import ADMIN_TOKEN, CLIENT, CLIENT_ID, CODE, SECRET_KEY, make_settings
 from tests.rawhttp import exchange, request_bytes, signed_raw_headers
 
@@ -195,6 +196,33 @@ async def test_a_client_that_disconnects_mid_body_is_counted_apart_and_logged_on
         ("CLIENT_ABORTED", 499, "info")
     ] * 2
     assert not captured_log.events("http.unhandled")
+    assert_clean_log(captured_log)
+
+
+async def test_a_long_poll_whose_client_went_away_ends_and_is_logged_as_an_abort(served, captured_log):
+    # As served, aiohttp lets a handler run on after its client has gone: the wait would hold a waiter
+    # (counted in dipc_feed_waiters, woken by every event) for its whole minute, then log a 200.
+    host, port = served
+    _reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        request_bytes(
+            "GET", "/v1/events?after=0&wait=60", [("Authorization", f"Bearer {ADMIN_TOKEN}")]
+        ).replace(b"Connection: close\r\n", b"")
+    )
+    await writer.drain()
+    for _ in range(50):
+        if metrics.FEED_WAITERS._value.get() == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert metrics.FEED_WAITERS._value.get() == 1
+    writer.close()
+    for _ in range(100):  # 5 s: the wait notices within FEED_CLIENT_CHECK_S
+        if captured_log.events("http.request"):
+            break
+        await asyncio.sleep(0.05)
+    [line] = captured_log.events("http.request")
+    assert (line["outcome"], line["status"], line["route"]) == ("CLIENT_ABORTED", 499, "/v1/events")
+    assert metrics.FEED_WAITERS._value.get() == 0
     assert_clean_log(captured_log)
 
 
