@@ -241,7 +241,6 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
         port=settings.port,
         admin_port=settings.admin_port,
         inquiry_path=settings.inquiry_path,
-        database="embedded" if settings.database_url is None else "external",
         clients=sorted(settings.clients),
         bins=str(settings.bins),
         doku_api=settings.doku_api_url,
