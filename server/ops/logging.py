@@ -49,7 +49,7 @@ def _add_timestamp(_logger: Any, _method: str, event: dict[str, Any]) -> dict[st
     return event
 
 
-def _drop_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _mask_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     """A last guard: a field named like a secret never reaches the output, and a payment code only
     masked, whoever logs it."""
     for name in _SECRET_FIELDS.intersection(event):
@@ -130,7 +130,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: TextIO | N
         _add_process_fields,
         structlog.processors.add_log_level,
         _add_timestamp,
-        _drop_secrets,
+        _mask_secrets,
     ]
     renderer: Any
     if use_json:
