@@ -73,4 +73,5 @@ def payment_document(payment: Payment) -> dict[str, Any]:
         "recorded_at": iso(payment.recorded_at),
         "notification_id": payment.notification_id,
         "source": payment.source,
+        "notified_ref": payment.notified_ref,
     }

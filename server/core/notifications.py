@@ -123,9 +123,13 @@ async def _decide_and_record(
     else:
         context = await payment_store.read_context(conn, *facts, unnamed_ref=unnamed_ref, lock=lock)
     if context.history.repeat:
-        outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
         outcome = NotificationOutcome.REPEAT
-        return NotificationResult(await inbox.insert(conn, raw_values(outcome)), outcome)
+        repeated = raw_values(outcome)
+        repeat_id = await payment_store.record_repeat(conn, repeated, *facts, unnamed_ref=unnamed_ref)
+        if repeat_id is None:
+            return None  # the unnamed payment it repeated was matched with another transaction meanwhile
+        outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
+        return NotificationResult(repeat_id, outcome)
     decision = decide_payment(notice, context.code, context.history, now)
     payment = planned_payment(notice, decision, context, raw.source)
     code = context.code

@@ -117,6 +117,9 @@ class Payment:
     notification_id: int
     source: str  # notification, or check_status (recovered by reconciliation)
     recorded_at: datetime
+    # For a Check Status answer that named no transaction: the reference of DOKU's notification of it,
+    # once one came (migration 0018). None otherwise.
+    notified_ref: str | None = None
 
 
 def _anomaly(reason: Reason, expected: int | None) -> PaymentDecision:

@@ -17,7 +17,8 @@ from server.store.batches import BATCH_LOCK_WAIT_MS, Batches
 
 COLUMNS = (
     "id, payment_code, invoice_number, transaction_ref, kind, reason, amount, expected_amount, client_id, "
-    "channel, agent_id, agent_store_id, agent_trx_id, paid_at, notification_id, source, recorded_at"
+    "channel, agent_id, agent_store_id, agent_trx_id, paid_at, notification_id, source, recorded_at, "
+    "notified_ref"
 )
 
 
@@ -230,6 +231,54 @@ async def record(
     """
     row = await conn.fetchrow(_RECORD, *_record_args(context, notification, payment, event), *_UNBATCHED)
     return _recorded(row, payment)
+
+
+# A repeat's inbox row, written only if the payment it repeats is still found by its identity, which a
+# payment never loses: its own reference, the reference of the notification matched with it, or (for an
+# unnamed Check Status answer, $11 = $13) its amount. A notification that repeats an unnamed payment no
+# notification is matched with yet ('check-status:<invoice>', by amount) is matched with it here, under
+# the payment's row lock (migration 0018): of two store transactions racing for it, one is matched, and
+# the other finds it matched once the first commits and writes nothing, to be decided again.
+_RECORD_REPEAT = f"""
+WITH matched AS (
+    UPDATE payments SET notified_ref = $11
+     WHERE payment_code = $9 AND invoice_number = $10 AND transaction_ref = $13 AND amount = $12
+       AND notified_ref IS NULL AND $11 <> $13
+       AND NOT EXISTS (SELECT FROM payments known
+                        WHERE known.payment_code = $9 AND known.invoice_number = $10
+                          AND (known.transaction_ref = $11 OR known.notified_ref = $11))
+    RETURNING id
+),
+repeated AS (
+    SELECT FROM matched
+    UNION ALL
+    SELECT FROM payments p
+     WHERE p.payment_code = $9 AND p.invoice_number = $10
+       AND (p.transaction_ref = $11 OR p.notified_ref = $11 OR ($11 = $13 AND p.amount = $12))
+)
+INSERT INTO notifications ({inbox.COLUMNS})
+SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT FROM repeated)
+RETURNING id
+"""  # noqa: S608 - constants
+
+
+async def record_repeat(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    notification: tuple[Any, ...],
+    payment_code: str,
+    invoice_number: str,
+    transaction_ref: str,
+    amount: int,
+    *,
+    unnamed_ref: str,
+) -> int | None:
+    """Store a notification (``inbox.values``) as a repeat of a payment :func:`read_context` found, and
+    match it with that payment if it is an unnamed one no notification is matched with yet. Its inbox id;
+    None, and nothing written, when the payment it repeated is now another transaction's (an unnamed
+    payment matched meanwhile): read it again and decide again."""
+    return await conn.fetchval(
+        _RECORD_REPEAT, *notification, payment_code, invoice_number, transaction_ref, amount, unnamed_ref
+    )
 
 
 class PaymentBatches:

@@ -50,8 +50,12 @@ async def check_invariants(pool: asyncpg.Pool) -> None:
         assert sum(r["kind"] == "normal" for r in rows) <= 1, key
         unnamed = [r for r in rows if r["transaction_ref"].startswith("check-status:")]
         for u in unnamed:
+            # An unnamed Check Status payment is one store transaction: the first notification of its
+            # amount is matched with it (not recorded again), and only then can another be recorded.
             twins = [r for r in rows if r is not u and r["amount"] == u["amount"]]
-            assert not twins, ("one payment recorded twice (unnamed Check Status answer)", key, u, twins)
+            assert not twins or u["notified_ref"] is not None, ("recorded before the match", key, u, twins)
+            twice = [r for r in twins if r["transaction_ref"] == u["notified_ref"]]
+            assert not twice, ("one payment recorded twice (unnamed Check Status answer)", key, u, twice)
     for code, row in codes.items():
         assert row["paid_count"] == normals[code], (code, dict(row), normals[code])
         if not row["reusable"]:
@@ -132,6 +136,49 @@ async def test_one_shot_codes_paid_twice_cancelled_edited_and_checked_at_once(
     for r in results:
         if hasattr(r, "status"):
             assert r.status == 200, r.body
+    await check_invariants(pool)
+
+
+async def test_an_unnamed_check_status_payment_is_one_store_transaction_not_every_one(
+    client, doku, register, admin_headers, pool
+):
+    """A Check Status answer that named no transaction is DOKU's word that the invoice is paid, once: the
+    late notification of that payment is a repeat of it (spec §8 rule 3), and only that one. Other store
+    transactions of the same amount for the invoice (two counters took the money) are each a conflict for
+    refund; taken for repeats, that money would be in no payment and in no exception. Each notification
+    comes twice at once (DOKU retries), all of them racing for the unnamed payment."""
+    await register()
+    await check_status_record(pool, CODE, INVOICE, 150000, "cs-1")
+    refs = [f"trx-{n}" for n in range(8)]
+    work = [pay(doku, ref=ref) for ref in refs for _ in range(2)]
+    random.Random(13).shuffle(work)
+    replies = await asyncio.gather(*work)
+    assert [reply.status for reply in replies] == [200] * len(work)
+    rows = await pool.fetch("SELECT transaction_ref, kind, reason FROM payments ORDER BY id")
+    assert (rows[0]["transaction_ref"], rows[0]["kind"]) == (f"check-status:{INVOICE}", "normal")
+    conflicts = rows[1:]
+    assert [(row["kind"], row["reason"]) for row in conflicts] == [("conflict", "ALREADY_PAID")] * (
+        len(refs) - 1
+    )
+    assert len({row["transaction_ref"] for row in conflicts}) == len(refs) - 1
+    # The API says which store transaction the unnamed payment turned out to be: the one not a conflict.
+    listed = (await (await client.get("/v1/payments", headers=admin_headers)).json())["items"]
+    assert [item["notified_ref"] for item in listed[1:]] == [None] * (len(refs) - 1)
+    matched = listed[0]["notified_ref"]
+    assert matched is not None
+    assert matched.endswith(tuple(refs))
+    assert matched not in {row["transaction_ref"] for row in conflicts}
+    outcomes = [row["outcome"] for row in await pool.fetch("SELECT outcome FROM notifications ORDER BY id")]
+    # The unnamed payment's own answer; the one transaction taken as its notification, twice; every other
+    # transaction once as a conflict and once as its repeat.
+    assert sorted(outcomes) == sorted(
+        ["normal"] + ["conflict"] * (len(refs) - 1) + ["repeat"] * (len(refs) + 1)
+    )
+    await check_invariants(pool)
+    # Later retries of every transaction change nothing.
+    for ref in refs:
+        assert (await pay(doku, ref=ref)).status == 200
+    assert len(await pool.fetch("SELECT 1 FROM payments")) == len(refs)
     await check_invariants(pool)
 
 
