@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # registered, to be listed.
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
+    args.argv = argv  # what was typed: a list's next page is this command at the next cursor
     # Commands print their results on stdout; their logs go to stderr and only when they matter.
     # `serve` configures logging again from its settings.
     log_format = os.environ.get("DIPC_LOG_FORMAT", "auto")

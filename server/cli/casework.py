@@ -146,7 +146,7 @@ def run_list(args: argparse.Namespace) -> int:
             pool, state=args.state, kind=args.kind, reason=args.reason, after=args.after, limit=args.limit
         )
         documents = [case.document() for case in page.items]
-        _print_page(args, documents, page.next, EXCEPTION_COLUMNS, "exceptions list")
+        _print_page(args, documents, page.next, EXCEPTION_COLUMNS)
         return 0
 
     return _with_db(args, work)
@@ -177,7 +177,7 @@ def run_inquiries(args: argparse.Namespace) -> int:
             pool, payment_code=args.payment_code, since=since, after=args.after, limit=args.limit
         )
         documents = [audit.inquiry_document(record) for record in page.items]
-        _print_page(args, documents, page.next, INQUIRY_COLUMNS, "inquiries list")
+        _print_page(args, documents, page.next, INQUIRY_COLUMNS)
         return 0
 
     return _with_db(args, work)
@@ -189,7 +189,7 @@ def run_notifications(args: argparse.Namespace) -> int:
             pool, payment_code=args.payment_code, outcome=args.outcome, after=args.after, limit=args.limit
         )
         documents = [audit.notification_document(record) for record in page.items]
-        _print_page(args, documents, page.next, NOTIFICATION_COLUMNS, "notifications list")
+        _print_page(args, documents, page.next, NOTIFICATION_COLUMNS)
         return 0
 
     return _with_db(args, work)

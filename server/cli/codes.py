@@ -7,6 +7,7 @@ import asyncio
 import functools
 import gc
 import os
+import shlex
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -71,18 +72,26 @@ def _show(args: argparse.Namespace, document: dict[str, Any]) -> None:
 
 
 def _print_page(
-    args: argparse.Namespace,
-    documents: list[dict[str, Any]],
-    cursor: str | None,
-    columns: list[str],
-    command: str,
+    args: argparse.Namespace, documents: list[dict[str, Any]], cursor: str | None, columns: list[str]
 ) -> None:
     if args.json:
         print_json({"items": documents, "next": cursor})
         return
     print_table(documents, columns)
     if cursor:
-        print(f"more: dipc {command} --after {cursor}")
+        print(f"more: {next_page_command(args.argv, cursor)}")
+
+
+def next_page_command(argv: list[str], cursor: str) -> str:
+    """The command line of the next page: this one (its filters, --demo, --limit) at ``cursor``."""
+    kept: list[str] = []
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument == "--after":
+            next(arguments, None)  # and its value
+        elif not argument.startswith("--after="):
+            kept.append(argument)
+    return shlex.join(["dipc", *kept, "--after", cursor])
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -253,7 +262,7 @@ def run_list(args: argparse.Namespace) -> int:
             pool, status=args.status, after=args.after, limit=args.limit, derived_at=now
         )
         documents = [_shown(code, now) for code in page.items]
-        _print_page(args, documents, page.next, CODE_COLUMNS, "codes list")
+        _print_page(args, documents, page.next, CODE_COLUMNS)
         return 0
 
     return _with_db(args, work)
@@ -275,7 +284,7 @@ def run_payments(args: argparse.Namespace) -> int:
             limit=args.limit,
         )
         documents = [payment_document(payment) for payment in page.items]
-        _print_page(args, documents, page.next, PAYMENT_COLUMNS, "payments list")
+        _print_page(args, documents, page.next, PAYMENT_COLUMNS)
         return 0
 
     return _with_db(args, work)

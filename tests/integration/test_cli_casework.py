@@ -4,6 +4,7 @@ processes on the database a running server wrote to."""
 from __future__ import annotations
 
 import asyncio
+import shlex
 import subprocess
 
 import orjson
@@ -100,8 +101,25 @@ async def test_support_reads_the_audit_trail_from_the_terminal(env, doku, regist
     raw = orjson.loads((await dipc("notifications", "list", "--code", CODE, "--json", env=env)).stdout)
     assert [item["outcome"] for item in raw["items"]] == ["normal", "conflict"]
     assert orjson.loads(raw["items"][0]["body"])["order"]["amount"] == 150000
-    paged = await dipc("notifications", "list", "--limit", "1", env=env)
-    assert b"more: dipc notifications list --after" in paged.stdout
+    paged = await dipc("notifications", "list", "--code", CODE, "--after", "0", "--limit", "1", env=env)
+    # The next page's command is this one, its filters kept, at the next cursor.
+    [more] = [line for line in paged.stdout.decode().splitlines() if line.startswith("more: ")]
+    next_command = shlex.split(more.removeprefix("more: "))
+    cursor = next_command[-1]
+    assert next_command == [
+        "dipc",
+        "notifications",
+        "list",
+        "--code",
+        CODE,
+        "--limit",
+        "1",
+        "--after",
+        cursor,
+    ]
+    following = await dipc(*next_command[1:], env=env)
+    assert following.returncode == 0, following.stderr
+    assert b"ALREADY_PAID" in following.stdout
 
 
 def test_the_help_explains_resolutions_with_examples():
