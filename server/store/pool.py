@@ -37,6 +37,12 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     # A database that takes no writes: a standby after a failover, default_transaction_read_only. The
     # request is sound and /readyz says why (server/ops/health.py); another database is the cure.
     asyncpg.exceptions.ReadOnlySQLTransactionError,
+    # A login refused while serving (credentials rotated under a running dipc, its role locked, its
+    # database renamed): every new connection fails, as in an outage, and the fix is the database's, after
+    # which dipc is back by itself. At start, `dipc serve` and the CLI say which it is in one line and exit
+    # 2 (cli/common.py, database_failure).
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidCatalogNameError,
 )
 
 # What PostgreSQL answers when it gave a transaction up for another's: a lock cycle (40P01), a lock wait

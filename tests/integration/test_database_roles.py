@@ -250,3 +250,52 @@ def test_outside_demo_the_embedded_database_must_be_chosen(tmp_path):
     assert (tmp_path / "data").is_dir()
     listed = run("codes", "list", "--demo", env=env)  # --demo means the embedded database too
     assert listed.returncode == 0, listed.stderr
+
+
+async def test_a_role_refused_while_serving_is_a_503_until_it_may_log_in_again(
+    roles: Roles, database_url, aiohttp_client
+):
+    """Credentials rotated under a running dipc (or its role locked, or its database renamed): every new
+    connection is refused. The database is what is missing, as in an outage: 503 and not ready, without a
+    traceback, and back by itself once the role may log in again. (It was a 500 on every route, and
+    dipc_database_up stayed 1.)"""
+    from server.app import make_app
+    from tests.conftest import make_settings
+
+    assert run("migrate", env=dipc_env(roles.owner_dsn)).returncode == 0
+    from tests.conftest import ADMIN_TOKEN
+
+    client = await aiohttp_client(make_app(make_settings(), roles.app_dsn))
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert (await client.post("/v1/payment-codes", json=code_fields(), headers=headers)).status == 201
+    simulator = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
+    assert (await simulator.inquiry(CODE)).status == 200
+
+    superuser = await asyncpg.connect(database_url)
+    try:
+        await superuser.execute(f'ALTER ROLE "{roles.app}" NOLOGIN')
+        await superuser.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", roles.app
+        )
+        for _ in range(3):
+            refused = await simulator.inquiry(CODE)
+            assert refused.status == 503, refused.body
+        for _ in range(30):  # a check's result is reused for half a second
+            ready = await client.get("/readyz")
+            if ready.status != 200:
+                break
+            await asyncio.sleep(0.1)
+        assert ready.status == 503, await ready.text()
+        assert "database unreachable" in (await ready.json())["reason"]
+        await superuser.execute(f'ALTER ROLE "{roles.app}" LOGIN')
+        answered = None
+        for _ in range(50):
+            answered = await simulator.inquiry(CODE)
+            if answered.status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert answered is not None
+        assert answered.status == 200
+    finally:
+        await superuser.execute(f'ALTER ROLE "{roles.app}" LOGIN')
+        await superuser.close()
