@@ -21,6 +21,13 @@ from server.store.pool import UNAVAILABLE_ERRORS
 
 CHECK_TIMEOUT_S = 1.0
 REUSE_S = 0.5
+# The server's own bound on every statement of the checker's connection (its checks, the sampler's reads):
+# a statement the client gave up on (after CHECK_TIMEOUT_S, or the sampler's second) would otherwise keep
+# its backend waiting on whatever it waits for (a table an operator holds locked), one per round, until
+# the database has no connections left. Ignored behind a pgbouncer that ignores the startup parameter:
+# the role's own statement_timeout then bounds it (README, pgbouncer).
+STATEMENT_TIMEOUT_MS = 2000
+_SESSION = {"application_name": "dipc", "statement_timeout": str(STATEMENT_TIMEOUT_MS)}
 # A database that reads but takes no writes answers every other check: a standby (after a failover that
 # left dipc's address pointing at it), or one set default_transaction_read_only. Every write would fail.
 READ_ONLY = "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::boolean"
@@ -64,7 +71,10 @@ class HealthChecker:
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 if self._conn is None or self._conn.is_closed():
                     self._conn = await asyncpg.connect(
-                        self.dsn, timeout=CHECK_TIMEOUT_S, statement_cache_size=self.statement_cache_size
+                        self.dsn,
+                        timeout=CHECK_TIMEOUT_S,
+                        statement_cache_size=self.statement_cache_size,
+                        server_settings=_SESSION,
                     )
                 state = await migrate.state(self._conn)
                 read_only = await self._conn.fetchval(READ_ONLY)

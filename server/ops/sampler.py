@@ -126,6 +126,7 @@ class DatabaseSampler:
                 metrics.DATABASE_UP.set(0)
                 self._all_unknown()
                 return False
+            sample = None
             try:
                 async with asyncio.timeout(SAMPLE_TIMEOUT_S):
                     for sample in self.samples:
@@ -137,6 +138,15 @@ class DatabaseSampler:
                             log.exception("sampler.sample_failed", sample=sample.name)
                             sample.unknown()
                             read_all = False
+            except TimeoutError:
+                # The database answered the check just now: a read that hangs waits on something (a table
+                # an operator holds locked), and says so, by name; it is not the database gone. The
+                # connection goes (its backend gives up by itself: health.STATEMENT_TIMEOUT_MS); if the
+                # database is what hangs, the next round's check says so.
+                log.warning("sampler.sample_timeout", sample=sample and sample.name, seconds=SAMPLE_TIMEOUT_S)
+                conn.terminate()
+                self._all_unknown()
+                return False
             except UNAVAILABLE_ERRORS as error:
                 # The database went away (or hangs) since the check: down, and nothing is known now.
                 log.warning("sampler.database_unavailable", error=f"{type(error).__name__}: {error}")

@@ -151,6 +151,40 @@ async def test_without_any_readiness_probe_the_sampler_reports_the_outage(aiohtt
     await sampled(client, "dipc_webhook_oldest_pending_seconds", 0)
 
 
+async def test_a_table_locked_for_long_leaves_no_sampler_backend_behind_and_the_database_up(
+    aiohttp_client, database_url, pool, captured_log
+):
+    """An operator's long lock on a table the sampler reads (a VACUUM FULL, an ALTER in an open
+    transaction). Each round gives up after its second and reconnects; its backend, left waiting on the
+    lock, must give up too: one per round, they used up PostgreSQL's connections. And the database
+    answers, so dipc_database_up stays 1 (it flapped, and DipcNotReady said the database was gone)."""
+    client = await aiohttp_client(make_app(make_settings(metrics_sample_s=0.1), database_url))
+    await sampled(client, "dipc_database_up", 1)
+    locker = await asyncpg.connect(database_url)
+    transaction = locker.transaction()
+    await transaction.start()
+    try:
+        await locker.execute("LOCK TABLE webhook_deliveries IN ACCESS EXCLUSIVE MODE")
+        ups, waiting = [], []
+        for _ in range(14):  # seven seconds: six rounds or more, each held a second by the lock
+            await asyncio.sleep(0.5)
+            ups.append(value(await scrape(client), "dipc_database_up"))
+            waiting.append(
+                await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            )
+    finally:
+        await transaction.rollback()
+        await locker.close()
+    assert max(waiting) <= 2, waiting
+    assert ups == [1.0] * len(ups)
+    timeouts = captured_log.events("sampler.sample_timeout")
+    assert timeouts
+    assert {line["sample"] for line in timeouts} == {"webhooks"}
+
+
 async def test_a_fast_shutdown_under_load_is_a_503_never_a_500(aiohttp_client, own_database, admin_headers):
     """PostgreSQL's fast shutdown lands in the middle of statements: asyncpg then reports the dead
     connection as "cannot switch to state …; another operation is in progress" (InternalClientError)."""
