@@ -59,7 +59,9 @@ def fail_on_config(error: ConfigError) -> CommandFailed:
 
 
 def database_failure(error: BaseException, settings: Settings) -> CommandFailed:
-    """One line for a database that cannot be used at start, saying what to do about it (exit 2)."""
+    """One line for a database that cannot be used at start, saying what to do about it: exit 2 when it
+    refused us (credentials, database name, privileges: restarting will not help), 1 when it did not
+    answer (it may be starting: a service manager restarts on 1)."""
     where = settings.database_description()
     if isinstance(error, asyncpg.InvalidPasswordError):
         detail = "the password was refused: check the password in DATABASE_URL"
@@ -70,11 +72,10 @@ def database_failure(error: BaseException, settings: Settings) -> CommandFailed:
     elif isinstance(error, asyncpg.InsufficientPrivilegeError):
         detail = f"{error}: grant the serving role its privileges (see deploy/postgres/roles.sql)"
     elif isinstance(error, TimeoutError):
-        return CommandFailed(
-            f"database unreachable: {where}: no answer within {settings.db_connect_timeout_s:g} s", EXIT_USAGE
-        )
+        waited = f"no answer within {settings.db_connect_timeout_s:g} s"
+        return CommandFailed(f"database unreachable: {where}: {waited}", EXIT_FAILURE)
     else:
-        return CommandFailed(f"database unreachable: {where}: {type(error).__name__}: {error}", EXIT_USAGE)
+        return CommandFailed(f"database unreachable: {where}: {type(error).__name__}: {error}", EXIT_FAILURE)
     return CommandFailed(f"database {where}: {detail}", EXIT_USAGE)
 
 

@@ -192,10 +192,13 @@ def test_serve_refuses_to_start_without_a_secret(env):
 
 
 def test_serve_refuses_to_start_on_an_unreachable_database(env, tmp_path):
+    """Exit 1, not 2: a database that does not answer may be one still starting (both hosts booted at
+    once), and a service manager that does not restart on 2 (deploy/systemd) must try again."""
     unreachable = f"postgresql://postgres@/dipc?host={tmp_path}"  # no server listens there
     result = run("serve", env=env | {"DATABASE_URL": unreachable, "DIPC_DB_CONNECT_TIMEOUT_S": "2"})
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert b"database unreachable" in result.stderr
+    assert b"Traceback" not in result.stderr
 
 
 def free_port() -> int:
