@@ -22,6 +22,8 @@ from pathlib import Path
 import structlog
 from prometheus_client import multiprocess
 
+from server.ops import metrics
+
 log = structlog.get_logger(component="dipc.supervisor")
 
 RESTARTS_ALLOWED = 5  # within RESTART_WINDOW_S; more is a crash loop
@@ -68,8 +70,7 @@ class Supervisor:
         if configured:
             self.metrics_dir = Path(configured)
             self.metrics_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.metrics_dir.glob("*.db"):  # left by an earlier run: would double the totals
-                stale.unlink()
+            metrics.forget_earlier_runs(self.metrics_dir)
         else:
             self.metrics_dir = Path(tempfile.mkdtemp(prefix="dipc-metrics-"))
             self._own_metrics_dir = True

@@ -79,3 +79,31 @@ async def test_with_workers_metrics_keep_process_series_and_count_restarts(datab
         server.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(server.wait, 30)
     assert code == 0
+
+
+async def test_one_process_with_a_metrics_directory_starts_its_totals_afresh(database_url, tmp_path):
+    """PROMETHEUS_MULTIPROC_DIR given to a single-process serve (a shared env file): every run's values
+    stayed in the directory and were summed with the next run's (the pool's size doubled at each restart,
+    a dead run's gauges counted for ever), and every CLI command left its files there too."""
+    from tests.integration.test_cli import run
+
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    env_extra = {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    seen = []
+    for _ in range(2):
+        port = free_port()
+        server = spawn(server_env(database_url, port, **env_extra))
+        try:
+            await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+            seen.append(value(await scrape_url(port), "dipc_db_pool_connections", state="max"))
+        finally:
+            server.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(server.wait, 30)
+        assert code == 0
+    assert seen[0] > 0
+    assert seen == [seen[0]] * 2
+    before = sorted(path.name for path in directory.iterdir())
+    listed = run("codes", "list", env=server_env(database_url, free_port(), **env_extra))
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(path.name for path in directory.iterdir()) == before
