@@ -16,7 +16,7 @@ from server.doku.checkstatus import CheckStatusClient
 from server.http import admin, casework, inquiry, notification, ops
 from server.http.bodies import BODY_READS, Slots
 from server.http.keys import CHECK_STATUS, HEALTH, INQUIRY_BATCHES, LISTENER, PAYMENT_BATCHES, POOL, SETTINGS
-from server.http.middleware import observe
+from server.http.middleware import DOKU_ROUTE_LABELS, observe
 from server.http.ports import split_by_port
 from server.http.protocol import EdgeApplication
 from server.ops import metrics
@@ -39,9 +39,7 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     middlewares = [observe] if settings.admin_port is None else [observe, split_by_port(settings)]
     app = EdgeApplication(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    metrics.preinitialise(
-        doku_routes=(settings.inquiry_path, settings.notification_path), client_ids=settings.client_ids
-    )
+    metrics.preinitialise(doku_routes=DOKU_ROUTE_LABELS.values(), client_ids=settings.client_ids)
     app[BODY_READS] = Slots(settings.max_body_reads, "requests sending their bodies")
     app[admin.IMPORTS] = Slots(
         admin.import_slots(settings), "imports, each holding a database connection for its whole upload"

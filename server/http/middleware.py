@@ -68,6 +68,19 @@ def client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
+# DOKU's two endpoints are labelled by their default paths whatever path serves them (DIPC_INQUIRY_PATH,
+# DIPC_NOTIFICATION_PATH): the alert rules and the dashboard name them so (deploy/prometheus).
+DOKU_ROUTE_LABELS = {"inquiry": "/doku/inquiry", "notification": "/doku/notification"}
+
+
+def route_label(request: web.Request) -> str:
+    """The route of ``request`` as metrics and the log name it."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return "unmatched"
+    return DOKU_ROUTE_LABELS.get(resource.name or "", resource.canonical)
+
+
 # Presented Client-Ids that are not configured are logged escaped and cut to this length.
 CLIENT_ID_LOG_LIMIT = 64
 
@@ -81,9 +94,8 @@ def _count_signature_failure(request: web.Request, failure: AuthenticationFailed
         detail=failure.detail,
         client_id=client_id if known else for_log(client_id, CLIENT_ID_LOG_LIMIT),
     )
-    route = request.match_info.route.resource
     metrics.SIGNATURE_FAILURES.labels(
-        route=route.canonical if route is not None else "unmatched",
+        route=route_label(request),
         client_id=client_id if known else "unknown",
         reason=failure.reason,
     ).inc()
@@ -123,8 +135,7 @@ LABELLED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "
 def _observe(request: web.Request, status: int, started: float) -> None:
     elapsed = time.perf_counter() - started
     fields = request[LOG_FIELDS]
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
+    route = route_label(request)
     outcome = str(fields.get("outcome", "ok"))
     labelled = request.method in LABELLED_METHODS
     metrics.HTTP_REQUESTS_SERIES(route, request.method if labelled else "other", str(status), outcome).inc()

@@ -107,3 +107,31 @@ async def test_one_process_with_a_metrics_directory_starts_its_totals_afresh(dat
     listed = run("codes", "list", env=server_env(database_url, free_port(), **env_extra))
     assert listed.returncode == 0, listed.stderr
     assert sorted(path.name for path in directory.iterdir()) == before
+
+
+async def test_doku_endpoints_keep_their_route_label_at_any_path(aiohttp_client, database_url):
+    """The alert rules and the dashboard watch route="/doku/inquiry" and route=~"/doku/.*": served at
+    DIPC_INQUIRY_PATH=/pay/inquiry, the series were labelled /pay/inquiry and those pages never fired."""
+    from server.app import make_app
+    from server.doku.client import DokuSimulator
+    from tests.conftest import CLIENT, CODE, make_settings
+
+    settings = make_settings(inquiry_path="/pay/inquiry", notification_path="/pay/notify")
+    client = await aiohttp_client(make_app(settings, database_url))
+    doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT, inquiry_path="/pay/inquiry")
+    before = await scrape(client)
+    assert (await doku.inquiry(CODE)).status == 404  # no such code: answered
+    after = await scrape(client)
+
+    def moved(name: str, **labels: str) -> float:  # the counters are the test process's, shared
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("dipc_http_requests_total", route="/doku/inquiry", status="404") == 1
+    assert moved("dipc_http_request_duration_seconds_count", route="/doku/inquiry") == 1
+    assert not [labels for name, labels in after if ("route", "/pay/inquiry") in labels]
+    assert [
+        labels
+        for name, labels in after
+        if name == "dipc_http_requests_total" and ("route", "/doku/notification") in labels
+    ]
+    assert not [labels for name, labels in after if ("route", "/pay/notify") in labels]
