@@ -44,7 +44,9 @@ CODE_COLUMNS = [
     "paid_count",
     "expires_at",
 ]
-PAYMENT_COLUMNS = ["id", "payment_code", "invoice_number", "amount", "kind", "reason", "channel", "paid_at"]
+PAYMENT_COLUMNS = [
+    "id", "payment_code", "invoice_number", "amount", "kind", "reason", "channel", "source", "paid_at"
+]  # fmt: skip
 
 
 def _with_db(args: argparse.Namespace, work: Callable[[asyncpg.Pool, Settings], Awaitable[int]]) -> int:

@@ -654,6 +654,9 @@ async def test_dipc_reconcile_asks_doku_by_hand_and_prints_what_it_found(
     assert one.returncode == 0, one.stderr
     [item] = orjson.loads(one.stdout)["items"]
     assert (item["state"], item["check"]["result"], item["check"]["recorded"]) == ("paid", "paid", "normal")
+    listed = await asyncio.to_thread(run, "payments", "list", env=env)  # what the alert tells on-call to read
+    [header, row] = listed.stdout.decode().splitlines()
+    assert row[header.index("SOURCE") :].startswith("check_status")
 
     since = await asyncio.to_thread(run, "reconcile", "--since", "2020-01-01T00:00:00Z", env=env)
     assert since.returncode == 0, since.stderr

@@ -238,3 +238,10 @@ def test_the_readme_grants_are_the_tested_ones():
     block = readme.split("```sql", 1)[1].split("```", 1)[0]
     block = "\n".join(line.strip() for line in block.splitlines())
     assert statements(block) == statements((DEPLOY / "postgres" / "roles.sql").read_text())
+
+
+def test_the_readme_says_what_to_do_for_every_alert():
+    readme = (DEPLOY.parent / "README.md").read_text()
+    table = readme[readme.index("### What to alert on") : readme.index("### Checklist")]
+    alerts = {rule["alert"] for rule in alert_rules() if "alert" in rule}
+    assert {name for name in alerts if f"`{name}`" not in table} == set()
