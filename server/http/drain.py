@@ -48,6 +48,7 @@ def install(app: web.Application) -> None:
 
 async def answer_received(runner: web.AppRunner, app: web.Application, timeout_s: float) -> None:
     """Stop listening; answer what was received; close idle connections cleanly. Then aiohttp stops."""
+    log.info("server.stopping", answering_for_up_to_s=timeout_s)
     app[STOPPING].now = True
     for site in list(runner.sites):
         await site.stop()

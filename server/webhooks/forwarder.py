@@ -67,7 +67,7 @@ class WebhookForwarder:
                 await deliveries.ensure_subscriber(self.pool, SUBSCRIBER, self.url)
                 break
             except UNAVAILABLE_ERRORS as error:
-                log.warning("webhook.database_unavailable", error=str(error))
+                log.warning("webhook.database_unavailable", error=f"{type(error).__name__}: {error}")
                 await asyncio.sleep(1.0)
         while not self.listener.releasing:  # the process is shutting down: start nothing new
             seen = self.listener.generation
@@ -76,7 +76,7 @@ class WebhookForwarder:
                     continue
                 due = await deliveries.next_due(self.pool, SUBSCRIBER)
             except UNAVAILABLE_ERRORS as error:
-                log.warning("webhook.database_unavailable", error=str(error))
+                log.warning("webhook.database_unavailable", error=f"{type(error).__name__}: {error}")
                 await asyncio.sleep(1.0)
                 continue
             except Exception:
