@@ -25,7 +25,9 @@ EXCEPTION_COLUMNS = [
     "reason",
     "state",
     "recorded_at",
+    "agent_store_id",
     "resolution",
+    "resolved_by",
 ]
 INQUIRY_COLUMNS = [
     "received_at",

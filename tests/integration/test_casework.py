@@ -72,6 +72,12 @@ async def test_conflicts_and_anomalies_are_open_exceptions_oldest_first(client, 
         "channel": "ALFA",
         "transaction_ref": "twice",
         "paid_at": conflict["paid_at"],
+        # Where the money was taken, for the refund, and whether DOKU's notification or its Check Status
+        # answer told of it.
+        "source": "notification",
+        "agent_id": "ALFAMART",
+        "agent_store_id": "TZ01",
+        "agent_trx_id": None,
         "resolution": None,
         "resolved_by": None,
         "note": None,

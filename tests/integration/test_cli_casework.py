@@ -79,6 +79,10 @@ async def test_finance_lists_and_resolves_exceptions_from_the_terminal(env, doku
     still_open = orjson.loads((await dipc("exceptions", "list", "--state", "open", "--json", env=env)).stdout)
     assert [item["payment_id"] for item in still_open["items"]] == [ids["ghost"]]
     assert await pool.fetchval("SELECT count(*) FROM events WHERE type = 'exception.resolved'") == 1
+    # Finance reads who closed what, and at which store the money was taken, without --json.
+    closed = (await dipc("exceptions", "list", "--state", "resolved", env=env)).stdout.decode().splitlines()
+    assert closed[0].split()[-3:] == ["AGENT_STORE_ID", "RESOLUTION", "RESOLVED_BY"]
+    assert closed[1].split()[-3:] == ["TZ01", "refunded", "Sari"]
 
 
 async def test_support_reads_the_audit_trail_from_the_terminal(env, doku, register, pool):
