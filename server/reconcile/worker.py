@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import uuid
 from typing import Any
 
 import asyncpg
@@ -188,6 +189,10 @@ class Reconciler:
         due = await store.next_due(self.pool)
         now = utcnow()
         if due is None or due > now:
+            if not self.doku.reachable and not self._checks:
+                # DOKU gave no answer lately and nothing is due: only a call finds it back. Without one,
+                # dipc_reconciliation_doku_unreachable would stay 1 until some quote falls due.
+                return await self._probe()
             return IDLE_RECHECK_S if due is None else min(IDLE_RECHECK_S, (due - now).total_seconds())
         claimed = await store.claim_due(
             self.pool, limit=free, lease_s=self.lease_s, rps=self.settings.reconcile_rps
@@ -201,6 +206,28 @@ class Reconciler:
             task.add_done_callback(self._forget)
         # Nothing granted: the shared budget is spent (or DOKU asked us to back off); try after one token.
         return 0.0 if claimed else max(1.0 / self.settings.reconcile_rps, 0.05)
+
+    async def _probe(self) -> float:
+        """Ask DOKU about an invoice that does not exist (as `dipc doctor` does), from the shared budget:
+        one call per pause, which an answer of any kind ends. Counted in no check's metrics."""
+        client = next((client for client in self.settings.clients.values() if client.secret_keys), None)
+        if client is None:
+            return IDLE_RECHECK_S
+        async with self.pool.acquire() as conn, conn.transaction():
+            granted = await store.take_rate_budget(conn, rps=self.settings.reconcile_rps, want=1)
+        if not granted:
+            return max(1.0 / self.settings.reconcile_rps, 0.05)
+
+        async def call() -> None:
+            started = asyncio.get_running_loop().time()
+            invoice = f"DIPC-PROBE-{uuid.uuid4().hex[:12]}"
+            answer = await self.api.check(client, payment_code="", invoice_number=invoice, now=utcnow())
+            await self._heard(answer, started)
+
+        task = asyncio.create_task(call(), name="dipc-reconcile-probe")
+        self._checks.add(task)
+        task.add_done_callback(self._forget)
+        return 0.05
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._checks.discard(task)
@@ -247,7 +274,11 @@ class Reconciler:
         except Exception:
             log.exception("reconcile.check_failed", invoice_number=claimed.invoice.invoice_number)
             return
-        pause = self._after_call(report.answer, started)
+        await self._heard(report.answer, started)
+
+    async def _heard(self, answer: CheckAnswer, started: float) -> None:
+        """What a call says about DOKU (:meth:`_after_call`), and a pause it began shared with everyone."""
+        pause = self._after_call(answer, started)
         if pause:  # every process holds back: the shared budget is emptied for the pause
             with contextlib.suppress(*UNAVAILABLE_ERRORS):
                 await store.slow_down(self.pool, rps=self.settings.reconcile_rps, seconds=pause)

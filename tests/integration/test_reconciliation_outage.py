@@ -156,6 +156,36 @@ async def test_when_doku_answers_again_every_waiting_invoice_is_checked_on_its_o
     assert doku.problems == []
 
 
+async def test_doku_back_while_no_invoice_is_due_is_found_back(
+    aiohttp_client, aiohttp_server, pool, database_url, admin_headers, captured_log
+):
+    """The invoice that found DOKU gone is paid at the counter meanwhile: nothing is due when DOKU comes
+    back. Only a call can find it back, and none was made: dipc_reconciliation_doku_unreachable stayed 1
+    (DipcCheckStatusUnreachable fired, and stayed) until some quote fell due, hours later at night."""
+    with dead_doku("refused") as url:
+        dipc = await aiohttp_client(make_app(outage_settings(url), database_url))
+        doku_sim = await counter(dipc, admin_headers)
+        invoice = await quote(doku_sim)
+
+        async def doku_found_down():
+            return (await samples(dipc))[DOWN] == 1
+
+        await eventually(doku_found_down)
+        paid = await doku_sim.notify(REUSABLE, invoice_number=invoice, amount=50000, original_request_id="1")
+        assert paid.status == 200
+    doku = DokuStandIn({CLIENT_ID: CLIENT})
+    await aiohttp_server(doku.app(), port=int(url.rsplit(":", 1)[1]))
+
+    async def doku_found_back():
+        return (await samples(dipc))[DOWN] == 0
+
+    await eventually(doku_found_back, seconds=20)
+    assert (await invoice_row(pool, invoice))["state"] == "paid"
+    [back] = captured_log.events("reconcile.doku_reachable")
+    assert back["unanswered_calls"] >= 1
+    assert doku.problems == []
+
+
 async def test_doku_that_answers_and_then_goes_quiet_costs_no_invoice_a_slot(
     aiohttp_client, aiohttp_server, pool, database_url, admin_headers
 ):
