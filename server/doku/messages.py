@@ -178,10 +178,6 @@ def parse_notification(body: bytes) -> NotificationMessage:
     unreadable transaction date is kept as far as it goes, never a reason to refuse the record."""
     data = load_object(body)
     amount = _rupiah(member(data, "order.amount"))
-    status = (_text_member(data, "transaction.status", required=True) or "").upper()
-    if status == conventions.PAID_STATUS and amount <= 0:
-        # No money: not a payment to record (an anomaly accepted would make the bill paid), but unreadable.
-        raise InvalidField("order.amount", "must be greater than 0")
     channel = channels.channel_from_message(member(data, "channel.id"), member(data, "acquirer.id"))
     identifiers = _identifiers(data)
     return NotificationMessage(
@@ -192,7 +188,7 @@ def parse_notification(body: bytes) -> NotificationMessage:
         or "",
         amount=amount,
         channel=channel or _channel_fallback(data),
-        transaction_status=status,
+        transaction_status=(_text_member(data, "transaction.status", required=True) or "").upper(),
         transaction_date=_transaction_date(data),
         original_request_id=_text_member(data, "transaction.original_request_id", required=False),
         agent_id=identifiers.get("AGENT_ID"),

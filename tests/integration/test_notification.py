@@ -376,22 +376,6 @@ async def test_a_signed_but_unusable_notification_is_kept_and_refused(doku, pool
     assert len(await inbox(pool)) == 2
 
 
-@pytest.mark.parametrize("amount", [0, -150000])
-async def test_a_paid_notification_of_no_money_is_kept_and_refused(doku, register, pool, amount):
-    """A payment of 0 or less rupiah is no payment: recorded as an anomaly, one click accepting it would
-    make the bill paid. It is refused as unreadable, and kept (DOKU's retries are kept too)."""
-    await register()
-    reply = await pay(doku, amount=amount)
-    assert reply.status == 400
-    error = reply.json()["error"]
-    assert (error["code"], error["fields"]) == ("INVALID_FIELD", {"order.amount": "must be greater than 0"})
-    assert [row["outcome"] for row in await inbox(pool)] == ["rejected"]
-    assert await payments(pool) == []
-    assert tuple(await code_row(pool)) == ("active", 0)
-    # A failed transaction of no money is only what DOKU says it is: nothing was paid.
-    assert (await pay(doku, amount=0, ref="trx-2", status="FAILED")).status == 200
-
-
 async def test_an_amount_written_as_text_is_still_money(doku, register, pool):
     await register()
     body = notification_body(CODE, invoice_number=INVOICE, amount=150000, original_request_id="t")
