@@ -203,6 +203,11 @@ async def resolve(
         payment = await store.get_payment(conn, payment_id)
         if payment is None or payment.kind not in EXCEPTION_KINDS:
             raise NotFound(f"payment {payment_id} is not an exception")
+        if request.resolution is Resolution.ACCEPTED and payment.amount <= 0:
+            # DOKU said SUCCESS for no money (an anomaly, spec §4 rule 5): nothing to keep, no bill to pay.
+            raise ValidationFailed(
+                {"resolution": "cannot be accepted: the payment is of 0 rupiah or less; dismiss or refund it"}
+            )
         # The code's row lock first, as a notification takes it: resolutions of one code, and the
         # notifications that could pay it meanwhile, happen one after the other.
         code = await code_store.get(conn, payment.payment_code, for_update=True)

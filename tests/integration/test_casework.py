@@ -435,3 +435,23 @@ async def test_accepting_and_a_notification_racing_for_one_code_never_pay_it_twi
         kind = await pool.fetchval("SELECT kind FROM payments WHERE transaction_ref = $1", f"ok-{code}")
         assert kind == ("conflict" if code_paid else "normal"), code
         assert (await code_state(pool, code))[:2] == ("paid", 1)
+
+
+@pytest.mark.parametrize("amount", [0, -150000])
+async def test_a_payment_of_no_money_is_an_anomaly_that_cannot_be_accepted(
+    client, doku, register, admin_headers, pool, amount
+):
+    """DOKU said SUCCESS for 0 rupiah or less: recorded as an anomaly and answered 200 (spec §4 rule 5),
+    but there is no money to keep: accepting it made the bill paid, by nobody's money (a finance review).
+    Refunded or dismissed, as finance finds it."""
+    await register()
+    await pay(doku, amount=amount, ref="nothing")
+    [anomaly] = (await listing(client, admin_headers))["items"]
+    assert (anomaly["reason"], anomaly["amount"]) == ("AMOUNT_MISMATCH", amount)
+    refused = await resolve(client, admin_headers, anomaly["payment_id"], resolution="accepted")
+    assert refused.status == 422, await refused.text()
+    assert "resolution" in (await refused.json())["error"]["fields"]
+    code = await (await client.get(f"/v1/payment-codes/{CODE}", headers=admin_headers)).json()
+    assert (code["status"], code["paid_count"]) == ("active", 0)
+    dismissed = await resolve(client, admin_headers, anomaly["payment_id"], resolution="dismissed")
+    assert dismissed.status == 200, await dismissed.text()
