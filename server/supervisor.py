@@ -22,8 +22,6 @@ from pathlib import Path
 import structlog
 from prometheus_client import multiprocess
 
-from server.ops import metrics
-
 log = structlog.get_logger(component="dipc.supervisor")
 
 RESTARTS_ALLOWED = 5  # within RESTART_WINDOW_S; more is a crash loop
@@ -68,9 +66,7 @@ class Supervisor:
     def _prepare_metrics_dir(self) -> None:
         configured = self.env.get("PROMETHEUS_MULTIPROC_DIR")
         if configured:
-            self.metrics_dir = Path(configured)
-            self.metrics_dir.mkdir(parents=True, exist_ok=True)
-            metrics.forget_earlier_runs(self.metrics_dir)
+            self.metrics_dir = Path(configured)  # emptied of earlier runs' files by server.console
         else:
             self.metrics_dir = Path(tempfile.mkdtemp(prefix="dipc-metrics-"))
             self._own_metrics_dir = True

@@ -133,8 +133,6 @@ def run_serve(args: argparse.Namespace) -> int:
             )
             watchdog.start()
         if supervisor is None:
-            if directory := metrics.multiprocess_dir():  # one process, given the workers' directory
-                metrics.forget_earlier_runs(Path(directory), keep_pid=os.getpid())
             _run(settings, dsn)
             return 0
         return supervisor.run()

@@ -291,16 +291,6 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
-def forget_earlier_runs(directory: Path, *, keep_pid: int | None = None) -> None:
-    """Delete what earlier runs left in a multiprocess directory, which would be summed with this run's
-    values (a dead run's gauges counted for ever, the pool's size doubled), but the files of ``keep_pid``
-    (a process that made its own at import)."""
-    for stale in directory.glob("*.db"):
-        match = _PID.search(stale.name)
-        if keep_pid is None or match is None or int(match[1]) != keep_pid:
-            stale.unlink(missing_ok=True)
-
-
 def render() -> tuple[bytes, str]:
     """The exposition text of every process's metrics, and its content type."""
     if directory := multiprocess_dir():
