@@ -54,14 +54,15 @@ async def read_feed(
         remaining = deadline - loop.time()
         if events or remaining <= 0:
             return events, (events[-1].id if events else after)
-        while not await listener.wait_for_change(seen, min(remaining, CLIENT_CHECK_S)):
+        # Asked at every wake too: events for other cursors may wake the wait more often than every second.
+        while not gone() and not await listener.wait_for_change(seen, min(remaining, CLIENT_CHECK_S)):
             if listener.releasing:
                 return events, after  # shutting down: answer now rather than hold the drain
-            if gone():
-                raise ClientAborted("the client closed the connection during the wait")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+        if gone():
+            raise ClientAborted("the client closed the connection during the wait")
 
 
 def delivery_document(delivery: Delivery) -> dict[str, object]:

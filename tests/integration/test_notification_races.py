@@ -53,7 +53,7 @@ async def check_invariants(pool: asyncpg.Pool) -> None:
             # An unnamed Check Status payment is one store transaction: the first notification of its
             # amount is matched with it (not recorded again), and only then can another be recorded.
             twins = [r for r in rows if r is not u and r["amount"] == u["amount"]]
-            assert not twins or u["notified_ref"] is not None, ("recorded before the match", key, u, twins)
+            assert not twins or u["notified_ref"] is not None, ("a twin, and nothing matched", key, u, twins)
             twice = [r for r in twins if r["transaction_ref"] == u["notified_ref"]]
             assert not twice, ("one payment recorded twice (unnamed Check Status answer)", key, u, twice)
     for code, row in codes.items():
