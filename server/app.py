@@ -12,6 +12,7 @@ import structlog
 from aiohttp import web
 
 from server.config import Settings
+from server.core.errors import error_text
 from server.doku.checkstatus import CheckStatusClient
 from server.http import admin, casework, inquiry, notification, ops
 from server.http.bodies import BODY_READS, Slots
@@ -58,7 +59,7 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             # `dipc serve` has checked the database before it got here (and refuses to start without
             # one); if it went away since (a worker restarted while the embedded database restarts),
             # serve 503s until it is back rather than exit: an exit would stop every worker.
-            log.warning("db.unavailable_at_start", error=f"{type(error).__name__}: {error}")
+            log.warning("db.unavailable_at_start", error=error_text(error))
             app[POOL] = await create_pool(
                 dsn,
                 min_size=0,

@@ -17,7 +17,7 @@ import orjson
 import structlog
 
 from server.config import ConfigError, Settings
-from server.core.errors import DipcError
+from server.core.errors import DipcError, error_text
 from server.embedded import EmbeddedError, EmbeddedPostgres
 from server.store import migrate
 from server.store.pool import UNAVAILABLE_ERRORS, create_pool
@@ -75,7 +75,7 @@ def database_failure(error: BaseException, settings: Settings) -> CommandFailed:
         waited = f"no answer within {settings.db_connect_timeout_s:g} s"
         return CommandFailed(f"database unreachable: {where}: {waited}", EXIT_FAILURE)
     else:
-        return CommandFailed(f"database unreachable: {where}: {type(error).__name__}: {error}", EXIT_FAILURE)
+        return CommandFailed(f"database unreachable: {where}: {error_text(error)}", EXIT_FAILURE)
     return CommandFailed(f"database {where}: {detail}", EXIT_USAGE)
 
 

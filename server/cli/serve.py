@@ -26,6 +26,7 @@ from server.cli.common import (
     log_database_choice,
 )
 from server.config import DEMO_ADMIN_TOKEN, DEMO_CLIENT_ID, DEMO_SECRET_KEY, Settings, load_settings
+from server.core.errors import error_text
 from server.core.times import utcnow
 from server.embedded import EmbeddedError, EmbeddedPostgres, Watchdog
 from server.http import drain
@@ -256,7 +257,7 @@ def _run(settings: Settings, dsn: str, *, reuse_port: bool = False) -> None:
         pass
     except UNAVAILABLE_ERRORS as error:  # the port is taken, or the database went away during start
         raise CommandFailed(
-            f"cannot start on {settings.host}:{settings.port}: {type(error).__name__}: {error}", EXIT_USAGE
+            f"cannot start on {settings.host}:{settings.port}: {error_text(error)}", EXIT_USAGE
         ) from None
     finally:
         if not main.done():

@@ -8,6 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 
+def error_text(error: BaseException) -> str:
+    """An exception in one line for a log or a message: its type, and what it says when it says
+    anything (a TimeoutError says nothing)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class DipcError(Exception):
     """Base of every error rendered to a caller."""
 

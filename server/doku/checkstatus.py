@@ -15,7 +15,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from server.core.errors import DipcError
+from server.core.errors import DipcError, error_text
 from server.core.outcomes import CheckResult
 from server.doku import auth, conventions
 from server.doku.auth import Client
@@ -93,7 +93,7 @@ class CheckStatusClient:
         except TimeoutError:
             return answer(CheckResult.TIMEOUT, f"no answer within {self.timeout.total:g} s")
         except (aiohttp.ClientError, OSError, ValueError) as error:
-            return answer(CheckResult.UNREACHABLE, f"{type(error).__name__}: {error}"[:300])
+            return answer(CheckResult.UNREACHABLE, error_text(error)[:300])
         raw = {"http_status": status, "headers": received, "body": bytes(body)}
         if status != 200:
             return answer(_status_result(status), f"HTTP {status}", **raw)

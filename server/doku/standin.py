@@ -29,6 +29,7 @@ from urllib.parse import unquote
 import orjson
 from aiohttp import web
 
+from server.core.errors import error_text
 from server.core.times import parse_timestamp, utcnow
 from server.doku import auth, channels, conventions, signature
 from server.doku.auth import Client
@@ -219,9 +220,7 @@ class DokuStandIn:
                 channel=document.get("channel") or channels.ALFA,
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            return _json(
-                400, {"error": {"code": "BAD_REQUEST", "message": f"{type(error).__name__}: {error}"}}
-            )
+            return _json(400, {"error": {"code": "BAD_REQUEST", "message": error_text(error)}})
         return web.Response(status=201, body=body, content_type="application/json")
 
     async def _control_requests(self, request: web.Request) -> web.Response:

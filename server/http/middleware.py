@@ -8,7 +8,7 @@ import time
 import structlog
 from aiohttp import web
 
-from server.core.errors import AuthenticationFailed, ClientAborted, DipcError
+from server.core.errors import AuthenticationFailed, ClientAborted, DipcError, error_text
 from server.http.bodies import json_response
 from server.http.callers import caller_address
 from server.http.keys import ERROR_RENDERER, LOG_FIELDS, SETTINGS
@@ -45,7 +45,7 @@ def _render_failure(request: web.Request, failure: Exception) -> web.StreamRespo
         return response
     render = request.get(ERROR_RENDERER, render_json_error)
     if isinstance(failure, CONTENDED_ERRORS):
-        log.warning("db.contended", path=for_log(request.path), error=f"{type(failure).__name__}: {failure}")
+        log.warning("db.contended", path=for_log(request.path), error=error_text(failure))
         failure = contended(failure)
     if isinstance(failure, DipcError):
         fields.setdefault("outcome", failure.code)

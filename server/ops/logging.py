@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
+from server.core.errors import error_text
 from server.core.times import iso_second
 from server.ops.masking import mask_code
 
@@ -75,8 +76,7 @@ class _OutageWithoutTraceback(logging.Filter):
 
             error = record.exc_info[1]
             if isinstance(error, UNAVAILABLE_ERRORS):
-                text = str(error)
-                record.error = f"{type(error).__name__}: {text}" if text else type(error).__name__
+                record.error = error_text(error)
                 record.exc_info = None
                 record.exc_text = None
         return True

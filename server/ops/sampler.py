@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
+from server.core.errors import error_text
 from server.ops import metrics
 from server.ops.health import HealthChecker
 from server.store import casework, deliveries, outbox, reconciliation
@@ -149,7 +150,7 @@ class DatabaseSampler:
                 return False
             except UNAVAILABLE_ERRORS as error:
                 # The database went away (or hangs) since the check: down, and nothing is known now.
-                log.warning("sampler.database_unavailable", error=f"{type(error).__name__}: {error}")
+                log.warning("sampler.database_unavailable", error=error_text(error))
                 conn.terminate()
                 metrics.DATABASE_UP.set(0)
                 self._all_unknown()

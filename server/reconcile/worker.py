@@ -24,7 +24,7 @@ import structlog
 from server.config import Settings
 from server.core import reconciliation
 from server.core.documents import iso
-from server.core.errors import BeingChecked, DokuBackoff, NotFound
+from server.core.errors import BeingChecked, DokuBackoff, NotFound, error_text
 from server.core.outcomes import CheckResult
 from server.core.reconciliation import TIMEOUTS_WARNED, CheckReport, invoice_document
 from server.core.times import utcnow
@@ -164,7 +164,7 @@ class Reconciler:
                 with tracking([]) as self._step_held:
                     pause = await self.step()
             except UNAVAILABLE_ERRORS as error:
-                log.warning("reconcile.database_unavailable", error=f"{type(error).__name__}: {error}")
+                log.warning("reconcile.database_unavailable", error=error_text(error))
                 pause = IDLE_RECHECK_S
             except Exception:
                 log.exception("reconcile.error")  # never die quietly: pause, then carry on
@@ -269,7 +269,7 @@ class Reconciler:
                     await asyncio.shield(store.release(self.pool, claimed))
             raise
         except UNAVAILABLE_ERRORS as error:
-            log.warning("reconcile.database_unavailable", error=f"{type(error).__name__}: {error}")
+            log.warning("reconcile.database_unavailable", error=error_text(error))
             return  # the lease runs out and the invoice is checked again
         except Exception:
             log.exception("reconcile.check_failed", invoice_number=claimed.invoice.invoice_number)

@@ -13,6 +13,7 @@ import contextlib
 import asyncpg
 import structlog
 
+from server.core.errors import error_text
 from server.store.outbox import CHANNEL
 from server.store.pool import UNAVAILABLE_ERRORS
 
@@ -70,7 +71,7 @@ class EventListener:
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
             except Exception as error:  # whatever it is, keep trying: the feed falls back to its timeouts
-                log.warning("listener.connect_failed", error=f"{type(error).__name__}: {error}", retry=delay)
+                log.warning("listener.connect_failed", error=error_text(error), retry=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -84,7 +85,7 @@ class EventListener:
                 await lost.wait()
                 log.warning("listener.connection_lost")
             except UNAVAILABLE_ERRORS as error:
-                log.warning("listener.failed", error=f"{type(error).__name__}: {error}")
+                log.warning("listener.failed", error=error_text(error))
             except Exception:
                 log.exception("listener.error")  # keep going: waiters fall back to their timeouts meanwhile
             finally:

@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from server.core.errors import Unavailable
+from server.core.errors import Unavailable, error_text
 from server.core.events import Event
 from server.store.pool import DEADLINE_TICK_S, UNAVAILABLE_ERRORS, deadline, time_left
 
@@ -240,7 +240,7 @@ async def sweep_forever(pool: asyncpg.Pool, every_s: float = SWEEP_S) -> None:
         try:
             await sequence(pool)
         except (Unavailable, *UNAVAILABLE_ERRORS) as error:
-            log.warning("outbox.sweep_failed", error=f"{type(error).__name__}: {error}")
+            log.warning("outbox.sweep_failed", error=error_text(error))
         except Exception:
             log.exception("outbox.sweep_error")  # keep sweeping: the next writer's sequencing also moves them
         await asyncio.sleep(every_s)

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import structlog
 
-from server.core.errors import Unavailable
+from server.core.errors import Unavailable, error_text
 from server.ops import metrics
 
 log = structlog.get_logger(component="dipc.store")
@@ -318,7 +318,7 @@ class Deadline:
                 raise Unavailable(f"the database did not answer within {self._seconds:g} s") from None
             if issubclass(exc_type, UNAVAILABLE_ERRORS):  # a TimeoutError of something else too (a connect)
                 result = "timeout" if issubclass(exc_type, TimeoutError) else "unavailable"
-                log.warning("db.unavailable", what=self._what, error=f"{exc_type.__name__}: {error}")
+                log.warning("db.unavailable", what=self._what, error=error_text(error))
                 raise Unavailable("the database is unavailable") from error
         finally:
             metrics.DB_DURATION_SERIES(self._what, result).observe(time.perf_counter() - self._started)

@@ -23,6 +23,7 @@ import structlog
 
 from server import __version__
 from server.config import Settings
+from server.core.errors import error_text
 from server.core.events import Event
 from server.ops import metrics
 from server.store import deliveries
@@ -67,7 +68,7 @@ class WebhookForwarder:
                 await deliveries.ensure_subscriber(self.pool, SUBSCRIBER, self.url)
                 break
             except UNAVAILABLE_ERRORS as error:
-                log.warning("webhook.database_unavailable", error=f"{type(error).__name__}: {error}")
+                log.warning("webhook.database_unavailable", error=error_text(error))
                 await asyncio.sleep(1.0)
         while not self.listener.releasing:  # the process is shutting down: start nothing new
             seen = self.listener.generation
@@ -76,7 +77,7 @@ class WebhookForwarder:
                     continue
                 due = await deliveries.next_due(self.pool, SUBSCRIBER)
             except UNAVAILABLE_ERRORS as error:
-                log.warning("webhook.database_unavailable", error=f"{type(error).__name__}: {error}")
+                log.warning("webhook.database_unavailable", error=error_text(error))
                 await asyncio.sleep(1.0)
                 continue
             except Exception:
@@ -135,7 +136,7 @@ class WebhookForwarder:
                 return
             error = f"HTTP {status}"
         except (aiohttp.ClientError, TimeoutError) as failure:
-            error = f"{type(failure).__name__}: {failure}"
+            error = error_text(failure)
         give_up = delivery.attempts >= self.settings.webhook_max_attempts
         retry_in = (
             None
