@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from server.core.outcomes import CodeStatus
 
@@ -46,6 +46,9 @@ class NewCode:
 
 
 NEW_CODE_COLUMNS: tuple[str, ...] = tuple(NewCode.__dataclass_fields__)
+
+# A code to register as the values of NEW_CODE_COLUMNS, in that order: what an import checks and COPYs.
+CodeValues = tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 import asyncpg
 import orjson
 
-from server.core.codes import CodeRules, NewCode, PaymentCode
+from server.core.codes import CodeRules, CodeValues, PaymentCode
 from server.core.documents import code_document, iso
 from server.core.errors import (
     AlreadyExists,
@@ -30,7 +30,7 @@ from server.core.errors import (
 )
 from server.core.outcomes import CodeStatus
 from server.core.payments import Payment
-from server.core.registration import parse_changes, parse_new_code, parse_payment_code
+from server.core.registration import new_code_values, parse_changes, parse_new_code, parse_payment_code
 from server.core.times import parse_timestamp
 from server.store import codes as code_store
 from server.store import outbox
@@ -355,7 +355,7 @@ async def _import_rows(
     batch_size: int,
 ) -> None:
     writer = _BatchWriter(conn, steps, progress)
-    batch: list[tuple[int, NewCode]] = []
+    batch: list[tuple[int, CodeValues]] = []
     try:
         async for row in rows:
             if len(row) == 2:
@@ -364,7 +364,7 @@ async def _import_rows(
             line, raw, text = row
             try:
                 batch.append(
-                    (line, parse_new_code(raw, rules=rules, client_ids=client_ids, now=now, text=text))
+                    (line, new_code_values(raw, rules=rules, client_ids=client_ids, now=now, text=text))
                 )
             except ValidationFailed as invalid:
                 result.reject(line, invalid.message)
@@ -414,7 +414,7 @@ class _BatchWriter:
         self._refused_last = False  # the last batch had refused rows
         self._in_flight: asyncio.Task[int] | None = None
 
-    async def send(self, batch: list[tuple[int, NewCode]]) -> None:
+    async def send(self, batch: list[tuple[int, CodeValues]]) -> None:
         await self.wait()
         self._in_flight = asyncio.create_task(
             code_store.import_batch(self.conn, batch, refusals_expected=self._refused_last)

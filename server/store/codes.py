@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from server.core.codes import NEW_CODE_COLUMNS, NewCode, PaymentCode
+from server.core.codes import NEW_CODE_COLUMNS, CodeValues, NewCode, PaymentCode
 from server.core.outcomes import CodeStatus
 from server.core.registration import PATCHABLE_FIELDS
 
@@ -207,9 +207,10 @@ async def begin_import(conn: asyncpg.Connection, *, timeout_s: int) -> None:
 
 
 async def import_batch(
-    conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]], *, refusals_expected: bool = False
+    conn: asyncpg.Connection, batch: Sequence[tuple[int, CodeValues]], *, refusals_expected: bool = False
 ) -> int:
-    """Register a batch of ``(line, code)``; return how many rows were refused (see :func:`refused_rows`).
+    """Register a batch of ``(line, the code's values)``; return how many rows were refused (see
+    :func:`refused_rows`).
 
     ``refusals_expected`` (the batch before had refused rows: a re-upload of registered codes, most
     likely) sends the batch row by row at once, rather than a COPY that would be refused first.
@@ -218,26 +219,26 @@ async def import_batch(
         refused = await _import_batch_one_by_one(conn, batch)
     else:
         refused = 0
-    await conn.copy_records_to_table(_LINES, records=[(code.payment_code, line) for line, code in batch])
+    await conn.copy_records_to_table(_LINES, records=[(values[0], line) for line, values in batch])
     return refused
 
 
-async def _copied(conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]]) -> bool:
+async def _copied(conn: asyncpg.Connection, batch: Sequence[tuple[int, CodeValues]]) -> bool:
     """COPY the batch straight into payment_codes under a savepoint; False if a code was there already."""
     try:
         async with conn.transaction():
             await conn.copy_records_to_table(
-                "payment_codes", records=[_values(code) for _, code in batch], columns=NEW_CODE_COLUMNS
+                "payment_codes", records=[values for _, values in batch], columns=NEW_CODE_COLUMNS
             )
     except asyncpg.UniqueViolationError:
         return False
     return True
 
 
-async def _import_batch_one_by_one(conn: asyncpg.Connection, batch: Sequence[tuple[int, NewCode]]) -> int:
+async def _import_batch_one_by_one(conn: asyncpg.Connection, batch: Sequence[tuple[int, CodeValues]]) -> int:
     await conn.execute(f"TRUNCATE {_BATCH}")
     await conn.copy_records_to_table(
-        _BATCH, records=[(line, *_values(code)) for line, code in batch], columns=["line", *NEW_CODE_COLUMNS]
+        _BATCH, records=[(line, *values) for line, values in batch], columns=["line", *NEW_CODE_COLUMNS]
     )
     columns = ", ".join(NEW_CODE_COLUMNS)
     status = await conn.execute(

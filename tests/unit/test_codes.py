@@ -5,10 +5,14 @@ Which inquiry a code answers is SQL: tests/integration/test_inquiry_rules.py.
 
 from __future__ import annotations
 
+from dataclasses import astuple
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from server.core import registration
 from server.core.errors import ValidationFailed
 from server.core.registration import parse_changes, parse_new_code
 from server.doku.channels import BinConfigError, BinTable, parse_bin_rule
@@ -182,6 +186,68 @@ def test_csv_text_values_are_understood():
         assert "whole number" in problems(VALID | {"amount": other_digits}, text=True)["amount"]
     assert "at most" in problems(VALID | {"amount": "9" * 4301}, text=True)["amount"]  # past int()'s limit
     assert register(VALID | {"amount": "0" * 5000 + "150000"}, text=True).amount == 150000
+
+
+# Values of each field, right and wrong, as JSON and as CSV text: enough to reach every branch of its check.
+_CANDIDATES = {
+    "payment_code": ["8896512345678123", " 8896512345678123 ", "8896512345678abc", 8896512345678123,
+                     "1234567", "88965" + "1" * 21, "", "330121", "889660" + "1" * 14, "\u0661" * 8],
+    "amount": [150000, "150000", " 150000 ", "0", 0, -5, "1e5", 1500.5, True, "9" * 20, "", "x"],
+    "invoice_number": ["INV-1", "INV 1", "I" * 48, "I" * 50, "I" * 65, "", " INV/2 ", 7],
+    "customer_name": ["Budi", "  ", "Budi \u202eSantoso", "x" * 128, "x" * 129, 5, "Budi\x85"],
+    "customer_email": ["", "a@b.c", "not-an-email", "a@b@c", "a b@c", 5],
+    "info1": ["", "Toko", "x" * 40, "x" * 41, "Lunas\u2066", 5],
+    "info2": ["", "Toko", "\t"],
+    "info3": ["", "Toko", "x" * 41],
+    "reusable": [True, False, "true", "yes", "", "0", "maybe", 1],
+    "channel": ["", "ALFA", " indomaret ", "INDOMARET", "ANY", "SHOPEE", 5],
+    "expires_at": ["", "2026-12-31T23:59:59Z", "2026-12-31T23:59:59+07:00", "2026-11-25T08:00:00Z",
+                   "2026-12-31 23:59", "9999-12-31T23:59:59-23:59", 5],
+    "client_id": ["", "C1", "C2", "C9", 5],
+    "ammount": [5],
+}  # fmt: skip
+
+
+@given(
+    st.dictionaries(st.sampled_from(list(_CANDIDATES)), st.none(), max_size=3).flatmap(
+        lambda changed: st.fixed_dictionaries(
+            {name: st.sampled_from(_CANDIDATES[name]) | st.none() for name in changed}
+        )
+    ),
+    st.sampled_from([VALID, VALID | {"reusable": True}]),
+    st.booleans(),
+    st.sampled_from([("C1",), ("C1", "C2"), ()]),
+)
+# The fields whose check depends on another's value: a reusable code's invoice, a code's BIN's channel.
+@example({"invoice_number": "I" * 50}, VALID | {"reusable": True}, False, ("C1",))
+@example({"reusable": "true", "invoice_number": "I" * 50}, VALID, True, ("C1",))
+@example({"channel": "INDOMARET"}, VALID, False, ("C1",))
+@example({"payment_code": "330121", "channel": "ALFA"}, VALID, True, ("C1",))
+@settings(max_examples=1000)
+def test_the_straight_check_and_the_check_field_by_field_agree(changes, valid, text, client_ids):
+    # An import checks a row straight through, and field by field only once that found a problem, to name
+    # every one: the two must take the same rows, with the same values, and refuse the same rows.
+    # A valid registration (one-shot or reusable) with up to three fields changed, or left out (None):
+    # most rows of an import are valid, and a row with one wrong value must be refused by both.
+    raw = {name: value for name, value in (valid | changes).items() if value is not None}
+    if text:  # a CSV row: every value text
+        raw = {name: str(value) for name, value in raw.items()}
+    args = (raw, BINS, client_ids, NOW, text)
+    try:
+        straight = registration._straight(*args)
+    except registration._Invalid:
+        straight = None
+    try:
+        field_by_field = registration._field_by_field(*args)
+    except ValidationFailed:
+        field_by_field = None
+    assert straight == field_by_field
+
+
+def test_an_import_row_is_the_registration_in_column_order():
+    row = registration.new_code_values(VALID, rules=BINS, client_ids=("C1",), now=NOW)
+    assert row == astuple(register(VALID))
+    assert "amount" in problems(VALID | {"amount": "1e5"}, text=True)
 
 
 def test_expiry_is_normalised_to_utc():
