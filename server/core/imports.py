@@ -59,20 +59,23 @@ def _decoded(line: bytes | bytearray) -> str | Unreadable:
 async def lines_of(
     chunks: AsyncIterable[bytes], max_line: int = MAX_LINE_BYTES
 ) -> AsyncIterator[str | Unreadable]:
-    """The lines in a stream of bytes (each with its ending), an over-long one as :data:`TOO_LONG`."""
-    pending = bytearray()
-    too_long = False
+    """The lines in a stream of bytes, split at "\n" only and without it (a "\r" before it stays), one
+    over ``max_line`` bytes as :data:`TOO_LONG`."""
+    pending = bytearray()  # the start of a line that ends in a later chunk
+    too_long = False  # that line is over max_line: counted, not held
     async for chunk in chunks:
-        start = 0
-        while (end := chunk.find(b"\n", start)) >= 0:
-            if not too_long:
-                pending += chunk[start : end + 1]
-            yield TOO_LONG if too_long or len(pending) > max_line else _decoded(pending)
-            pending = bytearray()
-            too_long = False
-            start = end + 1
+        *ended, rest = chunk.split(b"\n")  # one split per chunk: a find and a slice per line cost more
+        for piece in ended:
+            if pending or too_long:
+                if not too_long:
+                    pending += piece
+                yield TOO_LONG if too_long or len(pending) > max_line else _decoded(pending)
+                pending = bytearray()
+                too_long = False
+            else:
+                yield TOO_LONG if len(piece) > max_line else _decoded(piece)
         if not too_long:
-            pending += chunk[start:]
+            pending += rest
             if len(pending) > max_line:
                 too_long = True  # keep counting the line, not holding it
                 pending = bytearray()
@@ -184,7 +187,7 @@ class RowReader:
             if self.header is None:
                 raise BadRequest(f"CSV header line 1: {broken}")
             return (start, broken)
-        text = "".join(record).rstrip("\r\n")
+        text = "\n".join(record).rstrip("\r\n")
         if self.header is None:
             self.header = self._read_header(text)
             return None

@@ -89,7 +89,7 @@ def test_any_import_line_is_a_row_or_a_rejection(lines, fmt):
     rows = []
     refused = None
     try:
-        rows = [row for line in lines if (row := reader.feed(line + "\n")) is not None]
+        rows = [row for line in lines if (row := reader.feed(line)) is not None]
     except DipcError as error:  # a CSV header can refuse the whole import
         refused = error.http_status
     assert refused in (None, 400)

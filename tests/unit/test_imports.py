@@ -11,8 +11,10 @@ from server.core.imports import RowReader, format_for_path
 
 
 def rows(fmt: str, text: str) -> list:
+    """The rows of ``text`` fed line by line as lines_of gives them: split at "\n" only, without it."""
     reader = RowReader(fmt)
-    return [row for line in text.splitlines(keepends=True) if (row := reader.feed(line)) is not None]
+    lines = text.removesuffix("\n").split("\n")
+    return [row for line in lines if (row := reader.feed(line)) is not None]
 
 
 def test_csv_rows_are_mapped_by_the_header_with_line_numbers():
@@ -70,8 +72,8 @@ def test_a_line_without_quotes_reads_as_the_csv_module_reads_it(line):
     import io
 
     reader = RowReader("csv")  # fed as lines_of splits, at "\n" only (str.splitlines splits at more)
-    reader.feed("payment_code,amount,invoice_number,customer_name\n")
-    got = [reader.feed(f"{line}\n")]
+    reader.feed("payment_code,amount,invoice_number,customer_name")
+    got = [reader.feed(line)]
     expected = next(csv.reader(io.StringIO(line, newline="")))
     assert got == [
         (
@@ -140,6 +142,18 @@ async def test_a_line_over_the_limit_is_a_rejection_and_reading_goes_on():
     assert got[0] == (2, "is over 512 KiB")
     assert got[1][0] == 3
     assert got[1][1]["customer_name"] == "Siti"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+async def test_a_line_may_hold_the_limit_exactly_wherever_the_chunks_end(chunk_size):
+    from server.core.imports import NOT_UTF8, TOO_LONG, lines_of
+
+    full = "é" * 40  # 80 bytes: the limit, without the line's "\n"
+    crlf = "é" * 39 + "x\r"  # 80 bytes with the "\r" of a CRLF ending
+    data = f"{full}\n{full}x\n{crlf}\n\n".encode() + b"\xff\xfe\n" + b"end"
+    chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    got = [line async for line in lines_of(_aiter(chunks), max_line=80)]
+    assert got == [full, TOO_LONG, crlf, "", NOT_UTF8, "end"]
 
 
 async def test_a_record_spanning_lines_is_capped_too():
