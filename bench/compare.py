@@ -4,6 +4,7 @@
     .venv/bin/python bench/compare.py --before HEAD~1 --rounds 5 --seconds 8 --kind reusable
     .venv/bin/python bench/compare.py --before HEAD~1 --rounds 5 --seconds 8 --kind notification
     .venv/bin/python bench/compare.py --before HEAD~1 --open-loop 2400    # and the tail at 2,400/s
+    .venv/bin/python bench/compare.py --before HEAD~1 --kind import --codes 400000 --rounds 4
 
 How each speed-up's commit message measures its effect: one embedded PostgreSQL, one set of codes, the
 ceiling (bench/ceiling.py), ``before`` (a ``git worktree`` of that revision) and the working tree served
@@ -23,6 +24,11 @@ bench/run.py's notification phase, then notifications pay them. It prints each s
 its ratio to the inquiry rate of the same round (issue 10's figure), the server's CPU time per notification
 and PostgreSQL's (every backend of the cluster, over the notification run: only one server is loaded at a
 time).
+
+``--kind import`` compares `dipc codes import` of ``--codes`` rows: each round, PostgreSQL's own COPY of
+such a file (the baseline, as in bench/run.py), then ``before`` and ``after`` (then the other way round),
+each into a database made by its own migrations, each file of fresh codes. It prints each import's wall
+time as a ratio to the round's COPY, the command's CPU time per row and PostgreSQL's over the import.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--codes", type=int, default=100_000)
-    parser.add_argument("--kind", choices=["one-shot", "reusable", "notification"], default="one-shot")
+    parser.add_argument("--kind", choices=["one-shot", "reusable", "notification", "import"],
+                        default="one-shot")  # fmt: skip
     parser.add_argument("--open-loop", type=float, default=0, metavar="RATE",
                         help="then p50/p99 of each server at RATE inquiries/s, open loop")  # fmt: skip
     args = parser.parse_args()
@@ -76,6 +83,9 @@ def _compare(args: argparse.Namespace, env: dict[str, str], dsn: str, pg: Embedd
         asyncio.run(migrate.migrate_dsn(dsn))
         if args.kind == "notification":
             compare_notifications(args, env, dsn, pg, before_tree, workdir, servers)
+            return
+        if args.kind == "import":
+            compare_imports(args, env, dsn, pg, before_tree, workdir)
             return
         reusable = args.kind == "reusable"
         prefix = run.REUSABLE_PREFIX if reusable else run.ONE_SHOT_PREFIX
@@ -236,6 +246,44 @@ def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> 
         print(f"  {what}, after / before: {change:.3f}")
 
 
+def compare_imports(args, env, dsn, pg, before_tree, workdir) -> None:
+    before_dsn, before_env = before_database(dsn, env, before_tree)
+    dsns, envs = {"before": before_dsn, "after": dsn}, {"before": before_env, "after": env}
+    postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+    walls, ratios, cpu_us, pg_us = ({name: [] for name in envs} for _ in range(4))
+    csv = workdir / "codes.csv"
+    files = iter(range(1000))  # each file's codes a prefix of their own: 88965 and three digits
+    for round_ in range(args.rounds):
+        run.write_codes_csv(csv, args.codes, f"88965{next(files):03d}", False)
+        copy_s = run.timed_copy(dsn, csv)
+        print(f"round {round_ + 1} COPY   {copy_s:6.2f} s", flush=True)
+        for name in ("before", "after") if round_ % 2 == 0 else ("after", "before"):
+            run.write_codes_csv(csv, args.codes, f"88965{next(files):03d}", False)
+            database, command = cluster_cpu_seconds(postmaster), ended_children_cpu_seconds()
+            wall_s = run.timed_import(csv, envs[name], args.codes)
+            own_s = ended_children_cpu_seconds() - command
+            walls[name].append(wall_s)
+            ratios[name].append(wall_s / copy_s)
+            cpu_us[name].append(own_s / args.codes * 1e6)
+            pg_us[name].append((cluster_cpu_seconds(postmaster) - database) / args.codes * 1e6)
+            print(
+                f"round {round_ + 1} {name:6} {wall_s:6.2f} s ({ratios[name][-1]:.2f} x COPY)"
+                f"  cpu {cpu_us[name][-1]:5.1f} us, postgres {pg_us[name][-1]:5.1f} us per row",
+                flush=True,
+            )
+        for database in dsns.values():  # the next round's imports into tables as large as this one's
+            run.psql(database, "TRUNCATE payment_codes CASCADE;\nCHECKPOINT;\n")
+    print(f"\n`dipc codes import` of {args.codes:,} codes, medians of {args.rounds} rounds:")
+    for name in envs:
+        print(f"  {name:6} {statistics.median(walls[name]):6.2f} s"
+              f"  {statistics.median(ratios[name]):.2f} x COPY  cpu {statistics.median(cpu_us[name]):5.1f} us"
+              f"  postgres cpu {statistics.median(pg_us[name]):5.1f} us per row")  # fmt: skip
+    for what, values in (("wall", walls), ("ratio to COPY", ratios), ("cpu", cpu_us),
+                         ("postgres cpu", pg_us)):  # fmt: skip
+        change = statistics.median(values["after"]) / statistics.median(values["before"])
+        print(f"  {what}, after / before: {change:.3f}")
+
+
 def cpu_meter(pid: int, postmaster: int) -> Callable[[float], tuple[float, float]]:
     """From now: what returns the CPU time, in µs per request over ``served`` requests, that the server
     ``pid`` and PostgreSQL (every process of the cluster) have spent since."""
@@ -248,6 +296,12 @@ def cpu_meter(pid: int, postmaster: int) -> Callable[[float], tuple[float, float
         )
 
     return per_request
+
+
+def ended_children_cpu_seconds() -> float:
+    """User + system CPU time of this process's children that have ended (the commands it ran)."""
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def cluster_cpu_seconds(postmaster: int) -> float:

@@ -240,10 +240,9 @@ def import_codes(path: Path, env: dict[str, str]) -> None:
     subprocess.run([DIPC, "codes", "import", str(path)], env=env, check=True, capture_output=True)
 
 
-def bench_import(env: dict[str, str], dsn: str, workdir: Path, rows: int) -> list[Figure]:
-    path = workdir / "codes.csv"
-    write_codes_csv(path, rows, ONE_SHOT_PREFIX, False)
-    log(f"import: PostgreSQL COPY of {rows:,} rows (baseline)")
+def timed_copy(dsn: str, path: Path) -> float:
+    """Seconds PostgreSQL's own COPY (psql \\copy) takes to load the codes CSV at ``path`` into a table
+    like payment_codes (its indexes, defaults and checks): the baseline of every import figure."""
     script = (
         "CREATE TABLE bench_copy (LIKE payment_codes INCLUDING ALL);\n"
         "\\copy bench_copy (payment_code, amount, invoice_number, customer_name, info1, reusable, client_id) "
@@ -252,28 +251,35 @@ def bench_import(env: dict[str, str], dsn: str, workdir: Path, rows: int) -> lis
     )
     started = time.perf_counter()
     psql(dsn, script)
-    copy_s = time.perf_counter() - started
+    return time.perf_counter() - started
 
-    log(f"import: dipc codes import of {rows:,} rows")
+
+def timed_import(path: Path, env: dict[str, str], rows: int, *, refused: bool = False) -> float:
+    """Seconds `dipc codes import` of the codes CSV at ``path`` takes, start-up included. Exits the bench
+    unless it imported every one of its ``rows`` codes (with ``refused``: rejected every line, exit 1)."""
     started = time.perf_counter()
     result = subprocess.run(
         [DIPC, "codes", "import", str(path)], env=env, capture_output=True, text=True, check=False
     )
-    dipc_s = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"bench: dipc codes import failed:\n{result.stdout}\n{result.stderr}")
+    seconds = time.perf_counter() - started
+    expected = f"imported 0 codes, rejected {rows:,} lines" if refused else f"imported {rows:,} codes"
+    if result.returncode != int(refused) or expected not in result.stdout:
+        sys.exit(f"bench: dipc codes import: not {expected!r}:\n{result.stdout}\n{result.stderr[-2000:]}")
     log(f"import: dipc says: {result.stdout.strip()}")
+    return seconds
+
+
+def bench_import(env: dict[str, str], dsn: str, workdir: Path, rows: int) -> list[Figure]:
+    path = workdir / "codes.csv"
+    write_codes_csv(path, rows, ONE_SHOT_PREFIX, False)
+    log(f"import: PostgreSQL COPY of {rows:,} rows (baseline)")
+    copy_s = timed_copy(dsn, path)
+
+    log(f"import: dipc codes import of {rows:,} rows")
+    dipc_s = timed_import(path, env, rows)
 
     log(f"import: dipc codes import of the same {rows:,} rows again (a re-upload: every line refused)")
-    started = time.perf_counter()
-    again = subprocess.run(
-        [DIPC, "codes", "import", str(path)], env=env, capture_output=True, text=True, check=False
-    )
-    again_s = time.perf_counter() - started
-    refused = f"imported 0 codes, rejected {rows:,} lines"
-    if again.returncode != 1 or refused not in again.stdout:  # exit 1: nothing imported
-        sys.exit(f"bench: the re-upload did not refuse every line:\n{again.stdout}\n{again.stderr[-2000:]}")
-    log(f"import: dipc says: {again.stdout.strip()}")
+    again_s = timed_import(path, env, rows, refused=True)
 
     log(f"import: POST /v1/payment-codes/import of {rows:,} other rows")
     api_path = workdir / "codes-api.csv"
