@@ -34,7 +34,8 @@ MEDIA_TYPES = {
 }
 
 
-# One line (or one CSV record, across the lines of its quoted fields) may hold at most this much.
+# One line, without its "\n" (or one CSV record, across the lines of its quoted fields and the line breaks
+# between them), may hold at most this much: bytes as read, characters once decoded.
 MAX_LINE_BYTES = 512 * 1024
 
 
@@ -118,7 +119,8 @@ def format_for_path(name: str) -> str | None:
 
 
 class RowReader:
-    """Turns lines into import rows; the CSV header (line 1) and blank lines yield nothing.
+    """Turns lines, as :func:`lines_of` gives them (without their "\n"), into import rows; the CSV header
+    (line 1) and blank lines yield nothing.
 
     A CSV record whose quoted field holds a line break is gathered over as many lines as it spans and
     reported under the line it starts on; it is a row only once whole, never half a field.
@@ -149,7 +151,7 @@ class RowReader:
             self._record, self._record_start, self._record_size = [text], self.line, len(text)
             self._record_broken = None
             return None
-        text = text.rstrip("\r\n")
+        text = text.rstrip("\r")  # of a CRLF ending
         if self.format == "csv" and self.header is None:
             self.header = self._read_header(text)
             return None
@@ -173,11 +175,12 @@ class RowReader:
         if isinstance(text, Unreadable):
             self._record_broken = self._record_broken or f"line {self.line} {text.problem}"
             text = '"'  # an unreadable line cannot end the field honestly; count it and go on
-        elif self._record_size + len(text) > MAX_LINE_BYTES:
+        size = self._record_size + 1 + len(text)  # the "\n" that joins the line to the record counts too
+        if size > MAX_LINE_BYTES:
             self._record_broken = self._record_broken or f"is over {MAX_LINE_BYTES // 1024} KiB"
         if self._record_broken is None:
             self._record.append(text)
-            self._record_size += len(text)
+            self._record_size = size
         still_open = _ends_in_quotes(text, True)
         if still_open:
             return None
@@ -187,7 +190,7 @@ class RowReader:
             if self.header is None:
                 raise BadRequest(f"CSV header line 1: {broken}")
             return (start, broken)
-        text = "\n".join(record).rstrip("\r\n")
+        text = "\n".join(record).rstrip("\r")
         if self.header is None:
             self.header = self._read_header(text)
             return None

@@ -1,6 +1,7 @@
 """Registration and changes of payment codes: validation shared by the admin API, the CLI and imports.
 
-Every parser gathers all problems at once and raises :class:`ValidationFailed` naming each field.
+A registration or change with a problem is refused with :class:`ValidationFailed` naming every field
+that has one, all at once.
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ def _straight(
     called directly: the collector's call per field cost an import a tenth of its time.
     """
     if not raw.keys() <= _NEW_CODE_FIELDS:
-        raise _Invalid("is not a known field")
+        raise _Invalid("is not a known field")  # which one, _field_by_field says (as of every problem)
     get = raw.get
     code = parse_payment_code(get("payment_code"))
     reusable = _boolean(get("reusable"), text)

@@ -156,6 +156,23 @@ async def test_a_line_may_hold_the_limit_exactly_wherever_the_chunks_end(chunk_s
     assert got == [full, TOO_LONG, crlf, "", NOT_UTF8, "end"]
 
 
+async def test_a_record_of_line_breaks_alone_is_capped_too():
+    # Lines come without their "\n"; each still counts towards the record's bound, or a quote followed by
+    # nothing but line breaks would be held whole, however long.
+    from server.core import imports
+
+    text = HEADER + '8896500000000001,1000,INV-1,"' + "\n" * 20 + '"\n8896500000000002,2000,INV-2,Siti\n'
+    original = imports.MAX_LINE_BYTES
+    imports.MAX_LINE_BYTES = 40  # the record's first line is 29 characters, its line breaks 21
+    try:
+        got = await _rows("csv", [text.encode()])
+    finally:
+        imports.MAX_LINE_BYTES = original
+    assert got[0] == (2, "is over 0 KiB")
+    assert got[1][0] == 23
+    assert got[1][1]["customer_name"] == "Siti"
+
+
 async def test_a_record_spanning_lines_is_capped_too():
     from server.core import imports
 
