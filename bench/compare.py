@@ -240,10 +240,7 @@ def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> 
               f"  {statistics.median(ratios[name]):.2f} x inquiry"
               f"  server cpu {statistics.median(cpu_us[name]):4.0f} us"
               f"  postgres cpu {statistics.median(pg_us[name]):4.0f} us per notification")  # fmt: skip
-    for what, values in (("rate", rates), ("ratio to inquiry", ratios), ("server cpu", cpu_us),
-                         ("postgres cpu", pg_us)):  # fmt: skip
-        change = statistics.median(values["after"]) / statistics.median(values["before"])
-        print(f"  {what}, after / before: {change:.3f}")
+    print_changes({"rate": rates, "ratio to inquiry": ratios, "server cpu": cpu_us, "postgres cpu": pg_us})
 
 
 def compare_imports(args, env, dsn, pg, before_tree, workdir) -> None:
@@ -278,8 +275,12 @@ def compare_imports(args, env, dsn, pg, before_tree, workdir) -> None:
         print(f"  {name:6} {statistics.median(walls[name]):6.2f} s"
               f"  {statistics.median(ratios[name]):.2f} x COPY  cpu {statistics.median(cpu_us[name]):5.1f} us"
               f"  postgres cpu {statistics.median(pg_us[name]):5.1f} us per row")  # fmt: skip
-    for what, values in (("wall", walls), ("ratio to COPY", ratios), ("cpu", cpu_us),
-                         ("postgres cpu", pg_us)):  # fmt: skip
+    print_changes({"wall": walls, "ratio to COPY": ratios, "cpu": cpu_us, "postgres cpu": pg_us})
+
+
+def print_changes(figures: dict[str, dict[str, list[float]]]) -> None:
+    """Each figure's median after over its median before."""
+    for what, values in figures.items():
         change = statistics.median(values["after"]) / statistics.median(values["before"])
         print(f"  {what}, after / before: {change:.3f}")
 
