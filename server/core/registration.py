@@ -234,10 +234,10 @@ def _straight(
     """The values of a registration without a problem; the first problem raises _Invalid.
 
     The same checks as :func:`_field_by_field` (tests/unit/test_codes.py holds the two to one verdict),
-    called directly: the collector's call per field cost an import a tenth of its time.
+    called directly: the collector's call per field cost an import about a tenth of its time.
     """
     if not raw.keys() <= _NEW_CODE_FIELDS:
-        raise _Invalid("is not a known field")  # which one, _field_by_field says (as of every problem)
+        raise _Invalid("is not a known field")  # _field_by_field names it, with every other problem
     get = raw.get
     code = parse_payment_code(get("payment_code"))
     reusable = _boolean(get("reusable"), text)
