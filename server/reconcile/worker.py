@@ -205,7 +205,7 @@ class Reconciler:
             self._held[task] = held
             task.add_done_callback(self._forget)
         # Nothing granted: the shared budget is spent (or DOKU asked us to back off); try after one token.
-        return 0.0 if claimed else max(1.0 / self.settings.reconcile_rps, 0.05)
+        return 0.0 if claimed else _one_token_s(self.settings.reconcile_rps)
 
     async def _probe(self) -> float:
         """Ask DOKU about an invoice that does not exist (as `dipc doctor` does), from the shared budget:
@@ -213,10 +213,8 @@ class Reconciler:
         client = next((client for client in self.settings.clients.values() if client.secret_keys), None)
         if client is None:
             return IDLE_RECHECK_S
-        async with self.pool.acquire() as conn, conn.transaction():
-            granted = await store.take_rate_budget(conn, rps=self.settings.reconcile_rps, want=1)
-        if not granted:
-            return max(1.0 / self.settings.reconcile_rps, 0.05)
+        if not await _take_one_call(self.pool, self.settings.reconcile_rps):
+            return _one_token_s(self.settings.reconcile_rps)
 
         async def call() -> None:
             started = asyncio.get_running_loop().time()
@@ -326,6 +324,17 @@ async def check_claimed(
     return report
 
 
+async def _take_one_call(pool: asyncpg.Pool, rps: float) -> bool:
+    """Whether one call's worth of the rate budget all reconcilers share was granted."""
+    async with pool.acquire() as conn, conn.transaction():
+        return bool(await store.take_rate_budget(conn, rps=rps, want=1))
+
+
+def _one_token_s(rps: float) -> float:
+    """How long the shared budget takes to refill by one call (at least 50 ms): a wait for the next."""
+    return max(1.0 / rps, 0.05)
+
+
 async def _take_budget(pool: asyncpg.Pool, rps: float, *, wait_s: float) -> None:
     """Wait up to ``wait_s`` for one call's worth of the rate budget all reconcilers share.
 
@@ -334,11 +343,8 @@ async def _take_budget(pool: asyncpg.Pool, rps: float, *, wait_s: float) -> None
     caller's deadline.
     """
     waited_until = asyncio.get_running_loop().time() + wait_s
-    while True:
-        async with pool.acquire() as conn, conn.transaction():
-            if await store.take_rate_budget(conn, rps=rps, want=1):
-                return
-        pause = max(1.0 / rps, 0.05)
+    while not await _take_one_call(pool, rps):
+        pause = _one_token_s(rps)
         if asyncio.get_running_loop().time() + pause > waited_until:
             raise DokuBackoff(
                 "DOKU answered 429 or 5xx, or did not answer, lately, so every dipc process holds back its "
