@@ -295,11 +295,37 @@ def render() -> tuple[bytes, str]:
     """The exposition text of every process's metrics, and its content type."""
     if directory := multiprocess_dir():
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(_WorkerFiles(directory))
         registry.register(PlatformCollector(registry=None))
         registry.register(_WorkerProcesses(directory))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class _WorkerFiles(multiprocess.MultiProcessCollector):
+    """Every process's values, summed: prometheus_client's collector, without the files that hold none.
+
+    A process creates its file empty and sizes it just after. Read in between, an empty file failed the
+    whole scrape with a ``struct.error`` (a 500), and did so at every scrape after a worker killed in
+    between, since its file stays (prometheus/client_python#1199). Files only grow, so one seen with
+    bytes in it stays readable.
+    """
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(None, path=directory)
+        self.directory = Path(directory)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.merge(
+            [str(path) for path in self.directory.glob("*.db") if _sized(path)], accumulate=True
+        )
+
+
+def _sized(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:  # a dead worker's live gauges, removed since the glob
+        return False
 
 
 class _WorkerProcesses(Collector):

@@ -36,6 +36,7 @@ async def test_every_series_an_alert_watches_exists_at_zero_before_the_first_eve
 async def scrape_url(port: int) -> dict:
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as reply:
         text = await reply.text()
+    assert reply.status == 200, text[:300]
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -75,6 +76,29 @@ async def test_with_workers_metrics_keep_process_series_and_count_restarts(datab
         live = {dict(labels)["pid"] for name, labels in samples if name == "process_resident_memory_bytes"}
         assert str(min(pids)) not in live  # the dead worker's process series are gone
         assert len(live) == 2
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(server.wait, 30)
+    assert code == 0
+
+
+async def test_a_metrics_file_a_worker_created_and_had_not_sized_yet_fails_no_scrape(
+    database_url, pool, tmp_path
+):
+    """prometheus_client creates a worker's file empty and sizes it just after. A scrape in between
+    failed whole (/metrics answered 500; seen once as a worker was restarted), and so did every scrape
+    after a worker killed in between, whose empty file stays (prometheus/client_python#1199)."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    port = free_port()
+    server = spawn(server_env(database_url, port, DIPC_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(directory)))
+    try:
+        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+        for kind in ("counter", "gauge_livesum", "histogram"):  # a pid no process has: a killed worker's
+            (directory / f"{kind}_4194304.db").touch()
+        samples = await scrape_url(port)
+        assert value(samples, "dipc_worker_restarts_total") == 0
+        assert value(samples, "dipc_db_pool_connections", state="max") == 20  # both workers, 10 each
     finally:
         server.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(server.wait, 30)
