@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+import time
 
 import asyncpg
 
-from server.cli.common import EXIT_USAGE, CommandFailed, open_database
+from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, open_database
 from server.config import load_settings
 from server.store import migrate
+
+RETRY_S = 2.0  # with --wait: how often to try again a database that does not answer
+
+
+def wait_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= seconds <= 86_400:
+        raise argparse.ArgumentTypeError("from 0 to 86400 seconds")
+    return seconds
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -21,6 +35,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         "`dipc serve` starts on a new version. Safe to run while servers run, and from several places "
         "at once (an advisory lock makes it happen once). Connect directly to PostgreSQL, not through "
         "a transaction-pooling pgbouncer (the lock is held for the session).",
+    )
+    parser.add_argument(
+        "--wait",
+        type=wait_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="while the database does not answer (a host that booted with it, a database still "
+        f"starting), try again every {RETRY_S:g} s for up to SECONDS before failing with exit 1 "
+        "(default 0: fail at once). A database that answers and refuses (credentials, database "
+        "name, privileges) fails at once with exit 2.",
     )
     parser.add_argument(
         "--demo", action="store_true", help="without DATABASE_URL: the embedded database of `serve --demo`"
@@ -42,6 +66,19 @@ def run_migrate(args: argparse.Namespace) -> int:
                     EXIT_USAGE,
                 ) from None
 
-    applied = asyncio.run(apply())
+    give_up_at, waited = time.monotonic() + args.wait, False
+    while True:
+        try:
+            applied = asyncio.run(apply())
+            break
+        except CommandFailed as failure:
+            # Exit 1 is a database that did not answer; anything else will not mend by waiting.
+            if failure.exit_code != EXIT_FAILURE or time.monotonic() + RETRY_S > give_up_at:
+                raise
+            if not waited:  # one line for the wait, not one per try
+                print(f"dipc: {failure}; trying again every {RETRY_S:g} s for up to {args.wait:g} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                waited = True
+            time.sleep(RETRY_S)
     print(f"applied {', '.join(applied)}" if applied else "the database is up to date")
     return 0

@@ -24,6 +24,7 @@ import pytest
 
 from server.doku.client import DokuSimulator
 from tests.conftest import CLIENT, CODE, code_fields, dipc_env
+from tests.dbproxy import SilencingProxy
 from tests.integration.test_cli import DIPC, free_port, run, wait_ready
 
 ROLES_SQL = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "roles.sql"
@@ -213,16 +214,55 @@ def test_wrong_credentials_end_in_one_line_and_exit_2(database_url, password_rol
     }
     for expected, dsn in cases.items():
         env = dipc_env(dsn, DIPC_DB_CONNECT_TIMEOUT_S="3")
-        for command in (["migrate"], ["serve"], ["codes", "list"], ["prune", "--dry-run"]):
+        # `migrate --wait` waits for a database that does not answer, never for one that refuses.
+        for command in (
+            ["migrate"],
+            ["migrate", "--wait", "60"],
+            ["serve"],
+            ["codes", "list"],
+            ["prune", "--dry-run"],
+        ):
             stderr = one_line_refusal(run(*command, env=env))
             assert expected in stderr, (command, stderr)
             assert "wrong" not in stderr  # the password is not repeated back
+            assert "trying again" not in stderr
         stderr = one_line_refusal(run("serve", env=env | {"DIPC_WORKERS": "2"}))
         assert expected in stderr
         code, checks = doctor(env)
         assert code == 1
         assert checks["database"]["status"] == "fail"
         assert expected in checks["database"]["detail"]
+
+
+async def test_migrate_waits_for_a_database_that_does_not_answer_yet(database_url, pool):
+    """A host that booted with its database: deploy/systemd's dipc-migrate.service runs `dipc migrate
+    --wait`, which tries again until the database answers, so that dipc.service, ordered after it,
+    finds the schema current rather than refusing it (exit 2) for good."""
+    proxy = SilencingProxy(database_url)  # nothing listens on its port until it starts
+    env = dipc_env(proxy.url, DIPC_DB_CONNECT_TIMEOUT_S="2")
+    at_once = run("migrate", env=env)
+    assert at_once.returncode == 1, at_once.stderr
+    assert b"database unreachable" in at_once.stderr
+    process = await asyncio.create_subprocess_exec(
+        *DIPC, "migrate", "--wait", "60", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(30):
+            waiting = await process.stderr.readline()  # it met no database, and says that it waits
+        assert b"database unreachable" in waiting
+        assert b"trying again every 2 s for up to 60 s" in waiting
+        assert process.returncode is None
+        await proxy.start()
+        async with asyncio.timeout(60):
+            stdout, stderr = await process.communicate()
+    finally:
+        proxy.close()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr
+    assert stdout == b"the database is up to date\n"
+    assert b"Traceback" not in stderr
 
 
 def test_outside_demo_the_embedded_database_must_be_chosen(tmp_path):

@@ -12,12 +12,12 @@ import contextlib
 import signal
 import subprocess
 from collections.abc import Iterator
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
 from server.doku.client import DokuSimulator, notification_body
 from tests.conftest import ADMIN_TOKEN, CLIENT, CLIENT_ID
+from tests.dbproxy import SilencingProxy
 from tests.integration.test_cli import free_port
 from tests.integration.test_crash import one_shot_codes, start_server
 
@@ -97,56 +97,6 @@ async def test_two_processes_sequence_one_feed_with_every_event_once_in_causal_o
         by_code.setdefault(row["payment_code"], []).append(row["type"])
     assert all(by_code[code] == ["payment.received", "payment.conflict"] for code in paid)
     assert all(by_code[code] == ["code.created"] for code in created)
-
-
-class SilencingProxy:
-    """TCP in front of PostgreSQL that can "lose" every connection open at one moment: the peer vanished
-    without a reset (a failover, a host that lost power, a firewall that forgot the flow), so those
-    sockets stay open and nothing ever comes back on them. Later connections work."""
-
-    def __init__(self, database_url: str) -> None:
-        parts = urlsplit(database_url)
-        query = dict(parse_qsl(parts.query))
-        self.upstream_port = parts.port or 5432
-        self.socket_dir = query.get("host") if query.get("host", "").startswith("/") else None
-        self.upstream_host = parts.hostname or "127.0.0.1"
-        self.pairs: list[dict[str, bool]] = []
-        self.port = free_port()
-        netloc = f"{parts.username}{':' + parts.password if parts.password else ''}@127.0.0.1:{self.port}"
-        rest = urlencode({k: v for k, v in query.items() if k != "host"})
-        self.url = urlunsplit(parts._replace(netloc=netloc, query=rest))
-
-    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self.socket_dir:
-            return await asyncio.open_unix_connection(f"{self.socket_dir}/.s.PGSQL.{self.upstream_port}")
-        return await asyncio.open_connection(self.upstream_host, self.upstream_port)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await self._open_upstream()
-        pair = {"silent": False}
-        self.pairs.append(pair)
-
-        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(Exception):
-                while data := await source.read(65536):
-                    if pair["silent"]:
-                        await asyncio.Event().wait()  # swallowed, and nothing ever answers
-                    sink.write(data)
-                    await sink.drain()
-            if not pair["silent"]:
-                sink.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    def lose_every_open_connection(self) -> None:
-        for pair in self.pairs:
-            pair["silent"] = True
-
-    def close(self) -> None:
-        self.server.close()
 
 
 async def test_connections_lost_without_a_word_stop_neither_writers_nor_the_feed_nor_shutdown(
