@@ -44,6 +44,10 @@ BACKOFF_CAP_S = 300.0
 # must not hold the process's exit: the lease runs out and the invoice is checked again later).
 STOP_GRACE_S = 1.0
 RELEASE_DEADLINE_S = 1.0
+# Answers that tell nothing about the invoice and that waiting will not mend: DOKU refuses our calls
+# (401/403: a key or Client-Id it does not hold) or answers what cannot be read or verified. Until a
+# person fixes it no invoice is reconciled, so each is a warning (and DipcCheckStatusRefused).
+UNUSABLE_ANSWERS = (CheckResult.HTTP_ERROR, CheckResult.BAD_SIGNATURE, CheckResult.UNREADABLE)
 
 
 def lease_s(settings: Settings) -> float:
@@ -90,6 +94,8 @@ def observe(report: CheckReport, previous_state: str) -> None:
                     next_check_at=iso(invoice.next_check_at), **fields)  # fmt: skip
     elif answer.result.unanswered:
         log.debug("reconcile.unanswered", **fields)
+    elif answer.result in UNUSABLE_ANSWERS:
+        log.warning("reconcile.checked", **fields)
     else:
         log.info("reconcile.checked", **fields)
 

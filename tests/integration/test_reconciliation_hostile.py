@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from server.app import make_app
+from server.doku.auth import Client
 from server.doku.client import DokuSimulator, notification_body
 from server.doku.standin import DokuStandIn, Scripted
 from tests.conftest import CLIENT, CLIENT_ID, CODE, waiting_for_a_lock
@@ -269,3 +270,26 @@ async def test_a_quote_racing_the_payment_of_its_invoice_does_not_reopen_it(
     assert (await row(pool, other, "INV-ANOMALY"))["state"] == "paid"
     assert (await doku.inquiry(other)).status == 200  # still payable: quoted again
     assert (await row(pool, other, "INV-ANOMALY"))["state"] == "pending"
+
+
+async def test_doku_refusing_our_signature_is_logged_as_a_warning(
+    aiohttp_client, aiohttp_server, pool, database_url, admin_headers, captured_log
+):
+    """DOKU answers 401 to a Check Status signed with a key it does not hold (a rotated secret, another
+    environment's): no invoice can be reconciled until someone fixes it, so each such check is a
+    warning for the on-call, not one of the info lines of checks that went as expected."""
+    doku = DokuStandIn({CLIENT_ID: Client(CLIENT_ID, (b"SK-a-key-dipc-does-not-hold",))})
+    server = await aiohttp_server(doku.app())
+    dipc = await aiohttp_client(make_app(reconciling_settings(server), database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin_headers)
+    await doku_sim.inquiry(CODE)
+
+    async def checked():
+        invoice = await row(pool, CODE, INVOICE)
+        return invoice if invoice["attempts"] >= 1 else None
+
+    invoice = await eventually(checked)
+    assert (invoice["state"], invoice["last_result"]) == ("pending", "http_error")
+    [line, *_] = captured_log.events("reconcile.checked")
+    assert (line["level"], line["result"], line["http_status"]) == ("warning", "http_error", 401)
