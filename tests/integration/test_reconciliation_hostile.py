@@ -122,6 +122,19 @@ async def test_a_nul_where_it_identifies_nothing_does_not_refuse_the_money(
     assert "Traceback" not in logged.out + logged.err
 
 
+async def quoted_and_checked(aiohttp_client, doku: TestServer, database_url, pool, admin_headers):
+    """The invoice of the code quoted once by a dipc that reconciles with ``doku``, once checked."""
+    dipc = await aiohttp_client(make_app(reconciling_settings(doku), database_url))
+    await register(dipc, admin_headers)
+    await DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT).inquiry(CODE)
+
+    async def checked():
+        invoice = await row(pool, CODE, INVOICE)
+        return invoice if invoice["attempts"] >= 1 else None
+
+    return await eventually(checked)
+
+
 async def test_a_redirect_is_not_followed(aiohttp_client, aiohttp_server, pool, database_url, admin_headers):
     """A 3xx is an unknown answer: the signed request is not sent elsewhere, and what the other server
     says (here an unsigned SUCCESS) is never recorded as a payment."""
@@ -143,16 +156,7 @@ async def test_a_redirect_is_not_followed(aiohttp_client, aiohttp_server, pool, 
     doku_app.router.add_get("/{tail:.*}", redirecting)
     doku = await aiohttp_server(doku_app)
 
-    dipc = await aiohttp_client(make_app(reconciling_settings(doku), database_url))
-    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
-    await register(dipc, admin_headers)
-    await doku_sim.inquiry(CODE)
-
-    async def checked():
-        invoice = await row(pool, CODE, INVOICE)
-        return invoice if invoice["attempts"] >= 1 else None
-
-    invoice = await eventually(checked)
+    invoice = await quoted_and_checked(aiohttp_client, doku, database_url, pool, admin_headers)
     assert (invoice["state"], invoice["last_result"]) == ("pending", "http_error")
     assert await payments(pool) == []
     assert elsewhere_calls == []  # the signed headers went nowhere else
@@ -280,16 +284,7 @@ async def test_doku_refusing_our_signature_is_logged_as_a_warning(
     warning for the on-call, not one of the info lines of checks that went as expected."""
     doku = DokuStandIn({CLIENT_ID: Client(CLIENT_ID, (b"SK-a-key-dipc-does-not-hold",))})
     server = await aiohttp_server(doku.app())
-    dipc = await aiohttp_client(make_app(reconciling_settings(server), database_url))
-    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
-    await register(dipc, admin_headers)
-    await doku_sim.inquiry(CODE)
-
-    async def checked():
-        invoice = await row(pool, CODE, INVOICE)
-        return invoice if invoice["attempts"] >= 1 else None
-
-    invoice = await eventually(checked)
+    invoice = await quoted_and_checked(aiohttp_client, server, database_url, pool, admin_headers)
     assert (invoice["state"], invoice["last_result"]) == ("pending", "http_error")
     [line, *_] = captured_log.events("reconcile.checked")
     assert (line["level"], line["result"], line["http_status"]) == ("warning", "http_error", 401)
