@@ -21,6 +21,7 @@ class SilencingProxy:
         self.socket_dir = query.get("host") if query.get("host", "").startswith("/") else None
         self.upstream_host = parts.hostname or "127.0.0.1"
         self.pairs: list[dict[str, bool]] = []
+        self.handlers: set[asyncio.Task] = set()
         self.server: asyncio.Server | None = None  # nothing listens on self.port until start()
         self.port = free_port()
         netloc = f"{parts.username}{':' + parts.password if parts.password else ''}@127.0.0.1:{self.port}"
@@ -33,6 +34,7 @@ class SilencingProxy:
         return await asyncio.open_connection(self.upstream_host, self.upstream_port)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handlers.add(asyncio.current_task())
         up_reader, up_writer = await self._open_upstream()
         pair = {"silent": False}
         self.pairs.append(pair)
@@ -47,7 +49,11 @@ class SilencingProxy:
             if not pair["silent"]:
                 sink.close()
 
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        try:
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        finally:
+            writer.close()
+            up_writer.close()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -56,6 +62,10 @@ class SilencingProxy:
         for pair in self.pairs:
             pair["silent"] = True
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop listening, and end every connection, the silenced ones too (their pumps wait for ever)."""
         if self.server is not None:
             self.server.close()
+        for handler in self.handlers:
+            handler.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)

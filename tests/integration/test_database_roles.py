@@ -256,7 +256,7 @@ async def test_migrate_waits_for_a_database_that_does_not_answer_yet(database_ur
         async with asyncio.timeout(60):
             stdout, stderr = await process.communicate()
     finally:
-        proxy.close()
+        await proxy.close()
         if process.returncode is None:
             process.kill()
             await process.wait()

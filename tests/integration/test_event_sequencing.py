@@ -129,7 +129,7 @@ async def test_connections_lost_without_a_word_stop_neither_writers_nor_the_feed
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(server.wait, 30)
         server.kill()
-        proxy.close()
+        await proxy.close()
     # Requests on lost connections are cut at their deadline (503, nothing committed) and the pool opens
     # new ones; a 200 is a committed payment, whose event reached the feed before the answer.
     assert answers[-3:] == [(200, 1)] * 3, answers

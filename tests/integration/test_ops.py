@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,17 +45,25 @@ async def scrape_url(port: int) -> dict:
     return samples
 
 
+async def both_workers_serving(port: int, server: subprocess.Popen) -> set[int]:
+    """The pids of the two workers, once both answer: one /readyz says nothing of the other, whose
+    values are not written yet (a scrape then sums one worker's pool)."""
+    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+    pids: set[int] = set()
+    for _ in range(100):
+        pids |= await healthz_pids(port, tries=10)
+        if len(pids) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(pids) == 2, pids
+    return pids
+
+
 async def test_with_workers_metrics_keep_process_series_and_count_restarts(database_url, pool):
     port = free_port()
     server = spawn(server_env(database_url, port, DIPC_WORKERS="2"))
     try:
-        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
-        pids: set[int] = set()
-        for _ in range(50):
-            pids |= await healthz_pids(port, tries=10)
-            if len(pids) == 2:
-                break
-            await asyncio.sleep(0.1)
+        pids = await both_workers_serving(port, server)
         samples = await scrape_url(port)
         memory = {dict(labels)["pid"] for name, labels in samples if name == "process_resident_memory_bytes"}
         assert memory == {str(pid) for pid in pids}, "one process_* series per live worker"
@@ -93,7 +102,7 @@ async def test_a_metrics_file_a_worker_created_and_had_not_sized_yet_fails_no_sc
     port = free_port()
     server = spawn(server_env(database_url, port, DIPC_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(directory)))
     try:
-        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+        await both_workers_serving(port, server)
         for kind in ("counter", "gauge_livesum", "histogram"):  # a pid no process has: a killed worker's
             (directory / f"{kind}_4194304.db").touch()
         samples = await scrape_url(port)
