@@ -81,10 +81,12 @@ async def test_with_workers_metrics_keep_process_series_and_count_restarts(datab
             if restarts == 1:
                 break
         assert restarts == 1
+        # The replacement counts itself as it starts, before it serves and writes its other values.
+        serving = await both_workers_serving(port, server)
+        assert min(pids) not in serving
         samples = await scrape_url(port)
         live = {dict(labels)["pid"] for name, labels in samples if name == "process_resident_memory_bytes"}
-        assert str(min(pids)) not in live  # the dead worker's process series are gone
-        assert len(live) == 2
+        assert live == {str(pid) for pid in serving}  # the dead worker's process series are gone
     finally:
         server.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(server.wait, 30)
