@@ -120,6 +120,20 @@ async def healthz_pids(port: int, *, tries: int) -> set[int]:
     return pids
 
 
+async def both_workers_serving(port: int, server: subprocess.Popen) -> set[int]:
+    """The pids of the two workers, once both answer: one /readyz says nothing of the other, whose
+    values are not written yet (a scrape then sums one worker's pool)."""
+    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+    pids: set[int] = set()
+    for _ in range(50):  # the second worker may start listening a moment after the first
+        pids |= await healthz_pids(port, tries=10)
+        if len(pids) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(pids) == 2, pids
+    return pids
+
+
 async def test_two_workers_share_the_port_and_report_consistent_totals(database_url, pool):
     port = free_port()
     server = spawn(server_env(database_url, port, DIPC_WORKERS="2"))
@@ -236,14 +250,7 @@ async def test_a_worker_that_dies_is_replaced(database_url, pool):
     port = free_port()
     server = spawn(server_env(database_url, port, DIPC_WORKERS="2"))
     try:
-        await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
-        before: set[int] = set()
-        for _ in range(50):  # the second worker may start listening a moment after the first
-            before |= await healthz_pids(port, tries=10)
-            if len(before) == 2:
-                break
-            await asyncio.sleep(0.1)
-        assert len(before) == 2
+        before = await both_workers_serving(port, server)
         victim = min(before)
         os.kill(victim, signal.SIGKILL)
         after: set[int] = set()

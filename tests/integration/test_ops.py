@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.test_cli import free_port, wait_ready
-from tests.integration.test_lifecycle import healthz_pids, server_env, spawn
+from tests.integration.test_lifecycle import both_workers_serving, server_env, spawn
 from tests.integration.test_metrics import scrape, value
 
 
@@ -43,20 +42,6 @@ async def scrape_url(port: int) -> dict:
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
-
-
-async def both_workers_serving(port: int, server: subprocess.Popen) -> set[int]:
-    """The pids of the two workers, once both answer: one /readyz says nothing of the other, whose
-    values are not written yet (a scrape then sums one worker's pool)."""
-    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
-    pids: set[int] = set()
-    for _ in range(100):
-        pids |= await healthz_pids(port, tries=10)
-        if len(pids) == 2:
-            break
-        await asyncio.sleep(0.1)
-    assert len(pids) == 2, pids
-    return pids
 
 
 async def test_with_workers_metrics_keep_process_series_and_count_restarts(database_url, pool):
