@@ -110,16 +110,18 @@ async def mint_invoice(conn: asyncpg.Connection, payment_code: str) -> int | Non
     )
 
 
-def count_statement(payment_code: str, at: str) -> str:
+def count_statement(payment_code: str, at: str, *, source: str | None = None) -> str:
     """The UPDATE that counts a normal payment on its code: a one-shot code becomes paid, a reusable one
-    stays active. ``payment_code`` and ``at`` (the time of the count) are SQL: placeholders, or ``now()``.
-    Run it holding the code's row lock; it counts relative to the row as it is, so it is also a part of
-    the statement that records a notification's payment (payments.record)."""
+    stays active. ``payment_code`` and ``at`` (the time of the count) are SQL: placeholders, ``now()``, or
+    columns of ``source``, a FROM item that gives each code to count once (the payments a statement
+    records). Run it holding the code's row lock; it counts relative to the row as it is, so it is also a
+    part of the statement that records notifications' payments (payments.record)."""
     return f"""
         UPDATE payment_codes
            SET paid_count = paid_count + 1, status = CASE WHEN reusable THEN status ELSE 'paid' END,
                updated_at = {at}, version = version + 1
-         WHERE payment_code = {payment_code}
+          {f"FROM {source}" if source else ""}
+         WHERE payment_codes.payment_code = {payment_code}
         """  # noqa: S608 - SQL expressions of the caller's
 
 

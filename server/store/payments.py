@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from server.core.codes import PaymentCode
 from server.core.payments import Payment, PaymentHistory, PaymentKind
@@ -136,74 +139,96 @@ class Recorded:
     payment: Payment | None  # None: this transaction was recorded already (a racing retry)
 
 
-# The statement that records a payment (its parameters in ``record``). It first takes the code's row lock
-# and reads the history again with dipc_payment_context (migration 0008; its own statements have fresh
-# snapshots, so it sees what the lock's previous holder committed), then takes the lock of the invoice's
-# reconciliation row, which it settles (migration 0016), and writes nothing unless the code
-# (dipc_code_state) and the history are what the caller decided on (ADR 11). The ids are taken after
-# those locks, so a recording that waited for one does not commit an id smaller than one a reader paging
-# by id has already seen. The statement writes them into the event's document (payment_document's "id"
-# and "notification_id"), and a normal payment's count, status and version into its "code" (the columns
-# count_statement moves, under code_document's names for them). The rest of the statement has a snapshot
-# from before the lock, which is safe for its writes: the payment's unique keys see every committed row,
-# and an UPDATE of a row changed since the snapshot re-reads that row and checks its conditions again.
-# The payment is inserted before its inbox row, so that a twin that recorded this transaction meanwhile
-# (only possible for a code we do not know: no row to lock) makes the inbox row a repeat in the same
-# statement.
+# The statement that records payments: recordings (``dipc_recording``, migration 0019; ``_recording``
+# gives each) as $1, each recorded as if alone, on a condition: no two of one code (``_rounds``). For each
+# in turn it first takes the code's row lock and reads the history again with dipc_payment_context_within
+# (migration 0008; its own statements have fresh snapshots, so it sees what the lock's previous holder
+# committed), then takes the lock of the invoice's reconciliation row, which it settles (migration 0016),
+# and writes nothing unless the code (dipc_code_state) and the history are what the caller decided on
+# (ADR 11). In a batch, the first recording takes every code's and every invoice's lock ($3 and $4), all
+# within $2 ms of the batch's start (ADR 13). The ids are taken after those locks, so a recording that
+# waited for one does not commit an id smaller than one a reader paging by id has already seen. The
+# statement writes them into the event's document (payment_document's "id" and "notification_id"), and a
+# normal payment's count, status and version into its "code" (the columns count_statement moves, under
+# code_document's names for them). The rest of the statement has a snapshot from before the locks, which
+# is safe for its writes: the payment's unique keys see every committed row, and an UPDATE of a row
+# changed since the snapshot re-reads that row and checks its conditions again. A payment is inserted
+# before its inbox row, so that a twin that recorded the transaction meanwhile (only possible for a code
+# we do not know: no row to lock) makes the inbox row a repeat in the same statement.
 _RECORDED = (
     "(SELECT id, source, kind, payment_code, invoice_number FROM payments"
     " UNION ALL SELECT id, source, kind, payment_code, invoice_number FROM payment)"
 )
 _RECORD = f"""
-WITH context AS (
-    SELECT dipc_code_state(c.code, $29) AS code_state, c.repeat, c.invoice_paid, c.quoted_amounts
-      FROM dipc_payment_context_within($9, $10, $11, $14, $25, $30, $31, $32) AS c
+WITH recording AS (
+    SELECT * FROM unnest($1::dipc_recording[]) WITH ORDINALITY
 ),
-unchanged AS (
-    SELECT FROM context
-     WHERE code_state IS NOT DISTINCT FROM $26 AND NOT repeat AND invoice_paid = $27
-       AND quoted_amounts = $28
+context AS (
+    SELECT r.*, dipc_code_state(c.code, r.counting) AS code_state, c.repeat AS repeated,
+           c.invoice_paid AS paid, c.quoted_amounts AS quoted
+      FROM recording r,
+           dipc_payment_context_within(r.payment_code, r.invoice_number, r.transaction_ref, r.amount,
+                                       r.unnamed_ref, $2, CASE r.ordinality WHEN 1 THEN $3::text[] END,
+                                       CASE r.ordinality WHEN 1 THEN $4::text[] END) AS c
 ),
 ids AS (
-    SELECT nextval('payments_id_seq') AS payment_id, nextval('notifications_id_seq') AS notification_id
-      FROM unchanged
+    SELECT context.*, nextval('payments_id_seq') AS payment_id,
+           nextval('notifications_id_seq') AS notification_id
+      FROM context
+     WHERE code_state IS NOT DISTINCT FROM decided_state AND NOT repeated AND paid = invoice_paid
+       AND quoted = quoted_amounts
 ),
 payment AS (
     INSERT INTO payments (id, payment_code, invoice_number, transaction_ref, kind, reason, amount,
                           expected_amount, client_id, channel, agent_id, agent_store_id, agent_trx_id,
                           paid_at, notification_id, source, recorded_at)
     OVERRIDING SYSTEM VALUE
-    SELECT ids.payment_id, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21,
-           ids.notification_id, $8, $22
+    SELECT payment_id, payment_code, invoice_number, transaction_ref, kind, reason, amount,
+           expected_amount, client_id, channel, agent_id, agent_store_id, agent_trx_id, paid_at,
+           notification_id, source, recorded_at
       FROM ids
     ON CONFLICT (payment_code, invoice_number, transaction_ref) DO NOTHING
-    RETURNING id, source, kind, payment_code, invoice_number, notification_id
+    RETURNING id, source, kind, payment_code, invoice_number, notification_id, recorded_at
 ),
 inbox AS (
     INSERT INTO notifications (id, {inbox.COLUMNS}, received_at) OVERRIDING SYSTEM VALUE
-    SELECT ids.notification_id, $1, $2, $3, $4, $5, $6,
-           CASE WHEN EXISTS (SELECT FROM payment) THEN $7 ELSE 'repeat' END, $8, $22
+    SELECT notification_id, payment_code, notified_client_id, request_id, headers::jsonb, body,
+           transaction_status,
+           CASE WHEN EXISTS (SELECT FROM payment WHERE payment.notification_id = ids.notification_id)
+                THEN outcome ELSE 'repeat' END,
+           source, recorded_at
       FROM ids
     RETURNING id
 ),
 counted AS (
-    {code_store.count_statement("$9", "$22")}
-       AND EXISTS (SELECT FROM payment WHERE kind = 'normal')
-    RETURNING paid_count, status, version
+    {code_store.count_statement("payment.payment_code", "payment.recorded_at", source="payment")}
+       AND payment.kind = 'normal'
+    RETURNING payment_codes.payment_code, paid_count, status, version
 ),
 settled AS (
-    {reconciliation.settle_statement("$9", "$10", _RECORDED)}
-       AND EXISTS (SELECT FROM payment)
+    {
+    reconciliation.settle_statement(
+        "payment.payment_code", "payment.invoice_number", _RECORDED, source="payment"
+    )
+}
 ),
 event AS (
     {outbox.INSERT_PENDING}
-    SELECT $23, $9,
-           $24::jsonb || jsonb_build_object('id', id, 'notification_id', notification_id)
-           || coalesce((SELECT jsonb_build_object('code', ($24::jsonb -> 'code') || to_jsonb(counted))
-                          FROM counted), '{{}}')
-      FROM payment
+    SELECT ids.event_type, payment.payment_code,
+           ids.event::jsonb
+           || jsonb_build_object('id', payment.id, 'notification_id', payment.notification_id)
+           || coalesce((SELECT jsonb_build_object('code', (ids.event::jsonb -> 'code')
+                                  || jsonb_build_object('paid_count', paid_count, 'status', status,
+                                                        'version', version))
+                          FROM counted WHERE counted.payment_code = payment.payment_code), '{{}}')
+      FROM payment JOIN ids USING (notification_id)
 )
-SELECT (SELECT id FROM inbox) AS notification_id, (SELECT id FROM payment) AS payment_id
+SELECT inbox.id AS notification_id, payment.id AS payment_id
+  FROM recording
+  LEFT JOIN ids USING (ordinality)
+  LEFT JOIN inbox ON inbox.id = ids.notification_id
+  LEFT JOIN payment ON payment.notification_id = ids.notification_id
+ ORDER BY recording.ordinality
 """  # noqa: S608 - constants
 
 
@@ -229,7 +254,7 @@ async def record(
     repeat. Only the payment's own identity is a tolerated conflict: a second normal payment for one
     invoice violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
     """
-    row = await conn.fetchrow(_RECORD, *_record_args(context, notification, payment, event), *_UNBATCHED)
+    [row] = await conn.fetch(_RECORD, [_recording(context, notification, payment, event)], *_UNBATCHED)
     return _recorded(row, payment)
 
 
@@ -284,9 +309,9 @@ async def record_repeat(
 class PaymentBatches:
     """One worker's payment notifications, read and recorded in batches (ADR 13): the reads (as
     :func:`read_context` without the lock) that arrive while a batch of them is out go together in the
-    next, and so do the recordings (:func:`record`'s statement); each read or recording is still its own
-    statement, sent in one round trip (asyncpg's ``fetchmany``, pipelined), and a batch is one
-    transaction. A recording waits for its code's row lock only until BATCH_LOCK_WAIT_MS after its
+    next, each its own statement, sent in one round trip (asyncpg's ``fetchmany``, pipelined); and so do
+    the recordings, in :func:`record`'s statement, one per round of the batch (``_rounds``). A batch is
+    one transaction. A recording waits for its code's row lock only until BATCH_LOCK_WAIT_MS after its
     batch began (``dipc_payment_context_within``, migration 0011). A batch of recordings moves its events
     into the feed in its own commit (:func:`outbox.sequence_in_commit`), so that its writers need no
     sequencing pass after it, unless another sequencing holds on.
@@ -313,7 +338,7 @@ class PaymentBatches:
         event: tuple[str, dict[str, Any]],
     ) -> Recorded | None:
         """:func:`record`, with the recordings that arrive with it."""
-        row, in_feed = await self._recordings.submit(_record_args(context, notification, payment, event))
+        row, in_feed = await self._recordings.submit(_recording(context, notification, payment, event))
         return _recorded(row, payment, in_feed=in_feed)
 
     @property
@@ -338,52 +363,79 @@ class _Reads(Batches[tuple[Any, ...], asyncpg.Record]):
 
 
 class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
-    """Recordings, each with whether its event is in the feed at its commit."""
+    """Recordings (``_recording``), each with whether its event is in the feed at its commit."""
 
     ANSWERS_AFTER_NEXT_BEGINS = True  # a batch is four round trips
 
     def order(self, item: tuple[Any, ...]) -> tuple[str, ...]:
-        return item[_PAYMENT_KEY]
+        return _payment_key(item)
 
     async def alone(self, conn: asyncpg.Connection, item: tuple[Any, ...]) -> tuple[asyncpg.Record, bool]:
-        return await conn.fetchrow(_RECORD, *item, *_UNBATCHED), False
+        [row] = await conn.fetch(_RECORD, [item], *_UNBATCHED)
+        return row, False
 
     async def together(self, items: list[tuple[Any, ...]]) -> list[tuple[asyncpg.Record, bool]]:
-        # The first takes every code's row lock and every invoice's reconciliation row lock, before any
-        # takes its ids (migrations 0011 and 0016).
+        # The first recording of the first round takes every code's row lock and every invoice's
+        # reconciliation row lock, before any takes its ids (migrations 0011 and 0016).
         codes, invoices = zip(*sorted({self.order(item)[:2] for item in items}), strict=True)
+        rounds = _rounds(items)
         first = (BATCH_LOCK_WAIT_MS, list(codes), list(invoices))
-        others = (BATCH_LOCK_WAIT_MS, None, None)
-        args = [(*item, *(others if n else first)) for n, item in enumerate(items)]
+        later = (BATCH_LOCK_WAIT_MS, None, None)
+        args = [([items[n] for n in members], *(later if k else first)) for k, members in enumerate(rounds)]
         async with self._pool.acquire() as conn, conn.transaction():
             self.answer_previous()  # BEGIN is back: the batch before is answered while this one runs
+            # One round trip for every round; a round's rows come in its recordings' order.
             rows = await conn.fetchmany(_RECORD, args)
             # The batch's events go into the feed with its commit, unless another sequencing is under way
             # or holds on (migration 0013): its writers then need no pass after it.
             appended = any(row["payment_id"] is not None for row in rows)
             in_feed = appended and await outbox.sequence_in_commit(conn)
-        return [(row, in_feed) for row in rows]
+        results: list[tuple[asyncpg.Record, bool]] = [None] * len(items)  # type: ignore[list-item]
+        for n, row in zip((n for members in rounds for n in members), rows, strict=True):
+            results[n] = (row, in_feed)
+        return results
 
 
-# In :func:`_record_args`, the payment's identity: its code, invoice and transaction reference ($9 to $11).
-_PAYMENT_KEY = slice(8, 11)
-# The recording statement's last parameters ($30 to $32) for a recording made alone: no bound on its lock
-# waits, no batch's codes and invoices to lock first.
+def _rounds(items: Sequence[tuple[Any, ...]]) -> list[list[int]]:
+    """The positions of ``items`` (recordings sorted by ``order``) in rounds: the first recording of each
+    code in the first, its second in the second, and so on. One statement records a round: it holds no
+    two recordings of one code, which would not see each other's writes."""
+    rounds: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for n, item in enumerate(items):
+        k = seen[item[_CODE]] = seen.get(item[_CODE], -1) + 1
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(n)
+    return rounds
+
+
+# In a recording (``_recording``): its code, and the payment's identity (code, invoice, transaction).
+_CODE = 0
+_payment_key = operator.itemgetter(_CODE, 8, 9)
+# The recording statement's last parameters for recordings made alone: no bound on their lock waits, no
+# batch's codes and invoices to lock first.
 _UNBATCHED = (None, None, None)
 
 
-def _record_args(
+def _recording(
     context: PaymentContext,
     notification: tuple[Any, ...],
     payment: Payment,
     event: tuple[str, dict[str, Any]],
 ) -> tuple[Any, ...]:
-    """:func:`record`'s statement's parameters, $1 to $29 ($30 to $32 are a batch's: the bound on its
-    lock waits, and the codes and invoices whose rows its first recording locks)."""
+    """One recording for :func:`record`'s statement: a ``dipc_recording`` (migration 0019)."""
     counting = payment.kind == PaymentKind.NORMAL
+    payment_code, client_id, request_id, headers, *rest = notification  # inbox.values
+    if payment_code != payment.payment_code:
+        raise ValueError("a notification's inbox row and its payment name two codes")
+    event_type, document = event
     return (
-        *notification,  # $1 to $8, the last the source (a notification, or a Check Status answer)
-        payment.payment_code,
+        payment_code,
+        client_id,
+        request_id,
+        orjson.dumps(headers).decode(),
+        *rest,  # the body, the transaction's status, the outcome, the source
         payment.invoice_number,
         payment.transaction_ref,
         payment.kind,
@@ -395,11 +447,12 @@ def _record_args(
         payment.agent_id,
         payment.agent_store_id,
         payment.agent_trx_id,
-        payment.paid_at,  # $21
+        payment.paid_at,
         payment.recorded_at,
-        *event,  # $23, $24: the event's document without the ids, which the statement adds
+        event_type,
+        orjson.dumps(document).decode(),  # without the ids, which the statement adds
         context.unnamed_ref,
-        # $26 to $29: what the payment was decided on (of the code, what counting does not move)
+        # What the payment was decided on (of the code, what counting does not move).
         context.counting_state if counting else context.code_state,
         context.history.invoice_paid,
         sorted(context.history.quoted_amounts),

@@ -196,16 +196,20 @@ async def record_check(
     return _invoice(row) if row else None
 
 
-def settle_statement(payment_code: str, invoice_number: str, recorded: str = "payments") -> str:
+def settle_statement(
+    payment_code: str, invoice_number: str, recorded: str = "payments", *, source: str | None = None
+) -> str:
     """The UPDATE that closes an invoice's row as paid by the payment recorded for it (a normal one
-    first). ``payment_code`` and ``invoice_number`` are the statement's placeholders for them, and
-    ``recorded`` is where the payments are read from (payments.record adds the one it is inserting).
+    first). ``payment_code`` and ``invoice_number`` are the statement's placeholders for them, or columns
+    of ``source``, a FROM item with the invoices to settle; ``recorded`` is where the payments are read
+    from (payments.record adds the ones it is inserting).
     """
     return f"""
         UPDATE reconciliation r
            SET state = 'paid', next_check_at = NULL, payment_id = p.id, settled_by = p.source,
                timeouts_in_a_row = 0, updated_at = now()
-          FROM (SELECT id, source FROM {recorded} recorded
+          FROM {f"{source} CROSS JOIN LATERAL" if source else ""}
+               (SELECT id, source FROM {recorded} recorded
                  WHERE recorded.payment_code = {payment_code} AND recorded.invoice_number = {invoice_number}
                  ORDER BY recorded.kind = 'normal' DESC, recorded.id
                  LIMIT 1) p

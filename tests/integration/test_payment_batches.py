@@ -114,6 +114,13 @@ async def test_payments_that_arrive_while_a_batch_is_out_share_the_next_commit(
     assert sorted(
         (event["payload"]["id"], event["payload"]["notification_id"]) for event in events
     ) == sorted((row["id"], row["notification_id"]) for row in ids)
+    # The reusable code's events tell of its count after each payment, in the order they were counted.
+    counted = [
+        (event["payload"]["invoice_number"], event["payload"]["code"]["paid_count"])
+        for event in sorted(events, key=lambda event: event["payload"]["id"])
+        if event["payload"]["payment_code"] == TOPUP
+    ]
+    assert counted == [("TOP77-1", 1), ("TOP77-2", 2)]
 
 
 async def test_a_batch_that_meets_a_held_code_lets_its_other_payments_through(
