@@ -20,6 +20,7 @@ from server.doku.client import DokuSimulator, inquiry_body, notification_body
 from server.http.keys import PAYMENT_BATCHES, POOL
 from server.ops import metrics
 from server.store import batches as batches_module
+from server.store.payments import PaymentBatches
 from tests.conftest import CLIENT_ID, waiting_for_a_lock
 from tests.integration.gates import Gate, gate_on, queued
 from tests.integration.test_inquiry_batches import rows_held
@@ -236,6 +237,46 @@ async def test_two_payments_of_one_invoice_in_one_batch_are_decided_as_one_after
     rows = await pool.fetch("SELECT kind, transaction_ref FROM payments WHERE payment_code = $1", code)
     assert {row["transaction_ref"] for row in rows} == {"trx-1", "trx-2"}
     assert await pool.fetchval("SELECT paid_count FROM payment_codes WHERE payment_code = $1", code) == 1
+
+
+async def test_reads_that_share_a_batch_each_get_their_own_codes_facts(pool, codes):
+    """Reads that share a batch each get their own code and their own invoice's history back, in their
+    place, and a code we do not know reads as none. (A read given another's facts would only be decided
+    again under the lock, so the notification tests would not see it.)"""
+    await pool.execute(
+        "INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,"
+        " channel, notification_id, source) VALUES ($1, $2, 'trx-paid', 'normal', 10000, $3, 'ALFA', 1,"
+        " 'notification')",
+        ONE_SHOT[3],
+        f"INV-{ONE_SHOT[3]}",
+        CLIENT_ID,
+    )
+    batches = PaymentBatches(pool, timeout_s=10)
+    reads_before = read_batch_sizes()
+    wanted = [*ONE_SHOT, "8896599999999999"]
+    try:
+        contexts = await asyncio.gather(
+            *(
+                batches.read_context(code, f"INV-{code}", "trx-new", 10_000, unnamed_ref="check-status:x")
+                for code in wanted
+            )
+        )
+    finally:
+        await batches.close()
+    sent, held = read_batch_sizes()
+    assert held - reads_before[1] == len(wanted)
+    assert sent - reads_before[0] < len(wanted)  # some went together
+    assert [context.code.payment_code if context.code else None for context in contexts] == [
+        *ONE_SHOT,
+        None,
+    ]
+    assert [context.history.invoice_paid for context in contexts] == [n == 3 for n in range(len(wanted))]
+
+
+def read_batch_sizes() -> tuple[float, float]:
+    [family] = metrics.PAYMENT_BATCH_SIZE.collect()
+    totals = {sample.name: sample.value for sample in family.samples if sample.labels["statement"] == "read"}
+    return totals.get("dipc_payment_batch_size_count", 0.0), totals.get("dipc_payment_batch_size_sum", 0.0)
 
 
 async def test_the_statements_run_the_history_and_the_codes_state_inline(pool):
