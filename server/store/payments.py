@@ -159,6 +159,10 @@ _RECORDED = (
     "(SELECT id, source, kind, payment_code, invoice_number FROM payments"
     " UNION ALL SELECT id, source, kind, payment_code, invoice_number FROM payment)"
 )
+# The invoices of the payments the statement inserts, settled by them (or by a normal payment before).
+_SETTLE = reconciliation.settle_statement(
+    "payment.payment_code", "payment.invoice_number", _RECORDED, source="payment"
+)
 _RECORD = f"""
 WITH recording AS (
     SELECT * FROM unnest($1::dipc_recording[]) WITH ORDINALITY
@@ -206,11 +210,7 @@ counted AS (
     RETURNING payment_codes.payment_code, paid_count, status, version
 ),
 settled AS (
-    {
-    reconciliation.settle_statement(
-        "payment.payment_code", "payment.invoice_number", _RECORDED, source="payment"
-    )
-}
+    {_SETTLE}
 ),
 event AS (
     {outbox.INSERT_PENDING}
@@ -390,10 +390,8 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
             # or holds on (migration 0013): its writers then need no pass after it.
             appended = any(row["payment_id"] is not None for row in rows)
             in_feed = appended and await outbox.sequence_in_commit(conn)
-        results: list[tuple[asyncpg.Record, bool]] = [None] * len(items)  # type: ignore[list-item]
-        for n, row in zip((n for members in rounds for n in members), rows, strict=True):
-            results[n] = (row, in_feed)
-        return results
+        by_position = dict(zip((n for members in rounds for n in members), rows, strict=True))
+        return [(by_position[n], in_feed) for n in range(len(items))]
 
 
 def _rounds(items: Sequence[tuple[Any, ...]]) -> list[list[int]]:
