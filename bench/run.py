@@ -685,13 +685,48 @@ def bench_outage(env, dsn, workdir, *, seconds, rounds, rate, backlog, codes_cou
 INQUIRIES_PER_SECOND = 8_000
 
 
-def bench_notification(env, dsn, workdir, *, seconds, connections, workers, rounds) -> list[Figure]:
+@contextlib.contextmanager
+def snapshot_held(dsn: str) -> Iterator[None]:
+    """One session of the database at ``dsn`` holding a snapshot through the block, as a pg_dump, a long
+    report or a session left in a transaction does: no row deleted or updated after it starts can be
+    removed, or skipped by an index scan without a visit to the table, until it ends."""
+    holder = subprocess.Popen(
+        [pg_binary("psql"), "-X", "-q", dsn], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    assert holder.stdin is not None
+    holder.stdin.write("BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT 1;\nSELECT pg_sleep(86400);\n")
+    holder.stdin.flush()
+    held = (
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE query LIKE 'SELECT pg_sleep(86400)%' AND backend_xmin IS NOT NULL"
+    )
+    for _ in range(100):
+        pid = subprocess.run(
+            [pg_binary("psql"), "-X", "-At", "-c", held, dsn], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        if pid:
+            break
+        time.sleep(0.1)
+    else:
+        holder.kill()
+        sys.exit("bench: the session holding a snapshot did not start")
+    log("notification: a session holds one snapshot open through the phase (--hold-snapshot)")
+    try:
+        yield
+    finally:
+        # A backend asleep does not notice its client gone: ended from the server's side.
+        psql(dsn, f"SELECT pg_terminate_backend({int(pid)});\n")
+        holder.wait()
+
+
+def bench_notification(env, dsn, workdir, *, seconds, connections, workers, rounds, hold_snapshot=False):
     """Notifications against inquiries on one server in one run (issue 10: ≥ 0.4 ×), then exactly once.
 
     A round is a wrk run of inquiries, which quote bills as at a counter, then a wrk run of first-time
     notifications paying them: one-shot codes (fresh codes each round), then reusable codes (each
     inquiry mints the invoice one notification pays). Rounds alternate so that both kinds meet the same
-    neighbours on a shared machine; the ratio is the median of the rounds' ratios.
+    neighbours on a shared machine; the ratio is the median of the rounds' ratios. With
+    ``hold_snapshot``, another session holds one snapshot open through them (:func:`snapshot_held`).
     """
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -704,15 +739,16 @@ def bench_notification(env, dsn, workdir, *, seconds, connections, workers, roun
     settle(dsn)
     server = start_server(env, port, workers)
     figures: list[Figure] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(stop_server, server)
+        if hold_snapshot:
+            stack.enter_context(snapshot_held(dsn))
         for label, prefix in (
             ("one-shot codes", NOTIFY_ONE_SHOT_PREFIX),
             ("reusable codes", NOTIFY_REUSABLE_PREFIX),
         ):
             figures += _notification_rounds(base, dsn, workdir, label, prefix, rounds=rounds, seconds=seconds,
                                             connections=connections, inquiries=inquiries)  # fmt: skip
-    finally:
-        stop_server(server)
     return figures
 
 
@@ -985,6 +1021,11 @@ def main() -> None:
         "--rate", type=float, default=0, help="outage: inquiries/s (default: half of saturation)"
     )
     parser.add_argument("--backlog", type=int, default=20_000, help="outage: invoices due at every start")
+    parser.add_argument(
+        "--hold-snapshot",
+        action="store_true",
+        help="notification: a session holds one snapshot open through the phase (a pg_dump, a long report)",
+    )
     args = parser.parse_args()
     first, _, last = args.ports.partition("-")
     PORTS = range(int(first), int(last) + 1)
@@ -1021,7 +1062,8 @@ def _run_phases(args: argparse.Namespace, workdir: Path, dsn: str) -> list[Figur
                                      codes_count=rows)  # fmt: skip
         if args.only in (None, "notification"):
             figures += bench_notification(env, dsn, workdir, seconds=args.seconds, rounds=args.rounds,
-                                          connections=args.connections, workers=args.workers)  # fmt: skip
+                                          connections=args.connections, workers=args.workers,
+                                          hold_snapshot=args.hold_snapshot)  # fmt: skip
         if args.only in (None, "memory"):
             figures += bench_memory(env, dsn, workdir, codes_count=rows, seconds=args.seconds)
         if args.only == "outage":  # not part of a full run: it is a question about one failure
