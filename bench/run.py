@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -719,6 +720,52 @@ def snapshot_held(dsn: str) -> Iterator[None]:
         holder.wait()
 
 
+# The session whose transaction has been open longest, among those holding a snapshot (its seconds, kind
+# and statement), other than the asking one: what keeps rows deleted since from being cleaned away.
+_OLDEST_SNAPSHOT = """
+SELECT round(extract(epoch FROM now() - xact_start)::numeric, 1), backend_type,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 60)
+  FROM pg_stat_activity
+ WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+ ORDER BY xact_start LIMIT 1
+"""
+
+
+class OldestSnapshot:
+    """While a round runs, the oldest snapshot held in the database, sampled every half second.
+
+    A snapshot held through a notification round makes each move of events out of events_pending walk
+    every event moved since it began (bench/README.md, "Four whole runs at 46e4a72"); the round's log
+    line then says who held it."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.oldest: tuple[float, str] = (0.0, "none")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> OldestSnapshot:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        command = [pg_binary("psql"), "-X", "-At", "-F", "\t", "-c", _OLDEST_SNAPSHOT, self.dsn]
+        while not self._stop.wait(0.5):
+            row = subprocess.run(command, capture_output=True, text=True).stdout.strip()
+            if row:
+                held, _, holder = row.partition("\t")
+                if float(held) > self.oldest[0]:
+                    self.oldest = (float(held), holder.replace("\t", ": ", 1))
+
+    def __str__(self) -> str:
+        held, holder = self.oldest
+        return f"the oldest snapshot meanwhile {held:.1f} s ({holder})"
+
+
 def bench_notification(env, dsn, workdir, *, seconds, connections, workers, rounds, hold_snapshot=False):
     """Notifications against inquiries on one server in one run (issue 10: ≥ 0.4 ×), then exactly once.
 
@@ -764,10 +811,11 @@ def _notification_rounds(base, dsn, workdir, label, prefix, *, rounds, seconds, 
         notify.ledger(dsn, prefix)  # what the last round left in flight is recorded: not quoted again
         signed = notify.presign(CLIENT, notify.quoted_bills(dsn, prefix))
         notify.write_requests(requests, signed)
-        notification_runs.append(run_wrk(
-            base, seconds=seconds, connections=connections, threads=2,
-            script_args=[str(requests), "2", notify.TARGET, str(answers_path)],
-        ))  # fmt: skip
+        with OldestSnapshot(dsn) as snapshot:
+            notification_runs.append(run_wrk(
+                base, seconds=seconds, connections=connections, threads=2,
+                script_args=[str(requests), "2", notify.TARGET, str(answers_path)],
+            ))  # fmt: skip
         answers = notify.read_answers(answers_path)
         if len(answers) >= len(signed) - connections:
             log("notification: WARNING wrk ran out of notifications, so the rate is understated")
@@ -775,7 +823,8 @@ def _notification_rounds(base, dsn, workdir, label, prefix, *, rounds, seconds, 
             notification for notification in signed if answers.get(notification.request_id) == 200
         ]
         log(f"notification: {label}, round {n + 1}: {inquiry_runs[-1][0]:,.0f} inquiries/s, "
-            f"{notification_runs[-1][0]:,.0f} notifications/s of {len(signed):,} pre-signed")  # fmt: skip
+            f"{notification_runs[-1][0]:,.0f} notifications/s of {len(signed):,} pre-signed; "
+            f"{snapshot}")  # fmt: skip
 
     before = notify.ledger(dsn, prefix)
     checks = notify.check(dsn, prefix, acknowledged, answered_times=1)
