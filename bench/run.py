@@ -692,23 +692,17 @@ def snapshot_held(dsn: str) -> Iterator[None]:
     report or a session left in a transaction does: no row deleted or updated after it starts can be
     removed, or skipped by an index scan without a visit to the table, until it ends."""
     holder = subprocess.Popen(
-        [pg_binary("psql"), "-X", "-q", dsn], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        [pg_binary("psql"), "-X", "-q", "-At", dsn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     assert holder.stdin is not None
-    holder.stdin.write("BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT 1;\nSELECT pg_sleep(86400);\n")
-    holder.stdin.flush()
-    held = (
-        "SELECT pid FROM pg_stat_activity"
-        " WHERE query LIKE 'SELECT pg_sleep(86400)%' AND backend_xmin IS NOT NULL"
+    assert holder.stdout is not None
+    # The transaction's first query takes its snapshot: once its answer is read, the snapshot is held.
+    holder.stdin.write(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ;\nSELECT pg_backend_pid();\nSELECT pg_sleep(86400);\n"
     )
-    for _ in range(100):
-        pid = subprocess.run(
-            [pg_binary("psql"), "-X", "-At", "-c", held, dsn], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        if pid:
-            break
-        time.sleep(0.1)
-    else:
+    holder.stdin.flush()
+    pid = holder.stdout.readline().strip()
+    if not pid.isdigit():
         holder.kill()
         sys.exit("bench: the session holding a snapshot did not start")
     log("notification: a session holds one snapshot open through the phase (--hold-snapshot)")
