@@ -177,7 +177,7 @@ context AS (
 ),
 ids AS (
     SELECT context.*, nextval('payments_id_seq') AS payment_id,
-           nextval('notifications_id_seq') AS notification_id
+           nextval('notifications_id_seq') AS notification_id, event::jsonb AS document
       FROM context
      WHERE code_state IS NOT DISTINCT FROM decided_state AND NOT repeated AND paid = invoice_paid
        AND quoted = quoted_amounts
@@ -215,9 +215,9 @@ settled AS (
 event AS (
     {outbox.INSERT_PENDING}
     SELECT ids.event_type, payment.payment_code,
-           ids.event::jsonb
+           ids.document
            || jsonb_build_object('id', payment.id, 'notification_id', payment.notification_id)
-           || coalesce((SELECT jsonb_build_object('code', (ids.event::jsonb -> 'code')
+           || coalesce((SELECT jsonb_build_object('code', (ids.document -> 'code')
                                   || jsonb_build_object('paid_count', paid_count, 'status', status,
                                                         'version', version))
                           FROM counted WHERE counted.payment_code = payment.payment_code), '{{}}')
