@@ -88,6 +88,7 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
             ),
             # Events whose writer died between its commit and their sequencing reach the feed within SWEEP_S.
             asyncio.create_task(outbox.sweep_forever(app[POOL]), name="dipc-event-sweep"),
+            asyncio.create_task(outbox.floor_forever(app[POOL]), name="dipc-event-floor"),
         ]
         yield
         for task in tasks:

@@ -38,6 +38,13 @@ CHANNEL = "dipc_events"  # LISTEN/NOTIFY channel that wakes long-polling readers
 SEQUENCE_BATCH = 1000  # events moved per sequencing statement
 SEQUENCE_GAP_S = 0.002  # the least time between two sequencing passes of one process
 SWEEP_S = 5.0  # how often a server moves what a dead writer left pending
+# How often a server advances events_pending's floor (migration 0020): a move reads from there, so under
+# a snapshot held elsewhere it walks the events moved since the floor's last two steps, not since the
+# snapshot began. Each step is a transaction of its own, with an xid and without a WAL flush.
+FLOOR_S = 0.25
+# Its first step lowers the floor below anything a restored dump left pending, reading every pending
+# row, dead ones included: a bound of its own.
+FLOOR_REPAIR_S = 30.0
 # The longest a transaction waits for the sequencing lock to move its own events (sequence_in_commit):
 # the lock's holders hold it for a move and a commit, and a transaction that waits holds its row locks.
 SEQUENCE_IN_COMMIT_WAIT_MS = 5
@@ -246,6 +253,29 @@ async def sweep_forever(pool: asyncpg.Pool, every_s: float = SWEEP_S) -> None:
         await asyncio.sleep(every_s)
 
 
+async def floor_forever(pool: asyncpg.Pool, every_s: float = FLOOR_S) -> None:
+    """Keep events_pending's floor close behind the moves (migration 0020): lower it below anything a
+    restored dump left pending, then advance it every ``every_s`` seconds, or every SWEEP_S while the
+    database fails (the failure is logged by the deadline, once a step)."""
+    repaired = False
+    while True:
+        pause = every_s
+        try:
+            if not repaired:
+                async with deadline(FLOOR_REPAIR_S, "outbox.floor_repair"):
+                    await pool.fetchval("SELECT dipc_repair_events_floor()")
+                repaired = True
+            async with deadline(SEQUENCE_WAIT_S, "outbox.floor"):
+                await pool.fetchval("SELECT dipc_advance_events_floor()")
+        except Unavailable:
+            pause = SWEEP_S
+        except Exception:
+            # Moves read from the floor as it was meanwhile: more slowly under a held snapshot, never wrong.
+            log.exception("outbox.floor_error")
+            pause = SWEEP_S
+        await asyncio.sleep(pause)
+
+
 COLUMNS = "id, type, payment_code, payload, created_at"
 
 
@@ -264,8 +294,14 @@ async def last_id(conn: asyncpg.Connection | asyncpg.Pool) -> int:
 
 
 async def oldest_unsequenced_s(conn: asyncpg.Connection | asyncpg.Pool) -> float:
-    """Seconds since the oldest committed event still waiting for its feed id was appended (0: none)."""
-    age = await conn.fetchval("SELECT extract(epoch FROM now() - min(created_at)) FROM events_pending")
+    """Seconds since the committed event next in line for its feed id was appended (0: none). Read from the
+    floor up (migration 0020), as a move reads: the rows below it may be many, dead and not yet vacuumed."""
+    age = await conn.fetchval(
+        """
+        SELECT extract(epoch FROM now() - created_at) FROM events_pending
+         WHERE id > (SELECT last_value FROM events_pending_floor) ORDER BY id LIMIT 1
+        """
+    )
     return max(float(age), 0.0) if age is not None else 0.0
 
 

@@ -26,6 +26,7 @@ from server.doku.client import DokuSimulator
 from tests.conftest import CLIENT, CODE, code_fields, dipc_env
 from tests.dbproxy import SilencingProxy
 from tests.integration.test_cli import DIPC, free_port, run, wait_ready
+from tests.integration.test_events import until
 
 ROLES_SQL = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "roles.sql"
 
@@ -144,6 +145,13 @@ async def test_the_owner_migrates_and_a_least_privilege_role_serves(roles: Roles
                 CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id="r-1"
             )
             assert paid.status == 200
+        # The serving role reads events_pending's floor and moves it through the owner's functions
+        # (migration 0020): the two events are soon below it.
+        app_pool = await asyncpg.create_pool(roles.app_dsn, min_size=1, max_size=1)
+        try:
+            await until(app_pool, "SELECT last_value >= 2 FROM events_pending_floor")
+        finally:
+            await app_pool.close()
     finally:
         server.send_signal(signal.SIGTERM)
         stdout, stderr = await asyncio.to_thread(server.communicate, timeout=30)
