@@ -3,6 +3,7 @@
     .venv/bin/python bench/compare.py --before HEAD~1            # the working tree against HEAD~1
     .venv/bin/python bench/compare.py --before HEAD~1 --rounds 5 --seconds 8 --kind reusable
     .venv/bin/python bench/compare.py --before HEAD~1 --rounds 5 --seconds 8 --kind notification
+    .venv/bin/python bench/compare.py --before HEAD~1 --kind notification --hold-snapshot
     .venv/bin/python bench/compare.py --before HEAD~1 --open-loop 2400    # and the tail at 2,400/s
     .venv/bin/python bench/compare.py --before HEAD~1 --kind import --codes 400000 --rounds 4
 
@@ -23,7 +24,8 @@ on ``before`` then ``after`` (then the other way round), inquiries quote bills o
 bench/run.py's notification phase, then notifications pay them. It prints each server's notification rate,
 its ratio to the inquiry rate of the same round (issue 10's figure), the server's CPU time per notification
 and PostgreSQL's (every backend of the cluster, over the notification run: only one server is loaded at a
-time).
+time). ``--hold-snapshot`` has a session of each server's database hold one snapshot through every round,
+as a pg_dump does (bench/run.py's option of that name).
 
 ``--kind import`` compares `dipc codes import` of ``--codes`` rows: each round, PostgreSQL's own COPY of
 such a file (the baseline, as in bench/run.py), then ``before`` and ``after`` (then the other way round),
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -63,6 +66,8 @@ def main() -> None:
                         default="one-shot")  # fmt: skip
     parser.add_argument("--open-loop", type=float, default=0, metavar="RATE",
                         help="then p50/p99 of each server at RATE inquiries/s, open loop")  # fmt: skip
+    parser.add_argument("--hold-snapshot", action="store_true",
+                        help="notification: a session holds a snapshot through the rounds")  # fmt: skip
     args = parser.parse_args()
 
     with run.scratch_database("dipc-bench-compare-") as (workdir, pg, dsn):
@@ -209,6 +214,24 @@ def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> 
     postmaster = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
     rates, ratios, cpu_us, pg_us = ({name: [] for name in ports} for _ in range(4))
     requests, answers = workdir / "requests.tsv", workdir / "answers.tsv"
+    with contextlib.ExitStack() as held:
+        if args.hold_snapshot:  # a snapshot holds back only its own database's cleanup: one in each
+            for held_dsn in dsns.values():
+                held.enter_context(run.snapshot_held(held_dsn))
+        _notification_rounds(args, ports, dsns, pids, postmaster, requests, answers,
+                             (rates, ratios, cpu_us, pg_us))  # fmt: skip
+    print(f"\nfirst-time notifications, one-shot codes, medians of {args.rounds} rounds of {args.seconds} s:")
+    for name in ports:
+        print(f"  {name:6} {statistics.median(rates[name]):7,.0f} notifications/s"
+              f"  {statistics.median(ratios[name]):.2f} x inquiry"
+              f"  server cpu {statistics.median(cpu_us[name]):4.0f} us"
+              f"  postgres cpu {statistics.median(pg_us[name]):4.0f} us per notification")  # fmt: skip
+    print_changes({"rate": rates, "ratio to inquiry": ratios, "server cpu": cpu_us, "postgres cpu": pg_us})
+
+
+def _notification_rounds(args, ports, dsns, pids, postmaster, requests, answers, figures) -> None:
+    rates, ratios, cpu_us, pg_us = figures
+    inquiries = run.INQUIRIES_PER_SECOND * args.seconds  # per round, as bench/run.py
     for round_ in range(args.rounds):
         order = list(ports) if round_ % 2 == 0 else list(reversed(ports))
         for name in order:
@@ -234,13 +257,6 @@ def compare_notifications(args, env, dsn, pg, before_tree, workdir, servers) -> 
                   f" ({rps / inquired:.2f} x)  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  errors {errors}"
                   f"  cpu {cpu_us[name][-1]:4.0f} us, postgres {pg_us[name][-1]:4.0f} us per notification",
                   flush=True)  # fmt: skip
-    print(f"\nfirst-time notifications, one-shot codes, medians of {args.rounds} rounds of {args.seconds} s:")
-    for name in ports:
-        print(f"  {name:6} {statistics.median(rates[name]):7,.0f} notifications/s"
-              f"  {statistics.median(ratios[name]):.2f} x inquiry"
-              f"  server cpu {statistics.median(cpu_us[name]):4.0f} us"
-              f"  postgres cpu {statistics.median(pg_us[name]):4.0f} us per notification")  # fmt: skip
-    print_changes({"rate": rates, "ratio to inquiry": ratios, "server cpu": cpu_us, "postgres cpu": pg_us})
 
 
 def compare_imports(args, env, dsn, pg, before_tree, workdir) -> None:

@@ -71,19 +71,24 @@ async def test_a_failing_migration_leaves_nothing_behind(fresh_database, monkeyp
         await conn.close()
 
 
+async def applied_before(conn: asyncpg.Connection, version: str) -> None:
+    """The shipped migrations before ``version``, as a database of that time has them."""
+    await conn.execute(migrate._LEDGER)
+    for migration in migrate.available():
+        if migration.version >= version:
+            break
+        await conn.execute(migration.sql)
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+            migration.version,
+            migration.checksum,
+        )
+
+
 async def test_upgrading_to_reconciliation_watches_the_recent_unpaid_quotes(fresh_database):
     conn = await asyncpg.connect(fresh_database)
     try:
-        await conn.execute(migrate._LEDGER)
-        for migration in migrate.available():
-            if migration.version >= "0003":
-                break
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
-                migration.version,
-                migration.checksum,
-            )
+        await applied_before(conn, "0003")
         quote = """
             INSERT INTO inquiries (payment_code, request_id, client_id, channel, body_sha256, outcome,
                                    invoice_number, amount, http_status, response_body, received_at)
@@ -108,5 +113,28 @@ async def test_upgrading_to_reconciliation_watches_the_recent_unpaid_quotes(fres
         )
         assert await conn.fetchval("SELECT next_check_at <= now() FROM reconciliation")
         assert await conn.fetchval("SELECT source FROM payments") == "notification"
+    finally:
+        await conn.close()
+
+
+async def test_upgrading_to_the_events_floor_continues_the_pending_ids_and_moves_what_was_pending(
+    fresh_database,
+):
+    conn = await asyncpg.connect(fresh_database)
+    append = "INSERT INTO events_pending (type, payment_code, payload) VALUES ('code.created', $1, '{}')"
+    try:
+        await applied_before(conn, "0020")
+        await conn.executemany(append, [("a",), ("b",), ("c",)])
+        assert await conn.fetchval("SELECT dipc_sequence_events(1)") == 1
+        await migrate.migrate(conn)
+        await conn.execute(append, "d")
+        assert [row["id"] for row in await conn.fetch("SELECT id FROM events_pending ORDER BY id")] == [
+            2,
+            3,
+            4,
+        ]
+        assert await conn.fetchval("SELECT dipc_sequence_events(1000)") == 3
+        feed = await conn.fetch("SELECT payment_code FROM events ORDER BY id")
+        assert [row["payment_code"] for row in feed] == ["a", "b", "c", "d"]
     finally:
         await conn.close()
