@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -28,6 +30,11 @@ async def advance(pool: asyncpg.Pool, runs: int = 3) -> int:
     for _ in range(runs):
         await pool.fetchval("SELECT dipc_advance_events_floor()")
     return await pool.fetchval(FLOOR)
+
+
+def reaped(pid: int) -> bool:
+    """The process is gone, not even a zombie."""
+    return not os.path.exists(f"/proc/{pid}")
 
 
 @contextlib.asynccontextmanager
@@ -166,3 +173,69 @@ async def test_the_keeper_refuses_to_run_inside_a_transaction_that_has_written(p
         await conn.execute(APPEND, "x")
         with pytest.raises(asyncpg.RaiseError, match="its own transaction"):
             await conn.fetchval("SELECT dipc_advance_events_floor()")
+
+
+async def test_postgresql_killed_while_the_floor_advances_keeps_every_committed_event(tmp_path):
+    # The floor and its next step are sequences, written in place and WAL-logged without a flush of their
+    # own (migration 0020): a crash keeps a prefix of their writes, and each value written is true on its
+    # own. Writers, moves and the keeper run until PostgreSQL is SIGKILLed (every process of the cluster
+    # at once, as the OOM killer or a power cut would); once it has recovered, every event whose commit
+    # was answered is above the floor or in the feed, and reaches the feed exactly once.
+    from server.embedded import EmbeddedPostgres
+    from server.store import migrate
+    from tests.integration.test_outage import cluster_pids
+
+    server = EmbeddedPostgres(tmp_path / "pg", durable=True)
+    dsn = await asyncio.to_thread(server.start)
+    await migrate.migrate_dsn(dsn)
+    committed: list[str] = []
+
+    async def write(n: int) -> None:
+        conn = await asyncpg.connect(dsn)
+        for k in range(100_000):
+            transaction = conn.transaction()
+            await transaction.start()
+            await conn.execute(APPEND, f"{n}-{k}")
+            await transaction.commit()
+            committed.append(f"{n}-{k}")
+            if k % 3 == 0:
+                await conn.fetchval("SELECT dipc_sequence_events(1000)")
+
+    async def keep_the_floor() -> None:
+        conn = await asyncpg.connect(dsn)
+        while True:
+            await conn.fetchval("SELECT dipc_advance_events_floor()")
+
+    tasks = [asyncio.create_task(write(n)) for n in range(6)] + [asyncio.create_task(keep_the_floor())]
+    try:
+        await asyncio.sleep(1.5)
+        floor_before = await asyncpg.connect(dsn)
+        assert await floor_before.fetchval(FLOOR) > 0  # the keeper was advancing when the kill came
+        await floor_before.close()
+        killed = cluster_pids(server)
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.gather(*tasks, return_exceptions=True)  # each fails on its lost connection
+    finally:
+        for task in tasks:
+            task.cancel()
+    for _ in range(300):  # until the killed postmaster is reaped: its pid keeps the lock file in use
+        if reaped(killed[0]):
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.to_thread(server.start)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            below = await conn.fetchval(f"SELECT count(*) FROM events_pending WHERE id <= ({FLOOR})")  # noqa: S608
+            assert below == 0
+            while await conn.fetchval("SELECT dipc_sequence_events(1000)") == 1000:
+                pass
+            labels = [row[0] for row in await conn.fetch("SELECT payment_code FROM events ORDER BY id")]
+        finally:
+            await conn.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+    assert len(labels) == len(set(labels))
+    assert set(committed) <= set(labels)  # and perhaps a commit that was not answered before the kill
+    assert len(committed) > 100
