@@ -241,18 +241,23 @@ def cluster_pids(server: EmbeddedPostgres) -> list[int]:
 async def frozen(server: EmbeddedPostgres, seconds: float) -> AsyncIterator[None]:
     """PostgreSQL hangs instead of refusing: every process of the cluster is stopped (SIGSTOP) for
     ``seconds``, then continued whatever the block is doing (a request stuck on the database would
-    otherwise wait for a thaw that never comes)."""
-    pids = cluster_pids(server)
+    otherwise wait for a thaw that never comes). The postmaster is stopped first, so that it starts no
+    process meanwhile; a backend that ends between the listing and its SIGSTOP needs none."""
+    postmaster, *_ = cluster_pids(server)
+    pids = [postmaster]
 
     def thaw() -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
 
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    os.kill(postmaster, signal.SIGSTOP)
     timer = asyncio.get_running_loop().call_later(seconds, thaw)
     try:
+        for pid in cluster_pids(server)[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                pids.append(pid)
         yield
         await asyncio.sleep(max(0.0, timer.when() - asyncio.get_running_loop().time()))
     finally:
