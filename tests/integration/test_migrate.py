@@ -174,3 +174,46 @@ async def test_autovacuum_leaves_the_tables_read_by_key_alone_for_their_first_th
     finally:
         await conn.close()
         await asyncio.to_thread(server.stop)
+
+
+async def test_the_history_read_planned_on_200_unanalyzed_payments_reads_by_code_as_payments_grow(
+    fresh_database,
+):
+    # Never analyzed, at about 200 payments an index on (kind, id) was one page while the invoice's
+    # index had two levels, and the lookup of an invoice's normal payment was planned as a scan of it,
+    # kept by every server until an analyze: each notification read every normal payment (0022).
+    import uuid as uuid_
+
+    from server.store import payments
+
+    await migrate.migrate_dsn(fresh_database)
+    conn = await asyncpg.connect(fresh_database)
+    add = """
+        INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,
+                              channel, notification_id, paid_at, agent_trx_id)
+        VALUES ($1, $2, $3, 'normal', 10000 + $4, 'MCH-BENCH-0001', 'ALFA', $4, now(), $3)
+    """
+    # Rows of payments read: by sequential scans, and fetched through any of its indexes.
+    read = """
+        SELECT pg_stat_get_xact_tuples_returned('payments'::regclass)
+               + (SELECT sum(pg_stat_get_xact_tuples_fetched(indexrelid))::bigint
+                    FROM pg_index WHERE indrelid = 'payments'::regclass)
+    """
+
+    def rows(start: int, end: int) -> list[tuple]:
+        return [(f"88965400000{k:05d}", f"INV-889654-{k}", str(uuid_.uuid4()), k) for k in range(start, end)]
+
+    try:
+        await conn.executemany(add, rows(0, 200))
+        await conn.execute("SET plan_cache_mode = force_generic_plan")  # planned now, kept after
+        for code, more in (("8896549999999998", (200, 2200)), ("8896549999999999", None)):
+            async with conn.transaction():
+                before = await conn.fetchval(read)
+                await payments.read_context(
+                    conn, code, "INV-X", "ref", 1000, unnamed_ref="check-status:INV-X"
+                )
+                assert await conn.fetchval(read) - before == 0
+            if more:
+                await conn.executemany(add, rows(*more))
+    finally:
+        await conn.close()

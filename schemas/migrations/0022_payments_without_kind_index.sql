@@ -1,0 +1,13 @@
+-- payments loses its index on (kind, id) (issue 10).
+--
+-- No statement needs it: exceptions are listed and counted through payments_exceptions_idx (0004), a
+-- code's or an invoice's payments through the indexes that lead with payment_code, and the admin list
+-- filters on kind as `($2 IS NULL OR kind = $2)`, which a plan kept for every kind cannot read through
+-- it. It cost a write on every payment, and it set a trap. While payments has no statistics (never
+-- analyzed, as in the first seconds of a new database) and about 200 rows, this index is still one
+-- page while payments_one_normal_idx has grown to two levels, and the lookup of an invoice's normal
+-- payment in dipc_payment_history was planned as a scan of it for kind = 'normal'. Every server kept
+-- that plan until the table was analyzed, and each notification meanwhile read every normal payment:
+-- a benchmark's one-shot rounds fell to 627 notifications a second from 1,800 (bench/README.md, "A floor
+-- under the sequencing's reads").
+DROP INDEX payments_kind_id_idx;
