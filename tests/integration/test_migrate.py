@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from server.embedded import EmbeddedPostgres
-from server.store import migrate
+from server.store import migrate, payments
 
 
 @pytest.fixture
@@ -182,10 +182,6 @@ async def test_the_history_read_planned_on_200_unanalyzed_payments_reads_by_code
     # Never analyzed, at about 200 payments an index on (kind, id) was one page while the invoice's
     # index had two levels, and the lookup of an invoice's normal payment was planned as a scan of it,
     # kept by every server until an analyze: each notification read every normal payment (0022).
-    import uuid as uuid_
-
-    from server.store import payments
-
     await migrate.migrate_dsn(fresh_database)
     conn = await asyncpg.connect(fresh_database)
     add = """
@@ -201,7 +197,7 @@ async def test_the_history_read_planned_on_200_unanalyzed_payments_reads_by_code
     """
 
     def rows(start: int, end: int) -> list[tuple]:
-        return [(f"88965400000{k:05d}", f"INV-889654-{k}", str(uuid_.uuid4()), k) for k in range(start, end)]
+        return [(f"88965400000{k:05d}", f"INV-889654-{k}", str(uuid.uuid4()), k) for k in range(start, end)]
 
     try:
         await conn.executemany(add, rows(0, 200))
