@@ -213,3 +213,40 @@ async def test_the_history_read_planned_on_200_unanalyzed_payments_reads_by_code
                 await conn.executemany(add, rows(*more))
     finally:
         await conn.close()
+
+
+async def test_upgrading_to_payments_by_invoice_keeps_every_resolution_bound_to_its_payment(fresh_database):
+    # 0023 moves the key payment_resolutions refers to from (payment_code, id) to (id, payment_code).
+    conn = await asyncpg.connect(fresh_database)
+    resolve = """
+        INSERT INTO payment_resolutions (payment_code, payment_id, resolution, resolved_by, note)
+        VALUES ($1, $2, 'refunded', 'finance', 'by transfer')
+    """
+    try:
+        await applied_before(conn, "0023")
+        paid = await conn.fetch("""
+            INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,
+                                  channel, notification_id)
+            VALUES ('8896500000000001', 'INV-1', 'a', 'conflict', 1, 'MCH', 'ALFA', 1),
+                   ('8896500000000002', 'INV-2', 'b', 'conflict', 1, 'MCH', 'ALFA', 2)
+            RETURNING payment_code, id
+        """)
+        await conn.execute(resolve, *paid[0])
+        await migrate.migrate(conn)
+        await conn.execute(resolve, *paid[1])
+        with pytest.raises(asyncpg.ForeignKeyViolationError):  # the other code's payment id
+            await conn.execute(resolve, paid[0]["payment_code"], paid[1]["id"])
+        rows = await conn.fetch(
+            "SELECT payment_code, payment_id FROM payment_resolutions ORDER BY payment_id"
+        )
+        assert [tuple(row) for row in rows] == [tuple(row) for row in paid]
+        indexes = await conn.fetch("SELECT indexdef FROM pg_indexes WHERE tablename = 'payments'")
+        leading_with_the_code = sorted(
+            row["indexdef"].split(" USING btree ")[1] for row in indexes if "(payment_code" in row["indexdef"]
+        )
+        assert leading_with_the_code == [
+            "(payment_code, invoice_number) WHERE (kind = 'normal'::text)",
+            "(payment_code, invoice_number, transaction_ref)",
+        ]
+    finally:
+        await conn.close()
