@@ -5,14 +5,15 @@ with its code's history?
     .venv/bin/python bench/history.py --history 10000 --payments 100 --rounds 5
 
 The database is built as a merchant's ends up (with COPY, not through the API): ``--one-shot`` one-shot
-codes, each quoted and paid once, and one reusable code quoted and paid ``--history`` times, each payment
-with its quote and inbox row; then it is analyzed, as autovacuum would. The busy code is kept a small
-share of the payments, as a merchant's busiest code is: one that is a larger share of them (a tenth,
-here) is known as such to the statistics, and PostgreSQL keeps planning its statements for it. One `dipc serve` serves it. In
-each round, a new reusable code (the baseline) and the busy one in turn have ``--payments`` invoices
-quoted and paid, one after the other, as at one counter. Prints each round's payments/s and PostgreSQL's
-CPU time per payment, then the medians and the busy code's as a ratio to the new code's: 1.0 when a
-payment costs what it costs whatever its code's history. Durable embedded PostgreSQL, as bench/run.py.
+codes, each quoted and paid once, and one reusable code quoted and paid ``--history`` times, each
+payment with its quote and inbox row; then it is analyzed, as autovacuum would. The busy code is kept a
+small share of the payments, as a merchant's busiest code is: one that is a larger share of them (a
+tenth, here) is known as such to the statistics, and PostgreSQL keeps planning its statements for it.
+One `dipc serve` serves it. In each round, a new reusable code (the baseline) and the busy one in turn
+have ``--payments`` invoices quoted and paid, one after the other, as at one counter. Prints each
+round's payments/s and PostgreSQL's CPU time per payment, then the medians and the busy code's as a
+ratio to the new code's: 1.0 when a payment costs what it costs whatever its code's history. Durable
+embedded PostgreSQL, as bench/run.py.
 """
 
 from __future__ import annotations
