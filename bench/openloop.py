@@ -10,7 +10,10 @@ reused; a request waits for a free one when all are busy, and that wait counts a
 
 ``requests.tsv`` is bench/run.py's pre-signed inquiry file (one request per line, used once each).
 Prints one JSON object: achieved rate, p50/p90/p99/max in ms, non-2xx count, and the generator's own
-CPU use (a share near 1.0 would mean the generator, not the server, set the pace).
+CPU use (a share near 1.0 would mean the generator, not the server, set the pace) and lateness: how long
+after its scheduled time each request's task began, p99 and max. That delay is the generator's (its
+1 ms tick, or the machine not running it), and it is part of every latency, so a p99 far above it is
+the server's.
 """
 
 from __future__ import annotations
@@ -91,6 +94,7 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
     if len(requests) < total and len(requests) != 1:
         raise SystemExit(f"openloop: {total} requests needed, the file has {len(requests)}")
     latencies: list[float] = []
+    late: list[float] = []  # from each request's scheduled time to its task's start: the generator's delay
     statuses: dict[int, int] = {}
     errors = 0
 
@@ -111,6 +115,7 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
         free.put_nowait(connection)
 
     async def one(scheduled: float, payload: bytes) -> None:
+        late.append(time.perf_counter() - scheduled)
         try:
             await exchange(scheduled, payload)
         except Exception as error:  # e.g. the server is gone for good (no new connection): the run fails
@@ -146,9 +151,10 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     latencies.sort()
+    late.sort()
 
-    def percentile(fraction: float) -> float:
-        return latencies[min(len(latencies) - 1, int(fraction * len(latencies)))] * 1000 if latencies else 0.0
+    def percentile(fraction: float, values: list[float] = latencies) -> float:
+        return values[min(len(values) - 1, int(fraction * len(values)))] * 1000 if values else 0.0
 
     non_2xx = sum(count for status, count in statuses.items() if not 200 <= status < 300)
     return {
@@ -162,6 +168,8 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
         "errors": errors + non_2xx,
         "statuses": {str(status): count for status, count in sorted(statuses.items())},
         "generator_cpu_share": cpu / wall,
+        "generator_late_p99_ms": percentile(0.99, late),
+        "generator_late_max_ms": late[-1] * 1000 if late else 0.0,
     }
 
 

@@ -575,11 +575,13 @@ def _open_loop_figure(name: str, runs: list[dict]) -> Figure:
     runs = sorted(runs, key=lambda report: report["p99_ms"])
     median = runs[len(runs) // 2]
     cpu = max(report["generator_cpu_share"] for report in runs)
+    late = max(report["generator_late_p99_ms"] for report in runs)
+    generator = f"generator CPU ≤ {cpu:.0%}, its own lateness p99 ≤ {late:.1f} ms"
     if len(runs) > 1:
         each = ", ".join(f"{report['p99_ms']:.1f}" for report in runs)
-        name = f"{name}, median of {len(runs)} rounds (p99s {each} ms; generator CPU ≤ {cpu:.0%})"
+        name = f"{name}, median of {len(runs)} rounds (p99s {each} ms; {generator})"
     else:
-        name = f"{name} (generator CPU {cpu:.0%})"
+        name = f"{name} ({generator})"
     errors = sum(report["errors"] for report in runs)
     return Figure(name, median["achieved_rate"], "req/s", median["p50_ms"], median["p99_ms"], errors)
 
