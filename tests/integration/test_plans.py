@@ -28,9 +28,14 @@ HISTORY = 3_000  # the quotes and payments the busy reusable code had before
 BUSY = "8896500000000001"  # reusable, with that history
 NEW = "8896500000000002"  # reusable, paid for the first time in the test
 PAYMENTS = 6  # paid in each phase
+# Reusable codes made with the same invoice base as BUSY and NEW, whose invoices' numbers are theirs too:
+# an invoice is found by its code and its number, never by its number alone.
+NAMESAKES = 200
+NAMESAKE_INVOICES = [
+    f"TOPUP-{n}" for n in (*range(1, PAYMENTS + 1), *range(HISTORY + 1, HISTORY + PAYMENTS + 1))
+]
 # The tables a payment reads by code and something else, with other keys that lead with the code; with a
-# plan by the code alone, one payment reads HISTORY rows of one of them. (reconciliation's only such key
-# is its primary key, (payment_code, invoice_number).)
+# plan by the code alone, one payment reads HISTORY rows of one of them.
 TABLES = ("payments", "inquiries", "notifications")
 OTHER_SESSIONS = """
     SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
@@ -94,13 +99,23 @@ async def fill(conn: asyncpg.Connection) -> None:
         columns=["payment_code", "invoice_number", "transaction_ref", "kind", "amount", "client_id",
                  "channel", "notification_id"],
     )  # fmt: skip
+    namesakes = [f"88965{n:011d}" for n in range(100_000, 100_000 + NAMESAKES)]
+    await conn.copy_records_to_table(
+        "reconciliation",
+        records=[(code, invoice, CLIENT_ID, "ALFA", 10_000, "paid", None, n, "notification")
+                 for n, (code, invoice) in enumerate(quoted[:ONE_SHOT_PAID], start=1)]
+        + [(code, invoice, CLIENT_ID, "ANY", 50_000, "expired", None, None, None)
+           for code in namesakes for invoice in NAMESAKE_INVOICES],
+        columns=["payment_code", "invoice_number", "client_id", "channel", "amount", "state",
+                 "next_check_at", "payment_id", "settled_by"],
+    )  # fmt: skip
     await conn.execute("ANALYZE")
 
 
-async def rows_read(dsn: str) -> dict[str, int]:
-    """Rows each table has returned to statements so far: by sequential scans and through its indexes.
-    A backend reports all its counts as it ends, before it leaves pg_stat_activity, so this waits for
-    every other session to end first."""
+async def rows_read(dsn: str, tables: tuple[str, ...]) -> dict[str, int]:
+    """Rows each table has returned to statements so far: by sequential scans, and as entries of its
+    indexes (an index-only scan returns entries and fetches no row). A backend reports all its counts
+    as it ends, before it leaves pg_stat_activity, so this waits for every other session to end first."""
     conn = await asyncpg.connect(dsn)
     try:
         for _ in range(500):
@@ -110,18 +125,19 @@ async def rows_read(dsn: str) -> dict[str, int]:
         else:
             raise AssertionError("the server's sessions did not end")
         rows = await conn.fetch(
-            "SELECT relname, coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) AS n"
-            " FROM pg_stat_user_tables WHERE relname = any($1::text[])",
-            list(TABLES),
+            "SELECT t.relname, t.seq_tup_read + coalesce(sum(i.idx_tup_read), 0)::bigint AS n"
+            "  FROM pg_stat_user_tables t JOIN pg_stat_user_indexes i USING (relid)"
+            " WHERE t.relname = any($1::text[]) GROUP BY t.relname, t.seq_tup_read",
+            list(tables),
         )
         return {row["relname"]: row["n"] for row in rows}
     finally:
         await conn.close()
 
 
-async def pay(aiohttp_client, dsn: str, code: str) -> dict[str, int]:
+async def pay(aiohttp_client, dsn: str, code: str, tables=TABLES) -> dict[str, int]:
     """PAYMENTS invoices of ``code``, each quoted and then paid, on a server of its own: the rows read."""
-    before = await rows_read(dsn)
+    before = await rows_read(dsn, tables)
     client = await aiohttp_client(make_app(make_settings(metrics_sample_s=3600), dsn))
     doku = DokuSimulator(client.session, str(client.make_url("")), CLIENT)
     try:
@@ -133,8 +149,8 @@ async def pay(aiohttp_client, dsn: str, code: str) -> dict[str, int]:
             assert paid.status == 200, paid.body
     finally:
         await client.close()
-    after = await rows_read(dsn)
-    return {table: after[table] - before[table] for table in TABLES}
+    after = await rows_read(dsn, tables)
+    return {table: after[table] - before[table] for table in tables}
 
 
 async def test_a_busy_reusable_codes_payment_reads_no_more_rows_than_a_new_ones(
@@ -157,3 +173,16 @@ async def test_a_busy_reusable_codes_payment_reads_no_more_rows_than_a_new_ones(
     finally:
         await paid.close()
     assert [tuple(row) for row in counts] == [(BUSY, HISTORY + PAYMENTS), (NEW, PAYMENTS)]
+
+
+async def test_a_payment_reads_its_own_invoices_reconciliation_row_and_not_its_namesakes(
+    aiohttp_client, skewed_database
+):
+    """An invoice's reconciliation row is found by (payment_code, invoice_number), which is unique. An
+    index on the invoice number alone priced the same to a generic plan, and then each payment's lock
+    and settling of its row read every row of that number: a reusable code's invoices are numbered
+    from its base, and codes made alike share their numbers."""
+    paid = await pay(aiohttp_client, skewed_database, NEW, (*TABLES, "reconciliation"))
+    # Each payment reads its own row a few times (the quote's upsert, the lock, the settling); a plan
+    # by the number alone reads NAMESAKES more each time.
+    assert paid["reconciliation"] <= PAYMENTS * 10, paid
