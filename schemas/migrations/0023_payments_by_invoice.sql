@@ -23,14 +23,17 @@
 -- (payment_code, invoice_number) are left, and both name the invoice next.
 --
 -- Migrations run in a transaction, so these are plain CREATE INDEX: while one builds, payments are not
--- recorded (a million payments take a few seconds here). Notifications wait, and DOKU retries them.
+-- recorded (a million payments take about a second each here); notifications wait, and DOKU retries
+-- them. The new indexes are built first and the old ones dropped last: a DROP INDEX locks payments
+-- against reads as well until the commit, and after it only the foreign key's check of
+-- payment_resolutions (a row per resolved exception) remains.
 CREATE INDEX payments_notification_id_idx ON payments (notification_id);
-DROP INDEX payments_notification_idx;
-
 CREATE UNIQUE INDEX payments_id_code_idx ON payments (id, payment_code);
+
 ALTER TABLE payment_resolutions DROP CONSTRAINT payment_resolutions_payment_code_payment_id_fkey;
 DROP INDEX payments_code_id_idx;
 ALTER TABLE payment_resolutions
     ADD CONSTRAINT payment_resolutions_payment_code_payment_id_fkey
     FOREIGN KEY (payment_code, payment_id) REFERENCES payments (payment_code, id);
+DROP INDEX payments_notification_idx;
 DROP INDEX payments_id_idx;
