@@ -184,17 +184,17 @@ async def mark_attempt_failed(
     )
 
 
+NEXT_DUE = f"""
+    SELECT min(d.next_attempt_at) FROM webhook_deliveries d
+     WHERE d.subscriber = $1 AND d.status = 'pending' AND {_FIRST_OF_ITS_CODE}
+"""  # noqa: S608 - a constant
+
+
 async def next_due(conn: asyncpg.Connection | asyncpg.Pool, subscriber: str) -> datetime | None:
     """When the next claim can succeed: the earliest attempt due among the first pending delivery of
     each code. The ones behind a delivery that waits out its backoff, or failed for good, were due when
     enqueued; counting them, the forwarder never slept while a receiver was down."""
-    return await conn.fetchval(
-        f"""
-        SELECT min(d.next_attempt_at) FROM webhook_deliveries d
-         WHERE d.subscriber = $1 AND d.status = 'pending' AND {_FIRST_OF_ITS_CODE}
-        """,  # noqa: S608 - a constant
-        subscriber,
-    )
+    return await conn.fetchval(NEXT_DUE, subscriber)
 
 
 async def list_page(

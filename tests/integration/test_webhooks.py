@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -292,3 +293,37 @@ async def test_the_forwarder_sleeps_while_every_pending_delivery_waits_behind_an
     await asyncio.sleep(6.0)
     assert len(claims) <= 2, f"nothing claimable, yet {len(claims)} claims in 6 s: the forwarder never slept"
     assert receiver.requests == []  # nothing was sendable
+
+
+async def test_when_the_next_claim_can_succeed_is_found_in_a_pass_over_one_codes_backlog(pool):
+    """(Found by review.) A receiver down while one code's events pile up: next_due, asked at every wake
+    of the forwarder, planned "no earlier undelivered delivery of the same code" as a hash anti-join on
+    the code, which compares every delivery of the code with every other (n²/2: 867 ms at 5,000)."""
+    backlog = 3_000
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            """
+            INSERT INTO events (type, payment_code, payload)
+            SELECT 'payment.received', CASE WHEN g <= $1 THEN '8896500000000001' ELSE '8896500000000002' END,
+                   '{}'::jsonb
+              FROM generate_series(1, $1 + 1) g
+            """,
+            backlog,
+        )
+        # The code's first delivery backs off for an hour, and the rest wait behind it; the other
+        # code's only delivery is due in two hours.
+        await conn.execute(
+            """
+            INSERT INTO webhook_deliveries (event_id, subscriber, payment_code, status, next_attempt_at)
+            SELECT id, 'default', payment_code, 'pending',
+                   CASE WHEN id = min(id) OVER () THEN timestamptz '2026-01-01 01:00+00'
+                        WHEN payment_code = '8896500000000002' THEN timestamptz '2026-01-01 02:00+00'
+                        ELSE timestamptz '2025-12-31 23:00+00' END
+              FROM events
+            """
+        )
+    await pool.execute("ANALYZE webhook_deliveries")
+    assert await delivery_store.next_due(pool, "default") == datetime(2026, 1, 1, 1, tzinfo=UTC)
+    plan = await pool.fetch(f"EXPLAIN (ANALYZE, FORMAT TEXT) {delivery_store.NEXT_DUE}", "default")
+    compared = sum(int(line.split(":")[1]) for (line,) in plan if "Rows Removed by Join Filter" in line)
+    assert compared < backlog, "\n".join(line for (line,) in plan)
