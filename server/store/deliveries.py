@@ -89,13 +89,18 @@ async def keep_positions(conn: asyncpg.Connection | asyncpg.Pool) -> None:
 
 
 # A delivery ``d`` waits behind every earlier one of its code that is not delivered (ADR 5): only the
-# first of each code's can be claimed, so only those say when the next claim can succeed.
+# first of each code's can be claimed, so only those say when the next claim can succeed. The check is
+# asked of each delivery on its own, through webhook_deliveries_undelivered_idx, where one earlier entry
+# answers it: OFFSET 0 keeps PostgreSQL from turning it into an anti-join, which it may hash on the code
+# and then compare every delivery of a code with every other (a code's backlog of 3,000 while its
+# receiver was down: 4.5 million comparisons, 253 ms, at every wake of the forwarder).
 _FIRST_OF_ITS_CODE = """NOT EXISTS (
                     SELECT 1 FROM webhook_deliveries earlier
                      WHERE earlier.subscriber = d.subscriber
                        AND earlier.payment_code = d.payment_code
                        AND earlier.event_id < d.event_id
-                       AND earlier.status <> 'delivered')"""
+                       AND earlier.status <> 'delivered'
+                    OFFSET 0)"""
 
 
 async def claim(
