@@ -20,7 +20,7 @@ import pytest
 
 from server.app import make_app
 from server.doku.client import DokuSimulator
-from server.store import migrate
+from server.store import audit, migrate
 from tests.conftest import CLIENT, CLIENT_ID, make_settings
 
 ONE_SHOT_PAID = 20_000  # codes paid once, as most are: they set the statistics' averages
@@ -186,3 +186,28 @@ async def test_a_payment_reads_its_own_invoices_reconciliation_row_and_not_its_n
     # Each payment reads its own row a few times (the quote's upsert, the lock, the settling); a plan
     # by the number alone reads NAMESAKES more each time.
     assert paid["reconciliation"] <= PAYMENTS * 10, paid
+
+
+async def test_a_busy_codes_inbox_is_listed_with_its_own_payments_only(skewed_database):
+    """GET /v1/notifications?payment_code=... pages through one code's inbox in id order, each row with
+    the payment it made. The busy code's rows come after every other code's: a join that reads payments
+    in notification order from the first passes ONE_SHOT_PAID others' payments before its own."""
+    conn = await asyncpg.connect(skewed_database)
+    read = """
+        SELECT sum(pg_stat_get_xact_blocks_fetched(indexrelid))::bigint
+               + pg_stat_get_xact_blocks_fetched('payments'::regclass)
+          FROM pg_index WHERE indrelid = 'payments'::regclass
+    """
+    try:
+        await conn.execute("SET plan_cache_mode = auto")  # as a server's session plans a new statement
+        async with conn.transaction():
+            before = await conn.fetchval(read)
+            page = await audit.notifications(conn, payment_code=BUSY, outcome=None, after=None, limit=51)
+            pages_read = await conn.fetchval(read) - before
+        assert len(page) == 51
+        assert all(row.payment_id is not None for row in page)
+        # A lookup per row: an index's root, inner and leaf pages and a heap page at most (every access
+        # counts, from shared buffers or not). A walk from the first payment reads ONE_SHOT_PAID others.
+        assert pages_read <= 4 * 51, pages_read
+    finally:
+        await conn.close()
