@@ -84,7 +84,11 @@ async def notifications(
         SELECT n.id, n.payment_code, n.client_id, n.request_id, n.headers, n.body, n.transaction_status,
                n.outcome, n.received_at, p.id AS payment_id, p.kind, p.reason
           FROM notifications n
-          LEFT JOIN payments p ON p.payment_code = n.payment_code AND p.notification_id = n.id
+          -- The payment it made, looked up for each row of the page (payments_notification_id_idx):
+          -- a join planned over both tables read payments in notification order from the first one.
+          LEFT JOIN LATERAL (SELECT id, kind, reason FROM payments
+                              WHERE notification_id = n.id AND payment_code = n.payment_code
+                              LIMIT 1) p ON true
          WHERE ($1::text IS NULL OR n.payment_code = $1)
            AND ($2::text IS NULL OR n.outcome = $2)
            AND ($3::bigint IS NULL OR n.id > $3)
