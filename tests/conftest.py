@@ -125,6 +125,17 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
+async def fresh_database(database_url: str) -> AsyncIterator[str]:
+    """An empty database of its own in the test cluster (no migrations applied), dropped afterwards."""
+    name = f"dipc_fresh_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    yield _with_database(database_url, name)
+    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+@pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on a database whose tables were emptied for this test."""
     pool = await create_pool(database_url, min_size=1, max_size=4)

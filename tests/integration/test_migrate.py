@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from server.embedded import EmbeddedPostgres
 from server.store import migrate, payments
-
-
-@pytest.fixture
-async def fresh_database(database_url):
-    name = f"dipc_migrate_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    yield urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
 
 
 async def test_concurrent_migrations_apply_each_version_once(fresh_database):

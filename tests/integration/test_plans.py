@@ -11,9 +11,6 @@ filtering on the invoice afterwards, reads all of them for every payment.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -43,25 +40,18 @@ OTHER_SESSIONS = """
 
 
 @pytest.fixture
-async def skewed_database(database_url: str) -> AsyncIterator[str]:
+async def skewed_database(fresh_database: str) -> str:
     """A database of its own (generic plans are set for the whole database), with the statistics of a
     merchant's tables: ONE_SHOT_PAID one-shot codes quoted and paid once, and BUSY with its history."""
-    name = f"dipc_plans_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
+    await migrate.migrate_dsn(fresh_database)
+    conn = await asyncpg.connect(fresh_database)
     try:
-        await migrate.migrate_dsn(dsn)
-        conn = await asyncpg.connect(dsn)
-        try:
-            await fill(conn)
-            await conn.execute(f'ALTER DATABASE "{name}" SET plan_cache_mode = force_generic_plan')
-        finally:
-            await conn.close()
-        yield dsn
+        await fill(conn)
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{name}" SET plan_cache_mode = force_generic_plan')
     finally:
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+        await conn.close()
+    return fresh_database
 
 
 async def fill(conn: asyncpg.Connection) -> None:
