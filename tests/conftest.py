@@ -320,3 +320,17 @@ def captured_log() -> Iterator[CapturedLog]:
     root.handlers[:], level = saved
     root.setLevel(level)
     logging.getLogger("aiohttp.access").disabled = False
+
+
+async def applied_before(conn: asyncpg.Connection, version: str) -> None:
+    """The shipped migrations before ``version``, as a database of that time has them."""
+    await conn.execute(migrate._LEDGER)
+    for migration in migrate.available():
+        if migration.version >= version:
+            break
+        await conn.execute(migration.sql)
+        await conn.execute(
+            "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+            migration.version,
+            migration.checksum,
+        )

@@ -54,6 +54,20 @@ class CommandFailed(Exception):
         self.exit_code = exit_code
 
 
+class MigrationsBlocked(CommandFailed):
+    """A migration's locks stayed held by other sessions for its whole budget (exit 1)."""
+
+
+async def apply_migrations(
+    conn: asyncpg.Connection, *, lock_wait_s: float = migrate.LOCK_WAIT_S
+) -> list[str]:
+    """migrate.migrate, with a blocked migration told as a command's failure."""
+    try:
+        return await migrate.migrate(conn, lock_wait_s=lock_wait_s)
+    except migrate.MigrationBlocked as blocked:
+        raise MigrationsBlocked(str(blocked)) from None
+
+
 def fail_on_config(error: ConfigError) -> CommandFailed:
     return CommandFailed(f"configuration: {error}", EXIT_USAGE)
 
@@ -120,7 +134,7 @@ async def open_database(
         try:
             async with pool.acquire() as conn:
                 if embedded is not None and migrate_embedded:
-                    await migrate.migrate(conn)
+                    await apply_migrations(conn)
                 try:
                     state = await migrate.state(conn)
                 except REFUSED_ERRORS as error:

@@ -9,7 +9,14 @@ import time
 
 import asyncpg
 
-from server.cli.common import EXIT_FAILURE, EXIT_USAGE, CommandFailed, open_database
+from server.cli.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    CommandFailed,
+    MigrationsBlocked,
+    apply_migrations,
+    open_database,
+)
 from server.config import load_settings
 from server.store import migrate
 
@@ -47,6 +54,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         "name, privileges) fails at once with exit 2.",
     )
     parser.add_argument(
+        "--lock-wait",
+        type=wait_seconds,
+        default=migrate.LOCK_WAIT_S,
+        metavar="SECONDS",
+        help="while other sessions hold a lock a migration needs (a long pg_dump, a report), wait at "
+        f"most {migrate.LOCK_TIMEOUT_MS} ms at a time, so that the servers' queries queued behind the "
+        f"request go on, and try again for up to SECONDS (default {migrate.LOCK_WAIT_S:g}); then fail "
+        "with exit 1, naming the sessions that held table locks",
+    )
+    parser.add_argument(
         "--demo", action="store_true", help="without DATABASE_URL: the embedded database of `serve --demo`"
     )
     parser.set_defaults(run=run_migrate)
@@ -58,7 +75,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     async def apply() -> list[str]:
         async with open_database(settings, require_current=False) as db, db.pool.acquire() as conn:
             try:
-                return await migrate.migrate(conn)
+                return await apply_migrations(conn, lock_wait_s=args.lock_wait)
             except asyncpg.InsufficientPrivilegeError as error:
                 raise CommandFailed(
                     f"this role may not change the schema ({error}): run `dipc migrate` with the owner's "
@@ -72,8 +89,13 @@ def run_migrate(args: argparse.Namespace) -> int:
             applied = asyncio.run(apply())
             break
         except CommandFailed as failure:
-            # Exit 1 is a database that did not answer; anything else will not mend by waiting.
-            if failure.exit_code != EXIT_FAILURE or time.monotonic() + RETRY_S > give_up_at:
+            # Exit 1 is a database that did not answer; anything else will not mend by waiting. A blocked
+            # migration has been tried again for --lock-wait already.
+            if (
+                failure.exit_code != EXIT_FAILURE
+                or isinstance(failure, MigrationsBlocked)
+                or time.monotonic() + RETRY_S > give_up_at
+            ):
                 raise
             if not waited:  # one line for the wait, not one per try
                 print(f"dipc: {failure}; trying again every {RETRY_S:g} s for up to {args.wait:g} s",

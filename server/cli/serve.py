@@ -22,6 +22,7 @@ from server.cli.common import (
     EXIT_USAGE,
     REFUSED_ERRORS,
     CommandFailed,
+    apply_migrations,
     database_failure,
     log_database_choice,
 )
@@ -191,7 +192,7 @@ async def _prepare(settings: Settings, dsn: str) -> list:
     try:
         async with pool.acquire() as conn:
             if settings.embedded:
-                applied = await migrate.migrate(conn)
+                applied = await apply_migrations(conn)
                 if applied:
                     log.info("migrations.applied", versions=applied)
             try:

@@ -12,12 +12,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 
 from server.cli import COMMANDS, build_parser
 from server.embedded import EmbeddedPostgres
-from tests.conftest import clean_env
+from tests.conftest import applied_before, clean_env, dipc_env
 
 DIPC = [str(Path(sys.executable).with_name("dipc"))] if Path(sys.executable).with_name("dipc").exists() else [
     sys.executable, "-m", "server"
@@ -183,6 +184,29 @@ def test_payments_list_and_migrate_on_a_current_database(env):
     migrated = run("migrate", env=env)
     assert migrated.returncode == 0
     assert b"up to date" in migrated.stdout
+
+
+async def test_migrate_behind_a_long_transaction_fails_after_lock_wait_naming_it(fresh_database):
+    """Exit 1 after --lock-wait, not a hang behind a nightly dump, nor --wait's tries again."""
+    conn, dump = await asyncpg.connect(fresh_database), await asyncpg.connect(fresh_database)
+    try:
+        await applied_before(conn, "0023")
+        async with dump.transaction(isolation="repeatable_read"):
+            await dump.execute("SELECT count(*) /* pg_dump */ FROM payments")
+            result = await asyncio.to_thread(
+                run, "migrate", "--lock-wait", "1", "--wait", "600", env=dipc_env(fresh_database), timeout=30
+            )
+        assert result.returncode == 1, result.stderr
+        assert b"migration 0023_payments_by_invoice waited" in result.stderr
+        assert f"pid {dump.get_server_pid()}".encode() in result.stderr
+        assert b"pg_dump" in result.stderr
+        assert b"Traceback" not in result.stderr
+        again = await asyncio.to_thread(run, "migrate", env=dipc_env(fresh_database))
+        assert again.returncode == 0, again.stderr
+        assert b"0023_payments_by_invoice" in again.stdout
+    finally:
+        await conn.close()
+        await dump.close()
 
 
 def test_serve_refuses_to_start_without_a_secret(env):

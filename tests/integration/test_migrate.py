@@ -10,6 +10,7 @@ import pytest
 
 from server.embedded import EmbeddedPostgres
 from server.store import migrate, payments
+from tests.conftest import applied_before
 
 
 async def test_concurrent_migrations_apply_each_version_once(fresh_database):
@@ -59,20 +60,6 @@ async def test_a_failing_migration_leaves_nothing_behind(fresh_database, monkeyp
             await other.close()
     finally:
         await conn.close()
-
-
-async def applied_before(conn: asyncpg.Connection, version: str) -> None:
-    """The shipped migrations before ``version``, as a database of that time has them."""
-    await conn.execute(migrate._LEDGER)
-    for migration in migrate.available():
-        if migration.version >= version:
-            break
-        await conn.execute(migration.sql)
-        await conn.execute(
-            "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
-            migration.version,
-            migration.checksum,
-        )
 
 
 async def test_upgrading_to_reconciliation_watches_the_recent_unpaid_quotes(fresh_database):
@@ -239,3 +226,97 @@ async def test_upgrading_to_payments_by_invoice_keeps_every_resolution_bound_to_
         ]
     finally:
         await conn.close()
+
+
+async def _waiting_for_a_lock(conn: asyncpg.Connection, pid: int) -> None:
+    """Until session ``pid`` waits for a lock (a pg_locks row of it not granted)."""
+    for _ in range(1000):
+        if await conn.fetchval("SELECT EXISTS (SELECT FROM pg_locks WHERE pid = $1 AND NOT granted)", pid):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"session {pid} never waited for a lock")
+
+
+async def test_a_migration_waiting_for_a_lock_does_not_stop_the_tables_readers_behind_it(fresh_database):
+    # (Found by review.) 0023 drops indexes of payments, which takes the table's exclusive lock. Behind
+    # a transaction that reads payments for long (a nightly pg_dump, a report), `dipc migrate` waited for
+    # that lock with no bound, and every query of payments queued behind its request: the servers'
+    # notifications, history reads and listings stopped until the dump ended. Now a try waits at most
+    # migrate.LOCK_TIMEOUT_MS, rolls back, and tries again.
+    conn, holder, reader = [await asyncpg.connect(fresh_database) for _ in range(3)]
+    try:
+        await applied_before(conn, "0023")
+        dump = holder.transaction(isolation="repeatable_read")
+        await dump.start()
+        await holder.fetchval("SELECT count(*) FROM payments")  # its lock is held to the transaction's end
+        migrating = asyncio.create_task(migrate.migrate(conn))
+        await _waiting_for_a_lock(reader, conn.get_server_pid())
+        # A server's read of payments, while the dump still holds its lock and the migration still waits.
+        assert await asyncio.wait_for(reader.fetchval("SELECT count(*) FROM payments"), 10) == 0
+        assert not migrating.done()
+        await dump.commit()
+        applied = await asyncio.wait_for(migrating, 30)
+        assert applied[0] == "0023_payments_by_invoice"
+        assert (await migrate.state(conn)).current
+    finally:
+        for each in (conn, holder, reader):
+            await each.close()
+
+
+async def test_a_migration_blocked_past_its_budget_fails_naming_what_blocks_it(fresh_database):
+    conn, holder = [await asyncpg.connect(fresh_database) for _ in range(2)]
+    try:
+        await applied_before(conn, "0023")
+        async with holder.transaction():
+            await holder.execute("SELECT count(*) /* the nightly report */ FROM payments")
+            with pytest.raises(migrate.MigrationBlocked) as blocked:
+                await migrate.migrate(conn, lock_wait_s=1.5)
+        message = str(blocked.value)
+        assert "0023_payments_by_invoice" in message
+        assert f"pid {holder.get_server_pid()}" in message
+        assert "the nightly report" in message
+        state = await migrate.state(conn)
+        assert state.pending[0] == "0023_payments_by_invoice"
+        free = "SELECT pg_try_advisory_lock($1) AND pg_advisory_unlock($1)"  # the migration's lock is let go
+        assert await holder.fetchval(free, migrate.MIGRATION_LOCK_KEY)
+        assert await migrate.migrate(conn) == state.pending  # and once the report is done, it applies
+    finally:
+        await conn.close()
+        await holder.close()
+
+
+async def test_a_migration_is_not_bound_by_the_servers_statement_timeout(fresh_database):
+    # The pools dipc opens (`dipc migrate`'s too) give every statement 30 s. Building 0023's indexes over
+    # a large merchant's payments takes longer than that, and the migration was cancelled. Scaled down
+    # here: 20,000 payments and a timeout of 1 ms.
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await applied_before(conn, "0023")
+        await conn.execute("""
+            INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,
+                                  channel, notification_id)
+            SELECT '88965' || lpad(g::text, 11, '0'), 'INV-' || g, 'ref', 'normal', 1, 'MCH', 'ALFA', g
+              FROM generate_series(1, 20000) g
+        """)
+        await conn.execute("SET statement_timeout = 1")
+        assert (await migrate.migrate(conn))[0] == "0023_payments_by_invoice"
+        assert await conn.fetchval("SHOW statement_timeout") == "1ms"  # the session's own, left as it was
+    finally:
+        await conn.close()
+
+
+async def test_a_migration_waits_for_another_one_past_the_servers_statement_timeout(fresh_database):
+    # `dipc migrate` from two places at once: the second waits for the first's advisory lock, for as
+    # long as the first's migrations take, which statement_timeout no longer bounds either.
+    first, second = [await asyncpg.connect(fresh_database) for _ in range(2)]
+    try:
+        await first.execute("SELECT pg_advisory_lock($1)", migrate.MIGRATION_LOCK_KEY)  # migrating
+        await second.execute("SET statement_timeout = 1")
+        migrating = asyncio.create_task(migrate.migrate(second))
+        await _waiting_for_a_lock(first, second.get_server_pid())
+        await asyncio.sleep(0.1)  # a hundred times its statement_timeout
+        await first.execute("SELECT pg_advisory_unlock($1)", migrate.MIGRATION_LOCK_KEY)
+        assert await asyncio.wait_for(migrating, 30) == [m.version for m in migrate.available()]
+    finally:
+        await first.close()
+        await second.close()
