@@ -125,6 +125,16 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
+async def own_database(tmp_path):
+    """A PostgreSQL of this test's own, to stop and start."""
+    server = EmbeddedPostgres(tmp_path / "pg", durable=False)
+    dsn = await asyncio.to_thread(server.start)
+    await migrate.migrate_dsn(dsn)
+    yield server, dsn
+    await asyncio.to_thread(server.stop)
+
+
+@pytest.fixture
 async def fresh_database(database_url: str) -> AsyncIterator[str]:
     """An empty database of its own in the test cluster (no migrations applied), dropped afterwards."""
     name = f"dipc_fresh_{uuid.uuid4().hex[:8]}"

@@ -11,29 +11,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from server.app import make_app
 from server.core import manage
 from server.doku.client import DokuSimulator
 from server.embedded import EmbeddedPostgres
-from server.store import migrate
 from tests.conftest import CLIENT, CLIENT_ID, CODE, code_fields, dipc_env, make_settings
 from tests.integration.test_admin import csv_of
 from tests.integration.test_cli import DIPC
 from tests.integration.test_metrics import sampled, scrape, value
 
 SLACK_S = 0.5  # a loaded, shared machine: scheduling, not waiting on the database
-
-
-@pytest.fixture
-async def own_database(tmp_path):
-    """A PostgreSQL of this test's own, to stop and start."""
-    server = EmbeddedPostgres(tmp_path / "pg", durable=False)
-    dsn = await asyncio.to_thread(server.start)
-    await migrate.migrate_dsn(dsn)
-    yield server, dsn
-    await asyncio.to_thread(server.stop)
 
 
 async def poll(client, path: str, status: int, seconds: float) -> float:

@@ -10,6 +10,7 @@ its own: DIPC_LISTEN_DATABASE_URL goes to PostgreSQL directly), and session sett
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
 import re
@@ -31,6 +32,7 @@ from server.app import make_app
 from server.doku.client import DokuSimulator
 from tests.conftest import CLIENT, CLIENT_ID, code_fields, dipc_env, make_settings
 from tests.integration.test_cli import free_port, run
+from tests.integration.test_outage import frozen
 
 PGBOUNCER = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
 
@@ -58,7 +60,14 @@ def _server_of(dsn: str) -> str:
 
 
 @pytest.fixture
-def bouncer(database_url: str, tmp_path: Path) -> Iterator[Bouncer]:
+def bouncer(database_url: str) -> Iterator[Bouncer]:
+    with running_bouncer(database_url) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def running_bouncer(database_url: str) -> Iterator[Bouncer]:
+    """A pgbouncer in transaction mode in front of the PostgreSQL at ``database_url``."""
     if PGBOUNCER is None:
         if os.environ.get("CI"):
             pytest.fail("pgbouncer is not installed: .ci/run installs Debian's package")
@@ -264,3 +273,28 @@ async def test_named_prepared_statements_do_not_survive_transaction_pooling(boun
 
     await asyncio.gather(*(client(index) for index in range(8)))
     assert failures > 0
+
+
+async def test_the_cli_and_serve_behind_pgbouncer_give_up_on_a_frozen_database(own_database):
+    """(c83eec7 fixed it without a test.) Behind pgbouncer a login completes without a server, so a
+    PostgreSQL that hangs (every process stopped) shows first in the pool's init of its first
+    connection, which nothing bounded, and asyncpg closes such a connection gracefully, waiting for the
+    server: `dipc codes list` and `dipc serve` hung at start until PostgreSQL came back. Now each ends
+    with exit 1, "database unreachable", once DIPC_DB_CONNECT_TIMEOUT_S has passed."""
+    server, dsn = own_database
+    with running_bouncer(dsn) as bouncer:
+        env = dipc_env(
+            bouncer.url,
+            DIPC_DB_STATEMENT_CACHE_SIZE="0",
+            DIPC_LISTEN_DATABASE_URL=dsn,
+            DIPC_DB_CONNECT_TIMEOUT_S="2",
+        )
+        listed = await asyncio.to_thread(run, "codes", "list", env=env)
+        assert listed.returncode == 0, listed.stderr  # pgbouncer holds a server connection now
+        async with frozen(server, seconds=20.0):  # before the fix, both commands ended only at the thaw
+            listed = await asyncio.to_thread(run, "codes", "list", env=env, timeout=15)
+            served = await asyncio.to_thread(run, "serve", "--port", str(free_port()), env=env, timeout=15)
+        for result in (listed, served):
+            assert result.returncode == 1, result.stderr
+            assert b"database unreachable" in result.stderr
+            assert b"Traceback" not in result.stderr
