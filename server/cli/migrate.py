@@ -58,10 +58,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=wait_seconds,
         default=migrate.LOCK_WAIT_S,
         metavar="SECONDS",
-        help="while other sessions hold a lock a migration needs (a long pg_dump, a report), wait at "
-        f"most {migrate.LOCK_TIMEOUT_MS} ms at a time, so that the servers' queries queued behind the "
-        f"request go on, and try again for up to SECONDS (default {migrate.LOCK_WAIT_S:g}); then fail "
-        "with exit 1, naming the sessions that held table locks",
+        help=f"wait at most {migrate.LOCK_TIMEOUT_MS} ms at a time for a lock a migration needs (the "
+        "servers' queries of that table queue behind the request); behind a long transaction (a "
+        "pg_dump, a report) try again once it has ended, for up to SECONDS in all (default "
+        f"{migrate.LOCK_WAIT_S:g}); then fail with exit 1, naming the sessions that held table locks",
     )
     parser.add_argument(
         "--demo", action="store_true", help="without DATABASE_URL: the embedded database of `serve --demo`"

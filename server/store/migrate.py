@@ -2,11 +2,15 @@
 
 An advisory lock makes workers that start together migrate once; the others wait, then find nothing to do.
 
-A migration runs beside servers that serve: it waits at most LOCK_TIMEOUT_MS for any lock it needs, then
-rolls back and tries again later. While a lock request waits, every query of that table queues behind it,
-so a migration that waited for as long as a long transaction (a nightly pg_dump, a report) holds its
-table would stop the servers' queries of it for as long. The work itself is not bounded: an index over a
-large table takes what it takes, whatever the session's statement_timeout.
+A migration runs beside servers that serve. While a lock request waits, every query of that table
+queues behind it, so a migration that waited for as long as a long transaction (a nightly pg_dump, a
+report) holds its table would stop the servers' queries of it for as long. So a try waits at most
+LOCK_TIMEOUT_MS for each lock, then rolls back. The sessions that held table locks then and still do a
+moment later are long transactions: the next try waits until they have ended (or RETRY_AFTER_S has
+passed), because until then it would only fail again, after holding what its earlier statements had
+locked (an index build holds off the table's writes while it runs). The work itself is not bounded: an
+index over a large table takes what it takes, whatever the session's statement_timeout; a migrator that
+dies meanwhile ends its work within a second (client_connection_check_interval, server/store/pool.py).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ MIGRATION_LOCK_KEY = int.from_bytes(b"dipcmigr", "big") & 0x7FFF_FFFF_FFFF_FFFF
 # A try's wait for each lock: below an inquiry's database budget (DIPC_DOKU_DB_TIMEOUT_S, 0.8 s by
 # default), which the queries queued behind it spend.
 LOCK_TIMEOUT_MS = 500
-LOCK_WAIT_S = 300.0  # how long migrate() tries again before it gives up (dipc migrate --lock-wait)
-_PAUSES_S = (0.5, 1.0, 2.0, 5.0)  # between tries; the last one repeats
+LOCK_WAIT_S = 300.0  # how long a run of migrate() tries again before it gives up (dipc migrate --lock-wait)
+RETRY_AFTER_S = 30.0  # the longest wait for a try's long transactions before the next try
+_POLL_S = 1.0  # how often the wait looks at them
 
 LEDGER_TABLE = "schema_migrations"
 _LEDGER = f"""
@@ -69,12 +74,15 @@ def available() -> tuple[Migration, ...]:
 class MigrationBlocked(Exception):
     """A migration could not take its locks within the budget: other sessions held them throughout."""
 
-    def __init__(self, version: str, waited_s: float, holders: list[str]) -> None:
-        named = "; ".join(holders) if holders else "no session holds a table lock now"
+    def __init__(self, version: str, tried_s: float, holders: list[str]) -> None:
+        named = (
+            f"long transactions holding table locks: {'; '.join(holders)} (see pg_stat_activity)"
+            if holders
+            else "no long transaction held a table lock at its last try"
+        )
         super().__init__(
-            f"migration {version} waited {waited_s:.0f} s for its locks and was not applied (nothing "
-            f"of it was). The sessions in the oldest transactions that hold table locks: {named}. Run "
-            "`dipc migrate` again once they end."
+            f"migration {version} could not take its locks in {tried_s:.0f} s of tries and was not "
+            f"applied (nothing of it was); {named}. Run `dipc migrate` again once they have ended."
         )
         self.version = version
 
@@ -107,10 +115,11 @@ async def state(conn: asyncpg.Connection) -> MigrationState:
 
 async def migrate(conn: asyncpg.Connection, *, lock_wait_s: float = LOCK_WAIT_S) -> list[str]:
     """Apply every pending migration; return the versions applied by this call. Raise MigrationBlocked
-    when one could not take its locks within ``lock_wait_s``; those before it stay applied."""
+    when they could not take their locks within ``lock_wait_s`` in all; those before stay applied."""
     applied_now: list[str] = []
     async with _unbounded(conn):  # the lock is the session's, and waits for another migrating
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    give_up_at = asyncio.get_running_loop().time() + lock_wait_s
     try:
         async with _unbounded(conn):
             await conn.execute(_LEDGER)
@@ -118,18 +127,18 @@ async def migrate(conn: asyncpg.Connection, *, lock_wait_s: float = LOCK_WAIT_S)
         for migration in available():
             if migration.version in done:
                 continue
-            await _apply(conn, migration, lock_wait_s)
+            await _apply(conn, migration, give_up_at)
             log.info("migration.applied", version=migration.version)
             applied_now.append(migration.version)
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        async with _unbounded(conn):
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now
 
 
-async def _apply(conn: asyncpg.Connection, migration: Migration, lock_wait_s: float) -> None:
+async def _apply(conn: asyncpg.Connection, migration: Migration, give_up_at: float) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
-    tries = 0
     while True:
         try:
             async with _unbounded(conn):
@@ -142,58 +151,58 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, lock_wait_s: fl
                 )
             return
         except asyncpg.LockNotAvailableError:
-            holders = await _lock_holders(conn)
-            pause = _PAUSES_S[min(tries, len(_PAUSES_S) - 1)]
-            tries += 1
-            waited = loop.time() - started
-            if waited + pause > lock_wait_s:
-                raise MigrationBlocked(migration.version, waited, holders) from None
-            log.warning(
-                "migration.locks_busy",
-                version=migration.version,
-                tries=tries,
-                again_in_s=pause,
-                holders=holders,
-            )
-            await asyncio.sleep(pause)
+            long_held = await _outlast(conn, give_up_at)
+            if loop.time() >= give_up_at:
+                raise MigrationBlocked(migration.version, loop.time() - started, long_held) from None
+            log.warning("migration.locks_busy", version=migration.version, waited_for=long_held)
 
 
 @contextlib.asynccontextmanager
 async def _unbounded(conn: asyncpg.Connection) -> AsyncIterator[None]:
-    """A transaction whose statements the session's statement_timeout does not bound (a pool's is 30 s)."""
+    """A transaction whose statements neither the session's statement_timeout (a pool's is 30 s) nor a
+    lock_timeout set on the role or database bounds."""
     async with conn.transaction():
-        await conn.execute("SET LOCAL statement_timeout = 0")
+        await conn.execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
         yield
 
 
-# Who most likely holds what a migration waited for: the oldest transactions holding table locks. Only
-# pg_locks is visible to every role; a session of another role shows its query only to a superuser or a
-# member of pg_read_all_stats.
+# The transactions holding table locks in this database: pg_locks is visible to every role, and so are
+# pg_stat_activity's role and application of each session (its query, which may hold secrets, is not
+# read). A transaction's start time shows only for the migrator's own role, so how long one has held its
+# locks is what this migration saw.
 _LOCK_HOLDERS = """
-SELECT l.pid, a.usename, a.application_name, now() - a.xact_start AS open_for, a.query
-  FROM (SELECT DISTINCT pid FROM pg_locks
+SELECT l.virtualtransaction, l.pid, a.usename, a.application_name, a.state
+  FROM (SELECT DISTINCT virtualtransaction, pid FROM pg_locks
          WHERE locktype = 'relation' AND granted AND pid <> pg_backend_pid()
            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) l
   LEFT JOIN pg_stat_activity a ON a.pid = l.pid
- ORDER BY a.xact_start NULLS LAST, l.pid
- LIMIT 3
 """
 
 
-async def _lock_holders(conn: asyncpg.Connection) -> list[str]:
-    holders = []
-    for row in await conn.fetch(_LOCK_HOLDERS):
-        what = [f"pid {row['pid']}"]
-        if row["usename"]:
-            what.append(f"role {row['usename']}")
-        if row["application_name"]:
-            what.append(f"application {row['application_name']!r}")
-        if row["open_for"] is not None:
-            what.append(f"in a transaction for {row['open_for'].total_seconds():.0f} s")
-        if row["query"]:
-            what.append(f"last query {' '.join(row['query'].split())[:200]!r}")
-        holders.append(", ".join(what))
-    return holders
+async def _outlast(conn: asyncpg.Connection, give_up_at: float) -> list[str]:
+    """After a try's lock timeout: wait while a transaction that held table locks then still holds them,
+    for at most RETRY_AFTER_S and not past ``give_up_at``; describe those still held at the end."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    then = {row["virtualtransaction"]: row for row in await conn.fetch(_LOCK_HOLDERS)}
+    retry_at = min(started + RETRY_AFTER_S, give_up_at)
+    while True:
+        await asyncio.sleep(max(0.0, min(_POLL_S, retry_at - loop.time())))
+        now = {row["virtualtransaction"] for row in await conn.fetch(_LOCK_HOLDERS)}
+        then = {vxid: row for vxid, row in then.items() if vxid in now}
+        if not then or loop.time() >= retry_at:
+            held_s = loop.time() - started
+            return [_described(row, held_s) for row in then.values()]
+
+
+def _described(row: asyncpg.Record, held_s: float) -> str:
+    about = (
+        f"role {row['usename']}" if row["usename"] else None,
+        f"application {row['application_name']!r}" if row["application_name"] else None,
+        row["state"],  # "idle in transaction", say: only for the migrator's own role
+    )
+    known = ", ".join(part for part in about if part)
+    return f"pid {row['pid']}{f' ({known})' if known else ''} for {held_s:.0f} s or more"
 
 
 async def migrate_dsn(dsn: str) -> list[str]:

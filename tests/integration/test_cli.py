@@ -192,14 +192,13 @@ async def test_migrate_behind_a_long_transaction_fails_after_lock_wait_naming_it
     try:
         await applied_before(conn, "0023")
         async with dump.transaction(isolation="repeatable_read"):
-            await dump.execute("SELECT count(*) /* pg_dump */ FROM payments")
+            await dump.execute("SELECT count(*) FROM payments")
             result = await asyncio.to_thread(
                 run, "migrate", "--lock-wait", "1", "--wait", "600", env=dipc_env(fresh_database), timeout=30
             )
         assert result.returncode == 1, result.stderr
-        assert b"migration 0023_payments_by_invoice waited" in result.stderr
-        assert f"pid {dump.get_server_pid()}".encode() in result.stderr
-        assert b"pg_dump" in result.stderr
+        assert b"migration 0023_payments_by_invoice could not take its locks" in result.stderr
+        assert f"pid {dump.get_server_pid()} (role ".encode() in result.stderr
         assert b"Traceback" not in result.stderr
         again = await asyncio.to_thread(run, "migrate", env=dipc_env(fresh_database))
         assert again.returncode == 0, again.stderr

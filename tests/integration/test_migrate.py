@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 
 import asyncpg
@@ -237,12 +238,15 @@ async def _waiting_for_a_lock(conn: asyncpg.Connection, pid: int) -> None:
     raise AssertionError(f"session {pid} never waited for a lock")
 
 
-async def test_a_migration_waiting_for_a_lock_does_not_stop_the_tables_readers_behind_it(fresh_database):
+async def test_a_migration_waiting_for_a_lock_does_not_stop_the_tables_readers_behind_it(
+    fresh_database, captured_log
+):
     # (Found by review.) 0023 drops indexes of payments, which takes the table's exclusive lock. Behind
     # a transaction that reads payments for long (a nightly pg_dump, a report), `dipc migrate` waited for
     # that lock with no bound, and every query of payments queued behind its request: the servers'
     # notifications, history reads and listings stopped until the dump ended. Now a try waits at most
-    # migrate.LOCK_TIMEOUT_MS, rolls back, and tries again.
+    # migrate.LOCK_TIMEOUT_MS, rolls back, and tries again once the dump has ended: a try before then
+    # would build 0023's indexes again, holding off payments' writes, only to fail again (a review).
     conn, holder, reader = [await asyncpg.connect(fresh_database) for _ in range(3)]
     try:
         await applied_before(conn, "0023")
@@ -253,11 +257,14 @@ async def test_a_migration_waiting_for_a_lock_does_not_stop_the_tables_readers_b
         await _waiting_for_a_lock(reader, conn.get_server_pid())
         # A server's read of payments, while the dump still holds its lock and the migration still waits.
         assert await asyncio.wait_for(reader.fetchval("SELECT count(*) FROM payments"), 10) == 0
+        await asyncio.sleep(4.0)  # a fixed back-off (0.5, 1, 2 s) would have tried three times more
         assert not migrating.done()
         await dump.commit()
         applied = await asyncio.wait_for(migrating, 30)
         assert applied[0] == "0023_payments_by_invoice"
         assert (await migrate.state(conn)).current
+        [busy] = captured_log.events("migration.locks_busy")  # one failed try, then the one that worked
+        assert busy["waited_for"] == []  # it tried again because the dump had ended
     finally:
         for each in (conn, holder, reader):
             await each.close()
@@ -268,13 +275,14 @@ async def test_a_migration_blocked_past_its_budget_fails_naming_what_blocks_it(f
     try:
         await applied_before(conn, "0023")
         async with holder.transaction():
-            await holder.execute("SELECT count(*) /* the nightly report */ FROM payments")
+            await holder.execute("SELECT count(*), 'SK-LIVE-secret' /* the nightly report */ FROM payments")
             with pytest.raises(migrate.MigrationBlocked) as blocked:
-                await migrate.migrate(conn, lock_wait_s=1.5)
+                await migrate.migrate(conn, lock_wait_s=2.5)
         message = str(blocked.value)
-        assert "0023_payments_by_invoice" in message
-        assert f"pid {holder.get_server_pid()}" in message
-        assert "the nightly report" in message
+        assert "migration 0023_payments_by_invoice could not take its locks" in message
+        assert f"pid {holder.get_server_pid()} (role " in message
+        assert re.search(r"idle in transaction\) for \d+ s or more", message), message
+        assert "SK-LIVE" not in message  # another session's query is not copied into logs
         state = await migrate.state(conn)
         assert state.pending[0] == "0023_payments_by_invoice"
         free = "SELECT pg_try_advisory_lock($1) AND pg_advisory_unlock($1)"  # the migration's lock is let go
@@ -288,7 +296,7 @@ async def test_a_migration_blocked_past_its_budget_fails_naming_what_blocks_it(f
 async def test_a_migration_is_not_bound_by_the_servers_statement_timeout(fresh_database):
     # The pools dipc opens (`dipc migrate`'s too) give every statement 30 s. Building 0023's indexes over
     # a large merchant's payments takes longer than that, and the migration was cancelled. Scaled down
-    # here: 20,000 payments and a timeout of 1 ms.
+    # here: 200,000 payments and a timeout of 50 ms.
     conn = await asyncpg.connect(fresh_database)
     try:
         await applied_before(conn, "0023")
@@ -296,25 +304,26 @@ async def test_a_migration_is_not_bound_by_the_servers_statement_timeout(fresh_d
             INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,
                                   channel, notification_id)
             SELECT '88965' || lpad(g::text, 11, '0'), 'INV-' || g, 'ref', 'normal', 1, 'MCH', 'ALFA', g
-              FROM generate_series(1, 20000) g
+              FROM generate_series(1, 200000) g
         """)
-        await conn.execute("SET statement_timeout = 1")
+        await conn.execute("SET statement_timeout = 50")
         assert (await migrate.migrate(conn))[0] == "0023_payments_by_invoice"
-        assert await conn.fetchval("SHOW statement_timeout") == "1ms"  # the session's own, left as it was
+        assert await conn.fetchval("SHOW statement_timeout") == "50ms"  # the session's own, left as it was
     finally:
         await conn.close()
 
 
-async def test_a_migration_waits_for_another_one_past_the_servers_statement_timeout(fresh_database):
+async def test_a_migration_waits_for_another_one_past_the_sessions_timeouts(fresh_database):
     # `dipc migrate` from two places at once: the second waits for the first's advisory lock, for as
-    # long as the first's migrations take, which statement_timeout no longer bounds either.
+    # long as the first's migrations take, which neither statement_timeout nor a lock_timeout set on the
+    # role or the database (a review) bounds.
     first, second = [await asyncpg.connect(fresh_database) for _ in range(2)]
     try:
         await first.execute("SELECT pg_advisory_lock($1)", migrate.MIGRATION_LOCK_KEY)  # migrating
-        await second.execute("SET statement_timeout = 1")
+        await second.execute("SET statement_timeout = 50; SET lock_timeout = 50")
         migrating = asyncio.create_task(migrate.migrate(second))
         await _waiting_for_a_lock(first, second.get_server_pid())
-        await asyncio.sleep(0.1)  # a hundred times its statement_timeout
+        await asyncio.sleep(0.5)  # ten times those timeouts
         await first.execute("SELECT pg_advisory_unlock($1)", migrate.MIGRATION_LOCK_KEY)
         assert await asyncio.wait_for(migrating, 30) == [m.version for m in migrate.available()]
     finally:
