@@ -58,12 +58,12 @@ class MigrationsBlocked(CommandFailed):
     """A migration's locks stayed held by other sessions for its whole budget (exit 1)."""
 
 
-async def apply_migrations(
-    conn: asyncpg.Connection, *, lock_wait_s: float = migrate.LOCK_WAIT_S
-) -> list[str]:
-    """migrate.migrate, with a blocked migration told as a command's failure."""
+async def apply_migrations(pool: asyncpg.Pool, *, lock_wait_s: float = migrate.LOCK_WAIT_S) -> list[str]:
+    """migrate.migrate on two of the pool's connections (one watches the other's lock waits), with a
+    blocked migration told as a command's failure."""
     try:
-        return await migrate.migrate(conn, lock_wait_s=lock_wait_s)
+        async with pool.acquire() as conn, pool.acquire() as watcher:
+            return await migrate.migrate(conn, watcher=watcher, lock_wait_s=lock_wait_s)
     except migrate.MigrationBlocked as blocked:
         raise MigrationsBlocked(str(blocked)) from None
 
@@ -132,9 +132,9 @@ async def open_database(
         except (*UNAVAILABLE_ERRORS, *REFUSED_ERRORS) as error:
             raise database_failure(error, settings) from None
         try:
+            if embedded is not None and migrate_embedded:
+                await apply_migrations(pool)
             async with pool.acquire() as conn:
-                if embedded is not None and migrate_embedded:
-                    await apply_migrations(conn)
                 try:
                     state = await migrate.state(conn)
                 except REFUSED_ERRORS as error:

@@ -73,9 +73,9 @@ def run_migrate(args: argparse.Namespace) -> int:
     settings = load_settings(demo=args.demo)
 
     async def apply() -> list[str]:
-        async with open_database(settings, require_current=False) as db, db.pool.acquire() as conn:
+        async with open_database(settings, require_current=False) as db:
             try:
-                return await apply_migrations(conn, lock_wait_s=args.lock_wait)
+                return await apply_migrations(db.pool, lock_wait_s=args.lock_wait)
             except asyncpg.InsufficientPrivilegeError as error:
                 raise CommandFailed(
                     f"this role may not change the schema ({error}): run `dipc migrate` with the owner's "

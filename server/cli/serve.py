@@ -190,11 +190,11 @@ async def _prepare(settings: Settings, dsn: str) -> list:
     except (*UNAVAILABLE_ERRORS, *REFUSED_ERRORS) as error:
         raise database_failure(error, settings) from None
     try:
+        if settings.embedded:
+            applied = await apply_migrations(pool)
+            if applied:
+                log.info("migrations.applied", versions=applied)
         async with pool.acquire() as conn:
-            if settings.embedded:
-                applied = await apply_migrations(conn)
-                if applied:
-                    log.info("migrations.applied", versions=applied)
             try:
                 state = await migrate.state(conn)
                 role = await privileges.check(conn)

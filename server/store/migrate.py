@@ -5,12 +5,14 @@ An advisory lock makes workers that start together migrate once; the others wait
 A migration runs beside servers that serve. While a lock request waits, every query of that table
 queues behind it, so a migration that waited for as long as a long transaction (a nightly pg_dump, a
 report) holds its table would stop the servers' queries of it for as long. So a try waits at most
-LOCK_TIMEOUT_MS for each lock, then rolls back. The sessions that held table locks then and still do a
-moment later are long transactions: the next try waits until they have ended (or RETRY_AFTER_S has
-passed), because until then it would only fail again, after holding what its earlier statements had
-locked (an index build holds off the table's writes while it runs). The work itself is not bounded: an
-index over a large table takes what it takes, whatever the session's statement_timeout; a migrator that
-dies meanwhile ends its work within a second (client_connection_check_interval, server/store/pool.py).
+LOCK_TIMEOUT_MS for each lock, then rolls back, and the next try waits until the sessions it waited for
+have ended (or RETRY_AFTER_S has passed): until then it would only fail again, after holding what its
+earlier statements had locked (an index build holds off the table's writes while it runs). A second
+connection, the watcher, sees which sessions a waiting try waits for (pg_blocking_pids). An autovacuum is
+waited for past deadlock_timeout once instead: PostgreSQL then cancels it for the lock request. The work
+itself is not bounded: an index over a large table takes what it takes, whatever the session's
+statement_timeout; a migrator that dies meanwhile ends its work within a second
+(client_connection_check_interval, server/store/pool.py).
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ MIGRATION_LOCK_KEY = int.from_bytes(b"dipcmigr", "big") & 0x7FFF_FFFF_FFFF_FFFF
 # default), which the queries queued behind it spend.
 LOCK_TIMEOUT_MS = 500
 LOCK_WAIT_S = 300.0  # how long a run of migrate() tries again before it gives up (dipc migrate --lock-wait)
-RETRY_AFTER_S = 30.0  # the longest wait for a try's long transactions before the next try
-_POLL_S = 1.0  # how often the wait looks at them
+RETRY_AFTER_S = 30.0  # the longest wait for the sessions a try waited for, before the next try
+_POLL_S = 1.0  # how often that wait looks at them
+_WATCH_S = 0.2  # how often the watcher asks whom a try waits for (pg_blocking_pids takes the lock manager)
 
 LEDGER_TABLE = "schema_migrations"
 _LEDGER = f"""
@@ -76,9 +79,9 @@ class MigrationBlocked(Exception):
 
     def __init__(self, version: str, tried_s: float, holders: list[str]) -> None:
         named = (
-            f"long transactions holding table locks: {'; '.join(holders)} (see pg_stat_activity)"
+            f"it waited for {'; '.join(holders)} (see pg_stat_activity)"
             if holders
-            else "no long transaction held a table lock at its last try"
+            else "other sessions held what it needed at every try, none of them for long"
         )
         super().__init__(
             f"migration {version} could not take its locks in {tried_s:.0f} s of tries and was not "
@@ -113,13 +116,17 @@ async def state(conn: asyncpg.Connection) -> MigrationState:
     )
 
 
-async def migrate(conn: asyncpg.Connection, *, lock_wait_s: float = LOCK_WAIT_S) -> list[str]:
+async def migrate(
+    conn: asyncpg.Connection, *, watcher: asyncpg.Connection | None = None, lock_wait_s: float = LOCK_WAIT_S
+) -> list[str]:
     """Apply every pending migration; return the versions applied by this call. Raise MigrationBlocked
-    when they could not take their locks within ``lock_wait_s`` in all; those before stay applied."""
+    when they spent ``lock_wait_s`` in all on tries that timed out and on waits after them; those
+    applied before stay applied. ``watcher``, another connection, sees whom a try waits for; without
+    it, every session holding a table lock when a try timed out is waited for."""
     applied_now: list[str] = []
     async with _unbounded(conn):  # the lock is the session's, and waits for another migrating
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
-    give_up_at = asyncio.get_running_loop().time() + lock_wait_s
+    budget = _Budget(lock_wait_s)
     try:
         async with _unbounded(conn):
             await conn.execute(_LEDGER)
@@ -127,7 +134,7 @@ async def migrate(conn: asyncpg.Connection, *, lock_wait_s: float = LOCK_WAIT_S)
         for migration in available():
             if migration.version in done:
                 continue
-            await _apply(conn, migration, give_up_at)
+            await _apply(conn, watcher, migration, budget)
             log.info("migration.applied", version=migration.version)
             applied_now.append(migration.version)
     finally:
@@ -136,13 +143,24 @@ async def migrate(conn: asyncpg.Connection, *, lock_wait_s: float = LOCK_WAIT_S)
     return applied_now
 
 
-async def _apply(conn: asyncpg.Connection, migration: Migration, give_up_at: float) -> None:
+@dataclass(slots=True)
+class _Budget:
+    left_s: float
+    last_try: bool = False  # taken once the budget is spent, when the sessions waited for had ended
+
+
+async def _apply(
+    conn: asyncpg.Connection, watcher: asyncpg.Connection | None, migration: Migration, budget: _Budget
+) -> None:
     loop = asyncio.get_running_loop()
-    started = loop.time()
+    began = loop.time()
+    timeout_ms = LOCK_TIMEOUT_MS
     while True:
+        blockers: dict[str, asyncpg.Record] = {}
+        started = loop.time()
         try:
-            async with _unbounded(conn):
-                await conn.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+            async with _watching(watcher, conn.get_server_pid(), blockers), _unbounded(conn):
+                await conn.execute(f"SET LOCAL lock_timeout = {timeout_ms}")
                 await conn.execute(migration.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
@@ -151,10 +169,28 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, give_up_at: flo
                 )
             return
         except asyncpg.LockNotAvailableError:
-            long_held = await _outlast(conn, give_up_at)
-            if loop.time() >= give_up_at:
-                raise MigrationBlocked(migration.version, loop.time() - started, long_held) from None
-            log.warning("migration.locks_busy", version=migration.version, waited_for=long_held)
+            pass
+        if not blockers:  # no watcher, or it saw nobody: whoever holds a table lock now
+            blockers = {row["virtualtransaction"]: row for row in await conn.fetch(_HOLDERS)}
+        vacuum = any(row["backend_type"] == "autovacuum worker" for row in blockers.values())
+        if vacuum and timeout_ms == LOCK_TIMEOUT_MS:
+            # PostgreSQL cancels an autovacuum that a lock request has waited for past deadlock_timeout.
+            timeout_ms = await conn.fetchval(_PAST_DEADLOCK_TIMEOUT_MS)
+            still = [_described(row, loop.time() - started) for row in blockers.values()]
+        else:
+            timeout_ms = LOCK_TIMEOUT_MS
+            still = await _outlast(conn, blockers, max(0.0, budget.left_s - (loop.time() - started)))
+        budget.left_s -= loop.time() - started
+        if budget.left_s <= 0:
+            if still or budget.last_try:
+                raise MigrationBlocked(migration.version, loop.time() - began, still)
+            budget.last_try = True
+        log.warning(
+            "migration.locks_busy",
+            version=migration.version,
+            waited_for=still,
+            next_lock_timeout_ms=timeout_ms,
+        )
 
 
 @contextlib.asynccontextmanager
@@ -166,39 +202,74 @@ async def _unbounded(conn: asyncpg.Connection) -> AsyncIterator[None]:
         yield
 
 
-# The transactions holding table locks in this database: pg_locks is visible to every role, and so are
-# pg_stat_activity's role and application of each session (its query, which may hold secrets, is not
-# read). A transaction's start time shows only for the migrator's own role, so how long one has held its
-# locks is what this migration saw.
-_LOCK_HOLDERS = """
-SELECT l.virtualtransaction, l.pid, a.usename, a.application_name, a.state
-  FROM (SELECT DISTINCT virtualtransaction, pid FROM pg_locks
-         WHERE locktype = 'relation' AND granted AND pid <> pg_backend_pid()
-           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) l
-  LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+_PAST_DEADLOCK_TIMEOUT_MS = (
+    "SELECT ceil(1000 * extract(epoch FROM current_setting('deadlock_timeout')::interval))::int + 500"
+)
+
+# The transactions holding table locks in this database, and with $1 only those that session pid $1
+# waits for. pg_locks is visible to every role, and so are pg_stat_activity's role, application and
+# backend type of each session (its query, which may hold secrets, is not read). A transaction's start
+# shows only for the migrator's own role, so how long one held its locks is what this migration saw. A
+# prepared transaction holds locks with no pid (pg_blocking_pids gives it as 0).
+_HOLDERS = """
+SELECT DISTINCT ON (l.virtualtransaction) l.virtualtransaction, l.pid, a.usename, a.application_name,
+       a.state, a.backend_type
+  FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'relation' AND l.granted AND l.pid IS DISTINCT FROM pg_backend_pid()
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
+_BLOCKERS = _HOLDERS + "   AND coalesce(l.pid, 0) = ANY (pg_blocking_pids($1))\n"
 
 
-async def _outlast(conn: asyncpg.Connection, give_up_at: float) -> list[str]:
-    """After a try's lock timeout: wait while a transaction that held table locks then still holds them,
-    for at most RETRY_AFTER_S and not past ``give_up_at``; describe those still held at the end."""
+@contextlib.asynccontextmanager
+async def _watching(
+    watcher: asyncpg.Connection | None, pid: int, blockers: dict[str, asyncpg.Record]
+) -> AsyncIterator[None]:
+    """While the block runs, note in ``blockers`` every session that session ``pid`` waits for."""
+    if watcher is None:
+        yield
+        return
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        # Unseen, every holder of a table lock is waited for.
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            while not stop.is_set():
+                for row in await watcher.fetch(_BLOCKERS, pid):
+                    blockers[row["virtualtransaction"]] = row
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), _WATCH_S)
+
+    watching = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        stop.set()
+        await watching
+
+
+async def _outlast(conn: asyncpg.Connection, blockers: dict[str, asyncpg.Record], left_s: float) -> list[str]:
+    """Wait while any of ``blockers`` still holds a table lock, for at most RETRY_AFTER_S and ``left_s``;
+    describe those that still did at the end."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    then = {row["virtualtransaction"]: row for row in await conn.fetch(_LOCK_HOLDERS)}
-    retry_at = min(started + RETRY_AFTER_S, give_up_at)
-    while True:
-        await asyncio.sleep(max(0.0, min(_POLL_S, retry_at - loop.time())))
-        now = {row["virtualtransaction"] for row in await conn.fetch(_LOCK_HOLDERS)}
-        then = {vxid: row for vxid, row in then.items() if vxid in now}
-        if not then or loop.time() >= retry_at:
-            held_s = loop.time() - started
-            return [_described(row, held_s) for row in then.values()]
+    retry_at = started + min(RETRY_AFTER_S, left_s)
+    while blockers:
+        holding = {row["virtualtransaction"] for row in await conn.fetch(_HOLDERS)}
+        blockers = {vxid: row for vxid, row in blockers.items() if vxid in holding}
+        if not blockers or loop.time() >= retry_at:
+            break
+        await asyncio.sleep(min(_POLL_S, retry_at - loop.time()))
+    return [_described(row, loop.time() - started) for row in blockers.values()]
 
 
 def _described(row: asyncpg.Record, held_s: float) -> str:
+    if row["pid"] is None:
+        return f"a prepared transaction (pg_prepared_xacts) for {held_s:.0f} s or more"
     about = (
         f"role {row['usename']}" if row["usename"] else None,
         f"application {row['application_name']!r}" if row["application_name"] else None,
+        row["backend_type"] if row["backend_type"] not in (None, "client backend") else None,
         row["state"],  # "idle in transaction", say: only for the migrator's own role
     )
     known = ", ".join(part for part in about if part)
@@ -206,9 +277,13 @@ def _described(row: asyncpg.Record, held_s: float) -> str:
 
 
 async def migrate_dsn(dsn: str) -> list[str]:
-    """Apply pending migrations to the database at ``dsn`` on a connection of its own."""
+    """Apply pending migrations to the database at ``dsn`` on a connection of its own (and a watcher)."""
     conn = await asyncpg.connect(dsn)
     try:
-        return await migrate(conn)
+        watcher = await asyncpg.connect(dsn)
+        try:
+            return await migrate(conn, watcher=watcher)
+        finally:
+            await watcher.close()
     finally:
         await conn.close()

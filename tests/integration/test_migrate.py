@@ -229,6 +229,19 @@ async def test_upgrading_to_payments_by_invoice_keeps_every_resolution_bound_to_
         await conn.close()
 
 
+async def _paid(conn: asyncpg.Connection, payments: int) -> None:
+    """``payments`` normal payments, each of a code of its own."""
+    await conn.execute(
+        """
+        INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,
+                              channel, notification_id)
+        SELECT '88965' || lpad(g::text, 11, '0'), 'INV-' || g, 'ref', 'normal', 1, 'MCH', 'ALFA', g
+          FROM generate_series(1, $1::int) g
+        """,
+        payments,
+    )
+
+
 async def _waiting_for_a_lock(conn: asyncpg.Connection, pid: int) -> None:
     """Until session ``pid`` waits for a lock (a pg_locks row of it not granted)."""
     for _ in range(1000):
@@ -238,8 +251,9 @@ async def _waiting_for_a_lock(conn: asyncpg.Connection, pid: int) -> None:
     raise AssertionError(f"session {pid} never waited for a lock")
 
 
+@pytest.mark.parametrize("watched", [True, False], ids=["watched", "unwatched"])
 async def test_a_migration_waiting_for_a_lock_does_not_stop_the_tables_readers_behind_it(
-    fresh_database, captured_log
+    fresh_database, captured_log, watched
 ):
     # (Found by review.) 0023 drops indexes of payments, which takes the table's exclusive lock. Behind
     # a transaction that reads payments for long (a nightly pg_dump, a report), `dipc migrate` waited for
@@ -247,37 +261,126 @@ async def test_a_migration_waiting_for_a_lock_does_not_stop_the_tables_readers_b
     # notifications, history reads and listings stopped until the dump ended. Now a try waits at most
     # migrate.LOCK_TIMEOUT_MS, rolls back, and tries again once the dump has ended: a try before then
     # would build 0023's indexes again, holding off payments' writes, only to fail again (a review).
-    conn, holder, reader = [await asyncpg.connect(fresh_database) for _ in range(3)]
+    # Without a watcher, every session that held a table lock at the timeout is waited for.
+    conn, holder, reader, watcher = [await asyncpg.connect(fresh_database) for _ in range(4)]
     try:
         await applied_before(conn, "0023")
         dump = holder.transaction(isolation="repeatable_read")
         await dump.start()
         await holder.fetchval("SELECT count(*) FROM payments")  # its lock is held to the transaction's end
-        migrating = asyncio.create_task(migrate.migrate(conn))
+        migrating = asyncio.create_task(migrate.migrate(conn, watcher=watcher if watched else None))
         await _waiting_for_a_lock(reader, conn.get_server_pid())
         # A server's read of payments, while the dump still holds its lock and the migration still waits.
         assert await asyncio.wait_for(reader.fetchval("SELECT count(*) FROM payments"), 10) == 0
         await asyncio.sleep(4.0)  # a fixed back-off (0.5, 1, 2 s) would have tried three times more
         assert not migrating.done()
         await dump.commit()
-        applied = await asyncio.wait_for(migrating, 30)
+        applied = await asyncio.wait_for(migrating, 10)  # not RETRY_AFTER_S after its try
         assert applied[0] == "0023_payments_by_invoice"
         assert (await migrate.state(conn)).current
         [busy] = captured_log.events("migration.locks_busy")  # one failed try, then the one that worked
         assert busy["waited_for"] == []  # it tried again because the dump had ended
     finally:
-        for each in (conn, holder, reader):
+        for each in (conn, holder, reader, watcher):
             await each.close()
 
 
+async def test_a_migration_waits_for_the_session_it_waited_for_not_for_every_long_one(
+    fresh_database, captured_log
+):
+    # (Found by review.) An import of codes (one transaction for its whole file) or a report on another
+    # table held a table lock as long as the dump did, and the migration waited for both: 30 s after the
+    # dump had ended, naming the bystander. The watcher sees whom a try waits for.
+    conn, dump, bystander, watcher = [await asyncpg.connect(fresh_database) for _ in range(4)]
+    try:
+        await applied_before(conn, "0023")
+        importing = bystander.transaction()
+        await importing.start()
+        await bystander.execute("SELECT count(*) FROM payment_codes")
+        dumping = dump.transaction(isolation="repeatable_read")
+        await dumping.start()
+        await dump.fetchval("SELECT count(*) FROM payments")
+        migrating = asyncio.create_task(migrate.migrate(conn, watcher=watcher))
+        await _waiting_for_a_lock(bystander, conn.get_server_pid())  # the watcher is the migration's
+        await asyncio.sleep(1.0)  # its first try has timed out
+        await dumping.commit()
+        applied = await asyncio.wait_for(migrating, 10)
+        assert applied[0] == "0023_payments_by_invoice"
+        assert [busy["waited_for"] for busy in captured_log.events("migration.locks_busy")] == [[]]
+        await importing.commit()
+    finally:
+        for each in (conn, dump, bystander, watcher):
+            await each.close()
+
+
+async def test_a_migration_whose_blocker_ends_as_its_budget_does_is_applied(fresh_database):
+    # (Found by review.) The lock was free at the end of the budget, and the migration gave up without
+    # trying again, saying that nobody held a lock.
+    conn, holder, watcher = [await asyncpg.connect(fresh_database) for _ in range(3)]
+    try:
+        await applied_before(conn, "0023")
+        report = holder.transaction()
+        await report.start()
+        await holder.fetchval("SELECT count(*) FROM payments")
+        # Its try times out at 0.5 s, its wait looks at 0.5, 1.5 and 2.5 s, and its budget ends at 3.45 s:
+        # the report ends between the last two looks.
+        migrating = asyncio.create_task(migrate.migrate(conn, watcher=watcher, lock_wait_s=3.45))
+        await _waiting_for_a_lock(holder, conn.get_server_pid())
+        await asyncio.sleep(3.0)
+        await report.commit()
+        assert (await asyncio.wait_for(migrating, 10))[0] == "0023_payments_by_invoice"
+    finally:
+        for each in (conn, holder, watcher):
+            await each.close()
+
+
+async def test_a_migration_behind_an_autovacuum_has_postgresql_cancel_it(own_database, captured_log):
+    # (Found by review.) PostgreSQL cancels an autovacuum that blocks a lock request once the request has
+    # waited deadlock_timeout (1 s); a try that gives up at 500 ms never got there, and a slow autovacuum
+    # of payments took the whole budget. The next try waits past deadlock_timeout once.
+    _, dsn = own_database  # a cluster of its own, whose autovacuum may be set
+    admin = await asyncpg.connect(dsn)
+    await admin.execute("ALTER SYSTEM SET autovacuum_naptime = 1")
+    await admin.execute("SELECT pg_reload_conf()")
+    await admin.execute("CREATE DATABASE before_0023")
+    await admin.close()
+    older = dsn.replace("/dipc?", "/before_0023?")
+    conn, watcher = [await asyncpg.connect(older) for _ in range(2)]
+    try:
+        await applied_before(conn, "0023")
+        await _paid(conn, 100_000)
+        await conn.execute("""
+            ALTER TABLE payments SET (autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0,
+                                      autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1);
+            DELETE FROM payments WHERE notification_id % 2 = 0;
+        """)
+        vacuum = (
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' AND query ~ 'payments'"
+        )
+        for _ in range(300):
+            if await watcher.fetchval(vacuum):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("autovacuum never started on payments")
+        applied = await asyncio.wait_for(migrate.migrate(conn, watcher=watcher, lock_wait_s=20), 30)
+        assert applied[0] == "0023_payments_by_invoice"
+        [busy] = captured_log.events("migration.locks_busy")
+        assert busy["next_lock_timeout_ms"] > 1000
+        assert "autovacuum worker" in busy["waited_for"][0]
+    finally:
+        await conn.close()
+        await watcher.close()
+
+
 async def test_a_migration_blocked_past_its_budget_fails_naming_what_blocks_it(fresh_database):
-    conn, holder = [await asyncpg.connect(fresh_database) for _ in range(2)]
+    conn, holder, watcher = [await asyncpg.connect(fresh_database) for _ in range(3)]
     try:
         await applied_before(conn, "0023")
         async with holder.transaction():
             await holder.execute("SELECT count(*), 'SK-LIVE-secret' /* the nightly report */ FROM payments")
             with pytest.raises(migrate.MigrationBlocked) as blocked:
-                await migrate.migrate(conn, lock_wait_s=2.5)
+                await asyncio.wait_for(migrate.migrate(conn, watcher=watcher, lock_wait_s=2.5), 10)
         message = str(blocked.value)
         assert "migration 0023_payments_by_invoice could not take its locks" in message
         assert f"pid {holder.get_server_pid()} (role " in message
@@ -289,8 +392,8 @@ async def test_a_migration_blocked_past_its_budget_fails_naming_what_blocks_it(f
         assert await holder.fetchval(free, migrate.MIGRATION_LOCK_KEY)
         assert await migrate.migrate(conn) == state.pending  # and once the report is done, it applies
     finally:
-        await conn.close()
-        await holder.close()
+        for each in (conn, holder, watcher):
+            await each.close()
 
 
 async def test_a_migration_is_not_bound_by_the_servers_statement_timeout(fresh_database):
@@ -300,12 +403,7 @@ async def test_a_migration_is_not_bound_by_the_servers_statement_timeout(fresh_d
     conn = await asyncpg.connect(fresh_database)
     try:
         await applied_before(conn, "0023")
-        await conn.execute("""
-            INSERT INTO payments (payment_code, invoice_number, transaction_ref, kind, amount, client_id,
-                                  channel, notification_id)
-            SELECT '88965' || lpad(g::text, 11, '0'), 'INV-' || g, 'ref', 'normal', 1, 'MCH', 'ALFA', g
-              FROM generate_series(1, 200000) g
-        """)
+        await _paid(conn, 200_000)
         await conn.execute("SET statement_timeout = 50")
         assert (await migrate.migrate(conn))[0] == "0023_payments_by_invoice"
         assert await conn.fetchval("SHOW statement_timeout") == "50ms"  # the session's own, left as it was
