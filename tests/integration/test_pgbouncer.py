@@ -291,9 +291,9 @@ async def test_the_cli_and_serve_behind_pgbouncer_give_up_on_a_frozen_database(o
         )
         listed = await asyncio.to_thread(run, "codes", "list", env=env)
         assert listed.returncode == 0, listed.stderr  # pgbouncer holds a server connection now
-        async with frozen(server, seconds=20.0):  # before the fix, both commands ended only at the thaw
-            listed = await asyncio.to_thread(run, "codes", "list", env=env, timeout=15)
-            served = await asyncio.to_thread(run, "serve", "--port", str(free_port()), env=env, timeout=15)
+        async with frozen(server, seconds=12.0):  # before the fix, both commands ended only at the thaw
+            listed = await asyncio.to_thread(run, "codes", "list", env=env, timeout=8)
+            served = await asyncio.to_thread(run, "serve", "--port", str(free_port()), env=env, timeout=8)
         for result in (listed, served):
             assert result.returncode == 1, result.stderr
             assert b"database unreachable" in result.stderr
