@@ -13,6 +13,7 @@ from server.http.bodies import json_response
 from server.http.callers import caller_address
 from server.http.keys import ERROR_RENDERER, LOG_FIELDS, SETTINGS
 from server.ops import metrics
+from server.ops.logging import REQUEST_ID
 from server.ops.masking import for_log
 from server.store.pool import CONTENDED_ERRORS, contended
 
@@ -108,23 +109,27 @@ async def observe(request: web.Request, handler: web.Handler) -> web.StreamRespo
     started = time.perf_counter()
     fields: dict[str, object] = {}
     request[LOG_FIELDS] = fields
+    request_id = REQUEST_ID.set(for_log(request.headers.get("Request-Id") or None, 128))
     try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = _render_failure(request, exc)
+        except asyncio.CancelledError:
+            # A server that cancels handlers when the client goes away (aiohttp's handler_cancellation):
+            # still one line for the abort, then let the cancellation run its course.
+            if client_gone(request):
+                fields.setdefault("outcome", ClientAborted.code)
+                _observe(request, ClientAborted.http_status, started)
             raise
-        response = _render_failure(request, exc)
-    except asyncio.CancelledError:
-        # A server that cancels handlers when the client goes away (aiohttp's handler_cancellation):
-        # still one line for the abort, then let the cancellation run its course.
-        if client_gone(request):
-            fields.setdefault("outcome", ClientAborted.code)
-            _observe(request, ClientAborted.http_status, started)
-        raise
-    except Exception as failure:
-        response = _render_failure(request, failure)
-    _observe(request, response.status, started)
-    return response
+        except Exception as failure:
+            response = _render_failure(request, failure)
+        _observe(request, response.status, started)
+        return response
+    finally:
+        REQUEST_ID.reset(request_id)
 
 
 # Methods that may become a metric label; aiohttp's pure-Python parser accepts any token as a method,
@@ -149,7 +154,7 @@ def _observe(request: web.Request, status: int, started: float) -> None:
         path=path if path == route else for_log(path),
         status=status,
         ms=round(elapsed * 1000, 3),
-        request_id=for_log(request.headers.get("Request-Id") or None, 128),
+        request_id=REQUEST_ID.get(),
         # The application's own settings (config_dict would build a view over every application).
         remote=caller_address(request, request.app[SETTINGS].trusted_proxies),
         **fields,

@@ -8,6 +8,7 @@ through the same processors and renderer, so every line a dipc process writes ha
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -23,6 +24,11 @@ from server.ops.masking import mask_code
 
 _SECRET_FIELDS = frozenset({"secret", "secret_key", "signature", "token", "password", "authorization"})
 
+
+# The Request-Id of the request whose task is running, as its own log line writes it: set by the HTTP
+# middleware, and written by the lines its database work logs (db.deadline_exceeded, db.unavailable).
+# Unset in a batch's task, which serves many requests at once, and in background loops.
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("dipc_request_id", default=None)
 
 # Fields every line of this process carries (a worker's index), set once by :func:`bind_process`.
 _PROCESS_FIELDS: dict[str, Any] = {}

@@ -17,6 +17,7 @@ import structlog
 
 from server.core.errors import Unavailable, error_text
 from server.ops import metrics
+from server.ops.logging import REQUEST_ID
 
 log = structlog.get_logger(component="dipc.store")
 
@@ -314,11 +315,18 @@ class Deadline:
                 return
             if ours and issubclass(exc_type, (asyncio.CancelledError, *UNAVAILABLE_ERRORS)):
                 result = "timeout"
-                log.warning("db.deadline_exceeded", what=self._what, seconds=self._seconds)
+                log.warning(
+                    "db.deadline_exceeded",
+                    what=self._what,
+                    seconds=self._seconds,
+                    request_id=REQUEST_ID.get(),
+                )
                 raise Unavailable(f"the database did not answer within {self._seconds:g} s") from None
             if issubclass(exc_type, UNAVAILABLE_ERRORS):  # a TimeoutError of something else too (a connect)
                 result = "timeout" if issubclass(exc_type, TimeoutError) else "unavailable"
-                log.warning("db.unavailable", what=self._what, error=error_text(error))
+                log.warning(
+                    "db.unavailable", what=self._what, error=error_text(error), request_id=REQUEST_ID.get()
+                )
                 raise Unavailable("the database is unavailable") from error
         finally:
             metrics.DB_DURATION_SERIES(self._what, result).observe(time.perf_counter() - self._started)
@@ -347,6 +355,7 @@ class Steps:
             raise RuntimeError("steps need a task to cancel")
         self._task = task
         self._cancelling = task.cancelling()
+        self._request_id = REQUEST_ID.get()  # its expiry is logged from the watchdog's timer
         self.expired: str | None = None  # the step that ran out of time
         self.terminated = False  # closed here (terminate): its transaction is over, nothing to roll back
 
@@ -391,7 +400,12 @@ class Steps:
         self.terminate()
         if self.expired is None:
             self.expired = step
-            log.warning("db.deadline_exceeded", what=f"{self._what}.{step}", seconds=self._seconds)
+            log.warning(
+                "db.deadline_exceeded",
+                what=f"{self._what}.{step}",
+                seconds=self._seconds,
+                request_id=self._request_id,
+            )
             self._task.cancel()
 
 

@@ -475,3 +475,22 @@ async def test_a_database_frozen_under_a_cli_import_ends_it_within_a_step(own_da
         assert await check.fetchval("SELECT count(*) FROM payment_codes") == 0
     finally:
         await check.close()
+
+
+async def test_a_requests_database_deadline_is_logged_with_its_request_id(
+    aiohttp_client, own_database, admin_headers, captured_log
+):
+    """The on-call engineer finds the warning of a 503's database deadline by the request's Request-Id,
+    as the request's own line has it. (Batches, which serve many requests at once, log without one.)"""
+    server, dsn = own_database
+    client = await aiohttp_client(make_app(make_settings(admin_db_timeout_s=1.0), dsn))
+    assert (await client.get("/v1/payment-codes", headers=admin_headers)).status == 200
+    async with frozen(server, seconds=3.0):
+        headers = admin_headers | {"Request-Id": "req-frozen-1"}
+        assert (await client.get("/v1/payment-codes", headers=headers)).status == 503
+    deadlines = {line["what"]: line.get("request_id") for line in captured_log.events("db.deadline_exceeded")}
+    assert deadlines["admin.list_codes"] == "req-frozen-1"
+    assert deadlines.get("outbox.floor") is None  # a background loop's, of no request
+    [answered] = [line for line in captured_log.events("http.request") if line["status"] == 503]
+    assert answered["request_id"] == "req-frozen-1"
+    assert (await client.get("/v1/payment-codes", headers=admin_headers)).status == 200
