@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -229,6 +231,17 @@ async def test_upgrading_to_payments_by_invoice_keeps_every_resolution_bound_to_
         await conn.close()
 
 
+@contextlib.asynccontextmanager
+async def sessions(dsn: str, count: int) -> AsyncIterator[list[asyncpg.Connection]]:
+    """``count`` connections to ``dsn``, each closed afterwards."""
+    async with contextlib.AsyncExitStack() as stack:
+        connections = []
+        for _ in range(count):
+            connections.append(await asyncpg.connect(dsn))
+            stack.push_async_callback(connections[-1].close)
+        yield connections
+
+
 async def _paid(conn: asyncpg.Connection, payments: int) -> None:
     """``payments`` normal payments, each of a code of its own."""
     await conn.execute(
@@ -262,8 +275,7 @@ async def test_a_migration_waiting_for_a_lock_does_not_stop_the_tables_readers_b
     # migrate.LOCK_TIMEOUT_MS, rolls back, and tries again once the dump has ended: a try before then
     # would build 0023's indexes again, holding off payments' writes, only to fail again (a review).
     # Without a watcher, every session that held a table lock at the timeout is waited for.
-    conn, holder, reader, watcher = [await asyncpg.connect(fresh_database) for _ in range(4)]
-    try:
+    async with sessions(fresh_database, 4) as (conn, holder, reader, watcher):
         await applied_before(conn, "0023")
         dump = holder.transaction(isolation="repeatable_read")
         await dump.start()
@@ -280,9 +292,6 @@ async def test_a_migration_waiting_for_a_lock_does_not_stop_the_tables_readers_b
         assert (await migrate.state(conn)).current
         [busy] = captured_log.events("migration.locks_busy")  # one failed try, then the one that worked
         assert busy["waited_for"] == []  # it tried again because the dump had ended
-    finally:
-        for each in (conn, holder, reader, watcher):
-            await each.close()
 
 
 async def test_a_migration_waits_for_the_session_it_waited_for_not_for_every_long_one(
@@ -291,8 +300,7 @@ async def test_a_migration_waits_for_the_session_it_waited_for_not_for_every_lon
     # (Found by review.) An import of codes (one transaction for its whole file) or a report on another
     # table held a table lock as long as the dump did, and the migration waited for both: 30 s after the
     # dump had ended, naming the bystander. The watcher sees whom a try waits for.
-    conn, dump, bystander, watcher = [await asyncpg.connect(fresh_database) for _ in range(4)]
-    try:
+    async with sessions(fresh_database, 4) as (conn, dump, bystander, watcher):
         await applied_before(conn, "0023")
         importing = bystander.transaction()
         await importing.start()
@@ -308,16 +316,12 @@ async def test_a_migration_waits_for_the_session_it_waited_for_not_for_every_lon
         assert applied[0] == "0023_payments_by_invoice"
         assert [busy["waited_for"] for busy in captured_log.events("migration.locks_busy")] == [[]]
         await importing.commit()
-    finally:
-        for each in (conn, dump, bystander, watcher):
-            await each.close()
 
 
 async def test_a_migration_whose_blocker_ends_as_its_budget_does_is_applied(fresh_database):
     # (Found by review.) The lock was free at the end of the budget, and the migration gave up without
     # trying again, saying that nobody held a lock.
-    conn, holder, watcher = [await asyncpg.connect(fresh_database) for _ in range(3)]
-    try:
+    async with sessions(fresh_database, 3) as (conn, holder, watcher):
         await applied_before(conn, "0023")
         report = holder.transaction()
         await report.start()
@@ -329,9 +333,6 @@ async def test_a_migration_whose_blocker_ends_as_its_budget_does_is_applied(fres
         await asyncio.sleep(3.0)
         await report.commit()
         assert (await asyncio.wait_for(migrating, 10))[0] == "0023_payments_by_invoice"
-    finally:
-        for each in (conn, holder, watcher):
-            await each.close()
 
 
 async def test_a_migration_behind_an_autovacuum_has_postgresql_cancel_it(own_database, captured_log):
@@ -345,8 +346,7 @@ async def test_a_migration_behind_an_autovacuum_has_postgresql_cancel_it(own_dat
     await admin.execute("CREATE DATABASE before_0023")
     await admin.close()
     older = dsn.replace("/dipc?", "/before_0023?")
-    conn, watcher = [await asyncpg.connect(older) for _ in range(2)]
-    try:
+    async with sessions(older, 2) as (conn, watcher):
         await applied_before(conn, "0023")
         await _paid(conn, 100_000)
         await conn.execute("""
@@ -368,14 +368,10 @@ async def test_a_migration_behind_an_autovacuum_has_postgresql_cancel_it(own_dat
         [busy] = captured_log.events("migration.locks_busy")
         assert busy["next_lock_timeout_ms"] > 1000
         assert "autovacuum worker" in busy["waited_for"][0]
-    finally:
-        await conn.close()
-        await watcher.close()
 
 
 async def test_a_migration_blocked_past_its_budget_fails_naming_what_blocks_it(fresh_database):
-    conn, holder, watcher = [await asyncpg.connect(fresh_database) for _ in range(3)]
-    try:
+    async with sessions(fresh_database, 3) as (conn, holder, watcher):
         await applied_before(conn, "0023")
         async with holder.transaction():
             await holder.execute("SELECT count(*), 'SK-LIVE-secret' /* the nightly report */ FROM payments")
@@ -391,9 +387,6 @@ async def test_a_migration_blocked_past_its_budget_fails_naming_what_blocks_it(f
         free = "SELECT pg_try_advisory_lock($1) AND pg_advisory_unlock($1)"  # the migration's lock is let go
         assert await holder.fetchval(free, migrate.MIGRATION_LOCK_KEY)
         assert await migrate.migrate(conn) == state.pending  # and once the report is done, it applies
-    finally:
-        for each in (conn, holder, watcher):
-            await each.close()
 
 
 async def test_a_migration_is_not_bound_by_the_servers_statement_timeout(fresh_database):
@@ -415,8 +408,7 @@ async def test_a_migration_waits_for_another_one_past_the_sessions_timeouts(fres
     # `dipc migrate` from two places at once: the second waits for the first's advisory lock, for as
     # long as the first's migrations take, which neither statement_timeout nor a lock_timeout set on the
     # role or the database (a review) bounds.
-    first, second = [await asyncpg.connect(fresh_database) for _ in range(2)]
-    try:
+    async with sessions(fresh_database, 2) as (first, second):
         await first.execute("SELECT pg_advisory_lock($1)", migrate.MIGRATION_LOCK_KEY)  # migrating
         await second.execute("SET statement_timeout = 50; SET lock_timeout = 50")
         migrating = asyncio.create_task(migrate.migrate(second))
@@ -424,6 +416,3 @@ async def test_a_migration_waits_for_another_one_past_the_sessions_timeouts(fres
         await asyncio.sleep(0.5)  # ten times those timeouts
         await first.execute("SELECT pg_advisory_unlock($1)", migrate.MIGRATION_LOCK_KEY)
         assert await asyncio.wait_for(migrating, 30) == [m.version for m in migrate.available()]
-    finally:
-        await first.close()
-        await second.close()
