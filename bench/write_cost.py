@@ -43,28 +43,26 @@ KINDS_SHOWN = 0.05  # WAL record kinds written less often than this per request 
 
 @dataclass(frozen=True, slots=True)
 class Mark:
+    """Where a phase's WAL and table statistics stood, and the rows it counts, at one moment."""
+
+    wal_directory: str
     lsn: str
     tables: dict[str, tuple[int, int, int, int]]  # inserted, updated, of which HOT, deleted
+    rows: int  # of the phase's table, for its codes
 
 
-async def _mark(dsn: str) -> Mark:
+async def _mark(dsn: str, table: str, prefix: str) -> Mark:
     conn = await asyncpg.connect(dsn)
     try:
+        wal_directory = await conn.fetchval("SELECT current_setting('data_directory') || '/pg_wal'")
         lsn = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
-        rows = await conn.fetch(
+        tables = await conn.fetch(
             "SELECT relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del FROM pg_stat_user_tables"
         )
+        rows = await conn.fetchval(f"SELECT count(*) FROM {table} WHERE payment_code LIKE $1", prefix + "%")  # noqa: S608
     finally:
         await conn.close()
-    return Mark(lsn, {row[0]: tuple(row[1:]) for row in rows})
-
-
-async def _count(dsn: str, table: str, prefix: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(f"SELECT count(*) FROM {table} WHERE payment_code LIKE $1", prefix + "%")  # noqa: S608
-    finally:
-        await conn.close()
+    return Mark(wal_directory, lsn, {row[0]: tuple(row[1:]) for row in tables}, rows)
 
 
 async def _send_once(url: str, requests: list[tuple[dict[str, str], bytes]]) -> dict[int, int]:
@@ -97,9 +95,9 @@ def inquiries(codes: list[str]) -> list[tuple[dict[str, str], bytes]]:
     return signed
 
 
-def waldump(data_directory: str, start: str, end: str) -> tuple[dict[str, int], int, int]:
-    """Records by kind, all records' bytes, and the full-page images' bytes between two WAL positions."""
-    command = [run.pg_binary("pg_waldump"), "-p", f"{data_directory}/pg_wal", "-s", start, "-e", end]
+def waldump(before: Mark, after: Mark) -> tuple[dict[str, int], int, int]:
+    """Records by kind, all records' bytes, and the full-page images' bytes between two marks."""
+    command = [run.pg_binary("pg_waldump"), "-p", before.wal_directory, "-s", before.lsn, "-e", after.lsn]
     output = subprocess.run([*command, "--stats=record"], capture_output=True, text=True, check=True).stdout
     kinds: dict[str, int] = {}
     total = fpi = 0
@@ -113,8 +111,9 @@ def waldump(data_directory: str, start: str, end: str) -> tuple[dict[str, int], 
     return kinds, total, fpi
 
 
-def report(name: str, dsn: str, data_directory: str, before: Mark, after: Mark, done: int) -> list[str]:
-    kinds, total, fpi = waldump(data_directory, before.lsn, after.lsn)
+def report(name: str, before: Mark, after: Mark) -> list[str]:
+    done = after.rows - before.rows
+    kinds, total, fpi = waldump(before, after)
     lines = [
         f"### {name}: {done:,} requests",
         "",
@@ -141,21 +140,22 @@ def report(name: str, dsn: str, data_directory: str, before: Mark, after: Mark, 
     return [*lines, ""]
 
 
-def phase(env: dict[str, str], dsn: str, data_directory: str, name: str, table: str, prefix: str, target: str,
+def phase(env: dict[str, str], dsn: str, name: str, table: str, prefix: str, target: str,
           requests: list[tuple[dict[str, str], bytes]]) -> list[str]:  # fmt: skip
     """One server, the requests sent once, the server stopped, the figures per row ``table`` gained."""
-    rows_before, before = asyncio.run(_count(dsn, table, prefix)), asyncio.run(_mark(dsn))
+    before = asyncio.run(_mark(dsn, table, prefix))
     port = run.free_port()
     server = run.start_server(env, port, 1)
     try:
         statuses = asyncio.run(_send_once(f"http://127.0.0.1:{port}{target}", requests))
     finally:
         run.stop_server(server)
-    after, rows = asyncio.run(_mark(dsn)), asyncio.run(_count(dsn, table, prefix)) - rows_before
+    after = asyncio.run(_mark(dsn, table, prefix))
+    rows = after.rows - before.rows
     run.log(f"write cost: {name}: answers {statuses}, {rows:,} rows of {table}")
     if not rows or set(statuses) != {200}:
         sys.exit(f"bench: {name}: answers {statuses}, {rows} rows of {table}")
-    return report(name, dsn, data_directory, before, after, rows)
+    return report(name, before, after)
 
 
 def main() -> None:
@@ -173,24 +173,15 @@ def main() -> None:
             run.write_codes_csv(workdir / f"{prefix}.csv", count, prefix, reusable)
             run.import_codes(workdir / f"{prefix}.csv", env)
         run.settle(dsn)
-        data_directory = asyncio.run(_setting(dsn, "data_directory"))
         out = ["## What a request writes", ""]
         for label, prefix, count, _ in kinds:
             codes = [f"{prefix}{n % count:010d}" for n in range(args.requests)]
-            out += phase(env, dsn, data_directory, f"inquiries, {label} codes", "inquiries", prefix,
+            out += phase(env, dsn, f"inquiries, {label} codes", "inquiries", prefix,
                          "/doku/inquiry", inquiries(codes))  # fmt: skip
             signed = notify.presign(run.CLIENT, notify.quoted_bills(dsn, prefix))
-            out += phase(env, dsn, data_directory, f"first-time notifications, {label} codes", "payments",
+            out += phase(env, dsn, f"first-time notifications, {label} codes", "payments",
                          prefix, notify.TARGET, [(each.headers, each.body) for each in signed])  # fmt: skip
     print("\n".join(out))
-
-
-async def _setting(dsn: str, name: str) -> str:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval("SELECT current_setting($1)", name)
-    finally:
-        await conn.close()
 
 
 if __name__ == "__main__":
