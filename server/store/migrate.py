@@ -87,7 +87,6 @@ class MigrationBlocked(Exception):
             f"migration {version} could not take its locks in {tried_s:.0f} s of tries and was not "
             f"applied (nothing of it was); {named}. Run `dipc migrate` again once they have ended."
         )
-        self.version = version
 
 
 @dataclass(frozen=True, slots=True)
