@@ -16,6 +16,7 @@ the lock and a note saying where its cluster is.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.metadata
@@ -137,7 +138,11 @@ class EmbeddedPostgres:
         """Cheap: the server's process exists (and is not a zombie). No subprocess, no connection."""
         try:
             pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+        except OSError as error:
+            # Out of file descriptors (connections took them all) is no sign of death, and a restart could
+            # not open its lock file either.
+            return error.errno in (errno.EMFILE, errno.ENFILE)
+        except (ValueError, IndexError):
             return False
         if not _alive(pid):
             return False

@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -367,6 +368,41 @@ async def test_embedded_database_killed_mid_burst_is_restarted_by_dipc(dipc_owni
     assert "embedded.died" in log
     assert "embedded.restarted" in log
     assert "http.unhandled" not in log
+
+
+# Takes every file descriptor this process may open, then asks whether the cluster under argv[1] runs.
+_ALIVE_WITHOUT_DESCRIPTORS = """
+import sys
+from pathlib import Path
+from server.embedded import EmbeddedPostgres
+server = EmbeddedPostgres(Path(sys.argv[1]))
+held = []
+try:
+    while True:
+        held.append(open("/dev/null"))
+except OSError:
+    pass
+print(server.postmaster_alive(), len(held))
+"""
+
+
+def test_a_process_out_of_file_descriptors_does_not_take_its_database_for_dead(own_database, tmp_path):
+    """With every descriptor taken (1,100 idle connections to a `dipc serve --demo` limited to 1,024), the
+    watchdog could not read postmaster.pid, logged `embedded.died` at error and tried to restart a server
+    that was running, and the restart metric counted it. Only a missing pid file, or a pid that is gone,
+    means the server died."""
+    server, _ = own_database
+    done = subprocess.run(
+        [sys.executable, "-c", _ALIVE_WITHOUT_DESCRIPTORS, str(tmp_path / "pg")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    alive, held = done.stdout.split()
+    assert int(held) > 0
+    assert alive == "True"
+    assert server.postmaster_alive()
 
 
 async def test_with_several_workers_the_supervisor_restarts_the_embedded_database(tmp_path):
