@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+import resource
 import signal
 import socket
 import sys
@@ -101,6 +102,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("config.no_bins", detail="DIPC_BINS is unset: codes are not checked against BIN rules")
     settings.require_database()
     log_database_choice(settings)
+    _raise_open_files_limit()  # before the workers and the embedded server, which inherit it
     _refuse_taken_ports(settings)  # before the database: a demo's seed resets its codes
 
     embedded: EmbeddedPostgres | None = None
@@ -145,6 +147,36 @@ def run_serve(args: argparse.Namespace) -> int:
             watchdog.stop()
         if embedded is not None:
             embedded.stop()
+
+
+# Below this many open files a burst of connections (or a client opening them on purpose) can take every
+# descriptor: accept() fails, the next connection (DOKU's) is reset, and the pool cannot reconnect.
+MIN_OPEN_FILES = 4096
+
+
+def _raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one.
+
+    Every connection is a descriptor. systemd starts services with a soft limit of 1,024 (for programs
+    still using select()) and a far higher hard limit, which a program that needs more is expected to
+    raise its soft limit to, as Go's runtime and nginx (worker_rlimit_nofile) do. dipc uses epoll only.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as error:  # an unlimited hard limit above the kernel's nr_open
+            log.info("server.open_files_unchanged", limit=soft, hard_limit=hard, error=str(error))
+        else:
+            log.info("server.open_files_raised", limit=hard, was=soft)
+            soft = hard
+    if soft < MIN_OPEN_FILES:
+        log.warning(
+            "server.open_files_low",
+            limit=soft,
+            detail=f"at most about {soft} connections at once; raise the hard limit to {MIN_OPEN_FILES} "
+            "or more (systemd: LimitNOFILE=; docker: --ulimit nofile=; a shell: ulimit -Hn)",
+        )
 
 
 def _refuse_taken_ports(settings: Settings) -> None:

@@ -559,16 +559,31 @@ async def test_invented_methods_do_not_grow_the_metrics_without_end(client, capt
     assert_clean_log(captured_log)
 
 
-def _serve(database_url: str, port: int, output: Path, **extra_env: str):
-    """`dipc serve` in a process of its own, ready, its output (log lines included) in ``output``."""
+# Runs the rest of its arguments with the open-files limit set to (argv[1], argv[2]) (soft, hard).
+_WITH_OPEN_FILES = (
+    "import os, resource, sys;"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])));"
+    "os.execv(sys.argv[3], sys.argv[3:])"
+)
+
+
+def _serve(
+    database_url: str, port: int, output: Path, open_files: tuple[int, int] | None = None, **extra_env: str
+):
+    """`dipc serve` in a process of its own, ready, its output (log lines included) in ``output``;
+    started with ``open_files`` as its (soft, hard) limit on open files if given."""
     import subprocess
+    import sys
 
     from tests.conftest import dipc_env
     from tests.integration.test_cli import DIPC, wait_ready
 
     env = dipc_env(database_url, DIPC_PORT=str(port), DIPC_LOG_LEVEL="WARNING", **extra_env)
+    command = [*DIPC, "serve"]
+    if open_files is not None:
+        command = [sys.executable, "-c", _WITH_OPEN_FILES, *map(str, open_files), *command]
     with output.open("wb") as sink:
-        server = subprocess.Popen([*DIPC, "serve"], env=env, stdout=sink, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
     wait_ready(f"http://127.0.0.1:{port}/readyz", server)
     return server
 
@@ -634,3 +649,61 @@ async def test_a_thousand_stalled_bodies_leave_the_served_process_small(database
     logged = output.read_text()
     assert "Task was destroyed" not in logged
     assert '"level":"error"' not in logged
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+    raise AssertionError("no open-files limit")
+
+
+async def test_a_thousand_idle_connections_do_not_shut_doku_out(database_url, pool, tmp_path):
+    """systemd starts a service with a soft limit of 1,024 open files (its hard limit is far higher).
+    1,100 connections that sent nothing took every descriptor `dipc serve` had: DOKU's next connection
+    was reset, the header timeout freed them only after 10 s, and whoever opened them could open them
+    again. (Found by trying it as a hostile client.) dipc now raises its soft limit to the hard one."""
+    from tests.integration.test_cli import free_port
+
+    port = free_port()
+    output = tmp_path / "serve.log"
+    server = await asyncio.to_thread(_serve, database_url, port, output, (256, 4096))
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(400):
+            idle.append((await asyncio.open_connection("127.0.0.1", port))[1])
+        reply = await exchange("127.0.0.1", port, request_bytes("GET", "/healthz", []))
+        assert reply is not None
+        assert reply.status == 200
+        assert _open_files_limit(server.pid) == (4096, 4096)
+    finally:
+        for writer in idle:
+            writer.close()
+        server.terminate()
+        code = await asyncio.to_thread(server.wait, 30)
+    assert code == 0
+    assert '"level":"error"' not in output.read_text()
+
+
+async def test_a_hard_limit_of_open_files_too_low_to_serve_is_said_at_start(database_url, pool, tmp_path):
+    """Where the hard limit itself is low (a container run with `--ulimit nofile=256`), the soft one cannot
+    be raised: the operator learns it from the start's log, not from resets under load."""
+    from tests.integration.test_cli import free_port
+
+    port = free_port()
+    output = tmp_path / "serve.log"
+    server = await asyncio.to_thread(_serve, database_url, port, output, (256, 256))
+    try:
+        assert _open_files_limit(server.pid) == (256, 256)
+    finally:
+        server.terminate()
+        code = await asyncio.to_thread(server.wait, 30)
+    assert code == 0
+    warnings = [
+        orjson.loads(line) for line in output.read_text().splitlines() if "server.open_files_low" in line
+    ]
+    assert len(warnings) == 1
+    assert warnings[0]["level"] == "warning"
+    assert warnings[0]["limit"] == 256
