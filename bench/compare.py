@@ -170,6 +170,8 @@ def compare_open_loop(args, dsns, ports, codes, requests, pids, postmaster) -> N
                   f"  p50 {report['p50_ms']:6.2f} ms  p99 {report['p99_ms']:6.2f} ms"
                   f"  errors {report['errors']}  generator cpu {report['generator_cpu_share']:.0%}"
                   f" late p99 {report['generator_late_p99_ms']:.1f} ms"
+                  f"  machine busy {report['machine_busy_share']:.0%}"
+                  f" stolen {report['machine_steal_share']:.1%}"
                   f"  cpu {cpu_us[name][-1]:4.0f} us/req  db {db_us[name][-1]:4.0f} us/req",
                   flush=True)  # fmt: skip
     print(f"\nopen loop at {args.open_loop:,.0f} {args.kind} inquiries/s,"

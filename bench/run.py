@@ -576,7 +576,12 @@ def _open_loop_figure(name: str, runs: list[dict]) -> Figure:
     median = runs[len(runs) // 2]
     cpu = max(report["generator_cpu_share"] for report in runs)
     late = max(report["generator_late_p99_ms"] for report in runs)
-    generator = f"generator CPU ≤ {cpu:.0%}, its own lateness p99 ≤ {late:.1f} ms"
+    busy = ", ".join(f"{report['machine_busy_share']:.0%}" for report in runs)
+    steal = max(report["machine_steal_share"] for report in runs)
+    generator = (
+        f"generator CPU ≤ {cpu:.0%}, its own lateness p99 ≤ {late:.1f} ms; machine busy {busy}, "
+        f"stolen ≤ {steal:.1%}"
+    )
     if len(runs) > 1:
         each = ", ".join(f"{report['p99_ms']:.1f}" for report in runs)
         name = f"{name}, median of {len(runs)} rounds (p99s {each} ms; {generator})"
