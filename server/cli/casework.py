@@ -55,8 +55,9 @@ REASONS = sorted({reason.value for reasons in EXCEPTION_REASONS.values() for rea
 RESOLUTIONS_HELP = """\
 resolutions (final: a resolution is never edited or deleted):
   refunded   the money went back to the customer (give the refund id as --reference)
-  accepted   the merchant keeps the money and honours the payment; for an anomaly of a one-shot
-             code of the same merchant that is still payable, the code becomes paid
+  accepted   the merchant keeps the money and honours the payment: its invoice is paid (money
+             taken for it again is a conflict); for an anomaly of a one-shot code of the same
+             merchant that is still payable, the code becomes paid
   dismissed  no money moved (a test, a duplicate record)
 """
 

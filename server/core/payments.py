@@ -83,7 +83,7 @@ class PaymentHistory:
     """What is recorded already for the notice's code and invoice."""
 
     repeat: bool  # this very transaction (same code, invoice and reference) is recorded
-    invoice_paid: bool  # a normal payment exists for this code and invoice
+    invoice_paid: bool  # a normal payment, or an accepted exception, exists for this code and invoice
     quoted_amounts: frozenset[int]  # amounts successful inquiries quoted for this invoice
 
 

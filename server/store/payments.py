@@ -108,9 +108,10 @@ async def read_context(
     still so when it holds the code's row lock. With ``lock``, take that lock first (in the caller's
     transaction, which holds it until it ends): what is read cannot change before the recording.
 
-    ``dipc_payment_history`` (schemas/migrations/0008_payment_history.sql) says what is recorded: a
-    repeat is the same transaction reference, or the same amount where one side is a Check Status answer
-    that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule 3).
+    ``dipc_payment_history`` (schemas/migrations/0008_payment_history.sql, last changed by 0025) says what
+    is recorded: a repeat is the same transaction reference, or the same amount where one side is a Check
+    Status answer that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule 3);
+    the invoice is paid by a normal payment or by an exception finance accepted (spec §9).
     """
     row = await conn.fetchrow(
         _READ_CONTEXT[lock], payment_code, invoice_number, transaction_ref, amount, unnamed_ref

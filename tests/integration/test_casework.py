@@ -323,6 +323,34 @@ async def test_accepting_an_anomaly_of_a_reusable_code_changes_no_code(
     )
 
 
+@pytest.mark.parametrize(
+    ("resolution", "then"),
+    [
+        ("accepted", "(conflict,INVOICE_ALREADY_PAID)"),
+        ("refunded", "(normal,)"),
+        ("dismissed", "(normal,)"),
+    ],
+)
+async def test_an_invoice_of_a_reusable_code_is_paid_once_its_anomaly_is_accepted(
+    client, admin_headers, doku, register, pool, resolution, then
+):
+    """(Found by a finance review.) `accepted` means the merchant keeps the money and honours the payment
+    (spec §9): the invoice is paid. On a reusable code nothing said so, and the same invoice paid again at
+    its quoted amount by another store transaction was a normal payment: a customer charged twice for one
+    bill, with no exception to refund. It is a conflict now, as after a normal payment (spec §4 rule 4).
+    A refunded or dismissed anomaly left the bill unpaid, and the next payment pays it."""
+    await register(payment_code=REUSABLE, invoice_number="TOP", reusable=True)
+    invoice = (await doku.inquiry(REUSABLE)).json()["order"]["invoice_number"]
+    await pay(doku, code=REUSABLE, invoice=invoice, amount=1, ref="short")  # AMOUNT_MISMATCH
+    short = await payment_id(pool, "short")
+    assert (await resolve(client, admin_headers, short, resolution=resolution)).status == 200
+    await pay(doku, code=REUSABLE, invoice=invoice, ref="again")
+    recorded = "SELECT (kind, reason)::text FROM payments WHERE transaction_ref = 'again'"
+    assert await pool.fetchval(recorded) == then
+    paid_count = await pool.fetchval("SELECT paid_count FROM payment_codes WHERE payment_code = $1", REUSABLE)
+    assert paid_count == (1 if then == "(normal,)" else 0)
+
+
 async def test_accepting_an_anomaly_of_a_cancelled_code_changes_no_code(
     client, admin_headers, doku, register, pool
 ):
