@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -177,6 +177,7 @@ async def check(
         answer = await api.check(
             client, payment_code=invoice.payment_code, invoice_number=invoice.invoice_number, now=now_fn()
         )
+    answer = await _tied_to_the_code(pool, invoice, answer)
     recorded = None
     if answer.result is CheckResult.PAID:
         recorded = await _record_payment(pool, invoice, answer, now_fn())
@@ -198,6 +199,29 @@ async def check(
     if updated is None:  # the lease ran out while DOKU answered: whoever holds it now writes the result
         updated = await store.get(pool, invoice.payment_code, invoice.invoice_number) or invoice
     return CheckReport(updated, answer, recorded)
+
+
+async def _tied_to_the_code(pool: asyncpg.Pool, invoice: QuotedInvoice, answer: CheckAnswer) -> CheckAnswer:
+    """The answer, or an unknown one when it cannot be tied to the invoice's code.
+
+    DOKU is asked by invoice number alone (spec §8). An answer that names no payment code is about
+    whichever of the merchant's codes quoted that number: when two or more did (two one-shot codes given
+    one invoice number, reusable codes made alike), a SUCCESS would pay each of them for one store
+    transaction, and an EXPIRED would close each as unpaid. Unknown instead: checked again on the
+    schedule, and given up visibly if DOKU never names the code.
+    """
+    message = answer.message
+    if message is None or message.names_code or answer.result not in (CheckResult.PAID, CheckResult.EXPIRED):
+        return answer
+    codes = await store.codes_quoting(pool, invoice.client_id, invoice.invoice_number)
+    if codes < 2:
+        return answer
+    detail = (
+        f"DOKU answered {message.transaction_status} without naming the payment code, and {codes} codes "
+        f"quoted invoice {invoice.invoice_number}: it cannot be tied to one "
+        "(look it up in DOKU's Back Office)"
+    )
+    return replace(answer, result=CheckResult.UNREADABLE, detail=detail[:300], message=None)
 
 
 async def _record_payment(

@@ -212,6 +212,7 @@ class CheckStatusMessage:
     agent_id: str | None
     agent_store_id: str | None
     agent_trx_id: str | None
+    names_code: bool  # the answer says which payment code was paid (online_to_offline_info.payment_code)
 
     def transaction_reference(self, invoice_number: str) -> str:
         return conventions.transaction_reference(
@@ -234,7 +235,8 @@ def parse_check_status(body: bytes, *, payment_code: str, invoice_number: str) -
     )
     if answered_invoice is not None and answered_invoice != invoice_number:
         raise InvalidField("order.invoice_number", "is not the invoice asked about")
-    if member(data, PAYMENT_CODE_FIELD) not in (None, "") and payment_code_of(data) != payment_code:
+    names_code = member(data, PAYMENT_CODE_FIELD) not in (None, "")
+    if names_code and payment_code_of(data) != payment_code:
         raise InvalidField(PAYMENT_CODE_FIELD, "is not the payment code of the invoice asked about")
     paid = status == conventions.CHECK_PAID
     amount = _rupiah(member(data, "order.amount")) if paid else None
@@ -250,6 +252,7 @@ def parse_check_status(body: bytes, *, payment_code: str, invoice_number: str) -
         agent_id=identifiers.get("AGENT_ID"),
         agent_store_id=identifiers.get("AGENT_STORE_ID"),
         agent_trx_id=identifiers.get("AGENT_TRX_ID"),
+        names_code=names_code,
     )
 
 

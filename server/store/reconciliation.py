@@ -244,6 +244,15 @@ async def find_invoice(conn: asyncpg.Connection | asyncpg.Pool, invoice_number: 
     return [_invoice(row) for row in rows]
 
 
+async def codes_quoting(conn: asyncpg.Connection | asyncpg.Pool, client_id: str, invoice_number: str) -> int:
+    """How many of this merchant's codes quoted ``invoice_number`` (rows that retention removed aside)."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM reconciliation WHERE invoice_number = $1 AND client_id = $2",
+        invoice_number,
+        client_id,
+    )
+
+
 # How many invoices check_soon makes due in one transaction: the longest an inquiry quoting one of them
 # again, or a payment of one, waits for it is one such chunk.
 CHECK_SOON_CHUNK = 1000

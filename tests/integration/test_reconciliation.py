@@ -306,6 +306,71 @@ async def test_an_unknown_answer_never_closes_an_invoice(
     assert payment["transaction_ref"] == "the-real-one"
 
 
+def without_the_code(body: bytes) -> bytes:
+    """DOKU's answer without `online_to_offline_info`: spec §8 says some members may be missing."""
+    data = orjson.loads(body)
+    del data["online_to_offline_info"]
+    return orjson.dumps(data)
+
+
+async def test_an_answer_that_names_no_code_pays_no_code_when_several_share_the_invoice(
+    dipc, doku_sim, standin, pool, admin
+):
+    """(Found by a finance review.) DOKU is asked by invoice number alone. Two codes of one merchant quoted
+    the same number (two one-shot codes given one invoice number, or reusable codes made alike, which mint
+    the same ones), and DOKU's SUCCESS answer left out the payment code: the one store transaction was
+    recorded as a normal payment on each code, both codes marked paid. Such an answer cannot be tied to
+    one code, so it is unknown (spec §8: never read as paid nor unpaid), and finance looks it up in
+    DOKU's Back Office when the schedule gives up. An answer for a number only one code quoted is still
+    read as that code's."""
+    doku, _ = standin
+    twin = "8896512345678125"
+    await register(dipc, admin, invoice_number="INV-SHARED")
+    await register(dipc, admin, payment_code=twin, invoice_number="INV-SHARED")
+    await register(dipc, admin, payment_code="8896512345678126", invoice_number="INV-ALONE")
+    for code in (CODE, twin, "8896512345678126"):
+        assert (await doku_sim.inquiry(code)).status == 200
+    doku.paid["INV-SHARED"] = without_the_code(
+        doku.pay(CODE, "INV-SHARED", 150000, original_request_id="one")
+    )
+    doku.paid["INV-ALONE"] = without_the_code(
+        doku.pay("8896512345678126", "INV-ALONE", 150000, original_request_id="alone")
+    )
+
+    async def checked():
+        rows = [await row(pool, code, "INV-SHARED") for code in (CODE, twin)]
+        return rows if all(invoice["last_result"] is not None for invoice in rows) else None
+
+    for invoice in await eventually(checked):
+        assert (invoice["state"], invoice["last_result"]) == ("pending", "unreadable")
+        assert "2 codes" in invoice["last_detail"]
+    [alone] = await eventually(lambda: payments(pool, "8896512345678126"))
+    assert (alone["kind"], alone["transaction_ref"]) == ("normal", "alone")
+    assert await payments(pool, CODE) == []
+    assert await payments(pool, twin) == []
+
+
+async def test_an_expiry_that_names_no_code_closes_no_code_when_several_share_the_invoice(
+    dipc, doku_sim, standin, pool, admin
+):
+    """The same for EXPIRED, which is final: read as each code's, it would stop the checks of a code whose
+    customer may have paid. (DOKU's EXPIRED answers here never name the code.)"""
+    doku, _ = standin
+    twin = "8896512345678125"
+    await register(dipc, admin, invoice_number="INV-SHARED")
+    await register(dipc, admin, payment_code=twin, invoice_number="INV-SHARED")
+    for code in (CODE, twin):
+        assert (await doku_sim.inquiry(code)).status == 200
+    doku.expire("INV-SHARED")
+
+    async def checked():
+        rows = [await row(pool, code, "INV-SHARED") for code in (CODE, twin)]
+        return rows if all(invoice["last_result"] is not None for invoice in rows) else None
+
+    for invoice in await eventually(checked):
+        assert (invoice["state"], invoice["last_result"]) == ("pending", "unreadable")
+
+
 async def test_expired_closes_the_invoice_as_unpaid_and_a_new_quote_reopens_it(
     dipc, doku_sim, standin, pool, admin
 ):
