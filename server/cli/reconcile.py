@@ -19,7 +19,18 @@ from server.doku.checkstatus import CheckStatusClient
 from server.reconcile import worker
 from server.store import reconciliation as store
 
-COLUMNS = ["payment_code", "invoice_number", "amount", "result", "state", "attempts", "detail"]
+# amount: the invoice's, as quoted; paid: what DOKU's answer says was paid; recorded: what that became.
+COLUMNS = [
+    "payment_code",
+    "invoice_number",
+    "amount",
+    "result",
+    "paid",
+    "recorded",
+    "state",
+    "attempts",
+    "detail",
+]
 # A run asks about at most this many invoices: a year's unsettled ones would be hours of checks, all in
 # memory before the first line is printed.
 DEFAULT_LIMIT = 1000
@@ -63,8 +74,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _row(document: dict[str, Any]) -> dict[str, Any]:
     check = document.get("check") or {}
+    recorded = " ".join(str(part) for part in (check.get("recorded"), check.get("reason")) if part)
+    if check.get("payment_id") is not None:
+        recorded += f" #{check['payment_id']}"
     return document | {
         "result": check.get("result", "(paid: not asked)"),
+        "paid": check.get("amount"),
+        "recorded": recorded or None,
         "detail": check.get("detail") or document.get("last_detail"),
     }
 

@@ -150,9 +150,13 @@ class CheckReport:
                 "request_id": self.answer.request_id,
             }
         }
+        if self.answer.message is not None:
+            document["check"]["amount"] = self.answer.message.amount  # what DOKU says was paid
         if self.recorded is not None:
+            payment = self.recorded.payment
             document["check"]["recorded"] = self.recorded.outcome.value
-            document["check"]["payment_id"] = self.recorded.payment.id if self.recorded.payment else None
+            document["check"]["reason"] = payment.reason if payment else None
+            document["check"]["payment_id"] = payment.id if payment else None
         return document
 
 

@@ -700,6 +700,37 @@ async def test_the_stand_in_refuses_what_doku_would_refuse(aiohttp_client):
     assert len(doku.problems) == 3
 
 
+async def test_dipc_reconcile_prints_what_doku_says_was_paid_and_what_it_became(
+    aiohttp_client, pool, database_url, standin, admin
+):
+    """(Found by a finance review.) DOKU's answer of Rp 90,000 for a Rp 150,000 bill printed as the bill's
+    amount, `paid` and `paid`, though it was recorded as an anomaly: finance read a settled invoice."""
+    doku, server = standin
+    dipc = await aiohttp_client(make_app(reconciling_settings(server, reconcile=False), database_url))
+    doku_sim = DokuSimulator(dipc.session, str(dipc.make_url("")), CLIENT)
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    doku.pay(CODE, INVOICE, 90000, original_request_id=quote.request_id)
+    env = dipc_env(database_url, DIPC_DOKU_API_URL=str(server.make_url("")).rstrip("/"))
+
+    printed = await asyncio.to_thread(run, "reconcile", "--invoice", INVOICE, env=env)
+    assert printed.returncode == 0, printed.stderr
+    [header, line] = printed.stdout.decode().splitlines()
+    payment_id = await pool.fetchval("SELECT id FROM payments WHERE payment_code = $1", CODE)
+
+    def column(name: str) -> str:
+        start = header.index(name)
+        rest = header[start + len(name) :]
+        width = len(name) + len(rest) - len(rest.lstrip())
+        return line[start : start + width].strip()
+
+    assert (column("AMOUNT"), column("PAID"), column("RECORDED")) == (
+        "150000",
+        "90000",
+        f"anomaly AMOUNT_MISMATCH #{payment_id}",
+    )
+
+
 async def test_dipc_reconcile_asks_doku_by_hand_and_prints_what_it_found(
     aiohttp_client, pool, database_url, standin, admin
 ):
