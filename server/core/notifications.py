@@ -117,15 +117,20 @@ async def _decide_and_record(
         return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
 
     facts = (notice.payment_code, notice.invoice_number, notice.transaction_ref, notice.amount)
-    unnamed_ref = conventions.check_status_reference(notice.invoice_number)
+    # What a payment of this transaction may be known by, short of its own reference (migrations 0018
+    # and 0026): an unnamed Check Status answer's, and its store transaction's.
+    refs = {
+        "unnamed_ref": conventions.check_status_reference(notice.invoice_number),
+        "agent_ref": _agent_ref(notice),
+    }
     if batches is not None:
-        context = await batches.read_context(*facts, unnamed_ref=unnamed_ref)
+        context = await batches.read_context(*facts, **refs)
     else:
-        context = await payment_store.read_context(conn, *facts, unnamed_ref=unnamed_ref, lock=lock)
+        context = await payment_store.read_context(conn, *facts, **refs, lock=lock)
     if context.history.repeat:
         outcome = NotificationOutcome.REPEAT
         repeated = raw_values(outcome)
-        repeat_id = await payment_store.record_repeat(conn, repeated, *facts, unnamed_ref=unnamed_ref)
+        repeat_id = await payment_store.record_repeat(conn, repeated, *facts, **refs)
         if repeat_id is None:
             return None  # the unnamed payment it repeated was matched with another transaction meanwhile
         outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
@@ -148,6 +153,13 @@ async def _decide_and_record(
         outbox.replayed()
         return NotificationResult(recorded.notification_id, NotificationOutcome.REPEAT)
     return NotificationResult(recorded.notification_id, decision.outcome, decision, recorded.payment)
+
+
+def _agent_ref(notice: PaymentNotice) -> str | None:
+    """The reference the notice's transaction would have if DOKU had named it by its store transaction
+    only (a Check Status answer without original_request_id), when that is not its reference already."""
+    reference = conventions.agent_reference((notice.agent_id, notice.agent_store_id, notice.agent_trx_id))
+    return reference if reference != notice.transaction_ref else None
 
 
 async def record_rejected(pool: asyncpg.Pool, raw: RawNotification, payment_code: str) -> int:

@@ -57,12 +57,14 @@ def transaction_reference(
     count transactions alike, and those are two payments, never one. The prefixes keep the kinds of
     reference apart.
     """
-    if original_request_id:
-        return original_request_id
+    return original_request_id or agent_reference(agent) or fallback
+
+
+def agent_reference(agent: tuple[str | None, str | None, str | None]) -> str | None:
+    """The reference of a transaction named by its store transaction only: its ``AGENT_TRX_ID``, qualified
+    by its agent and store ids (None without one)."""
     agent_id, store_id, trx_id = agent
-    if trx_id:
-        return f"agent:{agent_id or ''}/{store_id or ''}/{trx_id}"
-    return fallback
+    return f"agent:{agent_id or ''}/{store_id or ''}/{trx_id}" if trx_id else None
 
 
 def request_reference(request_id: str) -> str:

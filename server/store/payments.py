@@ -69,6 +69,7 @@ class PaymentContext:
     history: PaymentHistory
     at: datetime  # the database's time of the read: the payment's recorded_at
     unnamed_ref: str  # what a Check Status answer that named no transaction is recorded as
+    agent_ref: str | None  # what one that named the notice's store transaction only is recorded as
     code_state: str | None  # what of the code the decision depends on (dipc_code_state)
     counting_state: str | None  # the same for a payment counted on the code
 
@@ -86,11 +87,11 @@ def _read_context(code: str, source: str) -> str:
 _READ_CONTEXT = {
     False: _read_context(
         "code",
-        "dipc_payment_history($1, $2, $3, $4, $5) AS facts"
+        "dipc_payment_history($1, $2, $3, $4, $5, $6) AS facts"
         " LEFT JOIN payment_codes code ON code.payment_code = $1",
     ),
     # dipc_payment_context takes the code's row lock, then reads the history (migration 0008).
-    True: _read_context("(facts.code)", "dipc_payment_context($1, $2, $3, $4, $5) AS facts"),
+    True: _read_context("(facts.code)", "dipc_payment_context($1, $2, $3, $4, $5, $6) AS facts"),
 }
 
 
@@ -102,24 +103,27 @@ async def read_context(
     amount: int,
     *,
     unnamed_ref: str,
+    agent_ref: str | None = None,
     lock: bool = False,
 ) -> PaymentContext:
     """Read a notice's code and what is recorded for its invoice: :func:`record` writes only if both are
     still so when it holds the code's row lock. With ``lock``, take that lock first (in the caller's
     transaction, which holds it until it ends): what is read cannot change before the recording.
 
-    ``dipc_payment_history`` (schemas/migrations/0008_payment_history.sql, last changed by 0025) says what
+    ``dipc_payment_history`` (schemas/migrations/0008_payment_history.sql, last changed by 0026) says what
     is recorded: a repeat is the same transaction reference, or the same amount where one side is a Check
-    Status answer that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule 3);
-    the invoice is paid by a normal payment or by an exception finance accepted (spec §9).
+    Status answer that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule 3),
+    or a payment that one recorded by the notice's store transaction only (``agent_ref``) and that no
+    notification is matched with yet; the invoice is paid by a normal payment or by an exception finance
+    accepted (spec §9).
     """
     row = await conn.fetchrow(
-        _READ_CONTEXT[lock], payment_code, invoice_number, transaction_ref, amount, unnamed_ref
+        _READ_CONTEXT[lock], payment_code, invoice_number, transaction_ref, amount, unnamed_ref, agent_ref
     )
-    return _context(row, unnamed_ref)
+    return _context(row, unnamed_ref, agent_ref)
 
 
-def _context(row: asyncpg.Record, unnamed_ref: str) -> PaymentContext:
+def _context(row: asyncpg.Record, unnamed_ref: str, agent_ref: str | None) -> PaymentContext:
     return PaymentContext(
         code=code_store.code_from_row(row, "code_") if row["code_payment_code"] is not None else None,
         history=PaymentHistory(
@@ -129,6 +133,7 @@ def _context(row: asyncpg.Record, unnamed_ref: str) -> PaymentContext:
         ),
         at=row["at"],
         unnamed_ref=unnamed_ref,
+        agent_ref=agent_ref,
         code_state=row["code_state"],
         counting_state=row["counting_state"],
     )
@@ -155,7 +160,9 @@ class Recorded:
 # is safe for its writes: the payment's unique keys see every committed row, and an UPDATE of a row
 # changed since the snapshot re-reads that row and checks its conditions again. A payment is inserted
 # before its inbox row, so that a twin that recorded the transaction meanwhile (only possible for a code
-# we do not know: no row to lock) makes the inbox row a repeat in the same statement.
+# we do not know: no row to lock) makes the inbox row a repeat in the same statement. $5 holds each
+# recording's agent_ref (PaymentContext), by position: not a field of dipc_recording, which a dipc of
+# before migration 0026 still running encodes without it.
 _RECORDED = (
     "(SELECT id, source, kind, payment_code, invoice_number FROM payments"
     " UNION ALL SELECT id, source, kind, payment_code, invoice_number FROM payment)"
@@ -173,7 +180,8 @@ context AS (
            c.invoice_paid AS paid, c.quoted_amounts AS quoted
       FROM recording r,
            dipc_payment_context_within(r.payment_code, r.invoice_number, r.transaction_ref, r.amount,
-                                       r.unnamed_ref, $2, CASE r.ordinality WHEN 1 THEN $3::text[] END,
+                                       r.unnamed_ref, ($5::text[])[r.ordinality], $2,
+                                       CASE r.ordinality WHEN 1 THEN $3::text[] END,
                                        CASE r.ordinality WHEN 1 THEN $4::text[] END) AS c
 ),
 ids AS (
@@ -255,21 +263,24 @@ async def record(
     repeat. Only the payment's own identity is a tolerated conflict: a second normal payment for one
     invoice violates ``payments_one_normal_idx`` and raises, so it can never pass silently.
     """
-    [row] = await conn.fetch(_RECORD, [_recording(context, notification, payment, event)], *_UNBATCHED)
+    recording = _recording(context, notification, payment, event)
+    [row] = await conn.fetch(_RECORD, *_statement_args([recording], *_UNBATCHED))
     return _recorded(row, payment)
 
 
 # A repeat's inbox row, written only if the payment it repeats is still found by its identity, which a
 # payment never loses: its own reference, the reference of the notification matched with it, or (for an
-# unnamed Check Status answer, $11 = $13) its amount. A notification that repeats an unnamed payment no
-# notification is matched with yet ('check-status:<invoice>', by amount) is matched with it here, under
-# the payment's row lock (migration 0018): of two store transactions racing for it, one is matched, and
-# the other finds it matched once the first commits and writes nothing, to be decided again.
+# unnamed Check Status answer, $11 = $13) its amount. A notification that repeats a payment no
+# notification is matched with yet, recorded from a Check Status answer that named no transaction
+# ('check-status:<invoice>', $13, migration 0018) or named it by the notice's store transaction only
+# ($14, migration 0026), by amount, is matched with it here, under the payment's row lock: of two store
+# transactions racing for it, one is matched, and the other finds it matched once the first commits and
+# writes nothing, to be decided again.
 _RECORD_REPEAT = f"""
 WITH matched AS (
     UPDATE payments SET notified_ref = $11
-     WHERE payment_code = $9 AND invoice_number = $10 AND transaction_ref = $13 AND amount = $12
-       AND notified_ref IS NULL AND $11 <> $13
+     WHERE payment_code = $9 AND invoice_number = $10 AND transaction_ref IN ($13, $14) AND amount = $12
+       AND notified_ref IS NULL AND transaction_ref <> $11
        AND NOT EXISTS (SELECT FROM payments known
                         WHERE known.payment_code = $9 AND known.invoice_number = $10
                           AND (known.transaction_ref = $11 OR known.notified_ref = $11))
@@ -297,13 +308,21 @@ async def record_repeat(
     amount: int,
     *,
     unnamed_ref: str,
+    agent_ref: str | None = None,
 ) -> int | None:
     """Store a notification (``inbox.values``) as a repeat of a payment :func:`read_context` found, and
-    match it with that payment if it is an unnamed one no notification is matched with yet. Its inbox id;
-    None, and nothing written, when the payment it repeated is now another transaction's (an unnamed
-    payment matched meanwhile): read it again and decide again."""
+    match it with that payment if it is one recorded by ``unnamed_ref`` or ``agent_ref`` that no
+    notification is matched with yet. Its inbox id; None, and nothing written, when the payment it
+    repeated is now another transaction's (matched meanwhile): read it again and decide again."""
     return await conn.fetchval(
-        _RECORD_REPEAT, *notification, payment_code, invoice_number, transaction_ref, amount, unnamed_ref
+        _RECORD_REPEAT,
+        *notification,
+        payment_code,
+        invoice_number,
+        transaction_ref,
+        amount,
+        unnamed_ref,
+        agent_ref,
     )
 
 
@@ -325,11 +344,18 @@ class PaymentBatches:
                                        sizes=metrics.PAYMENT_BATCH_SIZE.labels("record"))  # fmt: skip
 
     async def read_context(
-        self, payment_code: str, invoice_number: str, transaction_ref: str, amount: int, *, unnamed_ref: str
+        self,
+        payment_code: str,
+        invoice_number: str,
+        transaction_ref: str,
+        amount: int,
+        *,
+        unnamed_ref: str,
+        agent_ref: str | None = None,
     ) -> PaymentContext:
         """:func:`read_context` (without the lock), with the reads that arrive with it."""
-        item = (payment_code, invoice_number, transaction_ref, amount, unnamed_ref)
-        return _context(await self._reads.submit(item), unnamed_ref)
+        item = (payment_code, invoice_number, transaction_ref, amount, unnamed_ref, agent_ref)
+        return _context(await self._reads.submit(item), unnamed_ref, agent_ref)
 
     async def record(
         self,
@@ -372,7 +398,7 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
         return _payment_key(item)
 
     async def alone(self, conn: asyncpg.Connection, item: tuple[Any, ...]) -> tuple[asyncpg.Record, bool]:
-        [row] = await conn.fetch(_RECORD, [item], *_UNBATCHED)
+        [row] = await conn.fetch(_RECORD, *_statement_args([item], *_UNBATCHED))
         return row, False
 
     async def together(self, items: list[tuple[Any, ...]]) -> list[tuple[asyncpg.Record, bool]]:
@@ -382,7 +408,10 @@ class _Recordings(Batches[tuple[Any, ...], tuple[asyncpg.Record, bool]]):
         rounds = _rounds(items)
         first = (BATCH_LOCK_WAIT_MS, list(codes), list(invoices))
         later = (BATCH_LOCK_WAIT_MS, None, None)
-        args = [([items[n] for n in members], *(later if k else first)) for k, members in enumerate(rounds)]
+        args = [
+            _statement_args([items[n] for n in members], *(later if k else first))
+            for k, members in enumerate(rounds)
+        ]
         async with self._pool.acquire() as conn, conn.transaction():
             self.answer_previous()  # BEGIN is back: the batch before is answered while this one runs
             # One round trip for every round; a round's rows come in its recordings' order.
@@ -412,9 +441,16 @@ def _rounds(items: Sequence[tuple[Any, ...]]) -> list[list[int]]:
 # In a recording (``_recording``): its code, and the payment's identity (code, invoice, transaction).
 _CODE = 0
 _payment_key = operator.itemgetter(_CODE, 8, 9)
-# The recording statement's last parameters for recordings made alone: no bound on their lock waits, no
+# The recording statement's lock parameters for recordings made alone: no bound on their lock waits, no
 # batch's codes and invoices to lock first.
 _UNBATCHED = (None, None, None)
+# A recording's last item is its agent_ref, which the statement takes apart ($5), not in dipc_recording.
+_AGENT_REF = -1
+
+
+def _statement_args(items: Sequence[tuple[Any, ...]], *locks: Any) -> tuple[Any, ...]:
+    """The recording statement's parameters for ``items`` (``_recording``), with its lock parameters."""
+    return ([item[:_AGENT_REF] for item in items], *locks, [item[_AGENT_REF] for item in items])
 
 
 def _recording(
@@ -423,7 +459,8 @@ def _recording(
     payment: Payment,
     event: tuple[str, dict[str, Any]],
 ) -> tuple[Any, ...]:
-    """One recording for :func:`record`'s statement: a ``dipc_recording`` (migration 0019)."""
+    """One recording for :func:`record`'s statement: a ``dipc_recording`` (migration 0019), then its
+    ``agent_ref``."""
     counting = payment.kind == PaymentKind.NORMAL
     payment_code, client_id, request_id, headers, *rest = notification  # inbox.values
     if payment_code != payment.payment_code:
@@ -456,6 +493,7 @@ def _recording(
         context.history.invoice_paid,
         sorted(context.history.quoted_amounts),
         counting,
+        context.agent_ref,  # taken apart by _statement_args
     )
 
 

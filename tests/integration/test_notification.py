@@ -649,8 +649,8 @@ async def test_a_recording_of_a_dipc_from_before_migration_0016_still_records(re
     await register()
     notice = paid_notice()
     invoices = r",\s*CASE r\.ordinality WHEN 1 THEN \$4::text\[\] END\) AS c"
-    before_0016 = re.sub(invoices, ") AS c", payment_store._RECORD)
-    assert before_0016 != payment_store._RECORD
+    before_0016 = re.sub(invoices, ") AS c", _before_0026())
+    assert before_0016 != _before_0026()
     async with outbox.connection(pool) as conn:
         context = await payment_store.read_context(
             conn, CODE, INVOICE, notice.transaction_ref, notice.amount, unnamed_ref="check-status:x"
@@ -660,7 +660,45 @@ async def test_a_recording_of_a_dipc_from_before_migration_0016_still_records(re
         recording = payment_store._recording(
             context, stored(decision.outcome, "r-1"), payment, ("payment.received", {"code": {}})
         )
-        [row] = await conn.fetch(before_0016, [recording], None, None)
+        [row] = await conn.fetch(before_0016, [recording[:-1]], None, None)  # without the agent_ref
+    assert row["payment_id"] is not None
+    assert tuple(await code_row(pool)) == ("paid", 1)
+    assert [row["outcome"] for row in await inbox(pool)] == ["normal"]
+
+
+def _before_0026() -> str:
+    """The recording statement of a dipc from before migration 0026: no agent_ref ($5) in its call."""
+    agent_ref = r"\(\$5::text\[\]\)\[r\.ordinality\],\s*"
+    statement = re.sub(agent_ref, "", payment_store._RECORD)
+    assert statement != payment_store._RECORD
+    return statement
+
+
+async def test_a_notification_of_a_dipc_from_before_migration_0026_still_reads_and_records(register, pool):
+    """While a deploy replaces the workers, those from before migration 0026 read with the history's five
+    arguments and record with eight: those functions are kept, as the new ones without a store
+    transaction's reference."""
+    await register()
+    notice = paid_notice()
+    async with outbox.connection(pool) as conn:
+        row = await conn.fetchrow(
+            payment_store._READ_CONTEXT[False].replace(", $6)", ")"),
+            CODE,
+            INVOICE,
+            notice.transaction_ref,
+            notice.amount,
+            "check-status:x",
+        )
+        assert (row["repeat"], row["invoice_paid"]) == (False, False)
+        context = await payment_store.read_context(
+            conn, CODE, INVOICE, notice.transaction_ref, notice.amount, unnamed_ref="check-status:x"
+        )
+        decision = decide_payment(notice, context.code, context.history, utcnow())
+        payment = planned_payment(notice, decision, context, "notification")
+        recording = payment_store._recording(
+            context, stored(decision.outcome, "r-1"), payment, ("payment.received", {"code": {}})
+        )
+        [row] = await conn.fetch(_before_0026(), [recording[:-1]], None, None, None)
     assert row["payment_id"] is not None
     assert tuple(await code_row(pool)) == ("paid", 1)
     assert [row["outcome"] for row in await inbox(pool)] == ["normal"]

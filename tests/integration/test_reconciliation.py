@@ -171,6 +171,44 @@ async def test_a_paid_invoice_whose_notification_never_came_is_recovered_once(
         assert after[sample] - before[sample] == 1
 
 
+async def test_a_payment_doku_named_by_its_store_transaction_is_repeated_by_its_late_notification(
+    dipc, doku_sim, standin, pool, admin
+):
+    """(Found by a finance review.) DOKU's Check Status answer named the transaction by its store's
+    AGENT_TRX_ID only (no original_request_id: spec §8, some members may be missing), so the payment's
+    reference was agent:ALFAMART/TZ01/1246. DOKU's late notification of the same transaction carries its
+    original_request_id too, a reference of its own: it became a conflict, and the alert told finance to
+    refund a customer who had paid once. It repeats the payment now, matched with it as an unnamed
+    answer's is (migration 0018): another transaction that shows the same store transaction again is not
+    taken for it, and stays a conflict."""
+    doku, _ = standin
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    doku.pay(CODE, INVOICE, 150000, agent_trx_id="1246")  # ...and no notification
+
+    [payment] = await eventually(lambda: payments(pool))
+    assert (payment["kind"], payment["transaction_ref"]) == ("normal", "agent:ALFAMART/TZ01/1246")
+    late = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id, agent_trx_id="1246"
+    )
+    assert late.status == 200
+    assert [row["id"] for row in await payments(pool)] == [payment["id"]]
+    outcome = await pool.fetchval("SELECT outcome FROM notifications WHERE source = 'notification'")
+    assert outcome == "repeat"
+    assert await pool.fetchval("SELECT notified_ref FROM payments") == quote.request_id
+    # Its retry repeats it still; another transaction naming the same store transaction is a conflict.
+    again = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id, agent_trx_id="1246"
+    )
+    assert again.status == 200
+    other = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id="another", agent_trx_id="1246"
+    )
+    assert other.status == 200
+    kinds = [(row["kind"], row["transaction_ref"]) for row in await payments(pool)]
+    assert kinds == [("normal", "agent:ALFAMART/TZ01/1246"), ("conflict", "another")]
+
+
 async def test_an_invoice_paid_by_its_notification_is_never_asked_about(dipc, doku_sim, standin, pool, admin):
     doku, _ = standin
     await register(dipc, admin)
