@@ -36,10 +36,11 @@ LANGUAGE sql STABLE ROWS 1 AS $$
                                         AND p.notified_ref IS NULL))))),
            EXISTS (SELECT 1 FROM payments p
                     WHERE p.payment_code = p_payment_code AND p.invoice_number = p_invoice_number
-                      AND (p.kind = 'normal'
-                           OR EXISTS (SELECT 1 FROM payment_resolutions r
-                                       WHERE r.payment_code = p.payment_code AND r.payment_id = p.id
-                                         AND r.resolution = 'accepted'))),
+                      AND p.kind = 'normal')
+             OR EXISTS (SELECT 1 FROM payment_resolutions r
+                          JOIN payments p ON p.payment_code = r.payment_code AND p.id = r.payment_id
+                         WHERE r.payment_code = p_payment_code AND r.resolution = 'accepted'
+                           AND p.invoice_number = p_invoice_number),
            ARRAY(SELECT DISTINCT i.amount FROM inquiries i
                   WHERE i.payment_code = p_payment_code AND i.invoice_number = p_invoice_number
                     AND i.amount IS NOT NULL
