@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gzip
 import ipaddress
+import os
+import zlib
 from pathlib import Path
 
 import asyncpg
@@ -15,7 +19,8 @@ import pytest
 from server.app import make_app
 from server.doku.client import notification_body
 from server.ops import metrics
-from tests.conftest import ADMIN_TOKEN, CLIENT, CLIENT_ID, CODE, SECRET_KEY, make_settings
+from tests.conftest import ADMIN_TOKEN, CLIENT, CLIENT_ID, CODE, SECRET_KEY, code_fields, make_settings
+from tests.integration.test_admin import csv_of
 from tests.rawhttp import exchange, request_bytes, signed_raw_headers
 
 INVOICE = "INV-2026-000123"
@@ -533,6 +538,72 @@ async def test_any_expect_header_is_handled_in_our_shape(client, captured_log, e
     assert_clean_log(captured_log)
 
 
+def _gzip_cut_short(size: int) -> bytes:
+    """The first ``size`` bytes of spaces, gzip-compressed, then bytes that are not deflate at all."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return squeeze.compress(b" " * size) + squeeze.flush(zlib.Z_SYNC_FLUSH) + b"\xff" * 64
+
+
+BROKEN_ENCODINGS = {
+    "not gzip, capitalised": ("Gzip", b"not gzip"),
+    "gzip, then junk after its end": ("gzip", gzip.compress(b"{}") + b"junk"),
+    "gzip cut short": ("gzip", gzip.compress(b"{}")[:-6]),
+    "deflate that is not": ("deflate", b"not deflate"),
+    # aiohttp inflated all of it after the refusal (the 413 at 64 KiB), and logged a second line.
+    "gzip that breaks past the limit": ("gzip", _gzip_cut_short(1 << 20)),
+}
+
+
+@pytest.mark.parametrize(("encoding", "body"), BROKEN_ENCODINGS.values(), ids=BROKEN_ENCODINGS.keys())
+@pytest.mark.parametrize("path", ["/doku/notification", "/v1/payment-codes", "/nowhere"])
+async def test_a_broken_content_encoding_is_one_4xx_and_one_log_line(
+    client, captured_log, path, encoding, body
+):
+    """(Found by a hostile client.) Some of these were answered and then logged twice: aiohttp decoded
+    the body in its parser and failed again while it drained what the route had not read."""
+    headers = [
+        ("Content-Encoding", encoding),
+        ("Content-Type", "application/json"),
+        ("Authorization", f"Bearer {ADMIN_TOKEN}"),
+    ]
+    reply = await exchange(*address(client), request_bytes("POST", path, headers, body))
+    assert reply is not None
+    assert 400 <= reply.status < 500
+    await asyncio.sleep(0.3)  # the connection's drain of what was not read, and its log line if any
+    assert [line["event"] for line in captured_log.lines() if line["event"].startswith("http.")] == [
+        "http.request"
+    ]
+    assert_clean_log(captured_log)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "GZIP", "deflate", "bare deflate", "identity"])
+async def test_a_compressed_body_is_read_as_its_content(client, admin_headers, encoding):
+    document = orjson.dumps(code_fields())
+    coded = {
+        "deflate": lambda data: zlib.compress(data),
+        "bare deflate": lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS),
+        "identity": lambda data: data,
+    }.get(encoding, gzip.compress)(document)
+    headers = admin_headers | {
+        "Content-Type": "application/json",
+        "Content-Encoding": "deflate" if encoding == "bare deflate" else encoding,
+    }
+    response = await client.post("/v1/payment-codes", data=coded, headers=headers)
+    assert response.status == 201, await response.text()
+    assert (await response.json())["payment_code"] == CODE
+
+
+async def test_a_gzip_import_is_read_as_its_content(client, admin_headers, pool):
+    rows = [f"88965000{n:08d},{1000 + n},INV-GZ-{n},Budi,false" for n in range(3000)]
+    headers = admin_headers | {"Content-Type": "text/csv", "Content-Encoding": "gzip"}
+    response = await client.post(
+        "/v1/payment-codes/import", data=gzip.compress(csv_of(rows)), headers=headers
+    )
+    assert response.status == 200, await response.text()
+    assert (await response.json())["imported"] == 3000
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes") == 3000
+
+
 @pytest.mark.parametrize("path", ["/doku/notification", "/v1/payment-codes"])
 async def test_a_body_whose_content_encoding_is_broken_is_a_400(client, captured_log, path):
     headers = [
@@ -707,3 +778,89 @@ async def test_a_hard_limit_of_open_files_too_low_to_serve_is_said_at_start(data
     assert len(warnings) == 1
     assert warnings[0]["level"] == "warning"
     assert warnings[0]["limit"] == 256
+
+
+def _cpu_s(pid: int) -> float:
+    """The process's CPU time so far (user and system), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _gzip_of_spaces(gigabytes: int) -> bytes:
+    """The beginning of a gzip stream of ``gigabytes`` GiB of spaces, in about 1 KB per MiB: one block
+    repeated (after a full flush a block refers to nothing before it). It has no end: it is never read
+    that far."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    head = squeeze.compress(b" " * (16 << 20)) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    block = squeeze.compress(b" " * (16 << 20)) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    return head + block * (gigabytes * 64 - 1)
+
+
+def _pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[start : start + size] for start in range(0, len(data), size)]
+
+
+async def test_gzip_bombs_cost_the_server_no_more_than_their_limit(database_url, pool, tmp_path):
+    """(Found by a hostile client.) aiohttp inflated a gzip body in the event loop as it arrived, the 413
+    at the limit notwithstanding, and went on inflating what it drained after the answer: three chunked
+    requests of 2 MB (2 GiB of spaces each) held every other request for up to 2 s and got a signed
+    inquiry a 503, with no authentication (here they cost the server 0.6 s of CPU). dipc inflates no
+    more than the limit now, and drains the rest as it came: next to nothing."""
+    from tests.integration.test_cli import free_port
+
+    # Chunked, so that there is no length to refuse it by: it is read, to the limit.
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in _pieces(_gzip_of_spaces(2), 1 << 16))
+    request = (
+        b"POST /doku/inquiry HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + chunks
+        + b"0\r\n\r\n"
+    )
+    port = free_port()
+    server = await asyncio.to_thread(_serve, database_url, port, tmp_path / "serve.log")
+    try:
+        before = _cpu_s(server.pid)
+        replies = await asyncio.gather(*(exchange("127.0.0.1", port, request) for _ in range(3)))
+        spent = _cpu_s(server.pid) - before
+        assert [reply.status if reply else None for reply in replies] == [413] * 3
+        assert spent < 0.2, f"{spent:.2f} s of CPU for 3 refused bodies"
+    finally:
+        server.terminate()
+        code = await asyncio.to_thread(server.wait, 30)
+    assert code == 0
+
+
+async def test_a_client_that_stops_reading_its_answers_is_cut_off(aiohttp_client, database_url, captured_log):
+    """(Found by a hostile client.) A client that pipelined requests and never read the answers held its
+    connection, its handler and the answers written so far for ever (0.75 MB each for forty `GET
+    /metrics`; 300 such connections took a process from 136 to 358 MB): aiohttp waits for the send
+    buffer to drain without a bound. Past the body timeout without progress, the connection is cut."""
+    import socket
+
+    client = await aiohttp_client(make_app(make_settings(body_timeout_s=1.0), database_url))
+    stalled = []
+    for _ in range(3):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        sock.connect(address(client))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+        stalled.append(sock)
+    try:
+        for _ in range(100):
+            cut = [line for line in captured_log.lines() if line["event"] == "http.write_timeout"]
+            if len(cut) == len(stalled):
+                break
+            await asyncio.sleep(0.1)
+        assert [line["timeout_s"] for line in cut] == [1.0] * len(stalled)
+        for sock in stalled:  # what was sent before the cut, then the end of the connection
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(1 << 20):
+                    pass
+        reply = await exchange(*address(client), request_bytes("GET", "/healthz", []))
+        assert reply is not None
+        assert reply.status == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert_clean_log(captured_log)
