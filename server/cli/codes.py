@@ -44,8 +44,10 @@ CODE_COLUMNS = [
     "paid_count",
     "expires_at",
 ]
+# paid_at: when DOKU says the customer paid; recorded_at: when dipc recorded it (what --since filters on).
 PAYMENT_COLUMNS = [
-    "id", "payment_code", "invoice_number", "amount", "kind", "reason", "channel", "source", "paid_at"
+    "id", "payment_code", "invoice_number", "amount", "kind", "reason", "channel", "source", "paid_at",
+    "recorded_at",
 ]  # fmt: skip
 
 

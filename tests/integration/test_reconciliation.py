@@ -791,6 +791,9 @@ async def test_dipc_reconcile_asks_doku_by_hand_and_prints_what_it_found(
     listed = await asyncio.to_thread(run, "payments", "list", env=env)  # what the alert tells on-call to read
     [header, row] = listed.stdout.decode().splitlines()
     assert row[header.index("SOURCE") :].startswith("check_status")
+    # --since filters on the time dipc recorded a payment: the table shows it beside DOKU's (found by a
+    # finance review: a payment paid before the time asked for was listed, its PAID_AT all it showed).
+    assert header.split()[-2:] == ["PAID_AT", "RECORDED_AT"]
 
     since = await asyncio.to_thread(run, "reconcile", "--since", "2020-01-01T00:00:00Z", env=env)
     assert since.returncode == 0, since.stderr
