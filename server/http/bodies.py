@@ -6,9 +6,9 @@ hostile client can hold memory and connections: every read here is bounded in by
 
 A ``Content-Encoding`` of gzip or deflate is undone here, not by aiohttp (``auto_decompress`` is off in
 server/http/protocol.py): aiohttp inflated all that arrived, whatever the limit, and went on inflating
-what it drained after the refusal, in the event loop. 64 KB of gzip is 63 MB of spaces: 20 such
-requests held every other request for 2.5 s, and three chunked ones of 2 MB got a signed inquiry a
-503. Here no more than the limit (and a chunk) is ever inflated.
+what it drained after the refusal, in the event loop (a review held every other request for up to 2 s,
+and got a signed inquiry a 503, with three chunked bodies of 2 MB: 2 GiB of spaces each). Here no more
+than the limit, plus a byte, is ever inflated.
 """
 
 from __future__ import annotations
@@ -98,18 +98,21 @@ class _Body:
     the refusal): :meth:`take` gives the decoded bytes of each piece that arrives, :meth:`end` checks
     that the encoding is complete."""
 
-    __slots__ = ("_inflate", "limit", "taken", "what")
+    __slots__ = ("_coding", "_inflate", "limit", "taken", "what")
 
     def __init__(self, request: web.Request, limit: int, what: str) -> None:
         self.limit = limit
         self.what = what
         self.taken = 0
-        self._inflate = _inflater(request.headers.get("Content-Encoding"))
+        self._coding = _coding(request.headers.get("Content-Encoding"))
+        self._inflate: Any = None  # made from the first bytes (deflate comes in two forms)
 
     def take(self, data: bytes) -> list[bytes]:
-        if self._inflate is None:
+        if self._coding is None:
             self._count(len(data))
             return [data]
+        if self._inflate is None:
+            self._inflate = zlib.decompressobj(_window_bits(self._coding, data))
         pieces = []
         try:
             while data:
@@ -125,7 +128,7 @@ class _Body:
         return pieces
 
     def end(self) -> None:
-        if self._inflate is not None and not self._inflate.eof:
+        if self._coding is not None and not (self._inflate is not None and self._inflate.eof):
             raise BadRequest("the body ends before its Content-Encoding does")
 
     def _count(self, size: int) -> None:
@@ -134,35 +137,22 @@ class _Body:
             raise BodyTooLarge(f"{self.what} is over the limit of {self.limit} bytes")
 
 
-def _inflater(encoding: str | None) -> Any:
-    """A decompressor for the request's ``Content-Encoding``; None for none, and for a coding dipc does
-    not know, whose bytes are taken as they are (as aiohttp took them: a signature over them verifies)."""
+def _coding(encoding: str | None) -> str | None:
+    """``gzip`` or ``deflate``; None for none, and for a coding dipc does not know, whose bytes are taken
+    as they are (as aiohttp took them: a signature over them verifies)."""
     coding = (encoding or "").strip().lower()
     if coding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS)
-    if coding == "deflate":
-        # RFC 9110: the zlib format. Some senders send bare deflate; the zlib header tells them apart.
-        return _Deflate()
-    return None
+        return "gzip"
+    return "deflate" if coding == "deflate" else None
 
 
-class _Deflate:
-    """``deflate``: zlib's format, or bare deflate (no header), told apart by the first two bytes."""
-
-    def __init__(self) -> None:
-        self._inflate: Any = None
-
-    def decompress(self, data: bytes, max_length: int) -> bytes:
-        if self._inflate is None:
-            zlib_header = len(data) >= 2 and data[0] & 0x0F == 8 and int.from_bytes(data[:2]) % 31 == 0
-            self._inflate = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
-        return self._inflate.decompress(data, max_length)
-
-    def __getattr__(self, name: str) -> Any:  # unused_data, unconsumed_tail, eof
-        return getattr(self._inflate, name) if self._inflate is not None else _NOTHING_YET[name]
-
-
-_NOTHING_YET = {"unused_data": b"", "unconsumed_tail": b"", "eof": False}
+def _window_bits(coding: str, first: bytes) -> int:
+    """zlib's ``wbits`` for the coding. ``deflate`` is zlib's format (RFC 9110), but some senders send
+    bare deflate: a zlib header (its first two bytes) tells them apart."""
+    if coding == "gzip":
+        return 16 + zlib.MAX_WBITS
+    zlib_header = len(first) >= 2 and first[0] & 0x0F == 8 and int.from_bytes(first[:2]) % 31 == 0
+    return zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
 
 
 async def read_bounded(request: web.Request, limit: int) -> bytes:
