@@ -69,6 +69,12 @@ def _describe(status: int, exc: BaseException | None) -> tuple[str, str]:
     return "BAD_REQUEST", "the request is not valid HTTP/1.1"
 
 
+def _remote(transport: asyncio.BaseTransport) -> str | None:
+    """The peer's address, for a line logged before (or without) a request to take it from."""
+    peer = transport.get_extra_info("peername")
+    return peer[0] if isinstance(peer, tuple) else None
+
+
 def _json_error(code: str, message: str) -> bytes:
     return orjson.dumps({"error": {"code": code, "message": message}})
 
@@ -126,12 +132,7 @@ class EdgeRequestHandler(RequestHandler):
         transport = self.transport
         if transport is None or self._request_in_progress or self._messages:
             return
-        peer = transport.get_extra_info("peername")
-        log.info(
-            "http.header_timeout",
-            remote=peer[0] if isinstance(peer, tuple) else None,
-            timeout_s=self._header_timeout_s,
-        )
+        log.info("http.header_timeout", remote=_remote(transport), timeout_s=self._header_timeout_s)
         metrics.HTTP_REQUESTS.labels("unmatched", "other", "408", "HEADER_TIMEOUT").inc()
         body = _json_error("REQUEST_TIMEOUT", "the request headers did not arrive in time")
         transport.write(
@@ -161,10 +162,9 @@ class EdgeRequestHandler(RequestHandler):
         transport = self.transport
         if transport is None:
             return
-        peer = transport.get_extra_info("peername")
         log.info(
             "http.write_timeout",
-            remote=peer[0] if isinstance(peer, tuple) else None,
+            remote=_remote(transport),
             timeout_s=self._write_timeout_s,
             unsent_bytes=transport.get_write_buffer_size(),
         )

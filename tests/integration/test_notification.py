@@ -647,31 +647,12 @@ async def test_a_recording_of_a_dipc_from_before_migration_0016_still_records(re
     """While a deploy replaces the workers, those from before migration 0016 call the recording's function
     with seven arguments: that one is kept, as the new one without a batch's invoices."""
     await register()
-    notice = paid_notice()
     invoices = r",\s*CASE r\.ordinality WHEN 1 THEN \$4::text\[\] END\) AS c"
     before_0016 = re.sub(invoices, ") AS c", _before_0026())
     assert before_0016 != _before_0026()
     async with outbox.connection(pool) as conn:
-        context = await payment_store.read_context(
-            conn, CODE, INVOICE, notice.transaction_ref, notice.amount, unnamed_ref="check-status:x"
-        )
-        decision = decide_payment(notice, context.code, context.history, utcnow())
-        payment = planned_payment(notice, decision, context, "notification")
-        recording = payment_store._recording(
-            context, stored(decision.outcome, "r-1"), payment, ("payment.received", {"code": {}})
-        )
-        [row] = await conn.fetch(before_0016, [recording[:-1]], None, None)  # without the agent_ref
-    assert row["payment_id"] is not None
-    assert tuple(await code_row(pool)) == ("paid", 1)
-    assert [row["outcome"] for row in await inbox(pool)] == ["normal"]
-
-
-def _before_0026() -> str:
-    """The recording statement of a dipc from before migration 0026: no agent_ref ($5) in its call."""
-    agent_ref = r"\(\$5::text\[\]\)\[r\.ordinality\],\s*"
-    statement = re.sub(agent_ref, "", payment_store._RECORD)
-    assert statement != payment_store._RECORD
-    return statement
+        [row] = await conn.fetch(before_0016, [await _old_recording(conn)], None, None)
+    await _recorded_once(pool, row)
 
 
 async def test_a_notification_of_a_dipc_from_before_migration_0026_still_reads_and_records(register, pool):
@@ -690,15 +671,32 @@ async def test_a_notification_of_a_dipc_from_before_migration_0026_still_reads_a
             "check-status:x",
         )
         assert (row["repeat"], row["invoice_paid"]) == (False, False)
-        context = await payment_store.read_context(
-            conn, CODE, INVOICE, notice.transaction_ref, notice.amount, unnamed_ref="check-status:x"
-        )
-        decision = decide_payment(notice, context.code, context.history, utcnow())
-        payment = planned_payment(notice, decision, context, "notification")
-        recording = payment_store._recording(
-            context, stored(decision.outcome, "r-1"), payment, ("payment.received", {"code": {}})
-        )
-        [row] = await conn.fetch(_before_0026(), [recording[:-1]], None, None, None)
+        [row] = await conn.fetch(_before_0026(), [await _old_recording(conn)], None, None, None)
+    await _recorded_once(pool, row)
+
+
+def _before_0026() -> str:
+    """The recording statement of a dipc from before migration 0026: no agent_ref ($5) in its call."""
+    agent_ref = r"\(\$5::text\[\]\)\[r\.ordinality\],\s*"
+    statement = re.sub(agent_ref, "", payment_store._RECORD)
+    assert statement != payment_store._RECORD
+    return statement
+
+
+async def _old_recording(conn) -> tuple:
+    """A first-time notice's recording, read and decided now, as a dipc before 0026 encodes it (without
+    the agent_ref that follows the dipc_recording)."""
+    notice = paid_notice()
+    context = await payment_store.read_context(
+        conn, CODE, INVOICE, notice.transaction_ref, notice.amount, unnamed_ref="check-status:x"
+    )
+    decision = decide_payment(notice, context.code, context.history, utcnow())
+    payment = planned_payment(notice, decision, context, "notification")
+    event = ("payment.received", {"code": {}})
+    return payment_store._recording(context, stored(decision.outcome, "r-1"), payment, event)[:-1]
+
+
+async def _recorded_once(pool, row) -> None:
     assert row["payment_id"] is not None
     assert tuple(await code_row(pool)) == ("paid", 1)
     assert [row["outcome"] for row in await inbox(pool)] == ["normal"]
