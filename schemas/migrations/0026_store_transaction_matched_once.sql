@@ -8,14 +8,17 @@
 -- a reference of its own, so it was taken for a second transaction, a conflict, and the alert told
 -- finance to refund a customer who had paid once. A finance review found it.
 --
--- Such a payment is now matched as an unnamed one is (0018): the first notice of the same amount whose
--- store transaction it is (p_agent_ref, the reference the notice would have without its
--- original_request_id; NULL when the notice has no AGENT_TRX_ID, or no other reference) repeats it, and
+-- Such a payment, recorded from a Check Status answer (source 'check_status'), is now matched as an
+-- unnamed one is (0018): the first notice of the same amount whose store transaction it is (p_agent_ref,
+-- the reference the notice would have without its original_request_id; NULL when the notice has no
+-- AGENT_TRX_ID, or no other reference) repeats it, and
 -- records its own reference in notified_ref (server/store/payments.py, record_repeat, under the
 -- payment's row lock). From then on only that reference repeats it: another transaction that shows
 -- the same store transaction (a placeholder AGENT_TRX_ID, say) is a conflict, never dropped as a
--- repeat. A payment named by original_request_id is not matched by store transaction: a notice of the
--- same store transaction under another original_request_id stays a conflict, as before.
+-- repeat. A payment from DOKU's notification is its own transaction whatever its reference: a notice of
+-- the same store transaction number under an original_request_id stays a conflict, as before (a review
+-- of this migration found the first version taking it for a repeat). A payment named by
+-- original_request_id is not matched by store transaction either.
 --
 -- New functions with p_agent_ref after p_unnamed_ref; the old ones call them with NULL, so that a dipc
 -- of before this migration still running while it is replaced keeps their signatures and 0025's rules,
@@ -35,7 +38,8 @@ LANGUAGE sql STABLE ROWS 1 AS $$
                             OR p.notified_ref = p_transaction_ref
                             OR (p.amount = p_amount
                                 AND (p_transaction_ref = p_unnamed_ref
-                                     OR (p.transaction_ref IN (p_unnamed_ref, p_agent_ref)
+                                     OR ((p.transaction_ref = p_unnamed_ref
+                                          OR (p.transaction_ref = p_agent_ref AND p.source = 'check_status'))
                                          AND p.notified_ref IS NULL)))), false),
            coalesce(bool_or(p.kind = 'normal'
                             OR EXISTS (SELECT 1 FROM payment_resolutions r

@@ -273,13 +273,14 @@ async def record(
 # unnamed Check Status answer, $11 = $13) its amount. A notification that repeats a payment no
 # notification is matched with yet, recorded from a Check Status answer that named no transaction
 # ('check-status:<invoice>', $13, migration 0018) or named it by the notice's store transaction only
-# ($14, migration 0026), by amount, is matched with it here, under the payment's row lock: of two store
-# transactions racing for it, one is matched, and the other finds it matched once the first commits and
-# writes nothing, to be decided again.
+# ($14, only a Check Status payment: migration 0026), by amount, is matched with it here, under the
+# payment's row lock: of two store transactions racing for it, one is matched, and the other finds it
+# matched once the first commits and writes nothing, to be decided again.
 _RECORD_REPEAT = f"""
 WITH matched AS (
     UPDATE payments SET notified_ref = $11
-     WHERE payment_code = $9 AND invoice_number = $10 AND transaction_ref IN ($13, $14) AND amount = $12
+     WHERE payment_code = $9 AND invoice_number = $10 AND amount = $12
+       AND (transaction_ref = $13 OR (transaction_ref = $14 AND source = 'check_status'))
        AND notified_ref IS NULL AND transaction_ref <> $11
        AND NOT EXISTS (SELECT FROM payments known
                         WHERE known.payment_code = $9 AND known.invoice_number = $10

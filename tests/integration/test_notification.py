@@ -175,6 +175,19 @@ async def test_without_original_request_id_the_store_transaction_identifies_the_
     assert payment["transaction_ref"] == "agent:ALFAMART/TZ01/1246"
 
 
+async def test_a_notification_named_by_its_store_transaction_is_never_taken_for_another(doku, register, pool):
+    """(Found by a review of migration 0026.) A payment named by its store transaction can be repeated by a
+    notice that also carries an original_request_id only if it came from Check Status, which may leave
+    that out. One from DOKU's notification is its own transaction: another with the same store
+    transaction number (a placeholder, 0) and its own original_request_id is money taken again, a
+    conflict. 0026 as first written took it for a repeat, and the money was in no payment."""
+    await register()
+    assert (await doku.notify(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="0")).status == 200
+    assert (await pay(doku, ref="Y", agent_trx_id="0")).status == 200
+    recorded = [(row["kind"], row["transaction_ref"], row["notified_ref"]) for row in await payments(pool)]
+    assert recorded == [("normal", "agent:ALFAMART/TZ01/0", None), ("conflict", "Y", None)]
+
+
 async def test_without_any_reference_the_request_id_identifies_the_payment(doku, register, pool):
     await register()
     await doku.notify(CODE, invoice_number=INVOICE, amount=150000, request_id="only-this")
