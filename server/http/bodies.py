@@ -94,35 +94,39 @@ _INFLATE_PIECE = 256 * 1024
 
 
 class _Body:
-    """A request body's bytes as sent, decoded and counted against ``limit`` (``what`` names the body in
-    the refusal): :meth:`take` gives the decoded bytes of each piece that arrives, :meth:`end` checks
-    that the encoding is complete."""
+    """A request body's bytes as sent (its ``Content-Encoding`` is ``encoding``), decoded and counted
+    against ``limit`` (``what`` names the body in the refusal): :meth:`take` gives the decoded bytes of
+    each piece that arrives, :meth:`end` checks that the encoding is complete."""
 
-    __slots__ = ("_coding", "_inflate", "limit", "taken", "what")
+    __slots__ = ("_coding", "_inflate", "_pending", "limit", "taken", "what")
 
-    def __init__(self, request: web.Request, limit: int, what: str) -> None:
+    def __init__(self, encoding: str | None, limit: int, what: str) -> None:
         self.limit = limit
         self.what = what
         self.taken = 0
-        self._coding = _coding(request.headers.get("Content-Encoding"))
+        self._coding = _coding(encoding)
         self._inflate: Any = None  # made from the first bytes (deflate comes in two forms)
+        self._pending = False  # the last call filled what it asked for: more output may be waiting
 
     def take(self, data: bytes) -> list[bytes]:
         if self._coding is None:
             self._count(len(data))
             return [data]
-        if self._inflate is None:
-            self._inflate = zlib.decompressobj(_window_bits(self._coding, data))
         pieces = []
         try:
-            while data:
+            while data or self._pending:
+                if self._inflate is None or self._inflate.eof:
+                    if self._inflate is not None and self._coding != "gzip":
+                        raise BadRequest("the body has bytes after the end of its Content-Encoding")
+                    # gzip: one member after another is one body (RFC 1952; `cat a.gz b.gz`).
+                    self._inflate = zlib.decompressobj(_window_bits(self._coding, data))
                 # Never more than the limit allows, plus one byte to see that it is over.
-                piece = self._inflate.decompress(data, min(_INFLATE_PIECE, self.limit - self.taken + 1))
-                if self._inflate.unused_data:
-                    raise BadRequest("the body has bytes after the end of its Content-Encoding")
+                room = min(_INFLATE_PIECE, self.limit - self.taken + 1)
+                piece = self._inflate.decompress(data, room)
                 self._count(len(piece))
                 pieces.append(piece)
-                data = self._inflate.unconsumed_tail
+                data = self._inflate.unconsumed_tail or self._inflate.unused_data
+                self._pending = len(piece) == room and not self._inflate.eof
         except zlib.error as error:
             raise BadRequest(f"the body is not valid for its Content-Encoding: {error}") from None
         return pieces
@@ -148,10 +152,11 @@ def _coding(encoding: str | None) -> str | None:
 
 def _window_bits(coding: str, first: bytes) -> int:
     """zlib's ``wbits`` for the coding. ``deflate`` is zlib's format (RFC 9110), but some senders send
-    bare deflate: a zlib header (its first two bytes) tells them apart."""
+    bare deflate: a zlib header tells them apart, by its first byte (as aiohttp did) and, when the
+    second has come, its check bits."""
     if coding == "gzip":
         return 16 + zlib.MAX_WBITS
-    zlib_header = len(first) >= 2 and first[0] & 0x0F == 8 and int.from_bytes(first[:2]) % 31 == 0
+    zlib_header = first[0] & 0x0F == 8 and (len(first) < 2 or int.from_bytes(first[:2]) % 31 == 0)
     return zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
 
 
@@ -164,7 +169,7 @@ async def read_bounded(request: web.Request, limit: int) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise BodyTooLarge(f"the body is {declared} bytes; the limit is {limit}")
-    body = _Body(request, limit, "the body")
+    body = _Body(request.headers.get("Content-Encoding"), limit, "the body")
     if request.content.is_eof():
         # The whole body arrived with the headers (the usual case): it is all in aiohttp's buffer, and
         # taking it at once costs a fraction of the read loop below (a coroutine per chunk).
@@ -194,7 +199,7 @@ async def stream_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes
     """A long upload (an import) chunk by chunk, decoded: at most ``limit`` bytes, each chunk within the
     body timeout of the one before (the whole may take as long as it takes)."""
     timeout = request.config_dict[SETTINGS].body_timeout_s
-    body = _Body(request, limit, "the import")
+    body = _Body(request.headers.get("Content-Encoding"), limit, "the import")
     with _transport_errors:
         while True:
             try:
