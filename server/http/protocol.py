@@ -12,9 +12,10 @@ client trickling them is held until the keep-alive timeout (75 s). Here:
   first byte (of connecting, for the first request), or it gets a 408 and is closed
   (``http.header_timeout``);
 - after a refused or timed-out body, unread bytes are drained for at most :data:`LINGERING_TIME_S`;
-- a client that stops reading its answers (the connection's send buffer full) for ``DIPC_BODY_TIMEOUT_S``
-  is cut off (``http.write_timeout``): aiohttp waits for it for ever, holding the request and the
-  answers it wrote (about 0.75 MB for one that pipelined forty ``GET /metrics``);
+- a client that takes none of its answers (the connection's send buffer full, and not shrinking) for
+  ``DIPC_BODY_TIMEOUT_S`` is cut off (``http.write_timeout``): aiohttp waits for it for ever, holding the
+  request and the answers it wrote (about 0.75 MB for one that pipelined forty ``GET /metrics``); one
+  that reads slowly is not;
 - an ``Expect`` other than ``100-continue`` is ignored rather than answered by aiohttp in plain text.
 
 :class:`EdgeApplication` is ``web.Application`` with this connection class: ``web.run_app`` and the test
@@ -24,6 +25,10 @@ server both build their server through it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import struct
+import termios
 import warnings
 from typing import Any
 
@@ -69,6 +74,18 @@ def _describe(status: int, exc: BaseException | None) -> tuple[str, str]:
     return "BAD_REQUEST", "the request is not valid HTTP/1.1"
 
 
+def _unsent(transport: asyncio.WriteTransport) -> int:
+    """Bytes the client has not taken: the transport's buffer, and the kernel's send queue (Linux's
+    TIOCOUTQ). The buffer alone shows no progress for seconds while the client reads: the kernel
+    reports the socket writable again only once a good part of its own queue has gone."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and hasattr(termios, "TIOCOUTQ"):
+        with contextlib.suppress(OSError, ValueError):
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return unsent
+
+
 def _remote(transport: asyncio.BaseTransport) -> str | None:
     """The peer's address, for a line logged before (or without) a request to take it from."""
     peer = transport.get_extra_info("peername")
@@ -90,6 +107,7 @@ class EdgeRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timeout_s = write_timeout_s
         self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0  # the send buffer when the write timer was set
         self._last_payload: Any = None
 
     # --- header timeout -------------------------------------------------------------------------
@@ -145,7 +163,12 @@ class EdgeRequestHandler(RequestHandler):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._write_timer is None and self._write_timeout_s > 0:
+        self._start_write_timer()
+
+    def _start_write_timer(self) -> None:
+        transport = self.transport
+        if self._write_timer is None and self._write_timeout_s > 0 and transport is not None:
+            self._unsent = _unsent(transport)
             self._write_timer = self._loop.call_later(self._write_timeout_s, self._write_timed_out)
 
     def resume_writing(self) -> None:
@@ -162,11 +185,15 @@ class EdgeRequestHandler(RequestHandler):
         transport = self.transport
         if transport is None:
             return
+        if _unsent(transport) < self._unsent:
+            # The client took some (a slow link, a large answer): it is reading. Wait again.
+            self._start_write_timer()
+            return
         log.info(
             "http.write_timeout",
             remote=_remote(transport),
             timeout_s=self._write_timeout_s,
-            unsent_bytes=transport.get_write_buffer_size(),
+            unsent_bytes=_unsent(transport),
         )
         transport.abort()  # what it did not take is dropped; its handler ends as for a client that left
 

@@ -865,3 +865,37 @@ async def test_a_client_that_stops_reading_its_answers_is_cut_off(aiohttp_client
         for sock in stalled:
             sock.close()
     assert_clean_log(captured_log)
+
+
+async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(
+    aiohttp_client, database_url, captured_log
+):
+    """(Found by a review of the write timeout.) It ran from the moment the send buffer filled to the moment
+    it drained: a client reading a large answer steadily over a slow link was cut, its answer short. Only
+    a client that takes nothing for the whole timeout is cut now."""
+    import socket
+
+    client = await aiohttp_client(make_app(make_settings(body_timeout_s=1.0), database_url))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(address(client))
+    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 400)
+    sock.setblocking(False)
+    taken = 0
+    try:
+        for _ in range(40):  # 4 s: four timeouts, at about 40 KB/s
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(BlockingIOError):
+                taken += len(sock.recv(4096))
+        cut = [line for line in captured_log.lines() if line["event"] == "http.write_timeout"]
+        assert cut == [], f"cut after {taken} bytes"
+        for _ in range(50):  # then it stops reading
+            await asyncio.sleep(0.1)
+            if any(line["event"] == "http.write_timeout" for line in captured_log.lines()):
+                break
+        assert [line["event"] for line in captured_log.lines() if line["event"] == "http.write_timeout"] == [
+            "http.write_timeout"
+        ]
+    finally:
+        sock.close()
+    assert_clean_log(captured_log)
