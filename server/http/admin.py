@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hmac
 import math
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import TypeVar
@@ -94,8 +95,14 @@ def _query_limit(request: web.Request) -> int | None:
     return _typed(request, "limit", parse, f"must be between 1 and {manage.MAX_PAGE}")
 
 
+# Seconds as a decimal in ASCII: float() also reads "1_0", " 1 " and other scripts' digits.
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
 def _query_seconds(request: web.Request, name: str, default: float, maximum: float) -> float:
     def parse(raw: str) -> float:
+        if not _SECONDS.fullmatch(raw):
+            raise ValueError(raw)
         value = float(raw)
         if not math.isfinite(value) or not 0 <= value <= maximum:
             raise ValueError(raw)

@@ -279,6 +279,11 @@ async def test_a_request_the_parser_refuses_is_a_json_400_logged_as_one_line(cli
         ("/v1/events?wait=inf", "wait"),
         ("/v1/events?wait=-inf", "wait"),
         ("/v1/events?wait=1e400", "wait"),
+        # float() read these as 10, 1 and 1 (found by a hostile client): `limit` and `after` take ASCII
+        # digits only, and so does `wait` now.
+        ("/v1/events?wait=1_0", "wait"),
+        ("/v1/events?wait=%D9%A1", "wait"),
+        ("/v1/events?wait=%201%20", "wait"),
     ],
 )
 async def test_unusable_admin_query_values_are_422_naming_the_field(
