@@ -347,6 +347,11 @@ class Watchdog:
             # Not `self.server.owner`: a CLI command that found the server dead may have started (and
             # so own) it meanwhile; when it stops it on its way out, this process starts it again.
             if self.server.postmaster_alive():
+                if died_at is not None:
+                    # Back while our restarts failed: started by another process (a `dipc` command
+                    # starts it too). The outage is over, and was a restart all the same.
+                    self._restarted(died_at, by="another process")
+                    died_at = None
                 continue
             if died_at is None:
                 died_at = time.monotonic()
@@ -362,13 +367,17 @@ class Watchdog:
                     "embedded.restart_failed", error=str(error).splitlines()[0], retry_s=round(delay, 2)
                 )
                 continue
-            self.on_restart()
-            log.warning(
-                "embedded.restarted",
-                pgdata=str(self.server.pgdata),
-                seconds=round(time.monotonic() - died_at, 3),
-            )
+            self._restarted(died_at, by="this process")
             died_at = None
+
+    def _restarted(self, died_at: float, *, by: str) -> None:
+        self.on_restart()
+        log.warning(
+            "embedded.restarted",
+            pgdata=str(self.server.pgdata),
+            seconds=round(time.monotonic() - died_at, 3),
+            by=by,
+        )
 
 
 def embedded_root() -> Path:

@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from server.doku.client import DokuSimulator, inquiry_body, notification_body
-from server.embedded import EmbeddedPostgres
+from server.embedded import EmbeddedError, EmbeddedPostgres, Watchdog
 from server.store import migrate
 from tests.conftest import CLIENT, CLIENT_ID, clean_env, dipc_env
 from tests.integration.test_cli import DIPC, free_port
@@ -403,6 +403,59 @@ def test_a_process_out_of_file_descriptors_does_not_take_its_database_for_dead(o
     assert int(held) > 0
     assert alive == "True"
     assert server.postmaster_alive()
+
+
+def _postmaster(server: EmbeddedPostgres) -> int:
+    return int((server.pgdata / "postmaster.pid").read_text().split()[0])
+
+
+def _started_by_hand(server: EmbeddedPostgres) -> bool:
+    try:
+        server._pg_ctl("-w", "-t", "60", "-l", str(server.log_file), "start")
+    except EmbeddedError:
+        return False
+    return True
+
+
+def _wait_for(check, what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        time.sleep(0.05)
+
+
+async def test_a_database_back_without_the_watchdog_ends_its_outage(own_database, captured_log):
+    """(Found by a hostile-client review.) While the watchdog's restarts failed, the server came back
+    another way (a CLI command starts it too): the watchdog went on, its outage never ended, and the
+    next death logged no embedded.died and counted nothing. Its return now ends the outage, counted as
+    the restart it is."""
+    server, _ = own_database
+    restarts: list[int] = []
+    watchdog = Watchdog(server, on_restart=lambda: restarts.append(1), every_s=0.05)
+    lock = server.data_dir / "embedded.lock"
+    await asyncio.to_thread(watchdog.start)
+    try:
+        lock.unlink()
+        lock.mkdir()  # every restart of the watchdog's fails: it cannot open its lock file
+        os.kill(_postmaster(server), signal.SIGKILL)
+        await asyncio.to_thread(
+            _wait_for, lambda: captured_log.events("embedded.restart_failed"), "a failed restart"
+        )
+        await asyncio.to_thread(_wait_for, lambda: not server.postmaster_alive(), "the postmaster reaped")
+        # Back another way: pg_ctl, as a `dipc` command of another process would start it (once the dead
+        # server's processes have let go of its shared memory, as the watchdog's own tries wait for).
+        await asyncio.to_thread(_wait_for, lambda: _started_by_hand(server), "a start by hand")
+        await asyncio.to_thread(_wait_for, lambda: restarts == [1], "its return counted")
+        lock.rmdir()
+        os.kill(_postmaster(server), signal.SIGKILL)  # and it dies again: a new outage
+        await asyncio.to_thread(_wait_for, lambda: restarts == [1, 1], "the second restart")
+    finally:
+        await asyncio.to_thread(watchdog.stop)
+        if lock.is_dir():
+            lock.rmdir()
+    assert len(captured_log.events("embedded.died")) == 2
+    assert len(captured_log.events("embedded.restarted")) == 2
 
 
 async def test_with_several_workers_the_supervisor_restarts_the_embedded_database(tmp_path):
