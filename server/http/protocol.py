@@ -107,7 +107,7 @@ class EdgeRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timeout_s = write_timeout_s
         self._write_timer: asyncio.TimerHandle | None = None
-        self._unsent = 0  # the send buffer when the write timer was set
+        self._unsent = 0  # what the client had not taken (_unsent) when the write timer was set
         self._last_payload: Any = None
 
     # --- header timeout -------------------------------------------------------------------------
@@ -185,7 +185,8 @@ class EdgeRequestHandler(RequestHandler):
         transport = self.transport
         if transport is None:
             return
-        if _unsent(transport) < self._unsent:
+        unsent = _unsent(transport)
+        if unsent < self._unsent:
             # The client took some (a slow link, a large answer): it is reading. Wait again.
             self._start_write_timer()
             return
@@ -193,7 +194,7 @@ class EdgeRequestHandler(RequestHandler):
             "http.write_timeout",
             remote=_remote(transport),
             timeout_s=self._write_timeout_s,
-            unsent_bytes=_unsent(transport),
+            unsent_bytes=unsent,
         )
         transport.abort()  # what it did not take is dropped; its handler ends as for a client that left
 
