@@ -153,9 +153,13 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     if settings.doku_api_url:
         app.cleanup_ctx.append(reconcile_context)
     app[inquiry.INQUIRY_ENDPOINT] = inquiry.endpoint_for(app)
-    app.router.add_post(settings.inquiry_path, inquiry.handle_inquiry, name="inquiry")
     app[notification.NOTIFICATION_ENDPOINT] = notification.endpoint_for(app)
-    app.router.add_post(settings.notification_path, notification.handle_notification, name="notification")
+    for name, endpoint, handle in (
+        ("inquiry", app[inquiry.INQUIRY_ENDPOINT], inquiry.handle_inquiry),
+        ("notification", app[notification.NOTIFICATION_ENDPOINT], notification.handle_notification),
+    ):
+        app.router.add_post(endpoint.target, handle, name=name)
+        app.router.add_route("*", endpoint.target, endpoint.refuse_method, name=name)  # one resource
     app.add_routes(ops.routes)
     app.add_subapp("/v1", admin.admin_app(casework.routes))
     return app

@@ -77,5 +77,10 @@ class DokuEndpoint:
             )
         return web.Response(status=status, body=body, content_type=JSON, headers=headers)
 
+    async def refuse_method(self, request: web.Request) -> web.StreamResponse:
+        """Any method but POST on DOKU's path: aiohttp's 405, rendered in DOKU's shape (the middleware)."""
+        request[ERROR_RENDERER] = self._error_response
+        raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+
     def _error_response(self, request: web.Request, error: DipcError) -> web.Response:
         return self.respond(request, error.http_status, self.render_error(error))

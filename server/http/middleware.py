@@ -40,7 +40,7 @@ def _render_failure(request: web.Request, failure: Exception) -> web.StreamRespo
     if isinstance(failure, web.HTTPException):
         error = _HttpError(failure)
         fields.setdefault("outcome", error.code)
-        response = render_json_error(request, error)
+        response = request.get(ERROR_RENDERER, render_json_error)(request, error)
         if failure.status == 405 and "Allow" in failure.headers:
             response.headers["Allow"] = failure.headers["Allow"]
         return response

@@ -904,3 +904,26 @@ async def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off(
     finally:
         sock.close()
     assert_clean_log(captured_log)
+
+
+DOKU_SHAPES = {
+    "/doku/inquiry": lambda body: body["online_to_offline_inquiry"]["status"],
+    "/doku/notification": lambda body: body["status"],
+}
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "PATCH", "OPTIONS"])
+@pytest.mark.parametrize("path", DOKU_SHAPES)
+async def test_a_wrong_method_on_a_doku_path_is_a_405_in_dokus_shape(client, captured_log, method, path):
+    """DOKU's routes answer every refusal in DOKU's shape; aiohttp's 405 came in the admin API's."""
+    response = await client.request(method, path, data=b"{}")
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    body = await response.json()
+    assert DOKU_SHAPES[path](body) == "decline"
+    assert body["error"]["code"] == "METHOD_NOT_ALLOWED"
+    lines = [line for line in captured_log.lines() if line.get("event") == "http.request"]
+    assert [(line["status"], line["route"], line["outcome"]) for line in lines] == [
+        (405, path, "METHOD_NOT_ALLOWED")
+    ]
+    assert_clean_log(captured_log)
