@@ -8,6 +8,7 @@ Phases (see bench/README.md for what each baseline means):
            the same file again (every line refused, as a re-upload)  vs  the same COPY
            POST /v1/payment-codes/import       vs  the same COPY
   feed     long-poll wake-ups                  vs  a plain GET /v1/events
+           inquiries under 100 and 1,000 long-polling clients  vs  the same inquiries without them
   inquiry  DOKU inquiries through dipc         vs  bench/ceiling.py, a minimal aiohttp + asyncpg server
                                                vs  GET /healthz on the same server (HTTP ceiling)
                                                vs  pgbench calling dipc_inquire (database ceiling)
@@ -1011,16 +1012,108 @@ async def _feed_latency(base: str, samples: int) -> tuple[list[float], list[floa
     return plain, woken
 
 
+# Long-polls parked while registrations make 50 events a second: every event wakes and answers each one.
+HERD_WAITERS = (0, 100, 1000)  # none; the default DIPC_FEED_MAX_WAITERS; ten times as many clients
+HERD_INQUIRIES = 300
+
+
+def _code_body(code: str, invoice_number: str) -> dict[str, object]:
+    return {"payment_code": code, "amount": 1000, "invoice_number": invoice_number, "customer_name": "Herd",
+            "client_id": CLIENT.client_id}  # fmt: skip
+
+
+async def _inquiries_under_a_herd(base: str, waiters: int, code: str) -> tuple[list[float], int, int]:
+    """(inquiry latencies in ms, one every 20 ms, while ``waiters`` clients long-poll the feed and a code is
+    registered every 20 ms; feed answers; long-polls refused). A refused client polls again after 1 s."""
+    import aiohttp
+
+    answered = refused = 0
+    done = asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=120)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
+
+        async def register(body: dict[str, object]) -> None:
+            async with session.post(f"{base}/v1/payment-codes", json=body) as response:
+                assert response.status in (201, 409), await response.text()
+
+        async def waiter(after: int) -> None:
+            nonlocal answered, refused
+            while not done.is_set():
+                params = {"after": str(after), "wait": "30", "limit": "1000"}
+                async with session.get(f"{base}/v1/events", params=params) as response:
+                    page = await response.json()
+                if response.status == 503:
+                    refused += 1
+                    await asyncio.sleep(1)
+                    continue
+                after, answered = page["next"], answered + 1
+
+        async def registrations() -> None:
+            for n in range(10**9):
+                await register(_code_body(f"{API_PREFIX}8{waiters:05d}{n:04d}", f"H-{waiters}-{n}"))
+                await asyncio.sleep(0.02)
+
+        await register(_code_body(code, "H-INQ"))
+        async with session.get(f"{base}/v1/events", params={"after": "0", "limit": "1000"}) as response:
+            cursor = (await response.json())["next"]
+        background = [asyncio.create_task(waiter(cursor)) for _ in range(waiters)]
+        await asyncio.sleep(2)  # parked (or refused)
+        if waiters:
+            background.append(asyncio.create_task(registrations()))
+        latencies: list[float] = []
+        for _ in range(HERD_INQUIRIES):
+            body = inquiry_body(code)
+            signed = auth.signed_headers(
+                CLIENT, request_id=str(uuid.uuid4()), target="/doku/inquiry", body=body, now=utcnow(),
+                response=False,
+            )  # fmt: skip
+            started = time.perf_counter()
+            signed["Content-Type"] = "application/json"
+            async with session.post(f"{base}/doku/inquiry", data=body, headers=signed) as response:
+                await response.read()
+                assert response.status == 200, response.status
+            latencies.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(0.02)
+        done.set()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+    return latencies, answered, refused
+
+
+def _herd_figures(base: str) -> list[Figure]:
+    code = f"{API_PREFIX}7000000001"
+    figures: list[Figure] = []
+    alone_p50 = 0.0
+    for waiters in HERD_WAITERS:
+        time.sleep(2)  # the last herd's long-polls have seen their clients go (each looks every second)
+        herd = f"{waiters} clients long-polling, 50 registrations a second" if waiters else "alone"
+        log(f"feed: an inquiry every 20 ms, {herd}")
+        latencies, answered, refused = asyncio.run(_inquiries_under_a_herd(base, waiters, code))
+        p50, p99 = _percentile(latencies, 0.5), _percentile(latencies, 0.99)
+        if not waiters:
+            alone_p50 = p50
+            figures.append(Figure("POST /doku/inquiry every 20 ms, no long-polls", p50, "ms", p50, p99))
+            continue
+        name = f"  same, {waiters:,} clients long-polling ({answered:,} feed answers, {refused:,} refused)"
+        figures.append(Figure(name, p50, "ms", p50, p99, baseline="no long-polls", ratio=p50 / alone_p50))
+    return figures
+
+
 def bench_feed(env, workdir, *, samples: int) -> list[Figure]:
     port = free_port()
     server = start_server(env, port, 1)
     try:
         log(f"feed: {samples} long-polls woken by a registration, against plain GET /v1/events")
         plain, woken = asyncio.run(_feed_latency(f"http://127.0.0.1:{port}", samples))
+        herd = _herd_figures(f"http://127.0.0.1:{port}")
     finally:
         stop_server(server)
     plain_p50 = _percentile(plain, 0.5)
     return [
+        *herd,
         Figure(
             "GET /v1/events, nothing new (round trip)", plain_p50, "ms", plain_p50, _percentile(plain, 0.99)
         ),

@@ -45,6 +45,7 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app[admin.IMPORTS] = Slots(
         admin.import_slots(settings), "imports, each holding a database connection for its whole upload"
     )
+    app[admin.FEED_WAITS] = Slots(settings.feed_max_waiters, "event-feed long-polls waiting")
 
     async def pool_context(app: web.Application) -> AsyncIterator[None]:
         try:

@@ -104,6 +104,10 @@ class Settings:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
     max_body_reads: int = 128
+    # Event-feed long-polls waiting at once per process: each event wakes and answers every one of them, on
+    # the process that answers DOKU (past the cap the answer is a deliberate 503; a read without wait is not
+    # counted). 1,000 of them held an inquiry back 150-200 ms (bench/README "Long-polls").
+    feed_max_waiters: int = 100
     # Peers whose X-Forwarded-For names the caller in logs (load balancers, reverse proxies).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     demo: bool = False
@@ -378,6 +382,7 @@ def load_settings(env: Mapping[str, str] | None = None, *, demo: bool = False) -
         header_timeout_s=_float(env, "DIPC_HEADER_TIMEOUT_S", 10.0),
         body_timeout_s=_float(env, "DIPC_BODY_TIMEOUT_S", 10.0),
         max_body_reads=_int(env, "DIPC_MAX_BODY_READS", 128, minimum=1),
+        feed_max_waiters=_int(env, "DIPC_FEED_MAX_WAITERS", 100, minimum=1),
         trusted_proxies=_networks(env, "DIPC_TRUSTED_PROXIES"),
         demo=demo,
     )

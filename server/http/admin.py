@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import math
@@ -45,6 +46,8 @@ IMPORT_TIMEOUT_S = 3600.0
 # Uploads importing at once in one process: each holds a pool connection for as long as it lasts (up to
 # IMPORT_TIMEOUT_S), so more would take the connections DOKU's inquiries and notifications need.
 IMPORTS = web.AppKey("imports", Slots)
+# Long-polls of the event feed waiting at once in one process (DIPC_FEED_MAX_WAITERS).
+FEED_WAITS = web.AppKey("feed_waits", Slots)
 
 
 def import_slots(settings: Settings) -> int:
@@ -239,19 +242,21 @@ async def list_payments(request: web.Request) -> web.Response:
 async def read_events(request: web.Request) -> web.Response:
     """The event feed: events after the cursor ``after``, long-polling up to ``wait`` seconds."""
     wait = _query_seconds(request, "wait", 0.0, MAX_WAIT_S)
-    metrics.FEED_WAITERS.inc()
-    try:
-        async with deadline(_timeout(request) + wait, "admin.events"):
-            events, cursor = await feed.read_feed(
-                request.config_dict[POOL],
-                request.config_dict[LISTENER],
-                after=_query_int(request, "after") or 0,
-                limit=_query_limit(request),
-                wait=wait,
-                gone=lambda: client_gone(request),
-            )
-    finally:
-        metrics.FEED_WAITERS.dec()
+    waiting = request.config_dict[FEED_WAITS].slot() if wait > 0 else contextlib.nullcontext()
+    with waiting:
+        metrics.FEED_WAITERS.inc()
+        try:
+            async with deadline(_timeout(request) + wait, "admin.events"):
+                events, cursor = await feed.read_feed(
+                    request.config_dict[POOL],
+                    request.config_dict[LISTENER],
+                    after=_query_int(request, "after") or 0,
+                    limit=_query_limit(request),
+                    wait=wait,
+                    gone=lambda: client_gone(request),
+                )
+        finally:
+            metrics.FEED_WAITERS.dec()
     return json_response({"items": [event.document() for event in events], "next": cursor})
 
 

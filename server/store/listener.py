@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -18,6 +20,7 @@ from server.store.outbox import CHANNEL
 from server.store.pool import UNAVAILABLE_ERRORS
 
 log = structlog.get_logger(component="dipc.listener")
+T = TypeVar("T")
 
 
 class EventListener:
@@ -29,6 +32,7 @@ class EventListener:
         self._changed = asyncio.Event()  # set, and replaced, at every bump
         self._task: asyncio.Task[None] | None = None
         self._releasing = False
+        self._reads: dict[tuple[int, Hashable], asyncio.Future] = {}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dipc-event-listener")
@@ -55,6 +59,26 @@ class EventListener:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), seconds)
         return self.generation != seen
+
+    async def read_once(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``, shared by every caller that asks with the same ``key`` at the same generation while it
+        runs: an event wakes every waiter at once, and the waiters at one cursor then cost one query.
+
+        Sound for a waiter that took :attr:`generation` just before: the read started at that generation,
+        so whatever commits after it started bumps the generation again and wakes the waiter. A caller
+        that stops waiting (its client went, its deadline passed) does not cancel the read of the others.
+        """
+        slot = (self.generation, key)
+        shared = self._reads.get(slot)
+        if shared is None:
+            shared = self._reads[slot] = asyncio.ensure_future(read())
+            shared.add_done_callback(lambda done: self._read_done(slot, done))
+        return await asyncio.shield(shared)
+
+    def _read_done(self, slot: tuple[int, Hashable], done: asyncio.Future) -> None:
+        del self._reads[slot]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have gone, and asyncio would log it as lost
 
     def _bump(self) -> None:
         self.generation += 1

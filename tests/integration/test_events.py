@@ -10,8 +10,11 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from server.app import make_app
 from server.doku.client import notification_body
-from tests.conftest import CODE, code_fields, waiting_for_a_lock
+from server.http import admin
+from server.store import outbox
+from tests.conftest import CODE, code_fields, make_settings, waiting_for_a_lock
 
 INVOICE = "INV-2026-000123"
 
@@ -525,3 +528,46 @@ async def test_a_writers_wait_for_a_pass_is_measured_once(pool):
     before = observed("outbox.sequence"), observed("outbox.pass")
     await outbox.sequence(pool)
     assert (observed("outbox.sequence") - before[0], observed("outbox.pass") - before[1]) == (1, 1)
+
+
+async def test_long_polls_at_one_cursor_share_the_read_an_event_wakes_them_for(
+    client, register, admin_headers, monkeypatch
+):
+    """Every event wakes every long-poll: each one's own query made a herd that held DOKU's inquiries
+    back (1,000 waiters: an inquiry's median 4 → 199 ms, bench/README "Long-polls")."""
+    reads: list[int] = []
+    read_after = outbox.read_after
+
+    async def counted(conn, after, limit):
+        reads.append(after)
+        return await read_after(conn, after, limit)
+
+    monkeypatch.setattr(outbox, "read_after", counted)
+    waiters = [asyncio.create_task(feed(client, admin_headers, after=0, wait=30)) for _ in range(30)]
+    waits = client.app[admin.FEED_WAITS]
+    async with asyncio.timeout(10):
+        while waits.active < len(waiters):  # noqa: ASYNC110 - a count in the app, no event to wait on
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)  # each has read once (those reads share, too) and waits
+    reads.clear()
+    await register()
+    pages = await asyncio.gather(*waiters)
+    assert {tuple(event["type"] for event in page["items"]) for page in pages} == {("code.created",)}
+    assert 1 <= len(reads) <= 3, reads  # one per wake-up, not one per waiter
+
+
+async def test_long_polls_past_the_cap_are_refused_at_once_and_a_read_without_wait_is_not(
+    aiohttp_client, pool, database_url, admin_headers
+):
+    client = await aiohttp_client(make_app(make_settings(feed_max_waiters=3), database_url))
+    waiters = [asyncio.create_task(feed(client, admin_headers, after=0, wait=30)) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    refused = await client.get("/v1/events", params={"after": "0", "wait": "30"}, headers=admin_headers)
+    assert refused.status == 503
+    assert (await refused.json())["error"]["code"] == "OVERLOADED"
+    assert (await feed(client, admin_headers, after=0))["items"] == []
+    created = await client.post("/v1/payment-codes", json=code_fields(), headers=admin_headers)
+    assert created.status == 201
+    assert all(len(page["items"]) == 1 for page in await asyncio.gather(*waiters))
+    page = await feed(client, admin_headers, after=1, wait=0.2)  # the slots were given back
+    assert page["items"] == []

@@ -107,6 +107,8 @@ def test_the_database_is_chosen_on_purpose_outside_demo():
 def test_the_http_edge_limits_have_documented_defaults_and_refuse_nonsense():
     settings = load_settings({})
     assert (settings.header_timeout_s, settings.body_timeout_s, settings.max_body_reads) == (10.0, 10.0, 128)
+    assert settings.feed_max_waiters == 100
+    assert load_settings({"DIPC_FEED_MAX_WAITERS": "8"}).feed_max_waiters == 8
     assert settings.trusted_proxies == ()
     settings = load_settings({"DIPC_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.7,::1"})
     assert [str(network) for network in settings.trusted_proxies] == [
@@ -119,6 +121,7 @@ def test_the_http_edge_limits_have_documented_defaults_and_refuse_nonsense():
         ("DIPC_BODY_TIMEOUT_S", "nan"),
         ("DIPC_HEADER_TIMEOUT_S", "inf"),
         ("DIPC_MAX_BODY_READS", "0"),
+        ("DIPC_FEED_MAX_WAITERS", "0"),
     ]:
         with pytest.raises(ConfigError, match=name):
             load_settings({name: value})
