@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import os
 import resource
@@ -344,6 +345,11 @@ async def _stop_when_orphaned(supervisor_pid: int) -> None:
         log.warning("worker.orphaned", supervisor_pid=supervisor_pid, action="stopping")
 
 
+# Connections the kernel completes and queues while a worker is busy (the kernel caps it at
+# net.core.somaxconn). aiohttp's 128 dropped the SYN of the 129th of a burst: resent after 1 s, 3 s, ...
+LISTEN_BACKLOG = 1024
+
+
 async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
     supervisor_pid = os.environ.get("DIPC_SUPERVISOR_PID", "") if reuse_port else ""
     orphan_watch = (
@@ -358,11 +364,10 @@ async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port)
-        await site.start()
+        listen = functools.partial(web.TCPSite, runner, reuse_port=reuse_port, backlog=LISTEN_BACKLOG)
+        await listen(settings.host, settings.port).start()
         if settings.admin_port is not None:  # the admin API and /metrics apart (server/http/ports.py)
-            admin_host = settings.admin_host or settings.host
-            await web.TCPSite(runner, admin_host, settings.admin_port, reuse_port=reuse_port).start()
+            await listen(settings.admin_host or settings.host, settings.admin_port).start()
         # What exists now (modules, the app, the pool) lives as long as the process: out of the cyclic
         # garbage collector's way, so its full collections under load walk only what requests left.
         gc.freeze()

@@ -927,3 +927,39 @@ async def test_a_wrong_method_on_a_doku_path_is_a_405_in_dokus_shape(client, cap
         (405, path, "METHOD_NOT_ALLOWED")
     ]
     assert_clean_log(captured_log)
+
+
+async def test_a_burst_of_connections_while_the_process_is_busy_waits_in_the_listen_queue(
+    database_url, pool, tmp_path
+):
+    """aiohttp listens with a backlog of 128: while a worker was busy (a full collection, a burst of work,
+    here SIGSTOP), connections past the 128th lost their SYN and waited for its resend, 1 s, then 3 s
+    and more. (Found by trying it as a hostile client.) They now wait in the queue, answered in turn."""
+    import signal
+
+    from tests.integration.test_cli import free_port
+
+    port = free_port()
+    server = await asyncio.to_thread(_serve, database_url, port, tmp_path / "serve.log")
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        os.kill(server.pid, signal.SIGSTOP)
+
+        async def connect() -> asyncio.StreamWriter | None:
+            with contextlib.suppress(TimeoutError, OSError):
+                return (await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2.5))[1]
+            return None
+
+        connected = await asyncio.gather(*(connect() for _ in range(600)))
+        writers = [writer for writer in connected if writer is not None]
+        assert len(writers) == 600  # was 129: the queue, plus one
+        os.kill(server.pid, signal.SIGCONT)
+        reply = await exchange("127.0.0.1", port, request_bytes("GET", "/healthz", []))
+        assert reply is not None
+        assert reply.status == 200
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        for writer in writers:
+            writer.close()
+        server.terminate()
+        await asyncio.to_thread(server.wait, 30)
