@@ -50,7 +50,7 @@ async def read_feed(
     deadline = loop.time() + wait
     while True:
         seen = listener.generation
-        events = await listener.read_once((after, size), lambda: outbox.read_after(pool, after, size))
+        events = await listener.reads.read((after, size), lambda: outbox.read_after(pool, after, size))
         remaining = deadline - loop.time()
         if events or remaining <= 0:
             return events, (events[-1].id if events else after)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import structlog
@@ -32,7 +33,7 @@ class EventListener:
         self._changed = asyncio.Event()  # set, and replaced, at every bump
         self._task: asyncio.Task[None] | None = None
         self._releasing = False
-        self._reads: dict[tuple[int, Hashable], asyncio.Future] = {}
+        self.reads = SharedReads()  # the feed's reads, which every event asks for at once
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="dipc-event-listener")
@@ -59,26 +60,6 @@ class EventListener:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), seconds)
         return self.generation != seen
-
-    async def read_once(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
-        """``read()``, shared by every caller that asks with the same ``key`` at the same generation while it
-        runs: an event wakes every waiter at once, and the waiters at one cursor then cost one query.
-
-        Sound for a waiter that took :attr:`generation` just before: the read started at that generation,
-        so whatever commits after it started bumps the generation again and wakes the waiter. A caller
-        that stops waiting (its client went, its deadline passed) does not cancel the read of the others.
-        """
-        slot = (self.generation, key)
-        shared = self._reads.get(slot)
-        if shared is None:
-            shared = self._reads[slot] = asyncio.ensure_future(read())
-            shared.add_done_callback(lambda done: self._read_done(slot, done))
-        return await asyncio.shield(shared)
-
-    def _read_done(self, slot: tuple[int, Hashable], done: asyncio.Future) -> None:
-        del self._reads[slot]
-        if not done.cancelled():
-            done.exception()  # retrieved: every caller may have gone, and asyncio would log it as lost
 
     def _bump(self) -> None:
         self.generation += 1
@@ -118,3 +99,83 @@ class EventListener:
                     conn.terminate()
             self._bump()
             await asyncio.sleep(delay)
+
+
+class _Read(Generic[T]):
+    __slots__ = ("begun", "callers", "context", "read", "result", "task")
+
+    def __init__(self, read: Callable[[], Awaitable[T]]) -> None:
+        self.read = read
+        # Begun in the context of the caller that asked first: its deadline (server/store/pool.py) ends
+        # the connection the read holds, as it would the caller's own.
+        self.context = contextvars.copy_context()
+        self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[Any] | None = None
+        self.begun = False  # its task has run: the query may have begun
+        self.callers = 0
+
+    async def run(self) -> T:
+        self.begun = True
+        return await self.read()
+
+
+class SharedReads:
+    """The same read, asked for by many callers at once, made once for them all.
+
+    An event wakes every long-poll of the feed at once; most then read the same page (the same cursor and
+    limit), and their answers bring the same clients straight back. Each caller shares a read begun
+    after it asked, never one already running: so the read sees whatever was committed before the
+    caller asked (a change the caller saw answered, an event whose notice woke it). Callers that ask
+    while a read runs share the next one, begun when it ends; those woken by one event all ask before
+    the first one's read has run, and share it. A read that every caller has stopped
+    waiting for (their deadlines passed, their clients left) is cancelled, with the connection it holds.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, _Read[Any]] = {}
+        self._next: dict[Hashable, _Read[Any]] = {}
+
+    async def read(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
+        shared = self._next.get(key)
+        if shared is None:
+            running = self._running.get(key)
+            if running is not None and not running.begun:
+                shared = running  # made but not run yet: its query begins after this caller asked
+            else:
+                shared = _Read(read)
+                if running is not None:
+                    self._next[key] = shared  # the running read may have begun before this caller asked
+                else:
+                    self._begin(key, shared)
+        shared.callers += 1
+        try:
+            return await asyncio.shield(shared.result)
+        finally:
+            shared.callers -= 1
+            if not shared.callers and not shared.result.done():
+                self._abandon(key, shared)
+
+    def _begin(self, key: Hashable, shared: _Read[Any]) -> None:
+        self._running[key] = shared
+        shared.task = asyncio.get_running_loop().create_task(shared.run(), context=shared.context)
+        shared.task.add_done_callback(lambda task: self._ended(key, shared, task))
+
+    def _ended(self, key: Hashable, shared: _Read[Any], task: asyncio.Task[Any]) -> None:
+        del self._running[key]
+        if task.cancelled():
+            shared.result.cancel()
+        elif (error := task.exception()) is not None:
+            shared.result.set_exception(error)
+            shared.result.exception()  # retrieved here: its callers may all have gone meanwhile
+        else:
+            shared.result.set_result(task.result())
+        following = self._next.pop(key, None)
+        if following is not None:
+            self._begin(key, following)
+
+    def _abandon(self, key: Hashable, shared: _Read[Any]) -> None:
+        if shared.task is None:  # not begun yet: it never will be
+            del self._next[key]
+            shared.result.cancel()
+        else:
+            shared.task.cancel()  # _ended follows, once the read has let go of its connection

@@ -13,7 +13,9 @@ import pytest
 from server.app import make_app
 from server.doku.client import notification_body
 from server.http import admin
+from server.http.keys import LISTENER
 from server.store import outbox
+from server.store.listener import EventListener
 from tests.conftest import CODE, code_fields, make_settings, waiting_for_a_lock
 
 INVOICE = "INV-2026-000123"
@@ -571,3 +573,56 @@ async def test_long_polls_past_the_cap_are_refused_at_once_and_a_read_without_wa
     assert all(len(page["items"]) == 1 for page in await asyncio.gather(*waiters))
     page = await feed(client, admin_headers, after=1, wait=0.2)  # the slots were given back
     assert page["items"] == []
+
+
+async def test_a_read_without_wait_sees_every_event_answered_before_it_while_a_like_read_runs(
+    aiohttp_client, database_url, pool, admin_headers, monkeypatch
+):
+    """(Found by review.) A read that joined one already running, begun before a write was answered,
+    missed that write's event: the feed's promise is that an answered change is in it. Here the
+    listener hears nothing, as when its NOTIFY is late, and the first read returns late."""
+    monkeypatch.setattr(EventListener, "_on_notify", lambda self, *args: None)
+    client = await aiohttp_client(make_app(make_settings(), database_url))
+    await client.app[LISTENER].connected.wait()  # its own bump is behind us
+    gate = asyncio.Event()
+    started = asyncio.Event()
+    read_after = outbox.read_after
+
+    async def slow_first(conn, after, limit):
+        events = await read_after(conn, after, limit)
+        if not started.is_set():
+            started.set()
+            await gate.wait()
+        return events
+
+    monkeypatch.setattr(outbox, "read_after", slow_first)
+    first = asyncio.create_task(feed(client, admin_headers, after=0))
+    await started.wait()
+    created = await client.post("/v1/payment-codes", json=code_fields(), headers=admin_headers)
+    assert created.status == 201
+    second = asyncio.create_task(feed(client, admin_headers, after=0))
+    await asyncio.sleep(0.2)
+    gate.set()
+    assert (await first)["items"] == []
+    assert [event["type"] for event in (await second)["items"]] == ["code.created"]
+
+
+async def test_a_read_every_caller_gave_up_on_gives_its_connection_back(
+    aiohttp_client, database_url, pool, admin_headers
+):
+    """(Found by review.) A read whose callers all passed their deadline ran on, queued for a connection
+    or blocked, with no deadline of its own: reads held the pool, and DOKU's inquiry got a 503."""
+    client = await aiohttp_client(make_app(make_settings(admin_db_timeout_s=0.5), database_url))
+    reading = (
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%FROM events WHERE id >%'"
+        " AND pid <> pg_backend_pid()"
+    )
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        answers = await asyncio.gather(
+            *(client.get("/v1/events", params={"after": str(n)}, headers=admin_headers) for n in range(20))
+        )
+        assert [answer.status for answer in answers] == [503] * 20  # 8 read, 12 queued for a connection
+        async with asyncio.timeout(5):
+            while await pool.fetchval(reading + " AND state = 'active'"):  # noqa: ASYNC110 - a server's state
+                await asyncio.sleep(0.05)

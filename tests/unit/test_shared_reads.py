@@ -1,0 +1,78 @@
+"""SharedReads: callers that ask at once share a read, and never one that began before they asked."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.store.listener import SharedReads
+
+
+class Reads:
+    """Reads that each return their own number, and wait for ``release`` once begun."""
+
+    def __init__(self) -> None:
+        self.begun = 0
+        self.release = asyncio.Event()
+        self.cancelled = 0
+
+    async def read(self) -> int:
+        self.begun += 1
+        number = self.begun
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return number
+
+
+async def test_callers_that_ask_before_the_read_has_run_share_it():
+    shared, reads = SharedReads(), Reads()
+    callers = [asyncio.create_task(shared.read("page", reads.read)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    reads.release.set()
+    assert await asyncio.gather(*callers) == [1] * 50
+
+
+async def test_a_caller_that_asks_while_a_read_runs_shares_the_next_one_not_it():
+    shared, reads = SharedReads(), Reads()
+    first = asyncio.create_task(shared.read("page", reads.read))
+    await asyncio.sleep(0.01)  # the first read has begun
+    later = [asyncio.create_task(shared.read("page", reads.read)) for _ in range(20)]
+    other = asyncio.create_task(shared.read("another page", reads.read))
+    await asyncio.sleep(0.01)
+    assert reads.begun == 2  # the first page's, and the other page's: the later callers' waits for its end
+    reads.release.set()
+    assert await first == 1
+    assert await other == 2
+    assert await asyncio.gather(*later) == [3] * 20
+
+
+async def test_a_read_its_callers_all_left_is_cancelled_and_one_they_share_is_not():
+    shared, reads = SharedReads(), Reads()
+    staying = asyncio.create_task(shared.read("page", reads.read))
+    leaving = asyncio.create_task(shared.read("page", reads.read))
+    await asyncio.sleep(0.01)
+    leaving.cancel()
+    await asyncio.sleep(0.01)
+    assert reads.cancelled == 0
+    staying.cancel()
+    await asyncio.sleep(0.01)
+    assert reads.cancelled == 1
+    reads.release.set()
+    assert await shared.read("page", reads.read) == 2  # nothing left behind
+
+
+async def test_a_failed_read_fails_every_caller_that_shared_it():
+    shared = SharedReads()
+
+    async def failing() -> int:
+        await asyncio.sleep(0.01)
+        raise ConnectionResetError("the database went away")
+
+    callers = [asyncio.create_task(shared.read("page", failing)) for _ in range(5)]
+    for caller in callers:
+        with pytest.raises(ConnectionResetError):
+            await caller
