@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from server.core.errors import AuthenticationFailed, ClientAborted, DipcError, error_text
 from server.http.bodies import json_response
@@ -75,9 +75,11 @@ DOKU_ROUTE_LABELS = {"inquiry": "/doku/inquiry", "notification": "/doku/notifica
 
 
 def route_label(request: web.Request) -> str:
-    """The route of ``request`` as metrics and the log name it."""
-    resource = request.match_info.route.resource
-    if resource is None:
+    """The route of ``request`` as metrics and the log name it: "unmatched" where none of our handlers
+    serves it (aiohttp's 404 and 405, and DOKU's paths' 405 for another method than POST)."""
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None or route.method == hdrs.METH_ANY:
         return "unmatched"
     return DOKU_ROUTE_LABELS.get(resource.name or "", resource.canonical)
 
