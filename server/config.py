@@ -247,10 +247,18 @@ def _doku_api_url(env: Mapping[str, str], demo: bool) -> str | None:
     return url
 
 
+# Paths dipc serves besides DOKU's two: a DOKU path there would take (or lose) their routes.
+OTHER_PATHS = ("/healthz", "/readyz", "/metrics")
+ADMIN_PREFIX = "/v1"
+
+
 def _path(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip() or default
     if not value.startswith("/"):
         raise ConfigError(f"{name}={value!r} must be a path starting with '/'")
+    if value in OTHER_PATHS or value == ADMIN_PREFIX or value.startswith(ADMIN_PREFIX + "/"):
+        mine = ", ".join(OTHER_PATHS)
+        raise ConfigError(f"{name}={value!r} is served already: {mine} and /v1/… are dipc's own")
     return value
 
 

@@ -65,6 +65,10 @@ secret_keys_env = "MCH2_KEYS"
         ({"DIPC_WORKERS": "0"}, "DIPC_WORKERS"),
         ({"DIPC_INQUIRY_PATH": "doku/inquiry"}, "DIPC_INQUIRY_PATH"),
         ({"DIPC_INQUIRY_PATH": "/x", "DIPC_NOTIFICATION_PATH": "/x"}, "must differ"),
+        # (Found by review.) DOKU's path took the route of the health check, which then answered 405.
+        ({"DIPC_NOTIFICATION_PATH": "/healthz"}, "DIPC_NOTIFICATION_PATH.*served"),
+        ({"DIPC_INQUIRY_PATH": "/metrics"}, "DIPC_INQUIRY_PATH.*served"),
+        ({"DIPC_INQUIRY_PATH": "/v1/doku"}, "DIPC_INQUIRY_PATH.*served"),
         ({"DIPC_LOG_FORMAT": "xml"}, "DIPC_LOG_FORMAT"),
         ({"DIPC_CLIENTS_FILE": "/nonexistent/clients.toml"}, "cannot read"),
         ({"DIPC_DOKU_DB_TIMEOUT_S": "-1"}, "positive"),
