@@ -106,7 +106,7 @@ class Settings:
     max_body_reads: int = 128
     # Event-feed long-polls waiting at once per process: each event wakes and answers every one of them, on
     # the process that answers DOKU (past the cap the answer is a deliberate 503; a read without wait is not
-    # counted). 1,000 of them held an inquiry back 150-200 ms (bench/README "Long-polls").
+    # counted). 1,000 of them took an inquiry from 3 to 256 ms (bench/README "Long-polls").
     feed_max_waiters: int = 100
     # Peers whose X-Forwarded-For names the caller in logs (load balancers, reverse proxies).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

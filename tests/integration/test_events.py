@@ -536,7 +536,7 @@ async def test_long_polls_at_one_cursor_share_the_read_an_event_wakes_them_for(
     client, register, admin_headers, monkeypatch
 ):
     """Every event wakes every long-poll: each one's own query made a herd that held DOKU's inquiries
-    back (1,000 waiters: an inquiry's median 4 → 199 ms, bench/README "Long-polls")."""
+    back (1,000 waiters: an inquiry's median 2.7 → 256 ms, bench/README "Long-polls")."""
     reads: list[int] = []
     read_after = outbox.read_after
 
