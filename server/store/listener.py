@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
@@ -18,7 +17,7 @@ import structlog
 
 from server.core.errors import error_text
 from server.store.outbox import CHANNEL
-from server.store.pool import UNAVAILABLE_ERRORS
+from server.store.pool import UNAVAILABLE_ERRORS, Detached
 
 log = structlog.get_logger(component="dipc.listener")
 T = TypeVar("T")
@@ -102,13 +101,13 @@ class EventListener:
 
 
 class _Read(Generic[T]):
-    __slots__ = ("begun", "callers", "context", "read", "result", "task")
+    __slots__ = ("begun", "callers", "detached", "read", "result", "task")
 
     def __init__(self, read: Callable[[], Awaitable[T]]) -> None:
         self.read = read
-        # Begun in the context of the caller that asked first: its deadline (server/store/pool.py) ends
-        # the connection the read holds, as it would the caller's own.
-        self.context = contextvars.copy_context()
+        # Apart from its callers' deadlines: the first caller's expiry must not end it under the others.
+        # It is bounded by theirs all the same: once the last of them has gone, it is ended.
+        self.detached = Detached()
         self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self.task: asyncio.Task[Any] | None = None
         self.begun = False  # its task has run: the query may have begun
@@ -127,8 +126,11 @@ class SharedReads:
     after it asked, never one already running: so the read sees whatever was committed before the
     caller asked (a change the caller saw answered, an event whose notice woke it). Callers that ask
     while a read runs share the next one, begun when it ends; those woken by one event all ask before
-    the first one's read has run, and share it. A read that every caller has stopped
-    waiting for (their deadlines passed, their clients left) is cancelled, with the connection it holds.
+    the first one's read has run, and share it.
+
+    A read runs apart from its callers' deadlines (:class:`~server.store.pool.Detached`), so that the
+    first caller's expiry does not end it under the others, and ends once the last of them has stopped
+    waiting (their deadlines passed, the process stops): its connection is terminated then, at once.
     """
 
     def __init__(self) -> None:
@@ -139,7 +141,7 @@ class SharedReads:
         shared = self._next.get(key)
         if shared is None:
             running = self._running.get(key)
-            if running is not None and not running.begun:
+            if running is not None and not running.begun and running.callers:
                 shared = running  # made but not run yet: its query begins after this caller asked
             else:
                 shared = _Read(read)
@@ -157,7 +159,7 @@ class SharedReads:
 
     def _begin(self, key: Hashable, shared: _Read[Any]) -> None:
         self._running[key] = shared
-        shared.task = asyncio.get_running_loop().create_task(shared.run(), context=shared.context)
+        shared.task = asyncio.get_running_loop().create_task(shared.run(), context=shared.detached.context)
         shared.task.add_done_callback(lambda task: self._ended(key, shared, task))
 
     def _ended(self, key: Hashable, shared: _Read[Any], task: asyncio.Task[Any]) -> None:
@@ -178,4 +180,5 @@ class SharedReads:
             del self._next[key]
             shared.result.cancel()
         else:
-            shared.task.cancel()  # _ended follows, once the read has let go of its connection
+            shared.detached.end()  # its connection, at once: a cancellation may wait on a server that hangs
+            shared.task.cancel()  # _ended follows, and begins the next read

@@ -466,6 +466,27 @@ def terminate_held(held: list[Any]) -> None:
     _terminate_held(held)
 
 
+class Detached:
+    """Database work run apart from the requests that wait for it (a read several of them share): no
+    deadline of theirs bounds it, and no caller's expiry terminates its connection under the others.
+    Whoever runs it ends it, with :meth:`end`, once nobody waits: its connections are terminated at
+    once, whatever the database does (a cancellation alone may wait on a server that hangs).
+
+    Run the work in :attr:`context` (``loop.create_task(work, context=detached.context)``).
+    """
+
+    __slots__ = ("_held", "context")
+
+    def __init__(self) -> None:
+        self._held: list[Any] = []
+        self.context = contextvars.copy_context()
+        self.context.run(_DEADLINE_AT.set, None)
+        self.context.run(_HELD_CONNECTIONS.set, self._held)
+
+    def end(self) -> None:
+        _terminate_held(self._held)
+
+
 def _terminate_held(held: list[Any]) -> None:
     for proxy in held:
         connection = proxy._con  # None once released: it may be serving another request by now

@@ -17,6 +17,7 @@ from server.http.keys import LISTENER
 from server.store import outbox
 from server.store.listener import EventListener
 from tests.conftest import CODE, code_fields, make_settings, waiting_for_a_lock
+from tests.dbproxy import SilencingProxy
 
 INVOICE = "INV-2026-000123"
 
@@ -626,3 +627,56 @@ async def test_a_read_every_caller_gave_up_on_gives_its_connection_back(
         async with asyncio.timeout(5):
             while await pool.fetchval(reading + " AND state = 'active'"):  # noqa: ASYNC110 - a server's state
                 await asyncio.sleep(0.05)
+
+
+async def _ask(client, admin_headers, after_s: float, wait: float):
+    await asyncio.sleep(after_s)
+    return await client.get("/v1/events", params={"after": "0", "wait": str(wait)}, headers=admin_headers)
+
+
+async def test_a_shared_read_is_not_ended_by_the_deadline_of_a_caller_while_another_waits(
+    aiohttp_client, database_url, pool, admin_headers
+):
+    """(Found by review.) A shared read ran under the deadline of the caller that asked for it first: its
+    expiry ended the read under a long-poll that still had seconds to wait, which got a 503."""
+    client = await aiohttp_client(make_app(make_settings(admin_db_timeout_s=1.0), database_url))
+    async with pool.acquire() as holder:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        first = asyncio.create_task(_ask(client, admin_headers, 0.0, 0))  # its read runs, blocked
+        second = asyncio.create_task(_ask(client, admin_headers, 0.3, 0))  # asks for the next read first
+        patient = asyncio.create_task(_ask(client, admin_headers, 0.6, 10))  # shares that next read
+        assert (await first).status == 503
+        assert (await second).status == 503
+        await asyncio.sleep(0.5)
+        await transaction.rollback()
+    answer = await patient
+    assert answer.status == 200, await answer.text()
+
+
+async def test_a_shared_read_nobody_waits_for_ends_at_once_on_a_connection_that_hangs(
+    aiohttp_client, database_url, pool, admin_headers
+):
+    """(Found by review.) A read begun after the caller who asked for it first had gone ran with no
+    deadline; when its last caller left on a connection that had gone silent, its cancellation waited on
+    it, and every later read of that page queued behind it and got a 503 until the network came back."""
+    proxy = SilencingProxy(database_url)
+    await proxy.start()
+    try:
+        client = await aiohttp_client(make_app(make_settings(admin_db_timeout_s=1.0), proxy.url))
+        async with pool.acquire() as holder:
+            transaction = holder.transaction()
+            await transaction.start()
+            await holder.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            first = asyncio.create_task(_ask(client, admin_headers, 0.0, 2))  # gone at 3.0 s
+            second = asyncio.create_task(_ask(client, admin_headers, 0.3, 0))  # the next: gone at 1.3 s
+            third = asyncio.create_task(_ask(client, admin_headers, 0.6, 3))  # shares it; gone at 4.6 s
+            await asyncio.sleep(3.5)  # the next read has begun, blocked
+            proxy.lose_every_open_connection()
+            assert [(await caller).status for caller in (first, second, third)] == [503, 503, 503]
+            await transaction.rollback()
+        answer = await _ask(client, admin_headers, 0.2, 0)
+        assert answer.status == 200, await answer.text()
+    finally:
+        await proxy.close()

@@ -76,3 +76,26 @@ async def test_a_failed_read_fails_every_caller_that_shared_it():
     for caller in callers:
         with pytest.raises(ConnectionResetError):
             await caller
+
+
+async def test_a_caller_never_joins_a_read_abandoned_before_it_ran():
+    """(Found by review.) A read every caller left before it ran stayed a step or two among the running
+    ones, and a caller that asked then joined it and got a CancelledError nobody sent it."""
+    loop = asyncio.get_running_loop()
+    shared, reads = SharedReads(), Reads()
+    first = asyncio.create_task(shared.read("page", reads.read))
+    await asyncio.sleep(0.01)  # begun
+    leaving = asyncio.create_task(shared.read("page", reads.read))  # the next read's only caller
+    await asyncio.sleep(0.01)
+    later: list[asyncio.Task[int]] = []
+
+    def leave_then_ask() -> None:
+        leaving.cancel()  # its deadline, in the tick the first read ended
+        loop.call_soon(lambda: later.append(asyncio.create_task(shared.read("page", reads.read))))
+
+    reads.release.set()
+    loop.call_soon(leave_then_ask)
+    assert await first == 1
+    await asyncio.sleep(0.05)
+    assert later[0].done()
+    assert not later[0].cancelled()
