@@ -101,32 +101,48 @@ class EventListener:
 
 
 class _Read(Generic[T]):
-    __slots__ = ("begun", "callers", "detached", "read", "result", "task")
+    """One read and the callers that share it; begun as soon as the event loop runs its task."""
 
-    def __init__(self, read: Callable[[], Awaitable[T]]) -> None:
-        self.read = read
+    __slots__ = ("callers", "detached", "result", "task")
+
+    def __init__(self, read: Callable[[], Awaitable[T]], begun: Callable[[], None]) -> None:
         # Apart from its callers' deadlines: the first caller's expiry must not end it under the others.
         # It is bounded by theirs all the same: once the last of them has gone, it is ended.
         self.detached = Detached()
         self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self.task: asyncio.Task[Any] | None = None
-        self.begun = False  # its task has run: the query may have begun
         self.callers = 0
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(read, begun), context=self.detached.context
+        )
+        self.task.add_done_callback(self._ended)
 
-    async def run(self) -> T:
-        self.begun = True
-        return await self.read()
+    async def _run(self, read: Callable[[], Awaitable[T]], begun: Callable[[], None]) -> T:
+        begun()  # from here on its query may have begun: nobody joins it any more
+        return await read()
+
+    def _ended(self, task: asyncio.Task[T]) -> None:
+        if task.cancelled():
+            self.result.cancel()
+        elif (error := task.exception()) is not None:
+            self.result.set_exception(error)
+            self.result.exception()  # retrieved here: its callers may all have gone meanwhile
+        else:
+            self.result.set_result(task.result())
+
+    def end(self) -> None:
+        self.detached.end()  # its connection, at once: a cancellation may wait on a server that hangs
+        self.task.cancel()
 
 
 class SharedReads:
     """The same read, asked for by many callers at once, made once for them all.
 
-    An event wakes every long-poll of the feed at once; most then read the same page (the same cursor and
-    limit), and their answers bring the same clients straight back. Each caller shares a read begun
-    after it asked, never one already running: so the read sees whatever was committed before the
-    caller asked (a change the caller saw answered, an event whose notice woke it). Callers that ask
-    while a read runs share the next one, begun when it ends; those woken by one event all ask before
-    the first one's read has run, and share it.
+    An event wakes every long-poll of the feed at once, and most of them then read the same page (the
+    same cursor and limit). A caller shares a read only until that read has begun, never one already
+    running: so every read a caller gets sees whatever was committed before the caller asked (a change
+    the caller saw answered, an event whose notice woke it). The waiters one event wakes all ask before
+    the first one's read begins, and share it; a caller that comes later has a read of its own (which
+    the callers after it may share), so a slow or stuck read holds back only those that share it.
 
     A read runs apart from its callers' deadlines (:class:`~server.store.pool.Detached`), so that the
     first caller's expiry does not end it under the others, and ends once the last of them has stopped
@@ -134,51 +150,21 @@ class SharedReads:
     """
 
     def __init__(self) -> None:
-        self._running: dict[Hashable, _Read[Any]] = {}
-        self._next: dict[Hashable, _Read[Any]] = {}
+        self._pending: dict[Hashable, _Read[Any]] = {}  # made, and not begun yet
 
     async def read(self, key: Hashable, read: Callable[[], Awaitable[T]]) -> T:
-        shared = self._next.get(key)
+        shared = self._pending.get(key)
         if shared is None:
-            running = self._running.get(key)
-            if running is not None and not running.begun and running.callers:
-                shared = running  # made but not run yet: its query begins after this caller asked
-            else:
-                shared = _Read(read)
-                if running is not None:
-                    self._next[key] = shared  # the running read may have begun before this caller asked
-                else:
-                    self._begin(key, shared)
+            shared = self._pending[key] = _Read(read, lambda: self._forget(key, shared))
         shared.callers += 1
         try:
             return await asyncio.shield(shared.result)
         finally:
             shared.callers -= 1
             if not shared.callers and not shared.result.done():
-                self._abandon(key, shared)
+                self._forget(key, shared)  # nobody joins a read its callers have left
+                shared.end()
 
-    def _begin(self, key: Hashable, shared: _Read[Any]) -> None:
-        self._running[key] = shared
-        shared.task = asyncio.get_running_loop().create_task(shared.run(), context=shared.detached.context)
-        shared.task.add_done_callback(lambda task: self._ended(key, shared, task))
-
-    def _ended(self, key: Hashable, shared: _Read[Any], task: asyncio.Task[Any]) -> None:
-        del self._running[key]
-        if task.cancelled():
-            shared.result.cancel()
-        elif (error := task.exception()) is not None:
-            shared.result.set_exception(error)
-            shared.result.exception()  # retrieved here: its callers may all have gone meanwhile
-        else:
-            shared.result.set_result(task.result())
-        following = self._next.pop(key, None)
-        if following is not None:
-            self._begin(key, following)
-
-    def _abandon(self, key: Hashable, shared: _Read[Any]) -> None:
-        if shared.task is None:  # not begun yet: it never will be
-            del self._next[key]
-            shared.result.cancel()
-        else:
-            shared.detached.end()  # its connection, at once: a cancellation may wait on a server that hangs
-            shared.task.cancel()  # _ended follows, and begins the next read
+    def _forget(self, key: Hashable, shared: _Read[Any]) -> None:
+        if self._pending.get(key) is shared:
+            del self._pending[key]

@@ -482,6 +482,7 @@ class Detached:
         self.context = contextvars.copy_context()
         self.context.run(_DEADLINE_AT.set, None)
         self.context.run(_HELD_CONNECTIONS.set, self._held)
+        self.context.run(REQUEST_ID.set, None)  # not one request's: its log lines name none
 
     def end(self) -> None:
         _terminate_held(self._held)

@@ -36,18 +36,20 @@ async def test_callers_that_ask_before_the_read_has_run_share_it():
     assert await asyncio.gather(*callers) == [1] * 50
 
 
-async def test_a_caller_that_asks_while_a_read_runs_shares_the_next_one_not_it():
-    shared, reads = SharedReads(), Reads()
-    first = asyncio.create_task(shared.read("page", reads.read))
-    await asyncio.sleep(0.01)  # the first read has begun
+async def test_callers_that_ask_while_a_read_runs_share_a_new_one_which_the_running_one_does_not_hold_back():
+    """A read that runs may have begun before they asked; and one stuck on a connection that hangs must
+    hold back only its own callers (found by review: the next read waited for it to end)."""
+    shared, stuck, reads = SharedReads(), Reads(), Reads()
+    first = asyncio.create_task(shared.read("page", stuck.read))
+    await asyncio.sleep(0.01)  # the first read has begun, and does not end
     later = [asyncio.create_task(shared.read("page", reads.read)) for _ in range(20)]
     other = asyncio.create_task(shared.read("another page", reads.read))
-    await asyncio.sleep(0.01)
-    assert reads.begun == 2  # the first page's, and the other page's: the later callers' waits for its end
     reads.release.set()
+    assert await asyncio.wait_for(asyncio.gather(*later), 5) == [1] * 20
+    assert await asyncio.wait_for(other, 5) == 2
+    assert not first.done()
+    stuck.release.set()
     assert await first == 1
-    assert await other == 2
-    assert await asyncio.gather(*later) == [3] * 20
 
 
 async def test_a_read_its_callers_all_left_is_cancelled_and_one_they_share_is_not():
