@@ -37,14 +37,14 @@ def render_json_error(request: web.Request, error: DipcError) -> web.StreamRespo
 def _render_failure(request: web.Request, failure: Exception) -> web.StreamResponse:
     """The response for an exception a handler raised: its own shape for ours, JSON for the rest."""
     fields = request[LOG_FIELDS]
+    render = request.get(ERROR_RENDERER, render_json_error)
     if isinstance(failure, web.HTTPException):
         error = _HttpError(failure)
         fields.setdefault("outcome", error.code)
-        response = request.get(ERROR_RENDERER, render_json_error)(request, error)
+        response = render(request, error)
         if failure.status == 405 and "Allow" in failure.headers:
             response.headers["Allow"] = failure.headers["Allow"]
         return response
-    render = request.get(ERROR_RENDERER, render_json_error)
     if isinstance(failure, CONTENDED_ERRORS):
         log.warning("db.contended", path=for_log(request.path), error=error_text(failure))
         failure = contended(failure)

@@ -109,11 +109,10 @@ class _Read(Generic[T]):
         # Apart from its callers' deadlines: the first caller's expiry must not end it under the others.
         # It is bounded by theirs all the same: once the last of them has gone, it is ended.
         self.detached = Detached()
-        self.result: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.result: asyncio.Future[T] = loop.create_future()
         self.callers = 0
-        self.task = asyncio.get_running_loop().create_task(
-            self._run(read, begun), context=self.detached.context
-        )
+        self.task = loop.create_task(self._run(read, begun), context=self.detached.context)
         self.task.add_done_callback(self._ended)
 
     async def _run(self, read: Callable[[], Awaitable[T]], begun: Callable[[], None]) -> T:
