@@ -1001,8 +1001,7 @@ async def _feed_latency(base: str, samples: int) -> tuple[list[float], list[floa
 
             waiting = asyncio.create_task(events(after=str(cursor), wait="10"))
             await asyncio.sleep(0.02)  # the long-poll is parked in the server
-            body = {"payment_code": f"{REUSABLE_PREFIX}9{n:09d}", "amount": 1000, "invoice_number": f"F-{n}",
-                    "customer_name": "Feed", "client_id": CLIENT.client_id}  # fmt: skip
+            body = _code_body(f"{REUSABLE_PREFIX}9{n:09d}", f"F-{n}", "Feed")
             async with session.post(f"{base}/v1/payment-codes", json=body) as response:
                 assert response.status == 201, await response.text()
             answered = time.perf_counter()
@@ -1017,9 +1016,9 @@ HERD_WAITERS = (0, 100, 1000)  # none; the default DIPC_FEED_MAX_WAITERS; ten ti
 HERD_INQUIRIES = 300
 
 
-def _code_body(code: str, invoice_number: str) -> dict[str, object]:
-    return {"payment_code": code, "amount": 1000, "invoice_number": invoice_number, "customer_name": "Herd",
-            "client_id": CLIENT.client_id}  # fmt: skip
+def _code_body(code: str, invoice_number: str, customer_name: str = "Herd") -> dict[str, object]:
+    return {"payment_code": code, "amount": 1000, "invoice_number": invoice_number,
+            "customer_name": customer_name, "client_id": CLIENT.client_id}  # fmt: skip
 
 
 async def _inquiries_under_a_herd(base: str, waiters: int, code: str) -> tuple[list[float], int, int]:

@@ -124,7 +124,6 @@ async def test_consumers_before_and_after_a_burst_see_every_event_once_in_order(
 
 
 async def test_an_event_that_commits_late_comes_after_every_cursor_given_before(client, admin_headers, pool):
-    from server.store import outbox
 
     appended, release = asyncio.Event(), asyncio.Event()
 
@@ -164,7 +163,6 @@ async def test_events_a_dead_writer_left_unsequenced_reach_the_feed(client, admi
 
 
 async def test_append_outside_an_outbox_transaction_is_refused(pool):
-    from server.store import outbox
 
     async with pool.acquire() as conn, conn.transaction():
         with pytest.raises(RuntimeError, match=r"outside outbox\.transaction"):
@@ -199,7 +197,6 @@ def sequencing_held(pool):
 
 async def append_one(pool, event_type: str, payment_code: str) -> None:
     """A writer of this version: one event, in a transaction of its own."""
-    from server.store import outbox
 
     async with outbox.transaction(pool) as conn:
         await outbox.append(conn, event_type, payment_code, {})
@@ -262,7 +259,6 @@ async def test_a_committed_change_is_answered_so_when_its_sequencing_cannot_fini
 
 
 async def test_a_rollback_sequences_nothing_and_an_error_after_the_commit_loses_nothing(pool, monkeypatch):
-    from server.store import outbox
 
     passes: list[int] = []
     real = outbox._move_all
@@ -324,7 +320,6 @@ async def test_a_pass_on_another_database_does_not_cover_a_writer_of_this_one(
 
 async def test_a_server_of_the_previous_version_keeps_the_feed_in_causal_order(pool):
     """Its append (ADR 3 before 0007): the insert into events under the lock, held to its commit."""
-    from server.store import outbox
 
     previous_append = """
         WITH locked AS (SELECT pg_advisory_xact_lock($1))
@@ -401,7 +396,6 @@ async def test_a_pass_finds_pending_events_by_their_index_not_by_reading_what_pa
 
 
 async def test_a_transaction_moves_its_own_events_in_its_commit_unless_another_sequencing_holds_on(pool):
-    from server.store import outbox
 
     await pool.execute(  # committed by a writer that died before its pass
         "INSERT INTO events_pending (type, payment_code, payload) VALUES ('code.created', 'before', '{}')"
@@ -439,7 +433,6 @@ async def test_a_transaction_frozen_after_moving_its_events_loses_its_session_no
 ):
     # It holds the sequencing lock until its COMMIT, which its client sends: a client that froze there
     # (a stopped process, a lost network) would stop every sequencing of the database.
-    from server.store import outbox
 
     frozen = await asyncpg.connect(database_url)
     try:
@@ -466,7 +459,6 @@ async def test_writers_that_give_up_on_a_held_sequencing_lock_share_one_pass(poo
     (and connection) for each writer, as many as writers arrived. Now a process runs one pass at a time
     under its own deadline, and writers wait for it under theirs."""
     from server.core.errors import Unavailable
-    from server.store import outbox
 
     watcher = await asyncpg.connect(database_url)
     try:
@@ -498,7 +490,6 @@ async def test_a_writer_that_asked_after_a_pass_began_waits_for_the_next_not_tha
     the writer starts or joins the next pass, within its own wait (ADR 3: the answer comes once the feed
     has its event, if that takes less than the wait)."""
     from server.core.errors import Unavailable
-    from server.store import outbox
 
     async with sequencing_held(pool):
         # Its pass waits for the lock SEQUENCE_WAIT_S (1 s) and fails; the writer would wait 3 s.
@@ -517,7 +508,6 @@ async def test_a_writers_wait_for_a_pass_is_measured_once(pool):
     """dipc_db_operation_duration_seconds{operation="outbox.sequence"} is a writer's wait (README); the
     pass it waits for is "outbox.pass"."""
     from server.ops import metrics
-    from server.store import outbox
 
     def observed(operation: str) -> float:
         [family] = metrics.DB_DURATION.collect()
