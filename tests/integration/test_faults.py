@@ -583,7 +583,9 @@ def test_workers_of_a_killed_supervisor_stop_instead_of_serving_on(own_cluster, 
     SO_REUSEPORT they would share it with the next generation, and answer 503 for ever once its
     database is gone. They notice their parent is gone and drain."""
     _, dsn = own_cluster
-    dipc = Dipc(dipc_env(dsn, **BUDGET_ENV, DIPC_WORKERS="2"), tmp_path / "dipc.log")
+    # TMPDIR: the metrics directory a killed supervisor cannot remove goes with the test's own.
+    env = dipc_env(dsn, **BUDGET_ENV, DIPC_WORKERS="2", TMPDIR=str(tmp_path))
+    dipc = Dipc(env, tmp_path / "dipc.log")
     dipc.start()
     assert dipc.process is not None
     try:
@@ -645,13 +647,13 @@ def test_a_server_whose_log_reader_went_away_still_answers(database_url):
         assert server.process.wait(20) == 0
 
 
-def test_workers_of_a_killed_supervisor_stop_even_when_nobody_reads_their_log(database_url):
+def test_workers_of_a_killed_supervisor_stop_even_when_nobody_reads_their_log(database_url, tmp_path):
     """(Found by review.) The supervisor's log reader often dies with it: a pipe to a process manager, a
     shell that went away. Then the workers' first log line fails (EPIPE); their check that their parent
     is gone must stop them all the same. It logged before it signalled, and the workers served on."""
     workers: list[int] = []
     try:
-        with serving_into_a_pipe(database_url, DIPC_WORKERS="2") as server:
+        with serving_into_a_pipe(database_url, DIPC_WORKERS="2", TMPDIR=str(tmp_path)) as server:
             supervisor = server.process
             wait_until(lambda: len(_children(supervisor.pid)) == 2, 30, "two workers did not start")
             workers = _children(supervisor.pid)
