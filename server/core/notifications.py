@@ -41,6 +41,8 @@ EVENT_TYPES = {
     PaymentKind.CONFLICT: "payment.conflict",
     PaymentKind.ANOMALY: "payment.anomaly",
 }
+# A RawNotification's source when it is DOKU's answer to our Check Status (spec §8).
+CHECK_STATUS_SOURCE = "check_status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +123,7 @@ async def _decide_and_record(
     # and 0026): an unnamed Check Status answer's, and its store transaction's.
     refs = {
         "unnamed_ref": conventions.check_status_reference(notice.invoice_number),
-        "agent_ref": _agent_ref(notice),
+        "agent_ref": _agent_ref(notice, raw.source),
     }
     if batches is not None:
         context = await batches.read_context(*facts, **refs)
@@ -155,11 +157,17 @@ async def _decide_and_record(
     return NotificationResult(recorded.notification_id, decision.outcome, decision, recorded.payment)
 
 
-def _agent_ref(notice: PaymentNotice) -> str | None:
+def _agent_ref(notice: PaymentNotice, source: str) -> str | None:
     """The reference the notice's transaction would have if DOKU had named it by its store transaction
-    only (a Check Status answer without original_request_id), when that is not its reference already."""
+    only (a Check Status answer without original_request_id), when that is not its reference already.
+
+    A Check Status answer that DOKU did name so gets its own reference here: it repeats a payment of that
+    store transaction recorded first from a notification (migration 0027). A notification so named does
+    not: a notification is its own transaction."""
     reference = conventions.agent_reference((notice.agent_id, notice.agent_store_id, notice.agent_trx_id))
-    return reference if reference != notice.transaction_ref else None
+    if reference != notice.transaction_ref or source == CHECK_STATUS_SOURCE:
+        return reference
+    return None
 
 
 async def record_rejected(pool: asyncpg.Pool, raw: RawNotification, payment_code: str) -> int:

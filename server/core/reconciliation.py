@@ -19,7 +19,12 @@ import asyncpg
 from server.core.documents import iso
 from server.core.errors import ValidationFailed
 from server.core.manage import Page, key_cursor, page_limit, read_key_cursor
-from server.core.notifications import NotificationResult, RawNotification, record_notification
+from server.core.notifications import (
+    CHECK_STATUS_SOURCE,
+    NotificationResult,
+    RawNotification,
+    record_notification,
+)
 from server.core.outcomes import CheckResult
 from server.core.payments import PaymentNotice
 from server.core.times import parse_timestamp
@@ -35,7 +40,6 @@ STATES = ("pending", "paid", "expired", "gave_up")
 TIMEOUT_RETRY_CAP_S = 900.0
 # At this many timeouts in a row, the reconciler warns once that DOKU does not answer about the invoice.
 TIMEOUTS_WARNED = 3
-SOURCE = "check_status"
 _INVOICE_RE = re.compile(conventions.INVOICE_PATTERN)
 
 
@@ -239,7 +243,7 @@ async def _record_payment(
         request_id=answer.request_id,
         headers=list(answer.headers),
         body=answer.body,
-        source=SOURCE,
+        source=CHECK_STATUS_SOURCE,
     )
     notice = PaymentNotice(
         client_id=invoice.client_id,

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from server.app import make_app
 from server.core.times import utcnow
+from server.doku import conventions
 from server.doku.auth import signed_headers
 from server.doku.client import DokuSimulator
 from server.doku.standin import DokuStandIn, Scripted
@@ -207,6 +208,66 @@ async def test_a_payment_doku_named_by_its_store_transaction_is_repeated_by_its_
     assert other.status == 200
     kinds = [(row["kind"], row["transaction_ref"]) for row in await payments(pool)]
     assert kinds == [("normal", "agent:ALFAMART/TZ01/1246"), ("conflict", "another")]
+
+
+async def test_a_store_transaction_answer_recorded_after_its_own_notification_repeats_it(
+    dipc, doku_sim, standin, pool, admin
+):
+    """(Left open by the review of migration 0026.) The other order: the notification lands while DOKU
+    is answering the invoice's Check Status, whose answer names the transaction by its store's
+    AGENT_TRX_ID only. Recorded after the notification, the answer found the invoice paid under another
+    reference, and became an ALREADY_PAID conflict: the alert told finance to refund a customer who had
+    paid once. It repeats the notification's payment now. A notification is its own transaction: a later
+    notice of the same store transaction under another original_request_id stays a conflict."""
+    doku, _ = standin
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    doku.pay(CODE, INVOICE, 150000, agent_trx_id="1246")
+    answered = asyncio.Event()
+    doku.script(INVOICE, Scripted(hold=answered))  # DOKU is still answering when the notification lands
+
+    async def asked():
+        return doku.checks_of(INVOICE)
+
+    await eventually(asked)
+    notified = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id, agent_trx_id="1246"
+    )
+    assert notified.status == 200
+    answered.set()
+
+    async def checked():
+        return await pool.fetchval("SELECT outcome FROM notifications WHERE source = 'check_status'")
+
+    assert await eventually(checked) == "repeat"
+    [payment] = await payments(pool)
+    assert (payment["kind"], payment["transaction_ref"]) == ("normal", quote.request_id)
+    assert await pool.fetchval("SELECT count(*) FROM payment_resolutions") == 0
+    assert (await row(pool, CODE, INVOICE))["state"] == "paid"
+    other = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id="another", agent_trx_id="1246"
+    )
+    assert other.status == 200
+    kinds = [(row["kind"], row["transaction_ref"]) for row in await payments(pool)]
+    assert kinds == [("normal", quote.request_id), ("conflict", "another")]
+
+
+@pytest.mark.parametrize(
+    "agent",
+    [
+        ("ALFAMART", "TZ01", "1246"),
+        (None, None, "1246"),
+        ("", "TZ01", "7"),
+        ("INDOMARET", None, "x/y"),
+        ("ALFAMART", "TZ01", None),
+        ("ALFAMART", "TZ01", ""),
+    ],
+)
+async def test_a_store_transaction_is_named_alike_in_python_and_in_sql(pool, agent):
+    """Migration 0027 matches a payment's store transaction in SQL (dipc_agent_reference), by the text that
+    conventions.agent_reference gives a notice's in Python: the two must agree, or no answer matches."""
+    in_sql = await pool.fetchval("SELECT dipc_agent_reference($1, $2, $3)", *agent)
+    assert in_sql == conventions.agent_reference(agent)
 
 
 async def test_an_invoice_paid_by_its_notification_is_never_asked_about(dipc, doku_sim, standin, pool, admin):
