@@ -7,6 +7,7 @@ reused; a request waits for a free one when all are busy, and that wait counts a
 
     .venv/bin/python bench/openloop.py --port 18600 --rate 1000 --seconds 10 --get /healthz
     .venv/bin/python bench/openloop.py --port 18600 --rate 1000 --seconds 10 --requests requests.tsv
+    .venv/bin/python bench/openloop.py --port 18600 --rate 1000 --requests requests.tsv --trace trace.json
 
 ``requests.tsv`` is bench/run.py's pre-signed inquiry file (one request per line, used once each).
 Prints one JSON object: achieved rate, p50/p90/p99/max in ms, non-2xx count, and the generator's own
@@ -15,7 +16,9 @@ after its scheduled time each request's task began, p99 and max. That delay is t
 1 ms tick, or the machine not running it), and it is part of every latency, so a p99 far above it is
 the server's. It also prints how busy the whole machine was during the run, and what share of its
 time the hypervisor gave to others (``steal``; a virtual machine's neighbours), from ``/proc/stat``: a
-p99 measured on a machine at 95 % is the machine's as much as the server's.
+p99 measured on a machine at 95 % is the machine's as much as the server's. ``--trace FILE`` also writes
+every answered request's scheduled send time (wall clock, seconds) and latency (seconds), for
+bench/tail.py to set beside what the database was doing at the time.
 """
 
 from __future__ import annotations
@@ -94,7 +97,16 @@ def inquiry_requests(path: str, host: str) -> list[bytes]:
     return requests
 
 
-async def run(host: str, port: int, requests: list[bytes], *, rate: float, seconds: float, connections: int):
+async def run(
+    host: str,
+    port: int,
+    requests: list[bytes],
+    *,
+    rate: float,
+    seconds: float,
+    connections: int,
+    trace: list[tuple[float, float]] | None = None,
+):
     loop = asyncio.get_running_loop()
     free: asyncio.Queue[_Connection] = asyncio.Queue()
     for _ in range(connections):
@@ -121,6 +133,8 @@ async def run(host: str, port: int, requests: list[bytes], *, rate: float, secon
             _, connection = await loop.create_connection(_Connection, host, port)
         else:
             latencies.append(time.perf_counter() - scheduled)
+            if trace is not None:
+                trace.append((scheduled, latencies[-1]))
             statuses[status] = statuses.get(status, 0) + 1
         free.put_nowait(connection)
 
@@ -199,17 +213,30 @@ def main() -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--get", metavar="PATH", help="GET this path at the rate")
     what.add_argument("--requests", metavar="FILE", help="pre-signed inquiries, one per line")
+    parser.add_argument("--trace", metavar="FILE", help="write each request's send time and latency here")
     args = parser.parse_args()
     if args.get:
         requests = [f"GET {args.get} HTTP/1.1\r\nHost: {args.host}\r\n\r\n".encode()]
     else:
         requests = inquiry_requests(args.requests, args.host)
     uvloop.install()
+    trace: list[tuple[float, float]] | None = [] if args.trace else None
     report = asyncio.run(
         run(
-            args.host, args.port, requests, rate=args.rate, seconds=args.seconds, connections=args.connections
+            args.host,
+            args.port,
+            requests,
+            rate=args.rate,
+            seconds=args.seconds,
+            connections=args.connections,
+            trace=trace,
         )
     )
+    if args.trace:
+        # perf_counter's times, as the wall clock's: bench/tail.py's samples are taken by the wall clock.
+        offset = time.time() - time.perf_counter()
+        with open(args.trace, "wb") as handle:
+            handle.write(orjson.dumps([(sent + offset, latency) for sent, latency in trace or ()]))
     print(orjson.dumps(report).decode())
 
 
