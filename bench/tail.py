@@ -51,12 +51,18 @@ SELECT backend_type, coalesce(wait_event, '') AS wait, query
    AND (backend_type <> 'checkpointer' OR coalesce(wait_event, '') <> 'CheckpointerMain')
 """
 
+# WAL written so far, in bytes, and how many full-page images it held (pg_stat_wal, which backends
+# bring up to date about once a second): a commit's flush waits for all of the WAL before its commit
+# record, whoever wrote it.
+_WAL = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint, wal_fpi FROM pg_stat_wal"
+
 
 @dataclass
 class Sample:
     at: float
     cpu: tuple[int, dict[int, int]]  # clock ticks so far of the server, and of each PostgreSQL process
     work: list[str] = field(default_factory=list)  # what the background processes did
+    wal: tuple[int, int] = (0, 0)  # WAL written so far: bytes, and full-page images
 
 
 def _ticks(pid: int) -> int:
@@ -97,8 +103,10 @@ class Sampler(threading.Thread):
         try:
             while not self.stopping.is_set():
                 rows = await conn.fetch(_ACTIVITY)
+                wal = await conn.fetchrow(_WAL)
                 cpu = (_ticks(self.server_pid), {pid: _ticks(pid) for pid in self.pids})
-                self.samples.append(Sample(time.time(), cpu, [_describe(row) for row in rows]))
+                work = [_describe(row) for row in rows]
+                self.samples.append(Sample(time.time(), cpu, work, (wal[0], wal[1])))
                 await asyncio.sleep(SAMPLE_S)
         finally:
             await conn.close()
@@ -115,6 +123,15 @@ def _busy(samples: list[Sample], which: int) -> float:
     else:  # a process that ended meanwhile (a backend) reads 0 at the end: left out
         ticks = sum(max(0, last[1][pid] - first[1][pid]) for pid in first[1] if last[1][pid])
     return ticks / os.sysconf("SC_CLK_TCK") / seconds
+
+
+def _wal_rate(samples: list[Sample]) -> tuple[float, float]:
+    """WAL written per second over ``samples``: MB, and full-page images."""
+    if len(samples) < 2:
+        return 0.0, 0.0
+    seconds = samples[-1].at - samples[0].at
+    first, last = samples[0].wal, samples[-1].wal
+    return (last[0] - first[0]) / 1e6 / seconds, (last[1] - first[1]) / seconds
 
 
 def _during(samples: list[Sample], start: float, end: float) -> list[Sample]:
@@ -148,11 +165,13 @@ def report(name: str, trace: list[tuple[float, float]], samples: list[Sample]) -
         "slowest_1pct_share_during_autovacuum": slow_share,
         "server_cores": _busy(samples, 0),
         "postgres_cores": _busy(samples, 1),
+        "wal_mb_per_s": _wal_rate(samples)[0],
     }
     run.log(
         f"{name}: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms; autovacuum ran "
         f"{vacuum_share:.0%} of the time, and during {slow_share:.0%} of the slowest 1 %; the server "
-        f"{figures['server_cores']:.2f} cores, PostgreSQL {figures['postgres_cores']:.2f}"
+        f"{figures['server_cores']:.2f} cores, PostgreSQL {figures['postgres_cores']:.2f}; WAL "
+        f"{figures['wal_mb_per_s']:.1f} MB/s, {_wal_rate(samples)[1]:,.0f} full-page images/s"
     )
     start = trace[0][0]
     stalls = [(max(latency for _, latency in trace[a : b + 1]), a, b) for a, b in _stalls(trace)]
@@ -164,7 +183,7 @@ def report(name: str, trace: list[tuple[float, float]], samples: list[Sample]) -
         run.log(
             f"  stall at {begin - start:5.2f} s: {over} requests over {STALL_MS:.0f} ms, "
             f"the worst {worst * 1000:.0f} ms; the server {_busy(during, 0):.2f} cores, PostgreSQL "
-            f"{_busy(during, 1):.2f}; {'; '.join(work)}"
+            f"{_busy(during, 1):.2f}; WAL {_wal_rate(during)[0]:.1f} MB/s; {'; '.join(work)}"
         )
     return figures
 
