@@ -277,7 +277,7 @@ async def record(
 # payment's row lock: of two store transactions racing for it, one is matched, and the other finds it
 # matched once the first commits and writes nothing, to be decided again. A Check Status answer named by
 # its store transaction only ($14 = $11) repeats a payment of that store transaction and amount, and
-# matches nothing (migration 0027).
+# matches nothing (dipc_answer_repeats: migrations 0027 and 0028).
 _RECORD_REPEAT = f"""
 WITH matched AS (
     UPDATE payments SET notified_ref = $11
@@ -294,11 +294,8 @@ repeated AS (
     UNION ALL
     SELECT FROM payments p
      WHERE p.payment_code = $9 AND p.invoice_number = $10
-       AND (p.transaction_ref = $11 OR p.notified_ref = $11
-            OR (p.amount = $12
-                AND ($11 = $13
-                     OR ($14 = $11
-                         AND dipc_agent_reference(p.agent_id, p.agent_store_id, p.agent_trx_id) = $14))))
+       AND (p.transaction_ref = $11 OR p.notified_ref = $11 OR ($11 = $13 AND p.amount = $12)
+            OR dipc_answer_repeats(p, $11, $12, $14))
 )
 INSERT INTO notifications ({inbox.COLUMNS})
 SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT FROM repeated)

@@ -21,7 +21,7 @@ from server.app import make_app
 from server.core.times import utcnow
 from server.doku import conventions
 from server.doku.auth import signed_headers
-from server.doku.client import DokuSimulator
+from server.doku.client import DokuSimulator, notification_body
 from server.doku.standin import DokuStandIn, Scripted
 from tests.conftest import (
     CLIENT,
@@ -210,6 +210,28 @@ async def test_a_payment_doku_named_by_its_store_transaction_is_repeated_by_its_
     assert kinds == [("normal", "agent:ALFAMART/TZ01/1246"), ("conflict", "another")]
 
 
+async def answer_after_notification(doku_sim, standin, pool, answer: bytes, notification: bytes) -> str:
+    """DOKU answers the invoice's Check Status with ``answer`` (held until ``notification`` is recorded,
+    as when the notification lands while DOKU is answering); the answer's outcome once recorded."""
+    doku, _ = standin
+    doku.paid[INVOICE] = answer
+    answered = asyncio.Event()
+    doku.script(INVOICE, Scripted(hold=answered))
+
+    async def asked():
+        return doku.checks_of(INVOICE)
+
+    await eventually(asked)
+    notified = await doku_sim.post(doku_sim.notification_path, notification)
+    assert notified.status == 200
+    answered.set()
+
+    async def checked():
+        return await pool.fetchval("SELECT outcome FROM notifications WHERE source = 'check_status'")
+
+    return await eventually(checked)
+
+
 async def test_a_store_transaction_answer_recorded_after_its_own_notification_repeats_it(
     dipc, doku_sim, standin, pool, admin
 ):
@@ -219,27 +241,13 @@ async def test_a_store_transaction_answer_recorded_after_its_own_notification_re
     reference, and became an ALREADY_PAID conflict: the alert told finance to refund a customer who had
     paid once. It repeats the notification's payment now. A notification is its own transaction: a later
     notice of the same store transaction under another original_request_id stays a conflict."""
-    doku, _ = standin
     await register(dipc, admin)
     quote = await doku_sim.inquiry(CODE)
-    doku.pay(CODE, INVOICE, 150000, agent_trx_id="1246")
-    answered = asyncio.Event()
-    doku.script(INVOICE, Scripted(hold=answered))  # DOKU is still answering when the notification lands
-
-    async def asked():
-        return doku.checks_of(INVOICE)
-
-    await eventually(asked)
-    notified = await doku_sim.notify(
+    answer = notification_body(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
+    notification = notification_body(
         CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id, agent_trx_id="1246"
     )
-    assert notified.status == 200
-    answered.set()
-
-    async def checked():
-        return await pool.fetchval("SELECT outcome FROM notifications WHERE source = 'check_status'")
-
-    assert await eventually(checked) == "repeat"
+    assert await answer_after_notification(doku_sim, standin, pool, answer, notification) == "repeat"
     [payment] = await payments(pool)
     assert (payment["kind"], payment["transaction_ref"]) == ("normal", quote.request_id)
     assert await pool.fetchval("SELECT count(*) FROM payment_resolutions") == 0
@@ -250,6 +258,31 @@ async def test_a_store_transaction_answer_recorded_after_its_own_notification_re
     assert other.status == 200
     kinds = [(row["kind"], row["transaction_ref"]) for row in await payments(pool)]
     assert kinds == [("normal", quote.request_id), ("conflict", "another")]
+
+
+async def test_an_answer_of_another_store_whose_reference_reads_alike_is_not_a_repeat(
+    dipc, doku_sim, standin, pool, admin
+):
+    """(Found by a review of migration 0027.) A reference joins the agent, store and transaction ids with
+    "/" and escapes nothing: store TZ01/7 with transaction 1246, and store TZ01 with transaction 7/1246,
+    are two store transactions with one text. 0027 matched the notification's payment by that text, and
+    the answer of the other store's transaction was dropped as a repeat: money taken and in no payment.
+    It is a conflict: only ids without "/" are matched by their text."""
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    answer = notification_body(
+        CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246", store_id="TZ01/7"
+    )
+    notification = notification_body(
+        CODE,
+        invoice_number=INVOICE,
+        amount=150000,
+        original_request_id=quote.request_id,
+        agent_trx_id="7/1246",
+    )
+    assert await answer_after_notification(doku_sim, standin, pool, answer, notification) == "conflict"
+    kinds = [(row["kind"], row["transaction_ref"]) for row in await payments(pool)]
+    assert kinds == [("normal", quote.request_id), ("conflict", "agent:ALFAMART/TZ01/7/1246")]
 
 
 @pytest.mark.parametrize(
