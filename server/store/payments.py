@@ -273,17 +273,18 @@ async def record(
 # unnamed Check Status answer, $11 = $13) its amount. A notification that repeats a payment no
 # notification is matched with yet, recorded from a Check Status answer that named no transaction
 # ('check-status:<invoice>', $13, migration 0018) or named it by the notice's store transaction only
-# ($14, only a Check Status payment: migration 0026), by amount, is matched with it here, under the
-# payment's row lock: of two store transactions racing for it, one is matched, and the other finds it
-# matched once the first commits and writes nothing, to be decided again. A Check Status answer named by
-# its store transaction only ($14 = $11) repeats a payment of that store transaction and amount, and
-# matches nothing (dipc_answer_repeats: migrations 0027 and 0028).
+# ($14; dipc_notification_repeats_answer, migrations 0026 and 0029), by amount, is matched with it here,
+# under the payment's row lock: of two store transactions racing for it, one is matched, and the other
+# finds it matched once the first commits and writes nothing, to be decided again. A Check Status answer
+# named by its store transaction only ($14 = $11) repeats a payment of that store transaction and amount,
+# and matches nothing (dipc_answer_repeats: migrations 0027 to 0029). The rules are the history's
+# (dipc_payment_history), in the same functions.
 _RECORD_REPEAT = f"""
 WITH matched AS (
-    UPDATE payments SET notified_ref = $11
-     WHERE payment_code = $9 AND invoice_number = $10 AND amount = $12
-       AND (transaction_ref = $13 OR (transaction_ref = $14 AND source = 'check_status'))
-       AND notified_ref IS NULL AND transaction_ref <> $11
+    UPDATE payments p SET notified_ref = $11
+     WHERE p.payment_code = $9 AND p.invoice_number = $10 AND p.transaction_ref <> $11
+       AND ((p.transaction_ref = $13 AND p.amount = $12 AND p.notified_ref IS NULL)
+            OR dipc_notification_repeats_answer(p, $11, $12, $14))
        AND NOT EXISTS (SELECT FROM payments known
                         WHERE known.payment_code = $9 AND known.invoice_number = $10
                           AND (known.transaction_ref = $11 OR known.notified_ref = $11))

@@ -285,6 +285,67 @@ async def test_an_answer_of_another_store_whose_reference_reads_alike_is_not_a_r
     assert kinds == [("normal", quote.request_id), ("conflict", "agent:ALFAMART/TZ01/7/1246")]
 
 
+def without_agent_and_store(body: bytes) -> bytes:
+    """``body`` with its AGENT_ID and AGENT_STORE_ID left out (spec §8: some members may be missing)."""
+    document = orjson.loads(body)
+    identifiers = document["online_to_offline_payment"]["identifier"]
+    document["online_to_offline_payment"]["identifier"] = [
+        each for each in identifiers if each["name"] == "AGENT_TRX_ID"
+    ]
+    return orjson.dumps(document)
+
+
+@pytest.mark.parametrize(("answered_trx", "outcome"), [("1246", "repeat"), ("1247", "conflict")])
+async def test_an_answer_naming_the_store_transaction_number_alone_repeats_its_notification(
+    dipc, doku_sim, standin, pool, admin, answered_trx, outcome
+):
+    """(Found by a review of migration 0027.) DOKU's answer may leave out AGENT_ID and AGENT_STORE_ID as
+    well, and name the transaction by AGENT_TRX_ID alone (agent://1246). Recorded after the notification
+    of ALFAMART/TZ01/1246, it was an ALREADY_PAID conflict. A store transaction is the same when the two
+    agree on every id both give, the transaction's number always among them. Another number is another
+    transaction, a conflict."""
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    answer = without_agent_and_store(
+        notification_body(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id=answered_trx)
+    )
+    notification = notification_body(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id, agent_trx_id="1246"
+    )
+    assert await answer_after_notification(doku_sim, standin, pool, answer, notification) == outcome
+    kinds = [row["kind"] for row in await payments(pool)]
+    assert kinds == (["normal"] if outcome == "repeat" else ["normal", "conflict"])
+
+
+async def test_a_notification_repeats_an_answer_that_named_the_store_transaction_number_alone(
+    dipc, doku_sim, standin, pool, admin
+):
+    """(Found by a review of migration 0027.) The order of 0026: DOKU's answer, recorded first, named the
+    transaction by AGENT_TRX_ID alone (agent://1246); its late notification names ALFAMART/TZ01/1246
+    and its original_request_id. It was an ALREADY_PAID conflict; it repeats the answer's payment now,
+    matched with it once: another transaction of that store number is a conflict."""
+    doku, _ = standin
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    doku.paid[INVOICE] = without_agent_and_store(
+        notification_body(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
+    )
+    [payment] = await eventually(lambda: payments(pool))
+    assert (payment["kind"], payment["transaction_ref"]) == ("normal", "agent://1246")
+    late = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id, agent_trx_id="1246"
+    )
+    assert late.status == 200
+    assert await pool.fetchval("SELECT outcome FROM notifications WHERE source = 'notification'") == "repeat"
+    assert await pool.fetchval("SELECT notified_ref FROM payments") == quote.request_id
+    other = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id="another", agent_trx_id="1246"
+    )
+    assert other.status == 200
+    kinds = [(row["kind"], row["transaction_ref"]) for row in await payments(pool)]
+    assert kinds == [("normal", "agent://1246"), ("conflict", "another")]
+
+
 @pytest.mark.parametrize(
     "agent",
     [
