@@ -84,14 +84,16 @@ def _read_context(code: str, source: str) -> str:
     """  # noqa: S608 - constants
 
 
+# The history with the rules by the store transaction's ids (migrations 0029 and 0030): the functions
+# without "_by_ids" keep the rules by the text for a dipc from before 0029 still serving during a deploy.
 _READ_CONTEXT = {
     False: _read_context(
         "code",
-        "dipc_payment_history($1, $2, $3, $4, $5, $6) AS facts"
+        "dipc_payment_history_by_ids($1, $2, $3, $4, $5, $6) AS facts"
         " LEFT JOIN payment_codes code ON code.payment_code = $1",
     ),
     # dipc_payment_context takes the code's row lock, then reads the history (migration 0008).
-    True: _read_context("(facts.code)", "dipc_payment_context($1, $2, $3, $4, $5, $6) AS facts"),
+    True: _read_context("(facts.code)", "dipc_payment_context_by_ids($1, $2, $3, $4, $5, $6) AS facts"),
 }
 
 
@@ -110,12 +112,12 @@ async def read_context(
     still so when it holds the code's row lock. With ``lock``, take that lock first (in the caller's
     transaction, which holds it until it ends): what is read cannot change before the recording.
 
-    ``dipc_payment_history`` (schemas/migrations/0008_payment_history.sql, last changed by 0026) says what
-    is recorded: a repeat is the same transaction reference, or the same amount where one side is a Check
-    Status answer that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule 3),
-    or a payment that one recorded by the notice's store transaction only (``agent_ref``) and that no
-    notification is matched with yet; the invoice is paid by a normal payment or by an exception finance
-    accepted (spec §9).
+    ``dipc_payment_history_by_ids`` (migration 0008's history, last changed by 0029, named so by 0030)
+    says what is recorded: a repeat is the same transaction reference, or the same amount where one side
+    is a Check Status answer that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec
+    §8 rule 3), or a payment of the same store transaction, which one side named by it only
+    (``agent_ref``; a notification is matched with such an answer's payment once); the invoice is paid by
+    a normal payment or by an exception finance accepted (spec §9).
     """
     row = await conn.fetchrow(
         _READ_CONTEXT[lock], payment_code, invoice_number, transaction_ref, amount, unnamed_ref, agent_ref
@@ -179,10 +181,10 @@ context AS (
     SELECT r.*, dipc_code_state(c.code, r.counting) AS code_state, c.repeat AS repeated,
            c.invoice_paid AS paid, c.quoted_amounts AS quoted
       FROM recording r,
-           dipc_payment_context_within(r.payment_code, r.invoice_number, r.transaction_ref, r.amount,
-                                       r.unnamed_ref, ($5::text[])[r.ordinality], $2,
-                                       CASE r.ordinality WHEN 1 THEN $3::text[] END,
-                                       CASE r.ordinality WHEN 1 THEN $4::text[] END) AS c
+           dipc_payment_context_within_by_ids(r.payment_code, r.invoice_number, r.transaction_ref, r.amount,
+                                              r.unnamed_ref, ($5::text[])[r.ordinality], $2,
+                                              CASE r.ordinality WHEN 1 THEN $3::text[] END,
+                                              CASE r.ordinality WHEN 1 THEN $4::text[] END) AS c
 ),
 ids AS (
     SELECT context.*, nextval('payments_id_seq') AS payment_id,

@@ -676,7 +676,7 @@ async def test_a_notification_of_a_dipc_from_before_migration_0026_still_reads_a
     notice = paid_notice()
     async with outbox.connection(pool) as conn:
         row = await conn.fetchrow(
-            payment_store._READ_CONTEXT[False].replace(", $6)", ")"),
+            payment_store._READ_CONTEXT[False].replace(", $6)", ")").replace("_by_ids", ""),
             CODE,
             INVOICE,
             notice.transaction_ref,
@@ -689,9 +689,10 @@ async def test_a_notification_of_a_dipc_from_before_migration_0026_still_reads_a
 
 
 def _before_0026() -> str:
-    """The recording statement of a dipc from before migration 0026: no agent_ref ($5) in its call."""
+    """The recording statement of a dipc from before migration 0026: no agent_ref ($5) in its call, and
+    the functions' names from before 0030."""
     agent_ref = r"\(\$5::text\[\]\)\[r\.ordinality\],\s*"
-    statement = re.sub(agent_ref, "", payment_store._RECORD)
+    statement = re.sub(agent_ref, "", payment_store._RECORD).replace("_by_ids", "")
     assert statement != payment_store._RECORD
     return statement
 

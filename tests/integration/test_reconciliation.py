@@ -346,6 +346,30 @@ async def test_a_notification_repeats_an_answer_that_named_the_store_transaction
     assert kinds == [("normal", "agent://1246"), ("conflict", "another")]
 
 
+async def test_a_dipc_from_before_0029_reads_a_store_transaction_by_its_text(
+    dipc, doku_sim, standin, pool, admin
+):
+    """(Found by a review of migration 0029.) While a deploy replaces the workers, those from before 0029
+    read the history with dipc_payment_history and match a repeat in their own statement by the
+    reference's text. 0029 gave that function its rules by the ids: a notification of an answer named by
+    fewer ids was a repeat to the history and none to the old statement, and the old worker decided it
+    again about 6,000 times in 5 s, taking the code's row lock each time, then answered 503. The function
+    keeps the rules by the text for them (the old worker records a conflict, as it did before 0029), and
+    dipc reads by the ids through dipc_payment_history_by_ids."""
+    doku, _ = standin
+    await register(dipc, admin)
+    await doku_sim.inquiry(CODE)
+    doku.paid[INVOICE] = without_agent_and_store(
+        notification_body(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
+    )
+    [payment] = await eventually(lambda: payments(pool))
+    assert payment["transaction_ref"] == "agent://1246"
+    notice = (CODE, INVOICE, "R1", 150000, f"check-status:{INVOICE}", "agent:ALFAMART/TZ01/1246")
+    for function, repeat in (("dipc_payment_history", False), ("dipc_payment_history_by_ids", True)):
+        row = await pool.fetchrow(f"SELECT * FROM {function}($1, $2, $3, $4, $5, $6)", *notice)  # noqa: S608
+        assert row["repeat"] is repeat, function
+
+
 @pytest.mark.parametrize(
     "agent",
     [
