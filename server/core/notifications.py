@@ -22,6 +22,7 @@ import structlog
 
 from server.core.codes import PaymentCode
 from server.core.documents import code_document, payment_document
+from server.core.errors import Unavailable
 from server.core.payments import (
     NotificationOutcome,
     Payment,
@@ -43,6 +44,11 @@ EVENT_TYPES = {
 }
 # A RawNotification's source when it is DOKU's answer to our Check Status (spec §8).
 CHECK_STATUS_SOURCE = "check_status"
+# A notice decided again this many times while it held its code's row lock from its read on: its read and
+# its recording disagree, which that lock rules out unless this dipc and the database's functions are of
+# two versions (a deploy) or one of them is wrong. It is refused (503, DOKU retries) with an error line,
+# not decided again until its deadline, taking the lock each time.
+LOCKED_DECISIONS_MAX = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +90,21 @@ async def record_notification(
         # history changed before the recording held the lock (a cancel, another payment of the invoice),
         # read and decide again holding the lock until the recording is committed (as before ADR 11).
         lock = False
+        locked_decisions = 0
         while True:
+            if lock:
+                locked_decisions += 1
+                if locked_decisions > LOCKED_DECISIONS_MAX:
+                    log.error(
+                        "notification.undecidable",
+                        payment_code=notice.payment_code,
+                        invoice_number=notice.invoice_number,
+                        transaction_ref=notice.transaction_ref,
+                        decisions=LOCKED_DECISIONS_MAX,
+                    )
+                    raise Unavailable(
+                        "the notification could not be recorded now; it will be, when sent again"
+                    )
             try:
                 if lock:
                     async with pool.acquire() as conn, conn.transaction():

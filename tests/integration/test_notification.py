@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from server.app import make_app
+from server.core import notifications
 from server.core.notifications import planned_payment
 from server.core.payments import NotificationOutcome, PaymentKind, PaymentNotice, decide_payment
 from server.core.times import utcnow
@@ -775,3 +776,49 @@ async def test_values_too_big_to_key_a_payment_are_refused_and_kept(doku, regist
     assert field in reply.json()["error"]["message"]
     assert [row["outcome"] for row in await inbox(pool)] == ["rejected"]
     assert await payments(pool) == []
+
+
+HISTORY = "dipc_payment_history_by_ids(text, text, text, bigint, text, text)"
+
+
+async def test_a_notice_whose_read_and_recording_disagree_is_refused_not_decided_for_ever(
+    doku, register, pool, capsys
+):
+    """(Found by a review of migration 0029.) A notice is decided again when what it was decided on changed
+    before its recording held the code's row lock; the second time it holds that lock from its read on, so
+    nothing can change. If the read still says "repeat" and the repeat's statement finds nothing (this dipc
+    and the database's functions of two versions, during a deploy; or a bug), it was decided again about
+    6,000 times in 5 s, each time taking the code's row lock, and then answered 503 with nothing said.
+    Now it is refused after a few tries, with an error line, and DOKU retries. Here the database's history
+    is made to say "repeat" for one reference that no payment has (renamed aside and wrapped, then put
+    back)."""
+    await register()
+    await pool.execute(f"ALTER FUNCTION {HISTORY} RENAME TO dipc_payment_history_by_ids_aside")
+    try:
+        await pool.execute("""
+            CREATE FUNCTION dipc_payment_history_by_ids(
+                p_payment_code text, p_invoice_number text, p_transaction_ref text, p_amount bigint,
+                p_unnamed_ref text, p_agent_ref text,
+                OUT repeat boolean, OUT invoice_paid boolean, OUT quoted_amounts bigint[])
+            RETURNS SETOF record LANGUAGE sql STABLE AS $$
+                SELECT h.repeat OR p_transaction_ref = 'undecidable', h.invoice_paid, h.quoted_amounts
+                  FROM dipc_payment_history_by_ids_aside(p_payment_code, p_invoice_number, p_transaction_ref,
+                                                         p_amount, p_unnamed_ref, p_agent_ref) AS h
+            $$""")
+        capsys.readouterr()
+        reply = await pay(doku, ref="undecidable")
+        log = capsys.readouterr().out
+    finally:
+        await pool.execute(f"DROP FUNCTION IF EXISTS {HISTORY}")
+        await pool.execute(
+            "ALTER FUNCTION dipc_payment_history_by_ids_aside(text, text, text, bigint, text, text)"
+            " RENAME TO dipc_payment_history_by_ids"
+        )
+    decisions = log.count("notification.decided_again")
+    assert log.count("notification.undecidable") == 1, f"{reply.status} after {decisions} decisions"
+    assert reply.status == 503
+    assert reply.json()["error"]["code"] == "UNAVAILABLE"
+    # Decided once without the lock, then LOCKED_DECISIONS_MAX times with it.
+    assert decisions == 1 + notifications.LOCKED_DECISIONS_MAX
+    assert await payments(pool) == []
+    assert (await pay(doku)).status == 200  # and the next notification is recorded as ever
