@@ -44,11 +44,13 @@ EVENT_TYPES = {
 }
 # A RawNotification's source when it is DOKU's answer to our Check Status (spec §8).
 CHECK_STATUS_SOURCE = "check_status"
-# A notice decided again this many times while it held its code's row lock from its read on: its read and
-# its recording disagree, which that lock rules out unless this dipc and the database's functions are of
-# two versions (a deploy) or one of them is wrong. It is refused (503, DOKU retries) with an error line,
-# not decided again until its deadline, taking the lock each time.
-LOCKED_DECISIONS_MAX = 3
+# A notice decided again this many times while it held its code's row lock from its read on is refused
+# (503, DOKU retries) with an error line, not decided again until its deadline, taking the lock each
+# time. The lock holds the code and its payments; a quote of the code's amount, which an inquiry writes
+# without that lock, can still undo a decision, and does so seldom twice in a row. Past a few times the
+# read and the recording disagree for good: this dipc and the database's functions of two versions (a
+# deploy), or one of them wrong.
+LOCKED_DECISIONS_MAX = 10
 
 
 @dataclass(frozen=True, slots=True)

@@ -822,3 +822,37 @@ async def test_a_notice_whose_read_and_recording_disagree_is_refused_not_decided
     assert decisions == 1 + notifications.LOCKED_DECISIONS_MAX
     assert await payments(pool) == []
     assert (await pay(doku)).status == 200  # and the next notification is recorded as ever
+
+
+async def test_a_notice_undone_by_quotes_of_edited_amounts_is_recorded_not_refused(
+    client, doku, register, admin_headers, pool, monkeypatch, capsys
+):
+    """(Found by a review of fe530d8.) Holding the code's row lock does not hold its quoted amounts: an
+    inquiry of a one-shot code reads it without that lock, and a quote of an amount edited since can
+    commit while a notice is being decided, which the recording then finds changed. Here an admin edit
+    comes before each of four reads, and a customer's inquiry quoting it after each: the notice is recorded
+    on its fifth decision, as before the bound, not refused after three locked ones."""
+    await register()
+    edits = 0
+    read = payment_store.read_context
+
+    async def read_while_the_amount_is_edited(conn, *args, **kwargs):
+        nonlocal edits
+        edit = edits < 4
+        if edit:
+            edits += 1
+            edited = await client.patch(
+                f"/v1/payment-codes/{CODE}", json={"amount": 150000 + edits}, headers=admin_headers
+            )
+            assert edited.status == 200
+        context = await read(conn, *args, **kwargs)
+        if edit:
+            assert (await doku.inquiry(CODE)).status == 200  # quotes the edited amount, without the lock
+        return context
+
+    monkeypatch.setattr(payment_store, "read_context", read_while_the_amount_is_edited)
+    capsys.readouterr()
+    raw = notifications.RawNotification(CLIENT_ID, "n-1", [], b"{}")
+    result = await notifications.record_notification(pool, raw, paid_notice(), now=utcnow())
+    assert result.payment is not None
+    assert capsys.readouterr().out.count("notification.decided_again") == 4

@@ -370,6 +370,29 @@ async def test_a_dipc_from_before_0029_reads_a_store_transaction_by_its_text(
         assert row["repeat"] is repeat, function
 
 
+async def test_a_dipc_from_before_0030_never_reads_a_store_transaction_by_an_ambiguous_text(
+    dipc, doku_sim, standin, pool, admin
+):
+    """(Found by a review of migration 0030.) The history by the text that 0030 keeps for workers from
+    before 0029 matched an answer's payment named by its store transaction only by the text alone, as
+    0026 did: with a "/" in an id, the text of store TZ01/7 with transaction 1246 is that of store TZ01
+    with transaction 7/1246. Workers of 0027 and 0028 then took the other store's notification for a
+    repeat (money in no payment), and a worker of 0029, whose own statement reads only ids without "/",
+    decided it again until its deadline. Such a text matches nothing now, in either function."""
+    doku, _ = standin
+    await register(dipc, admin)
+    await doku_sim.inquiry(CODE)
+    doku.paid[INVOICE] = notification_body(
+        CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246", store_id="TZ01/7"
+    )
+    [payment] = await eventually(lambda: payments(pool))
+    assert payment["transaction_ref"] == "agent:ALFAMART/TZ01/7/1246"
+    notice = (CODE, INVOICE, "R1", 150000, f"check-status:{INVOICE}", "agent:ALFAMART/TZ01/7/1246")
+    for function in ("dipc_payment_history", "dipc_payment_history_by_ids"):
+        row = await pool.fetchrow(f"SELECT * FROM {function}($1, $2, $3, $4, $5, $6)", *notice)  # noqa: S608
+        assert row["repeat"] is False, function
+
+
 @pytest.mark.parametrize(
     "agent",
     [
