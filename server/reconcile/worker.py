@@ -24,7 +24,7 @@ import structlog
 from server.config import Settings
 from server.core import reconciliation
 from server.core.documents import iso
-from server.core.errors import BeingChecked, DokuBackoff, NotFound, error_text
+from server.core.errors import BeingChecked, DokuBackoff, NotFound, Unavailable, error_text
 from server.core.outcomes import CheckResult
 from server.core.reconciliation import TIMEOUTS_WARNED, CheckReport, invoice_document
 from server.core.times import utcnow
@@ -275,6 +275,10 @@ class Reconciler:
         except UNAVAILABLE_ERRORS as error:
             log.warning("reconcile.database_unavailable", error=error_text(error))
             return  # the lease runs out and the invoice is checked again
+        except Unavailable as error:  # the answer could not be recorded now (notification.undecidable)
+            invoice = claimed.invoice.invoice_number
+            log.warning("reconcile.not_recorded", invoice_number=invoice, error=error_text(error))
+            return  # likewise
         except Exception:
             log.exception("reconcile.check_failed", invoice_number=claimed.invoice.invoice_number)
             return

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
 
@@ -781,6 +783,31 @@ async def test_values_too_big_to_key_a_payment_are_refused_and_kept(doku, regist
 HISTORY = "dipc_payment_history_by_ids(text, text, text, bigint, text, text)"
 
 
+@contextlib.asynccontextmanager
+async def history_saying_repeat_for(pool: asyncpg.Pool, reference: str) -> AsyncIterator[None]:
+    """The database's history (renamed aside and wrapped, then put back) says "repeat" for ``reference``,
+    which no payment has: a notice of it is then undecidable, as with two versions during a deploy."""
+    await pool.execute(f"ALTER FUNCTION {HISTORY} RENAME TO dipc_payment_history_by_ids_aside")
+    try:
+        await pool.execute(f"""
+            CREATE FUNCTION dipc_payment_history_by_ids(
+                p_payment_code text, p_invoice_number text, p_transaction_ref text, p_amount bigint,
+                p_unnamed_ref text, p_agent_ref text,
+                OUT repeat boolean, OUT invoice_paid boolean, OUT quoted_amounts bigint[])
+            RETURNS SETOF record LANGUAGE sql STABLE AS $$
+                SELECT h.repeat OR p_transaction_ref = '{reference}', h.invoice_paid, h.quoted_amounts
+                  FROM dipc_payment_history_by_ids_aside(p_payment_code, p_invoice_number, p_transaction_ref,
+                                                         p_amount, p_unnamed_ref, p_agent_ref) AS h
+            $$""")  # noqa: S608 - a test's own constant
+        yield
+    finally:
+        await pool.execute(f"DROP FUNCTION IF EXISTS {HISTORY}")
+        await pool.execute(
+            "ALTER FUNCTION dipc_payment_history_by_ids_aside(text, text, text, bigint, text, text)"
+            " RENAME TO dipc_payment_history_by_ids"
+        )
+
+
 async def test_a_notice_whose_read_and_recording_disagree_is_refused_not_decided_for_ever(
     doku, register, pool, capsys
 ):
@@ -793,27 +820,10 @@ async def test_a_notice_whose_read_and_recording_disagree_is_refused_not_decided
     is made to say "repeat" for one reference that no payment has (renamed aside and wrapped, then put
     back)."""
     await register()
-    await pool.execute(f"ALTER FUNCTION {HISTORY} RENAME TO dipc_payment_history_by_ids_aside")
-    try:
-        await pool.execute("""
-            CREATE FUNCTION dipc_payment_history_by_ids(
-                p_payment_code text, p_invoice_number text, p_transaction_ref text, p_amount bigint,
-                p_unnamed_ref text, p_agent_ref text,
-                OUT repeat boolean, OUT invoice_paid boolean, OUT quoted_amounts bigint[])
-            RETURNS SETOF record LANGUAGE sql STABLE AS $$
-                SELECT h.repeat OR p_transaction_ref = 'undecidable', h.invoice_paid, h.quoted_amounts
-                  FROM dipc_payment_history_by_ids_aside(p_payment_code, p_invoice_number, p_transaction_ref,
-                                                         p_amount, p_unnamed_ref, p_agent_ref) AS h
-            $$""")
+    async with history_saying_repeat_for(pool, "undecidable"):
         capsys.readouterr()
         reply = await pay(doku, ref="undecidable")
         log = capsys.readouterr().out
-    finally:
-        await pool.execute(f"DROP FUNCTION IF EXISTS {HISTORY}")
-        await pool.execute(
-            "ALTER FUNCTION dipc_payment_history_by_ids_aside(text, text, text, bigint, text, text)"
-            " RENAME TO dipc_payment_history_by_ids"
-        )
     decisions = log.count("notification.decided_again")
     assert log.count("notification.undecidable") == 1, f"{reply.status} after {decisions} decisions"
     assert reply.status == 503

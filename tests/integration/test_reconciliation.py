@@ -34,6 +34,7 @@ from tests.conftest import (
     make_settings,
 )
 from tests.integration.test_cli import run
+from tests.integration.test_notification import history_saying_repeat_for
 from tests.integration.test_schemas import validate
 
 INVOICE = "INV-2026-000123"
@@ -391,6 +392,31 @@ async def test_a_dipc_from_before_0030_never_reads_a_store_transaction_by_an_amb
     for function in ("dipc_payment_history", "dipc_payment_history_by_ids"):
         row = await pool.fetchrow(f"SELECT * FROM {function}($1, $2, $3, $4, $5, $6)", *notice)  # noqa: S608
         assert row["repeat"] is False, function
+
+
+async def test_an_answer_that_cannot_be_recorded_now_is_a_warning_not_a_traceback(
+    dipc, doku_sim, standin, pool, admin, capsys
+):
+    """(Found by a review of fe530d8.) A notice decided again too often is refused (Unavailable). From the
+    reconciler, that reached its catch-all as reconcile.check_failed with a traceback. It is one warning
+    line now, and the invoice is checked again when its lease runs out."""
+    doku, _ = standin
+    await register(dipc, admin)
+    await doku_sim.inquiry(CODE)
+    doku.pay(CODE, INVOICE, 150000, original_request_id="undecidable")
+    log = ""
+
+    async def refused():
+        nonlocal log
+        log += capsys.readouterr().out
+        return "reconcile.not_recorded" in log
+
+    async with history_saying_repeat_for(pool, "undecidable"):
+        await eventually(refused)
+    assert "notification.undecidable" in log
+    assert "reconcile.check_failed" not in log
+    assert "Traceback" not in log
+    assert await payments(pool) == []
 
 
 @pytest.mark.parametrize(
