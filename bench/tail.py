@@ -134,6 +134,11 @@ def _wal_rate(samples: list[Sample]) -> tuple[float, float]:
     return (last[0] - first[0]) / 1e6 / seconds, (last[1] - first[1]) / seconds
 
 
+def _vacuuming(sample: Sample) -> bool:
+    """Whether an autovacuum worker was at work (anything in the background but the checkpointer)."""
+    return any(not work.startswith("checkpointer") for work in sample.work)
+
+
 def _during(samples: list[Sample], start: float, end: float) -> list[Sample]:
     """The samples from the last one at or before ``start`` to the first one at or after ``end``."""
     first = max((i for i, s in enumerate(samples) if s.at <= start), default=0)
@@ -146,17 +151,12 @@ def report(name: str, trace: list[tuple[float, float]], samples: list[Sample]) -
     trace = sorted(trace)
     latencies = sorted(latency for _, latency in trace)
     p99 = latencies[int(0.99 * len(latencies))]
-    vacuuming = [s for s in samples if any(not w.startswith("checkpointer") for w in s.work)]
-    vacuum_share = len(vacuuming) / len(samples) if samples else 0.0
-
-    def while_vacuuming(sent: float, latency: float) -> bool:
-        return any(
-            any(not w.startswith("checkpointer") for w in s.work)
-            for s in _during(samples, sent, sent + latency)
-        )
-
+    vacuum_share = sum(map(_vacuuming, samples)) / len(samples) if samples else 0.0
     slowest = [(sent, latency) for sent, latency in trace if latency >= p99]
-    slow_share = sum(while_vacuuming(*each) for each in slowest) / len(slowest)
+    slow_share = sum(
+        any(map(_vacuuming, _during(samples, sent, sent + latency))) for sent, latency in slowest
+    ) / len(slowest)
+    wal_mb, full_pages = _wal_rate(samples)
     figures = {
         "round": name,
         "p50_ms": latencies[len(latencies) // 2] * 1000,
@@ -165,13 +165,13 @@ def report(name: str, trace: list[tuple[float, float]], samples: list[Sample]) -
         "slowest_1pct_share_during_autovacuum": slow_share,
         "server_cores": _busy(samples, 0),
         "postgres_cores": _busy(samples, 1),
-        "wal_mb_per_s": _wal_rate(samples)[0],
+        "wal_mb_per_s": wal_mb,
     }
     run.log(
         f"{name}: p50 {figures['p50_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms; autovacuum ran "
         f"{vacuum_share:.0%} of the time, and during {slow_share:.0%} of the slowest 1 %; the server "
         f"{figures['server_cores']:.2f} cores, PostgreSQL {figures['postgres_cores']:.2f}; WAL "
-        f"{figures['wal_mb_per_s']:.1f} MB/s, {_wal_rate(samples)[1]:,.0f} full-page images/s"
+        f"{wal_mb:.1f} MB/s, {full_pages:,.0f} full-page images/s"
     )
     start = trace[0][0]
     stalls = [(max(latency for _, latency in trace[a : b + 1]), a, b) for a, b in _stalls(trace)]
