@@ -92,7 +92,7 @@ _READ_CONTEXT = {
         "dipc_payment_history_by_ids($1, $2, $3, $4, $5, $6) AS facts"
         " LEFT JOIN payment_codes code ON code.payment_code = $1",
     ),
-    # dipc_payment_context takes the code's row lock, then reads the history (migration 0008).
+    # dipc_payment_context_by_ids takes the code's row lock, then reads the history (migrations 0008, 0030).
     True: _read_context("(facts.code)", "dipc_payment_context_by_ids($1, $2, $3, $4, $5, $6) AS facts"),
 }
 
@@ -149,9 +149,10 @@ class Recorded:
 
 # The statement that records payments: recordings (``dipc_recording``, migration 0019; ``_recording``
 # gives each) as $1, each recorded as if alone, on a condition: no two of one code (``_rounds``). For each
-# in turn it first takes the code's row lock and reads the history again with dipc_payment_context_within
-# (migration 0008; its own statements have fresh snapshots, so it sees what the lock's previous holder
-# committed), then takes the lock of the invoice's reconciliation row, which it settles (migration 0016),
+# in turn it first takes the code's row lock and reads the history again with
+# dipc_payment_context_within_by_ids (migrations 0008 and 0030; its own statements have fresh snapshots,
+# so it sees what the lock's previous holder committed), then takes the lock of the invoice's
+# reconciliation row, which it settles (migration 0016),
 # and writes nothing unless the code (dipc_code_state) and the history are what the caller decided on
 # (ADR 11). In a batch, the first recording takes every code's and every invoice's lock ($3 and $4), all
 # within $2 ms of the batch's start (ADR 13). The ids are taken after those locks, so a recording that
@@ -280,7 +281,7 @@ async def record(
 # finds it matched once the first commits and writes nothing, to be decided again. A Check Status answer
 # named by its store transaction only ($14 = $11) repeats a payment of that store transaction and amount,
 # and matches nothing (dipc_answer_repeats: migrations 0027 to 0029). The rules are the history's
-# (dipc_payment_history), in the same functions.
+# (dipc_payment_history_by_ids), in the same functions.
 _RECORD_REPEAT = f"""
 WITH matched AS (
     UPDATE payments p SET notified_ref = $11
@@ -339,9 +340,9 @@ class PaymentBatches:
     next, each its own statement, sent in one round trip (asyncpg's ``fetchmany``, pipelined); and so do
     the recordings, in :func:`record`'s statement, one per round of the batch (``_rounds``). A batch is
     one transaction. A recording waits for its code's row lock only until BATCH_LOCK_WAIT_MS after its
-    batch began (``dipc_payment_context_within``, migration 0011). A batch of recordings moves its events
-    into the feed in its own commit (:func:`outbox.sequence_in_commit`), so that its writers need no
-    sequencing pass after it, unless another sequencing holds on.
+    batch began (``dipc_payment_context_within_by_ids``, migrations 0011 and 0030). A batch of
+    recordings moves its events into the feed in its own commit (:func:`outbox.sequence_in_commit`), so
+    that its writers need no sequencing pass after it, unless another sequencing holds on.
     """
 
     def __init__(self, pool: asyncpg.Pool, *, timeout_s: float) -> None:
