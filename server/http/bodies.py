@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -179,11 +180,25 @@ async def read_bounded(request: web.Request, limit: int) -> bytes:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
     settings = request.config_dict[SETTINGS]
     with request.config_dict[BODY_READS].slot(), _transport_errors:
+        await _ask_for_the_body(request)
         try:
             async with asyncio.timeout(settings.body_timeout_s):
                 return await _read(request, body)
         except TimeoutError:
             raise RequestTimeout(f"the body did not arrive within {settings.body_timeout_s:g} s") from None
+
+
+async def _ask_for_the_body(request: web.Request) -> None:
+    """Say 100 Continue to a client that waits for it before it sends its body (``Expect:
+    100-continue``, which server/http/protocol.py hides from aiohttp): only here, once the body is
+    wanted, so that a refusal by the head alone (413 by the declared length, 401 for a missing admin
+    token) is the first and only answer."""
+    if request.version == HttpVersion11 and any(
+        name.lower() == b"expect" and value.strip().lower() == b"100-continue"
+        for name, value in request.raw_headers
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # not the answer's start: an error may still be answered
 
 
 async def _read(request: web.Request, body: _Body) -> bytes:
@@ -201,6 +216,8 @@ async def stream_chunks(request: web.Request, limit: int) -> AsyncIterator[bytes
     timeout = request.config_dict[SETTINGS].body_timeout_s
     body = _Body(request.headers.get("Content-Encoding"), limit, "the import")
     with _transport_errors:
+        if not request.content.is_eof():
+            await _ask_for_the_body(request)
         while True:
             try:
                 async with asyncio.timeout(timeout):

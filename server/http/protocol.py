@@ -238,16 +238,18 @@ class EdgeRequestHandler(RequestHandler):
 
 
 def _ignoring_expectations(factory: Any) -> Any:
-    """The request factory, with an ``Expect`` other than ``100-continue`` hidden from aiohttp.
+    """The request factory, with every ``Expect`` header hidden from aiohttp.
 
-    aiohttp answers any other expectation itself, before every middleware, with a plain-text 417 that
-    echoes the header (a 500 when the value is not UTF-8). RFC 9110 lets a server ignore it instead. The
-    header stays in ``raw_headers``, which is what the notification inbox stores.
+    aiohttp answers ``100-continue`` itself, before any handler: a client was told to send a body that
+    its declared length then got refused (413), and a 1 TB upload was started on. The body readers
+    (server/http/bodies.py) say 100 Continue once they know the body is wanted. Any other expectation
+    aiohttp answers with a plain-text 417 that echoes the header (a 500 when the value is not UTF-8); RFC
+    9110 lets a server ignore it instead. The header stays in ``raw_headers``, which is what the
+    notification inbox stores and the body readers look at.
     """
 
     def make_request(message: Any, *args: Any, **kwargs: Any) -> Any:
-        expect = message.headers.get("Expect")
-        if expect is not None and expect.lower() != "100-continue":
+        if "Expect" in message.headers:
             kept = CIMultiDict(
                 (name, value) for name, value in message.headers.items() if name.lower() != "expect"
             )

@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from server.app import make_app
-from server.doku.client import notification_body
+from server.doku.client import inquiry_body, notification_body
 from server.ops import metrics
 from tests.conftest import ADMIN_TOKEN, CLIENT, CLIENT_ID, CODE, SECRET_KEY, code_fields, make_settings
 from tests.integration.test_admin import csv_of
@@ -965,3 +965,91 @@ async def test_a_burst_of_connections_while_the_process_is_busy_waits_in_the_lis
             writer.close()
         server.terminate()
         await asyncio.to_thread(server.wait, 30)
+
+
+async def _first_answer_to_a_head(client, head: bytes) -> bytes:
+    """What the server sends first to a request whose head alone has been sent: the body is held back,
+    as a client that sent ``Expect: 100-continue`` holds it until it is told to go on."""
+    reader, writer = await asyncio.open_connection(*address(client))
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
+ADMIN = [("Authorization", f"Bearer {ADMIN_TOKEN}")]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "length", "status"),
+    [
+        ("/doku/inquiry", [], 1 << 20, 413),
+        ("/doku/notification", [], 1 << 20, 413),
+        ("/v1/payment-codes", ADMIN, 1 << 20, 413),
+        ("/v1/payment-codes/import?format=csv", ADMIN, 1 << 40, 413),
+        ("/v1/payment-codes", [], 100, 401),
+    ],
+)
+async def test_a_request_refused_by_its_head_is_not_asked_for_its_body(
+    client, captured_log, path, headers, length, status
+):
+    """(Found by a hostile client.) aiohttp answered ``Expect: 100-continue`` with 100 Continue before any
+    handler ran, so a client was told to send a body the server then refused by its declared length (a
+    1 TB upload was started on), or by a missing admin token. The refusal is the first answer now."""
+    head = request_bytes(
+        "POST",
+        path,
+        [
+            ("Content-Type", "application/json"),
+            *headers,
+            ("Content-Length", str(length)),
+            ("Expect", "100-continue"),
+        ],
+    )
+    first = await _first_answer_to_a_head(client, head)
+    assert first.startswith(b"HTTP/1.1 %d " % status), first
+    assert_clean_log(captured_log)
+
+
+async def _sent_after_100_continue(client, head: bytes, body: bytes) -> bytes:
+    """The answer to a request whose body is held until the server says 100 Continue, as curl holds a
+    large upload's."""
+    reader, writer = await asyncio.open_connection(*address(client))
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(body)
+            await writer.drain()
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_waits_for_100_continue_is_told_to_go_on(client, pool):
+    """The other side of the one above: a signed inquiry, and an import, within their limits, their
+    bodies held until the server says 100 Continue, are answered as any other (a client that waits for
+    it would otherwise wait a second or more, curl's, or for ever)."""
+    await pool.execute("DELETE FROM payment_codes")  # only the codes this test imports
+    csv = csv_of([f"{CODE},150000,INV-2026-000123,Budi,false"])
+    head = request_bytes(
+        "POST",
+        "/v1/payment-codes/import",
+        [*ADMIN, ("Content-Type", "text/csv"), ("Content-Length", str(len(csv))), ("Expect", "100-continue")],
+    )
+    imported = await _sent_after_100_continue(client, head, csv)
+    assert imported.startswith(b"HTTP/1.1 200 "), imported[:300]
+    assert await pool.fetchval("SELECT count(*) FROM payment_codes WHERE payment_code = $1", CODE) == 1
+
+    body = inquiry_body(CODE)
+    headers = signed_raw_headers(CLIENT, target="/doku/inquiry", body=body, request_id=b"expect-continue-1")
+    head = request_bytes(
+        "POST", "/doku/inquiry", [*headers, ("Content-Length", str(len(body))), ("Expect", "100-continue")]
+    )
+    answered = await _sent_after_100_continue(client, head, body)
+    assert answered.startswith(b"HTTP/1.1 200 "), answered[:300]
+    assert b"INV-2026-000123" in answered
