@@ -36,7 +36,7 @@ from server.http import drain
 from server.ops import metrics
 from server.ops.logging import bind_process, configure_logging
 from server.store import migrate, privileges
-from server.store.pool import UNAVAILABLE_ERRORS, create_pool
+from server.store.pool import UNAVAILABLE_ERRORS, create_pool, end_database_work_within
 from server.supervisor import Supervisor, worker_env
 
 log = structlog.get_logger(component="dipc.serve")
@@ -375,6 +375,8 @@ async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
     finally:
         if orphan_watch is not None:
             orphan_watch.cancel()
+        # Half the timeout, so that what then finishes (answers, the pool's close) fits in the rest.
+        end_database_work_within(settings.shutdown_timeout_s / 2)
         try:
             await drain.answer_received(runner, app, settings.shutdown_timeout_s)
         finally:

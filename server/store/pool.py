@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -246,6 +247,19 @@ def deadline(seconds: float, what: str) -> Deadline:
     return Deadline(seconds, what)
 
 
+def end_database_work_within(seconds: float) -> None:
+    """The process is stopping: every :class:`Deadline` of this event loop, open now or opened later,
+    expires within ``seconds``.
+
+    A request whose database hangs would otherwise hold the stop for as long as its own deadline: a
+    long-poll of the event feed for its whole wait, up to about 90 s. aiohttp waits for a request
+    in progress for the shutdown timeout, then for as long again before it gives up on it, so it alone
+    took twice DIPC_SHUTDOWN_TIMEOUT_S, and a service manager would have killed the process first.
+    """
+    loop = asyncio.get_running_loop()
+    _Watchdog.of(loop).end_by(loop.time() + seconds)
+
+
 def time_left() -> float | None:
     """Seconds until the innermost open :class:`Deadline` of this task expires; None outside any."""
     expiry = _DEADLINE_AT.get()
@@ -315,6 +329,9 @@ class Deadline:
                 return
             if ours and issubclass(exc_type, (asyncio.CancelledError, *UNAVAILABLE_ERRORS)):
                 result = "timeout"
+                if self._watchdog.stopping:  # its deadline was brought forward (end_database_work_within)
+                    log.warning("db.ended_by_stop", what=self._what, request_id=REQUEST_ID.get())
+                    raise Unavailable("the database did not answer before the process stopped") from None
                 log.warning(
                     "db.deadline_exceeded",
                     what=self._what,
@@ -413,12 +430,13 @@ class _Watchdog:
     """Every open :class:`Deadline` of one event loop, checked every :data:`DEADLINE_TICK_S` by one timer
     that runs only while a deadline is open."""
 
-    __slots__ = ("_loop", "_open", "_timer")
+    __slots__ = ("_last", "_loop", "_open", "_timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._open: dict[Deadline, float] = {}  # each open scope and when it expires (loop time)
         self._timer: asyncio.TimerHandle | None = None
+        self._last = math.inf  # no scope expires later (loop time): set once the process stops
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Watchdog:
@@ -428,10 +446,20 @@ class _Watchdog:
         return watchdog
 
     def watch(self, scope: Deadline, expiry: float) -> None:
-        """Expire ``scope`` at loop time ``expiry``."""
-        self._open[scope] = expiry
+        """Expire ``scope`` at loop time ``expiry``, or sooner when the process stops sooner."""
+        self._open[scope] = expiry if expiry < self._last else self._last
         if self._timer is None:
             self._timer = self._loop.call_later(DEADLINE_TICK_S, self._tick)
+
+    @property
+    def stopping(self) -> bool:
+        return self._last != math.inf
+
+    def end_by(self, last: float) -> None:
+        """Expire every scope, open now or later, by loop time ``last`` at the latest."""
+        self._last = min(self._last, last)
+        for scope, expiry in self._open.items():
+            self._open[scope] = min(expiry, self._last)
 
     def unwatch(self, scope: Deadline) -> None:
         self._open.pop(scope, None)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 from aiohttp import web
 
@@ -553,6 +554,46 @@ async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_ti
     assert code == 0, f"dipc did not exit by itself within {shutdown_s + 10} s:\n{dipc.log_text()[-3000:]}"
     assert took < shutdown_s + SLACK_S, f"the stop took {took:.1f} s"
     assert "Traceback" not in dipc.log_text()
+
+
+async def test_sigterm_with_a_long_poll_stuck_on_a_frozen_database_exits_within_the_shutdown_timeout(
+    own_cluster, tmp_path
+):
+    """(Found in session 29's review.) A long-poll of the event feed whose read hung on a frozen database
+    held the stop until its own deadline (the admin timeout plus its wait: up to about 90 s), past
+    DIPC_SHUTDOWN_TIMEOUT_S, and a service manager would then SIGKILL the process."""
+    server, dsn = own_cluster
+    shutdown_s = 4.0
+    dipc = Dipc(dipc_env(dsn, **BUDGET_ENV, DIPC_SHUTDOWN_TIMEOUT_S=str(shutdown_s)), tmp_path / "dipc.log")
+    dipc.start()
+    pids = cluster_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as session:
+            poll = asyncio.ensure_future(session.get(f"{dipc.url}/v1/events?after=0&wait=60"))
+            await asyncio.sleep(1.5)  # the poll's read now waits on the frozen database
+            assert not poll.done()
+            started = time.monotonic()
+            dipc.signal(signal.SIGTERM)
+            try:
+                code = await asyncio.to_thread(dipc.process.wait, shutdown_s + 30)
+            except subprocess.TimeoutExpired:
+                code = None
+            took = time.monotonic() - started
+            with contextlib.suppress(aiohttp.ClientError):
+                (await poll).release()
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        dipc.stop()
+    assert code == 0, f"dipc did not exit by itself within {shutdown_s + 30} s:\n{dipc.log_text()[-3000:]}"
+    assert took < shutdown_s + SLACK_S, f"the stop took {took:.1f} s"
+    assert "Traceback" not in dipc.log_text()
+    lines = [orjson.loads(line) for line in dipc.log_text().splitlines() if line.startswith("{")]
+    assert {"event": "db.ended_by_stop", "what": "admin.events"}.items() <= next(
+        line for line in lines if line["event"] == "db.ended_by_stop"
+    ).items()
 
 
 # --- the supervisor dies ----------------------------------------------------------------------------
