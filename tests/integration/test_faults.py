@@ -596,6 +596,65 @@ async def test_sigterm_with_a_long_poll_stuck_on_a_frozen_database_exits_within_
     ).items()
 
 
+async def test_events_tail_says_when_the_database_hangs_and_goes_on_when_it_answers(own_cluster):
+    """(Found in session 29's review.) `dipc events tail` on a frozen database waited for ever, silent.
+    It now says so on stderr once its poll's deadline passes, and prints what comes once the database
+    answers again, from where it was."""
+    from server.cli.events import POLL_WAIT_S
+
+    server, dsn = own_cluster
+    timeout_s = 1.0
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+
+    async def add_event(code: str) -> int:
+        return await pool.fetchval(
+            "INSERT INTO events (type, payment_code, payload) VALUES ('code.created', $1, '{}') RETURNING id",
+            code,
+        )
+
+    first = await add_event("tail-1")
+    tail = await asyncio.create_subprocess_exec(
+        *DIPC, "events", "tail", "--after", str(first - 1), "--json",
+        env=dipc_env(dsn, DIPC_ADMIN_DB_TIMEOUT_S=str(timeout_s)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert tail.stdout is not None
+    assert tail.stderr is not None
+
+    async def said(words: bytes) -> bytes:
+        """The next line on the tail's stderr with ``words`` in it (its log lines go there too)."""
+        while words not in (line := await tail.stderr.readline()):
+            assert line, "the tail closed its stderr"
+        return line
+
+    try:
+        async with asyncio.timeout(30):
+            assert orjson.loads(await tail.stdout.readline())["id"] == first
+        pids = cluster_pids(server)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            frozen_at = time.monotonic()
+            async with asyncio.timeout(POLL_WAIT_S + timeout_s + 10):
+                await said(b"dipc: the database did not answer within")
+            took = time.monotonic() - frozen_at
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        assert took <= POLL_WAIT_S + timeout_s + SLACK_S, f"said after {took:.1f} s"
+        second = await add_event("tail-2")
+        async with asyncio.timeout(30):
+            assert orjson.loads(await tail.stdout.readline())["id"] == second
+            await said(b"dipc: the database answers again")
+    finally:
+        await pool.close()
+        if tail.returncode is None:
+            tail.send_signal(signal.SIGINT)
+        _, errors = await tail.communicate()
+    assert tail.returncode == 0, errors
+    assert b"Traceback" not in errors
+
+
 # --- the supervisor dies ----------------------------------------------------------------------------
 
 
