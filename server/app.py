@@ -11,7 +11,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from server.config import Settings
+from server.config import ADMIN_PREFIX, Settings
 from server.core.errors import error_text
 from server.doku.checkstatus import CheckStatusClient
 from server.http import admin, casework, inquiry, notification, ops
@@ -162,7 +162,7 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
         app.router.add_post(endpoint.target, handle, name=name)
         app.router.add_route("*", endpoint.target, endpoint.refuse_method, name=name)  # one resource
     app.add_routes(ops.routes)
-    app.add_subapp("/v1", admin.admin_app(casework.routes))
+    app.add_subapp(ADMIN_PREFIX, admin.admin_app(casework.routes))
     return app
 
 

@@ -247,8 +247,12 @@ def _doku_api_url(env: Mapping[str, str], demo: bool) -> str | None:
     return url
 
 
-# Paths dipc serves besides DOKU's two: a DOKU path there would take (or lose) their routes.
-OTHER_PATHS = ("/healthz", "/readyz", "/metrics")
+# Paths dipc serves besides DOKU's two (server/http/ops.py, and the admin API under its prefix): a DOKU
+# path there would take (or lose) their routes.
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+METRICS_PATH = "/metrics"
+OTHER_PATHS = (HEALTH_PATH, READY_PATH, METRICS_PATH)
 ADMIN_PREFIX = "/v1"
 
 

@@ -7,6 +7,7 @@ import os
 
 from aiohttp import web
 
+from server.config import HEALTH_PATH, METRICS_PATH, READY_PATH
 from server.http.bodies import json_response
 from server.http.keys import HEALTH, INQUIRY_BATCHES, PAYMENT_BATCHES, POOL
 from server.ops import metrics
@@ -14,19 +15,19 @@ from server.ops import metrics
 routes = web.RouteTableDef()
 
 
-@routes.get("/healthz")
+@routes.get(HEALTH_PATH)
 async def healthz(request: web.Request) -> web.Response:
     worker = os.environ.get("DIPC_WORKER_INDEX", "0")
     return json_response({"status": "ok", "pid": os.getpid(), "worker": worker})
 
 
-@routes.get("/readyz")
+@routes.get(READY_PATH)
 async def readyz(request: web.Request) -> web.Response:
     readiness = await request.app[HEALTH].readiness()
     return json_response(readiness.document(), status=200 if readiness.ready else 503)
 
 
-@routes.get("/metrics")
+@routes.get(METRICS_PATH)
 async def prometheus(request: web.Request) -> web.Response:
     # Database-derived gauges come from the background sampler (server/ops/sampler.py): a scrape
     # never waits on the database.

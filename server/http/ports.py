@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.config import Settings
+from server.config import ADMIN_PREFIX, METRICS_PATH, Settings
 
 
 def _is_admin(path: str) -> bool:
-    return path == "/metrics" or path == "/v1" or path.startswith("/v1/")
+    return path in (METRICS_PATH, ADMIN_PREFIX) or path.startswith(ADMIN_PREFIX + "/")
 
 
 def split_by_port(settings: Settings) -> web.Middleware:

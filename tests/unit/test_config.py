@@ -141,3 +141,16 @@ def test_an_admin_port_is_a_port_of_its_own():
     same = load_settings({"DIPC_ADMIN_PORT": "8080", "DIPC_CLIENT_ID": "M", "DIPC_SECRET_KEY": "K"})
     with pytest.raises(ConfigError, match="a port of its own"):
         same.require_serving()
+
+
+def test_the_paths_a_doku_path_may_not_take_are_every_other_path_the_app_serves():
+    """config.OTHER_PATHS and ADMIN_PREFIX refuse a DOKU path that would take (or lose) a route of dipc's
+    own; a route added to the app without them would not be refused."""
+    from server.app import make_app
+    from server.config import ADMIN_PREFIX, OTHER_PATHS
+    from tests.conftest import make_settings
+
+    settings = make_settings()
+    app = make_app(settings, "postgresql://nowhere.invalid/dipc")  # nothing connects until it starts
+    served = {resource.canonical for resource in app.router.resources()}
+    assert served - {settings.inquiry_path, settings.notification_path} == {*OTHER_PATHS, ADMIN_PREFIX}
