@@ -141,16 +141,18 @@ async def _decide_and_record(
         return _inbox_values(raw, notice.payment_code, notice.transaction_status, outcome)
 
     facts = (notice.payment_code, notice.invoice_number, notice.transaction_ref, notice.amount)
-    # What a payment of this transaction may be known by, short of its own reference (migrations 0018
-    # and 0026): an unnamed Check Status answer's, and its store transaction's.
+    # What a payment of this transaction may be known by, short of its own reference (migrations 0018,
+    # 0026 and 0032): an unnamed Check Status answer's, and its store transaction's.
     refs = {
         "unnamed_ref": conventions.check_status_reference(notice.invoice_number),
-        "agent_ref": _agent_ref(notice, raw.source),
+        "agent_ref": conventions.agent_reference(
+            (notice.agent_id, notice.agent_store_id, notice.agent_trx_id)
+        ),
     }
     if batches is not None:
-        context = await batches.read_context(*facts, **refs)
+        context = await batches.read_context(*facts, **refs, source=raw.source)
     else:
-        context = await payment_store.read_context(conn, *facts, **refs, lock=lock)
+        context = await payment_store.read_context(conn, *facts, **refs, source=raw.source, lock=lock)
     if context.history.repeat:
         outcome = NotificationOutcome.REPEAT
         repeated = raw_values(outcome)
@@ -177,19 +179,6 @@ async def _decide_and_record(
         outbox.replayed()
         return NotificationResult(recorded.notification_id, NotificationOutcome.REPEAT)
     return NotificationResult(recorded.notification_id, decision.outcome, decision, recorded.payment)
-
-
-def _agent_ref(notice: PaymentNotice, source: str) -> str | None:
-    """The reference the notice's transaction would have if DOKU had named it by its store transaction
-    only (a Check Status answer without original_request_id), when that is not its reference already.
-
-    A Check Status answer that DOKU did name so gets its own reference here: it repeats a payment of that
-    store transaction recorded first from a notification (migration 0027). A notification so named does
-    not: a notification is its own transaction."""
-    reference = conventions.agent_reference((notice.agent_id, notice.agent_store_id, notice.agent_trx_id))
-    if reference != notice.transaction_ref or source == CHECK_STATUS_SOURCE:
-        return reference
-    return None
 
 
 async def record_rejected(pool: asyncpg.Pool, raw: RawNotification, payment_code: str) -> int:

@@ -84,16 +84,19 @@ def _read_context(code: str, source: str) -> str:
     """  # noqa: S608 - constants
 
 
-# The history with the rules by the store transaction's ids (migrations 0029 and 0030): the functions
-# without "_by_ids" keep the rules by the text for a dipc from before 0029 still serving during a deploy.
+# The history with the rules by the notice's source (migration 0032): the functions a dipc from before
+# it calls keep their rules, for while a deploy replaces the workers.
 _READ_CONTEXT = {
     False: _read_context(
         "code",
-        "dipc_payment_history_by_ids($1, $2, $3, $4, $5, $6) AS facts"
+        "dipc_payment_history_by_source($1, $2, $3, $4, $5, $6, $7) AS facts"
         " LEFT JOIN payment_codes code ON code.payment_code = $1",
     ),
-    # dipc_payment_context_by_ids takes the code's row lock, then reads the history (migrations 0008, 0030).
-    True: _read_context("(facts.code)", "dipc_payment_context_by_ids($1, $2, $3, $4, $5, $6) AS facts"),
+    # dipc_payment_context_by_source takes the code's row lock, then reads the history (migrations 0008,
+    # 0032).
+    True: _read_context(
+        "(facts.code)", "dipc_payment_context_by_source($1, $2, $3, $4, $5, $6, $7) AS facts"
+    ),
 }
 
 
@@ -106,21 +109,30 @@ async def read_context(
     *,
     unnamed_ref: str,
     agent_ref: str | None = None,
+    source: str = "notification",
     lock: bool = False,
 ) -> PaymentContext:
     """Read a notice's code and what is recorded for its invoice: :func:`record` writes only if both are
     still so when it holds the code's row lock. With ``lock``, take that lock first (in the caller's
     transaction, which holds it until it ends): what is read cannot change before the recording.
 
-    ``dipc_payment_history_by_ids`` (migration 0008's history, last changed by 0029, named so by 0030)
-    says what is recorded: a repeat is the same transaction reference, or the same amount where one side
-    is a Check Status answer that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec
-    §8 rule 3), or a payment of the same store transaction, which one side named by it only
-    (``agent_ref``; a notification is matched with such an answer's payment once); the invoice is paid by
-    a normal payment or by an exception finance accepted (spec §9).
+    ``dipc_payment_history_by_source`` (migration 0008's history, last changed by 0032) says what is
+    recorded: a repeat is the same transaction reference, or the same amount where one side is a Check
+    Status answer that named no transaction (``unnamed_ref``, ``check-status:<invoice>``; spec §8 rule
+    3), or a payment of the same store transaction, which one side named by it only (``agent_ref``, the
+    notice's store transaction's reference; a notice is matched with such an answer's payment once,
+    unless it is itself a Check Status answer, ``source``, named so); the invoice is paid by a normal
+    payment or by an exception finance accepted (spec §9).
     """
     row = await conn.fetchrow(
-        _READ_CONTEXT[lock], payment_code, invoice_number, transaction_ref, amount, unnamed_ref, agent_ref
+        _READ_CONTEXT[lock],
+        payment_code,
+        invoice_number,
+        transaction_ref,
+        amount,
+        unnamed_ref,
+        agent_ref,
+        source,
     )
     return _context(row, unnamed_ref, agent_ref)
 
@@ -150,7 +162,7 @@ class Recorded:
 # The statement that records payments: recordings (``dipc_recording``, migration 0019; ``_recording``
 # gives each) as $1, each recorded as if alone, on a condition: no two of one code (``_rounds``). For each
 # in turn it first takes the code's row lock and reads the history again with
-# dipc_payment_context_within_by_ids (migrations 0008 and 0030; its own statements have fresh snapshots,
+# dipc_payment_context_within_by_source (migrations 0008 and 0032; its own statements have fresh snapshots,
 # so it sees what the lock's previous holder committed), then takes the lock of the invoice's
 # reconciliation row, which it settles (migration 0016),
 # and writes nothing unless the code (dipc_code_state) and the history are what the caller decided on
@@ -182,10 +194,10 @@ context AS (
     SELECT r.*, dipc_code_state(c.code, r.counting) AS code_state, c.repeat AS repeated,
            c.invoice_paid AS paid, c.quoted_amounts AS quoted
       FROM recording r,
-           dipc_payment_context_within_by_ids(r.payment_code, r.invoice_number, r.transaction_ref, r.amount,
-                                              r.unnamed_ref, ($5::text[])[r.ordinality], $2,
-                                              CASE r.ordinality WHEN 1 THEN $3::text[] END,
-                                              CASE r.ordinality WHEN 1 THEN $4::text[] END) AS c
+           dipc_payment_context_within_by_source(r.payment_code, r.invoice_number, r.transaction_ref,
+                                                 r.amount, r.unnamed_ref, ($5::text[])[r.ordinality],
+                                                 r.source, $2, CASE r.ordinality WHEN 1 THEN $3::text[] END,
+                                                 CASE r.ordinality WHEN 1 THEN $4::text[] END) AS c
 ),
 ids AS (
     SELECT context.*, nextval('payments_id_seq') AS payment_id,
@@ -273,21 +285,22 @@ async def record(
 
 # A repeat's inbox row, written only if the payment it repeats is still found by its identity, which a
 # payment never loses: its own reference, the reference of the notification matched with it, or (for an
-# unnamed Check Status answer, $11 = $13) its amount. A notification that repeats a payment no
-# notification is matched with yet, recorded from a Check Status answer that named no transaction
-# ('check-status:<invoice>', $13, migration 0018) or named it by the notice's store transaction only
-# ($14; dipc_notification_repeats_answer, migrations 0026 and 0029), by amount, is matched with it here,
-# under the payment's row lock: of two store transactions racing for it, one is matched, and the other
-# finds it matched once the first commits and writes nothing, to be decided again. A Check Status answer
-# named by its store transaction only ($14 = $11) repeats a payment of that store transaction and amount,
-# and matches nothing (dipc_answer_repeats: migrations 0027 to 0029). The rules are the history's
-# (dipc_payment_history_by_ids), in the same functions.
+# unnamed Check Status answer, $11 = $13) its amount. A notice that repeats a payment no notification is
+# matched with yet, recorded from a Check Status answer that named no transaction
+# ('check-status:<invoice>', $13, migration 0018; dipc_repeats_unnamed_answer) or named it by the
+# notice's store transaction only ($14; dipc_notification_repeats_answer, migrations 0026, 0029 and
+# 0032), by amount, is matched with it here, under the payment's row lock: of two store transactions
+# racing for it, one is matched, and the other finds it matched once the first commits and writes
+# nothing, to be decided again. A Check Status answer ($8, the inbox row's source) named by its store
+# transaction only ($14 = $11) repeats a payment of that store transaction and amount, and matches
+# nothing (dipc_answer_repeats: migrations 0027 to 0032). The rules are the history's
+# (dipc_payment_history_by_source), in the same functions.
 _RECORD_REPEAT = f"""
 WITH matched AS (
     UPDATE payments p SET notified_ref = $11
      WHERE p.payment_code = $9 AND p.invoice_number = $10 AND p.transaction_ref <> $11
-       AND ((p.transaction_ref = $13 AND p.amount = $12 AND p.notified_ref IS NULL)
-            OR dipc_notification_repeats_answer(p, $11, $12, $14))
+       AND (dipc_repeats_unnamed_answer(p, $12, $13)
+            OR dipc_notification_repeats_answer(p, $11, $12, $14, $8))
        AND NOT EXISTS (SELECT FROM payments known
                         WHERE known.payment_code = $9 AND known.invoice_number = $10
                           AND (known.transaction_ref = $11 OR known.notified_ref = $11))
@@ -299,7 +312,7 @@ repeated AS (
     SELECT FROM payments p
      WHERE p.payment_code = $9 AND p.invoice_number = $10
        AND (p.transaction_ref = $11 OR p.notified_ref = $11 OR ($11 = $13 AND p.amount = $12)
-            OR dipc_answer_repeats(p, $11, $12, $14))
+            OR dipc_answer_repeats(p, $11, $12, $14, $8))
 )
 INSERT INTO notifications ({inbox.COLUMNS})
 SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT FROM repeated)
@@ -320,8 +333,10 @@ async def record_repeat(
 ) -> int | None:
     """Store a notification (``inbox.values``) as a repeat of a payment :func:`read_context` found, and
     match it with that payment if it is one recorded by ``unnamed_ref`` or ``agent_ref`` that no
-    notification is matched with yet. Its inbox id; None, and nothing written, when the payment it
-    repeated is now another transaction's (matched meanwhile): read it again and decide again."""
+    notification is matched with yet (for the latter, unless the notice is itself a Check Status answer
+    named by its store transaction only: its source is the inbox row's). Its inbox id; None, and nothing
+    written, when the payment it repeated is now another transaction's (matched meanwhile): read it
+    again and decide again."""
     return await conn.fetchval(
         _RECORD_REPEAT,
         *notification,
@@ -340,7 +355,7 @@ class PaymentBatches:
     next, each its own statement, sent in one round trip (asyncpg's ``fetchmany``, pipelined); and so do
     the recordings, in :func:`record`'s statement, one per round of the batch (``_rounds``). A batch is
     one transaction. A recording waits for its code's row lock only until BATCH_LOCK_WAIT_MS after its
-    batch began (``dipc_payment_context_within_by_ids``, migrations 0011 and 0030). A batch of
+    batch began (``dipc_payment_context_within_by_source``, migrations 0011 and 0032). A batch of
     recordings moves its events into the feed in its own commit (:func:`outbox.sequence_in_commit`), so
     that its writers need no sequencing pass after it, unless another sequencing holds on.
     """
@@ -360,9 +375,10 @@ class PaymentBatches:
         *,
         unnamed_ref: str,
         agent_ref: str | None = None,
+        source: str = "notification",
     ) -> PaymentContext:
         """:func:`read_context` (without the lock), with the reads that arrive with it."""
-        item = (payment_code, invoice_number, transaction_ref, amount, unnamed_ref, agent_ref)
+        item = (payment_code, invoice_number, transaction_ref, amount, unnamed_ref, agent_ref, source)
         return _context(await self._reads.submit(item), unnamed_ref, agent_ref)
 
     async def record(

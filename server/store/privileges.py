@@ -54,7 +54,7 @@ async def check(conn: asyncpg.Connection) -> RoleReport:
             continue
         wanted = ("SELECT",) if name == LEDGER_TABLE else tuple(ROW_PRIVILEGES.split(", "))
         missing += [f"{what} on {name}" for what in wanted if not row[f"can_{what.lower()}"]]
-    # Functions dipc calls (dipc_inquire answers every inquiry, dipc_payment_context_by_ids starts every
+    # Functions dipc calls (dipc_inquire answers every inquiry, dipc_payment_context_by_source starts every
     # notification); trigger functions are not called.
     functions = await conn.fetch(
         """

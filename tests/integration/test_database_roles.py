@@ -170,7 +170,9 @@ async def test_a_role_missing_a_grant_is_found_by_doctor_and_refused_by_serve(ro
     await conn.execute(f'REVOKE DELETE ON inquiries FROM "{roles.app}"')
     await conn.execute(f'REVOKE USAGE ON SEQUENCE events_id_seq FROM "{roles.app}"')
     await conn.execute(f'REVOKE EXECUTE ON FUNCTION dipc_inquire FROM PUBLIC, "{roles.app}"')
-    context = "dipc_payment_context_by_ids(text, text, text, bigint, text, text)"  # the one dipc calls (0030)
+    context = (
+        "dipc_payment_context_by_source(text, text, text, bigint, text, text, text)"  # dipc calls it (0032)
+    )
     await conn.execute(f'REVOKE EXECUTE ON FUNCTION {context} FROM PUBLIC, "{roles.app}"')
     await conn.close()
     app_env = dipc_env(roles.app_dsn)
@@ -180,7 +182,7 @@ async def test_a_role_missing_a_grant_is_found_by_doctor_and_refused_by_serve(ro
     assert "DELETE on inquiries" in checks["database role"]["detail"]
     assert "USAGE on sequence events_id_seq" in checks["database role"]["detail"]
     assert "EXECUTE on function dipc_inquire" in checks["database role"]["detail"]
-    assert "EXECUTE on function dipc_payment_context_by_ids" in checks["database role"]["detail"]
+    assert "EXECUTE on function dipc_payment_context_by_source" in checks["database role"]["detail"]
     refused = one_line_refusal(run("serve", env=app_env))
     assert "lacks privileges" in refused
     assert "DELETE on inquiries" in refused

@@ -679,7 +679,7 @@ async def test_a_notification_of_a_dipc_from_before_migration_0026_still_reads_a
     notice = paid_notice()
     async with outbox.connection(pool) as conn:
         row = await conn.fetchrow(
-            payment_store._READ_CONTEXT[False].replace(", $6)", ")").replace("_by_ids", ""),
+            payment_store._READ_CONTEXT[False].replace(", $6, $7)", ")").replace("_by_source", ""),
             CODE,
             INVOICE,
             notice.transaction_ref,
@@ -691,11 +691,41 @@ async def test_a_notification_of_a_dipc_from_before_migration_0026_still_reads_a
     await _recorded_once(pool, row)
 
 
+async def test_a_notification_of_a_dipc_from_before_migration_0032_still_reads_and_records(register, pool):
+    """While a deploy replaces the workers, those of migrations 0030 and 0031 read the history and record
+    through the functions named _by_ids, without the notice's source: those are kept."""
+    await register()
+    notice = paid_notice()
+    async with outbox.connection(pool) as conn:
+        row = await conn.fetchrow(
+            payment_store._READ_CONTEXT[False].replace(", $7)", ")").replace("_by_source", "_by_ids"),
+            CODE,
+            INVOICE,
+            notice.transaction_ref,
+            notice.amount,
+            "check-status:x",
+            None,
+        )
+        assert (row["repeat"], row["invoice_paid"]) == (False, False)
+        recording = await _old_recording(conn)
+        [row] = await conn.fetch(_before_0032(), [recording], None, None, None, [None])
+    await _recorded_once(pool, row)
+
+
+def _before_0032() -> str:
+    """The recording statement of a dipc of migrations 0030 and 0031: no source in its call of the
+    history's functions, named _by_ids."""
+    statement = re.sub(r"\[r\.ordinality\],\s*r\.source,", "[r.ordinality],", payment_store._RECORD)
+    statement = statement.replace("_by_source", "_by_ids")
+    assert "r.source," not in statement
+    return statement
+
+
 def _before_0026() -> str:
-    """The recording statement of a dipc from before migration 0026: no agent_ref ($5) in its call, and
-    the functions' names from before 0030."""
-    agent_ref = r"\(\$5::text\[\]\)\[r\.ordinality\],\s*"
-    statement = re.sub(agent_ref, "", payment_store._RECORD).replace("_by_ids", "")
+    """The recording statement of a dipc from before migration 0026: no agent_ref ($5) nor source in its
+    call, and the functions' names from before 0030."""
+    agent_ref = r"\(\$5::text\[\]\)\[r\.ordinality\],\s*r\.source,\s*"
+    statement = re.sub(agent_ref, "", payment_store._RECORD).replace("_by_source", "")
     assert statement != payment_store._RECORD
     return statement
 
@@ -780,31 +810,32 @@ async def test_values_too_big_to_key_a_payment_are_refused_and_kept(doku, regist
     assert await payments(pool) == []
 
 
-HISTORY = "dipc_payment_history_by_ids(text, text, text, bigint, text, text)"
+HISTORY = "dipc_payment_history_by_source(text, text, text, bigint, text, text, text)"
 
 
 @contextlib.asynccontextmanager
 async def history_saying_repeat_for(pool: asyncpg.Pool, reference: str) -> AsyncIterator[None]:
     """The database's history (renamed aside and wrapped, then put back) says "repeat" for ``reference``,
     which no payment has: a notice of it is then undecidable, as with two versions during a deploy."""
-    await pool.execute(f"ALTER FUNCTION {HISTORY} RENAME TO dipc_payment_history_by_ids_aside")
+    await pool.execute(f"ALTER FUNCTION {HISTORY} RENAME TO dipc_payment_history_by_source_aside")
     try:
         await pool.execute(f"""
-            CREATE FUNCTION dipc_payment_history_by_ids(
+            CREATE FUNCTION dipc_payment_history_by_source(
                 p_payment_code text, p_invoice_number text, p_transaction_ref text, p_amount bigint,
-                p_unnamed_ref text, p_agent_ref text,
+                p_unnamed_ref text, p_agent_ref text, p_source text,
                 OUT repeat boolean, OUT invoice_paid boolean, OUT quoted_amounts bigint[])
             RETURNS SETOF record LANGUAGE sql STABLE AS $$
                 SELECT h.repeat OR p_transaction_ref = '{reference}', h.invoice_paid, h.quoted_amounts
-                  FROM dipc_payment_history_by_ids_aside(p_payment_code, p_invoice_number, p_transaction_ref,
-                                                         p_amount, p_unnamed_ref, p_agent_ref) AS h
+                  FROM dipc_payment_history_by_source_aside(p_payment_code, p_invoice_number,
+                                                            p_transaction_ref, p_amount, p_unnamed_ref,
+                                                            p_agent_ref, p_source) AS h
             $$""")  # noqa: S608 - a test's own constant
         yield
     finally:
         await pool.execute(f"DROP FUNCTION IF EXISTS {HISTORY}")
         await pool.execute(
-            "ALTER FUNCTION dipc_payment_history_by_ids_aside(text, text, text, bigint, text, text)"
-            " RENAME TO dipc_payment_history_by_ids"
+            "ALTER FUNCTION dipc_payment_history_by_source_aside(text, text, text, bigint, text, text, text)"
+            " RENAME TO dipc_payment_history_by_source"
         )
 
 

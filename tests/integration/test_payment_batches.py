@@ -285,7 +285,9 @@ async def test_the_statements_run_the_history_and_the_codes_state_inline(pool):
     # set.
     from server.store import payments
 
-    read = await pool.fetch(f"EXPLAIN VERBOSE {payments._READ_CONTEXT[False]}", SLOW, "INV", "T", 1, "U", "A")
+    read = await pool.fetch(
+        f"EXPLAIN VERBOSE {payments._READ_CONTEXT[False]}", SLOW, "INV", "T", 1, "U", "A", "notification"
+    )
     record = await pool.fetch(
         "EXPLAIN VERBOSE SELECT dipc_code_state(c, $1) FROM payment_codes c WHERE payment_code = $2",
         True,

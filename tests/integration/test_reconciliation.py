@@ -347,6 +347,38 @@ async def test_a_notification_repeats_an_answer_that_named_the_store_transaction
     assert kinds == [("normal", "agent://1246"), ("conflict", "another")]
 
 
+async def test_a_notification_without_its_request_id_repeats_an_answer_named_by_fewer_ids(
+    dipc, doku_sim, standin, pool, admin
+):
+    """(Found by the second review of migration 0030.) DOKU's answer, recorded first, named the transaction
+    by AGENT_TRX_ID alone (agent://1246); its late notification has no original_request_id either (spec
+    §4 rule 2 allows it), so its reference is its store transaction's, ALFAMART/TZ01/1246. With an
+    original_request_id it repeated the answer's payment (migration 0029); without one it was an
+    ALREADY_PAID conflict, because the rules told an answer from a notification by that very reference.
+    It repeats the payment now, matched with it once: its retry repeats it, and another transaction of
+    that store number is a conflict."""
+    doku, _ = standin
+    await register(dipc, admin)
+    await doku_sim.inquiry(CODE)
+    doku.paid[INVOICE] = without_agent_and_store(
+        notification_body(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
+    )
+    [payment] = await eventually(lambda: payments(pool))
+    assert payment["transaction_ref"] == "agent://1246"
+    for _ in range(2):  # the notification, and DOKU's retry of it
+        late = await doku_sim.notify(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
+        assert late.status == 200
+    outcomes = await pool.fetch("SELECT outcome FROM notifications WHERE source = 'notification' ORDER BY id")
+    assert [row["outcome"] for row in outcomes] == ["repeat", "repeat"]
+    assert await pool.fetchval("SELECT notified_ref FROM payments") == "agent:ALFAMART/TZ01/1246"
+    other = await doku_sim.notify(
+        CODE, invoice_number=INVOICE, amount=150000, original_request_id="another", agent_trx_id="1246"
+    )
+    assert other.status == 200
+    kinds = [(row["kind"], row["transaction_ref"]) for row in await payments(pool)]
+    assert kinds == [("normal", "agent://1246"), ("conflict", "another")]
+
+
 async def test_a_dipc_from_before_0029_reads_a_store_transaction_by_its_text(
     dipc, doku_sim, standin, pool, admin
 ):
