@@ -492,6 +492,17 @@ async def test_with_several_workers_the_supervisor_restarts_the_embedded_databas
 # --- dipc is stopped while the database hangs -------------------------------------------------------
 
 
+async def sigterm_and_wait(dipc: Dipc, seconds: float) -> tuple[int | None, float]:
+    """SIGTERM ``dipc``; its exit code (None: still running after ``seconds``) and how long it took."""
+    started = time.monotonic()
+    dipc.signal(signal.SIGTERM)
+    try:
+        code = await asyncio.to_thread(dipc.process.wait, seconds)
+    except subprocess.TimeoutExpired:
+        code = None
+    return code, time.monotonic() - started
+
+
 @pytest.mark.parametrize(("reconcile", "webhooks"), [("off", False), ("on", False), ("off", True)])
 async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_timeout(
     own_cluster, tmp_path, aiohttp_server, reconcile, webhooks
@@ -540,13 +551,7 @@ async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_ti
         os.kill(pid, signal.SIGSTOP)
     try:
         await asyncio.sleep(2.0)  # background work is now waiting on the frozen database
-        started = time.monotonic()
-        dipc.signal(signal.SIGTERM)
-        try:
-            code = await asyncio.to_thread(dipc.process.wait, shutdown_s + 10)
-        except subprocess.TimeoutExpired:
-            code = None
-        took = time.monotonic() - started
+        code, took = await sigterm_and_wait(dipc, shutdown_s + 10)
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
@@ -574,13 +579,7 @@ async def test_sigterm_with_a_long_poll_stuck_on_a_frozen_database_exits_within_
             poll = asyncio.ensure_future(session.get(f"{dipc.url}/v1/events?after=0&wait=60"))
             await asyncio.sleep(1.5)  # the poll's read now waits on the frozen database
             assert not poll.done()
-            started = time.monotonic()
-            dipc.signal(signal.SIGTERM)
-            try:
-                code = await asyncio.to_thread(dipc.process.wait, shutdown_s + 30)
-            except subprocess.TimeoutExpired:
-                code = None
-            took = time.monotonic() - started
+            code, took = await sigterm_and_wait(dipc, shutdown_s + 30)
             with contextlib.suppress(aiohttp.ClientError):
                 (await poll).release()
     finally:

@@ -21,7 +21,7 @@ from server.app import make_app
 from server.core.times import utcnow
 from server.doku import conventions
 from server.doku.auth import signed_headers
-from server.doku.client import DokuSimulator, notification_body
+from server.doku.client import DokuSimulator, Reply, notification_body
 from server.doku.standin import DokuStandIn, Scripted
 from tests.conftest import (
     CLIENT,
@@ -296,6 +296,20 @@ def without_agent_and_store(body: bytes) -> bytes:
     return orjson.dumps(document)
 
 
+async def paid_by_an_answer_naming_the_number_alone(dipc, doku_sim, standin, pool, admin) -> Reply:
+    """The code registered and quoted (the quote is returned), then paid: DOKU's Check Status answer
+    names the transaction by AGENT_TRX_ID alone (agent://1246), and the reconciler records it."""
+    doku, _ = standin
+    await register(dipc, admin)
+    quote = await doku_sim.inquiry(CODE)
+    doku.paid[INVOICE] = without_agent_and_store(
+        notification_body(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
+    )
+    [payment] = await eventually(lambda: payments(pool))
+    assert (payment["kind"], payment["transaction_ref"]) == ("normal", "agent://1246")
+    return quote
+
+
 @pytest.mark.parametrize(("answered_trx", "outcome"), [("1246", "repeat"), ("1247", "conflict")])
 async def test_an_answer_naming_the_store_transaction_number_alone_repeats_its_notification(
     dipc, doku_sim, standin, pool, admin, answered_trx, outcome
@@ -325,14 +339,7 @@ async def test_a_notification_repeats_an_answer_that_named_the_store_transaction
     transaction by AGENT_TRX_ID alone (agent://1246); its late notification names ALFAMART/TZ01/1246
     and its original_request_id. It was an ALREADY_PAID conflict; it repeats the answer's payment now,
     matched with it once: another transaction of that store number is a conflict."""
-    doku, _ = standin
-    await register(dipc, admin)
-    quote = await doku_sim.inquiry(CODE)
-    doku.paid[INVOICE] = without_agent_and_store(
-        notification_body(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
-    )
-    [payment] = await eventually(lambda: payments(pool))
-    assert (payment["kind"], payment["transaction_ref"]) == ("normal", "agent://1246")
+    quote = await paid_by_an_answer_naming_the_number_alone(dipc, doku_sim, standin, pool, admin)
     late = await doku_sim.notify(
         CODE, invoice_number=INVOICE, amount=150000, original_request_id=quote.request_id, agent_trx_id="1246"
     )
@@ -357,14 +364,7 @@ async def test_a_notification_without_its_request_id_repeats_an_answer_named_by_
     ALREADY_PAID conflict, because the rules told an answer from a notification by that very reference.
     It repeats the payment now, matched with it once: its retry repeats it, and another transaction of
     that store number is a conflict."""
-    doku, _ = standin
-    await register(dipc, admin)
-    await doku_sim.inquiry(CODE)
-    doku.paid[INVOICE] = without_agent_and_store(
-        notification_body(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
-    )
-    [payment] = await eventually(lambda: payments(pool))
-    assert payment["transaction_ref"] == "agent://1246"
+    await paid_by_an_answer_naming_the_number_alone(dipc, doku_sim, standin, pool, admin)
     for _ in range(2):  # the notification, and DOKU's retry of it
         late = await doku_sim.notify(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
         assert late.status == 200
@@ -389,14 +389,7 @@ async def test_a_dipc_from_before_0029_reads_a_store_transaction_by_its_text(
     again about 6,000 times in 5 s, taking the code's row lock each time, then answered 503. The function
     keeps the rules by the text for them (the old worker records a conflict, as it did before 0029), and
     dipc reads by the ids through dipc_payment_history_by_ids."""
-    doku, _ = standin
-    await register(dipc, admin)
-    await doku_sim.inquiry(CODE)
-    doku.paid[INVOICE] = without_agent_and_store(
-        notification_body(CODE, invoice_number=INVOICE, amount=150000, agent_trx_id="1246")
-    )
-    [payment] = await eventually(lambda: payments(pool))
-    assert payment["transaction_ref"] == "agent://1246"
+    await paid_by_an_answer_naming_the_number_alone(dipc, doku_sim, standin, pool, admin)
     notice = (CODE, INVOICE, "R1", 150000, f"check-status:{INVOICE}", "agent:ALFAMART/TZ01/1246")
     for function, repeat in (("dipc_payment_history", False), ("dipc_payment_history_by_ids", True)):
         row = await pool.fetchrow(f"SELECT * FROM {function}($1, $2, $3, $4, $5, $6)", *notice)  # noqa: S608
