@@ -7,7 +7,6 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
-import asyncpg
 import structlog
 from aiohttp import web
 
@@ -28,7 +27,7 @@ from server.store import outbox
 from server.store.inquiries import InquiryBatches
 from server.store.listener import EventListener
 from server.store.payments import PaymentBatches
-from server.store.pool import UNAVAILABLE_ERRORS, create_pool
+from server.store.pool import UNAVAILABLE_ERRORS, close_pool, create_pool
 from server.webhooks.forwarder import WebhookForwarder
 
 log = structlog.get_logger(component="dipc.app")
@@ -78,7 +77,7 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
         yield
         await app[INQUIRY_BATCHES].close()
         await app[PAYMENT_BATCHES].close()
-        await _close_pool(app[POOL])
+        await close_pool(app[POOL])
 
     async def health_context(app: web.Application) -> AsyncIterator[None]:
         app[HEALTH] = HealthChecker(dsn, statement_cache_size=settings.db_statement_cache_size)
@@ -164,17 +163,6 @@ def make_app(settings: Settings, dsn: str) -> web.Application:
     app.add_routes(ops.routes)
     app.add_subapp(ADMIN_PREFIX, admin.admin_app(casework.routes))
     return app
-
-
-POOL_CLOSE_TIMEOUT_S = 5.0
-
-
-async def _close_pool(pool: asyncpg.Pool) -> None:
-    """Close gracefully, but a database that hangs does not hold the process's exit: terminate."""
-    try:
-        await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_S)
-    except TimeoutError:
-        pool.terminate()  # asyncpg has already terminated what close() left; this is idempotent
 
 
 async def _sample_pool_forever(app: web.Application, every_s: float = 5.0) -> None:

@@ -20,7 +20,7 @@ from server.config import ConfigError, Settings
 from server.core.errors import DipcError, error_text
 from server.embedded import EmbeddedError, EmbeddedPostgres
 from server.store import migrate
-from server.store.pool import UNAVAILABLE_ERRORS, create_pool
+from server.store.pool import UNAVAILABLE_ERRORS, close_pool, create_pool
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -145,7 +145,7 @@ async def open_database(
                 )
             yield Database(pool, dsn, settings.listen_database_url or dsn)
         finally:
-            await pool.close()
+            await close_pool(pool)
     except EmbeddedError as error:
         raise CommandFailed(f"embedded PostgreSQL: {error}", EXIT_USAGE) from None
     finally:

@@ -16,7 +16,7 @@ from server.store.listener import EventListener
 from server.store.pool import deadline
 
 # Each poll waits this long for an event, and the database has DIPC_ADMIN_DB_TIMEOUT_S beyond it to
-# answer: one that hangs is noticed within their sum. After a failed poll, the next one comes this soon.
+# answer: one that hangs is noticed within their sum. After a failed poll, the next one begins this soon.
 POLL_WAIT_S = 10.0
 RETRY_S = 1.0
 
@@ -115,21 +115,20 @@ def run_tail(args: argparse.Namespace) -> int:
             while args.count is None or printed < args.count:
                 # A database that hangs or restarts is said once on stderr, and the tail goes on from
                 # where it was once the database answers again (it waited for ever on a frozen one).
+                after = cursor
                 try:
                     async with deadline(settings.admin_db_timeout_s + POLL_WAIT_S, "cli.events_tail"):
                         events, cursor = await feed.read_feed(
-                            database.pool, listener, after=cursor, limit=100, wait=POLL_WAIT_S
+                            database.pool, listener, after=after, limit=100, wait=POLL_WAIT_S
                         )
                 except Unavailable as error:
                     if not down:
-                        print(f"dipc: {error}; trying again every {RETRY_S:g} s", file=sys.stderr, flush=True)
+                        print(f"dipc: {error}; trying again until it answers", file=sys.stderr, flush=True)
                         down = True
                     await asyncio.sleep(RETRY_S)
                     continue
                 if down:
-                    print(
-                        f"dipc: the database answers again; following after event {cursor}", file=sys.stderr
-                    )
+                    print(f"dipc: the database answers again; going on after event {after}", file=sys.stderr)
                     down = False
                 for event in events:
                     _print_event(event, args.json)

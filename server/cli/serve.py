@@ -33,6 +33,7 @@ from server.core.errors import error_text
 from server.core.times import utcnow
 from server.embedded import EmbeddedError, EmbeddedPostgres, Watchdog
 from server.http import drain
+from server.http.keys import LISTENER
 from server.ops import metrics
 from server.ops.logging import bind_process, configure_logging
 from server.store import migrate, privileges
@@ -40,6 +41,9 @@ from server.store.pool import UNAVAILABLE_ERRORS, create_pool, end_database_work
 from server.supervisor import Supervisor, worker_env
 
 log = structlog.get_logger(component="dipc.serve")
+
+# What the stop keeps of DIPC_SHUTDOWN_TIMEOUT_S after database work in flight has been ended (at most half).
+STOP_MARGIN_S = 1.0
 
 SERVE_HELP = """\
 Run the server: DOKU's inquiry endpoint, the admin API under /v1, /healthz and /readyz.
@@ -375,8 +379,12 @@ async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
     finally:
         if orphan_watch is not None:
             orphan_watch.cancel()
-        # Half the timeout, so that what then finishes (answers, the pool's close) fits in the rest.
-        end_database_work_within(settings.shutdown_timeout_s / 2)
+        # Work on a database that hangs ends a little before the timeout, so that what follows (its
+        # answer, the pool's close) fits in it; healthy work has the timeout, as aiohttp gives it.
+        timeout_s = settings.shutdown_timeout_s
+        end_database_work_within(max(timeout_s - STOP_MARGIN_S, timeout_s / 2))
+        # Parked long-polls answer at once (empty), and so do the requests queued behind them.
+        await app[LISTENER].release_waiters()
         try:
             await drain.answer_received(runner, app, settings.shutdown_timeout_s)
         finally:

@@ -2,11 +2,12 @@
 
 aiohttp's own stop marks every connection as closing at once: bytes that had already arrived on a
 keep-alive connection (a request DOKU sent just before the signal, or one queued behind a request in
-progress) are then dropped, and the client sees its request go unanswered. Before handing over to
-aiohttp's stop, ``answer_received`` stops listening, waits (within the shutdown timeout) until every
-request already received has started, and closes each idle keep-alive connection as soon as nothing is
-waiting on it. While the server stops, a response says ``Connection: close`` unless another request is
-already queued behind it, so clients do not send more on a connection about to close.
+progress) are then dropped, and the client sees its request go unanswered; so is the rest of the body
+of a request in progress. Before handing over to aiohttp's stop, ``answer_received`` stops listening,
+waits (within the shutdown timeout) until every request already received has started and has its
+whole body, and closes each idle keep-alive connection as soon as nothing is waiting on it. While the
+server stops, a response says ``Connection: close`` unless another request is already queued behind
+it, so clients do not send more on a connection about to close.
 """
 
 from __future__ import annotations
@@ -62,8 +63,11 @@ async def answer_received(runner: web.AppRunner, app: web.Application, timeout_s
         for connection in server.connections:
             if _closing(connection):
                 continue
-            if _has_waiting_request(connection):
-                waiting += 1  # received, not started yet (maybe queued behind one in progress): it will be
+            if _has_waiting_request(connection) or _body_arriving(connection):
+                # Received, not started yet (maybe queued behind one in progress): it will be. Or started,
+                # its body still on the way, which aiohttp drops once its stop begins: an upload, or the
+                # body of a client that sent Expect: 100-continue and was told to go on.
+                waiting += 1
             elif not connection._request_in_progress:
                 connection.close()  # idle: nothing received, nothing lost
             # else: only an answer in progress, which aiohttp's stop waits for
@@ -77,6 +81,12 @@ async def answer_received(runner: web.AppRunner, app: web.Application, timeout_s
 
 def _closing(connection: web.RequestHandler) -> bool:
     return connection.transport is None or connection._close or connection._force_close
+
+
+def _body_arriving(connection: web.RequestHandler) -> bool:
+    """A request in progress whose body has not all arrived."""
+    request = getattr(connection, "_current_request", None)
+    return request is not None and not request.content.is_eof()
 
 
 def _has_waiting_request(connection: web.RequestHandler) -> bool:

@@ -235,6 +235,22 @@ async def create_pool(
     )
 
 
+POOL_CLOSE_TIMEOUT_S = 5.0
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close gracefully, but a database that hangs does not hold the process's exit: terminate. At once
+    when the closing task is being cancelled (Ctrl+C of a command): nobody waits for a graceful close."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        pool.terminate()
+        return
+    try:
+        await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        pool.terminate()  # asyncpg has already terminated what close() left; this is idempotent
+
+
 # How often one event loop's open deadlines are checked: a deadline fires up to this much late.
 DEADLINE_TICK_S = 0.05
 
@@ -255,6 +271,7 @@ def end_database_work_within(seconds: float) -> None:
     long-poll of the event feed for its whole wait, up to about 90 s. aiohttp waits for a request
     in progress for the shutdown timeout, then for as long again before it gives up on it, so it alone
     took twice DIPC_SHUTDOWN_TIMEOUT_S, and a service manager would have killed the process first.
+    Healthy work that needs longer (a large import) is ended too: it would not finish in time anyway.
     """
     loop = asyncio.get_running_loop()
     _Watchdog.of(loop).end_by(loop.time() + seconds)
@@ -331,7 +348,7 @@ class Deadline:
                 result = "timeout"
                 if self._watchdog.stopping:  # its deadline was brought forward (end_database_work_within)
                     log.warning("db.ended_by_stop", what=self._what, request_id=REQUEST_ID.get())
-                    raise Unavailable("the database did not answer before the process stopped") from None
+                    raise Unavailable("the server is stopping, and this did not finish in time") from None
                 log.warning(
                     "db.deadline_exceeded",
                     what=self._what,

@@ -644,12 +644,45 @@ async def test_events_tail_says_when_the_database_hangs_and_goes_on_when_it_answ
         second = await add_event("tail-2")
         async with asyncio.timeout(30):
             assert orjson.loads(await tail.stdout.readline())["id"] == second
-            await said(b"dipc: the database answers again")
+            await said(b"dipc: the database answers again; going on after event %d" % first)
     finally:
         await pool.close()
         if tail.returncode is None:
             tail.send_signal(signal.SIGINT)
         _, errors = await tail.communicate()
+    assert tail.returncode == 0, errors
+    assert b"Traceback" not in errors
+
+
+async def test_ctrl_c_ends_events_tail_at_once_on_a_frozen_database(own_cluster):
+    """(Found by a review of ae5662d.) Ctrl+C of `dipc events tail` on a frozen database was ignored until
+    a second one: the command's pool closed gracefully, waiting for the database. A command cancelled by
+    Ctrl+C terminates its connections at once."""
+    server, dsn = own_cluster
+    tail = await asyncio.create_subprocess_exec(
+        *DIPC, "events", "tail", "--json", env=dipc_env(dsn),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await asyncio.sleep(3.0)  # started, and waiting for events
+    assert tail.returncode is None
+    pids = cluster_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        tail.send_signal(signal.SIGINT)
+        try:
+            async with asyncio.timeout(10):
+                _, errors = await tail.communicate()
+        except TimeoutError:
+            tail.kill()
+            _, errors = await tail.communicate()
+        took = time.monotonic() - started
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert took < 1.0 + SLACK_S, f"the tail ended {took:.1f} s after Ctrl+C"
     assert tail.returncode == 0, errors
     assert b"Traceback" not in errors
 

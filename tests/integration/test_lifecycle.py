@@ -388,3 +388,123 @@ async def test_sigterm_answers_requests_queued_behind_one_in_progress_on_a_keep_
     code = await asyncio.to_thread(server.wait, 30)
     assert outcomes == [[200, 200]] * BURST
     assert code == 0
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The status and body of the next (final) response on ``reader``."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    while head.startswith(b"HTTP/1.1 1"):  # an interim answer (100 Continue)
+        head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    return int(head.split(b" ")[1]), await reader.readexactly(length)
+
+
+async def test_sigterm_lets_an_upload_whose_body_is_still_arriving_finish(database_url, pool):
+    """(Found by a review of f4d6f7a.) The rest of a body still arriving at SIGTERM was dropped (aiohttp
+    drops what comes once its stop begins), and f4d6f7a's stop ended healthy database work at half the
+    timeout: an import still going 2 s after the signal got a 503 and was rolled back. The stop now waits
+    for the body, and gives work on a healthy database the timeout less a second (here 7 of 8 s)."""
+    port = free_port()
+    server = spawn(server_env(database_url, port, DIPC_SHUTDOWN_TIMEOUT_S="8"))
+    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+    rows = [f"88965{n:011d},1000,INV-UP-{n},Budi {n},false,{CLIENT_ID}" for n in range(500)]
+    body = (
+        "payment_code,amount,invoice_number,customer_name,reusable,client_id\n" + "\n".join(rows) + "\n"
+    ).encode()
+    head = (
+        f"POST /v1/payment-codes/import HTTP/1.1\r\nHost: dipc\r\nAuthorization: Bearer t\r\n"
+        f"Content-Type: text/csv\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        pieces = [body[n : n + len(body) // 10] for n in range(0, len(body), len(body) // 10)]
+        for k, piece in enumerate(pieces):  # about 5 s in all, the signal 0.5 s in
+            writer.write(piece)
+            await writer.drain()
+            if k == 0:
+                await asyncio.sleep(0.5)
+                server.send_signal(signal.SIGTERM)
+            await asyncio.sleep(4.5 / len(pieces))
+        async with asyncio.timeout(15):
+            status, answer = await _answer(reader)
+    finally:
+        writer.close()
+    code = await asyncio.to_thread(server.wait, 30)
+    assert (status, orjson.loads(answer).get("imported")) == (200, 500), answer
+    assert (
+        await pool.fetchval("SELECT count(*) FROM payment_codes WHERE invoice_number LIKE 'INV-UP-%'") == 500
+    )
+    assert code == 0
+
+
+async def test_sigterm_answers_a_body_sent_after_100_continue(database_url, pool):
+    """(Found by a review of 106c7bb.) A client that sent Expect: 100-continue sends its body one round trip
+    after its head. A signed notification whose head came before SIGTERM and whose body came after it was
+    never answered, nor logged: aiohttp dropped the body. It is answered, and stored."""
+    await register_code(pool)
+    port = free_port()
+    server = spawn(server_env(database_url, port, DIPC_SHUTDOWN_TIMEOUT_S="8"))
+    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+    from server.doku.client import notification_body
+
+    body = notification_body(
+        CODE, invoice_number="INV-2026-000123", amount=150000, original_request_id="expect-1"
+    )
+    headers = signed_headers(
+        CLIENT, request_id="expect-1", target="/doku/notification", body=body, now=utcnow(), response=False
+    )
+    head = (
+        "POST /doku/notification HTTP/1.1\r\nHost: dipc\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        + "\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        server.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        writer.write(body)
+        async with asyncio.timeout(15):
+            status, answer = await _answer(reader)
+    finally:
+        writer.close()
+    code = await asyncio.to_thread(server.wait, 30)
+    assert status == 200, answer
+    assert await pool.fetchval("SELECT count(*) FROM payments WHERE transaction_ref = 'expect-1'") == 1
+    assert code == 0
+
+
+async def test_sigterm_answers_a_long_poll_at_once_and_the_request_queued_behind_it(database_url, pool):
+    """(Found by a review of f4d6f7a.) A long-poll parked for events, with a signed inquiry sent behind it
+    on the same connection: the stop waited for the queued inquiry, which waited for the poll, which was
+    released only later in the stop. The poll was cut off by the stop's deadline with a 503 that blamed
+    the database (before f4d6f7a: the poll waited the whole timeout and the inquiry went unanswered).
+    Parked long-polls are answered when the stop begins now: the poll with no events, then the inquiry."""
+    await register_code(pool)
+    port = free_port()
+    server = spawn(server_env(database_url, port, DIPC_SHUTDOWN_TIMEOUT_S="8"))
+    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+    poll = b"GET /v1/events?after=1000000&wait=60 HTTP/1.1\r\nHost: dipc\r\nAuthorization: Bearer t\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(poll + signed_inquiry(CODE))
+        await asyncio.sleep(1.0)  # the poll is parked; the inquiry waits behind it
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            polled = await _answer(reader)
+            took = time.monotonic() - started
+            inquired = await _answer(reader)
+    finally:
+        writer.close()
+    code = await asyncio.to_thread(server.wait, 30)
+    assert (polled[0], orjson.loads(polled[1])["items"]) == (200, [])
+    assert took < 1.0, f"the poll was answered {took:.1f} s after the signal"
+    assert inquired[0] == 200, inquired
+    assert code == 0
