@@ -156,9 +156,11 @@ async def _decide_and_record(
     if context.history.repeat:
         outcome = NotificationOutcome.REPEAT
         repeated = raw_values(outcome)
-        repeat_id = await payment_store.record_repeat(conn, repeated, *facts, **refs)
+        repeat_id = await payment_store.record_repeat(conn, repeated, *facts, **refs, match=lock)
         if repeat_id is None:
-            return None  # the unnamed payment it repeated was matched with another transaction meanwhile
+            # The payment it repeated was matched with another transaction meanwhile, or it is to be
+            # matched with one, which only a decision that holds the code's row lock may do.
+            return None
         outbox.replayed()  # answered once its payment's event is in the feed, as the first answer was
         return NotificationResult(repeat_id, outcome)
     decision = decide_payment(notice, context.code, context.history, now)

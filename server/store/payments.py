@@ -291,14 +291,18 @@ async def record(
 # notice's store transaction only ($14; dipc_notification_repeats_answer, migrations 0026, 0029 and
 # 0032), by amount, is matched with it here, under the payment's row lock: of two store transactions
 # racing for it, one is matched, and the other finds it matched once the first commits and writes
-# nothing, to be decided again. A Check Status answer ($8, the inbox row's source) named by its store
+# nothing, to be decided again. It is matched only by a caller that holds the code's row lock, taken
+# by an earlier statement of its transaction ($15): a recording of a dipc from before 0032, whose rules
+# do not see the match, holds that lock from its read to its commit, and its payment is then seen here
+# (a review of 0032 found the two recording one transaction twice). A Check Status answer ($8, the inbox
+# row's source) named by its store
 # transaction only ($14 = $11) repeats a payment of that store transaction and amount, and matches
 # nothing (dipc_answer_repeats: migrations 0027 to 0032). The rules are the history's
 # (dipc_payment_history_by_source), in the same functions.
 _RECORD_REPEAT = f"""
 WITH matched AS (
     UPDATE payments p SET notified_ref = $11
-     WHERE p.payment_code = $9 AND p.invoice_number = $10 AND p.transaction_ref <> $11
+     WHERE $15 AND p.payment_code = $9 AND p.invoice_number = $10 AND p.transaction_ref <> $11
        AND (dipc_repeats_unnamed_answer(p, $12, $13)
             OR dipc_notification_repeats_answer(p, $11, $12, $14, $8))
        AND NOT EXISTS (SELECT FROM payments known
@@ -330,13 +334,15 @@ async def record_repeat(
     *,
     unnamed_ref: str,
     agent_ref: str | None = None,
+    match: bool = False,
 ) -> int | None:
     """Store a notification (``inbox.values``) as a repeat of a payment :func:`read_context` found, and
     match it with that payment if it is one recorded by ``unnamed_ref`` or ``agent_ref`` that no
     notification is matched with yet (for the latter, unless the notice is itself a Check Status answer
-    named by its store transaction only: its source is the inbox row's). Its inbox id; None, and nothing
-    written, when the payment it repeated is now another transaction's (matched meanwhile): read it
-    again and decide again."""
+    named by its store transaction only: its source is the inbox row's). Only with ``match``, which says
+    that ``conn``'s transaction holds the code's row lock (``read_context(lock=True)``). Its inbox id;
+    None, and nothing written, when the payment it repeated is now another transaction's (matched
+    meanwhile), or is to be matched without ``match``: read it again (with the lock) and decide again."""
     return await conn.fetchval(
         _RECORD_REPEAT,
         *notification,
@@ -346,6 +352,7 @@ async def record_repeat(
         amount,
         unnamed_ref,
         agent_ref,
+        match,
     )
 
 

@@ -712,6 +712,57 @@ async def test_a_notification_of_a_dipc_from_before_migration_0032_still_reads_a
     await _recorded_once(pool, row)
 
 
+def store_notice(ref: str, agent: tuple[str | None, str | None, str]) -> PaymentNotice:
+    """The spec's bill paid by the store transaction ``agent`` (AGENT_ID, AGENT_STORE_ID, AGENT_TRX_ID)."""
+    return replace(paid_notice(ref=ref), agent_id=agent[0], agent_store_id=agent[1], agent_trx_id=agent[2])
+
+
+async def test_a_worker_from_before_0032_and_one_after_record_a_transaction_once(register, pool):
+    """(Found by a review of migration 0032.) During a deploy, DOKU's notification without
+    original_request_id of a transaction whose Check Status answer was recorded by fewer ids reached a
+    worker of 0031 and one of 0032 at once (a notification may come concurrently with its own retry). The
+    old one recorded a conflict, holding the code's row lock until its commit; the new one matched the
+    notification with the answer's payment without that lock, unseen by the old one: the one transaction
+    was recorded twice. A notice is matched with a payment only under the code's row lock now."""
+    await register()
+    answer = store_notice("agent://1246", (None, None, "1246"))
+    raw_answer = notifications.RawNotification(
+        CLIENT_ID, "answer", [], b"{}", source=notifications.CHECK_STATUS_SOURCE
+    )
+    await notifications.record_notification(pool, raw_answer, answer, now=utcnow())
+    ref = "agent:ALFAMART/TZ01/1246"
+    notice = store_notice(ref, ("ALFAMART", "TZ01", "1246"))
+    old = await pool.acquire()
+    try:
+        transaction = old.transaction()
+        await transaction.start()
+        # The old worker: its read (0031's, which gave such a notification no agent_ref) and its recording.
+        read = payment_store._READ_CONTEXT[False].replace(", $7)", ")").replace("_by_source", "_by_ids")
+        row = await old.fetchrow(read, CODE, INVOICE, ref, notice.amount, f"check-status:{INVOICE}", None)
+        context = payment_store._context(row, f"check-status:{INVOICE}", None)
+        decision = decide_payment(notice, context.code, context.history, utcnow())
+        assert decision.kind is PaymentKind.CONFLICT
+        payment = planned_payment(notice, decision, context, "notification")
+        recording = payment_store._recording(
+            context, stored(decision.outcome, "old"), payment, ("payment.conflict", {})
+        )
+        await old.fetch(_before_0032(), [recording[:-1]], None, None, None, [None])
+        # The new worker, meanwhile.
+        new = asyncio.ensure_future(
+            notifications.record_notification(
+                pool, notifications.RawNotification(CLIENT_ID, "new", [], b"{}"), notice, now=utcnow()
+            )
+        )
+        await asyncio.wait({new}, timeout=2.0)
+        await transaction.commit()
+    finally:
+        await pool.release(old)
+    result = await asyncio.wait_for(new, 10)
+    assert result.outcome is NotificationOutcome.REPEAT
+    recorded = [(row["kind"], row["transaction_ref"], row["notified_ref"]) for row in await payments(pool)]
+    assert recorded == [("normal", "agent://1246", None), ("conflict", ref, None)]
+
+
 def _before_0032() -> str:
     """The recording statement of a dipc of migrations 0030 and 0031: no source in its call of the
     history's functions, named _by_ids."""
