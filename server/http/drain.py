@@ -74,7 +74,15 @@ async def answer_received(runner: web.AppRunner, app: web.Application, timeout_s
         if not waiting:
             return
         if loop.time() >= deadline:
-            log.warning("server.drain_timeout", unanswered_connections=waiting, seconds=timeout_s)
+            # A body not in by now is cut off: aiohttp would drop the rest anyway, and then wait as long
+            # again for the handler still reading it (a client trickling a body held the stop for twice
+            # the timeout). Its handler sees the connection gone and ends at once.
+            cut = [c for c in server.connections if not _closing(c) and _body_arriving(c)]
+            for connection in cut:
+                connection.force_close()
+            log.warning(
+                "server.drain_timeout", unanswered_connections=waiting, bodies_cut=len(cut), seconds=timeout_s
+            )
             return
         await asyncio.sleep(POLL_S)
 

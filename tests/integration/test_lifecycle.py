@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -508,3 +509,36 @@ async def test_sigterm_answers_a_long_poll_at_once_and_the_request_queued_behind
     assert took < 1.0, f"the poll was answered {took:.1f} s after the signal"
     assert inquired[0] == 200, inquired
     assert code == 0
+
+
+async def test_sigterm_does_not_wait_twice_for_a_body_that_never_finishes(database_url, pool):
+    """(Found by a review of 25cbaa0.) The stop waited up to DIPC_SHUTDOWN_TIMEOUT_S for bodies still
+    arriving, then aiohttp waited as long again for the handler still reading one: a client trickling a
+    body (no credentials needed: a DOKU route reads the body before it authenticates) held the stop for
+    twice the timeout, past what a service manager allows. A body not in by the timeout is cut off."""
+    port = free_port()
+    server = spawn(server_env(database_url, port, DIPC_SHUTDOWN_TIMEOUT_S="4", DIPC_BODY_TIMEOUT_S="30"))
+    await asyncio.to_thread(wait_ready, f"http://127.0.0.1:{port}/readyz", server)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /doku/inquiry HTTP/1.1\r\nHost: dipc\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4000\r\n\r\n{"
+        )
+        started = None
+        for k in range(60):  # a byte every 0.2 s, for longer than the stop may take
+            await asyncio.sleep(0.2)
+            if k == 5:
+                started = time.monotonic()
+                server.send_signal(signal.SIGTERM)
+            if server.poll() is not None:
+                break
+            with contextlib.suppress(ConnectionError):
+                writer.write(b" ")
+                await writer.drain()
+        code = await asyncio.to_thread(server.wait, 30)
+        took = time.monotonic() - started
+    finally:
+        writer.close()
+    assert code == 0
+    assert took < 4 + 1.0, f"the stop took {took:.1f} s"
