@@ -249,6 +249,19 @@ async def scenario(dipc: Dipc, dsn: str, prefix: str, fault, *, after: int = 40)
 # --- the database fails under a running dipc -------------------------------------------------------
 
 
+@contextlib.contextmanager
+def frozen(server: EmbeddedPostgres) -> Iterator[None]:
+    """Every process of ``server``'s cluster stopped (SIGSTOP) for the block, then let go on (SIGCONT)."""
+    pids = cluster_pids(server)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 @pytest.fixture(scope="module")
 def own_cluster(tmp_path_factory) -> Iterator[tuple[EmbeddedPostgres, str]]:
     """An external PostgreSQL for dipc: ours to stop, freeze and restart, never dipc's."""
@@ -289,14 +302,8 @@ async def test_database_frozen_mid_burst(own_cluster, dipc_on_own_cluster):
     server, dsn = own_cluster
 
     async def freeze() -> None:
-        pids = cluster_pids(server)
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with frozen(server):
             await asyncio.sleep(3.0)
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
 
     result = await scenario(dipc_on_own_cluster, dsn, "2", freeze)
     assert 503 in result.statuses()
@@ -546,15 +553,11 @@ async def test_sigterm_while_the_database_is_frozen_exits_within_the_shutdown_ti
         for code, body in notifications_for(codes).items():  # events: the forwarder has work
             assert (await doku.post("/doku/notification", body)).status == 200, code
     await asyncio.sleep(1.5)
-    pids = cluster_pids(server)
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
     try:
-        await asyncio.sleep(2.0)  # background work is now waiting on the frozen database
-        code, took = await sigterm_and_wait(dipc, shutdown_s + 10)
+        with frozen(server):
+            await asyncio.sleep(2.0)  # background work is now waiting on the frozen database
+            code, took = await sigterm_and_wait(dipc, shutdown_s + 10)
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
         dipc.stop()
     assert code == 0, f"dipc did not exit by itself within {shutdown_s + 10} s:\n{dipc.log_text()[-3000:]}"
     assert took < shutdown_s + SLACK_S, f"the stop took {took:.1f} s"
@@ -571,20 +574,16 @@ async def test_sigterm_with_a_long_poll_stuck_on_a_frozen_database_exits_within_
     shutdown_s = 4.0
     dipc = Dipc(dipc_env(dsn, **BUDGET_ENV, DIPC_SHUTDOWN_TIMEOUT_S=str(shutdown_s)), tmp_path / "dipc.log")
     dipc.start()
-    pids = cluster_pids(server)
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
     try:
-        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as session:
-            poll = asyncio.ensure_future(session.get(f"{dipc.url}/v1/events?after=0&wait=60"))
-            await asyncio.sleep(1.5)  # the poll's read now waits on the frozen database
-            assert not poll.done()
-            code, took = await sigterm_and_wait(dipc, shutdown_s + 30)
-            with contextlib.suppress(aiohttp.ClientError):
-                (await poll).release()
+        with frozen(server):
+            async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as session:
+                poll = asyncio.ensure_future(session.get(f"{dipc.url}/v1/events?after=0&wait=60"))
+                await asyncio.sleep(1.5)  # the poll's read now waits on the frozen database
+                assert not poll.done()
+                code, took = await sigterm_and_wait(dipc, shutdown_s + 30)
+                with contextlib.suppress(aiohttp.ClientError):
+                    (await poll).release()
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
         dipc.stop()
     assert code == 0, f"dipc did not exit by itself within {shutdown_s + 30} s:\n{dipc.log_text()[-3000:]}"
     assert took < shutdown_s + SLACK_S, f"the stop took {took:.1f} s"
@@ -629,17 +628,11 @@ async def test_events_tail_says_when_the_database_hangs_and_goes_on_when_it_answ
     try:
         async with asyncio.timeout(30):
             assert orjson.loads(await tail.stdout.readline())["id"] == first
-        pids = cluster_pids(server)
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with frozen(server):
             frozen_at = time.monotonic()
             async with asyncio.timeout(POLL_WAIT_S + timeout_s + 10):
                 await said(b"dipc: the database did not answer within")
             took = time.monotonic() - frozen_at
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
         assert took <= POLL_WAIT_S + timeout_s + SLACK_S, f"said after {took:.1f} s"
         second = await add_event("tail-2")
         async with asyncio.timeout(30):
@@ -665,10 +658,7 @@ async def test_ctrl_c_ends_events_tail_at_once_on_a_frozen_database(own_cluster)
     )  # fmt: skip
     await asyncio.sleep(3.0)  # started, and waiting for events
     assert tail.returncode is None
-    pids = cluster_pids(server)
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen(server):
         await asyncio.sleep(1.0)
         started = time.monotonic()
         tail.send_signal(signal.SIGINT)
@@ -679,9 +669,6 @@ async def test_ctrl_c_ends_events_tail_at_once_on_a_frozen_database(own_cluster)
             tail.kill()
             _, errors = await tail.communicate()
         took = time.monotonic() - started
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
     assert took < 1.0 + SLACK_S, f"the tail ended {took:.1f} s after Ctrl+C"
     assert tail.returncode == 0, errors
     assert b"Traceback" not in errors
