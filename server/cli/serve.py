@@ -386,7 +386,7 @@ async def _serve(settings: Settings, dsn: str, *, reuse_port: bool) -> None:
         # Parked long-polls answer at once (empty), and so do the requests queued behind them.
         await app[LISTENER].release_waiters()
         try:
-            await drain.answer_received(runner, app, settings.shutdown_timeout_s)
+            await drain.answer_received(runner, app, timeout_s)
         finally:
             await runner.cleanup()
 

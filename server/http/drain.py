@@ -60,14 +60,17 @@ async def answer_received(runner: web.AppRunner, app: web.Application, timeout_s
     deadline = loop.time() + timeout_s
     while True:
         waiting = 0
+        arriving: list[web.RequestHandler] = []
         for connection in server.connections:
             if _closing(connection):
                 continue
-            if _has_waiting_request(connection) or _body_arriving(connection):
-                # Received, not started yet (maybe queued behind one in progress): it will be. Or started,
-                # its body still on the way, which aiohttp drops once its stop begins: an upload, or the
-                # body of a client that sent Expect: 100-continue and was told to go on.
+            if _body_arriving(connection):
+                # Started, its body still on the way, which aiohttp drops once its stop begins: an upload,
+                # or the body of a client that sent Expect: 100-continue and was told to go on.
+                arriving.append(connection)
                 waiting += 1
+            elif _has_waiting_request(connection):
+                waiting += 1  # received, not started yet (maybe queued behind one in progress): it will be
             elif not connection._request_in_progress:
                 connection.close()  # idle: nothing received, nothing lost
             # else: only an answer in progress, which aiohttp's stop waits for
@@ -77,11 +80,13 @@ async def answer_received(runner: web.AppRunner, app: web.Application, timeout_s
             # A body not in by now is cut off: aiohttp would drop the rest anyway, and then wait as long
             # again for the handler still reading it (a client trickling a body held the stop for twice
             # the timeout). Its handler sees the connection gone and ends at once.
-            cut = [c for c in server.connections if not _closing(c) and _body_arriving(c)]
-            for connection in cut:
+            for connection in arriving:
                 connection.force_close()
             log.warning(
-                "server.drain_timeout", unanswered_connections=waiting, bodies_cut=len(cut), seconds=timeout_s
+                "server.drain_timeout",
+                unanswered_connections=waiting,
+                bodies_cut=len(arriving),
+                seconds=timeout_s,
             )
             return
         await asyncio.sleep(POLL_S)

@@ -295,10 +295,9 @@ async def record(
 # by an earlier statement of its transaction ($15): a recording of a dipc from before 0032, whose rules
 # do not see the match, holds that lock from its read to its commit, and its payment is then seen here
 # (a review of 0032 found the two recording one transaction twice). A Check Status answer ($8, the inbox
-# row's source) named by its store
-# transaction only ($14 = $11) repeats a payment of that store transaction and amount, and matches
-# nothing (dipc_answer_repeats: migrations 0027 to 0032). The rules are the history's
-# (dipc_payment_history_by_source), in the same functions.
+# row's source) named by its store transaction only ($14 = $11) repeats a payment of that store
+# transaction and amount, and matches nothing (dipc_answer_repeats: migrations 0027 to 0032). The rules
+# are the history's (dipc_payment_history_by_source), in the same functions.
 _RECORD_REPEAT = f"""
 WITH matched AS (
     UPDATE payments p SET notified_ref = $11

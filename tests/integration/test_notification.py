@@ -698,7 +698,7 @@ async def test_a_notification_of_a_dipc_from_before_migration_0032_still_reads_a
     notice = paid_notice()
     async with outbox.connection(pool) as conn:
         row = await conn.fetchrow(
-            payment_store._READ_CONTEXT[False].replace(", $7)", ")").replace("_by_source", "_by_ids"),
+            _read_before_0032(),
             CODE,
             INVOICE,
             notice.transaction_ref,
@@ -737,8 +737,9 @@ async def test_a_worker_from_before_0032_and_one_after_record_a_transaction_once
         transaction = old.transaction()
         await transaction.start()
         # The old worker: its read (0031's, which gave such a notification no agent_ref) and its recording.
-        read = payment_store._READ_CONTEXT[False].replace(", $7)", ")").replace("_by_source", "_by_ids")
-        row = await old.fetchrow(read, CODE, INVOICE, ref, notice.amount, f"check-status:{INVOICE}", None)
+        row = await old.fetchrow(
+            _read_before_0032(), CODE, INVOICE, ref, notice.amount, f"check-status:{INVOICE}", None
+        )
         context = payment_store._context(row, f"check-status:{INVOICE}", None)
         decision = decide_payment(notice, context.code, context.history, utcnow())
         assert decision.kind is PaymentKind.CONFLICT
@@ -761,6 +762,12 @@ async def test_a_worker_from_before_0032_and_one_after_record_a_transaction_once
     assert result.outcome is NotificationOutcome.REPEAT
     recorded = [(row["kind"], row["transaction_ref"], row["notified_ref"]) for row in await payments(pool)]
     assert recorded == [("normal", "agent://1246", None), ("conflict", ref, None)]
+
+
+def _read_before_0032() -> str:
+    """The unlocked read of a dipc of migrations 0030 and 0031: the history named _by_ids, without the
+    notice's source."""
+    return payment_store._READ_CONTEXT[False].replace(", $7)", ")").replace("_by_source", "_by_ids")
 
 
 def _before_0032() -> str:
